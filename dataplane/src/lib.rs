@@ -1,0 +1,17 @@
+//! dwcp data plane: wire protocol, authentication, sessions and the io_uring multi-stream
+//! transport that moves VM images and byte streams between hosts.
+//!
+//! Layout: I/O-free cores ([`wire`], [`crypto`], [`framing`], [`session`]) and the runtime that
+//! performs what they decide ([`handshake`], [`send`], [`recv`], [`transport`]). `unsafe` lives in
+//! [`sys`] and [`transport::uring::sys`] only.
+
+pub mod crypto;
+pub mod framing;
+pub mod handshake;
+pub mod recv;
+pub mod send;
+pub mod session;
+pub mod source;
+pub mod sys;
+pub mod transport;
+pub mod wire;

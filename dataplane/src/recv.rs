@@ -1,0 +1,945 @@
+//! The receiving side: an acceptor, a handshake thread per new connection, pinned io_uring shards
+//! that read frames straight into registered buffers and write chunks at their offsets, and one
+//! coordinator thread that owns every session's state (journal, digest, publishing).
+//!
+//! A bad peer only ever ends its own stream or session; the process keeps serving the others.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, select};
+use thiserror::Error;
+use tracing::{info, warn};
+
+use crate::crypto::Psk;
+use crate::handshake::{self, Conn, HandshakeError};
+use crate::session::{JournalHeader, JournalRecord, RangeSet, parse_journal};
+use crate::transport::uring::sys::{BufId, Completion, Returned, Ring};
+use crate::wire::{self, CODEC_RAW, Caps, ErrorCode, FrameType, Hello, ManifestDigest, TRANSPORT_TCP, Welcome};
+
+/// Where received objects go.
+#[derive(Debug, Clone)]
+pub enum Sink {
+    /// Files in this directory, named by the sender.
+    Dir(PathBuf),
+    /// Standard output, in order (one session at a time).
+    Stdout,
+    /// Verified, then dropped (benchmarks).
+    Discard,
+}
+
+/// Receiver options.
+#[derive(Debug, Clone)]
+pub struct RecvOptions {
+    /// Address to listen on.
+    pub listen: String,
+    /// Where objects go.
+    pub sink: Sink,
+    /// Pre-shared key.
+    pub psk: Psk,
+    /// Accept senders that ask for plaintext streams.
+    pub allow_plaintext: bool,
+    /// A handshake or session with no progress for this long is ended as stalled.
+    pub idle_timeout: Duration,
+    /// Largest chunk accepted.
+    pub max_chunk: u32,
+    /// Shard threads (default: one per core).
+    pub shards: Option<usize>,
+}
+
+impl RecvOptions {
+    /// Defaults.
+    pub fn new(listen: impl Into<String>, sink: Sink, psk: Psk) -> Self {
+        Self { listen: listen.into(), sink, psk, allow_plaintext: false, idle_timeout: Duration::from_secs(30), max_chunk: 4 << 20, shards: None }
+    }
+}
+
+/// Receiver start-up errors.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum RecvError {
+    /// Could not listen.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// Address.
+        addr: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Could not prepare the output directory.
+    #[error("output directory {path}: {source}")]
+    OutDir {
+        /// Path.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Could not create a ring.
+    #[error("creating an io_uring: {0}")]
+    Ring(std::io::Error),
+}
+
+/// How one session ended.
+#[derive(Debug, Clone)]
+pub struct SessionOutcome {
+    /// Object name.
+    pub name: String,
+    /// Object size (bytes placed, for a stream).
+    pub size: u64,
+    /// Bytes received in this session (excluding what a resume found already present).
+    pub received: u64,
+    /// Bytes found already present and verified at resume.
+    pub resumed: u64,
+    /// Wall time.
+    pub wall: Duration,
+    /// Where it was published.
+    pub path: Option<PathBuf>,
+    /// The verified digest, or why the session failed.
+    pub result: Result<[u8; 32], String>,
+}
+
+/// A running receiver.
+#[derive(Debug)]
+pub struct ReceiverHandle {
+    /// The bound address.
+    pub local_addr: std::net::SocketAddr,
+    /// Session outcomes, as they happen.
+    pub outcomes: Receiver<SessionOutcome>,
+    stop: Arc<AtomicBool>,
+}
+
+impl ReceiverHandle {
+    /// Asks every thread to stop.
+    pub fn stop(&self) {
+        self.stop.store(true, Relaxed);
+        let _ = TcpStream::connect(self.local_addr);
+    }
+}
+
+/// Per-session facts a shard needs.
+#[derive(Debug, Clone)]
+struct SessionRef {
+    id: [u8; 16],
+    size: Option<u64>,
+    out: Out,
+    activity: Arc<AtomicU64>,
+}
+
+#[derive(Debug, Clone)]
+enum Out {
+    File(Arc<File>),
+    Discard,
+    Stdout,
+}
+
+type Reply<T> = Sender<Result<T, (ErrorCode, String)>>;
+type StreamAddr = (usize, usize);
+
+enum ToCoord {
+    Open { hello: Hello, reply: Reply<(Welcome, SessionRef)> },
+    Join { session: [u8; 16], reply: Reply<SessionRef> },
+    Placed { session: [u8; 16], offset: u64, len: u32, sum: u64 },
+    Deliver { session: [u8; 16], offset: u64, data: Vec<u8>, sum: u64, from: StreamAddr },
+    Commit { session: [u8; 16], commit: wire::Commit, from: StreamAddr },
+    Down { session: [u8; 16], why: Option<String> },
+}
+
+enum ToShard {
+    Add(Conn, SessionRef),
+    Ack { key: usize, offset: u64 },
+    Reply { key: usize, kind: FrameType, payload: Vec<u8> },
+}
+
+fn millis(epoch: Instant) -> u64 {
+    epoch.elapsed().as_millis() as u64
+}
+
+/// Starts a receiver: binds, then runs acceptor, coordinator and shards on their own threads.
+pub fn start(opts: RecvOptions) -> Result<ReceiverHandle, RecvError> {
+    if let Sink::Dir(d) = &opts.sink {
+        std::fs::create_dir_all(d).map_err(|source| RecvError::OutDir { path: d.display().to_string(), source })?;
+    }
+    let listener = TcpListener::bind(&opts.listen).map_err(|source| RecvError::Listen { addr: opts.listen.clone(), source })?;
+    let local_addr = listener.local_addr().map_err(|source| RecvError::Listen { addr: opts.listen.clone(), source })?;
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let nshards = opts.shards.unwrap_or(cores.len()).max(1);
+    let stop = Arc::new(AtomicBool::new(false));
+    let epoch = Instant::now();
+    let (coord_tx, coord_rx) = crossbeam_channel::unbounded::<ToCoord>();
+    let (out_tx, out_rx) = crossbeam_channel::unbounded();
+    let buf_size = wire::header_wire_len(true) + opts.max_chunk.max(wire::MAX_CONTROL_PAYLOAD) as usize + wire::TAG_LEN;
+    let mut shard_txs = Vec::new();
+    for k in 0..nshards {
+        let (tx, rx) = crossbeam_channel::unbounded::<ToShard>();
+        shard_txs.push(tx);
+        let ring = Ring::new(512, 24, buf_size, false).map_err(RecvError::Ring)?;
+        let coord = coord_tx.clone();
+        let core = cores.get(k % cores.len().max(1)).copied();
+        let (stop, idle) = (stop.clone(), opts.idle_timeout);
+        std::thread::Builder::new()
+            .name(format!("dwcp-rx-shard{k}"))
+            .spawn(move || {
+                if let Some(c) = core {
+                    core_affinity::set_for_current(c);
+                }
+                RxShard { k, ring, rx, coord, streams: slab::Slab::new(), idle, epoch }.run(&stop);
+            })
+            .expect("spawn shard");
+    }
+    {
+        let (sink, shard_txs, stop) = (opts.sink.clone(), shard_txs.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("dwcp-coordinator".into())
+            .spawn(move || Coordinator { sink, sessions: HashMap::new(), shards: shard_txs, outcomes: out_tx, epoch }.run(coord_rx, &stop))
+            .expect("spawn coordinator");
+    }
+    {
+        let stop = stop.clone();
+        let next = Arc::new(AtomicUsize::new(0));
+        std::thread::Builder::new()
+            .name("dwcp-accept".into())
+            .spawn(move || {
+                for sock in listener.incoming() {
+                    if stop.load(Relaxed) {
+                        break;
+                    }
+                    let Ok(sock) = sock else { continue };
+                    let (opts, coord, shards, next) = (opts.clone(), coord_tx.clone(), shard_txs.clone(), next.clone());
+                    let _ = std::thread::Builder::new().name("dwcp-handshake".into()).spawn(move || {
+                        let peer = sock.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+                        if let Err(e) = admit(sock, &opts, &coord, &shards, &next) {
+                            warn!(%peer, "connection refused: {e}");
+                        }
+                    });
+                }
+            })
+            .expect("spawn acceptor");
+    }
+    info!(%local_addr, shards = nshards, "receiver listening");
+    Ok(ReceiverHandle { local_addr, outcomes: out_rx, stop })
+}
+
+/// Handshake, Hello, session lookup, Welcome; then hands the stream to a shard.
+fn admit(sock: TcpStream, opts: &RecvOptions, coord: &Sender<ToCoord>, shards: &[Sender<ToShard>], next: &AtomicUsize) -> Result<(), HandshakeError> {
+    let (mut conn, encrypted) = handshake::accept(sock, &opts.psk, opts.idle_timeout)?;
+    let (h, p) = conn.expect(FrameType::Hello, "reading the hello")?;
+    let hello = Hello::decode(&p).map_err(|source| {
+        conn.write_error(ErrorCode::Protocol, &source.to_string());
+        HandshakeError::Wire { during: "reading the hello", source }
+    })?;
+    let refuse = |conn: &mut Conn, code, msg: String| {
+        conn.write_error(code, &msg);
+        HandshakeError::Refused { code, message: msg }
+    };
+    if !encrypted && !opts.allow_plaintext {
+        return Err(refuse(&mut conn, ErrorCode::Refused, "this receiver requires encryption; start it with --no-encrypt to allow plaintext streams".into()));
+    }
+    let (session, welcome) = match hello {
+        Hello::Open { chunk_size, .. } if chunk_size > opts.max_chunk => {
+            return Err(refuse(&mut conn, ErrorCode::Refused, format!("chunk size {chunk_size} exceeds this receiver's limit of {}", opts.max_chunk)));
+        }
+        Hello::Open { .. } => {
+            let (rtx, rrx) = crossbeam_channel::bounded(1);
+            let _ = coord.send(ToCoord::Open { hello, reply: rtx });
+            let (mut w, s) = rrx.recv().unwrap_or(Err((ErrorCode::Internal, "receiver shutting down".into()))).map_err(|(c, m)| refuse(&mut conn, c, m))?;
+            w.caps.max_chunk = opts.max_chunk;
+            (s, w)
+        }
+        Hello::Join { session, .. } => {
+            let (rtx, rrx) = crossbeam_channel::bounded(1);
+            let _ = coord.send(ToCoord::Join { session, reply: rtx });
+            let s = rrx.recv().unwrap_or(Err((ErrorCode::Internal, "receiver shutting down".into()))).map_err(|(c, m)| refuse(&mut conn, c, m))?;
+            let caps = Caps { max_streams: 256, max_chunk: opts.max_chunk, codecs: CODEC_RAW, transports: TRANSPORT_TCP };
+            (s, Welcome { session, caps, have: Vec::new() })
+        }
+    };
+    conn.codec.set_stream(h.stream);
+    conn.write_frame(FrameType::Welcome, 0, &welcome.encode())?;
+    let _ = conn.sock.set_read_timeout(None);
+    let k = (next.fetch_add(1, Relaxed)) % shards.len();
+    let _ = shards[k].send(ToShard::Add(conn, session));
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------ shards
+
+enum RxState {
+    /// Waiting for a pool buffer to read the next header into.
+    NeedBuf,
+    /// Reading a header into `buf[..hl]`.
+    Header { buf: BufId, filled: usize },
+    /// Reading a payload into `buf[hl..hl+wire]`.
+    Payload { buf: BufId, h: wire::FrameHeader, filled: usize },
+    /// Stream finished or failed.
+    Dead,
+}
+
+struct RxStream {
+    conn: Conn,
+    sess: SessionRef,
+    state: RxState,
+    reading: bool,
+    sending: bool,
+    acks: Vec<u64>,
+    replies: Vec<(FrameType, Vec<u8>)>,
+    close_after_send: bool,
+    in_flight: usize,
+}
+
+const T_RECV: u64 = 0;
+const T_WRITE: u64 = 1;
+const T_SEND: u64 = 2;
+
+struct RxShard {
+    k: usize,
+    ring: Ring,
+    rx: Receiver<ToShard>,
+    coord: Sender<ToCoord>,
+    streams: slab::Slab<RxStream>,
+    idle: Duration,
+    epoch: Instant,
+}
+
+impl RxShard {
+    fn run(&mut self, stop: &AtomicBool) {
+        let mut done = Vec::new();
+        while !stop.load(Relaxed) {
+            while let Ok(m) = self.rx.try_recv() {
+                self.command(m);
+            }
+            let keys: Vec<usize> = self.streams.iter().map(|(k, _)| k).collect();
+            for key in keys {
+                self.pump(key);
+            }
+            let wait = if self.streams.is_empty() { Duration::from_millis(20) } else { Duration::from_millis(2) };
+            if self.streams.is_empty() {
+                // Nothing to drive: block on the command channel instead of spinning the ring.
+                if let Ok(m) = self.rx.recv_timeout(wait) {
+                    self.command(m);
+                }
+                continue;
+            }
+            if let Err(e) = self.ring.submit_and_wait(wait) {
+                warn!("io_uring wait failed: {e}");
+            }
+            done.clear();
+            self.ring.reap(&mut done);
+            for c in done.drain(..) {
+                self.complete(c);
+            }
+            self.check_stalls();
+        }
+    }
+
+    fn command(&mut self, m: ToShard) {
+        match m {
+            ToShard::Add(conn, sess) => {
+                let _ = self.streams.insert(RxStream {
+                    conn,
+                    sess,
+                    state: RxState::NeedBuf,
+                    reading: false,
+                    sending: false,
+                    acks: Vec::new(),
+                    replies: Vec::new(),
+                    close_after_send: false,
+                    in_flight: 0,
+                });
+            }
+            ToShard::Ack { key, offset } => {
+                if let Some(s) = self.streams.get_mut(key) {
+                    s.acks.push(offset);
+                }
+            }
+            ToShard::Reply { key, kind, payload } => {
+                if let Some(s) = self.streams.get_mut(key) {
+                    s.replies.push((kind, payload));
+                }
+            }
+        }
+    }
+
+    fn check_stalls(&mut self) {
+        let now = millis(self.epoch);
+        let idle = self.idle.as_millis() as u64;
+        let stalled: Vec<usize> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| !matches!(s.state, RxState::Dead) && now.saturating_sub(s.sess.activity.load(Relaxed)) > idle)
+            .map(|(k, _)| k)
+            .collect();
+        for k in stalled {
+            let msg = format!("stalled: the sender sent nothing for {:.1}s", self.idle.as_secs_f64());
+            self.fail(k, ErrorCode::Stalled, &msg);
+        }
+    }
+
+    /// Starts whatever the stream can do now: a receive, a send of acks and replies.
+    fn pump(&mut self, key: usize) {
+        let s = &mut self.streams[key];
+        let fd = s.conn.sock.as_raw_fd();
+        let dead = matches!(s.state, RxState::Dead);
+        if dead {
+            s.acks.clear();
+        }
+        if !s.sending && (!s.acks.is_empty() || !s.replies.is_empty()) {
+            let mut out = Vec::new();
+            if !s.acks.is_empty() {
+                let p = wire::encode_ack(&s.acks);
+                s.acks.clear();
+                let h = wire::FrameHeader::for_payload(FrameType::Ack, s.conn.codec.stream(), 0, &p);
+                out.extend(s.conn.codec.encode_frame(&h, &p));
+            }
+            for (kind, p) in s.replies.drain(..) {
+                let h = wire::FrameHeader::for_payload(kind, s.conn.codec.stream(), 0, &p);
+                out.extend(s.conn.codec.encode_frame(&h, &p));
+            }
+            s.sending = true;
+            s.in_flight += 1;
+            self.ring.send_heap(fd, out, (key as u64) << 2 | T_SEND);
+        }
+        let s = &mut self.streams[key];
+        if s.close_after_send && !s.sending && s.in_flight == 0 {
+            self.remove(key);
+            return;
+        }
+        if s.reading {
+            return;
+        }
+        if let RxState::NeedBuf = s.state {
+            match self.ring.alloc() {
+                Some(buf) => s.state = RxState::Header { buf, filled: 0 },
+                None => return,
+            }
+        }
+        let hl = s.conn.codec.header_wire_len();
+        let (buf, start, end) = match s.state {
+            RxState::Header { buf, filled } => (buf, filled, hl),
+            RxState::Payload { buf, h, filled } => (buf, hl + filled, hl + s.conn.codec.payload_wire_len(h.len)),
+            _ => return,
+        };
+        s.reading = true;
+        s.in_flight += 1;
+        self.ring.recv_buf(fd, buf, start, end, (key as u64) << 2 | T_RECV);
+    }
+
+    fn complete(&mut self, c: Completion) {
+        let key = (c.tag >> 2) as usize;
+        let kind = c.tag & 3;
+        let Some(s) = self.streams.get_mut(key) else {
+            if let Returned::Buf(b) = c.returned {
+                self.ring.free(b);
+            }
+            return;
+        };
+        s.in_flight -= 1;
+        match kind {
+            T_SEND => {
+                s.sending = false;
+                if c.result < 0 && !matches!(s.state, RxState::Dead) {
+                    let why = format!("sending acknowledgements failed: {}", std::io::Error::from_raw_os_error(-c.result));
+                    self.down(key, Some(why));
+                }
+            }
+            T_WRITE => {
+                let Returned::Buf(buf) = c.returned else { return };
+                let hl = s.conn.codec.header_wire_len();
+                let h = wire::FrameHeader::decode(self.ring.buf_mut(buf)[..wire::HEADER_LEN].try_into().expect("32"));
+                self.ring.free(buf);
+                let Ok(h) = h else { return };
+                let _ = hl;
+                if c.result != h.len as i32 {
+                    let why = if c.result < 0 { std::io::Error::from_raw_os_error(-c.result).to_string() } else { format!("short write of {} bytes", c.result) };
+                    self.fail(key, ErrorCode::Storage, &format!("writing {} bytes at offset {}: {why}", h.len, h.offset));
+                    return;
+                }
+                let s = &mut self.streams[key];
+                let _ = self.coord.send(ToCoord::Placed { session: s.sess.id, offset: h.offset, len: h.len, sum: h.checksum });
+                s.acks.push(h.offset);
+            }
+            _ => {
+                s.reading = false;
+                let Returned::Buf(buf) = c.returned else { return };
+                if matches!(s.state, RxState::Dead) {
+                    self.ring.free(buf);
+                    return;
+                }
+                if c.result <= 0 {
+                    self.release(key);
+                    let why = if c.result == 0 { None } else { Some(std::io::Error::from_raw_os_error(-c.result).to_string()) };
+                    self.down(key, why);
+                    return;
+                }
+                s.sess.activity.store(millis(self.epoch), Relaxed);
+                let n = c.result as usize;
+                match &mut s.state {
+                    RxState::Header { filled, .. } | RxState::Payload { filled, .. } => *filled += n,
+                    _ => {}
+                }
+                self.advance(key);
+            }
+        }
+    }
+
+    /// A receive finished: decode what is complete.
+    fn advance(&mut self, key: usize) {
+        let s = &mut self.streams[key];
+        let hl = s.conn.codec.header_wire_len();
+        match s.state {
+            RxState::Header { buf, filled } if filled == hl => {
+                let b = self.ring.buf_mut(buf);
+                let h = match s.conn.codec.open_header(&mut b[..hl]) {
+                    Ok(h) => h,
+                    Err(e) => return self.fail(key, ErrorCode::Protocol, &e.to_string()),
+                };
+                // Keep the plaintext header at the buffer's start for the write completion.
+                let plain = h.encode();
+                b[..wire::HEADER_LEN].copy_from_slice(&plain);
+                let cap = self.ring.buf_size() - hl;
+                match h.kind {
+                    FrameType::Chunk | FrameType::Commit => {}
+                    other => return self.fail(key, ErrorCode::Protocol, &format!("unexpected {other} frame from a sender")),
+                }
+                if s.conn.codec.payload_wire_len(h.len) > cap {
+                    return self.fail(key, ErrorCode::Protocol, &format!("chunk of {} bytes exceeds this receiver's limit", h.len));
+                }
+                if h.kind == FrameType::Chunk
+                    && let Some(size) = s.sess.size
+                    && h.offset.checked_add(u64::from(h.len)).is_none_or(|end| end > size)
+                {
+                    let msg = format!("chunk at offset {} of {} bytes lies past the declared object size {size}", h.offset, h.len);
+                    return self.fail_session(key, ErrorCode::OutOfRange, &msg);
+                }
+                s.state = RxState::Payload { buf, h, filled: 0 };
+                if h.len == 0 {
+                    self.advance(key);
+                }
+            }
+            RxState::Payload { buf, h, filled } if filled == s.conn.codec.payload_wire_len(h.len) => {
+                let b = self.ring.buf_mut(buf);
+                let plain = match s.conn.codec.open_payload(&mut b[hl..], h.len) {
+                    Ok(p) => p,
+                    Err(e) => return self.fail(key, ErrorCode::Protocol, &e.to_string()),
+                };
+                if let Err(e) = h.verify(plain) {
+                    return self.fail(key, ErrorCode::Checksum, &e.to_string());
+                }
+                s.state = RxState::NeedBuf;
+                let from = (self.k, key);
+                match h.kind {
+                    FrameType::Commit => {
+                        let r = wire::Commit::decode(plain);
+                        self.ring.free(buf);
+                        match r {
+                            Ok(commit) => {
+                                let _ = self.coord.send(ToCoord::Commit { session: s.sess.id, commit, from });
+                            }
+                            Err(e) => self.fail(key, ErrorCode::Protocol, &e.to_string()),
+                        }
+                    }
+                    _ => match &s.sess.out {
+                        Out::File(f) => {
+                            let fd = f.as_raw_fd();
+                            s.in_flight += 1;
+                            // The plaintext sits after the header slot; when encrypted it is still in
+                            // place at `hl`, since AES-GCM opens in place.
+                            self.ring.write_buf_at(fd, buf, hl, hl + h.len as usize, h.offset, (key as u64) << 2 | T_WRITE);
+                        }
+                        Out::Discard => {
+                            let _ = self.coord.send(ToCoord::Placed { session: s.sess.id, offset: h.offset, len: h.len, sum: h.checksum });
+                            s.acks.push(h.offset);
+                            self.ring.free(buf);
+                        }
+                        Out::Stdout => {
+                            let data = plain.to_vec();
+                            let _ = self.coord.send(ToCoord::Deliver { session: s.sess.id, offset: h.offset, data, sum: h.checksum, from });
+                            self.ring.free(buf);
+                        }
+                    },
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Sends an error on this stream, then closes it. The session goes on on its other streams.
+    fn fail(&mut self, key: usize, code: ErrorCode, msg: &str) {
+        let s = &mut self.streams[key];
+        warn!(stream = s.conn.codec.stream(), "closing stream: {msg}");
+        s.replies.push((FrameType::Error, wire::encode_error(code, msg)));
+        s.close_after_send = true;
+        self.release(key);
+        let why = Some(msg.to_owned());
+        self.down(key, why);
+    }
+
+    /// Like `fail`, but the error ends the whole session (the sender is told so by its code).
+    fn fail_session(&mut self, key: usize, code: ErrorCode, msg: &str) {
+        self.fail(key, code, msg);
+    }
+
+    /// Frees the stream's read buffer if it holds one that is not in flight.
+    fn release(&mut self, key: usize) {
+        let s = &mut self.streams[key];
+        if s.reading {
+            return;
+        }
+        match std::mem::replace(&mut s.state, RxState::Dead) {
+            RxState::Header { buf, .. } | RxState::Payload { buf, .. } => self.ring.free(buf),
+            _ => {}
+        }
+    }
+
+    fn down(&mut self, key: usize, why: Option<String>) {
+        let s = &mut self.streams[key];
+        s.state = RxState::Dead;
+        let _ = self.coord.send(ToCoord::Down { session: s.sess.id, why });
+        if !s.close_after_send {
+            let _ = s.conn.sock.shutdown(Shutdown::Both);
+            s.close_after_send = true;
+        }
+    }
+
+    fn remove(&mut self, key: usize) {
+        let s = self.streams.remove(key);
+        let _ = s.conn.sock.shutdown(Shutdown::Both);
+    }
+}
+
+// ------------------------------------------------------------------------------- coordinator
+
+struct Journal {
+    file: File,
+    pending: Vec<u8>,
+}
+
+struct RxSession {
+    name: String,
+    size: Option<u64>,
+    out: Out,
+    part: Option<PathBuf>,
+    fin: Option<PathBuf>,
+    journal_path: Option<PathBuf>,
+    journal: Option<Journal>,
+    records: BTreeMap<u64, (u32, u64)>,
+    have: RangeSet,
+    resumed: u64,
+    received: u64,
+    streams_up: usize,
+    finished: bool,
+    started: Instant,
+    activity: Arc<AtomicU64>,
+    // stdout reordering
+    next_out: u64,
+    pending_out: BTreeMap<u64, (Vec<u8>, u64, StreamAddr)>,
+    outcome: Option<SessionOutcome>,
+}
+
+struct Coordinator {
+    sink: Sink,
+    sessions: HashMap<[u8; 16], RxSession>,
+    shards: Vec<Sender<ToShard>>,
+    outcomes: Sender<SessionOutcome>,
+    epoch: Instant,
+}
+
+impl Coordinator {
+    fn run(&mut self, rx: Receiver<ToCoord>, stop: &AtomicBool) {
+        let tick = crossbeam_channel::tick(Duration::from_millis(200));
+        while !stop.load(Relaxed) {
+            select! {
+                recv(rx) -> m => match m {
+                    Ok(m) => self.handle(m),
+                    Err(_) => return,
+                },
+                recv(tick) -> _ => self.flush_journals(),
+            }
+        }
+    }
+
+    fn handle(&mut self, m: ToCoord) {
+        match m {
+            ToCoord::Open { hello, reply } => {
+                let r = self.open(hello);
+                let _ = reply.send(r);
+            }
+            ToCoord::Join { session, reply } => {
+                let r = match self.sessions.get_mut(&session) {
+                    Some(s) if !s.finished => {
+                        s.streams_up += 1;
+                        Ok(SessionRef { id: session, size: s.size, out: s.out.clone(), activity: s.activity.clone() })
+                    }
+                    _ => Err((ErrorCode::UnknownSession, "no open session with that id".into())),
+                };
+                let _ = reply.send(r);
+            }
+            ToCoord::Placed { session, offset, len, sum } => {
+                if let Some(s) = self.sessions.get_mut(&session) {
+                    s.place(offset, len, sum);
+                    if s.journal.as_ref().is_some_and(|j| j.pending.len() >= 256 * 24) {
+                        s.flush_journal();
+                    }
+                }
+            }
+            ToCoord::Deliver { session, offset, data, sum, from } => self.deliver(session, offset, data, sum, from),
+            ToCoord::Commit { session, commit, from } => self.commit(session, commit, from),
+            ToCoord::Down { session, why } => {
+                let Some(s) = self.sessions.get_mut(&session) else { return };
+                s.streams_up = s.streams_up.saturating_sub(1);
+                if let Some(w) = &why {
+                    warn!(session = %hex(&session), name = %s.name, "stream ended: {w}");
+                }
+                if s.streams_up == 0 {
+                    let mut s = self.sessions.remove(&session).expect("present");
+                    match s.outcome.take() {
+                        Some(o) => {
+                            let _ = self.outcomes.send(o);
+                        }
+                        None => self.interrupted(s, why.unwrap_or_else(|| "the sender closed every stream before committing".into())),
+                    }
+                }
+            }
+        }
+    }
+
+    fn open(&mut self, hello: Hello) -> Result<(Welcome, SessionRef), (ErrorCode, String)> {
+        let Hello::Open { chunk_size, object_size, object_id, resume, name, .. } = hello else {
+            return Err((ErrorCode::Protocol, "expected an open".into()));
+        };
+        let size = (object_size != wire::SIZE_UNKNOWN).then_some(object_size);
+        if self.sessions.values().any(|s| s.name == name && !s.finished) {
+            return Err((ErrorCode::Refused, format!("an object named {name:?} is already being received")));
+        }
+        let mut id = [0u8; 16];
+        getrandom::fill(&mut id).expect("OS random source");
+        let activity = Arc::new(AtomicU64::new(millis(self.epoch)));
+        let mut sess = RxSession {
+            name: name.clone(),
+            size,
+            out: Out::Discard,
+            part: None,
+            fin: None,
+            journal_path: None,
+            journal: None,
+            records: BTreeMap::new(),
+            have: RangeSet::default(),
+            resumed: 0,
+            received: 0,
+            streams_up: 1,
+            finished: false,
+            started: Instant::now(),
+            activity: activity.clone(),
+            next_out: 0,
+            pending_out: BTreeMap::new(),
+            outcome: None,
+        };
+        let storage = |what: &str, p: &PathBuf, e: std::io::Error| (ErrorCode::Storage, format!("{what} {}: {e}", p.display()));
+        match &self.sink {
+            Sink::Discard => {}
+            Sink::Stdout => {
+                if resume {
+                    return Err((ErrorCode::Refused, "this receiver writes to standard output and cannot resume".into()));
+                }
+                if self.sessions.values().any(|s| matches!(s.out, Out::Stdout) && !s.finished) {
+                    return Err((ErrorCode::Refused, "this receiver writes to standard output and is busy with another session".into()));
+                }
+                sess.out = Out::Stdout;
+            }
+            Sink::Dir(dir) => {
+                let fin = dir.join(&name);
+                let part = dir.join(format!("{name}.part"));
+                let jpath = dir.join(format!("{name}.dwcp-journal"));
+                let jh = JournalHeader { object_size, object_id, chunk_size };
+                let mut file = None;
+                if resume && let Ok(bytes) = std::fs::read(&jpath) && let Some((h, recs)) = parse_journal(&bytes) && h == jh && let Ok(f) = OpenOptions::new().read(true).write(true).open(&part) {
+                    // Trust nothing unverified: each journaled chunk is re-checked against the data.
+                    let mut buf = Vec::new();
+                    for r in recs {
+                        buf.resize(r.len as usize, 0);
+                        if f.read_exact_at(&mut buf, r.offset).is_ok() && wire::checksum(&buf) == r.sum {
+                            sess.records.insert(r.offset, (r.len, r.sum));
+                            sess.have.insert(r.offset, r.offset + u64::from(r.len));
+                        }
+                    }
+                    sess.resumed = sess.have.covered();
+                    file = Some(f);
+                }
+                let f = match file {
+                    Some(f) => f,
+                    None => {
+                        let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&part).map_err(|e| storage("creating", &part, e))?;
+                        if let Some(sz) = size {
+                            crate::sys::preallocate(&f, sz).map_err(|e| storage("preallocating", &part, e))?;
+                        }
+                        f
+                    }
+                };
+                // A fresh journal holding only the verified records.
+                let mut jf = File::create(&jpath).map_err(|e| storage("creating journal", &jpath, e))?;
+                let mut bytes = jh.encode().to_vec();
+                for (&offset, &(len, sum)) in &sess.records {
+                    bytes.extend_from_slice(&JournalRecord { offset, len, sum }.encode());
+                }
+                jf.write_all(&bytes).map_err(|e| storage("writing journal", &jpath, e))?;
+                sess.journal = Some(Journal { file: jf, pending: Vec::new() });
+                sess.out = Out::File(Arc::new(f));
+                sess.part = Some(part);
+                sess.fin = Some(fin);
+                sess.journal_path = Some(jpath);
+            }
+        }
+        let welcome = Welcome {
+            session: id,
+            caps: Caps { max_streams: 256, max_chunk: 0, codecs: CODEC_RAW, transports: TRANSPORT_TCP },
+            have: sess.have.ranges(),
+        };
+        let r = SessionRef { id, size, out: sess.out.clone(), activity };
+        info!(session = %hex(&id), %name, size = ?size, resumed = sess.resumed, "session opened");
+        self.sessions.insert(id, sess);
+        Ok((welcome, r))
+    }
+
+    fn deliver(&mut self, session: [u8; 16], offset: u64, data: Vec<u8>, sum: u64, from: StreamAddr) {
+        let Some(s) = self.sessions.get_mut(&session) else { return };
+        if offset < s.next_out {
+            let _ = self.shards[from.0].send(ToShard::Ack { key: from.1, offset });
+            return;
+        }
+        s.pending_out.insert(offset, (data, sum, from));
+        let mut out = std::io::stdout().lock();
+        while let Some(e) = s.pending_out.first_entry() {
+            if *e.key() != s.next_out {
+                break;
+            }
+            let (off, (d, sum, from)) = e.remove_entry();
+            if let Err(e) = out.write_all(&d) {
+                warn!("writing standard output: {e}");
+                return;
+            }
+            s.next_out += d.len() as u64;
+            s.place(off, d.len() as u32, sum);
+            let _ = self.shards[from.0].send(ToShard::Ack { key: from.1, offset: off });
+        }
+    }
+
+    fn commit(&mut self, session: [u8; 16], commit: wire::Commit, from: StreamAddr) {
+        let reply = |shards: &[Sender<ToShard>], kind, payload| {
+            let _ = shards[from.0].send(ToShard::Reply { key: from.1, kind, payload });
+        };
+        let Some(s) = self.sessions.get_mut(&session) else { return };
+        s.activity.store(millis(self.epoch), Relaxed);
+        s.flush_journal();
+        let r = s.verify_and_publish(commit);
+        s.finished = true;
+        match &r {
+            Ok(d) => {
+                reply(&self.shards, FrameType::Verified, d.to_vec());
+                info!(session = %hex(&session), name = %s.name, size = commit.size, "verified and published");
+            }
+            Err((code, msg)) => {
+                reply(&self.shards, FrameType::Error, wire::encode_error(*code, msg));
+                warn!(session = %hex(&session), name = %s.name, "commit failed: {msg}");
+            }
+        }
+        // Reported once the sender has closed its streams, i.e. after it has read the reply.
+        s.outcome = Some(SessionOutcome {
+            name: s.name.clone(),
+            size: commit.size,
+            received: s.received,
+            resumed: s.resumed,
+            wall: s.started.elapsed(),
+            path: s.fin.clone().filter(|_| r.is_ok()),
+            result: r.map_err(|(_, m)| m),
+        });
+    }
+
+    fn interrupted(&mut self, mut s: RxSession, why: String) {
+        s.flush_journal();
+        let msg = format!("interrupted: {why}; {} of {} bytes placed{}", s.have.covered(), s.size.map_or("?".into(), |v| v.to_string()), if s.part.is_some() { ", partial output kept for --resume" } else { "" });
+        warn!(name = %s.name, "{msg}");
+        let _ = self.outcomes.send(SessionOutcome {
+            name: s.name.clone(),
+            size: s.size.unwrap_or(0),
+            received: s.received,
+            resumed: s.resumed,
+            wall: s.started.elapsed(),
+            path: None,
+            result: Err(msg),
+        });
+    }
+
+    fn flush_journals(&mut self) {
+        for s in self.sessions.values_mut() {
+            s.flush_journal();
+        }
+    }
+}
+
+impl RxSession {
+    fn place(&mut self, offset: u64, len: u32, sum: u64) {
+        if self.records.insert(offset, (len, sum)).is_none() {
+            self.received += u64::from(len);
+        }
+        self.have.insert(offset, offset + u64::from(len));
+        if let Some(j) = &mut self.journal {
+            j.pending.extend_from_slice(&JournalRecord { offset, len, sum }.encode());
+        }
+    }
+
+    fn flush_journal(&mut self) {
+        if let Some(j) = &mut self.journal
+            && !j.pending.is_empty()
+        {
+            if let Err(e) = j.file.write_all(&j.pending) {
+                warn!(name = %self.name, "journal write failed ({e}); a resume will re-send more");
+            }
+            j.pending.clear();
+        }
+    }
+
+    fn verify_and_publish(&mut self, commit: wire::Commit) -> Result<[u8; 32], (ErrorCode, String)> {
+        if let Some(sz) = self.size
+            && sz != commit.size
+        {
+            return Err((ErrorCode::DigestMismatch, format!("commit declares {} bytes but the session opened with {sz}", commit.size)));
+        }
+        let mut m = ManifestDigest::default();
+        for (&o, &(l, s)) in &self.records {
+            m.add(o, l, s);
+        }
+        let digest = m.finish(commit.size).map_err(|e| (ErrorCode::DigestMismatch, format!("commit before the object is complete: {e}")))?;
+        if digest != commit.digest {
+            if let Some(j) = &self.journal_path {
+                let _ = std::fs::remove_file(j);
+            }
+            return Err((ErrorCode::DigestMismatch, "the whole-object digest does not match: output not published".into()));
+        }
+        if let (Out::File(f), Some(part), Some(fin)) = (&self.out, &self.part, &self.fin) {
+            let storage = |what: &str, e: std::io::Error| (ErrorCode::Storage, format!("{what} {}: {e}", part.display()));
+            f.set_len(commit.size).map_err(|e| storage("truncating", e))?;
+            f.sync_data().map_err(|e| storage("syncing", e))?;
+            std::fs::rename(part, fin).map_err(|e| storage("renaming", e))?;
+            if let Some(j) = &self.journal_path {
+                let _ = std::fs::remove_file(j);
+            }
+            self.journal = None;
+        }
+        if matches!(self.out, Out::Stdout) {
+            let _ = std::io::stdout().flush();
+        }
+        Ok(digest)
+    }
+}
+
+/// Lowercase hex of bytes.
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

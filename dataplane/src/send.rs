@@ -1,0 +1,709 @@
+//! The sending side of a transfer: session setup, per-core io_uring shards that stripe chunks
+//! over the streams, re-send of a dead stream's unacknowledged chunks, and the final commit.
+
+use std::collections::VecDeque;
+use std::io::Read;
+use std::net::Shutdown;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crossbeam_queue::SegQueue;
+use thiserror::Error;
+use tracing::{info, warn};
+
+use crate::crypto::Psk;
+use crate::handshake::{self, Conn, HandshakeError};
+use crate::session::{RangeSet, default_streams, plan_chunks};
+use crate::source::Source;
+use crate::transport::uring::sys::{Completion, Payload, Returned, Ring, probe_send_zc};
+use crate::wire::{self, CODEC_RAW, Caps, ErrorCode, FrameHeader, FrameType, Hello, ManifestDigest, TRANSPORT_TCP, Welcome};
+
+/// Zero-copy send policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZeroCopy {
+    /// Use `IORING_OP_SEND_ZC` when the kernel has it and the peer is not on loopback.
+    Auto,
+    /// Use it whenever the kernel has it.
+    On,
+    /// Never.
+    Off,
+}
+
+/// Fault injection for tests: shut stream `stream`'s socket down after it has sent `after` bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct KillStream {
+    /// Stream index.
+    pub stream: u16,
+    /// Bytes after which the socket is shut down.
+    pub after: u64,
+}
+
+/// Options of one send.
+#[derive(Debug, Clone)]
+pub struct SendOptions {
+    /// Receiver address.
+    pub to: String,
+    /// Stream count; None picks from cores and measured RTT.
+    pub streams: Option<u16>,
+    /// Chunk size in bytes.
+    pub chunk_size: u32,
+    /// Pre-shared key.
+    pub psk: Psk,
+    /// Encrypt the streams.
+    pub encrypt: bool,
+    /// Ask the receiver for what it already holds and send only the rest.
+    pub resume: bool,
+    /// Unacknowledged chunks allowed per stream.
+    pub window: usize,
+    /// Zero-copy policy.
+    pub zerocopy: ZeroCopy,
+    /// A stream with no acknowledgement for this long is declared dead.
+    pub idle_timeout: Duration,
+    /// Fault injection (tests).
+    pub kill: Option<KillStream>,
+}
+
+impl SendOptions {
+    /// Defaults for sending to `to` with `psk`.
+    pub fn new(to: impl Into<String>, psk: Psk) -> Self {
+        Self {
+            to: to.into(),
+            streams: None,
+            chunk_size: 1 << 20,
+            psk,
+            encrypt: true,
+            resume: false,
+            window: 8,
+            zerocopy: ZeroCopy::Auto,
+            idle_timeout: Duration::from_secs(30),
+            kill: None,
+        }
+    }
+}
+
+/// Errors of a send.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum SendError {
+    /// Setting up a stream failed.
+    #[error("stream {stream}: {source}")]
+    Setup {
+        /// Stream index.
+        stream: u16,
+        /// Cause.
+        source: HandshakeError,
+    },
+    /// The receiver reported an error that ends the session.
+    #[error("the receiver ended the session: {message} ({code:?})")]
+    Receiver {
+        /// Code.
+        code: ErrorCode,
+        /// Its message.
+        message: String,
+    },
+    /// Every stream died before the transfer finished.
+    #[error("all {streams} streams were lost with {acked} of {total} bytes acknowledged (last: {last}); run the same command with --resume to send only what is missing")]
+    AllStreamsLost {
+        /// Streams used.
+        streams: u16,
+        /// Bytes acknowledged.
+        acked: u64,
+        /// Bytes in all.
+        total: u64,
+        /// The last stream's cause.
+        last: String,
+    },
+    /// A request that cannot be met.
+    #[error("{0}")]
+    Invalid(String),
+    /// Local I/O failure.
+    #[error("{during}: {source}")]
+    Io {
+        /// What was being done.
+        during: &'static str,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// Live counters a caller can poll for a progress bar.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Bytes acknowledged by the receiver (this run).
+    pub acked: AtomicU64,
+    /// Bytes to send this run (0 if unknown yet).
+    pub total: AtomicU64,
+}
+
+/// What a finished send reports.
+#[derive(Debug, Clone)]
+pub struct SendReport {
+    /// Object name.
+    pub name: String,
+    /// Object size.
+    pub size: u64,
+    /// Payload bytes put on the wire (re-sends included).
+    pub sent: u64,
+    /// Bytes the receiver already held (resume).
+    pub skipped: u64,
+    /// Wall time from first connect to verified commit.
+    pub wall: Duration,
+    /// Streams used.
+    pub streams: u16,
+    /// Whether the stream count was chosen automatically.
+    pub streams_auto: bool,
+    /// Handshake RTT of stream 0.
+    pub rtt: Duration,
+    /// Streams that died during the transfer.
+    pub streams_lost: u32,
+    /// Chunks sent again after their stream died.
+    pub resent_chunks: u64,
+    /// Whole-object digest, as verified by the receiver.
+    pub digest: [u8; 32],
+    /// Whether the receiver verified the digest.
+    pub verified: bool,
+    /// Encryption on.
+    pub encrypted: bool,
+    /// Zero-copy sends used.
+    pub send_zc: bool,
+    /// Shards (pinned threads) used.
+    pub shards: usize,
+    /// Process CPU time spent during the transfer.
+    pub cpu: Duration,
+}
+
+#[derive(Debug)]
+struct Chunk {
+    offset: u64,
+    len: u32,
+    data: Option<Arc<[u8]>>,
+}
+
+/// State shared by the shards of one send. Counters and lock-free queues only.
+struct Shared {
+    plan: Vec<(u64, u32)>,
+    cursor: AtomicUsize,
+    requeue: SegQueue<Chunk>,
+    stdin: Option<crossbeam_channel::Receiver<Chunk>>,
+    total_chunks: AtomicU64,
+    acked_chunks: AtomicU64,
+    sent_bytes: AtomicU64,
+    resent: AtomicU64,
+    lost: AtomicU64,
+    stop: AtomicBool,
+    fatal: Mutex<Option<(ErrorCode, String)>>,
+    last_loss: Mutex<String>,
+    progress: Arc<Progress>,
+}
+
+impl Shared {
+    fn done(&self) -> bool {
+        self.acked_chunks.load(Relaxed) >= self.total_chunks.load(Relaxed)
+    }
+    fn next_chunk(&self) -> Option<Chunk> {
+        if let Some(c) = self.requeue.pop() {
+            return Some(c);
+        }
+        if let Some(rx) = &self.stdin {
+            return rx.try_recv().ok();
+        }
+        let i = self.cursor.fetch_add(1, Relaxed);
+        self.plan.get(i).map(|&(offset, len)| Chunk { offset, len, data: None })
+    }
+}
+
+struct TxStream {
+    conn: Conn,
+    unacked: VecDeque<(Chunk, Instant)>,
+    sending: bool,
+    reading: bool,
+    alive: bool,
+    last_ack: Instant,
+    sent: u64,
+    kill_after: Option<u64>,
+}
+
+const TAG_SEND: u64 = 0;
+const TAG_RECV: u64 = 1;
+
+struct Shard<'a> {
+    ring: Ring,
+    streams: Vec<TxStream>,
+    shared: &'a Shared,
+    source: &'a Source,
+    window: usize,
+    idle: Duration,
+    manifest: Vec<(u64, u32, u64)>,
+    stash: Option<Chunk>,
+}
+
+impl Shard<'_> {
+    fn run(&mut self) {
+        let mut done = Vec::new();
+        loop {
+            if self.shared.stop.load(Relaxed) || self.shared.done() || !self.streams.iter().any(|s| s.alive) {
+                break;
+            }
+            for i in 0..self.streams.len() {
+                self.pump(i);
+            }
+            if let Err(e) = self.ring.submit_and_wait(Duration::from_millis(2)) {
+                warn!("io_uring wait failed: {e}");
+            }
+            done.clear();
+            self.ring.reap(&mut done);
+            for c in done.drain(..) {
+                self.complete(c);
+            }
+            let now = Instant::now();
+            for i in 0..self.streams.len() {
+                let s = &self.streams[i];
+                if s.alive && !s.unacked.is_empty() && now.duration_since(s.last_ack) > self.idle {
+                    let why = format!("no acknowledgement for {:.1}s (stalled)", self.idle.as_secs_f64());
+                    self.kill(i, &why);
+                }
+            }
+        }
+        // Drain: nothing may remain in flight when the ring and the buffers go away.
+        self.ring.cancel_all();
+        while self.ring.in_flight() > 0 {
+            let _ = self.ring.submit_and_wait(Duration::from_millis(10));
+            done.clear();
+            self.ring.reap(&mut done);
+            for c in done.drain(..) {
+                self.complete(c);
+            }
+        }
+        if let Some(c) = self.stash.take() {
+            self.shared.requeue.push(c);
+        }
+    }
+
+    fn pump(&mut self, i: usize) {
+        let s = &mut self.streams[i];
+        if !s.alive {
+            return;
+        }
+        let fd = s.conn.sock.as_raw_fd();
+        if !s.reading {
+            s.reading = true;
+            self.ring.recv_heap(fd, Vec::with_capacity(64 * 1024), (i as u64) << 1 | TAG_RECV);
+        }
+        let s = &mut self.streams[i];
+        if s.sending || s.unacked.len() >= self.window {
+            return;
+        }
+        let Some(chunk) = self.stash.take().or_else(|| self.shared.next_chunk()) else { return };
+        let tag = (i as u64) << 1 | TAG_SEND;
+        let len = chunk.len as usize;
+        let s = &mut self.streams[i];
+        let hl = s.conn.codec.header_wire_len();
+        let mapped = match (self.source, &chunk.data) {
+            (Source::File { map: Some(m), .. }, None) if !s.conn.codec.encrypted() => Some(m.clone()),
+            _ => None,
+        };
+        let sum;
+        if let (Some(m), false) = (mapped.clone(), s.conn.codec.encrypted()) {
+            // Plaintext from the mapping: header and mapped pages go out in one sendmsg, no copy.
+            let (a, b) = (chunk.offset as usize, chunk.offset as usize + len);
+            let h = FrameHeader::for_payload(FrameType::Chunk, s.conn.codec.stream(), chunk.offset, &m[a..b]);
+            sum = h.checksum;
+            let mut hdr = vec![0u8; hl];
+            s.conn.codec.seal_header(&h, &mut hdr);
+            self.ring.send_msg(fd, hdr, Payload::Mapped(m, a, b), tag);
+        } else if let (Some(d), false) = (chunk.data.clone(), s.conn.codec.encrypted()) {
+            let h = FrameHeader::for_payload(FrameType::Chunk, s.conn.codec.stream(), chunk.offset, &d);
+            sum = h.checksum;
+            let mut hdr = vec![0u8; hl];
+            s.conn.codec.seal_header(&h, &mut hdr);
+            self.ring.send_msg(fd, hdr, Payload::Shared(d, 0, len), tag);
+        } else {
+            // Generated bytes, or encryption: build the frame in a registered buffer and seal in place.
+            let Some(id) = self.ring.alloc() else {
+                self.stash = Some(chunk);
+                return;
+            };
+            let buf = self.ring.buf_mut(id);
+            match &chunk.data {
+                Some(d) => buf[hl..hl + len].copy_from_slice(d),
+                None => self.source.fill(chunk.offset, &mut buf[hl..hl + len]),
+            }
+            let h = FrameHeader::for_payload(FrameType::Chunk, s.conn.codec.stream(), chunk.offset, &buf[hl..hl + len]);
+            sum = h.checksum;
+            s.conn.codec.seal_header(&h, &mut buf[..hl]);
+            s.conn.codec.seal_payload(&mut buf[hl..], len);
+            let end = hl + s.conn.codec.payload_wire_len(chunk.len);
+            self.ring.send_buf(fd, id, 0, end, tag);
+        }
+        self.manifest.push((chunk.offset, chunk.len, sum));
+        s.sending = true;
+        s.unacked.push_back((chunk, Instant::now()));
+    }
+
+    fn complete(&mut self, c: Completion) {
+        let i = (c.tag >> 1) as usize;
+        match c.returned {
+            Returned::Buf(id) => self.ring.free(id),
+            Returned::Heap(ref v) if c.tag & 1 == TAG_RECV => {
+                self.streams[i].reading = false;
+                if !self.streams[i].alive {
+                    return;
+                }
+                if c.result <= 0 {
+                    let why = if c.result == 0 { "receiver closed the stream".to_string() } else { errno_text(c.result) };
+                    if !self.shared.done() {
+                        self.kill(i, &why);
+                    }
+                    return;
+                }
+                self.streams[i].conn.reader.push(v);
+                self.on_frames(i);
+                return;
+            }
+            _ => {}
+        }
+        if c.tag & 1 == TAG_SEND {
+            let s = &mut self.streams[i];
+            s.sending = false;
+            if !s.alive {
+                return;
+            }
+            if c.result < 0 {
+                let why = format!("send failed: {}", errno_text(c.result));
+                self.kill(i, &why);
+                return;
+            }
+            s.sent += c.result as u64;
+            self.shared.sent_bytes.fetch_add(c.result as u64, Relaxed);
+            if let Some(after) = s.kill_after
+                && s.sent >= after
+            {
+                s.kill_after = None;
+                warn!(stream = s.conn.codec.stream(), "fault injection: shutting the stream's socket down");
+                let _ = s.conn.sock.shutdown(Shutdown::Both);
+            }
+        }
+    }
+
+    fn on_frames(&mut self, i: usize) {
+        loop {
+            let s = &mut self.streams[i];
+            let frame = match s.conn.reader.next_frame(&mut s.conn.codec) {
+                Ok(Some(f)) => f,
+                Ok(None) => return,
+                Err(e) => {
+                    let why = format!("bad frame from receiver: {e}");
+                    self.kill(i, &why);
+                    return;
+                }
+            };
+            match frame.0.kind {
+                FrameType::Ack => {
+                    let Ok(offsets) = wire::decode_ack(&frame.1) else {
+                        self.kill(i, "malformed ack");
+                        return;
+                    };
+                    s.last_ack = Instant::now();
+                    for off in offsets {
+                        if let Some(pos) = s.unacked.iter().position(|(c, _)| c.offset == off) {
+                            let (c, _) = s.unacked.remove(pos).expect("position is valid");
+                            self.shared.acked_chunks.fetch_add(1, Relaxed);
+                            self.shared.progress.acked.fetch_add(u64::from(c.len), Relaxed);
+                        }
+                    }
+                }
+                FrameType::Error => {
+                    let (code, msg) = wire::decode_error(&frame.1).unwrap_or((ErrorCode::Internal, "unreadable error".into()));
+                    if matches!(code, ErrorCode::Checksum | ErrorCode::Stalled | ErrorCode::Protocol) {
+                        let why = format!("receiver closed the stream: {msg}");
+                        self.kill(i, &why);
+                    } else {
+                        *self.shared.fatal.lock().expect("fatal lock") = Some((code, msg));
+                        self.shared.stop.store(true, Relaxed);
+                    }
+                    return;
+                }
+                other => {
+                    let why = format!("unexpected {other} frame from receiver");
+                    self.kill(i, &why);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn kill(&mut self, i: usize, why: &str) {
+        let s = &mut self.streams[i];
+        if !s.alive {
+            return;
+        }
+        s.alive = false;
+        let _ = s.conn.sock.shutdown(Shutdown::Both);
+        let n = s.unacked.len();
+        for (c, _) in s.unacked.drain(..) {
+            self.shared.requeue.push(c);
+        }
+        self.shared.resent.fetch_add(n as u64, Relaxed);
+        self.shared.lost.fetch_add(1, Relaxed);
+        *self.shared.last_loss.lock().expect("loss lock") = format!("stream {}: {why}", s.conn.codec.stream());
+        warn!(stream = s.conn.codec.stream(), "stream lost: {why}; {n} unacknowledged chunks re-queued on the other streams");
+    }
+}
+
+fn errno_text(res: i32) -> String {
+    std::io::Error::from_raw_os_error(-res).to_string()
+}
+
+fn hello_open(source: &Source, opts: &SendOptions, streams: u16) -> Hello {
+    Hello::Open {
+        caps: Caps { max_streams: 256, max_chunk: opts.chunk_size, codecs: CODEC_RAW, transports: TRANSPORT_TCP },
+        chunk_size: opts.chunk_size,
+        streams,
+        object_size: source.size().unwrap_or(wire::SIZE_UNKNOWN),
+        object_id: source.object_id(),
+        resume: opts.resume,
+        name: source.name().to_owned(),
+    }
+}
+
+/// Sends `source` to the receiver in `opts`, returning once the receiver has verified the digest.
+pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Result<SendReport, SendError> {
+    if opts.resume && !source.seekable() {
+        return Err(SendError::Invalid("--resume needs a file or generated source: standard input cannot be read twice".into()));
+    }
+    if opts.chunk_size == 0 || opts.chunk_size > wire::MAX_PAYLOAD {
+        return Err(SendError::Invalid(format!("chunk size must be 1..={} bytes", wire::MAX_PAYLOAD)));
+    }
+    wire::check_name(source.name()).map_err(|e| SendError::Invalid(e.to_string()))?;
+    let t0 = Instant::now();
+    let cpu0 = crate::sys::process_cpu_time();
+    let cores = core_affinity::get_core_ids().map(|c| c.len()).unwrap_or(1).max(1);
+    let setup = |stream, source| SendError::Setup { stream, source };
+
+    // Stream 0 opens the session and measures the RTT that sizes the stream count.
+    let (mut c0, rtt) = handshake::connect(&opts.to, &opts.psk, opts.encrypt, 0, opts.idle_timeout).map_err(|e| setup(0, e))?;
+    let streams = opts.streams.unwrap_or_else(|| default_streams(cores, rtt)).max(1);
+    let hello = hello_open(&source, opts, streams);
+    c0.write_frame(FrameType::Hello, 0, &hello.encode()).map_err(|e| setup(0, e))?;
+    let (_, p) = c0.expect(FrameType::Welcome, "waiting for the receiver's welcome").map_err(|e| setup(0, e))?;
+    let welcome = Welcome::decode(&p).map_err(|e| setup(0, HandshakeError::Wire { during: "reading the welcome", source: e }))?;
+    info!(streams, rtt_us = rtt.as_micros() as u64, "session opened");
+
+    // The remaining streams join in parallel.
+    let mut conns: Vec<Conn> = vec![c0];
+    let joined: Vec<Result<Conn, SendError>> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (1..streams)
+            .map(|i| {
+                let session = welcome.session;
+                sc.spawn(move || {
+                    let (mut c, _) = handshake::connect(&opts.to, &opts.psk, opts.encrypt, i, opts.idle_timeout).map_err(|e| setup(i, e))?;
+                    c.write_frame(FrameType::Hello, 0, &Hello::Join { session, index: i }.encode()).map_err(|e| setup(i, e))?;
+                    c.expect(FrameType::Welcome, "joining the session").map_err(|e| setup(i, e))?;
+                    Ok(c)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("join thread")).collect()
+    });
+    for c in joined {
+        conns.push(c?);
+    }
+
+    // Plan: what the receiver lacks.
+    let mut have = RangeSet::default();
+    for &(s, e) in &welcome.have {
+        have.insert(s, e);
+    }
+    let size = source.size();
+    let plan = size.map(|sz| plan_chunks(sz, opts.chunk_size, &have)).unwrap_or_default();
+    let skipped = have.covered();
+    let total_chunks = if size.is_some() { plan.len() as u64 } else { u64::MAX };
+    let progress_total: u64 = plan.iter().map(|c| u64::from(c.1)).sum();
+    progress.total.store(progress_total, Relaxed);
+
+    let (stdin_tx, stdin_rx) = crossbeam_channel::bounded::<Chunk>(usize::from(streams) * opts.window);
+    let shared = Shared {
+        plan,
+        cursor: AtomicUsize::new(0),
+        requeue: SegQueue::new(),
+        stdin: (!source.seekable()).then_some(stdin_rx),
+        total_chunks: AtomicU64::new(total_chunks),
+        acked_chunks: AtomicU64::new(0),
+        sent_bytes: AtomicU64::new(0),
+        resent: AtomicU64::new(0),
+        lost: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+        fatal: Mutex::new(None),
+        last_loss: Mutex::new(String::new()),
+        progress: progress.clone(),
+    };
+    // On loopback the kernel copies zero-copy pages anyway (and pays for the notifications), so
+    // `auto` keeps SEND_ZC for real NICs.
+    let loopback = conns[0].sock.peer_addr().map(|a| a.ip().is_loopback()).unwrap_or(false);
+    let send_zc = match opts.zerocopy {
+        ZeroCopy::On => probe_send_zc(),
+        ZeroCopy::Auto => !loopback && probe_send_zc(),
+        ZeroCopy::Off => false,
+    };
+    let nshards = cores.min(usize::from(streams));
+    let core_ids = core_affinity::get_core_ids().unwrap_or_default();
+    let mut per_shard: Vec<Vec<Conn>> = (0..nshards).map(|_| Vec::new()).collect();
+    for (i, c) in conns.into_iter().enumerate() {
+        per_shard[i % nshards].push(c);
+    }
+    let buf_size = wire::header_wire_len(true) + opts.chunk_size as usize + wire::TAG_LEN;
+
+    let results: Vec<Result<(Vec<Conn>, Vec<(u64, u32, u64)>), SendError>> = std::thread::scope(|sc| {
+        if !source.seekable() {
+            let shared = &shared;
+            let chunk = opts.chunk_size as usize;
+            sc.spawn(move || read_stdin(stdin_tx, chunk, shared));
+        } else {
+            drop(stdin_tx);
+        }
+        let handles: Vec<_> = per_shard
+            .into_iter()
+            .enumerate()
+            .map(|(k, conns)| {
+                let (shared, source) = (&shared, &source);
+                let core = core_ids.get(k % core_ids.len().max(1)).copied();
+                sc.spawn(move || {
+                    if let Some(core) = core {
+                        core_affinity::set_for_current(core);
+                    }
+                    let count = (conns.len() * 2 + 2) as u16;
+                    let ring = Ring::new(256, count, buf_size, send_zc).map_err(|source| SendError::Io { during: "creating an io_uring", source })?;
+                    let now = Instant::now();
+                    let streams = conns
+                        .into_iter()
+                        .map(|conn| {
+                            let kill_after = opts.kill.filter(|k| k.stream == conn.codec.stream()).map(|k| k.after);
+                            TxStream { conn, unacked: VecDeque::new(), sending: false, reading: false, alive: true, last_ack: now, sent: 0, kill_after }
+                        })
+                        .collect();
+                    let mut shard = Shard { ring, streams, shared, source, window: opts.window.max(1), idle: opts.idle_timeout, manifest: Vec::new(), stash: None };
+                    shard.run();
+                    let alive = shard.streams.into_iter().filter(|s| s.alive).map(|s| s.conn).collect();
+                    Ok((alive, std::mem::take(&mut shard.manifest)))
+                })
+            })
+            .collect();
+        let r = handles.into_iter().map(|h| h.join().expect("shard thread")).collect();
+        shared.stop.store(true, Relaxed);
+        r
+    });
+
+    let mut alive = Vec::new();
+    let mut manifest = ManifestDigest::default();
+    for r in results {
+        let (a, m) = r?;
+        alive.extend(a);
+        for (o, l, s) in m {
+            manifest.add(o, l, s);
+        }
+    }
+    if let Some((code, message)) = shared.fatal.lock().expect("fatal lock").take() {
+        return Err(SendError::Receiver { code, message });
+    }
+    let acked_bytes = progress.acked.load(Relaxed);
+    if !shared.done() || alive.is_empty() {
+        return Err(SendError::AllStreamsLost {
+            streams,
+            acked: acked_bytes + skipped,
+            total: size.unwrap_or(acked_bytes),
+            last: shared.last_loss.lock().expect("loss lock").clone(),
+        });
+    }
+    // Chunks the receiver already had count in the digest with our own checksums of them.
+    if let Some(sz) = size {
+        for (off, len) in plan_chunks(sz, opts.chunk_size, &RangeSet::default()) {
+            if have.contains(off, off + u64::from(len)) {
+                manifest.add(off, len, source.checksum(off, len));
+            }
+        }
+    }
+    let total = size.unwrap_or(acked_bytes);
+    let digest = manifest.finish(total).map_err(SendError::Invalid)?;
+
+    let c = &mut alive[0];
+    c.set_timeout(Duration::from_secs(300).max(opts.idle_timeout));
+    let commit = wire::Commit { size: total, digest };
+    let during = |e| SendError::Setup { stream: 0, source: e };
+    c.write_frame(FrameType::Commit, 0, &commit.encode()).map_err(during)?;
+    let verified = loop {
+        match c.read_frame("waiting for the receiver to verify the digest") {
+            Ok((h, _)) if h.kind == FrameType::Ack => continue,
+            Ok((h, p)) if h.kind == FrameType::Verified => break p.get(..32) == Some(&digest[..]),
+            Ok((h, _)) => return Err(during(HandshakeError::Unexpected { during: "commit", expected: FrameType::Verified, got: h.kind })),
+            Err(HandshakeError::Refused { code, message }) => return Err(SendError::Receiver { code, message }),
+            Err(e) => return Err(during(e)),
+        }
+    };
+    for c in &alive {
+        let _ = c.sock.shutdown(Shutdown::Both);
+    }
+    Ok(SendReport {
+        name: source.name().to_owned(),
+        size: total,
+        sent: shared.sent_bytes.load(Relaxed),
+        skipped,
+        wall: t0.elapsed(),
+        streams,
+        streams_auto: opts.streams.is_none(),
+        rtt,
+        streams_lost: shared.lost.load(Relaxed) as u32,
+        resent_chunks: shared.resent.load(Relaxed),
+        digest,
+        verified,
+        encrypted: opts.encrypt,
+        send_zc,
+        shards: nshards,
+        cpu: crate::sys::process_cpu_time().saturating_sub(cpu0),
+    })
+}
+
+/// Reads stdin into chunks; at end of input, fixes the chunk count.
+fn read_stdin(tx: crossbeam_channel::Sender<Chunk>, chunk: usize, shared: &Shared) {
+    let mut stdin = std::io::stdin().lock();
+    let mut offset = 0u64;
+    let mut n = 0u64;
+    loop {
+        let mut buf = vec![0u8; chunk];
+        let mut filled = 0;
+        while filled < chunk {
+            match stdin.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(k) => filled += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    *shared.fatal.lock().expect("fatal lock") = Some((ErrorCode::Internal, format!("reading standard input: {e}")));
+                    shared.stop.store(true, Relaxed);
+                    return;
+                }
+            }
+        }
+        if filled == 0 {
+            break;
+        }
+        buf.truncate(filled);
+        let c = Chunk { offset, len: filled as u32, data: Some(Arc::from(buf)) };
+        offset += filled as u64;
+        n += 1;
+        shared.progress.total.fetch_add(filled as u64, Relaxed);
+        let mut c = c;
+        loop {
+            match tx.send_timeout(c, Duration::from_millis(50)) {
+                Ok(()) => break,
+                Err(crossbeam_channel::SendTimeoutError::Timeout(back)) if !shared.stop.load(Relaxed) => c = back,
+                Err(_) => return,
+            }
+        }
+        if filled < chunk {
+            break;
+        }
+    }
+    shared.total_chunks.store(n, Relaxed);
+}

@@ -1,0 +1,194 @@
+//! What a sender reads from: a memory-mapped file, standard input, or a generated VM-like image.
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use xxhash_rust::xxh3::xxh3_64;
+
+/// Page size the generator works in.
+pub const PAGE: usize = 4096;
+
+/// A sender's source of bytes.
+#[derive(Debug)]
+pub enum Source {
+    /// A regular file, mapped read-only.
+    File {
+        /// The mapping (None for an empty file).
+        map: Option<Arc<Mmap>>,
+        /// Size in bytes.
+        size: u64,
+        /// Object name (file name).
+        name: String,
+        /// Identity: hash of name, size, mtime and inode.
+        id: u64,
+    },
+    /// Standard input, an ordered byte stream of unknown size.
+    Stdin {
+        /// Object name.
+        name: String,
+    },
+    /// A deterministic VM-like image (zero, duplicate, text-like and random pages).
+    Generated {
+        /// Size in bytes.
+        size: u64,
+        /// Seed.
+        seed: u64,
+        /// Object name.
+        name: String,
+    },
+}
+
+impl Source {
+    /// Maps a file.
+    pub fn file(path: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let f = File::open(path)?;
+        let md = f.metadata()?;
+        if !md.is_file() {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{} is not a regular file", path.display())));
+        }
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "object".into());
+        let size = md.len();
+        let map = if size == 0 {
+            None
+        } else {
+            let m = crate::sys::map_readonly(&f)?;
+            let _ = m.advise(memmap2::Advice::Sequential);
+            Some(Arc::new(m))
+        };
+        let id = xxh3_64(format!("{name}|{size}|{}|{}|{}", md.mtime(), md.mtime_nsec(), md.ino()).as_bytes());
+        Ok(Source::File { map, size, name, id })
+    }
+
+    /// Size if known.
+    pub fn size(&self) -> Option<u64> {
+        match self {
+            Source::File { size, .. } | Source::Generated { size, .. } => Some(*size),
+            Source::Stdin { .. } => None,
+        }
+    }
+    /// Object name.
+    pub fn name(&self) -> &str {
+        match self {
+            Source::File { name, .. } | Source::Stdin { name } | Source::Generated { name, .. } => name,
+        }
+    }
+    /// Identity for resume.
+    pub fn object_id(&self) -> u64 {
+        match self {
+            Source::File { id, .. } => *id,
+            Source::Generated { size, seed, .. } => xxh3_64(format!("gen|{size}|{seed}").as_bytes()),
+            Source::Stdin { .. } => {
+                let mut b = [0u8; 8];
+                getrandom::fill(&mut b).expect("OS random source");
+                u64::from_le_bytes(b)
+            }
+        }
+    }
+    /// Whether chunks can be read again by offset (needed for `--resume`).
+    pub fn seekable(&self) -> bool {
+        !matches!(self, Source::Stdin { .. })
+    }
+    /// Copies (file) or generates the bytes at `offset` into `out`.
+    pub fn fill(&self, offset: u64, out: &mut [u8]) {
+        match self {
+            Source::File { map: Some(m), .. } => out.copy_from_slice(&m[offset as usize..offset as usize + out.len()]),
+            Source::File { map: None, .. } => assert!(out.is_empty(), "read past end of empty file"),
+            Source::Generated { seed, .. } => generate(*seed, offset, out),
+            Source::Stdin { .. } => panic!("stdin chunks carry their own bytes"),
+        }
+    }
+    /// XXH3-64 of `len` bytes at `offset`.
+    pub fn checksum(&self, offset: u64, len: u32) -> u64 {
+        match self {
+            Source::File { map: Some(m), .. } => xxh3_64(&m[offset as usize..offset as usize + len as usize]),
+            _ => {
+                let mut v = vec![0u8; len as usize];
+                self.fill(offset, &mut v);
+                xxh3_64(&v)
+            }
+        }
+    }
+}
+
+#[inline]
+fn wyrand(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0xa076_1d64_78bd_642f);
+    let t = u128::from(*state) * u128::from(*state ^ 0xe703_7ed1_a0b4_28db);
+    ((t >> 64) ^ t) as u64
+}
+
+const WORDS: &[&[u8]] = &[
+    b"the ", b"kernel ", b"page ", b"cache ", b"struct ", b"return ", b"0x0000 ", b"error ", b"{\"id\": ",
+    b"GET /index.html ", b"ssh-rsa ", b"\n", b"libc.so.6 ", b"INFO ", b"migration ", b"    ",
+];
+
+/// Fills one page of the generated image: about 35% zero pages, 15% copies of one of 16 template
+/// pages, 25% text-like pages and 25% random (incompressible) pages, chosen by a hash of the page
+/// number, so any byte range can be regenerated independently and in parallel.
+fn gen_page(seed: u64, page: u64, out: &mut [u8; PAGE]) {
+    let mut s = seed ^ page.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let class = wyrand(&mut s) % 100;
+    match class {
+        0..35 => out.fill(0),
+        35..50 => {
+            let mut t = seed ^ (wyrand(&mut s) % 16).wrapping_mul(0x5851_f42d_4c95_7f2d);
+            fill_random(&mut t, out);
+        }
+        50..75 => {
+            let mut at = 0;
+            while at < PAGE {
+                let w = WORDS[(wyrand(&mut s) % WORDS.len() as u64) as usize];
+                let n = w.len().min(PAGE - at);
+                out[at..at + n].copy_from_slice(&w[..n]);
+                at += n;
+            }
+        }
+        _ => fill_random(&mut s, out),
+    }
+}
+
+fn fill_random(s: &mut u64, out: &mut [u8]) {
+    for c in out.chunks_exact_mut(8) {
+        c.copy_from_slice(&wyrand(s).to_le_bytes());
+    }
+}
+
+/// Generates the bytes of the VM-like image with `seed` at `offset` into `out`.
+pub fn generate(seed: u64, offset: u64, out: &mut [u8]) {
+    let mut page = offset / PAGE as u64;
+    let mut skip = (offset % PAGE as u64) as usize;
+    let mut at = 0;
+    let mut scratch = [0u8; PAGE];
+    while at < out.len() {
+        let n = (PAGE - skip).min(out.len() - at);
+        if skip == 0 && n == PAGE {
+            let dst: &mut [u8; PAGE] = (&mut out[at..at + PAGE]).try_into().expect("page");
+            gen_page(seed, page, dst);
+        } else {
+            gen_page(seed, page, &mut scratch);
+            out[at..at + n].copy_from_slice(&scratch[skip..skip + n]);
+        }
+        at += n;
+        skip = 0;
+        page += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generator_is_position_independent() {
+        let mut whole = vec![0u8; 5 * PAGE];
+        generate(7, 0, &mut whole);
+        let mut part = vec![0u8; 2 * PAGE + 100];
+        generate(7, 1000, &mut part);
+        assert_eq!(&whole[1000..1000 + part.len()], &part[..]);
+        let zeros = whole.chunks(PAGE).filter(|p| p.iter().all(|b| *b == 0)).count();
+        assert!(zeros < 5, "not all pages zero");
+    }
+}

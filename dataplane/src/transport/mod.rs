@@ -1,0 +1,3 @@
+//! Transports: today io_uring TCP streams; RDMA queue pairs join behind the same session logic.
+
+pub mod uring;

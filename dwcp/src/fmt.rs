@@ -1,0 +1,157 @@
+//! What a person (or a script) reads: sizes, durations, progress, summaries.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use dataplane::recv::{SessionOutcome, hex};
+use dataplane::send::SendReport;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+/// Parses `123`, `4k`, `1M`, `2GiB`, `1.5G` (binary multiples).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a size (examples: 4096, 64k, 1MiB, 2GiB)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        u => return Err(format!("unknown size unit {u:?} in {s:?} (use k, M, G or T)")),
+    };
+    Ok((n * mult as f64) as u64)
+}
+
+/// Parses `30s`, `500ms`, `2m`, or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let bad = || format!("{s:?} is not a duration (examples: 500ms, 30s, 2m)");
+    let (num, mult) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (t, 1.0)
+    };
+    let v: f64 = num.parse().map_err(|_| bad())?;
+    if !(v.is_finite() && v > 0.0) {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs_f64(v * mult))
+}
+
+/// `1.50 GiB`.
+pub fn bytes(n: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 { format!("{n} B") } else { format!("{v:.2} {}", U[i]) }
+}
+
+fn gbps(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 * 8.0 / d.as_secs_f64().max(1e-9) / 1e9
+}
+
+/// A progress bar on stderr.
+pub fn progress_bar(size: Option<u64>) -> ProgressBar {
+    let pb = ProgressBar::with_draw_target(size, indicatif::ProgressDrawTarget::stderr());
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] [{wide_bar}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}")
+            .expect("template")
+            .progress_chars("=> "),
+    );
+    pb
+}
+
+/// The send summary as a table.
+pub fn send_table(r: &SendReport) -> String {
+    let mut s = String::new();
+    let row = |s: &mut String, k: &str, v: String| {
+        let _ = writeln!(s, "  {k:<13} {v}");
+    };
+    let moved = r.size - r.skipped;
+    let _ = writeln!(s, "dwcp send: {}", if r.verified { "done, digest verified by the receiver" } else { "FAILED verification" });
+    row(&mut s, "object", format!("{} ({})", r.name, bytes(r.size)));
+    if r.skipped > 0 {
+        row(&mut s, "resumed", format!("{} already at the receiver, {} sent now", bytes(r.skipped), bytes(moved)));
+    }
+    row(&mut s, "wall time", format!("{:.3} s", r.wall.as_secs_f64()));
+    row(&mut s, "goodput", format!("{:.2} Gbit/s", gbps(moved, r.wall)));
+    let auto = if r.streams_auto { format!(" (auto: rtt {:.2} ms)", r.rtt.as_secs_f64() * 1e3) } else { String::new() };
+    row(&mut s, "streams", format!("{}{auto} on {} pinned shard(s)", r.streams, r.shards));
+    row(&mut s, "on the wire", format!("{} payload and framing", bytes(r.sent)));
+    row(&mut s, "re-sent", format!("{} chunks ({} streams lost)", r.resent_chunks, r.streams_lost));
+    row(&mut s, "encryption", if r.encrypted { "AES-256-GCM, Noise NNpsk0 keys".into() } else { "off (authenticated only)".into() });
+    row(&mut s, "zero-copy", if r.send_zc { "IORING_OP_SEND_ZC".into() } else { "off".into() });
+    row(&mut s, "cpu", format!("{:.2} s ({:.2} s per GB)", r.cpu.as_secs_f64(), r.cpu.as_secs_f64() / (moved.max(1) as f64 / 1e9)));
+    row(&mut s, "digest", format!("blake3-manifest:{}", &hex(&r.digest)[..32]));
+    s
+}
+
+/// The send summary as JSON.
+pub fn send_json(r: &SendReport) -> String {
+    let moved = r.size - r.skipped;
+    json!({
+        "name": r.name, "size": r.size, "skipped": r.skipped, "sent_bytes": r.sent,
+        "wall_s": r.wall.as_secs_f64(), "goodput_gbps": gbps(moved, r.wall),
+        "streams": r.streams, "streams_auto": r.streams_auto, "rtt_us": r.rtt.as_micros() as u64,
+        "shards": r.shards, "resent_chunks": r.resent_chunks, "streams_lost": r.streams_lost,
+        "encrypted": r.encrypted, "send_zc": r.send_zc, "cpu_s": r.cpu.as_secs_f64(),
+        "digest": hex(&r.digest), "verified": r.verified,
+    })
+    .to_string()
+}
+
+/// One receiver session result for a person.
+pub fn outcome_line(o: &SessionOutcome) -> String {
+    match &o.result {
+        Ok(d) => format!(
+            "dwcp recv: {} ({}) verified in {:.3} s, {:.2} Gbit/s, {} received{}, digest {} -> {}",
+            o.name,
+            bytes(o.size),
+            o.wall.as_secs_f64(),
+            gbps(o.received, o.wall),
+            bytes(o.received),
+            if o.resumed > 0 { format!(" + {} resumed", bytes(o.resumed)) } else { String::new() },
+            &hex(d)[..16],
+            o.path.as_ref().map_or("(discarded)".into(), |p| p.display().to_string()),
+        ),
+        Err(e) => format!("dwcp recv: {} FAILED: {e}", o.name),
+    }
+}
+
+/// One receiver session result as JSON.
+pub fn outcome_json(o: &SessionOutcome) -> String {
+    json!({
+        "name": o.name, "size": o.size, "received": o.received, "resumed": o.resumed,
+        "wall_s": o.wall.as_secs_f64(), "verified": o.result.is_ok(),
+        "digest": o.result.as_ref().ok().map(|d| hex(d)), "error": o.result.as_ref().err(),
+        "path": o.path.as_ref().map(|p| p.display().to_string()),
+    })
+    .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_size("64k").unwrap(), 65536);
+        assert_eq!(parse_size("100").unwrap(), 100);
+        assert!(parse_size("12 parsecs").unwrap_err().contains("unknown size unit"));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("soon").is_err());
+    }
+}

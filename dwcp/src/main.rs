@@ -1,0 +1,272 @@
+//! `dwcp`: move VM images and byte streams between hosts over many authenticated, encrypted
+//! io_uring TCP streams, verified end to end.
+
+mod fmt;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use dataplane::crypto::Psk;
+use dataplane::recv::{self, RecvOptions, Sink};
+use dataplane::send::{self, KillStream, Progress, SendOptions, ZeroCopy};
+use dataplane::source::Source;
+
+#[derive(Parser, Debug)]
+#[command(name = "dwcp", version, about = "Move VM images and byte streams between hosts at line rate, verified end to end")]
+struct Cli {
+    /// More log output (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Send a file, standard input (`-`) or a generated image (`gen:SIZE[:SEED]`) to a receiver.
+    Send(SendArgs),
+    /// Receive objects from senders, several sessions at once.
+    Recv(RecvArgs),
+    /// Write a new random pre-shared key to FILE (mode 0600); copy it to both hosts.
+    Keygen {
+        /// Where to write the key.
+        file: PathBuf,
+        /// Overwrite an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct SendArgs {
+    /// A file path, `-` for standard input, or `gen:SIZE[:SEED]` for a generated VM-like image.
+    src: String,
+    /// Receiver address, HOST:PORT.
+    #[arg(long)]
+    to: String,
+    /// Parallel TCP streams (default: chosen from cores and measured RTT, and printed).
+    #[arg(long)]
+    streams: Option<u16>,
+    /// Pre-shared key file (from `dwcp keygen`).
+    #[arg(long, env = "DWCP_KEY_FILE")]
+    key_file: Option<PathBuf>,
+    /// Send in plaintext (peers are still authenticated); for trusted datacenter links.
+    #[arg(long)]
+    no_encrypt: bool,
+    /// Send only what the receiver does not already hold from an earlier, interrupted transfer.
+    #[arg(long)]
+    resume: bool,
+    /// Chunk size (e.g. 1MiB).
+    #[arg(long, default_value = "1MiB", value_parser = fmt::parse_size)]
+    chunk_size: u64,
+    /// Unacknowledged chunks allowed per stream.
+    #[arg(long, default_value_t = 8)]
+    window: usize,
+    /// Zero-copy sends (IORING_OP_SEND_ZC): auto (when the kernel has it and the peer is not loopback), on, off.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
+    zerocopy: String,
+    /// Declare a stream dead after this long without an acknowledgement (e.g. 30s).
+    #[arg(long, default_value = "30s", value_parser = fmt::parse_duration)]
+    idle_timeout: Duration,
+    /// Object name at the receiver (default: the file name; `stdin` or `generated.img` otherwise).
+    #[arg(long)]
+    name: Option<String>,
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Fault injection for tests: shut stream IDX's socket down after BYTES sent (IDX:BYTES).
+    #[arg(long, hide = true)]
+    fault_kill_stream: Option<String>,
+}
+
+#[derive(clap::Args, Debug)]
+struct RecvArgs {
+    /// Address to listen on, HOST:PORT.
+    #[arg(long, default_value = "0.0.0.0:7470")]
+    listen: String,
+    /// Output directory (objects land there under their names), or `-` for standard output.
+    #[arg(long, required_unless_present = "discard")]
+    out: Option<String>,
+    /// Verify and drop what arrives (benchmarks).
+    #[arg(long, conflicts_with = "out")]
+    discard: bool,
+    /// Pre-shared key file (from `dwcp keygen`).
+    #[arg(long, env = "DWCP_KEY_FILE")]
+    key_file: Option<PathBuf>,
+    /// Also accept senders that use --no-encrypt.
+    #[arg(long)]
+    no_encrypt: bool,
+    /// End a handshake or session with no progress for this long (e.g. 30s).
+    #[arg(long, default_value = "30s", value_parser = fmt::parse_duration)]
+    idle_timeout: Duration,
+    /// Largest chunk accepted.
+    #[arg(long, default_value = "4MiB", value_parser = fmt::parse_size)]
+    max_chunk: u64,
+    /// Exit after the first session ends (status 0 if it verified).
+    #[arg(long)]
+    once: bool,
+    /// Print each session's result as a JSON line.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let r = match cli.cmd {
+        Cmd::Send(a) => cmd_send(a),
+        Cmd::Recv(a) => cmd_recv(a),
+        Cmd::Keygen { file, force } => cmd_keygen(&file, force),
+    };
+    if let Err(e) = r {
+        // Our error types already print their causes; add only what a layer did not say.
+        let mut msg = e.to_string();
+        for cause in e.chain().skip(1) {
+            let c = cause.to_string();
+            if !msg.contains(&c) {
+                msg = format!("{msg}: {c}");
+            }
+        }
+        eprintln!("dwcp: error: {msg}");
+        std::process::exit(1);
+    }
+}
+
+fn load_key(path: Option<&PathBuf>) -> Result<Psk> {
+    let Some(p) = path else {
+        bail!("no key given: pass --key-file FILE (or set DWCP_KEY_FILE); create one with `dwcp keygen FILE` and copy it to both hosts");
+    };
+    Ok(Psk::from_file(p)?)
+}
+
+fn cmd_keygen(file: &PathBuf, force: bool) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).mode(0o600);
+    if force {
+        o.create(true).truncate(true);
+    } else {
+        o.create_new(true);
+    }
+    let mut f = o.open(file).with_context(|| format!("cannot create {} (use --force to overwrite)", file.display()))?;
+    writeln!(f, "{}", Psk::generate().to_hex())?;
+    eprintln!("wrote a new key to {}; copy it to the other host and pass it with --key-file", file.display());
+    Ok(())
+}
+
+fn parse_source(src: &str, name: Option<String>) -> Result<Source> {
+    if src == "-" {
+        return Ok(Source::Stdin { name: name.unwrap_or_else(|| "stdin".into()) });
+    }
+    if let Some(spec) = src.strip_prefix("gen:") {
+        let (size, seed) = match spec.split_once(':') {
+            Some((s, seed)) => (s, seed.parse::<u64>().context("the seed in gen:SIZE:SEED must be a number")?),
+            None => (spec, 1),
+        };
+        let size = fmt::parse_size(size).map_err(anyhow::Error::msg)?;
+        return Ok(Source::Generated { size, seed, name: name.unwrap_or_else(|| "generated.img".into()) });
+    }
+    let mut s = Source::file(std::path::Path::new(src)).with_context(|| format!("cannot read source {src}"))?;
+    if let (Some(n), Source::File { name, .. }) = (name, &mut s) {
+        *name = n;
+    }
+    Ok(s)
+}
+
+fn cmd_send(a: SendArgs) -> Result<()> {
+    let psk = load_key(a.key_file.as_ref())?;
+    let source = parse_source(&a.src, a.name.clone())?;
+    let mut opts = SendOptions::new(a.to.clone(), psk);
+    opts.streams = a.streams;
+    opts.chunk_size = u32::try_from(a.chunk_size).context("chunk size too large")?;
+    opts.encrypt = !a.no_encrypt;
+    opts.resume = a.resume;
+    opts.window = a.window;
+    opts.zerocopy = match a.zerocopy.as_str() {
+        "on" => ZeroCopy::On,
+        "off" => ZeroCopy::Off,
+        _ => ZeroCopy::Auto,
+    };
+    opts.idle_timeout = a.idle_timeout;
+    if let Some(spec) = &a.fault_kill_stream {
+        let (s, b) = spec.split_once(':').context("--fault-kill-stream takes IDX:BYTES")?;
+        opts.kill = Some(KillStream { stream: s.parse()?, after: fmt::parse_size(b).map_err(anyhow::Error::msg)? });
+    }
+    let progress = Arc::new(Progress::default());
+    let bar = (!a.json && std::io::stderr().is_terminal()).then(|| fmt::progress_bar(source.size()));
+    let watcher = bar.clone().map(|bar| {
+        let p = progress.clone();
+        std::thread::spawn(move || {
+            while !bar.is_finished() {
+                let t = p.total.load(Relaxed);
+                if t > 0 {
+                    bar.set_length(t);
+                }
+                bar.set_position(p.acked.load(Relaxed));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    });
+    let r = send::send(source, &opts, progress);
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    if let Some(w) = watcher {
+        let _ = w.join();
+    }
+    let rep = r.with_context(|| format!("sending {} to {}", a.src, a.to))?;
+    if a.json {
+        println!("{}", fmt::send_json(&rep));
+    } else {
+        print!("{}", fmt::send_table(&rep));
+    }
+    if !rep.verified {
+        bail!("the receiver's digest did not match ours");
+    }
+    Ok(())
+}
+
+fn cmd_recv(a: RecvArgs) -> Result<()> {
+    let psk = load_key(a.key_file.as_ref())?;
+    let sink = match (a.discard, a.out.as_deref()) {
+        (true, _) => Sink::Discard,
+        (false, Some("-")) => Sink::Stdout,
+        (false, Some(d)) => Sink::Dir(PathBuf::from(d)),
+        (false, None) => bail!("pass --out DIR, --out - or --discard"),
+    };
+    let to_stdout = matches!(sink, Sink::Stdout);
+    let mut opts = RecvOptions::new(a.listen.clone(), sink, psk);
+    opts.allow_plaintext = a.no_encrypt;
+    opts.idle_timeout = a.idle_timeout;
+    opts.max_chunk = u32::try_from(a.max_chunk).context("--max-chunk too large")?;
+    let h = recv::start(opts)?;
+    eprintln!("dwcp: listening on {}", h.local_addr);
+    for o in h.outcomes.iter() {
+        let line = if a.json { fmt::outcome_json(&o) } else { fmt::outcome_line(&o) };
+        if a.json && !to_stdout {
+            println!("{line}");
+        } else {
+            eprintln!("{line}");
+        }
+        if a.once {
+            h.stop();
+            if o.result.is_err() {
+                std::process::exit(1);
+            }
+            return Ok(());
+        }
+    }
+    Ok(())
+}
