@@ -113,6 +113,8 @@ pub struct ReceiverHandle {
     pub local_addr: std::net::SocketAddr,
     /// Session outcomes, as they happen.
     pub outcomes: Receiver<SessionOutcome>,
+    /// Connections refused before a session began: peer address and why (newest 1024 kept).
+    pub refused: Receiver<(String, String)>,
     stop: Arc<AtomicBool>,
 }
 
@@ -201,6 +203,7 @@ pub fn start(opts: RecvOptions) -> Result<ReceiverHandle, RecvError> {
             .spawn(move || Coordinator { sink, sessions: HashMap::new(), shards: shard_txs, outcomes: out_tx, epoch }.run(coord_rx, &stop))
             .expect("spawn coordinator");
     }
+    let (ref_tx, ref_rx) = crossbeam_channel::bounded(1024);
     {
         let stop = stop.clone();
         let next = Arc::new(AtomicUsize::new(0));
@@ -212,11 +215,12 @@ pub fn start(opts: RecvOptions) -> Result<ReceiverHandle, RecvError> {
                         break;
                     }
                     let Ok(sock) = sock else { continue };
-                    let (opts, coord, shards, next) = (opts.clone(), coord_tx.clone(), shard_txs.clone(), next.clone());
+                    let (opts, coord, shards, next, refused) = (opts.clone(), coord_tx.clone(), shard_txs.clone(), next.clone(), ref_tx.clone());
                     let _ = std::thread::Builder::new().name("dwcp-handshake".into()).spawn(move || {
                         let peer = sock.peer_addr().map(|a| a.to_string()).unwrap_or_default();
                         if let Err(e) = admit(sock, &opts, &coord, &shards, &next) {
                             warn!(%peer, "connection refused: {e}");
+                            let _ = refused.try_send((peer, e.to_string()));
                         }
                     });
                 }
@@ -224,7 +228,7 @@ pub fn start(opts: RecvOptions) -> Result<ReceiverHandle, RecvError> {
             .expect("spawn acceptor");
     }
     info!(%local_addr, shards = nshards, "receiver listening");
-    Ok(ReceiverHandle { local_addr, outcomes: out_rx, stop })
+    Ok(ReceiverHandle { local_addr, outcomes: out_rx, refused: ref_rx, stop })
 }
 
 /// Handshake, Hello, session lookup, Welcome; then hands the stream to a shard.

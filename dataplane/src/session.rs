@@ -214,7 +214,7 @@ mod tests {
         assert_eq!(h2, h);
         assert_eq!(recs.len(), 3);
         let n = b.len();
-        b[n - 10] ^= 0xff; // damage inside the torn tail: still three
+        b[n - 1] ^= 0xff; // damage inside the torn tail: still three
         assert_eq!(parse_journal(&b).unwrap().1.len(), 3);
         b[JOURNAL_HEADER_LEN + 30] ^= 1; // damage record 1: only record 0 survives
         assert_eq!(parse_journal(&b).unwrap().1.len(), 1);

@@ -1,0 +1,302 @@
+//! Loopback integration tests of the io_uring transport: round trips, bad input, faults.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dataplane::crypto::Psk;
+use dataplane::handshake;
+use dataplane::recv::{self, ReceiverHandle, RecvOptions, SessionOutcome, Sink};
+use dataplane::send::{self, KillStream, SendError, SendOptions};
+use dataplane::source::{self, Source};
+use dataplane::wire::{self, Caps, ErrorCode, FrameHeader, FrameType, Hello, Preamble};
+use sha2::{Digest, Sha256};
+
+fn sha256_file(p: &Path) -> [u8; 32] {
+    let mut f = std::fs::File::open(p).unwrap();
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    h.finalize().into()
+}
+
+fn write_image(dir: &Path, name: &str, size: usize, seed: u64) -> std::path::PathBuf {
+    let mut v = vec![0u8; size];
+    source::generate(seed, 0, &mut v);
+    let p = dir.join(name);
+    std::fs::write(&p, &v).unwrap();
+    p
+}
+
+struct Rig {
+    rx: ReceiverHandle,
+    psk: Psk,
+    out: tempfile::TempDir,
+}
+
+fn rig(plain: bool, idle: Duration) -> Rig {
+    let psk = Psk::generate();
+    let out = tempfile::tempdir().unwrap();
+    let mut o = RecvOptions::new("127.0.0.1:0", Sink::Dir(out.path().to_owned()), psk.clone());
+    o.allow_plaintext = plain;
+    o.idle_timeout = idle;
+    o.shards = Some(2);
+    Rig { rx: recv::start(o).unwrap(), psk, out }
+}
+
+impl Rig {
+    fn addr(&self) -> String {
+        self.rx.local_addr.to_string()
+    }
+    fn opts(&self, streams: u16, encrypt: bool) -> SendOptions {
+        let mut o = SendOptions::new(self.addr(), self.psk.clone());
+        o.streams = Some(streams);
+        o.encrypt = encrypt;
+        o.chunk_size = 256 << 10;
+        o.idle_timeout = Duration::from_secs(10);
+        o
+    }
+    fn outcome(&self) -> SessionOutcome {
+        self.rx.outcomes.recv_timeout(Duration::from_secs(30)).expect("a session outcome")
+    }
+    fn refusal(&self) -> String {
+        self.rx.refused.recv_timeout(Duration::from_secs(10)).expect("a refusal").1
+    }
+    /// A good transfer on the same receiver: proves it still serves sessions.
+    fn still_serves(&self) {
+        let src = tempfile::tempdir().unwrap();
+        let p = write_image(src.path(), "after.img", 3 << 20, 99);
+        let r = send::send(Source::file(&p).unwrap(), &self.opts(2, true), Arc::default()).expect("good transfer after bad input");
+        assert!(r.verified);
+        assert!(self.outcome().result.is_ok());
+        assert_eq!(sha256_file(&p), sha256_file(&self.out.path().join("after.img")));
+    }
+}
+
+#[test]
+fn file_roundtrip_encrypted_and_plain_many_streams() {
+    let rig = rig(true, Duration::from_secs(10));
+    let src = tempfile::tempdir().unwrap();
+    // Not a multiple of the chunk size, to cover the short last chunk.
+    let p = write_image(src.path(), "disk.img", (40 << 20) + 12345, 1);
+    for (i, (streams, enc)) in [(8u16, true), (3, false), (1, true)].into_iter().enumerate() {
+        let name = format!("disk{i}.img");
+        let mut s = Source::file(&p).unwrap();
+        if let Source::File { name: n, .. } = &mut s {
+            *n = name.clone();
+        }
+        let r = send::send(s, &rig.opts(streams, enc), Arc::default()).unwrap();
+        assert!(r.verified, "digest verified");
+        assert_eq!(r.streams, streams);
+        assert_eq!(r.size, (40 << 20) + 12345);
+        let o = rig.outcome();
+        assert!(o.result.is_ok(), "{:?}", o.result);
+        assert_eq!(sha256_file(&p), sha256_file(&rig.out.path().join(&name)), "{name} byte-exact");
+        assert!(!rig.out.path().join(format!("{name}.part")).exists());
+        assert!(!rig.out.path().join(format!("{name}.dwcp-journal")).exists());
+    }
+}
+
+#[test]
+fn generated_and_empty_sources() {
+    let rig = rig(false, Duration::from_secs(10));
+    let r = send::send(Source::Generated { size: 9 << 20, seed: 5, name: "gen.img".into() }, &rig.opts(4, true), Arc::default()).unwrap();
+    assert!(r.verified);
+    rig.outcome();
+    let mut expect = vec![0u8; 9 << 20];
+    source::generate(5, 0, &mut expect);
+    assert_eq!(std::fs::read(rig.out.path().join("gen.img")).unwrap(), expect);
+
+    let src = tempfile::tempdir().unwrap();
+    let p = src.path().join("empty");
+    std::fs::write(&p, b"").unwrap();
+    let r = send::send(Source::file(&p).unwrap(), &rig.opts(2, true), Arc::default()).unwrap();
+    assert!(r.verified);
+    rig.outcome();
+    assert_eq!(std::fs::metadata(rig.out.path().join("empty")).unwrap().len(), 0);
+}
+
+#[test]
+fn wrong_key_is_refused_before_a_byte_is_written() {
+    let rig = rig(false, Duration::from_secs(5));
+    // Raw: a Noise first message under another key; the receiver must answer nothing.
+    let (_, msg1) = dataplane::crypto::Initiator::start(&Psk::generate()).unwrap();
+    let mut s = TcpStream::connect(rig.addr()).unwrap();
+    s.write_all(&Preamble { version: 1, flags: 1 }.encode()).unwrap();
+    s.write_all(&(msg1.len() as u16).to_be_bytes()).unwrap();
+    s.write_all(&msg1).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut b = [0u8; 64];
+    assert_eq!(s.read(&mut b).unwrap_or(0), 0, "no byte written to a peer without the key");
+    assert!(rig.refusal().contains("does not hold this key"));
+    // Through the sender: a clear error.
+    let mut o = rig.opts(2, true);
+    o.psk = Psk::generate();
+    let e = send::send(Source::Generated { size: 1 << 20, seed: 1, name: "x".into() }, &o, Arc::default()).unwrap_err();
+    assert!(e.to_string().contains("wrong key"), "{e}");
+    rig.refusal();
+    rig.still_serves();
+}
+
+#[test]
+fn garbage_truncated_and_version_99_are_named() {
+    let rig = rig(false, Duration::from_secs(2));
+    let cases: [(&[u8], &str); 3] = [
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "not a dwcp endpoint"),
+        (&[b'D', b'W', b'C', b'P', 0, 99, 0, 1], "unsupported protocol version 99"),
+        (&[b'D', b'W', b'C', b'P', 0, 1, 0, 1, 0, 48, 1, 2, 3], "closed the connection"),
+    ];
+    for (bytes, want) in cases {
+        let mut s = TcpStream::connect(rig.addr()).unwrap();
+        s.write_all(bytes).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut b = [0u8; 16];
+        assert_eq!(s.read(&mut b).unwrap_or(0), 0, "nothing written back for {want}");
+        let why = rig.refusal();
+        assert!(why.contains(want), "{why:?} should name {want:?}");
+    }
+    rig.still_serves();
+}
+
+/// Opens a plaintext session by hand, to send frames a real sender never would.
+fn raw_session(rig: &Rig, size: u64, name: &str) -> handshake::Conn {
+    let (mut c, _) = handshake::connect(&rig.addr(), &rig.psk, false, 0, Duration::from_secs(5)).unwrap();
+    let hello = Hello::Open {
+        caps: Caps { max_streams: 1, max_chunk: 1 << 20, codecs: 1, transports: 1 },
+        chunk_size: 1 << 16,
+        streams: 1,
+        object_size: size,
+        object_id: 1,
+        resume: false,
+        name: name.into(),
+    };
+    c.write_frame(FrameType::Hello, 0, &hello.encode()).unwrap();
+    c.expect(FrameType::Welcome, "welcome").unwrap();
+    c
+}
+
+fn expect_error(c: &mut handshake::Conn, code: ErrorCode, want: &str) {
+    match c.read_frame("reading the receiver's error") {
+        Err(handshake::HandshakeError::Refused { code: got, message }) => {
+            assert_eq!(got, code, "{message}");
+            assert!(message.contains(want), "{message:?} should contain {want:?}");
+        }
+        other => panic!("expected an error frame, got {other:?}"),
+    }
+}
+
+#[test]
+fn bad_checksum_and_out_of_range_chunks_are_named_and_nothing_is_published() {
+    let rig = rig(true, Duration::from_secs(5));
+    let mut c = raw_session(&rig, 1 << 16, "bad.img");
+    let payload = vec![7u8; 1 << 16];
+    let mut h = FrameHeader::for_payload(FrameType::Chunk, 0, 0, &payload);
+    h.checksum ^= 1;
+    let bytes = c.codec.encode_frame(&h, &payload);
+    c.sock.write_all(&bytes).unwrap();
+    expect_error(&mut c, ErrorCode::Checksum, "offset 0 on stream 0 failed its checksum");
+    let o = rig.outcome();
+    assert!(o.result.is_err());
+    assert!(!rig.out.path().join("bad.img").exists(), "no partial output presented as complete");
+
+    let mut c = raw_session(&rig, 1 << 16, "range.img");
+    let payload = vec![1u8; 4096];
+    let h = FrameHeader::for_payload(FrameType::Chunk, 0, 1 << 16, &payload);
+    let bytes = c.codec.encode_frame(&h, &payload);
+    c.sock.write_all(&bytes).unwrap();
+    expect_error(&mut c, ErrorCode::OutOfRange, "past the declared object size 65536");
+    rig.outcome();
+    assert!(!rig.out.path().join("range.img").exists());
+
+    // A commit whose digest does not match what arrived is refused and nothing is published.
+    let mut c = raw_session(&rig, 4096, "digest.img");
+    let payload = vec![3u8; 4096];
+    let h = FrameHeader::for_payload(FrameType::Chunk, 0, 0, &payload);
+    let bytes = c.codec.encode_frame(&h, &payload);
+    c.sock.write_all(&bytes).unwrap();
+    c.write_frame(FrameType::Commit, 0, &wire::Commit { size: 4096, digest: [9; 32] }.encode()).unwrap();
+    loop {
+        match c.read_frame("commit reply") {
+            Ok((h, _)) if h.kind == FrameType::Ack => continue,
+            Err(handshake::HandshakeError::Refused { code, message }) => {
+                assert_eq!(code, ErrorCode::DigestMismatch, "{message}");
+                break;
+            }
+            other => panic!("expected a digest error, got {other:?}"),
+        }
+    }
+    drop(c);
+    rig.outcome();
+    assert!(!rig.out.path().join("digest.img").exists());
+    rig.still_serves();
+}
+
+#[test]
+fn stalled_peers_are_ended_and_named() {
+    let rig = rig(true, Duration::from_millis(800));
+    // Stalls in the handshake.
+    let _s = TcpStream::connect(rig.addr()).unwrap();
+    assert!(rig.refusal().contains("stalled peer"));
+    // Stalls after opening a session.
+    let mut c = raw_session(&rig, 1 << 20, "stall.img");
+    expect_error(&mut c, ErrorCode::Stalled, "sent nothing");
+    let o = rig.outcome();
+    assert!(o.result.unwrap_err().contains("stalled"));
+    assert!(!rig.out.path().join("stall.img").exists());
+    rig.still_serves();
+}
+
+#[test]
+fn plaintext_refused_unless_allowed() {
+    let rig = rig(false, Duration::from_secs(5));
+    let e = send::send(Source::Generated { size: 1 << 20, seed: 1, name: "p".into() }, &rig.opts(1, false), Arc::default()).unwrap_err();
+    assert!(e.to_string().contains("--no-encrypt"), "{e}");
+    rig.refusal();
+}
+
+#[test]
+fn a_killed_stream_has_its_chunks_resent_on_the_others() {
+    let rig = rig(false, Duration::from_secs(10));
+    let src = tempfile::tempdir().unwrap();
+    let p = write_image(src.path(), "kill.img", 48 << 20, 3);
+    let mut o = rig.opts(4, true);
+    o.kill = Some(KillStream { stream: 1, after: 4 << 20 });
+    let r = send::send(Source::file(&p).unwrap(), &o, Arc::default()).unwrap();
+    assert!(r.verified);
+    assert_eq!(r.streams_lost, 1);
+    assert!(r.resent_chunks > 0, "in-flight chunks of the dead stream were re-sent");
+    assert!(rig.outcome().result.is_ok());
+    assert_eq!(sha256_file(&p), sha256_file(&rig.out.path().join("kill.img")));
+}
+
+#[test]
+fn all_streams_lost_names_resume() {
+    let rig = rig(false, Duration::from_secs(10));
+    let mut o = rig.opts(1, true);
+    o.kill = Some(KillStream { stream: 0, after: 2 << 20 });
+    let e = send::send(Source::Generated { size: 32 << 20, seed: 2, name: "lost.img".into() }, &o, Arc::default()).unwrap_err();
+    assert!(matches!(e, SendError::AllStreamsLost { .. }), "{e}");
+    assert!(e.to_string().contains("--resume"));
+    let out = rig.outcome();
+    assert!(out.result.is_err());
+    // Resume sends only the rest and the result is byte-exact.
+    let mut o = rig.opts(2, true);
+    o.resume = true;
+    let r = send::send(Source::Generated { size: 32 << 20, seed: 2, name: "lost.img".into() }, &o, Arc::default()).unwrap();
+    assert!(r.verified);
+    assert!(r.skipped > 0, "resume found what was already placed");
+    assert!(r.sent < 32 << 20, "only the missing part was sent");
+    rig.outcome();
+    let mut expect = vec![0u8; 32 << 20];
+    source::generate(2, 0, &mut expect);
+    assert_eq!(std::fs::read(rig.out.path().join("lost.img")).unwrap(), expect);
+}
