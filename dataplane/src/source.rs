@@ -125,6 +125,25 @@ const WORDS: &[&[u8]] = &[
     b"GET /index.html ", b"ssh-rsa ", b"\n", b"libc.so.6 ", b"INFO ", b"migration ", b"    ",
 ];
 
+/// 64 KiB of text-like bytes (words from a small vocabulary in random order); a text page of the
+/// image is a 4 KiB window of it at a random offset.
+fn text_corpus() -> &'static [u8] {
+    static T: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    T.get_or_init(|| {
+        let mut s = 0x1234_5678u64;
+        let mut v = Vec::with_capacity(64 * 1024 + PAGE);
+        while v.len() < 64 * 1024 + PAGE {
+            v.extend_from_slice(WORDS[(wyrand(&mut s) % WORDS.len() as u64) as usize]);
+        }
+        v
+    })
+}
+
+std::thread_local! {
+    /// The 16 template pages of the last seed used on this thread.
+    static TEMPLATES: std::cell::RefCell<(u64, Vec<u8>)> = const { std::cell::RefCell::new((u64::MAX, Vec::new())) };
+}
+
 /// Fills one page of the generated image: about 35% zero pages, 15% copies of one of 16 template
 /// pages, 25% text-like pages and 25% random (incompressible) pages, chosen by a hash of the page
 /// number, so any byte range can be regenerated independently and in parallel.
@@ -134,26 +153,36 @@ fn gen_page(seed: u64, page: u64, out: &mut [u8; PAGE]) {
     match class {
         0..35 => out.fill(0),
         35..50 => {
-            let mut t = seed ^ (wyrand(&mut s) % 16).wrapping_mul(0x5851_f42d_4c95_7f2d);
-            fill_random(&mut t, out);
+            let t = (wyrand(&mut s) % 16) as usize;
+            TEMPLATES.with_borrow_mut(|(tseed, pages)| {
+                if *tseed != seed {
+                    pages.resize(16 * PAGE, 0);
+                    for (i, p) in pages.chunks_exact_mut(PAGE).enumerate() {
+                        let mut ts = seed ^ (i as u64).wrapping_mul(0x5851_f42d_4c95_7f2d);
+                        fill_random(&mut ts, p);
+                    }
+                    *tseed = seed;
+                }
+                out.copy_from_slice(&pages[t * PAGE..(t + 1) * PAGE]);
+            });
         }
         50..75 => {
-            let mut at = 0;
-            while at < PAGE {
-                let w = WORDS[(wyrand(&mut s) % WORDS.len() as u64) as usize];
-                let n = w.len().min(PAGE - at);
-                out[at..at + n].copy_from_slice(&w[..n]);
-                at += n;
-            }
+            let at = (wyrand(&mut s) % (64 * 1024)) as usize;
+            out.copy_from_slice(&text_corpus()[at..at + PAGE]);
         }
         _ => fill_random(&mut s, out),
     }
 }
 
+/// Four independent wyrand lanes, so the multiplies overlap.
 fn fill_random(s: &mut u64, out: &mut [u8]) {
-    for c in out.chunks_exact_mut(8) {
-        c.copy_from_slice(&wyrand(s).to_le_bytes());
+    let mut l = [*s, *s ^ 0x1111_1111_1111_1111, *s ^ 0x2222_2222_2222_2222, *s ^ 0x3333_3333_3333_3333];
+    for c in out.chunks_exact_mut(32) {
+        for (k, lane) in l.iter_mut().enumerate() {
+            c[k * 8..k * 8 + 8].copy_from_slice(&wyrand(lane).to_le_bytes());
+        }
     }
+    *s = l[0];
 }
 
 /// Generates the bytes of the VM-like image with `seed` at `offset` into `out`.
