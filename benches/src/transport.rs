@@ -1,0 +1,221 @@
+//! `make bench-transport`: dwcp against iperf3 on loopback, same machine, same run, same sizes.
+//!
+//! Cases: dwcp memory-to-memory (generated source, discarding sink) with 1, 4 and 8 streams,
+//! plaintext and encrypted; dwcp file-to-file with 1, 4 and 8 streams; `iperf3 -P N -n SIZE` with
+//! the same counts. Each case runs `BENCH_REPS` times (default 3) and the median is reported.
+//! CPU seconds per GB add up both ends of each tool (from getrusage-backed figures: dwcp's own
+//! report and /proc for its receiver, iperf3's `cpu_utilization_percent` for both of its ends).
+//! Prints a table, then one JSON line, also written to `target/bench/transport.json`.
+
+#![forbid(unsafe_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+struct Case {
+    label: String,
+    gbps: f64,
+    cpu_s_per_gb: f64,
+}
+
+fn dwcp_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("exe");
+    exe.parent().expect("dir").join("dwcp")
+}
+
+fn port(base: u16, i: u16) -> u16 {
+    base + i
+}
+
+fn proc_cpu_s(pid: u32) -> f64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    let after = &s[s.rfind(')').map_or(0, |i| i + 2)..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 (utime, stime) are at 11 and 12 after the command name; clock ticks of 1/100 s.
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (t(11) + t(12)) / 100.0
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    v[v.len() / 2]
+}
+
+struct Receiver {
+    child: Child,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+}
+
+fn start_receiver(key: &Path, port: u16, sink: &[&str]) -> Receiver {
+    let mut child = Command::new(dwcp_bin())
+        .args(["recv", "--listen", &format!("127.0.0.1:{port}"), "--no-encrypt", "--json", "--key-file"])
+        .arg(key)
+        .args(sink)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start dwcp recv");
+    let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    std::thread::sleep(Duration::from_millis(300));
+    Receiver { child, lines }
+}
+
+fn dwcp_run(key: &Path, port: u16, src: &str, streams: u16, encrypt: bool, sink: &[&str], size: u64) -> (f64, f64) {
+    let mut rx = start_receiver(key, port, sink);
+    let mut cmd = Command::new(dwcp_bin());
+    cmd.args(["send", src, "--to", &format!("127.0.0.1:{port}"), "--json", "--streams", &streams.to_string(), "--key-file"]).arg(key);
+    if !encrypt {
+        cmd.arg("--no-encrypt");
+    }
+    let out = cmd.stderr(Stdio::inherit()).output().expect("run dwcp send");
+    assert!(out.status.success(), "dwcp send failed: {}", String::from_utf8_lossy(&out.stdout));
+    let rep: Value = serde_json::from_slice(&out.stdout).expect("send json");
+    let line = rx.lines.next().expect("receiver outcome").expect("read");
+    let o: Value = serde_json::from_str(&line).expect("outcome json");
+    assert_eq!(o["verified"], true, "receiver verified");
+    let rx_cpu = proc_cpu_s(rx.child.id());
+    let _ = rx.child.kill();
+    let _ = rx.child.wait();
+    let wall = rep["wall_s"].as_f64().expect("wall");
+    let cpu = rep["cpu_s"].as_f64().expect("cpu") + rx_cpu;
+    let gb = size as f64 / 1e9;
+    (size as f64 * 8.0 / wall / 1e9, cpu / gb)
+}
+
+fn iperf3_run(port: u16, streams: u16, size: u64) -> (f64, f64) {
+    let mut server = Command::new("iperf3")
+        .args(["-s", "-1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("iperf3 -s (install it with `make deps`)");
+    std::thread::sleep(Duration::from_millis(300));
+    let out = Command::new("iperf3")
+        .args(["-c", "127.0.0.1", "-p", &port.to_string(), "-P", &streams.to_string(), "-n", &size.to_string(), "-J"])
+        .output()
+        .expect("iperf3 -c");
+    let _ = server.wait();
+    let v: Value = serde_json::from_slice(&out.stdout).expect("iperf3 json");
+    let end = &v["end"];
+    let secs = end["sum_received"]["seconds"].as_f64().expect("seconds");
+    let bps = end["sum_received"]["bits_per_second"].as_f64().expect("bps");
+    let bytes = end["sum_received"]["bytes"].as_f64().expect("bytes");
+    let cpu = &end["cpu_utilization_percent"];
+    let cpu_s = (cpu["host_total"].as_f64().unwrap_or(0.0) + cpu["remote_total"].as_f64().unwrap_or(0.0)) / 100.0 * secs;
+    (bps / 1e9, cpu_s / (bytes / 1e9))
+}
+
+fn main() {
+    let size: u64 = std::env::var("BENCH_SIZE").ok().and_then(|s| s.parse().ok()).unwrap_or(2 << 30);
+    let reps: usize = std::env::var("BENCH_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let dir = PathBuf::from("target/bench");
+    std::fs::create_dir_all(&dir).expect("target/bench");
+    let key = dir.join("bench.key");
+    let st = Command::new(dwcp_bin()).args(["keygen", "--force"]).arg(&key).stderr(Stdio::null()).status().expect("keygen");
+    assert!(st.success());
+    // File source: the generated image written once.
+    let src_file = dir.join("transport-src.img");
+    if std::fs::metadata(&src_file).map(|m| m.len()).ok() != Some(size) {
+        write_generated(&key, &src_file, size);
+    }
+    let out_dir = dir.join("transport-out");
+    let gen_src = format!("gen:{size}");
+    let mut cases: Vec<Case> = Vec::new();
+    let mut p = 0u16;
+    let mut bench = |label: String, f: &mut dyn FnMut(u16) -> (f64, f64)| {
+        let mut g = Vec::new();
+        let mut c = Vec::new();
+        for _ in 0..reps {
+            p += 1;
+            let (gbps, cpu) = f(port(7600, p));
+            g.push(gbps);
+            c.push(cpu);
+        }
+        let case = Case { label, gbps: median(g), cpu_s_per_gb: median(c) };
+        eprintln!("  {:<34} {:>7.2} Gbit/s  {:>5.2} CPU s/GB", case.label, case.gbps, case.cpu_s_per_gb);
+        cases.push(case);
+    };
+    eprintln!("bench-transport: {} per run, {reps} runs per case, median", size);
+    for n in [1u16, 4, 8] {
+        bench(format!("iperf3 -P {n}"), &mut |port| iperf3_run(port, n, size));
+        bench(format!("dwcp mem->mem {n} streams"), &mut |port| dwcp_run(&key, port, &gen_src, n, false, &["--discard"], size));
+    }
+    bench("dwcp mem->mem 8 streams encrypted".into(), &mut |port| dwcp_run(&key, port, &gen_src, 8, true, &["--discard"], size));
+    bench("dwcp mem->mem 1 stream encrypted".into(), &mut |port| dwcp_run(&key, port, &gen_src, 1, true, &["--discard"], size));
+    for n in [1u16, 4, 8] {
+        let src = src_file.to_string_lossy().into_owned();
+        let out = out_dir.to_string_lossy().into_owned();
+        bench(format!("dwcp file->file {n} streams"), &mut |port| {
+            let _ = std::fs::remove_dir_all(&out_dir);
+            dwcp_run(&key, port, &src, n, false, &["--out", &out], size)
+        });
+    }
+    let _ = std::fs::remove_dir_all(&out_dir);
+    let get = |l: &str| cases.iter().find(|c| c.label == l).unwrap_or_else(|| panic!("case {l}"));
+    let d8 = get("dwcp mem->mem 8 streams");
+    let i8 = get("iperf3 -P 8");
+    let d1 = get("dwcp mem->mem 1 streams");
+    let i1 = get("iperf3 -P 1");
+    let e8 = get("dwcp mem->mem 8 streams encrypted");
+    let f8 = get("dwcp file->file 8 streams");
+
+    println!();
+    println!("| case | Gbit/s | CPU s/GB (both ends) |");
+    println!("|---|---:|---:|");
+    for c in &cases {
+        println!("| {} | {:.2} | {:.2} |", c.label, c.gbps, c.cpu_s_per_gb);
+    }
+    println!();
+    println!("ratio_8 (dwcp mem / iperf3, 8 streams)         {:.2}  (target >= 1.0)", d8.gbps / i8.gbps);
+    println!("ratio_8_encrypted (dwcp enc / iperf3 plain)    {:.2}  (target >= 0.7)", e8.gbps / i8.gbps);
+    println!("ratio_1 (1 stream)                             {:.2}", d1.gbps / i1.gbps);
+    let mut all = serde_json::Map::new();
+    for c in &cases {
+        let k = c.label.replace([' ', '-', '>'], "_").replace("__", "_");
+        all.insert(format!("{k}_gbps"), json!(c.gbps));
+    }
+    let j = json!({
+        "bench": "transport",
+        "size_bytes": size,
+        "reps": reps,
+        "dwcp_gbps_8": d8.gbps,
+        "iperf3_gbps_8": i8.gbps,
+        "ratio_8": d8.gbps / i8.gbps,
+        "dwcp_gbps_8_encrypted": e8.gbps,
+        "ratio_8_encrypted": e8.gbps / i8.gbps,
+        "dwcp_gbps_1": d1.gbps,
+        "iperf3_gbps_1": i1.gbps,
+        "ratio_1": d1.gbps / i1.gbps,
+        "dwcp_file_gbps_8": f8.gbps,
+        "dwcp_cpu_s_per_gb_8": d8.cpu_s_per_gb,
+        "iperf3_cpu_s_per_gb_8": i8.cpu_s_per_gb,
+        "dwcp_cpu_s_per_gb_8_encrypted": e8.cpu_s_per_gb,
+        "cases": all,
+    });
+    let line = j.to_string();
+    std::fs::write(dir.join("transport.json"), format!("{line}\n")).expect("write transport.json");
+    println!("{line}");
+}
+
+/// Writes the generated image to `path` by receiving it from dwcp itself (verified on the way).
+fn write_generated(key: &Path, path: &Path, size: u64) {
+    let dir = path.parent().expect("parent").join("transport-gen");
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut rx = start_receiver(key, 7599, &["--out", &dir.to_string_lossy()]);
+    let st = Command::new(dwcp_bin())
+        .args(["send", &format!("gen:{size}"), "--to", "127.0.0.1:7599", "--no-encrypt", "--json", "--name", "img", "--key-file"])
+        .arg(key)
+        .stdout(Stdio::null())
+        .status()
+        .expect("dwcp send");
+    assert!(st.success(), "writing the source image");
+    let _ = rx.lines.next();
+    let _ = rx.child.kill();
+    let _ = rx.child.wait();
+    std::fs::rename(dir.join("img"), path).expect("move source image");
+    let _ = std::fs::remove_dir_all(&dir);
+}
