@@ -155,7 +155,7 @@ enum ToCoord {
 }
 
 enum ToShard {
-    Add(Conn, SessionRef),
+    Add(Box<(Conn, SessionRef)>),
     Ack { key: usize, offset: u64 },
     Reply { key: usize, kind: FrameType, payload: Vec<u8> },
 }
@@ -269,7 +269,7 @@ fn admit(sock: TcpStream, opts: &RecvOptions, coord: &Sender<ToCoord>, shards: &
     conn.write_frame(FrameType::Welcome, 0, &welcome.encode())?;
     let _ = conn.sock.set_read_timeout(None);
     let k = (next.fetch_add(1, Relaxed)) % shards.len();
-    let _ = shards[k].send(ToShard::Add(conn, session));
+    let _ = shards[k].send(ToShard::Add(Box::new((conn, session))));
     Ok(())
 }
 
@@ -345,7 +345,8 @@ impl RxShard {
 
     fn command(&mut self, m: ToShard) {
         match m {
-            ToShard::Add(conn, sess) => {
+            ToShard::Add(b) => {
+                let (conn, sess) = *b;
                 let _ = self.streams.insert(RxStream {
                     conn,
                     sess,

@@ -556,7 +556,8 @@ pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Resu
     }
     let buf_size = wire::header_wire_len(true) + opts.chunk_size as usize + wire::TAG_LEN;
 
-    let results: Vec<Result<(Vec<Conn>, Vec<(u64, u32, u64)>), SendError>> = std::thread::scope(|sc| {
+    type ShardResult = Result<(Vec<Conn>, Vec<(u64, u32, u64)>), SendError>;
+    let results: Vec<ShardResult> = std::thread::scope(|sc| {
         if !source.seekable() {
             let shared = &shared;
             let chunk = opts.chunk_size as usize;

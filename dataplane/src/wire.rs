@@ -519,7 +519,7 @@ pub fn encode_ack(offsets: &[u64]) -> Vec<u8> {
 
 /// Decodes an Ack payload.
 pub fn decode_ack(b: &[u8]) -> Result<Vec<u64>, WireError> {
-    if b.len() % 8 != 0 {
+    if !b.len().is_multiple_of(8) {
         return Err(WireError::Malformed { what: "ack", why: format!("length {} is not a multiple of 8", b.len()) });
     }
     Ok(b.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().expect("8"))).collect())

@@ -309,7 +309,7 @@ impl Ring {
                     Returned::Buf(id)
                 }
                 Res::Heap(mut v) => {
-                    if result > 0 && v.len() == 0 {
+                    if result > 0 && v.is_empty() {
                         // A receive: the kernel filled `result` bytes of the spare capacity.
                         // SAFETY: the kernel wrote exactly `result` (<= capacity) initialized bytes.
                         unsafe { v.set_len(result as usize) };

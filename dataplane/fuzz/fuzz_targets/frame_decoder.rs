@@ -1,0 +1,38 @@
+//! Fuzzes everything that decodes bytes from a peer: the incremental frame reader (plaintext and
+//! encrypted codecs), the header decoder, and each control payload decoder. None may panic.
+#![no_main]
+
+use dataplane::crypto::FrameCodec;
+use dataplane::framing::FrameReader;
+use dataplane::wire;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if data.is_empty() {
+        return;
+    }
+    let (cut, rest) = (data[0] as usize, &data[1..]);
+    let mut codec = FrameCodec::new(0, None);
+    let mut r = FrameReader::default();
+    let split = cut.min(rest.len());
+    r.push(&rest[..split]);
+    while let Ok(Some((h, p))) = r.next_frame(&mut codec) {
+        let _ = (h, p.len());
+    }
+    r.push(&rest[split..]);
+    while let Ok(Some((_, p))) = r.next_frame(&mut codec) {
+        let _ = wire::Hello::decode(&p);
+    }
+    let _ = wire::Hello::decode(rest);
+    let _ = wire::Welcome::decode(rest);
+    let _ = wire::Commit::decode(rest);
+    let _ = wire::decode_ack(rest);
+    let _ = wire::decode_error(rest);
+    if rest.len() >= wire::PREAMBLE_LEN {
+        let _ = wire::Preamble::decode(rest[..wire::PREAMBLE_LEN].try_into().unwrap());
+    }
+    if rest.len() >= wire::HEADER_LEN {
+        let _ = wire::FrameHeader::decode(rest[..wire::HEADER_LEN].try_into().unwrap());
+    }
+    let _ = dataplane::session::parse_journal(rest);
+});

@@ -1,0 +1,197 @@
+//! End-to-end tests of the `dwcp` binary: pipes, a killed receiver and `--resume`, errors a person reads.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_dwcp")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn keygen(dir: &Path) -> PathBuf {
+    let k = dir.join("key");
+    assert!(Command::new(bin()).arg("keygen").arg(&k).status().unwrap().success());
+    k
+}
+
+fn sha256_file(p: &Path) -> Vec<u8> {
+    let mut f = std::fs::File::open(p).unwrap();
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    h.finalize().to_vec()
+}
+
+fn write_image(p: &Path, size: usize) {
+    let mut f = std::fs::File::create(p).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0;
+    while at < size {
+        let n = (size - at).min(buf.len());
+        dataplane::source::generate(11, at as u64, &mut buf[..n]);
+        f.write_all(&buf[..n]).unwrap();
+        at += n;
+    }
+}
+
+fn wait_listening(port: u16) {
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(10), "receiver did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn receiver(key: &Path, port: u16, out: &str, extra: &[&str]) -> Child {
+    let c = Command::new(bin())
+        .args(["recv", "--listen", &format!("127.0.0.1:{port}"), "--out", out, "--key-file"])
+        .arg(key)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_listening(port);
+    c
+}
+
+#[test]
+fn stdin_to_stdout_pipe_is_byte_exact_and_ordered() {
+    let d = tempfile::tempdir().unwrap();
+    let key = keygen(d.path());
+    let src = d.path().join("src.bin");
+    write_image(&src, (9 << 20) + 777);
+    let port = free_port();
+    let out = std::fs::File::create(d.path().join("out.bin")).unwrap();
+    let mut rx = Command::new(bin())
+        .args(["recv", "--listen", &format!("127.0.0.1:{port}"), "--out", "-", "--once", "--key-file"])
+        .arg(&key)
+        .stdout(out)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_listening(port);
+    let tx = Command::new(bin())
+        .args(["send", "-", "--to", &format!("127.0.0.1:{port}"), "--streams", "4", "--chunk-size", "256k", "--json", "--key-file"])
+        .arg(&key)
+        .stdin(std::fs::File::open(&src).unwrap())
+        .output()
+        .unwrap();
+    assert!(tx.status.success(), "{}", String::from_utf8_lossy(&tx.stderr));
+    let rep: serde_json::Value = serde_json::from_slice(&tx.stdout).unwrap();
+    assert_eq!(rep["verified"], true);
+    assert_eq!(rep["size"], (9 << 20) + 777);
+    assert!(rx.wait().unwrap().success());
+    assert_eq!(sha256_file(&src), sha256_file(&d.path().join("out.bin")));
+}
+
+#[test]
+fn killed_receiver_then_resume_sends_only_what_is_missing() {
+    let d = tempfile::tempdir().unwrap();
+    let key = keygen(d.path());
+    let src = d.path().join("vm.img");
+    let size = 1usize << 30;
+    write_image(&src, size);
+    let out = d.path().join("out");
+    let port = free_port();
+    let mut rx = receiver(&key, port, out.to_str().unwrap(), &[]);
+    let mut tx = Command::new(bin())
+        .args(["send", src.to_str().unwrap(), "--to", &format!("127.0.0.1:{port}"), "--streams", "2", "--json", "--key-file"])
+        .arg(&key)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kill the receiver once its journal holds some placed chunks.
+    let journal = out.join("vm.img.dwcp-journal");
+    let t = Instant::now();
+    while std::fs::metadata(&journal).map(|m| m.len()).unwrap_or(0) < 32 + 24 * 20 {
+        assert!(t.elapsed() < Duration::from_secs(60), "journal never grew");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    rx.kill().unwrap();
+    rx.wait().unwrap();
+    let st = tx.wait().unwrap();
+    let mut err = String::new();
+    tx.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(!st.success(), "the sender must fail when the receiver dies");
+    assert!(err.contains("--resume"), "the error tells what to do: {err}");
+    assert!(!out.join("vm.img").exists(), "no partial output presented as complete");
+
+    let mut rx = receiver(&key, port, out.to_str().unwrap(), &["--once", "--json"]);
+    let o = Command::new(bin())
+        .args(["send", src.to_str().unwrap(), "--to", &format!("127.0.0.1:{port}"), "--resume", "--json", "--key-file"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rep: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let skipped = rep["skipped"].as_u64().unwrap();
+    assert!(skipped > 0 && skipped < size as u64, "resume skipped {skipped}");
+    assert!(rep["sent_bytes"].as_u64().unwrap() < size as u64, "only the missing part went on the wire");
+    let line = BufReader::new(rx.stdout.take().unwrap()).lines().next().unwrap().unwrap();
+    let outcome: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(outcome["verified"], true);
+    assert!(rx.wait().unwrap().success());
+    assert_eq!(sha256_file(&src), sha256_file(&out.join("vm.img")), "sha256 of the output equals the source's");
+    assert!(!out.join("vm.img.dwcp-journal").exists());
+}
+
+#[test]
+fn errors_say_what_to_do() {
+    let d = tempfile::tempdir().unwrap();
+    let o = Command::new(bin()).args(["send", "gen:1M", "--to", "127.0.0.1:1"]).env_remove("DWCP_KEY_FILE").output().unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("dwcp keygen"));
+
+    let bad = d.path().join("bad.key");
+    std::fs::write(&bad, "not a key").unwrap();
+    let o = Command::new(bin()).args(["send", "gen:1M", "--to", "127.0.0.1:1", "--key-file"]).arg(&bad).output().unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("64 hex digits"));
+
+    let key = keygen(d.path());
+    let o = Command::new(bin()).args(["send", "gen:1M", "--to", &format!("127.0.0.1:{}", free_port()), "--key-file"]).arg(&key).output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("cannot connect to 127.0.0.1:") && e.contains("refused"), "{e}");
+
+    let o = Command::new(bin()).args(["send", "/nonexistent/x.img", "--to", "127.0.0.1:1", "--key-file"]).arg(&key).output().unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot read source /nonexistent/x.img"));
+
+    let o = Command::new(bin()).args(["send", "gen:12parsecs", "--to", "127.0.0.1:1", "--key-file"]).arg(&key).output().unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown size unit"));
+}
+
+#[test]
+fn table_and_json_summaries() {
+    let d = tempfile::tempdir().unwrap();
+    let key = keygen(d.path());
+    let port = free_port();
+    let mut rx = Command::new(bin())
+        .args(["recv", "--listen", &format!("127.0.0.1:{port}"), "--discard", "--once", "--key-file"])
+        .arg(&key)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_listening(port);
+    let o = Command::new(bin()).args(["send", "gen:32M", "--to", &format!("127.0.0.1:{port}"), "--key-file"]).arg(&key).output().unwrap();
+    assert!(o.status.success());
+    let table = String::from_utf8_lossy(&o.stdout);
+    for k in ["digest verified", "goodput", "streams", "re-sent", "wall time"] {
+        assert!(table.contains(k), "summary shows {k}:\n{table}");
+    }
+    assert!(table.contains("(auto: rtt"), "the automatic stream count is printed with the RTT behind it:\n{table}");
+    assert!(rx.wait().unwrap().success());
+}
