@@ -282,7 +282,8 @@ fn a_killed_stream_has_its_chunks_resent_on_the_others() {
 fn all_streams_lost_names_resume() {
     let rig = rig(false, Duration::from_secs(10));
     let mut o = rig.opts(1, true);
-    o.kill = Some(KillStream { stream: 0, after: 2 << 20 });
+    // With a 2 MiB window, 8 MiB sent means at least 6 MiB acknowledged, hence placed and journaled.
+    o.kill = Some(KillStream { stream: 0, after: 8 << 20 });
     let e = send::send(Source::Generated { size: 32 << 20, seed: 2, name: "lost.img".into() }, &o, Arc::default()).unwrap_err();
     assert!(matches!(e, SendError::AllStreamsLost { .. }), "{e}");
     assert!(e.to_string().contains("--resume"));
