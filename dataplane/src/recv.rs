@@ -457,13 +457,24 @@ impl RxShard {
             T_WRITE => {
                 let Returned::Buf(buf) = c.returned else { return };
                 let hl = s.conn.codec.header_wire_len();
-                let h = wire::FrameHeader::decode(self.ring.buf_mut(buf)[..wire::HEADER_LEN].try_into().expect("32"));
+                let b = self.ring.buf_mut(buf);
+                let h = wire::FrameHeader::decode(b[..wire::HEADER_LEN].try_into().expect("32"));
+                let Ok(h) = h else {
+                    self.ring.free(buf);
+                    return;
+                };
+                let mut result = if c.result < 0 { Err(std::io::Error::from_raw_os_error(-c.result)) } else { Ok(()) };
+                let done = c.result.max(0) as usize;
+                if result.is_ok() && done < h.len as usize {
+                    // A short write: finish it synchronously (cold path), which also yields the
+                    // real cause when there is one (a full disk shows up here as ENOSPC).
+                    if let Out::File(f) = &s.sess.out {
+                        result = f.write_all_at(&b[hl + done..hl + h.len as usize], h.offset + done as u64);
+                    }
+                }
                 self.ring.free(buf);
-                let Ok(h) = h else { return };
-                let _ = hl;
-                if c.result != h.len as i32 {
-                    let why = if c.result < 0 { std::io::Error::from_raw_os_error(-c.result).to_string() } else { format!("short write of {} bytes", c.result) };
-                    self.fail(key, ErrorCode::Storage, &format!("writing {} bytes at offset {}: {why}", h.len, h.offset));
+                if let Err(e) = result {
+                    self.fail(key, ErrorCode::Storage, &format!("writing {} bytes at offset {}: {e}", h.len, h.offset));
                     return;
                 }
                 let s = &mut self.streams[key];
@@ -781,8 +792,11 @@ impl Coordinator {
                     Some(f) => f,
                     None => {
                         let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&part).map_err(|e| storage("creating", &part, e))?;
-                        if let Some(sz) = size {
-                            crate::sys::preallocate(&f, sz).map_err(|e| storage("preallocating", &part, e))?;
+                        if let Some(sz) = size
+                            && let Err(e) = crate::sys::preallocate(&f, sz)
+                        {
+                            let _ = std::fs::remove_file(&part);
+                            return Err(storage("preallocating", &part, e));
                         }
                         f
                     }
@@ -868,7 +882,14 @@ impl Coordinator {
 
     fn interrupted(&mut self, mut s: RxSession, why: String) {
         s.flush_journal();
-        let msg = format!("interrupted: {why}; {} of {} bytes placed{}", s.have.covered(), s.size.map_or("?".into(), |v| v.to_string()), if s.part.is_some() { ", partial output kept for --resume" } else { "" });
+        // A stream of unknown size (a pipe) cannot be resumed: its partial output only takes space.
+        let keep = s.part.is_some() && s.size.is_some();
+        if !keep {
+            for p in [&s.part, &s.journal_path].into_iter().flatten() {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        let msg = format!("interrupted: {why}; {} of {} bytes placed{}", s.have.covered(), s.size.map_or("?".into(), |v| v.to_string()), if keep { ", partial output kept for --resume" } else { "" });
         warn!(name = %s.name, "{msg}");
         let _ = self.outcomes.send(SessionOutcome {
             name: s.name.clone(),

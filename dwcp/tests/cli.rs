@@ -195,3 +195,88 @@ fn table_and_json_summaries() {
     assert!(table.contains("(auto: rtt"), "the automatic stream count is printed with the RTT behind it:\n{table}");
     assert!(rx.wait().unwrap().success());
 }
+
+/// Mounts a tmpfs of `size` at `dir` (root only), unmounted on drop.
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &Path, size: &str) -> Self {
+        let uid = Command::new("id").arg("-u").output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&uid.stdout).trim(), "0", "this test needs root to mount a small tmpfs as a full disk");
+        std::fs::create_dir_all(dir).unwrap();
+        let st = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir).status().unwrap();
+        assert!(st.success(), "mount tmpfs");
+        SmallDisk(dir.to_owned())
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn full_disk_is_named_and_the_receiver_keeps_serving() {
+    let d = tempfile::tempdir().unwrap();
+    let key = keygen(d.path());
+    let out = d.path().join("small");
+    let _disk = SmallDisk::mount(&out, "4m");
+    let port = free_port();
+    let mut rx = receiver(&key, port, out.to_str().unwrap(), &[]);
+    let to = format!("127.0.0.1:{port}");
+    // Known size: refused at session start, before a byte of data is sent.
+    let o = Command::new(bin()).args(["send", "gen:16M", "--name", "big.img", "--to", &to, "--key-file"]).arg(&key).output().unwrap();
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("No space left on device") && e.contains("big.img.part"), "{e}");
+    // Unknown size (a pipe): the disk fills mid-transfer; the error names the write that failed.
+    let src = d.path().join("pipe.bin");
+    write_image(&src, 16 << 20);
+    let o = Command::new(bin())
+        .args(["send", "-", "--name", "piped.img", "--to", &to, "--key-file"])
+        .arg(&key)
+        .stdin(std::fs::File::open(&src).unwrap())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("No space left on device") && e.contains("writing"), "{e}");
+    assert!(!out.join("piped.img").exists(), "no partial output presented as complete");
+    // The same receiver still serves a session that fits.
+    let o = Command::new(bin()).args(["send", "gen:1M", "--name", "small.img", "--to", &to, "--key-file"]).arg(&key).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::metadata(out.join("small.img")).unwrap().len(), 1 << 20);
+    rx.kill().unwrap();
+    rx.wait().unwrap();
+}
+
+#[test]
+fn concurrent_sessions_on_one_receiver() {
+    let d = tempfile::tempdir().unwrap();
+    let key = keygen(d.path());
+    let out = d.path().join("out");
+    let port = free_port();
+    let mut rx = receiver(&key, port, out.to_str().unwrap(), &[]);
+    let to = format!("127.0.0.1:{port}");
+    let senders: Vec<_> = (0..3)
+        .map(|i| {
+            Command::new(bin())
+                .args(["send", &format!("gen:24M:{i}"), "--name", &format!("vm{i}.img"), "--to", &to, "--streams", "3", "--json", "--key-file"])
+                .arg(&key)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (i, s) in senders.into_iter().enumerate() {
+        let o = s.wait_with_output().unwrap();
+        assert!(o.status.success(), "sender {i}: {}", String::from_utf8_lossy(&o.stderr));
+        let mut expect = vec![0u8; 24 << 20];
+        dataplane::source::generate(i as u64, 0, &mut expect);
+        assert_eq!(std::fs::read(out.join(format!("vm{i}.img"))).unwrap(), expect, "vm{i}.img byte-exact");
+    }
+    rx.kill().unwrap();
+    rx.wait().unwrap();
+}
