@@ -9,7 +9,7 @@ use std::time::Duration;
 use dataplane::crypto::Psk;
 use dataplane::handshake;
 use dataplane::recv::{self, ReceiverHandle, RecvOptions, SessionOutcome, Sink};
-use dataplane::send::{self, KillStream, SendError, SendOptions};
+use dataplane::send::{self, KillStream, SendError, SendOptions, ZeroCopy};
 use dataplane::source::{self, Source};
 use dataplane::wire::{self, Caps, ErrorCode, FrameHeader, FrameType, Hello, Preamble};
 use sha2::{Digest, Sha256};
@@ -87,14 +87,20 @@ fn file_roundtrip_encrypted_and_plain_many_streams() {
     let src = tempfile::tempdir().unwrap();
     // Not a multiple of the chunk size, to cover the short last chunk.
     let p = write_image(src.path(), "disk.img", (40 << 20) + 12345, 1);
-    for (i, (streams, enc)) in [(8u16, true), (3, false), (1, true)].into_iter().enumerate() {
+    // Zero-copy sends (with their notification CQEs) on both the registered-buffer path
+    // (encrypted) and the sendmsg path (plaintext from the mapping).
+    let cases = [(8u16, true, ZeroCopy::Auto), (3, false, ZeroCopy::Auto), (1, true, ZeroCopy::Auto), (4, true, ZeroCopy::On), (4, false, ZeroCopy::On)];
+    for (i, (streams, enc, zc)) in cases.into_iter().enumerate() {
         let name = format!("disk{i}.img");
         let mut s = Source::file(&p).unwrap();
         if let Source::File { name: n, .. } = &mut s {
             *n = name.clone();
         }
-        let r = send::send(s, &rig.opts(streams, enc), Arc::default()).unwrap();
+        let mut o = rig.opts(streams, enc);
+        o.zerocopy = zc;
+        let r = send::send(s, &o, Arc::default()).unwrap();
         assert!(r.verified, "digest verified");
+        assert_eq!(r.send_zc, zc == ZeroCopy::On && dataplane::transport::uring::sys::probe_send_zc());
         assert_eq!(r.streams, streams);
         assert_eq!(r.size, (40 << 20) + 12345);
         let o = rig.outcome();
