@@ -76,7 +76,7 @@ impl SendOptions {
             psk,
             encrypt: true,
             resume: false,
-            window: 8,
+            window: 32,
             zerocopy: ZeroCopy::Auto,
             idle_timeout: Duration::from_secs(30),
             kill: None,

@@ -64,8 +64,9 @@ struct SendArgs {
     /// Chunk size (e.g. 1MiB).
     #[arg(long, default_value = "1MiB", value_parser = fmt::parse_size)]
     chunk_size: u64,
-    /// Unacknowledged chunks allowed per stream.
-    #[arg(long, default_value_t = 8)]
+    /// Unacknowledged chunks allowed per stream. It must cover the socket buffers on both ends
+    /// plus the bandwidth-delay product, or the stream idles waiting for acknowledgements.
+    #[arg(long, default_value_t = 32)]
     window: usize,
     /// Zero-copy sends (IORING_OP_SEND_ZC): auto (when the kernel has it and the peer is not loopback), on, off.
     #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
