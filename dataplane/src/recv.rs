@@ -51,14 +51,14 @@ pub struct RecvOptions {
     pub idle_timeout: Duration,
     /// Largest chunk accepted.
     pub max_chunk: u32,
-    /// Shard threads (default: one per core).
-    pub shards: Option<usize>,
+    /// Cores to pin shards to, one shard each (None: all cores).
+    pub cores: Option<Vec<usize>>,
 }
 
 impl RecvOptions {
     /// Defaults.
     pub fn new(listen: impl Into<String>, sink: Sink, psk: Psk) -> Self {
-        Self { listen: listen.into(), sink, psk, allow_plaintext: false, idle_timeout: Duration::from_secs(30), max_chunk: 4 << 20, shards: None }
+        Self { listen: listen.into(), sink, psk, allow_plaintext: false, idle_timeout: Duration::from_secs(30), max_chunk: 4 << 20, cores: None }
     }
 }
 
@@ -85,6 +85,9 @@ pub enum RecvError {
     /// Could not create a ring.
     #[error("creating an io_uring: {0}")]
     Ring(std::io::Error),
+    /// Bad core list.
+    #[error("{0}")]
+    Cores(String),
 }
 
 /// How one session ended.
@@ -142,6 +145,9 @@ enum Out {
     Stdout,
 }
 
+/// Handshakes allowed in progress at once (each holds a thread until done or timed out).
+const MAX_PENDING_HANDSHAKES: usize = 256;
+
 type Reply<T> = Sender<Result<T, (ErrorCode, String)>>;
 type StreamAddr = (usize, usize);
 
@@ -171,8 +177,8 @@ pub fn start(opts: RecvOptions) -> Result<ReceiverHandle, RecvError> {
     }
     let listener = TcpListener::bind(&opts.listen).map_err(|source| RecvError::Listen { addr: opts.listen.clone(), source })?;
     let local_addr = listener.local_addr().map_err(|source| RecvError::Listen { addr: opts.listen.clone(), source })?;
-    let cores = core_affinity::get_core_ids().unwrap_or_default();
-    let nshards = opts.shards.unwrap_or(cores.len()).max(1);
+    let cores = crate::placement::shard_cores(opts.cores.as_deref()).map_err(RecvError::Cores)?;
+    let nshards = cores.len();
     let stop = Arc::new(AtomicBool::new(false));
     let epoch = Instant::now();
     let (coord_tx, coord_rx) = crossbeam_channel::unbounded::<ToCoord>();
@@ -207,6 +213,7 @@ pub fn start(opts: RecvOptions) -> Result<ReceiverHandle, RecvError> {
     {
         let stop = stop.clone();
         let next = Arc::new(AtomicUsize::new(0));
+        let pending = Arc::new(AtomicUsize::new(0));
         std::thread::Builder::new()
             .name("dwcp-accept".into())
             .spawn(move || {
@@ -215,13 +222,23 @@ pub fn start(opts: RecvOptions) -> Result<ReceiverHandle, RecvError> {
                         break;
                     }
                     let Ok(sock) = sock else { continue };
-                    let (opts, coord, shards, next, refused) = (opts.clone(), coord_tx.clone(), shard_txs.clone(), next.clone(), ref_tx.clone());
+                    let peer = sock.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+                    // Unauthenticated peers cost a thread each until they finish or time out: cap them.
+                    if pending.fetch_add(1, Relaxed) >= MAX_PENDING_HANDSHAKES {
+                        pending.fetch_sub(1, Relaxed);
+                        let why = format!("more than {MAX_PENDING_HANDSHAKES} handshakes in progress");
+                        warn!(%peer, "connection refused: {why}");
+                        let _ = ref_tx.try_send((peer, why));
+                        continue;
+                    }
+                    let (opts, coord, shards, next, refused, pending) =
+                        (opts.clone(), coord_tx.clone(), shard_txs.clone(), next.clone(), ref_tx.clone(), pending.clone());
                     let _ = std::thread::Builder::new().name("dwcp-handshake".into()).spawn(move || {
-                        let peer = sock.peer_addr().map(|a| a.to_string()).unwrap_or_default();
                         if let Err(e) = admit(sock, &opts, &coord, &shards, &next) {
                             warn!(%peer, "connection refused: {e}");
                             let _ = refused.try_send((peer, e.to_string()));
                         }
+                        pending.fetch_sub(1, Relaxed);
                     });
                 }
             })
@@ -268,7 +285,9 @@ fn admit(sock: TcpStream, opts: &RecvOptions, coord: &Sender<ToCoord>, shards: &
     conn.codec.set_stream(h.stream);
     conn.write_frame(FrameType::Welcome, 0, &welcome.encode())?;
     let _ = conn.sock.set_read_timeout(None);
-    let k = (next.fetch_add(1, Relaxed)) % shards.len();
+    // Streams are dealt from the last shard down, while a sender pins from the first core up, so a
+    // sender and a receiver on one host (loopback) do not start out on the same core.
+    let k = shards.len() - 1 - next.fetch_add(1, Relaxed) % shards.len();
     let _ = shards[k].send(ToShard::Add(Box::new((conn, session))));
     Ok(())
 }

@@ -62,6 +62,8 @@ pub struct SendOptions {
     pub zerocopy: ZeroCopy,
     /// A stream with no acknowledgement for this long is declared dead.
     pub idle_timeout: Duration,
+    /// Cores to pin shards to (None: all).
+    pub cores: Option<Vec<usize>>,
     /// Fault injection (tests).
     pub kill: Option<KillStream>,
 }
@@ -79,6 +81,7 @@ impl SendOptions {
             window: 32,
             zerocopy: ZeroCopy::Auto,
             idle_timeout: Duration::from_secs(30),
+            cores: None,
             kill: None,
         }
     }
@@ -480,7 +483,8 @@ pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Resu
     wire::check_name(source.name()).map_err(|e| SendError::Invalid(e.to_string()))?;
     let t0 = Instant::now();
     let cpu0 = crate::sys::process_cpu_time();
-    let cores = core_affinity::get_core_ids().map(|c| c.len()).unwrap_or(1).max(1);
+    let core_ids = crate::placement::shard_cores(opts.cores.as_deref()).map_err(SendError::Invalid)?;
+    let cores = core_ids.len();
     let setup = |stream, source| SendError::Setup { stream, source };
 
     // Stream 0 opens the session and measures the RTT that sizes the stream count.
@@ -549,7 +553,6 @@ pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Resu
         ZeroCopy::Off => false,
     };
     let nshards = cores.min(usize::from(streams));
-    let core_ids = core_affinity::get_core_ids().unwrap_or_default();
     let mut per_shard: Vec<Vec<Conn>> = (0..nshards).map(|_| Vec::new()).collect();
     for (i, c) in conns.into_iter().enumerate() {
         per_shard[i % nshards].push(c);

@@ -48,7 +48,6 @@ fn rig(plain: bool, idle: Duration) -> Rig {
     let mut o = RecvOptions::new("127.0.0.1:0", Sink::Dir(out.path().to_owned()), psk.clone());
     o.allow_plaintext = plain;
     o.idle_timeout = idle;
-    o.shards = Some(2);
     Rig { rx: recv::start(o).unwrap(), psk, out }
 }
 
@@ -289,6 +288,7 @@ fn all_streams_lost_names_resume() {
     let rig = rig(false, Duration::from_secs(10));
     let mut o = rig.opts(1, true);
     // With a 2 MiB window, 8 MiB sent means at least 6 MiB acknowledged, hence placed and journaled.
+    o.window = 8;
     o.kill = Some(KillStream { stream: 0, after: 8 << 20 });
     let e = send::send(Source::Generated { size: 32 << 20, seed: 2, name: "lost.img".into() }, &o, Arc::default()).unwrap_err();
     assert!(matches!(e, SendError::AllStreamsLost { .. }), "{e}");

@@ -77,6 +77,9 @@ struct SendArgs {
     /// Object name at the receiver (default: the file name; `stdin` or `generated.img` otherwise).
     #[arg(long)]
     name: Option<String>,
+    /// Pin shard threads to these cores (e.g. 0,2,4); default all.
+    #[arg(long, value_delimiter = ',')]
+    cores: Option<Vec<usize>>,
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
@@ -111,6 +114,9 @@ struct RecvArgs {
     /// Exit after the first session ends (status 0 if it verified).
     #[arg(long)]
     once: bool,
+    /// Pin shard threads to these cores (e.g. 1,3), one shard each; default all.
+    #[arg(long, value_delimiter = ',')]
+    cores: Option<Vec<usize>>,
     /// Print each session's result as a JSON line.
     #[arg(long)]
     json: bool,
@@ -201,6 +207,7 @@ fn cmd_send(a: SendArgs) -> Result<()> {
         _ => ZeroCopy::Auto,
     };
     opts.idle_timeout = a.idle_timeout;
+    opts.cores = a.cores.clone();
     if let Some(spec) = &a.fault_kill_stream {
         let (s, b) = spec.split_once(':').context("--fault-kill-stream takes IDX:BYTES")?;
         opts.kill = Some(KillStream { stream: s.parse()?, after: fmt::parse_size(b).map_err(anyhow::Error::msg)? });
@@ -252,6 +259,7 @@ fn cmd_recv(a: RecvArgs) -> Result<()> {
     opts.allow_plaintext = a.no_encrypt;
     opts.idle_timeout = a.idle_timeout;
     opts.max_chunk = u32::try_from(a.max_chunk).context("--max-chunk too large")?;
+    opts.cores = a.cores.clone();
     let h = recv::start(opts)?;
     eprintln!("dwcp: listening on {}", h.local_addr);
     for o in h.outcomes.iter() {
