@@ -1,25 +1,38 @@
 # dwcp: the two commands a user needs are `make demo` and `make test`.
 SHELL := /bin/bash
 CARGO ?= cargo
-# Debian packages the project needs; `make deps` installs what is missing (as root).
-APT_PKGS := iperf3 pkg-config
+# Debian packages, installed when missing by the targets that need them (as root; otherwise the
+# apt-get line to run is printed). The soft-RoCE rig and the rdma-sys build need the second set.
+BENCH_PKGS := iperf3
+RIG_PKGS := qemu-system-x86 busybox-static rdma-core ibverbs-utils perftest libibverbs-dev \
+            librdmacm-dev libclang-dev clang pkg-config cpio kmod iproute2 gzip
 
-.PHONY: all deps build demo test fuzz-smoke bench-transport clean
+.PHONY: all deps bench-deps vm-deps build demo test fuzz-smoke bench-transport clean
 
 all: build
 
-deps:
-	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+define apt_install
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing:$$missing"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	  else echo "missing Debian packages:$$missing; run: sudo apt-get install$$missing" >&2; exit 1; fi; \
 	fi
+endef
+
+deps:
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
 
+bench-deps: deps
+	$(call apt_install,$(BENCH_PKGS))
+
+vm-deps: deps
+	$(call apt_install,$(RIG_PKGS))
+
+# The default members: everything but the rigs, so the demo needs no RDMA or QEMU packages.
 build: deps
-	$(CARGO) build --release --workspace
+	$(CARGO) build --release
 
 # Receiver and sender on loopback: a 2 GiB generated VM-like image over 8 encrypted streams,
 # written to target/demo/out, verified end to end, then a summary.
@@ -34,7 +47,7 @@ demo: build
 	exit $$(( st | rst ))
 
 # The fuzz smoke run goes first so that cargo test's summary closes the output.
-test: deps
+test: vm-deps
 	$(MAKE) --no-print-directory fuzz-smoke
 	$(CARGO) test --release --workspace
 
@@ -44,7 +57,7 @@ fuzz-smoke:
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
 	set -o pipefail; cd dataplane && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run frame_decoder -- -max_total_time=20 2>&1 | tail -n 3
 
-bench-transport: build
+bench-transport: build bench-deps
 	./target/release/bench-transport
 
 clean:

@@ -1,3 +1,10 @@
-//! Hardware rigs (not built yet; issue "Rigs that behave like the real world"). It will hold the
-//! WAN link emulator (TUN devices in two network namespaces and a timed-queue forwarder), the
-//! soft-RoCE QEMU guest runner, and the guest-RAM corpus capture, each started from a make target.
+//! Rigs that behave like the real world, for tests and benches this host cannot run natively.
+//!
+//! - `hw-tests/vm`: the soft-RoCE guest. Debian's 6.1 kernel (rdma_rxe, sch_netem) under QEMU
+//!   software emulation, host root over 9p with a tmpfs overlay, `rxe0` up; runs a command.
+//! - [`sys::loopback_smoke`]: verbs smoke test (RDMA WRITE and SEND/RECV between two RC QPs),
+//!   built on the host, run in the guest by the `rdma-smoke` binary.
+//!
+//! Still to come (rigs issue): the WAN link emulator and the guest-RAM corpus.
+
+pub mod sys;
