@@ -5,7 +5,8 @@ CARGO ?= cargo
 # apt-get line to run is printed). The soft-RoCE rig and the rdma-sys build need the second set.
 BENCH_PKGS := iperf3
 RIG_PKGS := qemu-system-x86 busybox-static rdma-core ibverbs-utils perftest libibverbs-dev \
-            librdmacm-dev libclang-dev clang pkg-config cpio kmod iproute2 gzip
+            librdmacm-dev libclang-dev clang pkg-config cpio kmod iproute2 gzip \
+            iputils-ping ethtool iperf3
 
 .PHONY: all deps bench-deps vm-deps build demo test fuzz-smoke bench-transport clean
 

@@ -3,7 +3,7 @@
 
 fn main() {
     let dev = std::env::args().nth(1);
-    match hw_tests::sys::loopback_smoke(dev.as_deref(), 1 << 20) {
+    match hw_tests::sys::rdma::loopback_smoke(dev.as_deref(), 1 << 20) {
         Ok(r) => println!(
             "{}",
             serde_json::json!({

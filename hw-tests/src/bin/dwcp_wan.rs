@@ -1,0 +1,194 @@
+//! `dwcp-wan run [options]`: the WAN link emulator's forwarder. Creates network namespaces
+//! `dwcp-a` (10.77.0.1) and `dwcp-b` (10.77.0.2), a TUN device in each (virtio-net headers, TCP
+//! segmentation offload, so 64 KiB super-packets cross it), and moves packets between them through
+//! one [`hw_tests::link::Link`] per direction until killed. `hw-tests/wan up|down` wraps it.
+//!
+//! Options (both directions get the same settings; the RTT is split evenly):
+//!   --rtt 50ms --rate 1gbit --loss 0.1% --jitter 1ms --reorder 1% --queue 1bdp|BYTES
+//!   --ready-file F   written once the link is up
+//!   --stats-file F   JSON counters and CPU seconds, rewritten every second
+
+use std::io::Write;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use hw_tests::link::{Link, LinkParams, VNET_HDR};
+use hw_tests::sys::tun::{self, Tun};
+
+const NS_A: &str = "dwcp-a";
+const NS_B: &str = "dwcp-b";
+const ADDR_A: &str = "10.77.0.1";
+const ADDR_B: &str = "10.77.0.2";
+
+fn die(msg: &str) -> ! {
+    eprintln!("dwcp-wan: {msg}");
+    std::process::exit(2);
+}
+
+fn parse_duration_ns(s: &str) -> u64 {
+    let (n, m) = if let Some(v) = s.strip_suffix("ms") {
+        (v, 1e6)
+    } else if let Some(v) = s.strip_suffix("us") {
+        (v, 1e3)
+    } else if let Some(v) = s.strip_suffix('s') {
+        (v, 1e9)
+    } else {
+        die(&format!("{s:?}: give a unit (us, ms, s)"))
+    };
+    (n.parse::<f64>().unwrap_or_else(|_| die(&format!("{s:?} is not a duration"))) * m) as u64
+}
+
+fn parse_rate(s: &str) -> u64 {
+    let l = s.to_ascii_lowercase();
+    let (n, m) = if let Some(v) = l.strip_suffix("gbit") {
+        (v.to_owned(), 1e9)
+    } else if let Some(v) = l.strip_suffix("mbit") {
+        (v.to_owned(), 1e6)
+    } else if let Some(v) = l.strip_suffix("kbit") {
+        (v.to_owned(), 1e3)
+    } else if let Some(v) = l.strip_suffix("bit") {
+        (v.to_owned(), 1.0)
+    } else {
+        die(&format!("{s:?}: give a unit (kbit, mbit, gbit)"))
+    };
+    (n.parse::<f64>().unwrap_or_else(|_| die(&format!("{s:?} is not a rate"))) * m) as u64
+}
+
+fn parse_prob(s: &str) -> f64 {
+    let v = match s.strip_suffix('%') {
+        Some(p) => p.parse::<f64>().map(|x| x / 100.0),
+        None => s.parse::<f64>(),
+    }
+    .unwrap_or_else(|_| die(&format!("{s:?} is not a probability (e.g. 0.1%)")));
+    if !(0.0..=1.0).contains(&v) {
+        die(&format!("{s:?} is not between 0% and 100%"));
+    }
+    v
+}
+
+fn sh(args: &[&str]) {
+    let st = Command::new("ip").args(args).status().unwrap_or_else(|e| die(&format!("running ip: {e}")));
+    if !st.success() {
+        die(&format!("`ip {}` failed", args.join(" ")));
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    packets: AtomicU64,
+    bytes: AtomicU64,
+    lost: AtomicU64,
+    queue_drops: AtomicU64,
+    segmented: AtomicU64,
+}
+
+fn forward(from: &Tun, to: &Tun, mut link: Link, c: &Counters, epoch: Instant) {
+    let mut buf = vec![0u8; VNET_HDR + 256 * 1024];
+    loop {
+        let now = epoch.elapsed().as_nanos() as u64;
+        let wait = link.next_due().map_or(Duration::from_millis(100), |at| Duration::from_nanos(at.saturating_sub(now)));
+        if !wait.is_zero() && from.wait_readable(wait).unwrap_or_else(|e| die(&format!("poll {}: {e}", from.name))) {
+            for _ in 0..256 {
+                match from.read(&mut buf) {
+                    Ok(Some(n)) => link.offer(epoch.elapsed().as_nanos() as u64, &buf[..n]),
+                    Ok(None) => break,
+                    Err(e) => die(&format!("read {}: {e}", from.name)),
+                }
+            }
+        }
+        let now = epoch.elapsed().as_nanos() as u64;
+        while let Some(p) = link.pop_due(now) {
+            if let Err(e) = to.write(&p) {
+                // A full or vanished device drops the packet, as a real interface would.
+                if e.raw_os_error() == Some(libc::EIO) {
+                    die(&format!("{} is gone", to.name));
+                }
+            }
+        }
+        let s = link.stats;
+        c.packets.store(s.packets, Relaxed);
+        c.bytes.store(s.bytes, Relaxed);
+        c.lost.store(s.lost, Relaxed);
+        c.queue_drops.store(s.queue_drops, Relaxed);
+        c.segmented.store(s.segmented, Relaxed);
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) != Some("run") {
+        die("usage: dwcp-wan run [--rtt 50ms] [--rate 1gbit] [--loss 0.1%] [--jitter 1ms] [--reorder 1%] [--queue 1bdp|BYTES] [--ready-file F] [--stats-file F]");
+    }
+    let (mut rtt, mut rate, mut loss, mut jitter, mut reorder) = (0u64, 0u64, 0.0, 0u64, 0.0);
+    let (mut queue, mut ready, mut stats_file) = ("1bdp".to_string(), None, None);
+    let mut it = args[1..].iter();
+    while let Some(k) = it.next() {
+        let v = it.next().unwrap_or_else(|| die(&format!("{k} needs a value")));
+        match k.as_str() {
+            "--rtt" => rtt = parse_duration_ns(v),
+            "--rate" => rate = parse_rate(v),
+            "--loss" => loss = parse_prob(v),
+            "--jitter" => jitter = parse_duration_ns(v),
+            "--reorder" => reorder = parse_prob(v),
+            "--queue" => queue = v.clone(),
+            "--ready-file" => ready = Some(v.clone()),
+            "--stats-file" => stats_file = Some(v.clone()),
+            other => die(&format!("unknown option {other}")),
+        }
+    }
+    let queue_bytes = if queue == "1bdp" {
+        // One bandwidth-delay product, but never less than a few full-size packets.
+        ((rate as u128 * rtt as u128 / 8_000_000_000) as u64).max(16 * 1514)
+    } else {
+        queue.parse().unwrap_or_else(|_| die("--queue takes 1bdp or a byte count"))
+    };
+    let p = LinkParams { delay_ns: rtt / 2, jitter_ns: jitter, rate_bps: rate, loss, reorder, queue_bytes };
+
+    for ns in [NS_A, NS_B] {
+        let _ = Command::new("ip").args(["netns", "del", ns]).stderr(std::process::Stdio::null()).status();
+        sh(&["netns", "add", ns]);
+        sh(&["-n", ns, "link", "set", "lo", "up"]);
+    }
+    let ta = tun::open_in_netns(NS_A, "wan0").unwrap_or_else(|e| die(&format!("TUN in {NS_A}: {e}")));
+    let tb = tun::open_in_netns(NS_B, "wan0").unwrap_or_else(|e| die(&format!("TUN in {NS_B}: {e}")));
+    for (ns, me, peer) in [(NS_A, ADDR_A, ADDR_B), (NS_B, ADDR_B, ADDR_A)] {
+        sh(&["-n", ns, "addr", "add", me, "peer", peer, "dev", "wan0"]);
+        sh(&["-n", ns, "link", "set", "wan0", "up"]);
+    }
+    let epoch = Instant::now();
+    let (ca, cb) = (Arc::new(Counters::default()), Arc::new(Counters::default()));
+    let (ta, tb) = (Arc::new(ta), Arc::new(tb));
+    {
+        let (ta, tb, c) = (ta.clone(), tb.clone(), ca.clone());
+        std::thread::spawn(move || forward(&ta, &tb, Link::new(p, 0x1234_5678), &c, epoch));
+    }
+    {
+        let (ta, tb, c) = (ta.clone(), tb.clone(), cb.clone());
+        std::thread::spawn(move || forward(&tb, &ta, Link::new(p, 0x8765_4321), &c, epoch));
+    }
+    println!("{ADDR_A} {ADDR_B}");
+    if let Some(f) = &ready {
+        std::fs::write(f, format!("{ADDR_A} {ADDR_B}\n")).unwrap_or_else(|e| die(&format!("{f}: {e}")));
+    }
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        if let Some(f) = &stats_file {
+            let dir = |c: &Counters| {
+                serde_json::json!({
+                    "packets": c.packets.load(Relaxed), "bytes": c.bytes.load(Relaxed), "lost": c.lost.load(Relaxed),
+                    "queue_drops": c.queue_drops.load(Relaxed), "segmented": c.segmented.load(Relaxed),
+                })
+            };
+            let j = serde_json::json!({
+                "uptime_s": epoch.elapsed().as_secs_f64(), "cpu_s": tun::process_cpu_seconds(),
+                "a_to_b": dir(&ca), "b_to_a": dir(&cb),
+                "params": {"rtt_ns": rtt, "rate_bps": rate, "loss": loss, "jitter_ns": jitter, "reorder": reorder, "queue_bytes": queue_bytes},
+            });
+            if let Ok(mut fh) = std::fs::File::create(f) {
+                let _ = writeln!(fh, "{j}");
+            }
+        }
+    }
+}

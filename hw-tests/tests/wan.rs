@@ -1,0 +1,205 @@
+//! WAN emulator validation against physics and against the kernel's real netem (in the
+//! soft-RoCE guest, whose Debian kernel has sch_netem): ping RTT within 5% of the setting,
+//! `iperf3 -P 8` within 5% of a limited rate, one cubic stream under random loss within 30% of
+//! the Mathis bound, and the emulator's CPU cost at 1 Gbit/s. Figures go to `target/rigs/wan.json`.
+//!
+//! Needs root, iproute2, iputils-ping and iperf3 (`make vm-deps`); the guest part needs the
+//! soft-RoCE guest's packages too.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+/// Rig tests share namespaces and the two cores: one at a time.
+static RIG: Mutex<()> = Mutex::new(());
+
+const MSS: f64 = 1448.0;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_owned()
+}
+
+fn require() {
+    let uid = Command::new("id").arg("-u").output().expect("id");
+    assert_eq!(String::from_utf8_lossy(&uid.stdout).trim(), "0", "the WAN emulator needs root (namespaces, TUN devices)");
+    for tool in ["ip", "ping", "iperf3"] {
+        let ok = Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().expect("sh").status.success();
+        assert!(ok, "{tool} is missing: run `make vm-deps`");
+    }
+}
+
+fn record(key: &str, v: Value) {
+    let dir = root().join("target/rigs");
+    std::fs::create_dir_all(&dir).expect("target/rigs");
+    let path = dir.join("wan.json");
+    let mut all: serde_json::Map<String, Value> = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+    all.insert(key.into(), v);
+    std::fs::write(&path, serde_json::to_string_pretty(&all).expect("json")).expect("write wan.json");
+}
+
+struct Wan;
+
+impl Wan {
+    fn up(args: &[&str]) -> Wan {
+        let out = Command::new(root().join("hw-tests/wan")).arg("up").args(args).output().expect("hw-tests/wan up");
+        assert!(out.status.success(), "wan up failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "10.77.0.1 10.77.0.2");
+        Wan
+    }
+    fn stats(&self) -> Value {
+        let out = Command::new(root().join("hw-tests/wan")).arg("stats").output().expect("wan stats");
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+}
+
+impl Drop for Wan {
+    fn drop(&mut self) {
+        let _ = Command::new(root().join("hw-tests/wan")).arg("down").status();
+    }
+}
+
+fn ns(name: &str, cmd: &[&str]) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", name]).args(cmd);
+    c
+}
+
+/// Average ping RTT in ms.
+fn parse_ping_avg(text: &str) -> f64 {
+    // rtt min/avg/max/mdev = 50.1/50.3/51.0/0.2 ms
+    let line = text.lines().find(|l| l.contains("min/avg/max")).unwrap_or_else(|| panic!("no ping summary:\n{text}"));
+    line.split('=').nth(1).and_then(|v| v.trim().split('/').nth(1)).and_then(|v| v.parse().ok()).expect("avg")
+}
+
+/// iperf3 JSON: (received bit/s, sender retransmits).
+fn parse_iperf(v: &Value) -> (f64, u64) {
+    let e = &v["end"];
+    (e["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0), e["sum_sent"]["retransmits"].as_u64().unwrap_or(0))
+}
+
+fn iperf_between(client_ns: &str, server_ns: &str, server_ip: &str, args: &[&str]) -> Value {
+    let mut srv = ns(server_ns, &["iperf3", "-s", "-1", "-p", "5301"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("iperf3 -s");
+    std::thread::sleep(Duration::from_millis(400));
+    let mut a = vec!["iperf3", "-c", server_ip, "-p", "5301", "-J"];
+    a.extend_from_slice(args);
+    let out = ns(client_ns, &a).output().expect("iperf3 -c");
+    let _ = srv.wait();
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("iperf3 output: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// TCP payload rate a link of `rate` IP bit/s can carry: each 1500-byte packet holds 1448 bytes
+/// of payload (20 IP + 32 TCP header bytes with timestamps). netem and real links count the same.
+fn payload_ceiling(rate: f64) -> f64 {
+    rate * MSS / 1500.0
+}
+
+fn mathis_bps(rtt_s: f64, p: f64) -> f64 {
+    MSS * 8.0 / rtt_s * 1.22 / p.sqrt()
+}
+
+#[test]
+fn emulator_matches_physics_on_the_host() {
+    let _g = RIG.lock().unwrap_or_else(|e| e.into_inner());
+    require();
+    // 1. RTT.
+    let w = Wan::up(&["--rtt", "50ms", "--rate", "1gbit"]);
+    let out = ns("dwcp-a", &["ping", "-c", "20", "-i", "0.05", "10.77.0.2"]).output().expect("ping");
+    let avg = parse_ping_avg(&String::from_utf8_lossy(&out.stdout));
+    assert!((avg - 50.0).abs() <= 2.5, "ping RTT {avg} ms is not within 5% of 50 ms");
+    drop(w);
+
+    // 2. Rate: 8 streams through 1 Gbit/s, 20 ms; goodput within 5% of the rate (IP bytes count on
+    // the link, so TCP payload can reach 1448/1500 of it at most).
+    let w = Wan::up(&["--rtt", "20ms", "--rate", "1gbit"]);
+    let s0 = w.stats();
+    let v = iperf_between("dwcp-a", "dwcp-b", "10.77.0.2", &["-P", "8", "-t", "10", "-O", "3"]);
+    let s1 = w.stats();
+    let (bps, retr) = parse_iperf(&v);
+    let cpu = s1["cpu_s"].as_f64().unwrap_or(0.0) - s0["cpu_s"].as_f64().unwrap_or(0.0);
+    let secs = s1["uptime_s"].as_f64().unwrap_or(1.0) - s0["uptime_s"].as_f64().unwrap_or(0.0);
+    let cpu_share = cpu / secs;
+    eprintln!("emulator CPU at 1 Gbit/s: {:.1}% of one core ({cpu:.2} s over {secs:.1} s)", cpu_share * 100.0);
+    assert!((bps / payload_ceiling(1e9) - 1.0).abs() <= 0.05, "iperf3 -P 8 moved {:.1} Mbit/s through a 1 Gbit/s link", bps / 1e6);
+    drop(w);
+
+    // 3. Mathis: one cubic stream, 40 ms, 0.5% loss each way.
+    let (rtt, p) = (0.040, 0.005);
+    let w = Wan::up(&["--rtt", "40ms", "--rate", "1gbit", "--loss", "0.5%"]);
+    let v2 = iperf_between("dwcp-a", "dwcp-b", "10.77.0.2", &["-C", "cubic", "-t", "20", "-O", "2"]);
+    let (one, _) = parse_iperf(&v2);
+    let bound = mathis_bps(rtt, p);
+    let st = w.stats();
+    drop(w);
+    let ratio = one / bound;
+    let fig = json!({
+        "ping_rtt_ms_set": 50, "ping_rtt_ms_avg": avg,
+        "iperf3_p8_rate_bps": 1e9, "iperf3_p8_goodput_bps": bps, "payload_ceiling_bps": payload_ceiling(1e9), "iperf3_p8_retransmits": retr,
+        "mathis_rtt_ms": 40, "mathis_loss": p, "mathis_bound_bps": bound, "cubic_one_stream_bps": one, "cubic_over_mathis": ratio,
+        "emulator_cpu_share_at_1gbit": cpu_share, "segments_lost": st["a_to_b"]["lost"],
+    });
+    eprintln!("WAN emulator on the host: {fig}");
+    record("host_emulator", fig);
+    assert!((0.7..=1.3).contains(&ratio), "one cubic stream at {:.2} Mbit/s is not within 30% of the Mathis bound {:.2} Mbit/s", one / 1e6, bound / 1e6);
+}
+
+/// The same three checks at a low rate, side by side: the emulator on the host, and the real netem
+/// on veth in the guest (Debian's kernel).
+#[test]
+fn emulator_and_real_netem_side_by_side_at_low_rate() {
+    let _g = RIG.lock().unwrap_or_else(|e| e.into_inner());
+    require();
+    let (rate, rtt_ms, p) = ("20mbit", 40.0, 0.005);
+    // Host, our emulator.
+    let w = Wan::up(&["--rtt", "40ms", "--rate", rate]);
+    let ping_host = parse_ping_avg(&String::from_utf8_lossy(&ns("dwcp-a", &["ping", "-c", "10", "-i", "0.1", "10.77.0.2"]).output().expect("ping").stdout));
+    let (rate_host, _) = parse_iperf(&iperf_between("dwcp-a", "dwcp-b", "10.77.0.2", &["-P", "8", "-t", "10", "-O", "3"]));
+    drop(w);
+    let w = Wan::up(&["--rtt", "40ms", "--rate", "1gbit", "--loss", "0.5%"]);
+    let (one_host, _) = parse_iperf(&iperf_between("dwcp-a", "dwcp-b", "10.77.0.2", &["-C", "cubic", "-t", "20", "-O", "2"]));
+    drop(w);
+
+    // Guest, real netem on a veth pair between two namespaces (delay split over both ends).
+    let script = r#"set -e
+ip netns add a; ip netns add b
+ip link add va netns a type veth peer name vb netns b
+ip -n a addr add 10.88.0.1/24 dev va; ip -n b addr add 10.88.0.2/24 dev vb
+ip -n a link set va up; ip -n b link set vb up; ip -n a link set lo up; ip -n b link set lo up
+ip netns exec a ethtool -K va tso off gso off gro off >/dev/null 2>&1 || true
+ip netns exec b ethtool -K vb tso off gso off gro off >/dev/null 2>&1 || true
+modprobe sch_netem
+q() { ip netns exec a tc qdisc replace dev va root netem $1; ip netns exec b tc qdisc replace dev vb root netem $1; }
+q "delay 20ms rate 20mbit limit 200"
+echo ===PING===; ip netns exec a ping -c 10 -i 0.1 10.88.0.2
+ip netns exec b iperf3 -s -1 -p 5301 >/dev/null 2>&1 & sleep 1
+echo ===RATE===; ip netns exec a iperf3 -c 10.88.0.2 -p 5301 -P 8 -t 10 -O 3 -J; wait
+q "delay 20ms loss 0.5% limit 10000"
+ip netns exec b iperf3 -s -1 -p 5301 >/dev/null 2>&1 & sleep 1
+echo ===LOSS===; ip netns exec a iperf3 -c 10.88.0.2 -p 5301 -C cubic -t 20 -O 2 -J; wait
+"#;
+    let out = Command::new(root().join("hw-tests/vm")).args(["run", "--timeout", "300", "--", "sh", "-c", script]).output().expect("hw-tests/vm");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "netem run in the guest failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let part = |a: &str, b: Option<&str>| -> String {
+        let s = text.split(a).nth(1).unwrap_or_default();
+        b.map_or(s, |b| s.split(b).next().unwrap_or_default()).to_owned()
+    };
+    let ping_guest = parse_ping_avg(&part("===PING===", Some("===RATE===")));
+    let (rate_guest, _) = parse_iperf(&serde_json::from_str(&part("===RATE===", Some("===LOSS==="))).expect("iperf3 json (rate)"));
+    let (one_guest, _) = parse_iperf(&serde_json::from_str(&part("===LOSS===", None)).expect("iperf3 json (loss)"));
+    let bound = mathis_bps(rtt_ms / 1e3, p);
+    let fig = json!({
+        "rate_bps": 20e6, "rtt_ms": rtt_ms, "loss": p, "mathis_bound_bps": bound,
+        "emulator": {"ping_ms": ping_host, "iperf3_p8_bps": rate_host, "cubic_one_stream_bps": one_host},
+        "netem_in_guest": {"ping_ms": ping_guest, "iperf3_p8_bps": rate_guest, "cubic_one_stream_bps": one_guest},
+    });
+    eprintln!("side by side at a low rate: {fig}");
+    record("side_by_side_low_rate", fig);
+    for (who, ping, r, one) in [("emulator", ping_host, rate_host, one_host), ("netem", ping_guest, rate_guest, one_guest)] {
+        assert!((ping - rtt_ms).abs() <= rtt_ms * 0.05, "{who}: ping {ping} ms vs {rtt_ms} ms");
+        assert!((r / payload_ceiling(20e6) - 1.0).abs() <= 0.05, "{who}: iperf3 -P 8 at {:.2} Mbit/s vs 20", r / 1e6);
+        assert!((0.7..=1.3).contains(&(one / bound)), "{who}: cubic {:.2} Mbit/s vs Mathis {:.2}", one / 1e6, bound / 1e6);
+    }
+}
