@@ -274,7 +274,10 @@ fn a_killed_stream_has_its_chunks_resent_on_the_others() {
     let src = tempfile::tempdir().unwrap();
     let p = write_image(src.path(), "kill.img", 48 << 20, 3);
     let mut o = rig.opts(4, true);
-    o.kill = Some(KillStream { stream: 1, after: 4 << 20 });
+    // A small window keeps every stream busy (no stream can run far ahead of the others), so
+    // stream 1 is sure to be mid-transfer when its socket is shut down after 1 MiB.
+    o.window = 4;
+    o.kill = Some(KillStream { stream: 1, after: 1 << 20 });
     let r = send::send(Source::file(&p).unwrap(), &o, Arc::default()).unwrap();
     assert!(r.verified);
     assert_eq!(r.streams_lost, 1);
