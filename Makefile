@@ -6,7 +6,7 @@ CARGO ?= cargo
 BENCH_PKGS := iperf3
 RIG_PKGS := qemu-system-x86 busybox-static rdma-core ibverbs-utils perftest libibverbs-dev \
             librdmacm-dev libclang-dev clang pkg-config cpio kmod iproute2 gzip \
-            iputils-ping ethtool iperf3
+            iputils-ping ethtool iperf3 python3 openssl
 
 .PHONY: all deps bench-deps vm-deps build demo test fuzz-smoke bench-transport clean
 
