@@ -8,7 +8,7 @@ RIG_PKGS := qemu-system-x86 busybox-static rdma-core ibverbs-utils perftest libi
             librdmacm-dev libclang-dev clang pkg-config cpio kmod iproute2 gzip \
             iputils-ping ethtool iperf3 python3 openssl
 
-.PHONY: all deps bench-deps vm-deps build demo test fuzz-smoke bench-transport clean
+.PHONY: all deps bench-deps vm-deps build demo test fuzz-smoke bench-transport corpus wan-down clean
 
 all: build
 
@@ -60,6 +60,11 @@ fuzz-smoke:
 
 bench-transport: build bench-deps
 	./target/release/bench-transport
+
+# Guest-RAM corpus under target/corpus (cached): see docs/rigs.md.
+corpus: vm-deps
+	$(CARGO) build --release -q -p hw-tests
+	hw-tests/corpus
 
 clean:
 	$(CARGO) clean

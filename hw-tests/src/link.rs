@@ -299,6 +299,43 @@ mod tests {
         assert!((1800..2200).contains(&lost), "{lost}");
     }
 
+    #[test]
+    fn jitter_stays_in_bounds_and_reorder_skips_the_delay() {
+        let mut p = params(0, 10, 0);
+        p.jitter_ns = 2_000_000;
+        let mut l = Link::new(p, 7);
+        let at: Vec<u64> = (0..10_000).map(|_| match l.admit(0, 100) { Verdict::Deliver(t) => t, v => panic!("{v:?}") }).collect();
+        assert!(at.iter().all(|t| (8_000_000..=12_000_000).contains(t)));
+        let mean = at.iter().sum::<u64>() as f64 / at.len() as f64;
+        assert!((mean - 10e6).abs() < 0.1e6, "jitter is centred: {mean}");
+        let mut p = params(0, 10, 0);
+        p.reorder = 0.25;
+        let mut l = Link::new(p, 9);
+        let early = (0..10_000).filter(|_| l.admit(0, 100) == Verdict::Deliver(0)).count();
+        assert!((2300..2700).contains(&early), "{early} of 10000 skipped the delay");
+    }
+
+    #[test]
+    fn offered_packets_come_out_in_delivery_order() {
+        let mut p = params(0, 10, 0);
+        p.reorder = 0.5;
+        let mut l = Link::new(p, 3);
+        for i in 0..100u8 {
+            let mut pkt = vec![0u8; VNET_HDR + 20];
+            pkt[VNET_HDR] = 0x45;
+            pkt[VNET_HDR + 19] = i;
+            l.offer(u64::from(i) * 1000, &pkt);
+        }
+        let (mut last, mut n) = (0, 0);
+        while let Some(at) = l.next_due() {
+            assert!(at >= last);
+            last = at;
+            l.pop_due(at).unwrap();
+            n += 1;
+        }
+        assert_eq!(n, 100);
+    }
+
     fn gso_packet(payload: usize, mss: u16) -> Vec<u8> {
         let mut p = vec![0u8; VNET_HDR + 40 + payload];
         p[0] = 1; // NEEDS_CSUM
