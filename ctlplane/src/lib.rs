@@ -1,6 +1,7 @@
-//! dwcp control plane (not built yet; issue "Control plane"). It will hold the four-phase boot
-//! graph (pre-init, core, service, post-init) run level by level in parallel, host detection into
-//! one plain `HostCaps` value, configuration (TOML, environment, flags), I/O-free mode detection
-//! (datacenter, internet, hybrid) from measured RTT and bandwidth, and the daemon with its
-//! health, readiness, metrics and status endpoints. Nothing here yet: the data plane runs on its own.
+//! dwcp control plane. Built so far: the four-phase boot graph ([`boot`]) and I/O-free mode
+//! detection ([`mode`]). Still to come (control plane issue): host detection into `HostCaps`,
+//! configuration, the daemon with health, readiness, metrics and status endpoints.
 #![forbid(unsafe_code)]
+
+pub mod boot;
+pub mod mode;
