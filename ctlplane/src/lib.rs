@@ -5,3 +5,4 @@
 
 pub mod boot;
 pub mod mode;
+pub mod config;

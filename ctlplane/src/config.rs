@@ -1,0 +1,350 @@
+//! Configuration: a TOML file, then `DWCP_*` environment variables, then flags, each overriding
+//! the one before; validated at load. A bad file names the key, the line, and what was expected.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::mode::Thresholds;
+
+/// A configuration problem, in the operator's terms.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// Path.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML of the expected shape.
+    #[error("{path}:{line}: {message}")]
+    Parse {
+        /// Path.
+        path: String,
+        /// 1-based line.
+        line: usize,
+        /// What was wrong and what was expected.
+        message: String,
+    },
+    /// A value that parses but cannot be used.
+    #[error("{origin}: `{key}` {problem}")]
+    Invalid {
+        /// Where it came from (file:line, environment variable, flag).
+        origin: String,
+        /// The key.
+        key: String,
+        /// What is wrong, and what is expected.
+        problem: String,
+    },
+}
+
+/// `[node]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    /// Name of this node, reported on /status.
+    #[serde(default = "default_name")]
+    pub name: String,
+    /// Transfer listener.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Directory where received objects land.
+    #[serde(default = "default_out")]
+    pub out: PathBuf,
+    /// Pre-shared key file.
+    pub key_file: Option<PathBuf>,
+    /// Accept plaintext senders.
+    #[serde(default)]
+    pub allow_plaintext: bool,
+}
+
+/// `[api]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Api {
+    /// HTTP endpoint for /healthz, /readyz, /metrics, /status.
+    #[serde(default = "default_api")]
+    pub listen: String,
+}
+
+/// `[mode]` thresholds.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModeCfg {
+    /// Datacenter at or below this RTT (ms)...
+    #[serde(default = "d_dc_rtt")]
+    pub dc_max_rtt_ms: f64,
+    /// ...and at or above this bandwidth (Gbit/s).
+    #[serde(default = "d_dc_bw")]
+    pub dc_min_bw_gbps: f64,
+    /// Internet at or above this RTT (ms)...
+    #[serde(default = "d_in_rtt")]
+    pub inet_min_rtt_ms: f64,
+    /// ...or at or below this bandwidth (Gbit/s).
+    #[serde(default = "d_in_bw")]
+    pub inet_max_bw_gbps: f64,
+    /// Consecutive samples to confirm a switch.
+    #[serde(default = "d_confirm")]
+    pub confirm: u32,
+    /// Least seconds between switches.
+    #[serde(default = "d_dwell")]
+    pub min_dwell_s: f64,
+    /// Seconds between probes of each peer.
+    #[serde(default = "d_probe")]
+    pub probe_interval_s: f64,
+}
+
+/// `[[peers]]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    /// Name.
+    pub name: String,
+    /// Address of its transfer listener.
+    pub addr: String,
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This node.
+    #[serde(default = "default_node")]
+    pub node: Node,
+    /// The HTTP endpoint.
+    #[serde(default = "default_api_table")]
+    pub api: Api,
+    /// Mode thresholds.
+    #[serde(default = "default_mode")]
+    pub mode: ModeCfg,
+    /// Peers to measure.
+    #[serde(default)]
+    pub peers: Vec<Peer>,
+}
+
+fn default_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_owned()).unwrap_or_else(|_| "dwcp".into())
+}
+fn default_listen() -> String {
+    "0.0.0.0:7470".into()
+}
+fn default_out() -> PathBuf {
+    "/var/lib/dwcp/incoming".into()
+}
+fn default_api() -> String {
+    "127.0.0.1:7471".into()
+}
+fn d_dc_rtt() -> f64 {
+    2.0
+}
+fn d_dc_bw() -> f64 {
+    5.0
+}
+fn d_in_rtt() -> f64 {
+    10.0
+}
+fn d_in_bw() -> f64 {
+    1.0
+}
+fn d_confirm() -> u32 {
+    3
+}
+fn d_dwell() -> f64 {
+    30.0
+}
+fn d_probe() -> f64 {
+    5.0
+}
+fn default_node() -> Node {
+    Node { name: default_name(), listen: default_listen(), out: default_out(), key_file: None, allow_plaintext: false }
+}
+fn default_api_table() -> Api {
+    Api { listen: default_api() }
+}
+fn default_mode() -> ModeCfg {
+    ModeCfg {
+        dc_max_rtt_ms: d_dc_rtt(),
+        dc_min_bw_gbps: d_dc_bw(),
+        inet_min_rtt_ms: d_in_rtt(),
+        inet_max_bw_gbps: d_in_bw(),
+        confirm: d_confirm(),
+        min_dwell_s: d_dwell(),
+        probe_interval_s: d_probe(),
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self { node: default_node(), api: default_api_table(), mode: default_mode(), peers: Vec::new() }
+    }
+}
+
+fn line_of(src: &str, offset: usize) -> usize {
+    src[..offset.min(src.len())].matches('\n').count() + 1
+}
+
+/// Where each overridable key can come from, for error messages.
+const ENV_KEYS: &[(&str, &str)] = &[
+    ("DWCP_NODE_NAME", "node.name"),
+    ("DWCP_NODE_LISTEN", "node.listen"),
+    ("DWCP_NODE_OUT", "node.out"),
+    ("DWCP_KEY_FILE", "node.key_file"),
+    ("DWCP_API_LISTEN", "api.listen"),
+];
+
+impl Config {
+    /// Parses TOML text (`path` only names it in errors).
+    pub fn parse(src: &str, path: &str) -> Result<Self, ConfigError> {
+        let cfg: Config = toml::from_str(src).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            line: e.span().map_or(1, |s| line_of(src, s.start)),
+            message: e.message().trim().to_owned(),
+        })?;
+        cfg.validate(&|key| {
+            // The line of the key's first appearance, for the message.
+            let leaf = key.rsplit('.').next().unwrap_or(key);
+            let line = src.lines().position(|l| l.trim_start().starts_with(leaf)).map_or(0, |i| i + 1);
+            if line > 0 { format!("{path}:{line}") } else { path.to_owned() }
+        })?;
+        Ok(cfg)
+    }
+
+    /// Loads a file (or the defaults when `path` is None), then applies `env` (name, value pairs,
+    /// normally `std::env::vars()`) and `flags` (key, value pairs), in that order.
+    pub fn load(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>, flags: &[(&str, String)]) -> Result<Self, ConfigError> {
+        let mut cfg = match path {
+            Some(p) => {
+                let src = std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.display().to_string(), source })?;
+                Self::parse(&src, &p.display().to_string())?
+            }
+            None => Self::default(),
+        };
+        for (k, v) in env {
+            if let Some((_, key)) = ENV_KEYS.iter().find(|(e, _)| *e == k) {
+                cfg.set(key, &v);
+                cfg.validate(&|_| format!("environment variable {k}"))?;
+            }
+        }
+        for (key, v) in flags {
+            cfg.set(key, v);
+            cfg.validate(&|_| format!("flag for {key}"))?;
+        }
+        Ok(cfg)
+    }
+
+    fn set(&mut self, key: &str, v: &str) {
+        match key {
+            "node.name" => self.node.name = v.into(),
+            "node.listen" => self.node.listen = v.into(),
+            "node.out" => self.node.out = v.into(),
+            "node.key_file" => self.node.key_file = Some(v.into()),
+            "api.listen" => self.api.listen = v.into(),
+            _ => {}
+        }
+    }
+
+    fn validate(&self, origin: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
+        let bad = |key: &str, problem: String| Err(ConfigError::Invalid { origin: origin(key), key: key.into(), problem });
+        for (key, v) in [("node.listen", &self.node.listen), ("api.listen", &self.api.listen)] {
+            if v.parse::<SocketAddr>().is_err() {
+                return bad(key, format!("is {v:?}; expected an address like 0.0.0.0:7470"));
+            }
+        }
+        for (i, p) in self.peers.iter().enumerate() {
+            if p.addr.rsplit_once(':').and_then(|(_, port)| port.parse::<u16>().ok()).is_none() {
+                return bad(&format!("peers[{i}].addr"), format!("is {:?}; expected HOST:PORT", p.addr));
+            }
+        }
+        let m = &self.mode;
+        if !(m.dc_max_rtt_ms > 0.0 && m.dc_max_rtt_ms < m.inet_min_rtt_ms) {
+            return bad("mode.dc_max_rtt_ms", format!("is {}; expected a positive value below mode.inet_min_rtt_ms ({})", m.dc_max_rtt_ms, m.inet_min_rtt_ms));
+        }
+        if !(m.inet_max_bw_gbps > 0.0 && m.inet_max_bw_gbps < m.dc_min_bw_gbps) {
+            return bad("mode.inet_max_bw_gbps", format!("is {}; expected a positive value below mode.dc_min_bw_gbps ({})", m.inet_max_bw_gbps, m.dc_min_bw_gbps));
+        }
+        if m.confirm == 0 {
+            return bad("mode.confirm", "is 0; expected at least 1 sample".into());
+        }
+        if !(m.probe_interval_s > 0.0) {
+            return bad("mode.probe_interval_s", format!("is {}; expected seconds above 0", m.probe_interval_s));
+        }
+        Ok(())
+    }
+
+    /// The mode thresholds as the detector takes them.
+    pub fn thresholds(&self) -> Thresholds {
+        let m = &self.mode;
+        Thresholds {
+            dc_max_rtt: Duration::from_secs_f64(m.dc_max_rtt_ms / 1e3),
+            dc_min_bw_bps: m.dc_min_bw_gbps * 1e9,
+            inet_min_rtt: Duration::from_secs_f64(m.inet_min_rtt_ms / 1e3),
+            inet_max_bw_bps: m.inet_max_bw_gbps * 1e9,
+            confirm: m.confirm,
+            min_dwell: Duration::from_secs_f64(m.min_dwell_s),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[node]
+name = "rack1-a"
+listen = "0.0.0.0:7470"
+out = "/srv/images"
+
+[mode]
+dc_max_rtt_ms = 1.5
+
+[[peers]]
+name = "dr-site"
+addr = "dr.example.net:7470"
+"#;
+
+    #[test]
+    fn good_file_with_defaults() {
+        let c = Config::parse(GOOD, "dwcp.toml").unwrap();
+        assert_eq!(c.node.name, "rack1-a");
+        assert_eq!(c.mode.inet_min_rtt_ms, 10.0);
+        assert_eq!(c.peers.len(), 1);
+        assert_eq!(c.api.listen, "127.0.0.1:7471");
+    }
+
+    #[test]
+    fn errors_name_key_line_and_expectation() {
+        let e = Config::parse("[node]\nname = \"a\"\nlistn = \"0.0.0.0:1\"\n", "x.toml").unwrap_err().to_string();
+        assert!(e.starts_with("x.toml:3:") && e.contains("listn") && e.contains("expected"), "{e}");
+        let e = Config::parse("[node]\nlisten = 7470\n", "x.toml").unwrap_err().to_string();
+        assert!(e.starts_with("x.toml:2:") && e.contains("string"), "{e}");
+        let e = Config::parse("[node]\n\nlisten = \"nowhere\"\n", "x.toml").unwrap_err().to_string();
+        assert_eq!(e, "x.toml:3: `node.listen` is \"nowhere\"; expected an address like 0.0.0.0:7470");
+        let e = Config::parse("[mode]\ndc_max_rtt_ms = 50\n", "x.toml").unwrap_err().to_string();
+        assert!(e.contains("mode.dc_max_rtt_ms") && e.contains("below mode.inet_min_rtt_ms"), "{e}");
+        let e = Config::parse("[[peers]]\nname = \"p\"\naddr = \"nohost\"\n", "x.toml").unwrap_err().to_string();
+        assert!(e.contains("peers[0].addr") && e.contains("HOST:PORT"), "{e}");
+    }
+
+    #[test]
+    fn precedence_file_then_env_then_flags() {
+        let dir = std::env::temp_dir().join(format!("dwcp-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("c.toml");
+        std::fs::write(&f, GOOD).unwrap();
+        let env = vec![("DWCP_NODE_LISTEN".to_string(), "0.0.0.0:9000".to_string()), ("DWCP_API_LISTEN".into(), "127.0.0.1:9001".into())];
+        let c = Config::load(Some(&f), env.clone(), &[("api.listen", "127.0.0.1:9100".into())]).unwrap();
+        assert_eq!(c.node.name, "rack1-a", "file");
+        assert_eq!(c.node.listen, "0.0.0.0:9000", "env over file");
+        assert_eq!(c.api.listen, "127.0.0.1:9100", "flag over env");
+        let e = Config::load(Some(&f), vec![("DWCP_NODE_LISTEN".to_string(), "bad".to_string())], &[]).unwrap_err().to_string();
+        assert!(e.starts_with("environment variable DWCP_NODE_LISTEN:"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
