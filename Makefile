@@ -3,6 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 # Debian packages, installed when missing by the targets that need them (as root; otherwise the
 # apt-get line to run is printed). The soft-RoCE rig and the rdma-sys build need the second set.
+BUILD_PKGS := pkg-config libhwloc-dev libudev-dev
 BENCH_PKGS := iperf3
 RIG_PKGS := qemu-system-x86 busybox-static rdma-core ibverbs-utils perftest libibverbs-dev \
             librdmacm-dev libclang-dev clang pkg-config cpio kmod iproute2 gzip \
@@ -24,6 +25,7 @@ endef
 
 deps:
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
+	$(call apt_install,$(BUILD_PKGS))
 
 bench-deps: deps
 	$(call apt_install,$(BENCH_PKGS))

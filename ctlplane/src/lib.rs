@@ -6,3 +6,4 @@
 pub mod boot;
 pub mod mode;
 pub mod config;
+pub mod host;

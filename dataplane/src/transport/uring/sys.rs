@@ -110,6 +110,22 @@ pub fn probe_send_zc() -> bool {
     probe.is_supported(opcode::SendZc::CODE) && probe.is_supported(opcode::SendMsgZc::CODE)
 }
 
+/// Probes which io_uring operations this kernel supports, by name (the ones dwcp uses).
+pub fn probe_ops() -> Result<Vec<(&'static str, bool)>, String> {
+    let ring = IoUring::new(2).map_err(|e| format!("io_uring unavailable: {e}"))?;
+    let mut probe = Probe::new();
+    ring.submitter().register_probe(&mut probe).map_err(|e| format!("io_uring probe failed: {e}"))?;
+    Ok(vec![
+        ("SEND", probe.is_supported(opcode::Send::CODE)),
+        ("RECV", probe.is_supported(opcode::Recv::CODE)),
+        ("SENDMSG", probe.is_supported(opcode::SendMsg::CODE)),
+        ("WRITE_FIXED", probe.is_supported(opcode::WriteFixed::CODE)),
+        ("SEND_ZC", probe.is_supported(opcode::SendZc::CODE)),
+        ("SENDMSG_ZC", probe.is_supported(opcode::SendMsgZc::CODE)),
+        ("ASYNC_CANCEL", probe.is_supported(opcode::AsyncCancel::CODE)),
+    ])
+}
+
 const CANCEL_TAG: u64 = u64::MAX;
 
 impl Ring {
