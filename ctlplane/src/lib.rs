@@ -1,9 +1,11 @@
-//! dwcp control plane. Built so far: the four-phase boot graph ([`boot`]) and I/O-free mode
-//! detection ([`mode`]). Still to come (control plane issue): host detection into `HostCaps`,
-//! configuration, the daemon with health, readiness, metrics and status endpoints.
+//! dwcp control plane: the four-phase boot graph ([`boot`]), host detection ([`host`]),
+//! configuration ([`config`]), I/O-free mode detection ([`mode`]), and the daemon ([`daemon`])
+//! with its HTTP endpoint ([`api`]).
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod boot;
-pub mod mode;
 pub mod config;
+pub mod daemon;
 pub mod host;
+pub mod mode;

@@ -66,7 +66,8 @@ pub struct Sample {
     pub at: Duration,
     /// Round-trip time.
     pub rtt: Duration,
-    /// Bandwidth in bit/s (a probe or a live transfer's goodput).
+    /// Bandwidth in bit/s (a live transfer's goodput); NaN when only the RTT was probed, and
+    /// the sample then votes by RTT alone.
     pub bw_bps: f64,
 }
 
@@ -104,7 +105,7 @@ impl Detector {
     fn vote(&self, s: &Sample) -> Option<Mode> {
         if s.rtt >= self.t.inet_min_rtt || s.bw_bps <= self.t.inet_max_bw_bps {
             Some(Mode::Internet)
-        } else if s.rtt <= self.t.dc_max_rtt && s.bw_bps >= self.t.dc_min_bw_bps {
+        } else if s.rtt <= self.t.dc_max_rtt && (s.bw_bps.is_nan() || s.bw_bps >= self.t.dc_min_bw_bps) {
             Some(Mode::Datacenter)
         } else {
             None

@@ -1,0 +1,444 @@
+//! The daemon: the boot graph of real components, and the state the HTTP API reports.
+
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use dataplane::crypto::Psk;
+use dataplane::recv::{self, ReceiverHandle, RecvOptions, Sink};
+use prometheus::{GaugeVec, IntCounterVec, Opts, Registry};
+use serde::Serialize;
+
+use crate::boot::{BootError, Booted, Component, Ctx, Graph, Phase, Record, Spec};
+use crate::config::Config;
+use crate::host::{self, HostCaps};
+use crate::mode::{Mode, Peers, Sample};
+
+/// A finished session, as `/status` lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionSummary {
+    /// Object name.
+    pub name: String,
+    /// Size.
+    pub size: u64,
+    /// Bytes received.
+    pub received: u64,
+    /// Wall seconds.
+    pub wall_s: f64,
+    /// Verified, or the error.
+    pub result: Result<String, String>,
+}
+
+/// A peer as `/status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerStatus {
+    /// Name.
+    pub name: String,
+    /// Address.
+    pub addr: String,
+    /// Current mode.
+    pub mode: String,
+    /// Last measured RTT (ms), or why it could not be measured.
+    pub last_rtt_ms: Result<f64, String>,
+}
+
+/// Metrics, in a registry of their own (Prometheus text format on `/metrics`).
+pub struct Metrics {
+    /// The registry.
+    pub registry: Registry,
+    /// Component start durations.
+    pub component_seconds: GaugeVec,
+    /// 1 for each degraded component.
+    pub degraded: GaugeVec,
+    /// Sessions by result.
+    pub sessions: IntCounterVec,
+    /// Bytes received.
+    pub bytes: IntCounterVec,
+    /// Per-peer RTT.
+    pub peer_rtt: GaugeVec,
+    /// Per-peer mode (1 for the current one).
+    pub peer_mode: GaugeVec,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let registry = Registry::new();
+        let g = |n: &str, h: &str, l: &[&str]| {
+            let v = GaugeVec::new(Opts::new(n, h), l).expect("metric");
+            registry.register(Box::new(v.clone())).expect("register");
+            v
+        };
+        let c = |n: &str, h: &str, l: &[&str]| {
+            let v = IntCounterVec::new(Opts::new(n, h), l).expect("metric");
+            registry.register(Box::new(v.clone())).expect("register");
+            v
+        };
+        Self {
+            component_seconds: g("dwcp_boot_component_seconds", "Time each boot component took to start", &["component", "phase", "outcome"]),
+            degraded: g("dwcp_degraded", "1 for each component running degraded", &["component"]),
+            sessions: c("dwcp_sessions_total", "Receive sessions by result", &["result"]),
+            bytes: c("dwcp_received_bytes_total", "Bytes received and placed", &[]),
+            peer_rtt: g("dwcp_peer_rtt_seconds", "Last measured RTT to each peer", &["peer"]),
+            peer_mode: g("dwcp_peer_mode", "1 for each peer's current mode", &["peer", "mode"]),
+            registry,
+        }
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+/// Everything the API reports.
+#[derive(Debug)]
+pub struct State {
+    /// Configuration in force.
+    pub config: Config,
+    /// Host capabilities.
+    pub host: OnceLock<HostCaps>,
+    /// Transfer listener address.
+    pub listener: OnceLock<SocketAddr>,
+    /// API address.
+    pub api: OnceLock<SocketAddr>,
+    /// Ready to serve.
+    pub ready: AtomicBool,
+    /// Boot records.
+    pub boot: Mutex<Vec<Record>>,
+    /// Boot-to-ready time.
+    pub boot_ms: Mutex<f64>,
+    /// Finished sessions (latest 100).
+    pub sessions: Mutex<Vec<SessionSummary>>,
+    /// Mode detectors.
+    pub peers: Mutex<Peers>,
+    /// Peer status.
+    pub peer_status: Mutex<Vec<PeerStatus>>,
+    /// Metrics.
+    pub metrics: Metrics,
+    stop: AtomicBool,
+}
+
+impl State {
+    /// Components running degraded, with why.
+    pub fn degraded(&self) -> Vec<(String, String)> {
+        self.boot
+            .lock()
+            .expect("boot lock")
+            .iter()
+            .filter_map(|r| match &r.outcome {
+                crate::boot::Outcome::Degraded(w) => Some((r.name.clone(), w.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+macro_rules! component {
+    ($name:ident) => {
+        struct $name(Arc<State>);
+    };
+}
+
+component!(HostC);
+component!(ConfigC);
+component!(KeysC);
+component!(ListenerC);
+component!(RdmaC);
+component!(BpfC);
+component!(SessionsC);
+component!(ApiC);
+component!(ModeC);
+component!(PeersC);
+component!(ReadyC);
+
+struct Listener(Mutex<Option<ReceiverHandle>>);
+struct ApiServer(Arc<tiny_http::Server>);
+
+impl Component for HostC {
+    fn spec(&self) -> Spec {
+        Spec::new("host", Phase::PreInit)
+    }
+    fn start(&self, _: &Ctx) -> Result<(), String> {
+        let h = host::detect();
+        tracing::info!(?h, "host detected");
+        let _ = self.0.host.set(h);
+        Ok(())
+    }
+}
+
+impl Component for ConfigC {
+    fn spec(&self) -> Spec {
+        Spec::new("config", Phase::PreInit)
+    }
+    fn start(&self, _: &Ctx) -> Result<(), String> {
+        let out = &self.0.config.node.out;
+        std::fs::create_dir_all(out).map_err(|e| format!("node.out {}: {e}", out.display()))
+    }
+}
+
+impl Component for KeysC {
+    fn spec(&self) -> Spec {
+        Spec::new("keys", Phase::Core).after(&["config"])
+    }
+    fn start(&self, ctx: &Ctx) -> Result<(), String> {
+        let p = self.0.config.node.key_file.as_ref().ok_or("no key: set node.key_file (create one with `dwcp keygen FILE`)")?;
+        ctx.put(Psk::from_file(p).map_err(|e| e.to_string())?);
+        Ok(())
+    }
+}
+
+impl Component for ListenerC {
+    fn spec(&self) -> Spec {
+        Spec::new("listener", Phase::Core).after(&["keys", "host"])
+    }
+    fn start(&self, ctx: &Ctx) -> Result<(), String> {
+        let psk = ctx.get::<Psk>().ok_or("keys missing")?;
+        let c = &self.0.config.node;
+        let mut o = RecvOptions::new(c.listen.clone(), Sink::Dir(c.out.clone()), (*psk).clone());
+        o.allow_plaintext = c.allow_plaintext;
+        let h = recv::start(o).map_err(|e| e.to_string())?;
+        let _ = self.0.listener.set(h.local_addr);
+        ctx.put(Listener(Mutex::new(Some(h))));
+        Ok(())
+    }
+    fn stop(&self, ctx: &Ctx) {
+        if let Some(l) = ctx.get::<Listener>()
+            && let Some(h) = l.0.lock().expect("listener lock").take()
+        {
+            h.stop();
+        }
+    }
+}
+
+impl Component for RdmaC {
+    fn spec(&self) -> Spec {
+        Spec::new("rdma", Phase::Core).after(&["host"]).optional()
+    }
+    fn start(&self, _: &Ctx) -> Result<(), String> {
+        let h = self.0.host.get().ok_or("host unknown")?;
+        if h.rdma_devices.is_empty() {
+            return Err("no RDMA device: datacenter transfers use io_uring TCP".into());
+        }
+        Err(format!("RDMA devices {:?} found, but the RDMA transport is not built yet: transfers use io_uring TCP", h.rdma_devices))
+    }
+}
+
+impl Component for BpfC {
+    fn spec(&self) -> Spec {
+        Spec::new("bpf", Phase::Core).after(&["host"]).optional()
+    }
+    fn start(&self, _: &Ctx) -> Result<(), String> {
+        let h = self.0.host.get().ok_or("host unknown")?;
+        match &h.bpf_denied {
+            Some(why) => Err(format!("{why}: congestion signals from TCP_INFO polling")),
+            None => Err("BPF is permitted, but the TCP probes are not built yet: congestion signals from TCP_INFO polling".into()),
+        }
+    }
+}
+
+impl Component for SessionsC {
+    fn spec(&self) -> Spec {
+        Spec::new("sessions", Phase::Service).after(&["listener"])
+    }
+    fn start(&self, ctx: &Ctx) -> Result<(), String> {
+        let l = ctx.get::<Listener>().ok_or("listener missing")?;
+        let rx = l.0.lock().expect("listener lock").as_ref().ok_or("listener stopped")?.outcomes.clone();
+        let st = self.0.clone();
+        std::thread::Builder::new()
+            .name("dwcp-sessions".into())
+            .spawn(move || {
+                while !st.stop.load(Relaxed) {
+                    let Ok(o) = rx.recv_timeout(Duration::from_millis(200)) else { continue };
+                    let result = o.result.as_ref().map(|d| dataplane::recv::hex(d)).map_err(Clone::clone);
+                    st.metrics.sessions.with_label_values(&[if result.is_ok() { "verified" } else { "failed" }]).inc();
+                    st.metrics.bytes.with_label_values::<&str>(&[]).inc_by(o.received);
+                    let mut s = st.sessions.lock().expect("sessions lock");
+                    s.push(SessionSummary { name: o.name, size: o.size, received: o.received, wall_s: o.wall.as_secs_f64(), result });
+                    let n = s.len();
+                    if n > 100 {
+                        s.drain(..n - 100);
+                    }
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+    fn stop(&self, _: &Ctx) {
+        self.0.stop.store(true, Relaxed);
+    }
+}
+
+impl Component for ApiC {
+    fn spec(&self) -> Spec {
+        Spec::new("api", Phase::Service).after(&["config", "host"])
+    }
+    fn start(&self, ctx: &Ctx) -> Result<(), String> {
+        let addr = &self.0.config.api.listen;
+        let server = Arc::new(tiny_http::Server::http(addr).map_err(|e| format!("api.listen {addr}: {e}"))?);
+        if let Some(a) = server.server_addr().to_ip() {
+            let _ = self.0.api.set(a);
+        }
+        let (st, srv) = (self.0.clone(), server.clone());
+        std::thread::Builder::new().name("dwcp-api".into()).spawn(move || crate::api::serve(&srv, &st)).map_err(|e| e.to_string())?;
+        ctx.put(ApiServer(server));
+        Ok(())
+    }
+    fn stop(&self, ctx: &Ctx) {
+        if let Some(s) = ctx.get::<ApiServer>() {
+            s.0.unblock();
+        }
+    }
+}
+
+/// Measures the RTT to `addr` as the time a TCP connect takes (one round trip).
+fn probe_rtt(addr: &str) -> Result<Duration, String> {
+    let sa = addr.to_socket_addrs().map_err(|e| e.to_string())?.next().ok_or("no address")?;
+    let t = Instant::now();
+    TcpStream::connect_timeout(&sa, Duration::from_secs(1)).map_err(|e| e.to_string())?;
+    Ok(t.elapsed())
+}
+
+fn probe_peers(st: &State, epoch: Instant) {
+    for p in st.config.peers.clone() {
+        let r = probe_rtt(&p.addr);
+        let mut peers = st.peers.lock().expect("peers lock");
+        if let Ok(rtt) = r {
+            // A connect probe measures RTT only; bandwidth comes from live transfers.
+            if let Some(sw) = peers.observe(&p.name, Sample { at: epoch.elapsed(), rtt, bw_bps: f64::NAN }) {
+                tracing::info!(peer = %p.name, ?sw, "mode switch");
+            }
+            st.metrics.peer_rtt.with_label_values(&[&p.name]).set(rtt.as_secs_f64());
+        }
+        let mode = peers.modes().into_iter().find(|(n, _)| *n == p.name).map(|(_, m)| m).unwrap_or(Mode::Internet);
+        for m in [Mode::Datacenter, Mode::Internet] {
+            st.metrics.peer_mode.with_label_values(&[&p.name, &format!("{m:?}").to_lowercase()]).set(f64::from(u8::from(m == mode)));
+        }
+        let mut ps = st.peer_status.lock().expect("peer status lock");
+        if let Some(e) = ps.iter_mut().find(|e| e.name == p.name) {
+            e.mode = format!("{mode:?}").to_lowercase();
+            e.last_rtt_ms = r.map(|d| d.as_secs_f64() * 1e3);
+        }
+    }
+}
+
+impl Component for PeersC {
+    fn spec(&self) -> Spec {
+        Spec::new("peers", Phase::PostInit).after(&["config"])
+    }
+    fn start(&self, _: &Ctx) -> Result<(), String> {
+        let t = self.0.config.thresholds();
+        let mut peers = self.0.peers.lock().expect("peers lock");
+        let mut ps = self.0.peer_status.lock().expect("peer status lock");
+        for p in &self.0.config.peers {
+            peers.add(&p.name, t, Mode::Internet);
+            ps.push(PeerStatus { name: p.name.clone(), addr: p.addr.clone(), mode: "internet".into(), last_rtt_ms: Err("not measured yet".into()) });
+        }
+        Ok(())
+    }
+}
+
+impl Component for ModeC {
+    fn spec(&self) -> Spec {
+        Spec::new("mode", Phase::PostInit).after(&["peers"]).optional()
+    }
+    fn start(&self, _: &Ctx) -> Result<(), String> {
+        let st = self.0.clone();
+        let every = Duration::from_secs_f64(st.config.mode.probe_interval_s);
+        std::thread::Builder::new()
+            .name("dwcp-mode".into())
+            .spawn(move || {
+                let epoch = Instant::now();
+                while !st.stop.load(Relaxed) {
+                    probe_peers(&st, epoch);
+                    let t = Instant::now();
+                    while t.elapsed() < every && !st.stop.load(Relaxed) {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}
+
+impl Component for ReadyC {
+    fn spec(&self) -> Spec {
+        Spec::new("ready", Phase::PostInit).after(&["api", "sessions", "peers"])
+    }
+    fn start(&self, _: &Ctx) -> Result<(), String> {
+        self.0.ready.store(true, Relaxed);
+        // Tells systemd (Type=notify) we are ready; a no-op without NOTIFY_SOCKET.
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        Ok(())
+    }
+}
+
+/// A running daemon.
+#[derive(Debug)]
+pub struct Daemon {
+    /// What the API reports.
+    pub state: Arc<State>,
+    booted: Booted,
+}
+
+impl Daemon {
+    /// Stops everything in reverse order.
+    pub fn shutdown(self) {
+        self.state.stop.store(true, Relaxed);
+        self.booted.shutdown();
+    }
+}
+
+/// The daemon's boot graph over `state`.
+pub fn graph(state: &Arc<State>) -> Graph {
+    let s = || state.clone();
+    let comps: Vec<Arc<dyn Component>> = vec![
+        Arc::new(HostC(s())),
+        Arc::new(ConfigC(s())),
+        Arc::new(KeysC(s())),
+        Arc::new(ListenerC(s())),
+        Arc::new(RdmaC(s())),
+        Arc::new(BpfC(s())),
+        Arc::new(SessionsC(s())),
+        Arc::new(ApiC(s())),
+        Arc::new(PeersC(s())),
+        Arc::new(ModeC(s())),
+        Arc::new(ReadyC(s())),
+    ];
+    Graph::new(comps).expect("the daemon's own graph is well formed")
+}
+
+/// Boots the daemon; returns once it is ready (or why it could not be).
+pub fn run(config: Config, parallel: bool) -> Result<Daemon, BootError> {
+    let state = Arc::new(State {
+        config,
+        host: OnceLock::new(),
+        listener: OnceLock::new(),
+        api: OnceLock::new(),
+        ready: AtomicBool::new(false),
+        boot: Mutex::new(Vec::new()),
+        boot_ms: Mutex::new(0.0),
+        sessions: Mutex::new(Vec::new()),
+        peers: Mutex::new(Peers::default()),
+        peer_status: Mutex::new(Vec::new()),
+        metrics: Metrics::new(),
+        stop: AtomicBool::new(false),
+    });
+    let booted = graph(&state).boot(parallel)?;
+    for r in &booted.records {
+        let outcome = match r.outcome {
+            crate::boot::Outcome::Started => "started",
+            crate::boot::Outcome::Degraded(_) => "degraded",
+            _ => "other",
+        };
+        state.metrics.component_seconds.with_label_values(&[&r.name, &format!("{:?}", r.phase), outcome]).set(r.took.as_secs_f64());
+        if outcome == "degraded" {
+            state.metrics.degraded.with_label_values(&[&r.name]).set(1.0);
+        }
+    }
+    *state.boot.lock().expect("boot lock") = booted.records.clone();
+    *state.boot_ms.lock().expect("boot lock") = booted.took.as_secs_f64() * 1e3;
+    Ok(Daemon { state, booted })
+}
