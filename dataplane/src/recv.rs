@@ -58,7 +58,7 @@ pub struct RecvOptions {
 impl RecvOptions {
     /// Defaults.
     pub fn new(listen: impl Into<String>, sink: Sink, psk: Psk) -> Self {
-        Self { listen: listen.into(), sink, psk, allow_plaintext: false, idle_timeout: Duration::from_secs(30), max_chunk: 4 << 20, cores: None }
+        Self { listen: listen.into(), sink, psk, allow_plaintext: false, idle_timeout: Duration::from_secs(30), max_chunk: 2 << 20, cores: None }
     }
 }
 
@@ -145,6 +145,9 @@ enum Out {
     Stdout,
 }
 
+/// Registered buffers per receiver shard: one per stream being read plus writes in flight.
+const POOL_BUFFERS: u16 = 16;
+
 /// Handshakes allowed in progress at once (each holds a thread until done or timed out).
 const MAX_PENDING_HANDSHAKES: usize = 256;
 
@@ -185,22 +188,38 @@ pub fn start(opts: RecvOptions) -> Result<ReceiverHandle, RecvError> {
     let (out_tx, out_rx) = crossbeam_channel::unbounded();
     let buf_size = wire::header_wire_len(true) + opts.max_chunk.max(wire::MAX_CONTROL_PAYLOAD) as usize + wire::TAG_LEN;
     let mut shard_txs = Vec::new();
+    // Each shard builds its own ring and pool on its own core, in parallel (registering a pool
+    // pins its pages, which is most of a receiver's start-up time).
+    let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<(), std::io::Error>>(nshards);
     for k in 0..nshards {
         let (tx, rx) = crossbeam_channel::unbounded::<ToShard>();
         shard_txs.push(tx);
-        let ring = Ring::new(512, 24, buf_size, false).map_err(RecvError::Ring)?;
         let coord = coord_tx.clone();
         let core = cores.get(k % cores.len().max(1)).copied();
-        let (stop, idle) = (stop.clone(), opts.idle_timeout);
+        let (stop, idle, ready) = (stop.clone(), opts.idle_timeout, ready_tx.clone());
         std::thread::Builder::new()
             .name(format!("dwcp-rx-shard{k}"))
             .spawn(move || {
                 if let Some(c) = core {
                     core_affinity::set_for_current(c);
                 }
+                let ring = match Ring::new(512, POOL_BUFFERS, buf_size, false) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = ready.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = ready.send(Ok(()));
                 RxShard { k, ring, rx, coord, streams: slab::Slab::new(), idle, epoch }.run(&stop);
             })
             .expect("spawn shard");
+    }
+    for _ in 0..nshards {
+        if let Ok(Err(e)) = ready_rx.recv() {
+            stop.store(true, Relaxed);
+            return Err(RecvError::Ring(e));
+        }
     }
     {
         let (sink, shard_txs, stop) = (opts.sink.clone(), shard_txs.clone(), stop.clone());
@@ -234,9 +253,16 @@ pub fn start(opts: RecvOptions) -> Result<ReceiverHandle, RecvError> {
                     let (opts, coord, shards, next, refused, pending) =
                         (opts.clone(), coord_tx.clone(), shard_txs.clone(), next.clone(), ref_tx.clone(), pending.clone());
                     let _ = std::thread::Builder::new().name("dwcp-handshake".into()).spawn(move || {
-                        if let Err(e) = admit(sock, &opts, &coord, &shards, &next) {
-                            warn!(%peer, "connection refused: {e}");
-                            let _ = refused.try_send((peer, e.to_string()));
+                        match admit(sock, &opts, &coord, &shards, &next) {
+                            // Closed before a byte: a reachability probe (mode detection), not an error.
+                            Err(HandshakeError::Closed { during: "reading the preamble", .. }) => {
+                                tracing::debug!(%peer, "probe connection (closed before the preamble)");
+                            }
+                            Err(e) => {
+                                warn!(%peer, "connection refused: {e}");
+                                let _ = refused.try_send((peer, e.to_string()));
+                            }
+                            Ok(()) => {}
                         }
                         pending.fetch_sub(1, Relaxed);
                     });

@@ -1,6 +1,7 @@
 //! `dwcp`: move VM images and byte streams between hosts over many authenticated, encrypted
 //! io_uring TCP streams, verified end to end.
 
+mod daemon;
 mod fmt;
 
 use std::io::IsTerminal;
@@ -32,6 +33,32 @@ enum Cmd {
     Send(SendArgs),
     /// Receive objects from senders, several sessions at once.
     Recv(RecvArgs),
+    /// Run the daemon: boot graph, transfer listener, HTTP health/readiness/metrics/status.
+    Daemon {
+        /// Configuration file (TOML); DWCP_* variables and these flags override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Transfer listener address (overrides node.listen).
+        #[arg(long)]
+        listen: Option<String>,
+        /// HTTP endpoint address (overrides api.listen).
+        #[arg(long)]
+        api: Option<String>,
+    },
+    /// Show a running daemon's status for a person.
+    Status {
+        /// The daemon's HTTP endpoint.
+        #[arg(long, default_value = "127.0.0.1:7471")]
+        api: String,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Configuration tools.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
     /// Write a new random pre-shared key to FILE (mode 0600); copy it to both hosts.
     Keygen {
         /// Where to write the key.
@@ -39,6 +66,15 @@ enum Cmd {
         /// Overwrite an existing file.
         #[arg(long)]
         force: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCmd {
+    /// Load and validate FILE (with DWCP_* overrides); names the key, line and expectation of any error.
+    Check {
+        /// The file.
+        file: PathBuf,
     },
 }
 
@@ -109,7 +145,7 @@ struct RecvArgs {
     #[arg(long, default_value = "30s", value_parser = fmt::parse_duration)]
     idle_timeout: Duration,
     /// Largest chunk accepted.
-    #[arg(long, default_value = "4MiB", value_parser = fmt::parse_size)]
+    #[arg(long, default_value = "2MiB", value_parser = fmt::parse_size)]
     max_chunk: u64,
     /// Exit after the first session ends (status 0 if it verified).
     #[arg(long)]
@@ -135,6 +171,9 @@ fn main() {
         Cmd::Send(a) => cmd_send(a),
         Cmd::Recv(a) => cmd_recv(a),
         Cmd::Keygen { file, force } => cmd_keygen(&file, force),
+        Cmd::Daemon { config, listen, api } => daemon::run(config, listen, api),
+        Cmd::Status { api, json } => daemon::status(&api, json),
+        Cmd::Config { cmd: ConfigCmd::Check { file } } => daemon::check(&file),
     };
     if let Err(e) = r {
         // Our error types already print their causes; add only what a layer did not say.

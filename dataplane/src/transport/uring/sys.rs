@@ -135,6 +135,8 @@ impl Ring {
         let ring = IoUring::new(entries)?;
         let buf_size = buf_size.next_multiple_of(4096);
         let mut mem = MmapMut::map_anon(buf_size * usize::from(count).max(1))?;
+        // Transparent huge pages make the pinning at registration (and later TLB use) cheaper.
+        let _ = mem.advise(memmap2::Advice::HugePage);
         let iovs: Vec<libc::iovec> = (0..usize::from(count))
             .map(|i| libc::iovec {
                 iov_base: mem[i * buf_size..].as_mut_ptr().cast(),
