@@ -9,7 +9,7 @@ RIG_PKGS := qemu-system-x86 busybox-static rdma-core ibverbs-utils perftest libi
             librdmacm-dev libclang-dev clang pkg-config cpio kmod iproute2 gzip \
             iputils-ping ethtool iperf3 python3 openssl
 
-.PHONY: all deps bench-deps vm-deps build demo test fuzz-smoke bench-transport corpus wan-down clean
+.PHONY: all deps bench-deps vm-deps build demo test fuzz-smoke bench-transport bench-boot corpus clean
 
 all: build
 
@@ -62,6 +62,9 @@ fuzz-smoke:
 
 bench-transport: build bench-deps
 	./target/release/bench-transport
+
+bench-boot: build
+	./target/release/bench-boot
 
 # Guest-RAM corpus under target/corpus (cached): see docs/rigs.md.
 corpus: vm-deps
