@@ -271,7 +271,7 @@ impl Config {
         if m.confirm == 0 {
             return bad("mode.confirm", "is 0; expected at least 1 sample".into());
         }
-        if !(m.probe_interval_s > 0.0) {
+        if m.probe_interval_s.is_nan() || m.probe_interval_s <= 0.0 {
             return bad("mode.probe_interval_s", format!("is {}; expected seconds above 0", m.probe_interval_s));
         }
         Ok(())

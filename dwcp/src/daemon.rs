@@ -86,7 +86,7 @@ pub fn status(api: &str, json: bool) -> Result<()> {
 }
 
 /// Validates a config file.
-pub fn check(file: &PathBuf) -> Result<()> {
+pub fn check(file: &std::path::Path) -> Result<()> {
     Config::load(Some(file), std::env::vars(), &[])?;
     println!("{}: ok", file.display());
     Ok(())

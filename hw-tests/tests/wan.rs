@@ -216,3 +216,64 @@ echo ===LOSS===; ip netns exec a iperf3 -c 10.88.0.2 -p 5301 -C cubic -t 20 -O 2
         assert!((0.7..=1.3).contains(&(one / bound)), "{who}: cubic {:.2} Mbit/s vs Mathis {:.2}", one / 1e6, bound / 1e6);
     }
 }
+
+/// Mode detection end to end: a daemon in `dwcp-a` probing one peer across the emulated WAN
+/// (30 ms) and one on its own loopback calls the first internet, the second datacenter, and the
+/// cluster hybrid.
+#[test]
+fn daemon_detects_modes_over_the_wan_rig() {
+    let _g = RIG.lock().unwrap_or_else(|e| e.into_inner());
+    require();
+    let dwcp = root().join("target/release/dwcp");
+    assert!(dwcp.exists(), "{} missing: cargo build --release -p dwcp", dwcp.display());
+    let dir = tempfile_dir();
+    let key = dir.join("key");
+    assert!(Command::new(&dwcp).args(["keygen", "--force"]).arg(&key).stderr(Stdio::null()).status().unwrap().success());
+    let w = Wan::up(&["--rtt", "30ms", "--rate", "1gbit"]);
+    let mut kids = Vec::new();
+    let d = dwcp.to_str().unwrap();
+    let k = key.to_str().unwrap();
+    kids.push(ns("dwcp-b", &[d, "recv", "--listen", "10.77.0.2:7470", "--discard", "--key-file", k]).stderr(Stdio::null()).spawn().unwrap());
+    kids.push(ns("dwcp-a", &[d, "recv", "--listen", "127.0.0.1:7472", "--discard", "--key-file", k]).stderr(Stdio::null()).spawn().unwrap());
+    let cfg = dir.join("d.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[node]\nlisten = \"127.0.0.1:7470\"\nout = \"{}\"\nkey_file = \"{k}\"\n[api]\nlisten = \"127.0.0.1:7481\"\n\
+             [mode]\nprobe_interval_s = 0.2\nconfirm = 3\nmin_dwell_s = 0\n\
+             [[peers]]\nname = \"far\"\naddr = \"10.77.0.2:7470\"\n[[peers]]\nname = \"near\"\naddr = \"127.0.0.1:7472\"\n",
+            dir.join("out").display()
+        ),
+    )
+    .unwrap();
+    kids.push(ns("dwcp-a", &[d, "daemon", "--config", cfg.to_str().unwrap()]).stderr(Stdio::null()).spawn().unwrap());
+    let t = std::time::Instant::now();
+    let status = loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let out = ns("dwcp-a", &[d, "status", "--api", "127.0.0.1:7481", "--json"]).output().unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        if v["cluster_mode"] == "hybrid" || t.elapsed() > Duration::from_secs(15) {
+            break v;
+        }
+    };
+    for mut c in kids {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    drop(w);
+    eprintln!("mode detection over the WAN rig: {}", status["peers"]);
+    record("mode_detection", status["peers"].clone());
+    let peer = |n: &str| status["peers"].as_array().and_then(|a| a.iter().find(|p| p["name"] == n).cloned()).unwrap_or(Value::Null);
+    assert_eq!(peer("far")["mode"], "internet", "{status}");
+    assert_eq!(peer("near")["mode"], "datacenter", "{status}");
+    let far_rtt = peer("far")["last_rtt_ms"]["Ok"].as_f64().unwrap_or(0.0);
+    assert!((28.0..40.0).contains(&far_rtt), "far RTT {far_rtt} ms over a 30 ms link");
+    assert_eq!(status["cluster_mode"], "hybrid");
+}
+
+fn tempfile_dir() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("dwcp-wan-mode-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}

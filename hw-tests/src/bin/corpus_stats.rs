@@ -81,7 +81,7 @@ fn main() {
                 }
             }
         }
-        if idx % 8 == 0 {
+        if idx.is_multiple_of(8) {
             bitmap.push(0u8);
         }
         if pa != pb {
