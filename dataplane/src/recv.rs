@@ -577,7 +577,8 @@ impl RxShard {
                     && h.offset.checked_add(u64::from(h.len)).is_none_or(|end| end > size)
                 {
                     let msg = format!("chunk at offset {} of {} bytes lies past the declared object size {size}", h.offset, h.len);
-                    return self.fail_session(key, ErrorCode::OutOfRange, &msg);
+                    // The code (OutOfRange) tells the sender this ends the session, not just the stream.
+                    return self.fail(key, ErrorCode::OutOfRange, &msg);
                 }
                 s.state = RxState::Payload { buf, h, filled: 0 };
                 if h.len == 0 {
@@ -640,11 +641,6 @@ impl RxShard {
         self.release(key);
         let why = Some(msg.to_owned());
         self.down(key, why);
-    }
-
-    /// Like `fail`, but the error ends the whole session (the sender is told so by its code).
-    fn fail_session(&mut self, key: usize, code: ErrorCode, msg: &str) {
-        self.fail(key, code, msg);
     }
 
     /// Frees the stream's read buffer if it holds one that is not in flight.
