@@ -130,7 +130,11 @@ impl Conn {
                 Ok(None) => {}
                 Err(source) => return Err(HandshakeError::Wire { during, source }),
             }
-            let n = self.sock.read(&mut buf).map_err(io_err(during, self.timeout, ""))?;
+            let n = match self.sock.read(&mut buf) {
+                // A signal (io_uring task work in this process can raise one) is not an error.
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => r.map_err(io_err(during, self.timeout, ""))?,
+            };
             if n == 0 {
                 return Err(HandshakeError::Closed { during, hint: "" });
             }
