@@ -49,10 +49,13 @@ demo: build
 	ls -l target/demo/out; \
 	exit $$(( st | rst ))
 
-# The fuzz smoke run goes first so that cargo test's summary closes the output.
+# The fuzz smoke run goes first so that cargo test's summary closes the output; the rigs need
+# root (CI has it) and the packages of vm-deps, and run last, one test at a time, printing the
+# figures they measure.
 test: vm-deps
 	$(MAKE) --no-print-directory fuzz-smoke
-	$(CARGO) test --release --workspace
+	$(CARGO) test --release --workspace --exclude hw-tests
+	$(CARGO) test --release -p hw-tests -- --nocapture --test-threads=1
 
 # A 20-second run of the fuzz target over every decoder of peer bytes (installs cargo-fuzz from
 # crates.io when missing; RUSTC_BOOTSTRAP lets the stable toolchain take its sanitizer flags).
