@@ -41,6 +41,12 @@ pub struct PeerStatus {
     pub mode: String,
     /// Last measured RTT (ms), or why it could not be measured.
     pub last_rtt_ms: Result<f64, String>,
+    /// Last goodput of a transfer from this peer (Gbit/s).
+    pub last_goodput_gbps: Option<f64>,
+    /// What the current mode sets for transfers to this peer.
+    pub defaults: crate::mode::TransferDefaults,
+    #[serde(skip)]
+    ips: Vec<std::net::IpAddr>,
 }
 
 /// Metrics, in a registry of their own (Prometheus text format on `/metrics`).
@@ -118,6 +124,7 @@ pub struct State {
     /// Metrics.
     pub metrics: Metrics,
     stop: AtomicBool,
+    epoch: Instant,
 }
 
 impl State {
@@ -254,6 +261,7 @@ impl Component for SessionsC {
                     let result = o.result.as_ref().map(|d| dataplane::recv::hex(d)).map_err(Clone::clone);
                     st.metrics.sessions.with_label_values(&[if result.is_ok() { "verified" } else { "failed" }]).inc();
                     st.metrics.bytes.with_label_values::<&str>(&[]).inc_by(o.received);
+                    feed_goodput(&st, &o);
                     let mut s = st.sessions.lock().expect("sessions lock");
                     s.push(SessionSummary { name: o.name, size: o.size, received: o.received, wall_s: o.wall.as_secs_f64(), result });
                     let n = s.len();
@@ -292,6 +300,22 @@ impl Component for ApiC {
     }
 }
 
+/// A finished transfer from a configured peer refreshes its mode with the goodput it reached
+/// (with the last probed RTT): a live measurement, not only the probe's.
+fn feed_goodput(st: &State, o: &dataplane::recv::SessionOutcome) {
+    let (Some(ip), true) = (o.peer, o.received >= 1 << 20 && o.wall > Duration::from_millis(10)) else { return };
+    let gbps = o.received as f64 * 8.0 / o.wall.as_secs_f64() / 1e9;
+    let mut ps = st.peer_status.lock().expect("peer status lock");
+    let Some(p) = ps.iter_mut().find(|p| p.ips.contains(&ip)) else { return };
+    p.last_goodput_gbps = Some(gbps);
+    let Ok(rtt_ms) = p.last_rtt_ms else { return };
+    let mut peers = st.peers.lock().expect("peers lock");
+    let at = st.epoch.elapsed();
+    if let Some(sw) = peers.observe(&p.name, Sample { at, rtt: Duration::from_secs_f64(rtt_ms / 1e3), bw_bps: gbps * 1e9 }) {
+        tracing::info!(peer = %p.name, ?sw, "mode switch from a live transfer");
+    }
+}
+
 /// Measures the RTT to `addr` as the time a TCP connect takes (one round trip).
 fn probe_rtt(addr: &str) -> Result<Duration, String> {
     let sa = addr.to_socket_addrs().map_err(|e| e.to_string())?.next().ok_or("no address")?;
@@ -300,9 +324,11 @@ fn probe_rtt(addr: &str) -> Result<Duration, String> {
     Ok(t.elapsed())
 }
 
-fn probe_peers(st: &State, epoch: Instant) {
+fn probe_peers(st: &State) {
+    let epoch = st.epoch;
     for p in st.config.peers.clone() {
         let r = probe_rtt(&p.addr);
+        let ips: Vec<std::net::IpAddr> = p.addr.to_socket_addrs().map(|a| a.map(|s| s.ip()).collect()).unwrap_or_default();
         let mut peers = st.peers.lock().expect("peers lock");
         if let Ok(rtt) = r {
             // A connect probe measures RTT only; bandwidth comes from live transfers.
@@ -318,7 +344,10 @@ fn probe_peers(st: &State, epoch: Instant) {
         let mut ps = st.peer_status.lock().expect("peer status lock");
         if let Some(e) = ps.iter_mut().find(|e| e.name == p.name) {
             e.mode = format!("{mode:?}").to_lowercase();
+            let h = st.host.get();
+            e.defaults = crate::mode::defaults(mode, h.is_some_and(|h| !h.rdma_devices.is_empty()), h.map_or(1, |h| h.cores), r.as_ref().ok().copied());
             e.last_rtt_ms = r.map(|d| d.as_secs_f64() * 1e3);
+            e.ips = ips;
         }
     }
 }
@@ -333,7 +362,8 @@ impl Component for PeersC {
         let mut ps = self.0.peer_status.lock().expect("peer status lock");
         for p in &self.0.config.peers {
             peers.add(&p.name, t, Mode::Internet);
-            ps.push(PeerStatus { name: p.name.clone(), addr: p.addr.clone(), mode: "internet".into(), last_rtt_ms: Err("not measured yet".into()) });
+            let defaults = crate::mode::defaults(Mode::Internet, false, 1, None);
+            ps.push(PeerStatus { name: p.name.clone(), addr: p.addr.clone(), mode: "internet".into(), last_rtt_ms: Err("not measured yet".into()), last_goodput_gbps: None, defaults, ips: Vec::new() });
         }
         Ok(())
     }
@@ -349,9 +379,8 @@ impl Component for ModeC {
         std::thread::Builder::new()
             .name("dwcp-mode".into())
             .spawn(move || {
-                let epoch = Instant::now();
                 while !st.stop.load(Relaxed) {
-                    probe_peers(&st, epoch);
+                    probe_peers(&st);
                     let t = Instant::now();
                     while t.elapsed() < every && !st.stop.load(Relaxed) {
                         std::thread::sleep(Duration::from_millis(50));
@@ -425,6 +454,7 @@ pub fn run(config: Config, parallel: bool) -> Result<Daemon, BootError> {
         peer_status: Mutex::new(Vec::new()),
         metrics: Metrics::new(),
         stop: AtomicBool::new(false),
+        epoch: Instant::now(),
     });
     let booted = graph(&state).boot(parallel)?;
     for r in &booted.records {

@@ -168,6 +168,49 @@ impl Peers {
     }
 }
 
+/// Transport a mode prefers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// RDMA RC queue pairs.
+    Rdma,
+    /// io_uring multi-stream TCP.
+    Tcp,
+}
+
+/// What a mode sets for transfers to a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct TransferDefaults {
+    /// Transport.
+    pub transport: Transport,
+    /// Parallel streams (or queue pairs).
+    pub streams: u16,
+    /// Encrypt the streams.
+    pub encrypt: bool,
+    /// Adaptive compression (HDE) on.
+    pub adaptive_compression: bool,
+}
+
+/// The defaults a mode sets: datacenter takes RDMA when the host has a device, many streams, no
+/// encryption and no compression (the link outruns both); internet takes multi-stream TCP sized
+/// by the RTT, encryption, and adaptive compression. In a hybrid cluster each peer gets its own.
+pub fn defaults(mode: Mode, rdma_present: bool, cores: usize, rtt: Option<Duration>) -> TransferDefaults {
+    match mode {
+        Mode::Datacenter => TransferDefaults {
+            transport: if rdma_present { Transport::Rdma } else { Transport::Tcp },
+            streams: (2 * cores).clamp(4, 32) as u16,
+            encrypt: false,
+            adaptive_compression: false,
+        },
+        Mode::Internet => TransferDefaults {
+            transport: Transport::Tcp,
+            streams: dataplane::session::default_streams(cores, rtt.unwrap_or(Duration::from_millis(50))),
+            encrypt: true,
+            adaptive_compression: true,
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,6 +263,15 @@ mod tests {
         let sw = replay(&mut d, &seq);
         assert_eq!(sw.len(), 1, "{sw:?}");
         assert_eq!(sw[0], Switch { from: Mode::Datacenter, to: Mode::Internet, at: Duration::from_secs(12) });
+    }
+
+    #[test]
+    fn modes_set_their_defaults() {
+        let dc = defaults(Mode::Datacenter, true, 8, Some(Duration::from_micros(50)));
+        assert_eq!(dc, TransferDefaults { transport: Transport::Rdma, streams: 16, encrypt: false, adaptive_compression: false });
+        assert_eq!(defaults(Mode::Datacenter, false, 2, None).transport, Transport::Tcp);
+        let wan = defaults(Mode::Internet, true, 2, Some(Duration::from_millis(80)));
+        assert_eq!(wan, TransferDefaults { transport: Transport::Tcp, streams: 10, encrypt: true, adaptive_compression: true });
     }
 
     #[test]

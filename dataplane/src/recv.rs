@@ -95,6 +95,8 @@ pub enum RecvError {
 pub struct SessionOutcome {
     /// Object name.
     pub name: String,
+    /// The sender's address.
+    pub peer: Option<std::net::IpAddr>,
     /// Object size (bytes placed, for a stream).
     pub size: u64,
     /// Bytes received in this session (excluding what a resume found already present).
@@ -155,7 +157,7 @@ type Reply<T> = Sender<Result<T, (ErrorCode, String)>>;
 type StreamAddr = (usize, usize);
 
 enum ToCoord {
-    Open { hello: Hello, reply: Reply<(Welcome, SessionRef)> },
+    Open { hello: Hello, peer: Option<std::net::IpAddr>, reply: Reply<(Welcome, SessionRef)> },
     Join { session: [u8; 16], reply: Reply<SessionRef> },
     Placed { session: [u8; 16], offset: u64, len: u32, sum: u64 },
     Deliver { session: [u8; 16], offset: u64, data: Vec<u8>, sum: u64, from: StreamAddr },
@@ -295,7 +297,8 @@ fn admit(sock: TcpStream, opts: &RecvOptions, coord: &Sender<ToCoord>, shards: &
         }
         Hello::Open { .. } => {
             let (rtx, rrx) = crossbeam_channel::bounded(1);
-            let _ = coord.send(ToCoord::Open { hello, reply: rtx });
+            let peer = conn.sock.peer_addr().ok().map(|a| a.ip());
+            let _ = coord.send(ToCoord::Open { hello, peer, reply: rtx });
             let (mut w, s) = rrx.recv().unwrap_or(Err((ErrorCode::Internal, "receiver shutting down".into()))).map_err(|(c, m)| refuse(&mut conn, c, m))?;
             w.caps.max_chunk = opts.max_chunk;
             (s, w)
@@ -680,6 +683,7 @@ struct Journal {
 
 struct RxSession {
     name: String,
+    peer: Option<std::net::IpAddr>,
     size: Option<u64>,
     out: Out,
     part: Option<PathBuf>,
@@ -724,8 +728,8 @@ impl Coordinator {
 
     fn handle(&mut self, m: ToCoord) {
         match m {
-            ToCoord::Open { hello, reply } => {
-                let r = self.open(hello);
+            ToCoord::Open { hello, peer, reply } => {
+                let r = self.open(hello, peer);
                 let _ = reply.send(r);
             }
             ToCoord::Join { session, reply } => {
@@ -767,7 +771,7 @@ impl Coordinator {
         }
     }
 
-    fn open(&mut self, hello: Hello) -> Result<(Welcome, SessionRef), (ErrorCode, String)> {
+    fn open(&mut self, hello: Hello, peer: Option<std::net::IpAddr>) -> Result<(Welcome, SessionRef), (ErrorCode, String)> {
         let Hello::Open { chunk_size, object_size, object_id, resume, name, .. } = hello else {
             return Err((ErrorCode::Protocol, "expected an open".into()));
         };
@@ -780,6 +784,7 @@ impl Coordinator {
         let activity = Arc::new(AtomicU64::new(millis(self.epoch)));
         let mut sess = RxSession {
             name: name.clone(),
+            peer,
             size,
             out: Out::Discard,
             part: None,
@@ -912,6 +917,7 @@ impl Coordinator {
         // Reported once the sender has closed its streams, i.e. after it has read the reply.
         s.outcome = Some(SessionOutcome {
             name: s.name.clone(),
+            peer: s.peer,
             size: commit.size,
             received: s.received,
             resumed: s.resumed,
@@ -934,6 +940,7 @@ impl Coordinator {
         warn!(name = %s.name, "{msg}");
         let _ = self.outcomes.send(SessionOutcome {
             name: s.name.clone(),
+            peer: s.peer,
             size: s.size.unwrap_or(0),
             received: s.received,
             resumed: s.resumed,

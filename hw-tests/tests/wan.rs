@@ -239,7 +239,7 @@ fn daemon_detects_modes_over_the_wan_rig() {
     std::fs::write(
         &cfg,
         format!(
-            "[node]\nlisten = \"127.0.0.1:7470\"\nout = \"{}\"\nkey_file = \"{k}\"\n[api]\nlisten = \"127.0.0.1:7481\"\n\
+            "[node]\nlisten = \"0.0.0.0:7470\"\nout = \"{}\"\nkey_file = \"{k}\"\n[api]\nlisten = \"127.0.0.1:7481\"\n\
              [mode]\nprobe_interval_s = 0.2\nconfirm = 3\nmin_dwell_s = 0\n\
              [[peers]]\nname = \"far\"\naddr = \"10.77.0.2:7470\"\n[[peers]]\nname = \"near\"\naddr = \"127.0.0.1:7472\"\n",
             dir.join("out").display()
@@ -256,6 +256,12 @@ fn daemon_detects_modes_over_the_wan_rig() {
             break v;
         }
     };
+    // A live transfer from the far peer refreshes its mode with the goodput it reached.
+    let sent = ns("dwcp-b", &[d, "send", "gen:24M", "--to", "10.77.0.1:7470", "--key-file", k]).output().unwrap();
+    assert!(sent.status.success(), "{}", String::from_utf8_lossy(&sent.stderr));
+    std::thread::sleep(Duration::from_millis(700));
+    let out = ns("dwcp-a", &[d, "status", "--api", "127.0.0.1:7481", "--json"]).output().unwrap();
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap_or(status);
     for mut c in kids {
         let _ = c.kill();
         let _ = c.wait();
@@ -269,6 +275,12 @@ fn daemon_detects_modes_over_the_wan_rig() {
     let far_rtt = peer("far")["last_rtt_ms"]["Ok"].as_f64().unwrap_or(0.0);
     assert!((28.0..40.0).contains(&far_rtt), "far RTT {far_rtt} ms over a 30 ms link");
     assert_eq!(status["cluster_mode"], "hybrid");
+    let far_gbps = peer("far")["last_goodput_gbps"].as_f64().unwrap_or(0.0);
+    assert!(far_gbps > 0.0 && far_gbps <= 1.0, "far goodput {far_gbps} Gbit/s through a 1 Gbit/s link");
+    // Each peer carries its own mode's defaults (hybrid: per peer).
+    assert_eq!(peer("far")["defaults"]["encrypt"], true);
+    assert_eq!(peer("near")["defaults"]["encrypt"], false);
+    assert!(peer("far")["defaults"]["streams"].as_u64().unwrap() >= 4, "30 ms of RTT adds streams");
 }
 
 fn tempfile_dir() -> PathBuf {
