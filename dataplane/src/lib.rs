@@ -8,6 +8,7 @@
 pub mod crypto;
 pub mod framing;
 pub mod handshake;
+pub mod hde;
 pub mod placement;
 pub mod recv;
 pub mod send;

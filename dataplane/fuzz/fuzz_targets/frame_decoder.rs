@@ -1,5 +1,6 @@
 //! Fuzzes everything that decodes bytes from a peer: the incremental frame reader (plaintext and
-//! encrypted codecs), the header decoder, and each control payload decoder. None may panic.
+//! encrypted codecs), the header decoder, each control payload decoder, the journal parser and
+//! the HDE page decoder. None may panic.
 #![no_main]
 
 use dataplane::crypto::FrameCodec;
@@ -35,4 +36,20 @@ fuzz_target!(|data: &[u8]| {
         let _ = wire::FrameHeader::decode(rest[..wire::HEADER_LEN].try_into().unwrap());
     }
     let _ = dataplane::session::parse_journal(rest);
+    // The HDE page decoder: whatever it writes must carry a matching checksum.
+    let mut store = Store(std::collections::HashMap::new());
+    store.0.insert(0, vec![7u8; dataplane::hde::PAGE]);
+    if let Ok(mut d) = dataplane::hde::Decoder::new(None) {
+        let _ = d.decode(rest, &mut store);
+    }
 });
+
+struct Store(std::collections::HashMap<u64, Vec<u8>>);
+impl dataplane::hde::PageStore for Store {
+    fn get(&self, no: u64) -> Option<&[u8]> {
+        self.0.get(&no).map(Vec::as_slice)
+    }
+    fn put(&mut self, no: u64, page: &[u8]) {
+        self.0.insert(no, page.to_vec());
+    }
+}
