@@ -212,7 +212,7 @@ echo ===LOSS===; ip netns exec a iperf3 -c 10.88.0.2 -p 5301 -C cubic -t 20 -O 2
     record("side_by_side_low_rate", fig);
     // Our emulator must pass all three checks. Real netem is the reference: its RTT and rate must
     // pass too; its cubic-versus-Mathis figure is recorded side by side and only bounded loosely,
-    // because in this emulated guest it spread from 1.01 to 1.43 of the bound over six runs
+    // because in this emulated guest it spread from 1.01 to 1.43 of the bound across our runs
     // (timer granularity under TCG), while the emulator stayed at 1.05.
     for (who, ping, r, one, spread) in [("emulator", ping_host - base_host, rate_host, one_host, 0.3), ("netem", ping_guest - base_guest, rate_guest, one_guest, 0.6)] {
         assert!((ping - rtt_ms).abs() <= rtt_ms * 0.05, "{who}: the link adds {ping:.2} ms of RTT, set {rtt_ms} ms");
