@@ -29,7 +29,8 @@ pub enum Payload {
 }
 
 impl Payload {
-    fn as_slice(&self) -> &[u8] {
+    /// The bytes it refers to.
+    pub fn as_slice(&self) -> &[u8] {
         match self {
             Payload::Mapped(m, s, e) => &m[*s..*e],
             Payload::Shared(d, s, e) => &d[*s..*e],
