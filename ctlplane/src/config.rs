@@ -100,6 +100,18 @@ pub struct ModeCfg {
     pub probe_interval_s: f64,
 }
 
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Log {
+    /// Filter in `RUST_LOG` syntax (e.g. `info` or `warn,dataplane=debug`).
+    #[serde(default = "d_log_level")]
+    pub level: String,
+    /// `text` for a person, `json` for a log collector (one object per line).
+    #[serde(default = "d_log_format")]
+    pub format: String,
+}
+
 /// `[[peers]]`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -123,6 +135,9 @@ pub struct Config {
     /// Mode thresholds.
     #[serde(default = "default_mode")]
     pub mode: ModeCfg,
+    /// Logging.
+    #[serde(default = "default_log")]
+    pub log: Log,
     /// Peers to measure.
     #[serde(default)]
     pub peers: Vec<Peer>,
@@ -161,6 +176,15 @@ fn d_dwell() -> f64 {
 fn d_probe() -> f64 {
     5.0
 }
+fn d_log_level() -> String {
+    "info".into()
+}
+fn d_log_format() -> String {
+    "text".into()
+}
+fn default_log() -> Log {
+    Log { level: d_log_level(), format: d_log_format() }
+}
 fn default_node() -> Node {
     Node { name: default_name(), listen: default_listen(), out: default_out(), key_file: None, allow_plaintext: false }
 }
@@ -181,7 +205,7 @@ fn default_mode() -> ModeCfg {
 
 impl Default for Config {
     fn default() -> Self {
-        Self { node: default_node(), api: default_api_table(), mode: default_mode(), peers: Vec::new() }
+        Self { node: default_node(), api: default_api_table(), mode: default_mode(), log: default_log(), peers: Vec::new() }
     }
 }
 
@@ -196,6 +220,8 @@ const ENV_KEYS: &[(&str, &str)] = &[
     ("DWCP_NODE_OUT", "node.out"),
     ("DWCP_KEY_FILE", "node.key_file"),
     ("DWCP_API_LISTEN", "api.listen"),
+    ("DWCP_LOG_LEVEL", "log.level"),
+    ("DWCP_LOG_FORMAT", "log.format"),
 ];
 
 impl Config {
@@ -245,6 +271,8 @@ impl Config {
             "node.out" => self.node.out = v.into(),
             "node.key_file" => self.node.key_file = Some(v.into()),
             "api.listen" => self.api.listen = v.into(),
+            "log.level" => self.log.level = v.into(),
+            "log.format" => self.log.format = v.into(),
             _ => {}
         }
     }
@@ -255,6 +283,12 @@ impl Config {
             if v.parse::<SocketAddr>().is_err() {
                 return bad(key, format!("is {v:?}; expected an address like 0.0.0.0:7470"));
             }
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return bad("log.format", format!("is {:?}; expected \"text\" or \"json\"", self.log.format));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return bad("log.level", format!("is {:?} ({e}); expected a filter like \"info\" or \"warn,dataplane=debug\"", self.log.level));
         }
         for (i, p) in self.peers.iter().enumerate() {
             if p.addr.rsplit_once(':').and_then(|(_, port)| port.parse::<u16>().ok()).is_none() {
@@ -330,6 +364,10 @@ addr = "dr.example.net:7470"
         assert!(e.contains("mode.dc_max_rtt_ms") && e.contains("below mode.inet_min_rtt_ms"), "{e}");
         let e = Config::parse("[[peers]]\nname = \"p\"\naddr = \"nohost\"\n", "x.toml").unwrap_err().to_string();
         assert!(e.contains("peers[0].addr") && e.contains("HOST:PORT"), "{e}");
+        let e = Config::parse("[log]\n\nformat = \"xml\"\n", "x.toml").unwrap_err().to_string();
+        assert_eq!(e, "x.toml:3: `log.format` is \"xml\"; expected \"text\" or \"json\"");
+        let e = Config::parse("[log]\nlevel = \"info,[=\"\n", "x.toml").unwrap_err().to_string();
+        assert!(e.starts_with("x.toml:2: `log.level`") && e.contains("expected a filter"), "{e}");
     }
 
     #[test]

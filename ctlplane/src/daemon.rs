@@ -1,6 +1,6 @@
 //! The daemon: the boot graph of real components, and the state the HTTP API reports.
 
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -41,6 +41,8 @@ pub struct PeerStatus {
     pub mode: String,
     /// Last measured RTT (ms), or why it could not be measured.
     pub last_rtt_ms: Result<f64, String>,
+    /// Delivery rate of the last probe burst (Gbit/s; a lower bound on long paths).
+    pub last_probe_gbps: Option<f64>,
     /// Last goodput of a transfer from this peer (Gbit/s).
     pub last_goodput_gbps: Option<f64>,
     /// What the current mode sets for transfers to this peer.
@@ -65,6 +67,8 @@ pub struct Metrics {
     pub peer_rtt: GaugeVec,
     /// Per-peer mode (1 for the current one).
     pub peer_mode: GaugeVec,
+    /// Per-peer probe delivery rate.
+    pub peer_probe_bw: GaugeVec,
 }
 
 impl Metrics {
@@ -87,6 +91,7 @@ impl Metrics {
             bytes: c("dwcp_received_bytes_total", "Bytes received and placed", &[]),
             peer_rtt: g("dwcp_peer_rtt_seconds", "Last measured RTT to each peer", &["peer"]),
             peer_mode: g("dwcp_peer_mode", "1 for each peer's current mode", &["peer", "mode"]),
+            peer_probe_bw: g("dwcp_peer_probe_bits_per_second", "Delivery rate of the last probe burst to each peer", &["peer"]),
             registry,
         }
     }
@@ -150,6 +155,7 @@ macro_rules! component {
 
 component!(HostC);
 component!(ConfigC);
+component!(LoggingC);
 component!(KeysC);
 component!(ListenerC);
 component!(RdmaC);
@@ -182,6 +188,25 @@ impl Component for ConfigC {
     fn start(&self, _: &Ctx) -> Result<(), String> {
         let out = &self.0.config.node.out;
         std::fs::create_dir_all(out).map_err(|e| format!("node.out {}: {e}", out.display()))
+    }
+}
+
+impl Component for LoggingC {
+    fn spec(&self) -> Spec {
+        Spec::new("logging", Phase::PreInit).after(&["config"])
+    }
+    fn start(&self, _: &Ctx) -> Result<(), String> {
+        // The config was validated at load, so the filter parses. RUST_LOG, when set, wins.
+        let l = &self.0.config.log;
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&l.level));
+        let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+        let r = if l.format == "json" { b.json().try_init() } else { b.try_init() };
+        match r {
+            Ok(()) => tracing::info!(level = %l.level, format = %l.format, "logging set up"),
+            // An embedding program (a test, a host process) installed its own: keep it.
+            Err(_) => tracing::debug!("a tracing subscriber is already installed; log.level and log.format do not apply"),
+        }
+        Ok(())
     }
 }
 
@@ -316,26 +341,29 @@ fn feed_goodput(st: &State, o: &dataplane::recv::SessionOutcome) {
     }
 }
 
-/// Measures the RTT to `addr` as the time a TCP connect takes (one round trip).
-fn probe_rtt(addr: &str) -> Result<Duration, String> {
-    let sa = addr.to_socket_addrs().map_err(|e| e.to_string())?.next().ok_or("no address")?;
-    let t = Instant::now();
-    TcpStream::connect_timeout(&sa, Duration::from_secs(1)).map_err(|e| e.to_string())?;
-    Ok(t.elapsed())
-}
+/// Bulk bytes of each periodic probe: enough to time the delivery rate on a datacenter path,
+/// small next to the traffic a peer carries (a long path's probe ends in slow start, so its rate
+/// is a lower bound that live transfers refine).
+const PROBE_BULK: u64 = 4 << 20;
 
-fn probe_peers(st: &State) {
+fn probe_peers(st: &State, psk: &Psk) {
     let epoch = st.epoch;
     for p in st.config.peers.clone() {
-        let r = probe_rtt(&p.addr);
+        let o = dataplane::probe::ProbeOptions { bulk_bytes: PROBE_BULK, timeout: Duration::from_secs(2), ..Default::default() };
+        let est = dataplane::probe::measure(&p.addr, psk, o).map_err(|e| e.to_string());
+        let r = est.as_ref().map(|e| e.rtt_min).map_err(Clone::clone);
         let ips: Vec<std::net::IpAddr> = p.addr.to_socket_addrs().map(|a| a.map(|s| s.ip()).collect()).unwrap_or_default();
         let mut peers = st.peers.lock().expect("peers lock");
-        if let Ok(rtt) = r {
-            // A connect probe measures RTT only; bandwidth comes from live transfers.
-            if let Some(sw) = peers.observe(&p.name, Sample { at: epoch.elapsed(), rtt, bw_bps: f64::NAN }) {
+        if let Ok(e) = &est {
+            if let Some(sw) = peers.observe(&p.name, Sample { at: epoch.elapsed(), rtt: e.rtt_min, bw_bps: e.bw_bps }) {
                 tracing::info!(peer = %p.name, ?sw, "mode switch");
             }
-            st.metrics.peer_rtt.with_label_values(&[&p.name]).set(rtt.as_secs_f64());
+            st.metrics.peer_rtt.with_label_values(&[&p.name]).set(e.rtt_min.as_secs_f64());
+            if e.bw_bps.is_finite() {
+                st.metrics.peer_probe_bw.with_label_values(&[&p.name]).set(e.bw_bps);
+            }
+        } else if let Err(e) = &est {
+            tracing::warn!(peer = %p.name, "probe failed: {e}");
         }
         let mode = peers.modes().into_iter().find(|(n, _)| *n == p.name).map(|(_, m)| m).unwrap_or(Mode::Internet);
         for m in [Mode::Datacenter, Mode::Internet] {
@@ -347,6 +375,7 @@ fn probe_peers(st: &State) {
             let h = st.host.get();
             e.defaults = crate::mode::defaults(mode, h.is_some_and(|h| !h.rdma_devices.is_empty()), h.map_or(1, |h| h.cores), r.as_ref().ok().copied());
             e.last_rtt_ms = r.map(|d| d.as_secs_f64() * 1e3);
+            e.last_probe_gbps = est.ok().map(|e| e.bw_bps / 1e9).filter(|b| b.is_finite());
             e.ips = ips;
         }
     }
@@ -363,7 +392,7 @@ impl Component for PeersC {
         for p in &self.0.config.peers {
             peers.add(&p.name, t, Mode::Internet);
             let defaults = crate::mode::defaults(Mode::Internet, false, 1, None);
-            ps.push(PeerStatus { name: p.name.clone(), addr: p.addr.clone(), mode: "internet".into(), last_rtt_ms: Err("not measured yet".into()), last_goodput_gbps: None, defaults, ips: Vec::new() });
+            ps.push(PeerStatus { name: p.name.clone(), addr: p.addr.clone(), mode: "internet".into(), last_rtt_ms: Err("not measured yet".into()), last_probe_gbps: None, last_goodput_gbps: None, defaults, ips: Vec::new() });
         }
         Ok(())
     }
@@ -371,16 +400,17 @@ impl Component for PeersC {
 
 impl Component for ModeC {
     fn spec(&self) -> Spec {
-        Spec::new("mode", Phase::PostInit).after(&["peers"]).optional()
+        Spec::new("mode", Phase::PostInit).after(&["peers", "keys"]).optional()
     }
-    fn start(&self, _: &Ctx) -> Result<(), String> {
+    fn start(&self, ctx: &Ctx) -> Result<(), String> {
         let st = self.0.clone();
+        let psk = (*ctx.get::<Psk>().ok_or("keys missing")?).clone();
         let every = Duration::from_secs_f64(st.config.mode.probe_interval_s);
         std::thread::Builder::new()
             .name("dwcp-mode".into())
             .spawn(move || {
                 while !st.stop.load(Relaxed) {
-                    probe_peers(&st);
+                    probe_peers(&st, &psk);
                     let t = Instant::now();
                     while t.elapsed() < every && !st.stop.load(Relaxed) {
                         std::thread::sleep(Duration::from_millis(50));
@@ -426,6 +456,7 @@ pub fn graph(state: &Arc<State>) -> Graph {
     let comps: Vec<Arc<dyn Component>> = vec![
         Arc::new(HostC(s())),
         Arc::new(ConfigC(s())),
+        Arc::new(LoggingC(s())),
         Arc::new(KeysC(s())),
         Arc::new(ListenerC(s())),
         Arc::new(RdmaC(s())),

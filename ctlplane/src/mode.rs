@@ -46,6 +46,26 @@ pub struct Thresholds {
     pub min_dwell: Duration,
 }
 
+impl Thresholds {
+    /// The mode one sample votes for; `None` inside the dead band.
+    pub fn vote(&self, s: &Sample) -> Option<Mode> {
+        if s.rtt >= self.inet_min_rtt || s.bw_bps <= self.inet_max_bw_bps {
+            Some(Mode::Internet)
+        } else if s.rtt <= self.dc_max_rtt && (s.bw_bps.is_nan() || s.bw_bps >= self.dc_min_bw_bps) {
+            Some(Mode::Datacenter)
+        } else {
+            None
+        }
+    }
+
+    /// A one-shot decision from a single measurement (a transfer's opening probe): the sample's
+    /// vote, or inside the dead band the RTT alone (a short path whose probe burst ran below
+    /// the datacenter bandwidth is still a datacenter path until live goodput says otherwise).
+    pub fn classify(&self, rtt: Duration, bw_bps: f64) -> Mode {
+        self.vote(&Sample { at: Duration::ZERO, rtt, bw_bps }).unwrap_or(if rtt <= self.dc_max_rtt { Mode::Datacenter } else { Mode::Internet })
+    }
+}
+
 impl Default for Thresholds {
     fn default() -> Self {
         Self {
@@ -102,19 +122,9 @@ impl Detector {
         self.mode
     }
 
-    fn vote(&self, s: &Sample) -> Option<Mode> {
-        if s.rtt >= self.t.inet_min_rtt || s.bw_bps <= self.t.inet_max_bw_bps {
-            Some(Mode::Internet)
-        } else if s.rtt <= self.t.dc_max_rtt && (s.bw_bps.is_nan() || s.bw_bps >= self.t.dc_min_bw_bps) {
-            Some(Mode::Datacenter)
-        } else {
-            None
-        }
-    }
-
     /// Feeds a sample; returns the switch it caused, if any.
     pub fn observe(&mut self, s: Sample) -> Option<Switch> {
-        match self.vote(&s) {
+        match self.t.vote(&s) {
             Some(m) if m != self.mode => self.votes += 1,
             Some(_) => self.votes = 0,
             None => {}
@@ -211,6 +221,73 @@ pub fn defaults(mode: Mode, rdma_present: bool, cores: usize, rtt: Option<Durati
     }
 }
 
+/// Streams a transfer opens when its mode may change while it runs: enough for either mode's
+/// defaults (the internet count taken at 50 ms or the measured RTT, whichever is longer), so a
+/// switch only parks or unparks streams and never reconnects.
+pub fn streams_to_open(rdma_present: bool, cores: usize, rtt: Duration) -> u16 {
+    let dc = defaults(Mode::Datacenter, rdma_present, cores, Some(rtt)).streams;
+    let inet = defaults(Mode::Internet, rdma_present, cores, Some(rtt.max(Duration::from_millis(50)))).streams;
+    dc.max(inet)
+}
+
+/// What the live controller decided.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Decision {
+    /// The switch.
+    pub switch: Switch,
+    /// The new mode's defaults.
+    pub defaults: TransferDefaults,
+    /// Streams to keep active (the new defaults' count, at most the streams opened).
+    pub active: u16,
+    /// The sample that completed the switch.
+    pub sample: Sample,
+}
+
+/// Mode control of one running transfer (hybrid mode's live switching), free of I/O: fed the
+/// transfer's acknowledged byte count and smoothed RTT at a fixed cadence, it turns them into
+/// samples (goodput over the interval) for a [`Detector`] and, on a switch, says how many of
+/// the opened streams the new mode keeps active.
+#[derive(Debug, Clone)]
+pub struct Live {
+    detector: Detector,
+    rdma_present: bool,
+    cores: usize,
+    opened: u16,
+    last: Option<(Duration, u64)>,
+}
+
+impl Live {
+    /// A controller for a transfer that opened `opened` streams in mode `initial`.
+    pub fn new(t: Thresholds, initial: Mode, rdma_present: bool, cores: usize, opened: u16) -> Self {
+        Self { detector: Detector::new(t, initial), rdma_present, cores, opened, last: None }
+    }
+
+    /// The mode in force.
+    pub fn mode(&self) -> Mode {
+        self.detector.mode()
+    }
+
+    /// Streams `mode` keeps active at `rtt`.
+    pub fn active_for(&self, mode: Mode, rtt: Duration) -> u16 {
+        defaults(mode, self.rdma_present, self.cores, Some(rtt)).streams.clamp(1, self.opened.max(1))
+    }
+
+    /// Feeds the transfer's state at `at`: bytes acknowledged so far and the smoothed RTT.
+    /// The first call only sets the baseline; an interval without a measured RTT is skipped.
+    pub fn observe(&mut self, at: Duration, acked: u64, srtt: Duration) -> Option<Decision> {
+        let prev = self.last.replace((at, acked));
+        let (t0, a0) = prev?;
+        let dt = at.checked_sub(t0).filter(|d| !d.is_zero())?;
+        if srtt.is_zero() {
+            return None;
+        }
+        let sample = Sample { at, rtt: srtt, bw_bps: acked.saturating_sub(a0) as f64 * 8.0 / dt.as_secs_f64() };
+        let switch = self.detector.observe(sample)?;
+        let defaults = defaults(switch.to, self.rdma_present, self.cores, Some(srtt));
+        Some(Decision { switch, defaults, active: self.active_for(switch.to, srtt), sample })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,6 +349,43 @@ mod tests {
         assert_eq!(defaults(Mode::Datacenter, false, 2, None).transport, Transport::Tcp);
         let wan = defaults(Mode::Internet, true, 2, Some(Duration::from_millis(80)));
         assert_eq!(wan, TransferDefaults { transport: Transport::Tcp, streams: 10, encrypt: true, adaptive_compression: true });
+    }
+
+    #[test]
+    fn one_shot_classification_falls_back_to_rtt_in_the_dead_band() {
+        let t = Thresholds::default();
+        assert_eq!(t.classify(Duration::from_micros(60), 20e9), Mode::Datacenter);
+        assert_eq!(t.classify(Duration::from_micros(60), 3e9), Mode::Datacenter, "dead band, short RTT");
+        assert_eq!(t.classify(Duration::from_millis(5), 3e9), Mode::Internet, "dead band, longer RTT");
+        assert_eq!(t.classify(Duration::from_micros(60), 0.5e9), Mode::Internet, "thin path");
+        assert_eq!(t.classify(Duration::from_millis(40), f64::NAN), Mode::Internet);
+    }
+
+    #[test]
+    fn live_controller_switches_a_running_transfer_once() {
+        // A transfer opens 7 streams on 2 cores at 0.1 ms in datacenter mode (4 active); after
+        // 5 s the path turns into a 40 ms, 400 Mbit/s one.
+        let opened = streams_to_open(false, 2, Duration::from_micros(100));
+        assert_eq!(opened, 7);
+        let mut live = Live::new(Thresholds::default(), Mode::Datacenter, false, 2, opened);
+        assert_eq!(live.active_for(Mode::Datacenter, Duration::from_micros(100)), 4);
+        let (mut acked, mut decisions) = (0u64, Vec::new());
+        for i in 0..40 {
+            let at = Duration::from_millis(500 * i);
+            let (rate, rtt) = if i < 10 { (3e9, Duration::from_micros(300)) } else { (0.4e9, Duration::from_millis(40)) };
+            acked += (rate / 8.0 * 0.5) as u64;
+            decisions.extend(live.observe(at, acked, rtt));
+        }
+        assert_eq!(decisions.len(), 1, "{decisions:?}");
+        let d = decisions[0];
+        assert_eq!((d.switch.from, d.switch.to), (Mode::Datacenter, Mode::Internet));
+        assert_eq!(d.switch.at, Duration::from_millis(500 * 12), "the third internet sample confirms it");
+        assert_eq!(d.active, 6, "internet at 40 ms on 2 cores: 2 + 4 streams");
+        assert!(d.defaults.encrypt && d.defaults.adaptive_compression);
+        // The baseline call and RTT-less intervals decide nothing.
+        let mut l = Live::new(Thresholds::default(), Mode::Internet, false, 2, 7);
+        assert!(l.observe(Duration::ZERO, 0, Duration::from_millis(40)).is_none());
+        assert!(l.observe(Duration::from_secs(1), 1 << 20, Duration::ZERO).is_none());
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! transport that moves VM images and byte streams between hosts.
 //!
 //! Layout: I/O-free cores ([`wire`], [`crypto`], [`framing`], [`session`]) and the runtime that
-//! performs what they decide ([`handshake`], [`send`], [`recv`], [`transport`]). `unsafe` lives in
+//! performs what they decide ([`handshake`], [`probe`], [`send`], [`recv`], [`transport`]). `unsafe` lives in
 //! [`sys`] and [`transport::uring::sys`] only.
 
 pub mod crypto;
@@ -10,6 +10,7 @@ pub mod framing;
 pub mod handshake;
 pub mod hde;
 pub mod placement;
+pub mod probe;
 pub mod recv;
 pub mod send;
 pub mod session;

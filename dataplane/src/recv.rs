@@ -292,6 +292,12 @@ fn admit(sock: TcpStream, opts: &RecvOptions, coord: &Sender<ToCoord>, shards: &
         return Err(refuse(&mut conn, ErrorCode::Refused, "this receiver requires encryption; start it with --no-encrypt to allow plaintext streams".into()));
     }
     let (session, welcome) = match hello {
+        Hello::Probe => {
+            let caps = Caps { max_streams: 256, max_chunk: opts.max_chunk, codecs: CODEC_RAW, transports: TRANSPORT_TCP };
+            conn.codec.set_stream(h.stream);
+            conn.write_frame(FrameType::Welcome, 0, &Welcome { session: [0; 16], caps, have: Vec::new() }.encode())?;
+            return crate::probe::serve(&mut conn, opts.allow_plaintext);
+        }
         Hello::Open { chunk_size, .. } if chunk_size > opts.max_chunk => {
             return Err(refuse(&mut conn, ErrorCode::Refused, format!("chunk size {chunk_size} exceeds this receiver's limit of {}", opts.max_chunk)));
         }

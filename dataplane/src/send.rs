@@ -6,7 +6,7 @@ use std::io::Read;
 use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -132,14 +132,27 @@ pub enum SendError {
     },
 }
 
-/// Live counters a caller can poll for a progress bar.
+/// A send's live state, shared with the caller: counters for a progress bar, path measurements
+/// for a controller, and the one control a controller turns while chunks flow.
 #[derive(Debug, Default)]
 pub struct Progress {
     /// Bytes acknowledged by the receiver (this run).
     pub acked: AtomicU64,
     /// Bytes to send this run (0 if unknown yet).
     pub total: AtomicU64,
+    /// Streams that take new chunks; the others stay connected but parked (0: all). It may change
+    /// at any time: a parked stream resumes at once, a stream parked while it has chunks in
+    /// flight finishes them first. Streams lost take their replacements from the parked ones.
+    pub active: AtomicU16,
+    /// Least smoothed RTT over the first shard's live streams, microseconds (TCP_INFO, every
+    /// 200 ms; 0 until measured).
+    pub srtt_us: AtomicU64,
+    /// Retransmitted segments summed over the first shard's streams.
+    pub retrans: AtomicU64,
 }
+
+/// How often the first shard reads TCP_INFO of its streams.
+const SAMPLE_EVERY: Duration = Duration::from_millis(200);
 
 /// What a finished send reports.
 #[derive(Debug, Clone)]
@@ -241,6 +254,8 @@ struct Shard<'a> {
     idle: Duration,
     manifest: Vec<(u64, u32, u64)>,
     stash: Option<Chunk>,
+    /// This shard samples TCP_INFO for [`Progress`]; when it did last.
+    sampler: Option<Instant>,
 }
 
 impl Shard<'_> {
@@ -262,6 +277,10 @@ impl Shard<'_> {
                 self.complete(c);
             }
             let now = Instant::now();
+            if self.sampler.is_some_and(|t| now.duration_since(t) >= SAMPLE_EVERY) {
+                self.sampler = Some(now);
+                self.sample();
+            }
             for i in 0..self.streams.len() {
                 let s = &self.streams[i];
                 if s.alive && !s.unacked.is_empty() && now.duration_since(s.last_ack) > self.idle {
@@ -285,6 +304,24 @@ impl Shard<'_> {
         }
     }
 
+    fn sample(&self) {
+        let info = |s: &TxStream| crate::sys::tcp_info(s.conn.sock.as_raw_fd()).ok();
+        // Only streams carrying data: a parked stream's srtt is as old as its last send.
+        let busy = self.streams.iter().filter(|s| s.alive && !s.unacked.is_empty()).filter_map(info);
+        if let Some(min) = busy.map(|i| i.srtt_us).filter(|&r| r > 0).min() {
+            self.shared.progress.srtt_us.store(u64::from(min), Relaxed);
+        }
+        let retrans = self.streams.iter().filter(|s| s.alive).filter_map(info).map(|i| u64::from(i.total_retrans)).sum();
+        self.shared.progress.retrans.store(retrans, Relaxed);
+    }
+
+    /// Whether stream `i` is parked by the live controller.
+    fn parked(&self, i: usize) -> bool {
+        let active = self.shared.progress.active.load(Relaxed);
+        let lost = self.shared.lost.load(Relaxed).min(u64::from(u16::MAX)) as u16;
+        active != 0 && self.streams[i].conn.codec.stream() >= active.saturating_add(lost)
+    }
+
     fn pump(&mut self, i: usize) {
         let s = &mut self.streams[i];
         if !s.alive {
@@ -295,8 +332,8 @@ impl Shard<'_> {
             s.reading = true;
             self.ring.recv_heap(fd, Vec::with_capacity(64 * 1024), (i as u64) << 1 | TAG_RECV);
         }
-        let s = &mut self.streams[i];
-        if s.sending || s.unacked.len() >= self.window {
+        let s = &self.streams[i];
+        if s.sending || s.unacked.len() >= self.window || self.parked(i) {
             return;
         }
         let Some(chunk) = self.stash.take().or_else(|| self.shared.next_chunk()) else { return };
@@ -584,7 +621,8 @@ pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Resu
                             TxStream { conn, unacked: VecDeque::new(), sending: false, reading: false, alive: true, last_ack: now, sent: 0, kill_after }
                         })
                         .collect();
-                    let mut shard = Shard { ring, streams, shared, source, window: opts.window.max(1), idle: opts.idle_timeout, manifest: Vec::new(), stash: None };
+                    let sampler = (k == 0).then(Instant::now);
+                    let mut shard = Shard { ring, streams, shared, source, window: opts.window.max(1), idle: opts.idle_timeout, manifest: Vec::new(), stash: None, sampler };
                     shard.run();
                     let alive = shard.streams.into_iter().filter(|s| s.alive).map(|s| s.conn).collect();
                     Ok((alive, std::mem::take(&mut shard.manifest)))

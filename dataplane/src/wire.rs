@@ -126,6 +126,8 @@ pub enum FrameType {
     Verified = 7,
     /// Either side reports an error and closes the session.
     Error = 8,
+    /// A measurement exchange on a probe connection (`Hello::Probe`): RTT and delivery rate.
+    Probe = 9,
 }
 
 impl FrameType {
@@ -138,6 +140,7 @@ impl FrameType {
             6 => Self::Commit,
             7 => Self::Verified,
             8 => Self::Error,
+            9 => Self::Probe,
             other => return Err(WireError::UnknownFrameType(other)),
         })
     }
@@ -354,6 +357,8 @@ pub enum Hello {
         /// Stream index, 1..streams.
         index: u16,
     },
+    /// Opens a measurement connection (no session): Probe frames follow, see [`ProbeMsg`].
+    Probe,
 }
 
 fn need(what: &'static str, b: &[u8], n: usize) -> Result<(), WireError> {
@@ -419,6 +424,7 @@ impl Hello {
                 out.extend_from_slice(session);
                 out.extend_from_slice(&index.to_be_bytes());
             }
+            Hello::Probe => out.push(3),
         }
         out
     }
@@ -461,6 +467,7 @@ impl Hello {
                 let session: [u8; 16] = b[1..17].try_into().expect("16");
                 Ok(Hello::Join { session, index: u16_at(b, 17) })
             }
+            3 => Ok(Hello::Probe),
             k => Err(WireError::Malformed { what: WHAT, why: format!("hello kind {k}") }),
         }
     }
@@ -509,6 +516,78 @@ impl Welcome {
             have.push((s, e));
         }
         Ok(Self { session, caps, have })
+    }
+}
+
+/// Largest bulk payload a probe connection accepts in total.
+pub const MAX_PROBE_BULK: u64 = 256 << 20;
+
+/// A Probe frame's payload. The prober sends `Ping` and `Bulk` messages; the responder answers
+/// every `Ping` and the `Bulk` marked last with a `Reply`. Bulk messages carry padding after the
+/// fixed part; the responder measures their delivery rate from the arrival of the first to the
+/// arrival of the last, so the figure excludes the round trip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeMsg {
+    /// Answer at once.
+    Ping {
+        /// Sequence number, echoed.
+        seq: u32,
+    },
+    /// Padding to measure delivery rate; `last` asks for the reply.
+    Bulk {
+        /// Sequence number.
+        seq: u32,
+        /// The last of the burst.
+        last: bool,
+    },
+    /// The responder's answer.
+    Reply {
+        /// Sequence number answered.
+        seq: u32,
+        /// Bulk payload bytes received after the burst's first message.
+        bytes: u64,
+        /// Nanoseconds from the first bulk message's arrival to the last's.
+        span_ns: u64,
+        /// The responder accepts plaintext streams.
+        plaintext_ok: bool,
+    },
+}
+
+impl ProbeMsg {
+    /// Bytes of the fixed part.
+    pub const LEN: usize = 1 + 4 + 8 + 8 + 1;
+
+    /// Encodes the payload with `pad` zero bytes after the fixed part (bulk only).
+    pub fn encode(&self, pad: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(Self::LEN + pad);
+        let (kind, seq, bytes, span, flag) = match *self {
+            ProbeMsg::Ping { seq } => (1u8, seq, 0, 0, 0u8),
+            ProbeMsg::Bulk { seq, last } => (2, seq, 0, 0, u8::from(last)),
+            ProbeMsg::Reply { seq, bytes, span_ns, plaintext_ok } => (3, seq, bytes, span_ns, u8::from(plaintext_ok)),
+        };
+        out.push(kind);
+        out.extend_from_slice(&seq.to_be_bytes());
+        out.extend_from_slice(&bytes.to_be_bytes());
+        out.extend_from_slice(&span.to_be_bytes());
+        out.push(flag);
+        out.resize(Self::LEN + pad, 0);
+        out
+    }
+
+    /// Decodes the fixed part (padding is ignored).
+    pub fn decode(b: &[u8]) -> Result<Self, WireError> {
+        const WHAT: &str = "probe";
+        need(WHAT, b, Self::LEN)?;
+        let (seq, flag) = (u32_at(b, 1), b[21]);
+        if flag > 1 {
+            return Err(WireError::Malformed { what: WHAT, why: format!("flag {flag}") });
+        }
+        Ok(match b[0] {
+            1 => ProbeMsg::Ping { seq },
+            2 => ProbeMsg::Bulk { seq, last: flag == 1 },
+            3 => ProbeMsg::Reply { seq, bytes: u64_at(b, 5), span_ns: u64_at(b, 13), plaintext_ok: flag == 1 },
+            k => return Err(WireError::Malformed { what: WHAT, why: format!("probe kind {k}") }),
+        })
     }
 }
 
@@ -727,6 +806,16 @@ mod tests {
             prop_assert_eq!(Hello::decode(&h.encode()), Ok(h));
             let j = Hello::Join { session: [7; 16], index: streams };
             prop_assert_eq!(Hello::decode(&j.encode()), Ok(j));
+            prop_assert_eq!(Hello::decode(&Hello::Probe.encode()), Ok(Hello::Probe));
+        }
+
+        #[test]
+        fn probe_roundtrip(seq: u32, bytes: u64, span_ns: u64, flag: bool, pad in 0usize..4096) {
+            for m in [ProbeMsg::Ping { seq }, ProbeMsg::Bulk { seq, last: flag }, ProbeMsg::Reply { seq, bytes, span_ns, plaintext_ok: flag }] {
+                let b = m.encode(pad);
+                prop_assert_eq!(b.len(), ProbeMsg::LEN + pad);
+                prop_assert_eq!(ProbeMsg::decode(&b), Ok(m));
+            }
         }
 
         #[test]
@@ -743,6 +832,7 @@ mod tests {
             let _ = Commit::decode(&bytes);
             let _ = decode_ack(&bytes);
             let _ = decode_error(&bytes);
+            let _ = ProbeMsg::decode(&bytes);
             if bytes.len() >= HEADER_LEN {
                 let _ = FrameHeader::decode(bytes[..HEADER_LEN].try_into().unwrap());
             }

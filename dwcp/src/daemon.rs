@@ -8,8 +8,11 @@ use anyhow::{Context, Result, bail};
 use ctlplane::config::Config;
 
 /// Boots the daemon and serves until killed.
-pub fn run(config: Option<PathBuf>, listen: Option<String>, api: Option<String>) -> Result<()> {
+pub fn run(config: Option<PathBuf>, listen: Option<String>, api: Option<String>, log_level: Option<&str>) -> Result<()> {
     let mut flags = Vec::new();
+    if let Some(l) = log_level {
+        flags.push(("log.level", l.to_owned()));
+    }
     if let Some(l) = listen {
         flags.push(("node.listen", l));
     }

@@ -73,7 +73,7 @@ pub fn progress_bar(size: Option<u64>) -> ProgressBar {
 }
 
 /// The send summary as a table.
-pub fn send_table(r: &SendReport) -> String {
+pub fn send_table(r: &SendReport, extra: &[(&str, String)]) -> String {
     let mut s = String::new();
     let row = |s: &mut String, k: &str, v: String| {
         let _ = writeln!(s, "  {k:<13} {v}");
@@ -93,14 +93,18 @@ pub fn send_table(r: &SendReport) -> String {
     row(&mut s, "encryption", if r.encrypted { "AES-256-GCM, Noise NNpsk0 keys".into() } else { "off (authenticated only)".into() });
     row(&mut s, "zero-copy", if r.send_zc { "IORING_OP_SEND_ZC".into() } else { "off".into() });
     row(&mut s, "cpu", format!("{:.2} s ({:.2} s per GB)", r.cpu.as_secs_f64(), r.cpu.as_secs_f64() / (moved.max(1) as f64 / 1e9)));
+    for (k, v) in extra {
+        row(&mut s, k, v.clone());
+    }
     row(&mut s, "digest", format!("blake3-manifest:{}", &hex(&r.digest)[..32]));
     s
 }
 
 /// The send summary as JSON.
-pub fn send_json(r: &SendReport) -> String {
+pub fn send_json(r: &SendReport, mode: Option<serde_json::Value>) -> String {
     let moved = r.size - r.skipped;
     json!({
+        "mode": mode,
         "name": r.name, "size": r.size, "skipped": r.skipped, "sent_bytes": r.sent,
         "wall_s": r.wall.as_secs_f64(), "goodput_gbps": gbps(moved, r.wall),
         "streams": r.streams, "streams_auto": r.streams_auto, "rtt_us": r.rtt.as_micros() as u64,

@@ -3,6 +3,7 @@
 
 mod daemon;
 mod fmt;
+mod live;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -91,9 +92,20 @@ struct SendArgs {
     /// Pre-shared key file (from `dwcp keygen`).
     #[arg(long, env = "DWCP_KEY_FILE")]
     key_file: Option<PathBuf>,
-    /// Send in plaintext (peers are still authenticated); for trusted datacenter links.
+    /// Path mode: `auto` probes the receiver (RTT, delivery rate) and picks datacenter or
+    /// internet defaults, then switches live as the transfer's own measurements change;
+    /// `datacenter` or `internet` force one.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "datacenter", "internet"])]
+    mode: String,
+    /// Configuration file whose [mode] thresholds `--mode auto` uses (the daemon's file will do).
     #[arg(long)]
+    config: Option<PathBuf>,
+    /// Send in plaintext (peers are still authenticated); for trusted datacenter links.
+    #[arg(long, conflicts_with = "encrypt")]
     no_encrypt: bool,
+    /// Encrypt even where the mode would not (datacenter mode sends plaintext when the receiver allows it).
+    #[arg(long)]
+    encrypt: bool,
     /// Send only what the receiver does not already hold from an earlier, interrupted transfer.
     #[arg(long)]
     resume: bool,
@@ -165,13 +177,16 @@ fn main() {
         1 => "info",
         _ => "debug",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // The daemon sets logging up in its boot graph (from [log], DWCP_LOG_*, and -v).
+    if !matches!(cli.cmd, Cmd::Daemon { .. }) {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    }
     let r = match cli.cmd {
         Cmd::Send(a) => cmd_send(a),
         Cmd::Recv(a) => cmd_recv(a),
         Cmd::Keygen { file, force } => cmd_keygen(&file, force),
-        Cmd::Daemon { config, listen, api } => daemon::run(config, listen, api),
+        Cmd::Daemon { config, listen, api } => daemon::run(config, listen, api, (cli.verbose > 0).then_some(level)),
         Cmd::Status { api, json } => daemon::status(&api, json),
         Cmd::Config { cmd: ConfigCmd::Check { file } } => daemon::check(&file),
     };
@@ -234,10 +249,26 @@ fn parse_source(src: &str, name: Option<String>) -> Result<Source> {
 fn cmd_send(a: SendArgs) -> Result<()> {
     let psk = load_key(a.key_file.as_ref())?;
     let source = parse_source(&a.src, a.name.clone())?;
+    let forced = match a.mode.as_str() {
+        "datacenter" => Some(ctlplane::mode::Mode::Datacenter),
+        "internet" => Some(ctlplane::mode::Mode::Internet),
+        _ => None,
+    };
+    let encrypt = match (a.encrypt, a.no_encrypt) {
+        (true, _) => Some(true),
+        (_, true) => Some(false),
+        _ => None,
+    };
+    let cores = dataplane::placement::shard_cores(a.cores.as_deref()).map_err(anyhow::Error::msg)?.len();
+    let thresholds = match &a.config {
+        Some(p) => ctlplane::config::Config::load(Some(p), std::env::vars(), &[])?.thresholds(),
+        None => ctlplane::mode::Thresholds::default(),
+    };
+    let mut plan = live::plan(&a.to, &psk, thresholds, forced, a.streams, encrypt, cores).with_context(|| format!("probing {}", a.to))?;
     let mut opts = SendOptions::new(a.to.clone(), psk);
-    opts.streams = a.streams;
+    opts.streams = Some(plan.opened);
     opts.chunk_size = u32::try_from(a.chunk_size).context("chunk size too large")?;
-    opts.encrypt = !a.no_encrypt;
+    opts.encrypt = plan.encrypt;
     opts.resume = a.resume;
     opts.window = a.window;
     opts.zerocopy = match a.zerocopy.as_str() {
@@ -252,6 +283,8 @@ fn cmd_send(a: SendArgs) -> Result<()> {
         opts.kill = Some(KillStream { stream: s.parse()?, after: fmt::parse_size(b).map_err(anyhow::Error::msg)? });
     }
     let progress = Arc::new(Progress::default());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let controller = live::spawn(&mut plan, progress.clone(), stop.clone(), a.streams.is_some());
     let bar = (!a.json && std::io::stderr().is_terminal()).then(|| fmt::progress_bar(source.size()));
     let watcher = bar.clone().map(|bar| {
         let p = progress.clone();
@@ -267,6 +300,10 @@ fn cmd_send(a: SendArgs) -> Result<()> {
         })
     });
     let r = send::send(source, &opts, progress);
+    stop.store(true, Relaxed);
+    if let Some(c) = controller {
+        plan.report.switches = c.join().unwrap_or_default();
+    }
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
@@ -275,9 +312,9 @@ fn cmd_send(a: SendArgs) -> Result<()> {
     }
     let rep = r.with_context(|| format!("sending {} to {}", a.src, a.to))?;
     if a.json {
-        println!("{}", fmt::send_json(&rep));
+        println!("{}", fmt::send_json(&rep, Some(live::json(&plan.report))));
     } else {
-        print!("{}", fmt::send_table(&rep));
+        print!("{}", fmt::send_table(&rep, &live::rows(&plan.report)));
     }
     if !rep.verified {
         bail!("the receiver's digest did not match ours");

@@ -192,8 +192,49 @@ fn table_and_json_summaries() {
     for k in ["digest verified", "goodput", "streams", "re-sent", "wall time"] {
         assert!(table.contains(k), "summary shows {k}:\n{table}");
     }
-    assert!(table.contains("(auto: rtt"), "the automatic stream count is printed with the RTT behind it:\n{table}");
+    assert!(table.contains("datacenter (auto)") && table.contains("probe") && table.contains("rtt"), "the mode and the probe behind it are printed:\n{table}");
+    assert!(table.contains("requires encryption"), "datacenter mode says why it still encrypts:\n{table}");
     assert!(rx.wait().unwrap().success());
+}
+
+#[test]
+fn mode_sets_streams_and_encryption() {
+    let d = tempfile::tempdir().unwrap();
+    let key = keygen(d.path());
+    let port = free_port();
+    // A receiver that allows plaintext: datacenter mode (loopback) then sends plaintext.
+    let mut rx = Command::new(bin())
+        .args(["recv", "--listen", &format!("127.0.0.1:{port}"), "--discard", "--no-encrypt", "--key-file"])
+        .arg(&key)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_listening(port);
+    let send = |extra: &[&str]| {
+        let o = Command::new(bin()).args(["send", "gen:64M", "--json", "--to", &format!("127.0.0.1:{port}"), "--key-file"]).arg(&key).args(extra).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+    };
+    let j = send(&[]);
+    let m = &j["mode"];
+    assert_eq!(m["how"], "auto");
+    assert_eq!(m["initial"], "datacenter", "{m}");
+    assert!(m["probe_rtt_us"].as_u64().unwrap() < 2000, "{m}");
+    assert!(m["probe_gbps"].as_f64().unwrap() > 0.0, "{m}");
+    assert_eq!(j["encrypted"], false, "datacenter mode, plaintext allowed: {j}");
+    assert!(m["opened"].as_u64().unwrap() >= m["active"].as_u64().unwrap(), "{m}");
+    assert_eq!(j["streams"], m["opened"]);
+    // Forced internet mode: encrypted, no bulk probe, every stream active.
+    let j = send(&["--mode", "internet"]);
+    assert_eq!(j["encrypted"], true, "{j}");
+    assert_eq!(j["mode"]["initial"], "internet");
+    assert!(j["mode"]["probe_gbps"].is_null());
+    assert_eq!(j["mode"]["opened"], j["mode"]["active"]);
+    // Flags win over the mode.
+    let j = send(&["--encrypt", "--streams", "3"]);
+    assert_eq!((j["encrypted"].clone(), j["streams"].clone()), (serde_json::json!(true), serde_json::json!(3)));
+    let _ = rx.kill();
+    let _ = rx.wait();
 }
 
 /// Mounts a tmpfs of `size` at `dir` (root only), unmounted on drop.

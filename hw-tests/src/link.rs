@@ -73,6 +73,17 @@ impl Link {
         Self { p, rng: seed | 1, link_free_ns: 0, seq: 0, heap: BinaryHeap::new(), stats: Stats::default() }
     }
 
+    /// The parameters in force.
+    pub fn params(&self) -> LinkParams {
+        self.p
+    }
+
+    /// Changes the parameters from now on; packets already scheduled keep their times (so a
+    /// shorter delay lets new packets overtake them once, as a route change would).
+    pub fn set_params(&mut self, p: LinkParams) {
+        self.p = p;
+    }
+
     fn rand(&mut self) -> f64 {
         // xorshift64*
         self.rng ^= self.rng >> 12;

@@ -49,6 +49,10 @@ impl Wan {
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "10.77.0.1 10.77.0.2");
         Wan
     }
+    fn set(&self, args: &[&str]) {
+        let out = Command::new(root().join("hw-tests/wan")).arg("set").args(args).output().expect("hw-tests/wan set");
+        assert!(out.status.success(), "wan set failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
     fn stats(&self) -> Value {
         let out = Command::new(root().join("hw-tests/wan")).arg("stats").output().expect("wan stats");
         serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
@@ -285,6 +289,54 @@ fn daemon_detects_modes_over_the_wan_rig() {
     assert_eq!(peer("far")["defaults"]["encrypt"], true);
     assert_eq!(peer("near")["defaults"]["encrypt"], false);
     assert!(peer("far")["defaults"]["streams"].as_u64().unwrap() >= 4, "30 ms of RTT adds streams");
+}
+
+#[test]
+fn send_switches_mode_live_when_the_path_changes() {
+    let _g = RIG.lock().unwrap_or_else(|e| e.into_inner());
+    require();
+    let dwcp = root().join("target/release/dwcp");
+    assert!(dwcp.exists(), "{} missing: cargo build --release -p dwcp", dwcp.display());
+    let dir = tempfile_dir();
+    let key = dir.join("key");
+    assert!(Command::new(&dwcp).args(["keygen", "--force"]).arg(&key).stderr(Stdio::null()).status().unwrap().success());
+    // Bandwidth alone never votes internet here (this shared machine may run the datacenter
+    // phase slower than the default 1 Gbit/s threshold); the RTT decides.
+    let cfg = dir.join("send.toml");
+    std::fs::write(&cfg, "[mode]\ninet_max_bw_gbps = 0.05\ndc_min_bw_gbps = 0.1\n").unwrap();
+    // A 1 MB queue: fewer drops in the fast phase (TCP would otherwise leave it with a small
+    // ssthresh and climb slowly on the long path), at most 4 ms of queueing (in the dead band).
+    let w = Wan::up(&["--rtt", "200us", "--rate", "2gbit", "--queue", "1000000"]);
+    let (d, k) = (dwcp.to_str().unwrap(), key.to_str().unwrap());
+    let mut rx = ns("dwcp-b", &[d, "recv", "--listen", "10.77.0.2:7470", "--discard", "--key-file", k]).stderr(Stdio::null()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let tx = ns("dwcp-a", &[d, "send", "gen:512M", "--json", "--to", "10.77.0.2:7470", "--key-file", k, "--config", cfg.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The path turns from a short, fat one into a 40 ms, 500 Mbit/s one mid-transfer.
+    std::thread::sleep(Duration::from_millis(1500));
+    w.set(&["--rtt", "40ms", "--rate", "500mbit"]);
+    let out = tx.wait_with_output().unwrap();
+    let _ = rx.kill();
+    let _ = rx.wait();
+    drop(w);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let j: Value = serde_json::from_slice(&out.stdout).expect("send --json");
+    eprintln!("live switch: {}", j["mode"]);
+    record("live_switch", j["mode"].clone());
+    assert_eq!(j["verified"], true, "the transfer survived the switch: {j}");
+    assert_eq!(j["streams_lost"], 0, "{j}");
+    let m = &j["mode"];
+    assert_eq!(m["initial"], "datacenter", "{m}");
+    let sw = m["switches"].as_array().expect("switches");
+    assert_eq!(sw.len(), 1, "one switch, no flapping: {m}");
+    assert_eq!((sw[0]["from"].as_str(), sw[0]["to"].as_str()), (Some("datacenter"), Some("internet")), "{m}");
+    let at = sw[0]["at_s"].as_f64().unwrap();
+    assert!((1.5..6.0).contains(&at), "switched {at} s in; the path changed at 1.5 s: {m}");
+    assert!(sw[0]["rtt_ms"].as_f64().unwrap() >= 10.0, "{m}");
+    assert!(sw[0]["active"].as_u64().unwrap() > m["active"].as_u64().unwrap(), "the long path unparks streams: {m}");
 }
 
 fn tempfile_dir() -> PathBuf {

@@ -29,6 +29,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = wire::Commit::decode(rest);
     let _ = wire::decode_ack(rest);
     let _ = wire::decode_error(rest);
+    let _ = wire::ProbeMsg::decode(rest);
     if rest.len() >= wire::PREAMBLE_LEN {
         let _ = wire::Preamble::decode(rest[..wire::PREAMBLE_LEN].try_into().unwrap());
     }

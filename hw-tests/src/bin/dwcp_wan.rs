@@ -7,10 +7,13 @@
 //!   --rtt 50ms --rate 1gbit --loss 0.1% --jitter 1ms --reorder 1% --queue 1bdp|BYTES
 //!   --ready-file F   written once the link is up
 //!   --stats-file F   JSON counters and CPU seconds, rewritten every second
+//!   --control-file F polled every 100 ms: when it appears, its options (the same ones) change the
+//!                    running link, and it is removed (`hw-tests/wan set ...`)
 
 use std::io::Write;
 use std::process::Command;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
@@ -84,9 +87,21 @@ struct Counters {
     segmented: AtomicU64,
 }
 
-fn forward(from: &Tun, to: &Tun, mut link: Link, c: &Counters, epoch: Instant) {
+/// Link parameters the control file changes, with a generation number the forwarders poll.
+struct Shared {
+    params: Mutex<LinkParams>,
+    generation: AtomicU64,
+}
+
+fn forward(from: &Tun, to: &Tun, mut link: Link, c: &Counters, epoch: Instant, shared: &Shared) {
     let mut buf = vec![0u8; VNET_HDR + 256 * 1024];
+    let mut generation = 0;
     loop {
+        let g = shared.generation.load(Relaxed);
+        if g != generation {
+            generation = g;
+            link.set_params(*shared.params.lock().expect("params lock"));
+        }
         let now = epoch.elapsed().as_nanos() as u64;
         let wait = link.next_due().map_or(Duration::from_millis(100), |at| Duration::from_nanos(at.saturating_sub(now)));
         if !wait.is_zero() && from.wait_readable(wait).unwrap_or_else(|e| die(&format!("poll {}: {e}", from.name))) {
@@ -116,35 +131,71 @@ fn forward(from: &Tun, to: &Tun, mut link: Link, c: &Counters, epoch: Instant) {
     }
 }
 
+/// The link options, as given on the command line or in the control file.
+#[derive(Clone)]
+struct Opts {
+    rtt: u64,
+    rate: u64,
+    loss: f64,
+    jitter: u64,
+    reorder: f64,
+    queue: String,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Self { rtt: 0, rate: 0, loss: 0.0, jitter: 0, reorder: 0.0, queue: "1bdp".into() }
+    }
+}
+
+impl Opts {
+    /// Applies the link options in `args`; returns the other (option, value) pairs.
+    fn parse(&mut self, args: &[String]) -> Vec<(String, String)> {
+        let mut rest = Vec::new();
+        let mut it = args.iter();
+        while let Some(k) = it.next() {
+            let v = it.next().unwrap_or_else(|| die(&format!("{k} needs a value")));
+            match k.as_str() {
+                "--rtt" => self.rtt = parse_duration_ns(v),
+                "--rate" => self.rate = parse_rate(v),
+                "--loss" => self.loss = parse_prob(v),
+                "--jitter" => self.jitter = parse_duration_ns(v),
+                "--reorder" => self.reorder = parse_prob(v),
+                "--queue" => self.queue = v.clone(),
+                _ => rest.push((k.clone(), v.clone())),
+            }
+        }
+        rest
+    }
+
+    fn params(&self) -> LinkParams {
+        let queue_bytes = if self.queue == "1bdp" {
+            // One bandwidth-delay product, but never less than a few full-size packets.
+            ((self.rate as u128 * self.rtt as u128 / 8_000_000_000) as u64).max(16 * 1514)
+        } else {
+            self.queue.parse().unwrap_or_else(|_| die("--queue takes 1bdp or a byte count"))
+        };
+        LinkParams { delay_ns: self.rtt / 2, jitter_ns: self.jitter, rate_bps: self.rate, loss: self.loss, reorder: self.reorder, queue_bytes }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) != Some("run") {
         die("usage: dwcp-wan run [--rtt 50ms] [--rate 1gbit] [--loss 0.1%] [--jitter 1ms] [--reorder 1%] [--queue 1bdp|BYTES] [--ready-file F] [--stats-file F]");
     }
-    let (mut rtt, mut rate, mut loss, mut jitter, mut reorder) = (0u64, 0u64, 0.0, 0u64, 0.0);
-    let (mut queue, mut ready, mut stats_file) = ("1bdp".to_string(), None, None);
-    let mut it = args[1..].iter();
-    while let Some(k) = it.next() {
-        let v = it.next().unwrap_or_else(|| die(&format!("{k} needs a value")));
+    let mut o = Opts::default();
+    let (mut ready, mut stats_file, mut control_file) = (None, None, None);
+    let rest = o.parse(&args[1..]);
+    for (k, v) in rest {
         match k.as_str() {
-            "--rtt" => rtt = parse_duration_ns(v),
-            "--rate" => rate = parse_rate(v),
-            "--loss" => loss = parse_prob(v),
-            "--jitter" => jitter = parse_duration_ns(v),
-            "--reorder" => reorder = parse_prob(v),
-            "--queue" => queue = v.clone(),
-            "--ready-file" => ready = Some(v.clone()),
-            "--stats-file" => stats_file = Some(v.clone()),
+            "--ready-file" => ready = Some(v),
+            "--stats-file" => stats_file = Some(v),
+            "--control-file" => control_file = Some(v),
             other => die(&format!("unknown option {other}")),
         }
     }
-    let queue_bytes = if queue == "1bdp" {
-        // One bandwidth-delay product, but never less than a few full-size packets.
-        ((rate as u128 * rtt as u128 / 8_000_000_000) as u64).max(16 * 1514)
-    } else {
-        queue.parse().unwrap_or_else(|_| die("--queue takes 1bdp or a byte count"))
-    };
-    let p = LinkParams { delay_ns: rtt / 2, jitter_ns: jitter, rate_bps: rate, loss, reorder, queue_bytes };
+    let p = o.params();
 
     for ns in [NS_A, NS_B] {
         let _ = Command::new("ip").args(["netns", "del", ns]).stderr(std::process::Stdio::null()).status();
@@ -158,22 +209,46 @@ fn main() {
         sh(&["-n", ns, "link", "set", "wan0", "up"]);
     }
     let epoch = Instant::now();
+    let shared = Arc::new(Shared { params: Mutex::new(p), generation: AtomicU64::new(0) });
     let (ca, cb) = (Arc::new(Counters::default()), Arc::new(Counters::default()));
     let (ta, tb) = (Arc::new(ta), Arc::new(tb));
     {
         let (ta, tb, c) = (ta.clone(), tb.clone(), ca.clone());
-        std::thread::spawn(move || forward(&ta, &tb, Link::new(p, 0x1234_5678), &c, epoch));
+        let sh = shared.clone();
+        std::thread::spawn(move || forward(&ta, &tb, Link::new(p, 0x1234_5678), &c, epoch, &sh));
     }
     {
         let (ta, tb, c) = (ta.clone(), tb.clone(), cb.clone());
-        std::thread::spawn(move || forward(&tb, &ta, Link::new(p, 0x8765_4321), &c, epoch));
+        let sh = shared.clone();
+        std::thread::spawn(move || forward(&tb, &ta, Link::new(p, 0x8765_4321), &c, epoch, &sh));
     }
     println!("{ADDR_A} {ADDR_B}");
     if let Some(f) = &ready {
         std::fs::write(f, format!("{ADDR_A} {ADDR_B}\n")).unwrap_or_else(|e| die(&format!("{f}: {e}")));
     }
+    let mut last_stats = Instant::now();
     loop {
-        std::thread::sleep(Duration::from_secs(1));
+        std::thread::sleep(Duration::from_millis(100));
+        if let Some(f) = &control_file
+            && let Ok(text) = std::fs::read_to_string(f)
+        {
+            let words: Vec<String> = text.split_whitespace().map(str::to_owned).collect();
+            let rest = o.parse(&words);
+            if let Some((k, _)) = rest.first() {
+                eprintln!("dwcp-wan: control file: unknown option {k}; ignored");
+            } else {
+                let np = o.params();
+                *shared.params.lock().expect("params lock") = np;
+                shared.generation.fetch_add(1, Relaxed);
+                eprintln!("dwcp-wan: link changed to {np:?}");
+            }
+            let _ = std::fs::remove_file(f);
+        }
+        if last_stats.elapsed() < Duration::from_secs(1) {
+            continue;
+        }
+        last_stats = Instant::now();
+        let (rtt, rate, loss, jitter, reorder, queue_bytes) = (o.rtt, o.rate, o.loss, o.jitter, o.reorder, o.params().queue_bytes);
         if let Some(f) = &stats_file {
             let dir = |c: &Counters| {
                 serde_json::json!({

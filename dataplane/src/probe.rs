@@ -1,0 +1,124 @@
+//! Path measurement on the control channel: a probe connection (`Hello::Probe`) authenticates like
+//! any stream, then exchanges Probe frames. Pings give the RTT (the least of several, so a busy
+//! host's scheduling delay does not count); a burst of bulk frames gives the delivery rate, timed
+//! by the responder from the first bulk frame's arrival to the last's, so it excludes the round
+//! trip. A short burst on a long path ends inside TCP slow start: the rate is then a lower bound,
+//! and live transfers refine it (the daemon feeds their goodput to mode detection).
+
+use std::time::{Duration, Instant};
+
+use crate::crypto::Psk;
+use crate::handshake::{self, Conn, HandshakeError};
+use crate::wire::{self, FrameType, Hello, ProbeMsg, WireError};
+
+/// What to measure.
+#[derive(Debug, Clone, Copy)]
+pub struct ProbeOptions {
+    /// Ping round trips.
+    pub pings: u32,
+    /// Bulk bytes for the delivery rate (0: RTT only).
+    pub bulk_bytes: u64,
+    /// Bytes per bulk frame.
+    pub frame_bytes: usize,
+    /// Connect and read timeout.
+    pub timeout: Duration,
+}
+
+impl Default for ProbeOptions {
+    fn default() -> Self {
+        Self { pings: 5, bulk_bytes: 8 << 20, frame_bytes: 256 << 10, timeout: Duration::from_secs(5) }
+    }
+}
+
+/// A path's measurement.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PathEstimate {
+    /// Least ping round trip.
+    pub rtt_min: Duration,
+    /// Median ping round trip.
+    pub rtt_median: Duration,
+    /// Delivery rate in bit/s; NaN when no bulk was sent or it was too short to time.
+    pub bw_bps: f64,
+    /// The responder accepts plaintext streams.
+    pub plaintext_ok: bool,
+}
+
+fn unexpected(during: &'static str, m: ProbeMsg) -> HandshakeError {
+    HandshakeError::Wire { during, source: WireError::Malformed { what: "probe", why: format!("unexpected {m:?}") } }
+}
+
+fn read_msg(conn: &mut Conn, during: &'static str) -> Result<ProbeMsg, HandshakeError> {
+    let (_, p) = conn.expect(FrameType::Probe, during)?;
+    ProbeMsg::decode(&p).map_err(|source| HandshakeError::Wire { during, source })
+}
+
+/// Measures the path to the receiver at `addr`.
+pub fn measure(addr: &str, psk: &Psk, o: ProbeOptions) -> Result<PathEstimate, HandshakeError> {
+    let (mut conn, _) = handshake::connect(addr, psk, true, 0, o.timeout)?;
+    conn.write_frame(FrameType::Hello, 0, &Hello::Probe.encode())?;
+    conn.expect(FrameType::Welcome, "opening a probe")?;
+    let mut rtts = Vec::new();
+    let mut plaintext_ok = false;
+    for seq in 0..o.pings.max(1) {
+        let t = Instant::now();
+        conn.write_frame(FrameType::Probe, 0, &ProbeMsg::Ping { seq }.encode(0))?;
+        match read_msg(&mut conn, "waiting for a probe reply")? {
+            ProbeMsg::Reply { seq: s, plaintext_ok: p, .. } if s == seq => plaintext_ok = p,
+            m => return Err(unexpected("waiting for a probe reply", m)),
+        }
+        rtts.push(t.elapsed());
+    }
+    rtts.sort();
+    let mut bw_bps = f64::NAN;
+    let frames = o.bulk_bytes.min(wire::MAX_PROBE_BULK).div_ceil(o.frame_bytes.max(1) as u64);
+    if frames >= 2 {
+        let pad = o.frame_bytes.min(wire::MAX_CONTROL_PAYLOAD as usize - ProbeMsg::LEN);
+        for seq in 0..frames as u32 {
+            let last = u64::from(seq) + 1 == frames;
+            conn.write_frame(FrameType::Probe, 0, &ProbeMsg::Bulk { seq, last }.encode(pad))?;
+        }
+        match read_msg(&mut conn, "waiting for the bulk probe's reply")? {
+            ProbeMsg::Reply { bytes, span_ns, .. } if span_ns > 0 => bw_bps = bytes as f64 * 8.0 / (span_ns as f64 / 1e9),
+            ProbeMsg::Reply { .. } => {}
+            m => return Err(unexpected("waiting for the bulk probe's reply", m)),
+        }
+    }
+    let _ = conn.sock.shutdown(std::net::Shutdown::Both);
+    Ok(PathEstimate { rtt_min: rtts[0], rtt_median: rtts[rtts.len() / 2], bw_bps, plaintext_ok })
+}
+
+/// Serves a probe connection after its Welcome, until the prober closes it.
+pub fn serve(conn: &mut Conn, plaintext_ok: bool) -> Result<(), HandshakeError> {
+    const DURING: &str = "serving a probe";
+    let (mut first, mut bytes, mut total) = (None::<Instant>, 0u64, 0u64);
+    loop {
+        let (_, p) = match conn.expect(FrameType::Probe, DURING) {
+            Err(HandshakeError::Closed { .. }) => return Ok(()),
+            r => r?,
+        };
+        let now = Instant::now();
+        match ProbeMsg::decode(&p).map_err(|source| HandshakeError::Wire { during: DURING, source })? {
+            ProbeMsg::Ping { seq } => {
+                conn.write_frame(FrameType::Probe, 0, &ProbeMsg::Reply { seq, bytes: 0, span_ns: 0, plaintext_ok }.encode(0))?;
+            }
+            ProbeMsg::Bulk { seq, last } => {
+                total += p.len() as u64;
+                if total > wire::MAX_PROBE_BULK {
+                    let why = format!("probe bulk beyond {} bytes", wire::MAX_PROBE_BULK);
+                    conn.write_error(wire::ErrorCode::Protocol, &why);
+                    return Err(HandshakeError::Wire { during: DURING, source: WireError::Malformed { what: "probe", why } });
+                }
+                match first {
+                    None => first = Some(now),
+                    Some(_) => bytes += p.len() as u64,
+                }
+                if last {
+                    let span_ns = first.map_or(0, |f| now.duration_since(f).as_nanos() as u64);
+                    conn.write_frame(FrameType::Probe, 0, &ProbeMsg::Reply { seq, bytes, span_ns, plaintext_ok }.encode(0))?;
+                    (first, bytes) = (None, 0);
+                }
+            }
+            m @ ProbeMsg::Reply { .. } => return Err(unexpected(DURING, m)),
+        }
+    }
+}
