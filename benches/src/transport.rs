@@ -68,9 +68,8 @@ fn dwcp_run(key: &Path, port: u16, src: &str, streams: u16, encrypt: bool, sink:
     let mut rx = start_receiver(key, port, sink);
     let mut cmd = Command::new(dwcp_bin());
     cmd.args(["send", src, "--to", &format!("127.0.0.1:{port}"), "--json", "--streams", &streams.to_string(), "--key-file"]).arg(key);
-    if !encrypt {
-        cmd.arg("--no-encrypt");
-    }
+    // Explicit both ways: `--mode auto` would pick plaintext on loopback (datacenter) anyway.
+    cmd.arg(if encrypt { "--encrypt" } else { "--no-encrypt" });
     let out = cmd.stderr(Stdio::inherit()).output().expect("run dwcp send");
     assert!(out.status.success(), "dwcp send failed: {}", String::from_utf8_lossy(&out.stdout));
     let rep: Value = serde_json::from_slice(&out.stdout).expect("send json");

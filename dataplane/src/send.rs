@@ -19,7 +19,12 @@ use crate::handshake::{self, Conn, HandshakeError};
 use crate::session::{RangeSet, default_streams, plan_chunks};
 use crate::source::Source;
 use crate::transport::uring::sys::{Completion, Payload, Returned, Ring, probe_send_zc};
-use crate::wire::{self, CODEC_RAW, Caps, ErrorCode, FrameHeader, FrameType, Hello, ManifestDigest, TRANSPORT_TCP, Welcome};
+use crate::wire::{self, CODEC_RAW, Caps, ErrorCode, FrameHeader, FrameType, Hello, ManifestDigest, TRANSPORT_RDMA, TRANSPORT_TCP, Welcome};
+
+#[cfg(feature = "rdma")]
+mod rdma;
+#[cfg(feature = "rdma")]
+pub use rdma::{RdmaFault, RdmaOptions};
 
 /// Zero-copy send policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +71,10 @@ pub struct SendOptions {
     pub cores: Option<Vec<usize>>,
     /// Fault injection (tests).
     pub kill: Option<KillStream>,
+    /// Move chunks over RDMA when both sides have a device and the receiver grants it
+    /// (plaintext only: the receiver must allow it); otherwise TCP, with the reason reported.
+    #[cfg(feature = "rdma")]
+    pub rdma: Option<RdmaOptions>,
 }
 
 impl SendOptions {
@@ -83,6 +92,8 @@ impl SendOptions {
             idle_timeout: Duration::from_secs(30),
             cores: None,
             kill: None,
+            #[cfg(feature = "rdma")]
+            rdma: None,
         }
     }
 }
@@ -122,6 +133,9 @@ pub enum SendError {
     /// A request that cannot be met.
     #[error("{0}")]
     Invalid(String),
+    /// The RDMA data path failed (named by the verbs status).
+    #[error("RDMA: {0}")]
+    Rdma(String),
     /// Local I/O failure.
     #[error("{during}: {source}")]
     Io {
@@ -189,6 +203,10 @@ pub struct SendReport {
     pub shards: usize,
     /// Process CPU time spent during the transfer.
     pub cpu: Duration,
+    /// `tcp` or `rdma`.
+    pub transport: &'static str,
+    /// Why RDMA was asked for but not used.
+    pub rdma_fallback: Option<String>,
 }
 
 #[derive(Debug)]
@@ -493,9 +511,10 @@ fn errno_text(res: i32) -> String {
     std::io::Error::from_raw_os_error(-res).to_string()
 }
 
-fn hello_open(source: &Source, opts: &SendOptions, streams: u16) -> Hello {
+fn hello_open(source: &Source, opts: &SendOptions, streams: u16, rdma: bool) -> Hello {
+    let transports = if rdma { TRANSPORT_TCP | TRANSPORT_RDMA } else { TRANSPORT_TCP };
     Hello::Open {
-        caps: Caps { max_streams: 256, max_chunk: opts.chunk_size, codecs: CODEC_RAW, transports: TRANSPORT_TCP },
+        caps: Caps { max_streams: 256, max_chunk: opts.chunk_size, codecs: CODEC_RAW, transports },
         chunk_size: opts.chunk_size,
         streams,
         object_size: source.size().unwrap_or(wire::SIZE_UNKNOWN),
@@ -523,13 +542,55 @@ pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Resu
     // Stream 0 opens the session and measures the RTT that sizes the stream count.
     let (mut c0, rtt) = handshake::connect(&opts.to, &opts.psk, opts.encrypt, 0, opts.idle_timeout).map_err(|e| setup(0, e))?;
     let streams = opts.streams.unwrap_or_else(|| default_streams(cores, rtt)).max(1);
-    let hello = hello_open(&source, opts, streams);
+    // RDMA: the local queue pairs exist before the Hello asks for it; without a device (or with
+    // encryption, which the RDMA path does not do) the reason is reported and TCP carries on.
+    let mut rdma_fallback = None;
+    #[cfg(feature = "rdma")]
+    let mut rdma_local = match &opts.rdma {
+        Some(_) if opts.encrypt => {
+            rdma_fallback = Some("encryption is on, and the RDMA path sends plaintext (datacenter mode, --no-encrypt)".to_string());
+            None
+        }
+        Some(ro) => {
+            let nqps = if ro.qps == 0 { cores } else { usize::from(ro.qps) };
+            match crate::transport::rdma::local(ro.device.as_deref(), nqps, cores, ro.poll) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    rdma_fallback = Some(e.to_string());
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    #[cfg(feature = "rdma")]
+    let want_rdma = rdma_local.is_some();
+    #[cfg(not(feature = "rdma"))]
+    let want_rdma = false;
+    let hello = hello_open(&source, opts, streams, want_rdma);
     c0.write_frame(FrameType::Hello, 0, &hello.encode()).map_err(|e| setup(0, e))?;
     let (_, p) = c0.expect(FrameType::Welcome, "waiting for the receiver's welcome").map_err(|e| setup(0, e))?;
     let welcome = Welcome::decode(&p).map_err(|e| setup(0, HandshakeError::Wire { during: "reading the welcome", source: e }))?;
     info!(streams, rtt_us = rtt.as_micros() as u64, "session opened");
+    #[cfg(feature = "rdma")]
+    let rdma_conn = match rdma_local.take() {
+        Some(l) if welcome.caps.transports & TRANSPORT_RDMA != 0 => Some(rdma::connect(&mut c0, l, opts)?),
+        Some(_) => {
+            rdma_fallback = Some("the receiver did not grant RDMA (no device there, plaintext not allowed, or a stdout sink)".into());
+            None
+        }
+        None => None,
+    };
+    #[cfg(feature = "rdma")]
+    let on_rdma = rdma_conn.is_some();
+    #[cfg(not(feature = "rdma"))]
+    let on_rdma = false;
+    if let Some(why) = &rdma_fallback {
+        warn!("RDMA not used: {why}; sending over TCP");
+    }
 
-    // The remaining streams join in parallel.
+    // The remaining streams join in parallel (none over RDMA: stream 0 is its control channel).
+    let streams = if on_rdma { 1 } else { streams };
     let mut conns: Vec<Conn> = vec![c0];
     let joined: Vec<Result<Conn, SendError>> = std::thread::scope(|sc| {
         let hs: Vec<_> = (1..streams)
@@ -593,7 +654,32 @@ pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Resu
     let buf_size = wire::header_wire_len(true) + opts.chunk_size as usize + wire::TAG_LEN;
 
     type ShardResult = Result<(Vec<Conn>, Vec<(u64, u32, u64)>), SendError>;
+    #[cfg(feature = "rdma")]
+    let (rdma_result, per_shard, stdin_tx) = match rdma_conn {
+        Some(c) => {
+            // The control stream stays with this thread for the Commit.
+            let ro = opts.rdma.clone().unwrap_or_default();
+            let mut per_shard = per_shard;
+            let r = std::thread::scope(|sc| {
+                if !source.seekable() {
+                    let (shared, chunk) = (&shared, opts.chunk_size as usize);
+                    sc.spawn(move || read_stdin(stdin_tx, chunk, shared));
+                } else {
+                    drop(stdin_tx);
+                }
+                let r = rdma::run(c, &shared, &source, opts, &ro, &core_ids);
+                shared.stop.store(true, Relaxed);
+                r
+            });
+            let control = per_shard.pop().unwrap_or_default();
+            (Some(r.map(|m| (control, m))), Vec::new(), crossbeam_channel::bounded(0).0)
+        }
+        None => (None, per_shard, stdin_tx),
+    };
     let results: Vec<ShardResult> = std::thread::scope(|sc| {
+        if per_shard.is_empty() {
+            return Vec::new();
+        }
         if !source.seekable() {
             let shared = &shared;
             let chunk = opts.chunk_size as usize;
@@ -633,6 +719,11 @@ pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Resu
         shared.stop.store(true, Relaxed);
         r
     });
+    #[cfg(feature = "rdma")]
+    let results = match rdma_result {
+        Some(r) => vec![r],
+        None => results,
+    };
 
     let mut alive = Vec::new();
     let mut manifest = ManifestDigest::default();
@@ -700,6 +791,8 @@ pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Resu
         send_zc,
         shards: nshards,
         cpu: crate::sys::process_cpu_time().saturating_sub(cpu0),
+        transport: if on_rdma { "rdma" } else { "tcp" },
+        rdma_fallback,
     })
 }
 

@@ -128,6 +128,10 @@ pub enum FrameType {
     Error = 8,
     /// A measurement exchange on a probe connection (`Hello::Probe`): RTT and delivery rate.
     Probe = 9,
+    /// Sender's RDMA queue pairs, after a Welcome that granted RDMA.
+    RdmaConnect = 10,
+    /// Receiver's queue pairs and the region chunks are written into.
+    RdmaAccept = 11,
 }
 
 impl FrameType {
@@ -141,6 +145,8 @@ impl FrameType {
             7 => Self::Verified,
             8 => Self::Error,
             9 => Self::Probe,
+            10 => Self::RdmaConnect,
+            11 => Self::RdmaAccept,
             other => return Err(WireError::UnknownFrameType(other)),
         })
     }
@@ -591,6 +597,147 @@ impl ProbeMsg {
     }
 }
 
+/// One RDMA queue pair's address: queue pair number, first packet sequence number, GID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QpAddr {
+    /// Queue pair number (24 bits).
+    pub qpn: u32,
+    /// Initial PSN (24 bits).
+    pub psn: u32,
+    /// GID (RoCE v2: IPv4-mapped IPv6).
+    pub gid: [u8; 16],
+}
+
+impl QpAddr {
+    const LEN: usize = 24;
+    fn put(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.qpn.to_be_bytes());
+        out.extend_from_slice(&self.psn.to_be_bytes());
+        out.extend_from_slice(&self.gid);
+    }
+    fn get(b: &[u8]) -> Result<Self, WireError> {
+        let (qpn, psn) = (u32_at(b, 0), u32_at(b, 4));
+        if qpn >> 24 != 0 || psn >> 24 != 0 {
+            return Err(WireError::Malformed { what: "rdma queue pair", why: format!("qpn {qpn:#x} or psn {psn:#x} beyond 24 bits") });
+        }
+        Ok(Self { qpn, psn, gid: b[8..24].try_into().expect("16") })
+    }
+}
+
+/// Most queue pairs per session.
+pub const MAX_QPS: usize = 64;
+
+/// The RdmaConnect payload: the sender's queue pairs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RdmaConnect {
+    /// Queue pairs, in order.
+    pub qps: Vec<QpAddr>,
+}
+
+/// The RdmaAccept payload: the receiver's queue pairs (paired with the sender's by index) and
+/// its region: `slots` slots of `slot_size` bytes at `addr` under `rkey`. Queue pair `i` owns
+/// the slots `j` with `j % qps == i`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RdmaAccept {
+    /// Region address.
+    pub addr: u64,
+    /// Region key.
+    pub rkey: u32,
+    /// Bytes per slot: a frame header plus the largest chunk.
+    pub slot_size: u32,
+    /// Slot count.
+    pub slots: u32,
+    /// Queue pairs.
+    pub qps: Vec<QpAddr>,
+}
+
+fn put_qps(out: &mut Vec<u8>, qps: &[QpAddr]) {
+    out.extend_from_slice(&(qps.len() as u16).to_be_bytes());
+    for q in qps {
+        q.put(out);
+    }
+}
+
+fn get_qps(what: &'static str, b: &[u8]) -> Result<Vec<QpAddr>, WireError> {
+    need(what, b, 2)?;
+    let n = u16_at(b, 0) as usize;
+    if n == 0 || n > MAX_QPS {
+        return Err(WireError::Malformed { what, why: format!("{n} queue pairs (1..={MAX_QPS})") });
+    }
+    need(what, b, 2 + n * QpAddr::LEN)?;
+    (0..n).map(|i| QpAddr::get(&b[2 + i * QpAddr::LEN..])).collect()
+}
+
+impl RdmaConnect {
+    /// Encodes the payload.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        put_qps(&mut out, &self.qps);
+        out
+    }
+    /// Decodes the payload.
+    pub fn decode(b: &[u8]) -> Result<Self, WireError> {
+        Ok(Self { qps: get_qps("rdma connect", b)? })
+    }
+}
+
+impl RdmaAccept {
+    /// Encodes the payload.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&self.addr.to_be_bytes());
+        out.extend_from_slice(&self.rkey.to_be_bytes());
+        out.extend_from_slice(&self.slot_size.to_be_bytes());
+        out.extend_from_slice(&self.slots.to_be_bytes());
+        put_qps(&mut out, &self.qps);
+        out
+    }
+    /// Decodes the payload.
+    pub fn decode(b: &[u8]) -> Result<Self, WireError> {
+        const WHAT: &str = "rdma accept";
+        need(WHAT, b, 20)?;
+        let (slot_size, slots) = (u32_at(b, 12), u32_at(b, 16));
+        if (slot_size as usize) <= HEADER_LEN || slots == 0 {
+            return Err(WireError::Malformed { what: WHAT, why: format!("{slots} slots of {slot_size} bytes") });
+        }
+        let qps = get_qps(WHAT, &b[20..])?;
+        if (slots as usize) < qps.len() {
+            return Err(WireError::Malformed { what: WHAT, why: format!("{slots} slots for {} queue pairs", qps.len()) });
+        }
+        Ok(Self { addr: u64_at(b, 0), rkey: u32_at(b, 8), slot_size, slots, qps })
+    }
+}
+
+/// A credit the RDMA receiver SENDs back: slot `slot` is free again; `code` 0 means its chunk
+/// at `offset` was verified and placed, otherwise it is an [`ErrorCode`] and the session ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RdmaCredit {
+    /// Slot.
+    pub slot: u32,
+    /// 0 or an error code.
+    pub code: u16,
+    /// The chunk's offset.
+    pub offset: u64,
+}
+
+impl RdmaCredit {
+    /// Encoded length.
+    pub const LEN: usize = 16;
+    /// Encodes.
+    pub fn encode(&self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[..4].copy_from_slice(&self.slot.to_be_bytes());
+        b[4..6].copy_from_slice(&self.code.to_be_bytes());
+        b[8..].copy_from_slice(&self.offset.to_be_bytes());
+        b
+    }
+    /// Decodes.
+    pub fn decode(b: &[u8]) -> Result<Self, WireError> {
+        need("rdma credit", b, Self::LEN)?;
+        Ok(Self { slot: u32_at(b, 0), code: u16_at(b, 4), offset: u64_at(b, 8) })
+    }
+}
+
 /// Encodes an Ack payload: the offsets of the chunks placed.
 pub fn encode_ack(offsets: &[u64]) -> Vec<u8> {
     offsets.iter().flat_map(|o| o.to_be_bytes()).collect()
@@ -810,6 +957,18 @@ mod tests {
         }
 
         #[test]
+        fn rdma_messages_roundtrip(qpns in prop::collection::vec((0u32..1 << 24, 0u32..1 << 24, any::<[u8; 16]>()), 1..8),
+                                   addr: u64, rkey: u32, slot_size in 33u32.., extra in 0u32..100, slot: u32, code: u16, offset: u64) {
+            let qps: Vec<QpAddr> = qpns.iter().map(|&(qpn, psn, gid)| QpAddr { qpn, psn, gid }).collect();
+            let c = RdmaConnect { qps: qps.clone() };
+            prop_assert_eq!(RdmaConnect::decode(&c.encode()), Ok(c));
+            let a = RdmaAccept { addr, rkey, slot_size, slots: qps.len() as u32 + extra, qps };
+            prop_assert_eq!(RdmaAccept::decode(&a.encode()), Ok(a));
+            let k = RdmaCredit { slot, code, offset };
+            prop_assert_eq!(RdmaCredit::decode(&k.encode()), Ok(k));
+        }
+
+        #[test]
         fn probe_roundtrip(seq: u32, bytes: u64, span_ns: u64, flag: bool, pad in 0usize..4096) {
             for m in [ProbeMsg::Ping { seq }, ProbeMsg::Bulk { seq, last: flag }, ProbeMsg::Reply { seq, bytes, span_ns, plaintext_ok: flag }] {
                 let b = m.encode(pad);
@@ -833,6 +992,9 @@ mod tests {
             let _ = decode_ack(&bytes);
             let _ = decode_error(&bytes);
             let _ = ProbeMsg::decode(&bytes);
+            let _ = RdmaConnect::decode(&bytes);
+            let _ = RdmaAccept::decode(&bytes);
+            let _ = RdmaCredit::decode(&bytes);
             if bytes.len() >= HEADER_LEN {
                 let _ = FrameHeader::decode(bytes[..HEADER_LEN].try_into().unwrap());
             }

@@ -30,6 +30,9 @@ fuzz_target!(|data: &[u8]| {
     let _ = wire::decode_ack(rest);
     let _ = wire::decode_error(rest);
     let _ = wire::ProbeMsg::decode(rest);
+    let _ = wire::RdmaConnect::decode(rest);
+    let _ = wire::RdmaAccept::decode(rest);
+    let _ = wire::RdmaCredit::decode(rest);
     if rest.len() >= wire::PREAMBLE_LEN {
         let _ = wire::Preamble::decode(rest[..wire::PREAMBLE_LEN].try_into().unwrap());
     }

@@ -1,3 +1,6 @@
-//! Transports: today io_uring TCP streams; RDMA queue pairs join behind the same session logic.
+//! Transports behind the same session logic: io_uring TCP streams ([`uring`]) and RDMA verbs
+//! queue pairs ([`rdma`], with the default `rdma` feature).
 
+#[cfg(feature = "rdma")]
+pub mod rdma;
 pub mod uring;

@@ -1,0 +1,429 @@
+//! `make bench-hde`: HDE against zstd and xdelta3 on the real guest-RAM corpus (`make corpus`),
+//! rounds 1 and 2, side by side in one run, one core each.
+//!
+//! Round 1 is the whole image `a.raw`; round 2 the pages the corpus bitmap marks changed in
+//! `b.raw`. HDE runs in a child process pinned to one core (so its peak RSS is its own): it reads
+//! the image in 1 MiB frames (256 pages, the transfer chunk), encodes, keeps a bounded cache of
+//! the pages it sent (round 2 delta-encodes only cache hits, as QEMU's XBZRLE cache does) and
+//! writes its frames to `target/bench/hde/`; this process then decodes them and checks both
+//! rounds byte for byte. Peers, single-threaded (`-T1`, `taskset` to the same core): `zstd -1`,
+//! `-3`, `-19 --long=27` of the whole image (round 1), `zstd -3` of the dirty pages and
+//! `xdelta3 -B 1GiB` of image b against image a (round 2). Speeds are per core: round 1 in MB of
+//! image per second, round 2 in MB of dirty pages per second (for xdelta3 too, which reads both
+//! whole images to find them). Ratios: input bytes / output bytes.
+//!
+//!   bench-hde [--corpus DIR] [--images fileserver,database]
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use dataplane::hde::{Decoder, EncodeStats, Encoder, PAGE, PageCache, PageStore};
+use serde_json::{Value, json};
+
+const FRAME_PAGES: usize = 256;
+const CORE: &str = "0";
+
+fn die(msg: &str) -> ! {
+    eprintln!("bench-hde: {msg}");
+    std::process::exit(2);
+}
+
+fn dirty_pages(dir: &Path, n: usize) -> Vec<u64> {
+    let bm = std::fs::read(dir.join("changed.bitmap")).unwrap_or_else(|e| die(&format!("{}/changed.bitmap: {e} (run `make corpus`)", dir.display())));
+    (0..n).filter(|&i| bm.get(i / 8).is_some_and(|b| b >> (i % 8) & 1 == 1)).map(|i| i as u64).collect()
+}
+
+fn kinds(s: &EncodeStats) -> Value {
+    let m: BTreeMap<String, u64> = s.pages.iter().map(|(k, v)| (format!("{k:?}").to_lowercase(), *v)).collect();
+    json!(m)
+}
+
+fn write_frame(out: &mut impl Write, f: &[u8]) {
+    out.write_all(&(f.len() as u32).to_le_bytes()).and_then(|()| out.write_all(f)).unwrap_or_else(|e| die(&format!("writing frames: {e}")));
+}
+
+fn hwm_kb(pid: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0)
+}
+
+fn vm_hwm_kb() -> u64 {
+    hwm_kb("self")
+}
+
+/// Waits for `child`, sampling its peak RSS (VmHWM, which exec resets, unlike the rusage a
+/// fork inherits from this large process) every 20 ms; returns (success, peak KiB).
+fn wait_hwm(mut child: std::process::Child) -> (bool, u64) {
+    let pid = child.id().to_string();
+    let mut peak = 0;
+    loop {
+        peak = peak.max(hwm_kb(&pid));
+        match child.try_wait() {
+            Ok(Some(st)) => return (st.success(), peak),
+            Ok(None) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            Err(_) => return (false, peak),
+        }
+    }
+}
+
+/// The HDE sender, alone in its process: `--worker DIR LEVEL CACHE_BYTES DICT(0|1) OUT_PREFIX`.
+fn worker(args: &[String]) {
+    let dir = PathBuf::from(&args[0]);
+    let level: i32 = args[1].parse().expect("level");
+    let cache_bytes: u64 = args[2].parse().expect("cache");
+    let use_dict = args[3] == "1";
+    let prefix = PathBuf::from(&args[4]);
+    let a = std::fs::File::open(dir.join("a.raw")).expect("a.raw");
+    let b = std::fs::File::open(dir.join("b.raw")).expect("b.raw");
+    let size = a.metadata().expect("size").len() as usize;
+    let n = size / PAGE;
+    let mut cache = PageCache::new(cache_bytes);
+    let mut buf = vec![0u8; FRAME_PAGES * PAGE];
+    let t = Instant::now();
+    let dict = use_dict.then(|| {
+        // zstd's trainer on a sample of round-1 pages: every 64th non-zero page, up to 4 MiB.
+        let mut samples = Vec::new();
+        let mut p = vec![0u8; PAGE];
+        for i in (0..n).step_by(64) {
+            a.read_exact_at(&mut p, (i * PAGE) as u64).expect("read");
+            if !dataplane::hde::is_zero(&p) {
+                samples.push(p.clone());
+            }
+            if samples.len() * PAGE >= 4 << 20 {
+                break;
+            }
+        }
+        let refs: Vec<&[u8]> = samples.iter().map(Vec::as_slice).collect();
+        Encoder::train(&refs, 112 << 10).expect("train")
+    });
+    let mut enc = Encoder::new(level, dict.clone()).expect("encoder");
+    let mut out1 = std::io::BufWriter::new(std::fs::File::create(prefix.with_extension("r1")).expect("r1"));
+    if let Some(d) = &dict {
+        std::fs::write(prefix.with_extension("dict"), d).expect("dict");
+    }
+    let mut st1 = EncodeStats::default();
+    let mut enc_s = 0.0;
+    for f in 0..n.div_ceil(FRAME_PAGES) {
+        let first = f * FRAME_PAGES;
+        let count = FRAME_PAGES.min(n - first);
+        let bytes = &mut buf[..count * PAGE];
+        a.read_exact_at(bytes, (first * PAGE) as u64).expect("read a");
+        let te = Instant::now();
+        let pages: Vec<(u64, &[u8])> = bytes.chunks_exact(PAGE).enumerate().map(|(i, p)| ((first + i) as u64, p)).collect();
+        let frame = enc.encode(&pages, &|_| None, &mut st1);
+        for &(no, p) in &pages {
+            if !dataplane::hde::is_zero(p) {
+                cache.put(no, p);
+            }
+        }
+        enc_s += te.elapsed().as_secs_f64();
+        write_frame(&mut out1, &frame);
+    }
+    let r1_wall = t.elapsed().as_secs_f64();
+    drop(out1);
+
+    let dirty = dirty_pages(&dir, n);
+    let mut out2 = std::io::BufWriter::new(std::fs::File::create(prefix.with_extension("r2")).expect("r2"));
+    let mut st2 = EncodeStats::default();
+    let t = Instant::now();
+    let mut enc2_s = 0.0;
+    let te = Instant::now();
+    enc.begin_round(dirty.iter().copied());
+    enc2_s += te.elapsed().as_secs_f64();
+    for group in dirty.chunks(FRAME_PAGES) {
+        let bytes = &mut buf[..group.len() * PAGE];
+        for (i, &no) in group.iter().enumerate() {
+            b.read_exact_at(&mut bytes[i * PAGE..(i + 1) * PAGE], no * PAGE as u64).expect("read b");
+        }
+        let te = Instant::now();
+        let pages: Vec<(u64, &[u8])> = group.iter().zip(bytes.chunks_exact(PAGE)).map(|(&no, p)| (no, p)).collect();
+        // A dirty page is delta-encoded against its cached copy; a miss (evicted, or zero in
+        // round 1, which the cache does not copy) goes literal.
+        let frame = enc.encode(&pages, &|no| cache.lookup(no), &mut st2);
+        for &(no, p) in &pages {
+            cache.put(no, p);
+        }
+        enc2_s += te.elapsed().as_secs_f64();
+        write_frame(&mut out2, &frame);
+    }
+    let r2_wall = t.elapsed().as_secs_f64();
+    drop(out2);
+    let (hits, misses) = cache.counts();
+    println!(
+        "{}",
+        json!({
+            "r1": {"input": st1.input, "output": st1.output, "encode_s": enc_s, "wall_s": r1_wall, "kinds": kinds(&st1)},
+            "r2": {"input": st2.input, "output": st2.output, "encode_s": enc2_s, "wall_s": r2_wall, "kinds": kinds(&st2),
+                   "cache_hits": hits, "cache_misses": misses},
+            "dict_bytes": dict.map_or(0, |d| d.len()),
+            "vm_hwm_kb": vm_hwm_kb(),
+        })
+    );
+}
+
+/// The receiver's image, in memory for the bench.
+struct Image(Vec<u8>, Vec<bool>);
+impl PageStore for Image {
+    fn get(&self, no: u64) -> Option<&[u8]> {
+        let i = no as usize;
+        self.1.get(i).copied().unwrap_or(false).then(|| &self.0[i * PAGE..(i + 1) * PAGE])
+    }
+    fn put(&mut self, no: u64, page: &[u8]) {
+        let i = no as usize;
+        self.0[i * PAGE..(i + 1) * PAGE].copy_from_slice(page);
+        self.1[i] = true;
+    }
+}
+
+fn read_frames(path: &Path) -> Vec<Vec<u8>> {
+    let data = std::fs::read(path).unwrap_or_else(|e| die(&format!("{}: {e}", path.display())));
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + 4 <= data.len() {
+        let n = u32::from_le_bytes(data[at..at + 4].try_into().expect("4")) as usize;
+        out.push(data[at + 4..at + 4 + n].to_vec());
+        at += 4 + n;
+    }
+    out
+}
+
+/// Decodes both rounds, checks them against the images; returns (r1 decode s, r2 decode s).
+fn decode_and_check(dir: &Path, prefix: &Path) -> (f64, f64) {
+    let a = std::fs::read(dir.join("a.raw")).expect("a.raw");
+    let dict = std::fs::read(prefix.with_extension("dict")).ok();
+    let mut dec = Decoder::new(dict.as_deref()).expect("decoder");
+    let n = a.len() / PAGE;
+    let mut img = Image(vec![0u8; a.len()], vec![false; n]);
+    let mut timed = |frames: Vec<Vec<u8>>, img: &mut Image| {
+        let t = Instant::now();
+        let mut deferred = Vec::new();
+        for f in &frames {
+            let r = dec.decode(f, img).unwrap_or_else(|e| die(&format!("decode: {e}")));
+            if let Some((no, why)) = r.rejected.first() {
+                die(&format!("page {no} refused: {why}"));
+            }
+            deferred.extend(r.deferred);
+        }
+        let r = dec.retry(&deferred, img);
+        if let Some((no, why)) = r.rejected.first() {
+            die(&format!("page {no} refused: {why}"));
+        }
+        t.elapsed().as_secs_f64()
+    };
+    let d1 = timed(read_frames(&prefix.with_extension("r1")), &mut img);
+    if img.0 != a {
+        die(&format!("{}: round 1 does not decode to a.raw", dir.display()));
+    }
+    drop(a);
+    let d2 = timed(read_frames(&prefix.with_extension("r2")), &mut img);
+    let b = std::fs::read(dir.join("b.raw")).expect("b.raw");
+    if img.0 != b {
+        die(&format!("{}: round 2 does not decode to b.raw", dir.display()));
+    }
+    (d1, d2)
+}
+
+/// Runs a peer tool on one core; returns (stdout bytes, wall seconds, peak RSS KiB).
+fn tool(args: &[&str], stdin: Option<&Path>) -> (u64, f64, u64) {
+    let mut c = Command::new("taskset");
+    c.args(["-c", CORE]).args(args).stdout(Stdio::piped()).stderr(Stdio::null());
+    if let Some(p) = stdin {
+        c.stdin(std::fs::File::open(p).expect("stdin file"));
+    }
+    let t = Instant::now();
+    let mut child = c.spawn().unwrap_or_else(|e| die(&format!("{}: {e} (run `make bench-deps`)", args[0])));
+    let out = child.stdout.take().expect("stdout");
+    // Count stdout on a thread while this one samples the peak RSS.
+    let counter = std::thread::spawn(move || {
+        let (mut out, mut n, mut buf) = (out, 0u64, vec![0u8; 1 << 20]);
+        while let Ok(k) = out.read(&mut buf) {
+            if k == 0 {
+                break;
+            }
+            n += k as u64;
+        }
+        n
+    });
+    let (ok, rss) = wait_hwm(child);
+    let n = counter.join().expect("counter");
+    let secs = t.elapsed().as_secs_f64();
+    if !ok {
+        die(&format!("{} failed", args.join(" ")));
+    }
+    (n, secs, rss)
+}
+
+/// Like `tool`, writing stdout to `out`.
+fn tool_to(args: &[&str], out: &Path) -> (f64, u64) {
+    let t = Instant::now();
+    let child = Command::new("taskset")
+        .args(["-c", CORE])
+        .args(args)
+        .stdout(std::fs::File::create(out).expect("out"))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| die(&format!("{}: {e} (run `make bench-deps`)", args[0])));
+    let (ok, rss) = wait_hwm(child);
+    if !ok {
+        die(&format!("{} failed", args.join(" ")));
+    }
+    (t.elapsed().as_secs_f64(), rss)
+}
+
+struct Row {
+    image: String,
+    round: u8,
+    codec: String,
+    ratio: f64,
+    enc_mbps: f64,
+    dec_mbps: f64,
+    rss_mb: f64,
+    note: String,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--worker") {
+        return worker(&args[1..]);
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_owned();
+    let mut corpus = root.join("target/corpus");
+    let mut images = vec!["fileserver".to_string(), "database".to_string()];
+    let mut it = args.iter();
+    while let Some(k) = it.next() {
+        match (k.as_str(), it.next()) {
+            ("--corpus", Some(v)) => corpus = PathBuf::from(v),
+            ("--images", Some(v)) => images = v.split(',').map(str::to_owned).collect(),
+            _ => die("usage: bench-hde [--corpus DIR] [--images fileserver,database]"),
+        }
+    }
+    let work = root.join("target/bench/hde");
+    std::fs::create_dir_all(&work).expect("target/bench/hde");
+    let me = std::env::current_exe().expect("exe");
+    let mut rows: Vec<Row> = Vec::new();
+    let mut per_image = serde_json::Map::new();
+    for name in &images {
+        let dir = corpus.join(name);
+        let a_path = dir.join("a.raw");
+        let b_path = dir.join("b.raw");
+        let size = std::fs::metadata(&a_path).unwrap_or_else(|e| die(&format!("{}: {e} (run `make corpus`)", a_path.display()))).len();
+        let dirty = dirty_pages(&dir, size as usize / PAGE);
+        let dirty_bytes = (dirty.len() * PAGE) as f64;
+        let mb = |bytes: f64, s: f64| bytes / s / 1e6;
+        let mut fig = serde_json::Map::new();
+        // HDE variants: (label, level, cache bytes, dictionary).
+        for (label, level, cache, dict) in [("hde-3", 3, size, false), ("hde-1", 1, size, false), ("hde-3 dict", 3, size, true), ("hde-3 cache 256MiB", 3, 256 << 20, false)] {
+            let prefix = work.join(format!("{name}-{}", label.replace([' ', '-'], "_")));
+            let child = Command::new("taskset")
+                .args(["-c", CORE])
+                .arg(&me)
+                .args(["--worker", dir.to_str().expect("utf8"), &level.to_string(), &cache.to_string(), if dict { "1" } else { "0" }])
+                .arg(&prefix)
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("worker");
+            let mut out = String::new();
+            let mut child = child;
+            child.stdout.take().expect("stdout").read_to_string(&mut out).expect("worker output");
+            if !child.wait().is_ok_and(|s| s.success()) {
+                die(&format!("HDE worker for {name} failed"));
+            }
+            let w: Value = serde_json::from_str(out.trim()).expect("worker json");
+            // The worker reports its own VmHWM at the end.
+            let max_rss_kb = w["vm_hwm_kb"].as_u64().unwrap_or(0);
+            let (d1, d2) = decode_and_check(&dir, &prefix);
+            let f = |r: &str, k: &str| w[r][k].as_f64().unwrap_or(f64::NAN);
+            let rss_mb = max_rss_kb as f64 / 1024.0;
+            let hits = f("r2", "cache_hits");
+            let hit_rate = hits / (hits + f("r2", "cache_misses"));
+            rows.push(Row { image: name.clone(), round: 1, codec: label.into(), ratio: f("r1", "input") / f("r1", "output"), enc_mbps: mb(f("r1", "input"), f("r1", "encode_s")), dec_mbps: mb(f("r1", "input"), d1), rss_mb, note: w["r1"]["kinds"].to_string() });
+            rows.push(Row {
+                image: name.clone(),
+                round: 2,
+                codec: label.into(),
+                ratio: f("r2", "input") / f("r2", "output"),
+                enc_mbps: mb(f("r2", "input"), f("r2", "encode_s")),
+                dec_mbps: mb(f("r2", "input"), d2),
+                rss_mb,
+                note: format!("cache hit {:.0}% {}", hit_rate * 100.0, w["r2"]["kinds"]),
+            });
+            fig.insert(label.to_string(), json!({"worker": w, "decode_r1_s": d1, "decode_r2_s": d2, "max_rss_kb": max_rss_kb, "cache_hit_rate_r2": hit_rate}));
+        }
+        // zstd on the whole image.
+        let zfile = work.join(format!("{name}.zst"));
+        for (label, zargs) in [("zstd -1", vec!["-1"]), ("zstd -3", vec!["-3"]), ("zstd -19 --long=27", vec!["-19", "--long=27"])] {
+            let mut a: Vec<&str> = vec!["zstd", "-T1", "-q", "-c"];
+            a.extend(zargs.iter());
+            a.push(a_path.to_str().expect("utf8"));
+            let (secs, rss) = tool_to(&a, &zfile);
+            let out = std::fs::metadata(&zfile).expect("zst").len() as f64;
+            let (_, dsecs, _) = tool(&["zstd", "-d", "-q", "-c", "--long=27", zfile.to_str().expect("utf8")], None);
+            rows.push(Row { image: name.clone(), round: 1, codec: label.into(), ratio: size as f64 / out, enc_mbps: mb(size as f64, secs), dec_mbps: mb(size as f64, dsecs), rss_mb: rss as f64 / 1024.0, note: String::new() });
+            fig.insert(label.to_string(), json!({"ratio": size as f64 / out, "encode_s": secs, "decode_s": dsecs, "max_rss_kb": rss}));
+        }
+        // Round 2 peers: zstd -3 of the dirty pages, xdelta3 of image b against image a.
+        let plain = work.join(format!("{name}.dirty"));
+        {
+            let a = std::fs::File::open(&b_path).expect("b.raw");
+            let mut w = std::io::BufWriter::new(std::fs::File::create(&plain).expect("dirty"));
+            let mut p = vec![0u8; PAGE];
+            for &no in &dirty {
+                a.read_exact_at(&mut p, no * PAGE as u64).expect("read");
+                w.write_all(&p).expect("write");
+            }
+        }
+        let (zn, zs, zrss) = tool(&["zstd", "-T1", "-3", "-q", "-c", plain.to_str().expect("utf8")], None);
+        rows.push(Row { image: name.clone(), round: 2, codec: "zstd -3 (dirty pages)".into(), ratio: dirty_bytes / zn as f64, enc_mbps: mb(dirty_bytes, zs), dec_mbps: f64::NAN, rss_mb: zrss as f64 / 1024.0, note: String::new() });
+        fig.insert("zstd -3 dirty".into(), json!({"ratio": dirty_bytes / zn as f64, "encode_s": zs, "max_rss_kb": zrss}));
+        let vc = work.join(format!("{name}.vcdiff"));
+        let (xs, xrss) = tool_to(&["xdelta3", "-e", "-c", "-B", "1073741824", "-s", a_path.to_str().expect("utf8"), b_path.to_str().expect("utf8")], &vc);
+        let xout = std::fs::metadata(&vc).expect("vcdiff").len() as f64;
+        let (_, xds, _) = tool(&["xdelta3", "-d", "-c", "-B", "1073741824", "-s", a_path.to_str().expect("utf8"), vc.to_str().expect("utf8")], None);
+        rows.push(Row { image: name.clone(), round: 2, codec: "xdelta3 -B 1GiB".into(), ratio: dirty_bytes / xout, enc_mbps: mb(dirty_bytes, xs), dec_mbps: mb(dirty_bytes, xds), rss_mb: xrss as f64 / 1024.0, note: "reads both whole images".into() });
+        fig.insert("xdelta3".into(), json!({"ratio": dirty_bytes / xout, "encode_s": xs, "decode_s": xds, "max_rss_kb": xrss}));
+        let _ = std::fs::remove_file(&plain);
+        fig.insert("image_bytes".into(), json!(size));
+        fig.insert("dirty_bytes".into(), json!(dirty_bytes));
+        per_image.insert(name.clone(), Value::Object(fig));
+    }
+
+    println!("{:<11} {:>2} {:<22} {:>7} {:>10} {:>10} {:>8}  notes", "image", "rd", "codec", "ratio", "enc MB/s", "dec MB/s", "RSS MB");
+    for r in &rows {
+        println!("{:<11} {:>2} {:<22} {:>7.2} {:>10.0} {:>10.0} {:>8.0}  {}", r.image, r.round, r.codec, r.ratio, r.enc_mbps, r.dec_mbps, r.rss_mb, r.note);
+    }
+    // Headline figures over all images (total input / total output; total bytes / total time).
+    let agg = |round: u8, codec: &str| {
+        let (mut inp, mut out, mut secs) = (0.0, 0.0, 0.0);
+        for r in rows.iter().filter(|r| r.round == round && r.codec == codec) {
+            let bytes = if round == 1 { per_image[&r.image]["image_bytes"].as_f64().unwrap_or(0.0) } else { per_image[&r.image]["dirty_bytes"].as_f64().unwrap_or(0.0) };
+            inp += bytes;
+            out += bytes / r.ratio;
+            secs += bytes / (r.enc_mbps * 1e6);
+        }
+        (inp / out, inp / secs / 1e6)
+    };
+    let (ratio_r1, speed_r1) = agg(1, "hde-3");
+    let (z3, z3s) = agg(1, "zstd -3");
+    let (z19, _) = agg(1, "zstd -19 --long=27");
+    let (ratio_r2, speed_r2) = agg(2, "hde-3");
+    let (x3, x3s) = agg(2, "xdelta3 -B 1GiB");
+    let (zd, _) = agg(2, "zstd -3 (dirty pages)");
+    let (h1r, h1s) = agg(1, "hde-1");
+    println!();
+    println!("round 1: HDE-3 ratio {ratio_r1:.2} = {:.2}x zstd -3 (target 1.1x) at {:.2}x its speed (target 2x); HDE-1 {:.2}x at {:.2}x", ratio_r1 / z3, speed_r1 / z3s, h1r / z3, h1s / z3s);
+    println!("round 2: HDE-3 ratio {ratio_r2:.2} vs xdelta3 {x3:.2} (target >= 1x) at {:.1}x its speed (target 10x); zstd -3 of the dirty pages {zd:.2}", speed_r2 / x3s);
+    let j = json!({
+        "ratio_r1": ratio_r1, "zstd3_ratio_r1": z3, "zstd19long_ratio_r1": z19, "speed_r1_mbps": speed_r1, "zstd3_speed_mbps": z3s,
+        "hde1_ratio_r1": h1r, "hde1_speed_r1_mbps": h1s,
+        "ratio_r2": ratio_r2, "xdelta3_ratio_r2": x3, "speed_r2_mbps": speed_r2, "xdelta3_speed_mbps": x3s, "zstd3_dirty_ratio_r2": zd,
+        "images": per_image,
+    });
+    let line = j.to_string();
+    std::fs::create_dir_all(root.join("target/bench")).expect("target/bench");
+    std::fs::write(root.join("target/bench/hde.json"), &line).expect("hde.json");
+    println!("{line}");
+}
