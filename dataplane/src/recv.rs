@@ -25,6 +25,11 @@ use crate::session::{JournalHeader, JournalRecord, RangeSet, parse_journal};
 use crate::transport::uring::sys::{BufId, Completion, Returned, Ring};
 use crate::wire::{self, CODEC_RAW, Caps, ErrorCode, FrameType, Hello, ManifestDigest, TRANSPORT_TCP, Welcome};
 
+#[cfg(feature = "rdma")]
+mod rdma;
+#[cfg(feature = "rdma")]
+pub use rdma::RdmaRecvOptions;
+
 /// Where received objects go.
 #[derive(Debug, Clone)]
 pub enum Sink {
@@ -53,12 +58,19 @@ pub struct RecvOptions {
     pub max_chunk: u32,
     /// Cores to pin shards to, one shard each (None: all cores).
     pub cores: Option<Vec<usize>>,
+    /// Grant RDMA to senders that ask for it (plaintext sessions to a file or discard sink,
+    /// when a device opens); None refuses it.
+    #[cfg(feature = "rdma")]
+    pub rdma: Option<RdmaRecvOptions>,
 }
 
 impl RecvOptions {
     /// Defaults.
     pub fn new(listen: impl Into<String>, sink: Sink, psk: Psk) -> Self {
-        Self { listen: listen.into(), sink, psk, allow_plaintext: false, idle_timeout: Duration::from_secs(30), max_chunk: 2 << 20, cores: None }
+        Self { listen: listen.into(), sink, psk, allow_plaintext: false, idle_timeout: Duration::from_secs(30), max_chunk: 2 << 20, cores: None,
+            #[cfg(feature = "rdma")]
+            rdma: Some(RdmaRecvOptions::default()),
+        }
     }
 }
 
@@ -252,10 +264,10 @@ pub fn start(opts: RecvOptions) -> Result<ReceiverHandle, RecvError> {
                         let _ = ref_tx.try_send((peer, why));
                         continue;
                     }
-                    let (opts, coord, shards, next, refused, pending) =
-                        (opts.clone(), coord_tx.clone(), shard_txs.clone(), next.clone(), ref_tx.clone(), pending.clone());
+                    let (opts, coord, shards, next, refused, pending, stop_h) =
+                        (opts.clone(), coord_tx.clone(), shard_txs.clone(), next.clone(), ref_tx.clone(), pending.clone(), stop.clone());
                     let _ = std::thread::Builder::new().name("dwcp-handshake".into()).spawn(move || {
-                        match admit(sock, &opts, &coord, &shards, &next) {
+                        match admit(sock, &opts, &coord, &shards, &next, &stop_h, epoch) {
                             // Closed before a byte: a reachability probe (mode detection), not an error.
                             Err(HandshakeError::Closed { during: "reading the preamble", .. }) => {
                                 tracing::debug!(%peer, "probe connection (closed before the preamble)");
@@ -277,7 +289,8 @@ pub fn start(opts: RecvOptions) -> Result<ReceiverHandle, RecvError> {
 }
 
 /// Handshake, Hello, session lookup, Welcome; then hands the stream to a shard.
-fn admit(sock: TcpStream, opts: &RecvOptions, coord: &Sender<ToCoord>, shards: &[Sender<ToShard>], next: &AtomicUsize) -> Result<(), HandshakeError> {
+fn admit(sock: TcpStream, opts: &RecvOptions, coord: &Sender<ToCoord>, shards: &[Sender<ToShard>], next: &AtomicUsize, stop: &Arc<AtomicBool>, epoch: Instant) -> Result<(), HandshakeError> {
+    let _ = (stop, epoch);
     let (mut conn, encrypted) = handshake::accept(sock, &opts.psk, opts.idle_timeout)?;
     let (h, p) = conn.expect(FrameType::Hello, "reading the hello")?;
     let hello = Hello::decode(&p).map_err(|source| {
@@ -301,12 +314,43 @@ fn admit(sock: TcpStream, opts: &RecvOptions, coord: &Sender<ToCoord>, shards: &
         Hello::Open { chunk_size, .. } if chunk_size > opts.max_chunk => {
             return Err(refuse(&mut conn, ErrorCode::Refused, format!("chunk size {chunk_size} exceeds this receiver's limit of {}", opts.max_chunk)));
         }
-        Hello::Open { .. } => {
+        Hello::Open { caps, .. } => {
             let (rtx, rrx) = crossbeam_channel::bounded(1);
             let peer = conn.sock.peer_addr().ok().map(|a| a.ip());
             let _ = coord.send(ToCoord::Open { hello, peer, reply: rtx });
             let (mut w, s) = rrx.recv().unwrap_or(Err((ErrorCode::Internal, "receiver shutting down".into()))).map_err(|(c, m)| refuse(&mut conn, c, m))?;
             w.caps.max_chunk = opts.max_chunk;
+            #[cfg(feature = "rdma")]
+            if caps.transports & wire::TRANSPORT_RDMA != 0 {
+                let why_not = match (&opts.rdma, encrypted, &s.out) {
+                    (None, _, _) => Some("RDMA is off at this receiver".to_string()),
+                    (_, true, _) => Some("the session is encrypted, and the RDMA path is plaintext".into()),
+                    (_, _, Out::Stdout) => Some("a stdout sink".into()),
+                    (Some(ro), _, _) => match rdma::grant(ro) {
+                        Ok(g) => {
+                            w.caps.transports |= wire::TRANSPORT_RDMA;
+                            conn.codec.set_stream(h.stream);
+                            conn.write_frame(FrameType::Welcome, 0, &w.encode())?;
+                            // The data path counts as one of the session's streams.
+                            let (rtx, rrx) = crossbeam_channel::bounded(1);
+                            let _ = coord.send(ToCoord::Join { session: s.id, reply: rtx });
+                            let _ = rrx.recv();
+                            let ro = ro.clone();
+                            rdma::accept(&mut conn, g, &ro, opts.max_chunk, s.clone(), coord.clone(), opts.idle_timeout, epoch, stop.clone())?;
+                            let _ = conn.sock.set_read_timeout(None);
+                            let k = shards.len() - 1 - next.fetch_add(1, Relaxed) % shards.len();
+                            let _ = shards[k].send(ToShard::Add(Box::new((conn, s))));
+                            return Ok(());
+                        }
+                        Err(e) => Some(e.to_string()),
+                    },
+                };
+                if let Some(w) = why_not {
+                    info!("RDMA not granted: {w}; the session goes over TCP");
+                }
+            }
+            #[cfg(not(feature = "rdma"))]
+            let _ = caps;
             (s, w)
         }
         Hello::Join { session, .. } => {

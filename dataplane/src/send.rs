@@ -207,6 +207,8 @@ pub struct SendReport {
     pub transport: &'static str,
     /// Why RDMA was asked for but not used.
     pub rdma_fallback: Option<String>,
+    /// RDMA queue pairs used (0 over TCP).
+    pub rdma_qps: u16,
 }
 
 #[derive(Debug)]
@@ -583,6 +585,10 @@ pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Resu
     };
     #[cfg(feature = "rdma")]
     let on_rdma = rdma_conn.is_some();
+    #[cfg(feature = "rdma")]
+    let rdma_qps = rdma_conn.as_ref().map_or(0, rdma::Connected::qps);
+    #[cfg(not(feature = "rdma"))]
+    let rdma_qps = 0;
     #[cfg(not(feature = "rdma"))]
     let on_rdma = false;
     if let Some(why) = &rdma_fallback {
@@ -641,7 +647,7 @@ pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Resu
     // On loopback the kernel copies zero-copy pages anyway (and pays for the notifications), so
     // `auto` keeps SEND_ZC for real NICs.
     let loopback = conns[0].sock.peer_addr().map(|a| a.ip().is_loopback()).unwrap_or(false);
-    let send_zc = match opts.zerocopy {
+    let send_zc = !on_rdma && match opts.zerocopy {
         ZeroCopy::On => probe_send_zc(),
         ZeroCopy::Auto => !loopback && probe_send_zc(),
         ZeroCopy::Off => false,
@@ -793,6 +799,7 @@ pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Resu
         cpu: crate::sys::process_cpu_time().saturating_sub(cpu0),
         transport: if on_rdma { "rdma" } else { "tcp" },
         rdma_fallback,
+        rdma_qps,
     })
 }
 

@@ -87,10 +87,19 @@ pub fn send_table(r: &SendReport, extra: &[(&str, String)]) -> String {
     row(&mut s, "wall time", format!("{:.3} s", r.wall.as_secs_f64()));
     row(&mut s, "goodput", format!("{:.2} Gbit/s", gbps(moved, r.wall)));
     let auto = if r.streams_auto { format!(" (auto: rtt {:.2} ms)", r.rtt.as_secs_f64() * 1e3) } else { String::new() };
-    row(&mut s, "streams", format!("{}{auto} on {} pinned shard(s)", r.streams, r.shards));
+    if r.transport == "rdma" {
+        row(&mut s, "streams", format!("{} RDMA queue pair(s) and 1 control stream", r.rdma_qps));
+    } else {
+        row(&mut s, "streams", format!("{}{auto} on {} pinned shard(s)", r.streams, r.shards));
+    }
     row(&mut s, "on the wire", format!("{} payload and framing", bytes(r.sent)));
     row(&mut s, "re-sent", format!("{} chunks ({} streams lost)", r.resent_chunks, r.streams_lost));
     row(&mut s, "encryption", if r.encrypted { "AES-256-GCM, Noise NNpsk0 keys".into() } else { "off (authenticated only)".into() });
+    row(&mut s, "transport", match (&r.rdma_fallback, r.transport) {
+        (_, "rdma") => "RDMA verbs (WRITE WITH IMMEDIATE into the receiver's region)".into(),
+        (Some(why), _) => format!("io_uring TCP (RDMA not used: {why})"),
+        (None, t) => format!("io_uring {}", t.to_uppercase()),
+    });
     row(&mut s, "zero-copy", if r.send_zc { "IORING_OP_SEND_ZC".into() } else { "off".into() });
     row(&mut s, "cpu", format!("{:.2} s ({:.2} s per GB)", r.cpu.as_secs_f64(), r.cpu.as_secs_f64() / (moved.max(1) as f64 / 1e9)));
     for (k, v) in extra {
@@ -110,6 +119,7 @@ pub fn send_json(r: &SendReport, mode: Option<serde_json::Value>) -> String {
         "streams": r.streams, "streams_auto": r.streams_auto, "rtt_us": r.rtt.as_micros() as u64,
         "shards": r.shards, "resent_chunks": r.resent_chunks, "streams_lost": r.streams_lost,
         "encrypted": r.encrypted, "send_zc": r.send_zc, "cpu_s": r.cpu.as_secs_f64(),
+        "transport": r.transport, "rdma_fallback": r.rdma_fallback, "rdma_qps": r.rdma_qps,
         "digest": hex(&r.digest), "verified": r.verified,
     })
     .to_string()

@@ -62,6 +62,8 @@ pub struct Plan {
     pub encrypt: bool,
     /// The report so far.
     pub report: ModeReport,
+    /// The mode's defaults (transport among them).
+    pub defaults: mode::TransferDefaults,
     live: Option<Live>,
 }
 
@@ -74,26 +76,27 @@ fn name(m: Mode) -> &'static str {
 
 /// Probes the receiver and decides. `forced`: `--mode datacenter|internet` (no live switching);
 /// `streams`: `--streams` (fixed, never parked); `encrypt`: `--encrypt`/`--no-encrypt`.
-pub fn plan(to: &str, psk: &dataplane::crypto::Psk, t: Thresholds, forced: Option<Mode>, streams: Option<u16>, encrypt: Option<bool>, cores: usize) -> anyhow::Result<Plan> {
+#[allow(clippy::too_many_arguments)]
+pub fn plan(to: &str, psk: &dataplane::crypto::Psk, t: Thresholds, forced: Option<Mode>, streams: Option<u16>, encrypt: Option<bool>, cores: usize, rdma_here: bool) -> anyhow::Result<Plan> {
     let o = ProbeOptions { bulk_bytes: if forced.is_some() { 0 } else { 4 << 20 }, ..ProbeOptions::default() };
     let est = probe::measure(to, psk, o)?;
     let mode = forced.unwrap_or_else(|| t.classify(est.rtt_min, est.bw_bps));
-    let d = mode::defaults(mode, false, cores, Some(est.rtt_min));
+    let d = mode::defaults(mode, rdma_here, cores, Some(est.rtt_min));
     let (opened, active) = match (streams, forced) {
         (Some(n), _) => (n.max(1), n.max(1)),
         (None, Some(_)) => (d.streams, d.streams),
         (None, None) => (mode::streams_to_open(false, cores, est.rtt_min), d.streams),
     };
     let (enc, why) = match encrypt {
-        Some(e) => (e, if e { "on (--encrypt)" } else { "off (--no-encrypt)" }.to_string()),
+        Some(e) => (e, if e { "on (--encrypt)" } else { "off (--no-encrypt, or --transport rdma)" }.to_string()),
         None if d.encrypt => (true, format!("on ({} mode)", name(mode))),
         None if est.plaintext_ok => (false, format!("off ({} mode; peers still authenticated)", name(mode))),
         None => (true, format!("on ({} mode would send plaintext, but the receiver requires encryption)", name(mode))),
     };
-    let live = forced.is_none().then(|| Live::new(t, mode, false, cores, opened));
+    let live = forced.is_none().then(|| Live::new(t, mode, rdma_here, cores, opened));
     let how = forced.map_or("auto".to_string(), |m| format!("{} (--mode)", name(m)));
     let report = ModeReport { how, initial: mode, probe: est, opened, active, encryption: why, switches: Vec::new() };
-    Ok(Plan { opened, active, encrypt: enc, report, live })
+    Ok(Plan { opened, active, encrypt: enc, report, defaults: d, live })
 }
 
 /// The live controller's thread; returns the switches when `stop` is set.

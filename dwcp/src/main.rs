@@ -106,6 +106,23 @@ struct SendArgs {
     /// Encrypt even where the mode would not (datacenter mode sends plaintext when the receiver allows it).
     #[arg(long)]
     encrypt: bool,
+    /// Transport: `auto` (RDMA in datacenter mode when this host has an RDMA device and the
+    /// receiver grants it, else TCP), `tcp`, or `rdma` (plaintext; falls back to TCP with the
+    /// reason shown when it cannot be used).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "tcp", "rdma"])]
+    transport: String,
+    /// RDMA device (default: the first).
+    #[arg(long)]
+    rdma_device: Option<String>,
+    /// RDMA queue pairs (default: one per shard core).
+    #[arg(long, default_value_t = 0)]
+    rdma_qps: u16,
+    /// RDMA completions: `busy` polling (lowest latency) or `event` (sleeps on the completion channel).
+    #[arg(long, default_value = "busy", value_parser = ["busy", "event"])]
+    rdma_poll: String,
+    /// Fault injection for tests: wrong-rkey or past-region.
+    #[arg(long, hide = true)]
+    fault_rdma: Option<String>,
     /// Send only what the receiver does not already hold from an earlier, interrupted transfer.
     #[arg(long)]
     resume: bool,
@@ -168,6 +185,15 @@ struct RecvArgs {
     /// Print each session's result as a JSON line.
     #[arg(long)]
     json: bool,
+    /// Grant RDMA to senders that ask (plaintext sessions, when a device opens): on or off.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    rdma: String,
+    /// RDMA device (default: the first).
+    #[arg(long)]
+    rdma_device: Option<String>,
+    /// RDMA completions: busy or event.
+    #[arg(long, default_value = "busy", value_parser = ["busy", "event"])]
+    rdma_poll: String,
 }
 
 fn main() {
@@ -264,7 +290,10 @@ fn cmd_send(a: SendArgs) -> Result<()> {
         Some(p) => ctlplane::config::Config::load(Some(p), std::env::vars(), &[])?.thresholds(),
         None => ctlplane::mode::Thresholds::default(),
     };
-    let mut plan = live::plan(&a.to, &psk, thresholds, forced, a.streams, encrypt, cores).with_context(|| format!("probing {}", a.to))?;
+    let rdma_here = dataplane::transport::rdma::available();
+    // Forcing RDMA implies plaintext (the RDMA path does not encrypt) unless --encrypt says otherwise.
+    let encrypt = if a.transport == "rdma" { encrypt.or(Some(false)) } else { encrypt };
+    let mut plan = live::plan(&a.to, &psk, thresholds, forced, a.streams, encrypt, cores, rdma_here).with_context(|| format!("probing {}", a.to))?;
     let mut opts = SendOptions::new(a.to.clone(), psk);
     opts.streams = Some(plan.opened);
     opts.chunk_size = u32::try_from(a.chunk_size).context("chunk size too large")?;
@@ -278,6 +307,24 @@ fn cmd_send(a: SendArgs) -> Result<()> {
     };
     opts.idle_timeout = a.idle_timeout;
     opts.cores = a.cores.clone();
+    let want_rdma = match a.transport.as_str() {
+        "rdma" => true,
+        "tcp" => false,
+        _ => plan.defaults.transport == ctlplane::mode::Transport::Rdma,
+    };
+    if want_rdma {
+        opts.rdma = Some(send::RdmaOptions {
+            device: a.rdma_device.clone(),
+            qps: a.rdma_qps,
+            poll: if a.rdma_poll == "event" { dataplane::transport::rdma::Poll::Event } else { dataplane::transport::rdma::Poll::Busy },
+            fault: match a.fault_rdma.as_deref() {
+                Some("wrong-rkey") => Some(send::RdmaFault::WrongRkey),
+                Some("past-region") => Some(send::RdmaFault::PastRegion),
+                Some(other) => bail!("--fault-rdma takes wrong-rkey or past-region, not {other}"),
+                None => None,
+            },
+        });
+    }
     if let Some(spec) = &a.fault_kill_stream {
         let (s, b) = spec.split_once(':').context("--fault-kill-stream takes IDX:BYTES")?;
         opts.kill = Some(KillStream { stream: s.parse()?, after: fmt::parse_size(b).map_err(anyhow::Error::msg)? });
@@ -336,6 +383,10 @@ fn cmd_recv(a: RecvArgs) -> Result<()> {
     opts.idle_timeout = a.idle_timeout;
     opts.max_chunk = u32::try_from(a.max_chunk).context("--max-chunk too large")?;
     opts.cores = a.cores.clone();
+    opts.rdma = (a.rdma == "on").then(|| recv::RdmaRecvOptions {
+        device: a.rdma_device.clone(),
+        poll: if a.rdma_poll == "event" { dataplane::transport::rdma::Poll::Event } else { dataplane::transport::rdma::Poll::Busy },
+    });
     let h = recv::start(opts)?;
     eprintln!("dwcp: listening on {}", h.local_addr);
     for o in h.outcomes.iter() {

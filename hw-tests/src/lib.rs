@@ -8,7 +8,26 @@
 //! - [`link`]: the WAN link model (loss, drop-tail queue, rate, delay, jitter, reordering) that
 //!   `dwcp-wan` runs between TUN devices in two network namespaces (`hw-tests/wan`).
 //!
-//! Still to come (rigs issue): the guest-RAM corpus.
+//! - `hw-tests/corpus`: the guest-RAM corpus (two snapshots of a busy guest's memory).
 
 pub mod sys;
 pub mod link;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_owned()
+}
+
+/// Runs `sh -c script` in a fresh soft-RoCE guest of `mem_mib`; returns (status, stdout+stderr).
+pub fn in_guest(script: &str, mem_mib: u32, timeout_s: u32) -> (i32, String) {
+    let out = Command::new(root().join("hw-tests/vm"))
+        .args(["run", "--mem", &mem_mib.to_string(), "--timeout", &timeout_s.to_string(), "--", "sh", "-c", script])
+        .current_dir(root())
+        .output()
+        .expect("run hw-tests/vm");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), text)
+}

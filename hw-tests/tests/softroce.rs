@@ -27,13 +27,7 @@ fn require() {
 
 /// Runs `sh -c SCRIPT` in a fresh guest; returns (status, output).
 fn in_guest(script: &str) -> (i32, String) {
-    let out = Command::new(root().join("hw-tests/vm"))
-        .args(["run", "--timeout", "240", "--", "sh", "-c", script])
-        .current_dir(root())
-        .output()
-        .expect("run hw-tests/vm");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.code().unwrap_or(-1), text)
+    hw_tests::in_guest(script, 1024, 240)
 }
 
 fn record(key: &str, value: serde_json::Value) {

@@ -45,10 +45,20 @@ pub(super) struct Connected {
     local: Local,
     qps: Vec<Vec<Qp<Rts>>>,
     accept: RdmaAccept,
+    /// The control stream, watched during the transfer: the receiver's end closing (it stopped
+    /// or died) ends the send at once instead of after the idle timeout.
+    ctl: std::net::TcpStream,
 }
 
 fn setup_err(e: impl std::fmt::Display) -> SendError {
     SendError::Rdma(e.to_string())
+}
+
+impl Connected {
+    /// Queue pairs connected.
+    pub(crate) fn qps(&self) -> u16 {
+        self.accept.qps.len() as u16
+    }
 }
 
 /// Sends our queue pairs, reads the receiver's, connects.
@@ -81,7 +91,8 @@ pub(super) fn connect(c0: &mut Conn, mut local: Local, opts: &SendOptions) -> Re
         qps.push(connected);
     }
     info!(qps = ours, slots = accept.slots, slot_size = accept.slot_size, device = %local.dev.name, "RDMA queue pairs connected");
-    Ok(Connected { local, qps, accept })
+    let ctl = c0.sock.try_clone().map_err(|source| SendError::Io { during: "watching the control stream", source })?;
+    Ok(Connected { local, qps, accept, ctl })
 }
 
 /// Per-slot state of a queue pair at the sender.
@@ -99,11 +110,21 @@ const WR_BYE: u64 = 1 << 60;
 
 /// Runs the data path over every shard; returns the manifest entries of what was sent.
 pub(super) fn run(c: Connected, shared: &Shared, source: &Source, opts: &SendOptions, rdma: &RdmaOptions, cores: &[core_affinity::CoreId]) -> Result<Vec<(u64, u32, u64)>, SendError> {
-    let Connected { local, qps, accept } = c;
+    let Connected { local, qps, accept, ctl } = c;
+    let gone: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+    let finished = std::sync::atomic::AtomicBool::new(false);
     let nqps = accept.qps.len() as u32;
-    // The source mapping, registered once, is the payload of every write (no copy).
+    // The source mapping, registered once, is the payload of every write (no copy). Kernels
+    // may refuse to pin a file's pages for long (file systems with writeback; overlayfs): then
+    // each chunk is copied once into a registered staging slot.
     let src_mr = match source {
-        Source::File { map: Some(m), .. } => Some(Arc::new(Mr::register_readonly(&local.pd, m).map_err(setup_err)?)),
+        Source::File { map: Some(m), .. } => match Mr::register_readonly(&local.pd, m) {
+            Ok(mr) => Some(Arc::new(mr)),
+            Err(e) => {
+                warn!("{e}: the source mapping cannot be registered; chunks are copied into registered staging slots");
+                None
+            }
+        },
         _ => None,
     };
     let mut global = 0u32;
@@ -120,6 +141,26 @@ pub(super) fn run(c: Connected, shared: &Shared, source: &Source, opts: &SendOpt
     }
     let pd = local.pd.clone();
     let results: Vec<Result<Vec<(u64, u32, u64)>, SendError>> = std::thread::scope(|sc| {
+        let (gone, finished) = (&gone, &finished);
+        sc.spawn(move || {
+            // Peek, never read: the bytes (none are expected now) stay for the Commit exchange.
+            let _ = ctl.set_read_timeout(Some(Duration::from_millis(100)));
+            let mut b = [0u8; 1];
+            while !finished.load(Relaxed) && !shared.stop.load(Relaxed) {
+                match ctl.peek(&mut b) {
+                    Ok(0) => {
+                        *gone.lock().expect("gone lock") = Some("the receiver closed the control stream (it stopped or died)".into());
+                        shared.stop.store(true, Relaxed);
+                    }
+                    Ok(_) => std::thread::sleep(Duration::from_millis(100)),
+                    Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted) => {}
+                    Err(e) => {
+                        *gone.lock().expect("gone lock") = Some(format!("the control stream failed: {e}"));
+                        shared.stop.store(true, Relaxed);
+                    }
+                }
+            }
+        });
         let hs: Vec<_> = shard_qps
             .into_iter()
             .enumerate()
@@ -138,8 +179,13 @@ pub(super) fn run(c: Connected, shared: &Shared, source: &Source, opts: &SendOpt
                 })
             })
             .collect();
-        hs.into_iter().map(|h| h.join().expect("rdma shard")).collect()
+        let r = hs.into_iter().map(|h| h.join().expect("rdma shard")).collect();
+        finished.store(true, Relaxed);
+        r
     });
+    if let Some(why) = gone.lock().expect("gone lock").take() {
+        return Err(SendError::Rdma(why));
+    }
     let mut manifest = Vec::new();
     let mut first_err = None;
     for r in results {
@@ -195,7 +241,6 @@ fn shard(
     let mut manifest = Vec::new();
     let mut wcs: Vec<Wc> = Vec::with_capacity(16);
     let mut stash: Option<Chunk> = None;
-    let mut tmp = Vec::new();
     let mut last_progress = Instant::now();
     let (mut rkey, mut past) = (accept.rkey, 0u64);
     match ro.fault {
@@ -224,13 +269,11 @@ fn shard(
                         // Generated or piped bytes: into the slot's staging area (free, since
                         // the slot is: no write reads it now).
                         let st = staging.as_ref().expect("staging for non-mapped sources");
-                        tmp.resize(len, 0);
-                        match &c.data {
-                            Some(d) => tmp.copy_from_slice(&d[..len]),
-                            None => source.fill(c.offset, &mut tmp),
-                        }
-                        st.write_at(s * chunk, &tmp);
-                        (st.addr() + (s * chunk) as u64, wire::checksum(&tmp))
+                        st.fill_at(s * chunk, len, |area| match &c.data {
+                            Some(d) => area.copy_from_slice(&d[..len]),
+                            None => source.fill(c.offset, area),
+                        });
+                        (st.addr() + (s * chunk) as u64, wire::checksum(st.read(s * chunk, len)))
                     }
                 };
                 let h = FrameHeader { kind: FrameType::Chunk, stream: 0, flags: 0, offset: c.offset, len: c.len, checksum: sum };

@@ -287,6 +287,17 @@ impl Mr {
         };
         &all[at..at + len]
     }
+    /// Lets `f` fill `len` owned bytes at `at` in place (bounds-checked), under the contract of
+    /// [`Mr::write_at`].
+    pub fn fill_at(&self, at: usize, len: usize, f: impl FnOnce(&mut [u8])) {
+        let Backing::Owned(m) = &self.backing else { panic!("fill_at on a read-only source region") };
+        assert!(at.checked_add(len).is_some_and(|e| e <= m.len()), "fill_at {at}+{len} outside a region of {}", m.len());
+        // SAFETY: in bounds of a mapping this Mr owns; the slice lives only during `f`, and by
+        // the contract no other reference to these bytes exists and no work request uses them.
+        let area = unsafe { std::slice::from_raw_parts_mut(m.as_ptr().add(at).cast_mut(), len) };
+        f(area);
+    }
+
     /// Copies `src` into owned memory at `at` (bounds-checked; a shared read-only mapping
     /// panics). The caller writes only ranges no posted work request uses (a slot whose write
     /// completed, a header no write is sending).
