@@ -9,7 +9,7 @@ RIG_PKGS := qemu-system-x86 busybox-static rdma-core ibverbs-utils perftest libi
             librdmacm-dev libclang-dev clang pkg-config cpio kmod iproute2 gzip \
             iputils-ping ethtool iperf3 python3 openssl
 
-.PHONY: all deps bench-deps vm-deps build demo test fuzz-smoke bench-transport bench-boot bench-hde corpus clean
+.PHONY: all deps bench-deps vm-deps build demo test fuzz-smoke bench-transport bench-boot bench-hde bench-rdma corpus clean
 
 all: build
 
@@ -73,6 +73,10 @@ bench-boot: build
 # HDE against zstd and xdelta3 on the guest-RAM corpus (made first if missing), one core each.
 bench-hde: build bench-deps corpus
 	./target/release/bench-hde
+
+# dwcp's RDMA transport against perftest (ib_write_bw, ib_send_lat) in the soft-RoCE guest.
+bench-rdma: build vm-deps
+	./target/release/bench-rdma
 
 # Guest-RAM corpus under target/corpus (cached): see docs/rigs.md.
 corpus: vm-deps

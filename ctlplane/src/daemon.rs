@@ -253,7 +253,16 @@ impl Component for RdmaC {
         if h.rdma_devices.is_empty() {
             return Err("no RDMA device: datacenter transfers use io_uring TCP".into());
         }
-        Err(format!("RDMA devices {:?} found, but the RDMA transport is not built yet: transfers use io_uring TCP", h.rdma_devices))
+        // The device must open and show a RoCE v2 GID, as a session will need.
+        #[cfg(feature = "rdma")]
+        {
+            let dev = dataplane::transport::rdma::sys::Device::open(Some(&h.rdma_devices[0]))
+                .map_err(|e| format!("{e}: datacenter transfers use io_uring TCP"))?;
+            tracing::info!(device = %dev.name, mtu = dev.mtu, "RDMA ready: plaintext sessions from peers that ask for it go over verbs");
+            Ok(())
+        }
+        #[cfg(not(feature = "rdma"))]
+        Err(format!("RDMA devices {:?} found, but this build has no RDMA transport (built without the rdma feature): transfers use io_uring TCP", h.rdma_devices))
     }
 }
 

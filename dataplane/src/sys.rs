@@ -154,3 +154,15 @@ mod tests {
         assert!(super::tcp_info(-1).is_err());
     }
 }
+
+/// Whether the peer of socket `fd` has closed it (an orderly EOF or a reset), without consuming
+/// anything and without blocking: `recv(MSG_PEEK | MSG_DONTWAIT)` of one byte.
+pub fn peer_closed(fd: std::os::fd::RawFd) -> bool {
+    let mut b = 0u8;
+    // SAFETY: one valid byte of buffer; MSG_PEEK leaves the data queued, MSG_DONTWAIT never blocks.
+    let n = unsafe { libc::recv(fd, (&raw mut b).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+    if n == 0 {
+        return true;
+    }
+    n < 0 && !matches!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EAGAIN | libc::EINTR))
+}

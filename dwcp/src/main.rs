@@ -290,7 +290,10 @@ fn cmd_send(a: SendArgs) -> Result<()> {
         Some(p) => ctlplane::config::Config::load(Some(p), std::env::vars(), &[])?.thresholds(),
         None => ctlplane::mode::Thresholds::default(),
     };
+    #[cfg(feature = "rdma")]
     let rdma_here = dataplane::transport::rdma::available();
+    #[cfg(not(feature = "rdma"))]
+    let rdma_here = false;
     // Forcing RDMA implies plaintext (the RDMA path does not encrypt) unless --encrypt says otherwise.
     let encrypt = if a.transport == "rdma" { encrypt.or(Some(false)) } else { encrypt };
     let mut plan = live::plan(&a.to, &psk, thresholds, forced, a.streams, encrypt, cores, rdma_here).with_context(|| format!("probing {}", a.to))?;
@@ -307,11 +310,17 @@ fn cmd_send(a: SendArgs) -> Result<()> {
     };
     opts.idle_timeout = a.idle_timeout;
     opts.cores = a.cores.clone();
+    #[cfg_attr(not(feature = "rdma"), allow(unused_variables))]
     let want_rdma = match a.transport.as_str() {
         "rdma" => true,
         "tcp" => false,
         _ => plan.defaults.transport == ctlplane::mode::Transport::Rdma,
     };
+    #[cfg(not(feature = "rdma"))]
+    if a.transport == "rdma" {
+        bail!("this dwcp was built without the RDMA transport (the rdma feature, which needs libibverbs); use --transport tcp");
+    }
+    #[cfg(feature = "rdma")]
     if want_rdma {
         opts.rdma = Some(send::RdmaOptions {
             device: a.rdma_device.clone(),
@@ -383,10 +392,13 @@ fn cmd_recv(a: RecvArgs) -> Result<()> {
     opts.idle_timeout = a.idle_timeout;
     opts.max_chunk = u32::try_from(a.max_chunk).context("--max-chunk too large")?;
     opts.cores = a.cores.clone();
-    opts.rdma = (a.rdma == "on").then(|| recv::RdmaRecvOptions {
+    #[cfg(feature = "rdma")]
+    {
+        opts.rdma = (a.rdma == "on").then(|| recv::RdmaRecvOptions {
         device: a.rdma_device.clone(),
         poll: if a.rdma_poll == "event" { dataplane::transport::rdma::Poll::Event } else { dataplane::transport::rdma::Poll::Busy },
     });
+    }
     let h = recv::start(opts)?;
     eprintln!("dwcp: listening on {}", h.local_addr);
     for o in h.outcomes.iter() {

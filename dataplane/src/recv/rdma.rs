@@ -86,11 +86,14 @@ pub(super) fn accept(
     conn.write_frame(FrameType::RdmaAccept, 0, &a.encode())?;
     info!(qps = nqps, slots, slot_size, device = %g.dev.name, "RDMA session set up");
     let poll = o.poll;
+    // Stream 0 goes to a shard; its descriptor is watched here so a vanished sender ends the
+    // data path at once rather than after the idle timeout.
+    let ctl = conn.sock.try_clone().map_err(|source| HandshakeError::Io { during: "watching the control stream", source })?;
     std::thread::Builder::new()
         .name("dwcp-rx-rdma".into())
         .spawn(move || {
             let id = sess.id;
-            let why = serve(&cq, &mut qps, &region, &inbox, &outbox, slot_size, &sess, &coord, idle, epoch, &stop, poll);
+            let why = serve(&cq, &mut qps, &region, &inbox, &outbox, slot_size, &sess, &coord, idle, epoch, &stop, poll, &ctl);
             if let Some(w) = &why {
                 warn!("RDMA data path ended: {w}");
             }
@@ -116,7 +119,10 @@ fn serve(
     epoch: Instant,
     stop: &AtomicBool,
     poll: Poll,
+    ctl: &std::net::TcpStream,
 ) -> Option<String> {
+    use std::os::fd::AsRawFd;
+    let mut last_watch = Instant::now();
     let nqps = qps.len();
     let by_qpn: std::collections::HashMap<u32, usize> = qps.iter().enumerate().map(|(i, q)| (q.qpn(), i)).collect();
     let mut wcs: Vec<Wc> = Vec::with_capacity(16);
@@ -131,6 +137,12 @@ fn serve(
             return Some(e.to_string());
         }
         if wcs.is_empty() {
+            if last_watch.elapsed() > Duration::from_millis(100) {
+                last_watch = Instant::now();
+                if crate::sys::peer_closed(ctl.as_raw_fd()) {
+                    return Some("the sender closed the control stream before its goodbye (it stopped or died)".into());
+                }
+            }
             if last.elapsed() > idle {
                 return Some(format!("no chunk for {:.1}s (stalled or vanished sender)", idle.as_secs_f64()));
             }
