@@ -162,6 +162,8 @@ const XBZRLE_MAX: usize = 128;
 /// The sender's side.
 pub struct Encoder {
     level: i32,
+    /// zstd on (`--compress off` keeps zero, duplicate and XBZRLE pages and sends the rest raw).
+    compress: bool,
     dict: Option<Vec<u8>>,
     literal: zstd::bulk::Compressor<'static>,
     /// Content hash -> page numbers holding it at the receiver (or that will by the end of
@@ -196,7 +198,7 @@ impl Encoder {
             Some(d) => zstd::bulk::Compressor::with_dictionary(level, d)?,
             None => zstd::bulk::Compressor::new(level)?,
         };
-        Ok(Self { level, dict, literal, known: HashMap::new(), held: HashMap::new() })
+        Ok(Self { level, compress: true, dict, literal, known: HashMap::new(), held: HashMap::new() })
     }
 
     /// The zstd level in force.
@@ -204,10 +206,15 @@ impl Encoder {
         self.level
     }
 
-    /// Changes the zstd level (adaptive effort); takes effect at the next frame.
-    pub fn set_level(&mut self, level: i32) -> std::io::Result<()> {
-        self.literal.set_compression_level(level)?;
-        self.level = level;
+    /// Changes the effort (adaptive): a zstd level, or `None` for no zstd; from the next frame.
+    pub fn set_level(&mut self, level: Option<i32>) -> std::io::Result<()> {
+        self.compress = level.is_some();
+        if let Some(l) = level
+            && l != self.level
+        {
+            self.literal.set_compression_level(l)?;
+            self.level = l;
+        }
         Ok(())
     }
 
@@ -265,8 +272,8 @@ impl Encoder {
                 self.known.entry(h).or_default().push(no);
             }
         }
-        let lit = if lit_raw.is_empty() { Vec::new() } else { self.literal.compress(&lit_raw).unwrap_or_default() };
-        let delta = if delta_raw.is_empty() { Vec::new() } else { compress_with_prefix(self.level, &prefix, &delta_raw).unwrap_or_default() };
+        let lit = if lit_raw.is_empty() || !self.compress { Vec::new() } else { self.literal.compress(&lit_raw).unwrap_or_default() };
+        let delta = if delta_raw.is_empty() || !self.compress { Vec::new() } else { compress_with_prefix(self.level, &prefix, &delta_raw).unwrap_or_default() };
         // A block that did not compress (or failed) falls back to raw pages.
         let lit_ok = !lit.is_empty() && lit.len() < lit_raw.len();
         let delta_ok = !delta.is_empty() && delta.len() < delta_raw.len();
@@ -330,6 +337,26 @@ fn leb(v: u64) -> Vec<u8> {
     o
 }
 
+/// The digest an HDE session commits to: the chunk-manifest digest of the frames, bound to a
+/// hash of the whole resulting image. Frames alone prove only what was sent; a delta round
+/// leaves unchanged pages unsent, so the receiver must also show that the image it now holds is
+/// the sender's, or a wrong previous round would go unnoticed.
+pub fn session_digest(manifest: [u8; 32], image: &mut dyn FnMut(&mut xxhash_rust::xxh3::Xxh3)) -> [u8; 32] {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    image(&mut h);
+    let mut b = blake3::Hasher::new();
+    b.update(b"dwcp-hde-image");
+    b.update(&manifest);
+    b.update(&h.digest128().to_le_bytes());
+    *b.finalize().as_bytes()
+}
+
+/// The most an encoded frame of `bytes` of pages can exceed them by: the frame header and, per
+/// page, a raw entry's step, kind, checksum and length.
+pub fn frame_overhead(bytes: usize) -> usize {
+    16 + bytes.div_ceil(PAGE) * (10 + 1 + 8 + 3)
+}
+
 /// Whether a page is all zero (word at a time).
 pub fn is_zero(p: &[u8]) -> bool {
     let mut words = p.chunks_exact(8);
@@ -355,6 +382,42 @@ fn decompress_with_prefix(prefix: &[u8], data: &[u8], out: &mut [u8]) -> Result<
     d.set_parameter(DParameter::WindowLogMax(27)).map_err(|_| "zstd window")?;
     d.ref_prefix(prefix).map_err(|_| "zstd delta prefix refused")?;
     d.decompress(out, data).map_err(|_| "zstd delta block does not decode")
+}
+
+/// What one effort setting gives on this data: compression ratio and encode speed per core.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LevelEstimate {
+    /// zstd level, or None for no zstd.
+    pub level: Option<i32>,
+    /// Input bytes per output byte.
+    pub ratio: f64,
+    /// Input bytes encoded per second on one core.
+    pub bytes_per_s: f64,
+}
+
+/// Starting estimates for `--compress auto`, from `make bench-hde` on the guest-RAM corpus (one
+/// core); the sender replaces the one in use with what it measures.
+pub const DEFAULT_ESTIMATES: [LevelEstimate; 4] = [
+    LevelEstimate { level: None, ratio: 2.0, bytes_per_s: 4.0e9 },
+    LevelEstimate { level: Some(1), ratio: 5.5, bytes_per_s: 1.1e9 },
+    LevelEstimate { level: Some(3), ratio: 5.7, bytes_per_s: 0.8e9 },
+    LevelEstimate { level: Some(9), ratio: 6.0, bytes_per_s: 0.15e9 },
+];
+
+/// `--compress auto`: the effort that finishes soonest. Encoding on `cores` cores and sending
+/// over a link of `link_bps` (bit/s) overlap, so image bytes go out at
+/// `min(cores × speed, link / 8 × ratio)`; the level with the highest such rate wins (ties to
+/// the cheaper one). A fast link picks little or no compression, a thin one the highest ratio
+/// the cores can feed.
+pub fn choose_level(link_bps: f64, cores: usize, est: &[LevelEstimate]) -> Option<i32> {
+    let rate = |e: &LevelEstimate| (cores.max(1) as f64 * e.bytes_per_s).min(link_bps / 8.0 * e.ratio);
+    let mut best: Option<&LevelEstimate> = None;
+    for e in est {
+        if best.is_none_or(|b| rate(e) > rate(b) * 1.02) {
+            best = Some(e);
+        }
+    }
+    best.and_then(|b| b.level)
 }
 
 /// Where decoded pages go: the receiver's copy of the image.
@@ -471,8 +534,9 @@ impl Decoder {
         let lit_state: Result<(), &'static str> = if nlit == 0 {
             Ok(())
         } else {
-            match self.literal.decompress_to_buffer(lit, &mut lit_pages) {
-                Ok(n) if n == lit_pages.len() => Ok(()),
+            // A slice, not the Vec: zstd would set a Vec's length to what it wrote.
+            match self.literal.decompress_to_buffer(lit, &mut lit_pages[..]) {
+                Ok(n) if n == nlit * PAGE => Ok(()),
                 Ok(_) => Err("literal block decodes to the wrong length"),
                 Err(_) => Err("literal block does not decode"),
             }
@@ -493,7 +557,7 @@ impl Decoder {
                 Err("delta against a page the receiver does not hold")
             } else {
                 match decompress_with_prefix(&prefix, delta, &mut delta_pages) {
-                    Ok(n) if n == delta_pages.len() => Ok(()),
+                    Ok(n) if n == ndelta * PAGE => Ok(()),
                     Ok(_) => Err("delta block decodes to the wrong length"),
                     Err(e) => Err(e),
                 }
@@ -795,6 +859,45 @@ mod tests {
         let mut st = EncodeStats::default();
         enc.encode(&[(13, &a)], &|_| None, &mut st);
         assert_eq!(st.pages.get(&Kind::Dup), None, "every holder is dirty");
+    }
+
+    #[test]
+    fn a_block_that_decodes_short_is_refused() {
+        // Found by the fuzz target: a literal block decoding to zero bytes once passed the
+        // length check (zstd had set the scratch Vec's length to what it wrote).
+        let mut enc = Encoder::new(3, None).unwrap();
+        let text: Vec<u8> = (0..PAGE).map(|i| b"page "[i % 5]).collect();
+        let f = enc.encode(&[(1, &text)], &|_| None, &mut EncodeStats::default());
+        let lit_len = u32::from_le_bytes(f[8..12].try_into().unwrap()) as usize;
+        let empty = zstd::bulk::compress(b"", 3).unwrap();
+        let mut bad = f[..f.len() - lit_len].to_vec();
+        bad[8..12].copy_from_slice(&(empty.len() as u32).to_le_bytes());
+        bad.extend_from_slice(&empty);
+        let mut rx = Mem(HashMap::new());
+        let r = Decoder::new(None).unwrap().decode(&bad, &mut rx).unwrap();
+        assert_eq!(r.rejected, vec![(1, "literal block decodes to the wrong length")]);
+        assert!(rx.0.is_empty());
+    }
+
+    #[test]
+    fn auto_effort_follows_the_link() {
+        let e = &DEFAULT_ESTIMATES;
+        // 100 Gbit/s with 2 cores: compression only slows it down.
+        assert_eq!(choose_level(100e9, 2, e), None);
+        // 10 Gbit/s, 2 cores: zero and duplicate elision alone (2.5 GB/s) beats level 1 (2.2).
+        assert_eq!(choose_level(10e9, 2, e), None);
+        // 4 Gbit/s: level 1, as fast as the cores can go (2.2 GB/s of image).
+        assert_eq!(choose_level(4e9, 2, e), Some(1));
+        // 200 Mbit/s: the link is the bottleneck at every level; the best ratio the cores can
+        // feed (level 9 at 0.3 GB/s > 25 MB/s x 6.0).
+        assert_eq!(choose_level(200e6, 2, e), Some(9));
+        // No zstd still compresses zero and duplicate pages.
+        let mut enc = Encoder::new(3, None).unwrap();
+        enc.set_level(None).unwrap();
+        let mut st = EncodeStats::default();
+        let text: Vec<u8> = (0..PAGE).map(|i| b"abc "[i % 4]).collect();
+        enc.encode(&[(0, &vec![0u8; PAGE]), (1, &text)], &|_| None, &mut st);
+        assert_eq!((st.pages.get(&Kind::Zero), st.pages.get(&Kind::Raw)), (Some(&1), Some(&1)));
     }
 
     #[test]

@@ -157,6 +157,8 @@ enum Out {
     File(Arc<File>),
     Discard,
     Stdout,
+    /// HDE frames: decoded by the coordinator into the mapped output.
+    Hde,
 }
 
 /// Registered buffers per receiver shard: one per stream being read plus writes in flight.
@@ -173,6 +175,7 @@ enum ToCoord {
     Join { session: [u8; 16], reply: Reply<SessionRef> },
     Placed { session: [u8; 16], offset: u64, len: u32, sum: u64 },
     Deliver { session: [u8; 16], offset: u64, data: Vec<u8>, sum: u64, from: StreamAddr },
+    Hde { session: [u8; 16], offset: u64, frame: Vec<u8>, sum: u64, from: StreamAddr },
     Commit { session: [u8; 16], commit: wire::Commit, from: StreamAddr },
     Down { session: [u8; 16], why: Option<String> },
 }
@@ -326,6 +329,7 @@ fn admit(sock: TcpStream, opts: &RecvOptions, coord: &Sender<ToCoord>, shards: &
                     (None, _, _) => Some("RDMA is off at this receiver".to_string()),
                     (_, true, _) => Some("the session is encrypted, and the RDMA path is plaintext".into()),
                     (_, _, Out::Stdout) => Some("a stdout sink".into()),
+                    (_, _, Out::Hde) => Some("HDE frames are decoded by the coordinator, over TCP".into()),
                     (Some(ro), _, _) => match rdma::grant(ro) {
                         Ok(g) => {
                             w.caps.transports |= wire::TRANSPORT_RDMA;
@@ -625,9 +629,11 @@ impl RxShard {
                 if s.conn.codec.payload_wire_len(h.len) > cap {
                     return self.fail(key, ErrorCode::Protocol, &format!("chunk of {} bytes exceeds this receiver's limit", h.len));
                 }
+                // An HDE frame's length is not the span it covers: only its start must be inside.
+                let span = if matches!(s.sess.out, Out::Hde) { 1 } else { u64::from(h.len) };
                 if h.kind == FrameType::Chunk
                     && let Some(size) = s.sess.size
-                    && h.offset.checked_add(u64::from(h.len)).is_none_or(|end| end > size)
+                    && h.offset.checked_add(span).is_none_or(|end| end > size)
                 {
                     let msg = format!("chunk at offset {} of {} bytes lies past the declared object size {size}", h.offset, h.len);
                     // The code (OutOfRange) tells the sender this ends the session, not just the stream.
@@ -676,6 +682,11 @@ impl RxShard {
                         Out::Stdout => {
                             let data = plain.to_vec();
                             let _ = self.coord.send(ToCoord::Deliver { session: s.sess.id, offset: h.offset, data, sum: h.checksum, from });
+                            self.ring.free(buf);
+                        }
+                        Out::Hde => {
+                            let frame = plain.to_vec();
+                            let _ = self.coord.send(ToCoord::Hde { session: s.sess.id, offset: h.offset, frame, sum: h.checksum, from });
                             self.ring.free(buf);
                         }
                     },
@@ -748,10 +759,36 @@ struct RxSession {
     finished: bool,
     started: Instant,
     activity: Arc<AtomicU64>,
+    /// HDE sessions: the mapped output, the decoder, and what did not apply yet.
+    hde: Option<Box<HdeRx>>,
     // stdout reordering
     next_out: u64,
     pending_out: BTreeMap<u64, (Vec<u8>, u64, StreamAddr)>,
     outcome: Option<SessionOutcome>,
+}
+
+struct HdeRx {
+    file: File,
+    map: memmap2::MmapMut,
+    dec: crate::hde::Decoder,
+    chunk: u32,
+    deferred: Vec<crate::hde::Deferred>,
+    rejected: Vec<(u64, &'static str)>,
+    pages: u64,
+}
+
+/// The mapped output as the decoder's page store.
+struct MapStore<'a>(&'a mut [u8]);
+
+impl crate::hde::PageStore for MapStore<'_> {
+    fn get(&self, no: u64) -> Option<&[u8]> {
+        let at = usize::try_from(no).ok()?.checked_mul(crate::hde::PAGE)?;
+        self.0.get(at..at + crate::hde::PAGE)
+    }
+    fn put(&mut self, no: u64, page: &[u8]) {
+        let at = no as usize * crate::hde::PAGE;
+        self.0[at..at + crate::hde::PAGE].copy_from_slice(page);
+    }
 }
 
 struct Coordinator {
@@ -801,6 +838,7 @@ impl Coordinator {
                 }
             }
             ToCoord::Deliver { session, offset, data, sum, from } => self.deliver(session, offset, data, sum, from),
+            ToCoord::Hde { session, offset, frame, sum, from } => self.hde_frame(session, offset, &frame, sum, from),
             ToCoord::Commit { session, commit, from } => self.commit(session, commit, from),
             ToCoord::Down { session, why } => {
                 let Some(s) = self.sessions.get_mut(&session) else { return };
@@ -822,7 +860,7 @@ impl Coordinator {
     }
 
     fn open(&mut self, hello: Hello, peer: Option<std::net::IpAddr>) -> Result<(Welcome, SessionRef), (ErrorCode, String)> {
-        let Hello::Open { chunk_size, object_size, object_id, resume, name, .. } = hello else {
+        let Hello::Open { caps: Caps { codecs, .. }, chunk_size, object_size, object_id, resume, name, .. } = hello else {
             return Err((ErrorCode::Protocol, "expected an open".into()));
         };
         let size = (object_size != wire::SIZE_UNKNOWN).then_some(object_size);
@@ -849,10 +887,26 @@ impl Coordinator {
             finished: false,
             started: Instant::now(),
             activity: activity.clone(),
+            hde: None,
             next_out: 0,
             pending_out: BTreeMap::new(),
             outcome: None,
         };
+        // HDE is taken when it can be (a directory sink, whole pages, no resume); otherwise the
+        // Welcome leaves its bit out and the sender sends raw chunks. A delta round cannot
+        // fall back: it is refused with the reason.
+        let round = codecs & wire::CODEC_HDE_ROUND != 0;
+        let why_not_hde = match (&self.sink, size) {
+            _ if codecs & wire::CODEC_HDE == 0 => Some(String::new()),
+            (Sink::Dir(_), Some(sz)) if sz % crate::hde::PAGE as u64 == 0 && chunk_size as usize % crate::hde::PAGE == 0 && !resume => None,
+            (Sink::Dir(_), _) if resume => Some("HDE sessions cannot resume yet".into()),
+            (Sink::Dir(_), _) => Some("HDE needs a known size and chunk size of whole 4 KiB pages".into()),
+            _ => Some("HDE decodes into a file, and this receiver writes to standard output or discards".into()),
+        };
+        let hde = why_not_hde.is_none();
+        if round && let Some(why) = why_not_hde {
+            return Err((ErrorCode::Refused, format!("a delta round cannot be received here: {why}")));
+        }
         let storage = |what: &str, p: &PathBuf, e: std::io::Error| (ErrorCode::Storage, format!("{what} {}: {e}", p.display()));
         match &self.sink {
             Sink::Discard => {}
@@ -886,6 +940,15 @@ impl Coordinator {
                 }
                 let f = match file {
                     Some(f) => f,
+                    // A later round starts from the previous round's published image.
+                    None if round => {
+                        let meta = std::fs::metadata(&fin).map_err(|e| (ErrorCode::Refused, format!("a delta round needs the previous round's {}: {e}", fin.display())))?;
+                        if Some(meta.len()) != size {
+                            return Err((ErrorCode::Refused, format!("a delta round of {} bytes against a {}-byte {}", size.unwrap_or(0), meta.len(), fin.display())));
+                        }
+                        std::fs::copy(&fin, &part).map_err(|e| storage("copying the previous round into", &part, e))?;
+                        OpenOptions::new().read(true).write(true).open(&part).map_err(|e| storage("opening", &part, e))?
+                    }
                     None => {
                         let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&part).map_err(|e| storage("creating", &part, e))?;
                         if let Some(sz) = size
@@ -905,7 +968,13 @@ impl Coordinator {
                 }
                 jf.write_all(&bytes).map_err(|e| storage("writing journal", &jpath, e))?;
                 sess.journal = Some(Journal { file: jf, pending: Vec::new() });
-                sess.out = Out::File(Arc::new(f));
+                if hde {
+                    let map = crate::sys::map_readwrite(&f).map_err(|e| storage("mapping", &part, e))?;
+                    let dec = crate::hde::Decoder::new(None).map_err(|e| (ErrorCode::Internal, e.to_string()))?;
+                    let file = f.try_clone().map_err(|e| storage("opening", &part, e))?;
+                    sess.hde = Some(Box::new(HdeRx { file, map, dec, chunk: chunk_size, deferred: Vec::new(), rejected: Vec::new(), pages: 0 }));
+                }
+                sess.out = if hde { Out::Hde } else { Out::File(Arc::new(f)) };
                 sess.part = Some(part);
                 sess.fin = Some(fin);
                 sess.journal_path = Some(jpath);
@@ -913,13 +982,32 @@ impl Coordinator {
         }
         let welcome = Welcome {
             session: id,
-            caps: Caps { max_streams: 256, max_chunk: 0, codecs: CODEC_RAW, transports: TRANSPORT_TCP },
+            caps: Caps { max_streams: 256, max_chunk: 0, codecs: if hde { CODEC_RAW | wire::CODEC_HDE } else { CODEC_RAW }, transports: TRANSPORT_TCP },
             have: sess.have.ranges(),
         };
         let r = SessionRef { id, size, out: sess.out.clone(), activity };
         info!(session = %hex(&id), %name, size = ?size, resumed = sess.resumed, "session opened");
         self.sessions.insert(id, sess);
         Ok((welcome, r))
+    }
+
+    /// Decodes one HDE frame (the chunk at `offset`) into the session's mapped output. Every
+    /// page is checked before it is written; what does not apply fails the session at commit.
+    fn hde_frame(&mut self, session: [u8; 16], offset: u64, frame: &[u8], sum: u64, from: StreamAddr) {
+        let Some(s) = self.sessions.get_mut(&session) else { return };
+        let Some(h) = s.hde.as_mut() else { return };
+        let span = s.size.map_or(0, |sz| u64::from(h.chunk).min(sz.saturating_sub(offset))) as u32;
+        let first = offset / crate::hde::PAGE as u64;
+        match h.dec.decode(frame, &mut MapStore(&mut h.map)) {
+            Ok(r) => {
+                h.pages += r.applied;
+                h.deferred.extend(r.deferred);
+                h.rejected.extend(r.rejected);
+            }
+            Err(e) => h.rejected.push((first, if matches!(e, crate::hde::HdeError::BadMagic) { "not an HDE frame" } else { "truncated HDE frame" })),
+        }
+        s.place(offset, span, sum);
+        let _ = self.shards[from.0].send(ToShard::Ack { key: from.1, offset });
     }
 
     fn deliver(&mut self, session: [u8; 16], offset: u64, data: Vec<u8>, sum: u64, from: StreamAddr) {
@@ -1035,18 +1123,50 @@ impl RxSession {
         {
             return Err((ErrorCode::DigestMismatch, format!("commit declares {} bytes but the session opened with {sz}", commit.size)));
         }
+        if let Some(h) = self.hde.as_mut() {
+            let deferred = std::mem::take(&mut h.deferred);
+            let r = h.dec.retry(&deferred, &mut MapStore(&mut h.map));
+            h.pages += r.applied;
+            h.rejected.extend(r.rejected);
+            if let Some(&(no, why)) = h.rejected.first() {
+                return Err((
+                    ErrorCode::DigestMismatch,
+                    format!("{} HDE pages did not apply (first: page {no}, {why}); output not published. A delta round needs the receiver to hold exactly the previous round", h.rejected.len()),
+                ));
+            }
+        }
         let mut m = ManifestDigest::default();
         for (&o, &(l, s)) in &self.records {
             m.add(o, l, s);
         }
-        let digest = m.finish(commit.size).map_err(|e| (ErrorCode::DigestMismatch, format!("commit before the object is complete: {e}")))?;
+        let mut digest = m.finish(commit.size).map_err(|e| (ErrorCode::DigestMismatch, format!("commit before the object is complete: {e}")))?;
+        if let Some(h) = &self.hde {
+            let n = (commit.size as usize).min(h.map.len());
+            digest = crate::hde::session_digest(digest, &mut |x| x.update(&h.map[..n]));
+            if digest != commit.digest {
+                return Err((
+                    ErrorCode::DigestMismatch,
+                    "the decoded image differs from the sender's (a delta round against a previous image the receiver does not hold?): output not published".into(),
+                ));
+            }
+        }
         if digest != commit.digest {
             if let Some(j) = &self.journal_path {
                 let _ = std::fs::remove_file(j);
             }
             return Err((ErrorCode::DigestMismatch, "the whole-object digest does not match: output not published".into()));
         }
-        if let (Out::File(f), Some(part), Some(fin)) = (&self.out, &self.part, &self.fin) {
+        if let Some(h) = &self.hde
+            && let Err(e) = h.map.flush()
+        {
+            return Err((ErrorCode::Storage, format!("flushing the decoded pages: {e}")));
+        }
+        let file = match (&self.out, &self.hde) {
+            (Out::File(f), _) => Some(&**f),
+            (Out::Hde, Some(h)) => Some(&h.file),
+            _ => None,
+        };
+        if let (Some(f), Some(part), Some(fin)) = (file, &self.part, &self.fin) {
             let storage = |what: &str, e: std::io::Error| (ErrorCode::Storage, format!("{what} {}: {e}", part.display()));
             f.set_len(commit.size).map_err(|e| storage("truncating", e))?;
             f.sync_data().map_err(|e| storage("syncing", e))?;

@@ -46,6 +46,29 @@ pub struct KillStream {
     pub after: u64,
 }
 
+/// HDE effort: `--compress`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Compress {
+    /// Choose the zstd level (or none) that finishes soonest on the measured link.
+    Auto,
+    /// Zero, duplicate and XBZRLE pages only.
+    Off,
+    /// A fixed zstd level.
+    Level(i32),
+}
+
+/// HDE options of a send: chunks travel as HDE frames of their pages.
+#[derive(Debug, Clone)]
+pub struct HdeSend {
+    /// Effort.
+    pub compress: Compress,
+    /// The previous round's image: send a delta round (the receiver holds this image under the
+    /// same name); pages equal to it are not sent at all.
+    pub round_of: Option<Arc<memmap2::Mmap>>,
+    /// The path's measured bandwidth (bit/s, the probe's), the starting point of `Auto`.
+    pub link_bps: f64,
+}
+
 /// Options of one send.
 #[derive(Debug, Clone)]
 pub struct SendOptions {
@@ -71,6 +94,8 @@ pub struct SendOptions {
     pub cores: Option<Vec<usize>>,
     /// Fault injection (tests).
     pub kill: Option<KillStream>,
+    /// Send the image HDE-encoded.
+    pub hde: Option<HdeSend>,
     /// Move chunks over RDMA when both sides have a device and the receiver grants it
     /// (plaintext only: the receiver must allow it); otherwise TCP, with the reason reported.
     #[cfg(feature = "rdma")]
@@ -92,6 +117,7 @@ impl SendOptions {
             idle_timeout: Duration::from_secs(30),
             cores: None,
             kill: None,
+            hde: None,
             #[cfg(feature = "rdma")]
             rdma: None,
         }
@@ -209,6 +235,25 @@ pub struct SendReport {
     pub rdma_fallback: Option<String>,
     /// RDMA queue pairs used (0 over TCP).
     pub rdma_qps: u16,
+    /// HDE: image bytes covered, and the levels used (chunks per level; None = no zstd).
+    pub hde: Option<HdeReport>,
+    /// Why HDE was asked for but not used.
+    pub hde_fallback: Option<String>,
+}
+
+/// What HDE did in a send.
+#[derive(Debug, Clone, Default)]
+pub struct HdeReport {
+    /// Image bytes encoded (a delta round counts only the pages that differ).
+    pub input: u64,
+    /// Frame bytes produced.
+    pub output: u64,
+    /// Pages sent, by kind.
+    pub pages: std::collections::BTreeMap<String, u64>,
+    /// Chunks per effort (`off`, `zstd-1`, ...).
+    pub levels: std::collections::BTreeMap<String, u64>,
+    /// Encode seconds summed over shards.
+    pub encode_s: f64,
 }
 
 #[derive(Debug)]
@@ -276,6 +321,78 @@ struct Shard<'a> {
     stash: Option<Chunk>,
     /// This shard samples TCP_INFO for [`Progress`]; when it did last.
     sampler: Option<Instant>,
+    hde: Option<HdeShard<'a>>,
+}
+
+/// A shard's HDE encoder and its effort control.
+struct HdeShard<'a> {
+    enc: crate::hde::Encoder,
+    opts: &'a HdeSend,
+    cores: usize,
+    est: Vec<crate::hde::LevelEstimate>,
+    level: Option<i32>,
+    last_choice: Instant,
+    wire0: (Instant, u64),
+    stats: crate::hde::EncodeStats,
+    report: HdeReport,
+    pages: Vec<u8>,
+}
+
+impl HdeShard<'_> {
+    /// Re-chooses the effort every 250 ms from the link (the larger of the probe's figure and
+    /// the wire rate seen since the last choice) and the estimates.
+    fn adapt(&mut self, sent_bytes: u64) {
+        if self.opts.compress != Compress::Auto || self.last_choice.elapsed() < Duration::from_millis(250) {
+            return;
+        }
+        let (t0, b0) = self.wire0;
+        let seen = (sent_bytes.saturating_sub(b0)) as f64 * 8.0 / t0.elapsed().as_secs_f64().max(1e-3);
+        self.wire0 = (Instant::now(), sent_bytes);
+        self.last_choice = Instant::now();
+        let link = if self.opts.link_bps.is_finite() { self.opts.link_bps.max(seen) } else { seen.max(1e9) };
+        let l = crate::hde::choose_level(link, self.cores, &self.est);
+        if l != self.level && self.enc.set_level(l).is_ok() {
+            self.level = l;
+        }
+    }
+
+    /// Encodes chunk `[offset, offset + len)` of `source` into a frame.
+    fn encode(&mut self, source: &Source, offset: u64, len: u32) -> Vec<u8> {
+        const P: usize = crate::hde::PAGE;
+        let n = len as usize / P;
+        let bytes: &[u8] = match source {
+            Source::File { map: Some(m), .. } => &m[offset as usize..offset as usize + len as usize],
+            _ => {
+                self.pages.resize(len as usize, 0);
+                source.fill(offset, &mut self.pages);
+                &self.pages
+            }
+        };
+        let old = self.opts.round_of.as_deref().map(|m| &m[offset as usize..offset as usize + len as usize]);
+        let first = offset / P as u64;
+        // A delta round sends only the pages that differ from the previous round.
+        let pages: Vec<(u64, &[u8])> = (0..n)
+            .filter(|&i| old.is_none_or(|o| o[i * P..(i + 1) * P] != bytes[i * P..(i + 1) * P]))
+            .map(|i| (first + i as u64, &bytes[i * P..(i + 1) * P]))
+            .collect();
+        let t = Instant::now();
+        let before = (self.stats.input, self.stats.output);
+        let frame = self.enc.encode(&pages, &|no| old.map(|o| &o[(no - first) as usize * P..(no - first + 1) as usize * P]), &mut self.stats);
+        let dt = t.elapsed().as_secs_f64();
+        let (di, dout) = (self.stats.input - before.0, self.stats.output - before.1);
+        self.report.encode_s += dt;
+        let name = self.level.map_or("off".to_string(), |l| format!("zstd-{l}"));
+        *self.report.levels.entry(name).or_default() += 1;
+        // Measured ratio and speed replace the estimate of the level in use (EWMA).
+        if di > 0
+            && dt > 0.0
+            && let Some(e) = self.est.iter_mut().find(|e| e.level == self.level)
+        {
+            e.ratio = 0.8 * e.ratio + 0.2 * (di as f64 / dout.max(1) as f64);
+            e.bytes_per_s = 0.8 * e.bytes_per_s + 0.2 * (di as f64 / dt);
+        }
+        frame
+    }
 }
 
 impl Shard<'_> {
@@ -364,6 +481,7 @@ impl Shard<'_> {
         // Plaintext from the mapping or from a stdin chunk: header and payload go out in one
         // sendmsg, with no copy.
         let direct = match (s.conn.codec.encrypted(), self.source, &chunk.data) {
+            _ if self.hde.is_some() => None,
             (true, _, _) => None,
             (false, _, Some(d)) => Some(Payload::Shared(d.clone(), 0, len)),
             (false, Source::File { map: Some(m), .. }, None) => Some(Payload::Mapped(m.clone(), chunk.offset as usize, chunk.offset as usize + len)),
@@ -382,16 +500,34 @@ impl Shard<'_> {
                 self.stash = Some(chunk);
                 return;
             };
+            // HDE: the chunk's pages become one frame, which is the payload.
+            let frame = match &mut self.hde {
+                Some(h) => {
+                    h.adapt(self.shared.sent_bytes.load(Relaxed));
+                    Some(h.encode(self.source, chunk.offset, chunk.len))
+                }
+                None => None,
+            };
             let buf = self.ring.buf_mut(id);
-            match &chunk.data {
-                Some(d) => buf[hl..hl + len].copy_from_slice(d),
-                None => self.source.fill(chunk.offset, &mut buf[hl..hl + len]),
-            }
-            let h = FrameHeader::for_payload(FrameType::Chunk, s.conn.codec.stream(), chunk.offset, &buf[hl..hl + len]);
+            let plen = match (&frame, &chunk.data) {
+                (Some(f), _) => {
+                    buf[hl..hl + f.len()].copy_from_slice(f);
+                    f.len()
+                }
+                (None, Some(d)) => {
+                    buf[hl..hl + len].copy_from_slice(d);
+                    len
+                }
+                (None, None) => {
+                    self.source.fill(chunk.offset, &mut buf[hl..hl + len]);
+                    len
+                }
+            };
+            let h = FrameHeader::for_payload(FrameType::Chunk, s.conn.codec.stream(), chunk.offset, &buf[hl..hl + plen]);
             sum = h.checksum;
             s.conn.codec.seal_header(&h, &mut buf[..hl]);
-            s.conn.codec.seal_payload(&mut buf[hl..], len);
-            let end = hl + s.conn.codec.payload_wire_len(chunk.len);
+            s.conn.codec.seal_payload(&mut buf[hl..], plen);
+            let end = hl + s.conn.codec.payload_wire_len(plen as u32);
             self.ring.send_buf(fd, id, 0, end, tag);
         }
         self.manifest.push((chunk.offset, chunk.len, sum));
@@ -515,8 +651,13 @@ fn errno_text(res: i32) -> String {
 
 fn hello_open(source: &Source, opts: &SendOptions, streams: u16, rdma: bool) -> Hello {
     let transports = if rdma { TRANSPORT_TCP | TRANSPORT_RDMA } else { TRANSPORT_TCP };
+    let codecs = match &opts.hde {
+        None => CODEC_RAW,
+        Some(h) if h.round_of.is_some() => CODEC_RAW | wire::CODEC_HDE | wire::CODEC_HDE_ROUND,
+        Some(_) => CODEC_RAW | wire::CODEC_HDE,
+    };
     Hello::Open {
-        caps: Caps { max_streams: 256, max_chunk: opts.chunk_size, codecs: CODEC_RAW, transports },
+        caps: Caps { max_streams: 256, max_chunk: opts.chunk_size, codecs, transports },
         chunk_size: opts.chunk_size,
         streams,
         object_size: source.size().unwrap_or(wire::SIZE_UNKNOWN),
@@ -528,6 +669,24 @@ fn hello_open(source: &Source, opts: &SendOptions, streams: u16, rdma: bool) -> 
 
 /// Sends `source` to the receiver in `opts`, returning once the receiver has verified the digest.
 pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Result<SendReport, SendError> {
+    if let Some(h) = &opts.hde {
+        const P: u64 = crate::hde::PAGE as u64;
+        let size = source.size().unwrap_or(1);
+        if !matches!(source, Source::File { map: Some(_), .. } | Source::Generated { .. }) || size % P != 0 {
+            return Err(SendError::Invalid("--hde encodes memory images: a file or generated image whose size is a whole number of 4 KiB pages".into()));
+        }
+        if u64::from(opts.chunk_size) % P != 0 {
+            return Err(SendError::Invalid("--hde needs a chunk size that is a whole number of 4 KiB pages".into()));
+        }
+        if opts.resume {
+            return Err(SendError::Invalid("--hde transfers cannot resume yet: send again without --resume".into()));
+        }
+        if let Some(m) = &h.round_of
+            && m.len() as u64 != size
+        {
+            return Err(SendError::Invalid(format!("--round-of image has {} bytes, this one {size}: a round is of the same image", m.len())));
+        }
+    }
     if opts.resume && !source.seekable() {
         return Err(SendError::Invalid("--resume needs a file or generated source: standard input cannot be read twice".into()));
     }
@@ -657,9 +816,29 @@ pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Resu
     for (i, c) in conns.into_iter().enumerate() {
         per_shard[i % nshards].push(c);
     }
-    let buf_size = wire::header_wire_len(true) + opts.chunk_size as usize + wire::TAG_LEN;
+    // HDE only if the receiver took it (its Welcome carries the bit); a delta round must be taken.
+    let hde_opts = opts.hde.as_ref().filter(|_| welcome.caps.codecs & wire::CODEC_HDE != 0);
+    let mut hde_fallback = None;
+    if opts.hde.is_some() && hde_opts.is_none() {
+        if opts.hde.as_ref().is_some_and(|h| h.round_of.is_some()) {
+            return Err(SendError::Invalid("the receiver did not take the HDE delta round".into()));
+        }
+        hde_fallback = Some("the receiver does not decode HDE (it discards, writes to stdout, or is older)".to_string());
+        warn!("HDE not used: the receiver did not take it; sending raw chunks");
+    }
+    // An HDE frame may exceed its chunk by its entries (raw pages, at worst).
+    let hde_extra = if hde_opts.is_some() { crate::hde::frame_overhead(opts.chunk_size as usize) } else { 0 };
+    if hde_extra > 0 && welcome.caps.max_chunk as usize > 0 && opts.chunk_size as usize + hde_extra > welcome.caps.max_chunk as usize {
+        return Err(SendError::Invalid(format!(
+            "an HDE frame of a {}-byte chunk can reach {} bytes, above the receiver's limit of {}: use a smaller --chunk-size",
+            opts.chunk_size,
+            opts.chunk_size as usize + hde_extra,
+            welcome.caps.max_chunk
+        )));
+    }
+    let buf_size = wire::header_wire_len(true) + opts.chunk_size as usize + hde_extra + wire::TAG_LEN;
 
-    type ShardResult = Result<(Vec<Conn>, Vec<(u64, u32, u64)>), SendError>;
+    type ShardResult = Result<(Vec<Conn>, Vec<(u64, u32, u64)>, Option<HdeReport>), SendError>;
     #[cfg(feature = "rdma")]
     let (rdma_result, per_shard, stdin_tx) = match rdma_conn {
         Some(c) => {
@@ -678,7 +857,7 @@ pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Resu
                 r
             });
             let control = per_shard.pop().unwrap_or_default();
-            (Some(r.map(|m| (control, m))), Vec::new(), crossbeam_channel::bounded(0).0)
+            (Some(r.map(|m| (control, m, None))), Vec::new(), crossbeam_channel::bounded(0).0)
         }
         None => (None, per_shard, stdin_tx),
     };
@@ -714,10 +893,41 @@ pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Resu
                         })
                         .collect();
                     let sampler = (k == 0).then(Instant::now);
-                    let mut shard = Shard { ring, streams, shared, source, window: opts.window.max(1), idle: opts.idle_timeout, manifest: Vec::new(), stash: None, sampler };
+                    let hde = match hde_opts {
+                        Some(h) => {
+                            let level = match h.compress {
+                                Compress::Off => None,
+                                Compress::Level(l) => Some(l),
+                                Compress::Auto => crate::hde::choose_level(if h.link_bps.is_finite() { h.link_bps } else { 1e9 }, nshards, &crate::hde::DEFAULT_ESTIMATES),
+                            };
+                            let mut enc = crate::hde::Encoder::new(level.unwrap_or(3), None).map_err(|source| SendError::Io { during: "creating an HDE encoder", source })?;
+                            enc.set_level(level).map_err(|source| SendError::Io { during: "setting the HDE level", source })?;
+                            Some(HdeShard {
+                                enc,
+                                opts: h,
+                                cores: nshards,
+                                est: crate::hde::DEFAULT_ESTIMATES.to_vec(),
+                                level,
+                                last_choice: Instant::now(),
+                                wire0: (Instant::now(), 0),
+                                stats: crate::hde::EncodeStats::default(),
+                                report: HdeReport::default(),
+                                pages: Vec::new(),
+                            })
+                        }
+                        None => None,
+                    };
+                    let mut shard = Shard { ring, streams, shared, source, window: opts.window.max(1), idle: opts.idle_timeout, manifest: Vec::new(), stash: None, sampler, hde };
                     shard.run();
+                    let manifest = std::mem::take(&mut shard.manifest);
+                    let hde = shard.hde.take().map(|mut h| {
+                        h.report.input = h.stats.input;
+                        h.report.output = h.stats.output;
+                        h.report.pages = h.stats.pages.iter().map(|(k, v)| (format!("{k:?}").to_lowercase(), *v)).collect();
+                        h.report
+                    });
                     let alive = shard.streams.into_iter().filter(|s| s.alive).map(|s| s.conn).collect();
-                    Ok((alive, std::mem::take(&mut shard.manifest)))
+                    Ok((alive, manifest, hde))
                 })
             })
             .collect();
@@ -733,8 +943,21 @@ pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Resu
 
     let mut alive = Vec::new();
     let mut manifest = ManifestDigest::default();
+    let mut hde_report: Option<HdeReport> = None;
     for r in results {
-        let (a, m) = r?;
+        let (a, m, h) = r?;
+        if let Some(h) = h {
+            let t = hde_report.get_or_insert_with(HdeReport::default);
+            t.input += h.input;
+            t.output += h.output;
+            t.encode_s += h.encode_s;
+            for (k, v) in h.pages {
+                *t.pages.entry(k).or_default() += v;
+            }
+            for (k, v) in h.levels {
+                *t.levels.entry(k).or_default() += v;
+            }
+        }
         alive.extend(a);
         for (o, l, s) in m {
             manifest.add(o, l, s);
@@ -761,7 +984,23 @@ pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Resu
         }
     }
     let total = size.unwrap_or(acked_bytes);
-    let digest = manifest.finish(total).map_err(SendError::Invalid)?;
+    let mut digest = manifest.finish(total).map_err(SendError::Invalid)?;
+    if hde_opts.is_some() {
+        // Bind the frames to the whole image the receiver must now hold.
+        digest = crate::hde::session_digest(digest, &mut |h| match &source {
+            Source::File { map: Some(m), .. } => h.update(m),
+            _ => {
+                let mut buf = vec![0u8; 1 << 20];
+                let mut off = 0;
+                while off < total {
+                    let n = (total - off).min(buf.len() as u64) as usize;
+                    source.fill(off, &mut buf[..n]);
+                    h.update(&buf[..n]);
+                    off += n as u64;
+                }
+            }
+        });
+    }
 
     let c = &mut alive[0];
     c.set_timeout(Duration::from_secs(300).max(opts.idle_timeout));
@@ -800,6 +1039,8 @@ pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Resu
         transport: if on_rdma { "rdma" } else { "tcp" },
         rdma_fallback,
         rdma_qps,
+        hde: hde_report,
+        hde_fallback,
     })
 }
 

@@ -166,3 +166,11 @@ pub fn peer_closed(fd: std::os::fd::RawFd) -> bool {
     }
     n < 0 && !matches!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EAGAIN | libc::EINTR))
 }
+
+/// Maps a file read-write and shared: the receiver decodes HDE pages straight into its output.
+/// The file is the receiver's own `.part` file, which nothing else truncates while mapped.
+pub fn map_readwrite(f: &File) -> std::io::Result<memmap2::MmapMut> {
+    // SAFETY: the receiver created (or copied) this file under a name only it writes, keeps it
+    // at its full size while mapped, and unmaps before renaming it.
+    unsafe { memmap2::MmapMut::map_mut(f) }
+}

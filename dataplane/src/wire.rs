@@ -328,6 +328,10 @@ pub struct Caps {
 
 /// Raw bytes, no codec.
 pub const CODEC_RAW: u32 = 1;
+/// Codec bit: chunks are HDE frames (`dataplane::hde`) of the pages they cover.
+pub const CODEC_HDE: u32 = 2;
+/// Codec bit: an HDE delta round against the receiver's published object of the same name.
+pub const CODEC_HDE_ROUND: u32 = 4;
 /// io_uring TCP streams.
 pub const TRANSPORT_TCP: u32 = 1;
 /// RDMA RC queue pairs.

@@ -102,6 +102,17 @@ pub fn send_table(r: &SendReport, extra: &[(&str, String)]) -> String {
     });
     row(&mut s, "zero-copy", if r.send_zc { "IORING_OP_SEND_ZC".into() } else { "off".into() });
     row(&mut s, "cpu", format!("{:.2} s ({:.2} s per GB)", r.cpu.as_secs_f64(), r.cpu.as_secs_f64() / (moved.max(1) as f64 / 1e9)));
+    match (&r.hde, &r.hde_fallback) {
+        (Some(h), _) => {
+            let ratio = h.input as f64 / h.output.max(1) as f64;
+            let levels: Vec<String> = h.levels.iter().map(|(k, v)| format!("{k} x{v}")).collect();
+            let pages: Vec<String> = h.pages.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            row(&mut s, "hde", format!("{} of pages -> {} ({ratio:.2}x), {:.0} MB/s encode; {}", bytes(h.input), bytes(h.output), h.input as f64 / h.encode_s.max(1e-9) / 1e6, levels.join(", ")));
+            row(&mut s, "hde pages", pages.join(", "));
+        }
+        (None, Some(why)) => row(&mut s, "hde", format!("off ({why})")),
+        (None, None) => {}
+    }
     for (k, v) in extra {
         row(&mut s, k, v.clone());
     }
@@ -120,6 +131,8 @@ pub fn send_json(r: &SendReport, mode: Option<serde_json::Value>) -> String {
         "shards": r.shards, "resent_chunks": r.resent_chunks, "streams_lost": r.streams_lost,
         "encrypted": r.encrypted, "send_zc": r.send_zc, "cpu_s": r.cpu.as_secs_f64(),
         "transport": r.transport, "rdma_fallback": r.rdma_fallback, "rdma_qps": r.rdma_qps,
+        "hde": r.hde.as_ref().map(|h| json!({"input": h.input, "output": h.output, "encode_s": h.encode_s, "pages": h.pages, "levels": h.levels})),
+        "hde_fallback": r.hde_fallback,
         "digest": hex(&r.digest), "verified": r.verified,
     })
     .to_string()

@@ -123,6 +123,18 @@ struct SendArgs {
     /// Fault injection for tests: wrong-rkey or past-region.
     #[arg(long, hide = true)]
     fault_rdma: Option<String>,
+    /// HDE page encoding of memory images (zero and duplicate pages elided, deltas, zstd):
+    /// `auto` turns it on for whole-page images in internet mode, where compression pays.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
+    hde: String,
+    /// Send a later round of the same image: PREV is the round the receiver already holds under
+    /// the same name; only pages that differ travel, as deltas against PREV (implies --hde on).
+    #[arg(long)]
+    round_of: Option<PathBuf>,
+    /// HDE effort: `auto` (the zstd level, or none, that finishes soonest on the measured link),
+    /// `off` (zero, duplicate and XBZRLE pages only), or a zstd level 1-19.
+    #[arg(long, default_value = "auto")]
+    compress: String,
     /// Send only what the receiver does not already hold from an earlier, interrupted transfer.
     #[arg(long)]
     resume: bool,
@@ -275,6 +287,9 @@ fn parse_source(src: &str, name: Option<String>) -> Result<Source> {
 fn cmd_send(a: SendArgs) -> Result<()> {
     let psk = load_key(a.key_file.as_ref())?;
     let source = parse_source(&a.src, a.name.clone())?;
+    if a.round_of.is_some() && a.name.is_none() && !matches!(source, Source::File { .. }) {
+        bail!("--round-of needs the object's name at the receiver: pass --name");
+    }
     let forced = match a.mode.as_str() {
         "datacenter" => Some(ctlplane::mode::Mode::Datacenter),
         "internet" => Some(ctlplane::mode::Mode::Internet),
@@ -333,6 +348,30 @@ fn cmd_send(a: SendArgs) -> Result<()> {
                 None => None,
             },
         });
+    }
+    let image = matches!(&source, Source::File { size, .. } | Source::Generated { size, .. } if size % 4096 == 0 && *size > 0);
+    let hde_on = match a.hde.as_str() {
+        "on" => true,
+        "off" => false,
+        _ => a.round_of.is_some() || (image && plan.defaults.adaptive_compression && !a.resume),
+    };
+    if a.round_of.is_some() && a.hde == "off" {
+        bail!("--round-of sends a delta round, which is HDE: drop --hde off");
+    }
+    if hde_on {
+        let compress = match a.compress.as_str() {
+            "auto" => send::Compress::Auto,
+            "off" => send::Compress::Off,
+            l => send::Compress::Level(l.parse().ok().filter(|l| (1..=19).contains(l)).context("--compress takes auto, off or a zstd level 1-19")?),
+        };
+        let round_of = match &a.round_of {
+            Some(p) => {
+                let f = std::fs::File::open(p).with_context(|| format!("cannot read the previous round {}", p.display()))?;
+                Some(Arc::new(dataplane::sys::map_readonly(&f).with_context(|| format!("mapping {}", p.display()))?))
+            }
+            None => None,
+        };
+        opts.hde = Some(send::HdeSend { compress, round_of, link_bps: plan.report.probe.bw_bps });
     }
     if let Some(spec) = &a.fault_kill_stream {
         let (s, b) = spec.split_once(':').context("--fault-kill-stream takes IDX:BYTES")?;

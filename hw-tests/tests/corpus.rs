@@ -45,3 +45,58 @@ fn corpus_images_are_real_server_memory() {
         eprintln!("corpus {w}: {stats}");
     }
 }
+
+/// Rounds 1 and 2 of every corpus image through `dwcp send --hde on` and `--round-of` to a real
+/// receiver on loopback; the receiver's image must equal each capture byte for byte.
+#[test]
+fn hde_rounds_of_every_corpus_image_arrive_exactly() {
+    let dwcp = root().join("target/release/dwcp");
+    assert!(dwcp.exists(), "{} missing: cargo build --release -p dwcp", dwcp.display());
+    let st = Command::new(root().join("hw-tests/corpus")).status().expect("hw-tests/corpus");
+    assert!(st.success(), "hw-tests/corpus failed");
+    let work = root().join("target/corpus-hde");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).unwrap();
+    let key = work.join("key");
+    assert!(Command::new(&dwcp).args(["keygen", "--force"]).arg(&key).stderr(std::process::Stdio::null()).status().unwrap().success());
+    let port = 7490;
+    let mut rx = Command::new(&dwcp)
+        .args(["recv", "--listen", &format!("127.0.0.1:{port}"), "--out"])
+        .arg(work.join("out"))
+        .arg("--key-file")
+        .arg(&key)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let same = |a: &std::path::Path, b: &std::path::Path| Command::new("cmp").arg("-s").arg(a).arg(b).status().unwrap().success();
+    let mut figures = Vec::new();
+    for w in ["fileserver", "database"] {
+        let dir = root().join("target/corpus").join(w);
+        let name = format!("{w}.img");
+        let send = |src: PathBuf, extra: &[&str]| {
+            let o = Command::new(&dwcp)
+                .arg("send")
+                .arg(&src)
+                .args(["--name", &name, "--json", "--to", &format!("127.0.0.1:{port}"), "--key-file"])
+                .arg(&key)
+                .args(extra)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{w}: {}", String::from_utf8_lossy(&o.stderr));
+            serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+        };
+        let r1 = send(dir.join("a.raw"), &["--hde", "on"]);
+        assert!(same(&work.join("out").join(&name), &dir.join("a.raw")), "{w}: round 1 arrives exactly");
+        let r2 = send(dir.join("b.raw"), &["--round-of", dir.join("a.raw").to_str().unwrap()]);
+        assert!(same(&work.join("out").join(&name), &dir.join("b.raw")), "{w}: round 2 arrives exactly");
+        let ratio = |j: &serde_json::Value| j["hde"]["input"].as_f64().unwrap() / j["hde"]["output"].as_f64().unwrap();
+        assert!(ratio(&r1) > 2.0 && ratio(&r2) > 1.2, "{w}: {r1} {r2}");
+        figures.push(format!("{w}: round 1 {:.2}x, round 2 {:.2}x", ratio(&r1), ratio(&r2)));
+    }
+    let _ = rx.kill();
+    let _ = rx.wait();
+    let _ = std::fs::remove_dir_all(&work);
+    eprintln!("HDE through dwcp on the corpus: {}", figures.join("; "));
+}
