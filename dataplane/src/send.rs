@@ -383,12 +383,20 @@ impl HdeShard<'_> {
         self.report.encode_s += dt;
         let name = self.level.map_or("off".to_string(), |l| format!("zstd-{l}"));
         *self.report.levels.entry(name).or_default() += 1;
-        // Measured ratio and speed replace the estimate of the level in use (EWMA).
+        // Measured ratio and speed move the estimate of the level in use (EWMA). How
+        // compressible the data is applies to every level, so the others' ratios move by the
+        // same factor (incompressible data then stops paying for zstd everywhere).
         if di > 0
             && dt > 0.0
-            && let Some(e) = self.est.iter_mut().find(|e| e.level == self.level)
+            && let Some(cur) = self.est.iter().position(|e| e.level == self.level)
         {
-            e.ratio = 0.8 * e.ratio + 0.2 * (di as f64 / dout.max(1) as f64);
+            let measured = di as f64 / dout.max(1) as f64;
+            let factor = (measured / self.est[cur].ratio).clamp(0.25, 4.0);
+            for (k, e) in self.est.iter_mut().enumerate() {
+                let target = if k == cur { measured } else { (e.ratio * factor).max(1.0) };
+                e.ratio = 0.8 * e.ratio + 0.2 * target;
+            }
+            let e = &mut self.est[cur];
             e.bytes_per_s = 0.8 * e.bytes_per_s + 0.2 * (di as f64 / dt);
         }
         frame

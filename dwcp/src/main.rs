@@ -353,7 +353,8 @@ fn cmd_send(a: SendArgs) -> Result<()> {
     let hde_on = match a.hde.as_str() {
         "on" => true,
         "off" => false,
-        _ => a.round_of.is_some() || (image && plan.defaults.adaptive_compression && !a.resume),
+        // RDMA sessions carry raw chunks (the receiver decodes HDE on its TCP path only).
+        _ => a.round_of.is_some() || (image && plan.defaults.adaptive_compression && !a.resume && a.transport != "rdma"),
     };
     if a.round_of.is_some() && a.hde == "off" {
         bail!("--round-of sends a delta round, which is HDE: drop --hde off");
