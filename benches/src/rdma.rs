@@ -25,7 +25,7 @@ fn result_row(text: &str) -> Vec<f64> {
 }
 
 /// Sections of the guest's output, each after a `#NAME` line, up to the next `#` line.
-fn sections<'a>(out: &'a str, name: &str) -> Vec<String> {
+fn sections(out: &str, name: &str) -> Vec<String> {
     let mut v = Vec::new();
     let mut cur: Option<String> = None;
     for l in out.lines() {

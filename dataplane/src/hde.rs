@@ -469,7 +469,10 @@ struct Parsed<'f> {
     inline: &'f [u8],
 }
 
-fn parse(frame: &[u8]) -> Result<(Vec<Parsed<'_>>, &[u8], &[u8]), HdeError> {
+/// A parsed frame: its entries, literal block and delta block.
+type Frame<'f> = (Vec<Parsed<'f>>, &'f [u8], &'f [u8]);
+
+fn parse(frame: &[u8]) -> Result<Frame<'_>, HdeError> {
     if frame.len() < 16 || &frame[..4] != MAGIC {
         return Err(HdeError::BadMagic);
     }
@@ -593,7 +596,7 @@ impl Decoder {
                     Some(o) => xbzrle_decode(o, e.inline, &mut page).ok_or("delta does not apply"),
                 },
                 Some(Kind::Dup) => match get_leb(e.inline) {
-                    Some((src, rest)) if rest.is_empty() => {
+                    Some((src, [])) => {
                         let d = Deferred { no: e.no, src, sum: e.sum };
                         if !self.apply_dup(d, store) {
                             rep.deferred.push(d);

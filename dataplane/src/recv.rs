@@ -898,7 +898,7 @@ impl Coordinator {
         let round = codecs & wire::CODEC_HDE_ROUND != 0;
         let why_not_hde = match (&self.sink, size) {
             _ if codecs & wire::CODEC_HDE == 0 => Some(String::new()),
-            (Sink::Dir(_), Some(sz)) if sz % crate::hde::PAGE as u64 == 0 && chunk_size as usize % crate::hde::PAGE == 0 && !resume => None,
+            (Sink::Dir(_), Some(sz)) if sz % crate::hde::PAGE as u64 == 0 && (chunk_size as usize).is_multiple_of(crate::hde::PAGE) && !resume => None,
             (Sink::Dir(_), _) if resume => Some("HDE sessions cannot resume yet".into()),
             (Sink::Dir(_), _) => Some("HDE needs a known size and chunk size of whole 4 KiB pages".into()),
             _ => Some("HDE decodes into a file, and this receiver writes to standard output or discards".into()),

@@ -680,7 +680,7 @@ pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Resu
     if let Some(h) = &opts.hde {
         const P: u64 = crate::hde::PAGE as u64;
         let size = source.size().unwrap_or(1);
-        if !matches!(source, Source::File { map: Some(_), .. } | Source::Generated { .. }) || size % P != 0 {
+        if !matches!(source, Source::File { map: Some(_), .. } | Source::Generated { .. }) || !size.is_multiple_of(P) {
             return Err(SendError::Invalid("--hde encodes memory images: a file or generated image whose size is a whole number of 4 KiB pages".into()));
         }
         if u64::from(opts.chunk_size) % P != 0 {

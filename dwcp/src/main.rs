@@ -31,7 +31,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Send a file, standard input (`-`) or a generated image (`gen:SIZE[:SEED]`) to a receiver.
-    Send(SendArgs),
+    Send(Box<SendArgs>),
     /// Receive objects from senders, several sessions at once.
     Recv(RecvArgs),
     /// Run the daemon: boot graph, transfer listener, HTTP health/readiness/metrics/status.
@@ -221,7 +221,7 @@ fn main() {
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     }
     let r = match cli.cmd {
-        Cmd::Send(a) => cmd_send(a),
+        Cmd::Send(a) => cmd_send(*a),
         Cmd::Recv(a) => cmd_recv(a),
         Cmd::Keygen { file, force } => cmd_keygen(&file, force),
         Cmd::Daemon { config, listen, api } => daemon::run(config, listen, api, (cli.verbose > 0).then_some(level)),

@@ -140,7 +140,8 @@ pub(super) fn run(c: Connected, shared: &Shared, source: &Source, opts: &SendOpt
         shard_qps.push((local.shards[k].0.clone(), states));
     }
     let pd = local.pd.clone();
-    let results: Vec<Result<Vec<(u64, u32, u64)>, SendError>> = std::thread::scope(|sc| {
+    type ShardManifest = Result<Vec<(u64, u32, u64)>, SendError>;
+    let results: Vec<ShardManifest> = std::thread::scope(|sc| {
         let (gone, finished) = (&gone, &finished);
         sc.spawn(move || {
             // Peek, never read: the bytes (none are expected now) stay for the Commit exchange.
