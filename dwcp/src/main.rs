@@ -4,6 +4,7 @@
 mod daemon;
 mod fmt;
 mod live;
+mod migrate;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -45,6 +46,29 @@ enum Cmd {
         /// HTTP endpoint address (overrides api.listen).
         #[arg(long)]
         api: Option<String>,
+    },
+    /// Live-migrate a QEMU VM through dwcp: drives the source QEMU over QMP (its `migrate` runs
+    /// `dwcp send -`), reports rounds, dirty rate, downtime. The destination QEMU runs with
+    /// `-incoming "exec:dwcp recv --listen ADDR --out - --once --key-file K"`.
+    Migrate {
+        /// The source QEMU's QMP socket (`-qmp unix:PATH,server,nowait`).
+        #[arg(long)]
+        qmp: PathBuf,
+        /// The destination's dwcp receiver, HOST:PORT.
+        #[arg(long)]
+        to: String,
+        /// Pre-shared key file.
+        #[arg(long, env = "DWCP_KEY_FILE")]
+        key_file: PathBuf,
+        /// Stream name at the receiver.
+        #[arg(long, default_value = "vmstate")]
+        name: String,
+        /// Print the summary as one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Further `dwcp send` flags for the stream (e.g. `--streams 8`), after `--`.
+        #[arg(last = true)]
+        send_flags: Vec<String>,
     },
     /// Show a running daemon's status for a person.
     Status {
@@ -226,6 +250,7 @@ fn main() {
         Cmd::Keygen { file, force } => cmd_keygen(&file, force),
         Cmd::Daemon { config, listen, api } => daemon::run(config, listen, api, (cli.verbose > 0).then_some(level)),
         Cmd::Status { api, json } => daemon::status(&api, json),
+        Cmd::Migrate { qmp, to, key_file, name, json, send_flags } => migrate::run(&migrate::MigrateArgs { qmp, to, key_file, name, send_flags, json }),
         Cmd::Config { cmd: ConfigCmd::Check { file } } => daemon::check(&file),
     };
     if let Err(e) = r {
