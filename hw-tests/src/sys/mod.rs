@@ -1,5 +1,4 @@
-//! All `unsafe` of the rigs: verbs calls for the RDMA smoke test, TUN and namespace calls for the
-//! WAN emulator. Each block carries a `// SAFETY:` line.
+//! All `unsafe` of the rigs: TUN and namespace calls for the WAN emulator. Each block carries a
+//! `// SAFETY:` line. (The RDMA smoke test uses dwcp's own verbs layer.)
 
-pub mod rdma;
 pub mod tun;
