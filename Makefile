@@ -9,7 +9,7 @@ RIG_PKGS := qemu-system-x86 busybox-static rdma-core ibverbs-utils perftest libi
             librdmacm-dev libclang-dev clang pkg-config cpio kmod iproute2 gzip \
             iputils-ping ethtool iperf3 python3 openssl
 
-.PHONY: all deps bench-deps vm-deps build demo test fuzz-smoke bench-transport bench-boot bench-hde bench-rdma corpus clean
+.PHONY: all deps bench-deps vm-deps build demo test fuzz-smoke bench-transport bench-boot bench-hde bench-rdma bench-migrate corpus clean
 
 all: build
 
@@ -77,6 +77,11 @@ bench-hde: build bench-deps corpus
 # dwcp's RDMA transport against perftest (ib_write_bw, ib_send_lat) in the soft-RoCE guest.
 bench-rdma: build vm-deps
 	./target/release/bench-rdma
+
+# Live migration over the WAN rig: QEMU's own (plain, xbzrle, multifd+zstd) against dwcp tunnel mode.
+bench-migrate: build vm-deps
+	$(CARGO) build --release -q -p hw-tests --bin dwcp-wan
+	./target/release/bench-migrate
 
 # Guest-RAM corpus under target/corpus (cached): see docs/rigs.md.
 corpus: vm-deps

@@ -95,6 +95,15 @@ pub fn run(a: &MigrateArgs) -> Result<()> {
         shell_quote(&a.to),
         shell_quote(&a.key_file.display().to_string())
     );
+    // Backpressure: QEMU paces its rounds (and decides when to stop the VM) by how fast the
+    // pipe drains, so dwcp must not buffer much more than the link holds, or QEMU stops the
+    // VM while most of the stream still waits in dwcp's queues. Small chunks and a short
+    // window keep the read-ahead to a few MiB, unless the user's flags (after `--`) set them.
+    for (flag, v) in [("--chunk-size", "256KiB"), ("--window", "4")] {
+        if !a.send_flags.iter().any(|f| f == flag || f.starts_with(&format!("{flag}="))) {
+            cmd.push_str(&format!(" {flag} {v}"));
+        }
+    }
     for f in &a.send_flags {
         cmd.push(' ');
         cmd.push_str(&shell_quote(f));
