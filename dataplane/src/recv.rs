@@ -307,6 +307,9 @@ fn admit(sock: TcpStream, opts: &RecvOptions, coord: &Sender<ToCoord>, shards: &
     if !encrypted && !opts.allow_plaintext {
         return Err(refuse(&mut conn, ErrorCode::Refused, "this receiver requires encryption; start it with --no-encrypt to allow plaintext streams".into()));
     }
+    // A session granted RDMA: set up its data path once the Welcome has gone out.
+    #[cfg(feature = "rdma")]
+    let mut granted = None;
     let (session, welcome) = match hello {
         Hello::Probe => {
             let caps = Caps { max_streams: 256, max_chunk: opts.max_chunk, codecs: CODEC_RAW, transports: TRANSPORT_TCP };
@@ -333,18 +336,8 @@ fn admit(sock: TcpStream, opts: &RecvOptions, coord: &Sender<ToCoord>, shards: &
                     (Some(ro), _, _) => match rdma::grant(ro) {
                         Ok(g) => {
                             w.caps.transports |= wire::TRANSPORT_RDMA;
-                            conn.codec.set_stream(h.stream);
-                            conn.write_frame(FrameType::Welcome, 0, &w.encode())?;
-                            // The data path counts as one of the session's streams.
-                            let (rtx, rrx) = crossbeam_channel::bounded(1);
-                            let _ = coord.send(ToCoord::Join { session: s.id, reply: rtx });
-                            let _ = rrx.recv();
-                            let ro = ro.clone();
-                            rdma::accept(&mut conn, g, &ro, opts.max_chunk, s.clone(), coord.clone(), opts.idle_timeout, epoch, stop.clone())?;
-                            let _ = conn.sock.set_read_timeout(None);
-                            let k = shards.len() - 1 - next.fetch_add(1, Relaxed) % shards.len();
-                            let _ = shards[k].send(ToShard::Add(Box::new((conn, s))));
-                            return Ok(());
+                            granted = Some((g, ro.clone()));
+                            None
                         }
                         Err(e) => Some(e.to_string()),
                     },
@@ -367,6 +360,14 @@ fn admit(sock: TcpStream, opts: &RecvOptions, coord: &Sender<ToCoord>, shards: &
     };
     conn.codec.set_stream(h.stream);
     conn.write_frame(FrameType::Welcome, 0, &welcome.encode())?;
+    #[cfg(feature = "rdma")]
+    if let Some((g, ro)) = granted {
+        // The data path counts as one of the session's streams.
+        let (rtx, rrx) = crossbeam_channel::bounded(1);
+        let _ = coord.send(ToCoord::Join { session: session.id, reply: rtx });
+        let _ = rrx.recv();
+        rdma::accept(&mut conn, g, &ro, opts.max_chunk, session.clone(), coord.clone(), opts.idle_timeout, epoch, stop.clone())?;
+    }
     let _ = conn.sock.set_read_timeout(None);
     // Streams are dealt from the last shard down, while a sender pins from the first core up, so a
     // sender and a receiver on one host (loopback) do not start out on the same core.

@@ -713,6 +713,7 @@ pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Resu
     let streams = opts.streams.unwrap_or_else(|| default_streams(cores, rtt)).max(1);
     // RDMA: the local queue pairs exist before the Hello asks for it; without a device (or with
     // encryption, which the RDMA path does not do) the reason is reported and TCP carries on.
+    #[cfg_attr(not(feature = "rdma"), allow(unused_mut))]
     let mut rdma_fallback = None;
     #[cfg(feature = "rdma")]
     let mut rdma_local = match &opts.rdma {
@@ -847,38 +848,25 @@ pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Resu
     let buf_size = wire::header_wire_len(true) + opts.chunk_size as usize + hde_extra + wire::TAG_LEN;
 
     type ShardResult = Result<(Vec<Conn>, Vec<(u64, u32, u64)>, Option<HdeReport>), SendError>;
-    #[cfg(feature = "rdma")]
-    let (rdma_result, per_shard, stdin_tx) = match rdma_conn {
-        Some(c) => {
-            // The control stream stays with this thread for the Commit.
-            let ro = opts.rdma.clone().unwrap_or_default();
-            let mut per_shard = per_shard;
-            let r = std::thread::scope(|sc| {
-                if !source.seekable() {
-                    let (shared, chunk) = (&shared, opts.chunk_size as usize);
-                    sc.spawn(move || read_stdin(stdin_tx, chunk, shared));
-                } else {
-                    drop(stdin_tx);
-                }
-                let r = rdma::run(c, &shared, &source, opts, &ro, &core_ids);
-                shared.stop.store(true, Relaxed);
-                r
-            });
-            let control = per_shard.pop().unwrap_or_default();
-            (Some(r.map(|m| (control, m, None))), Vec::new(), crossbeam_channel::bounded(0).0)
-        }
-        None => (None, per_shard, stdin_tx),
-    };
+    #[cfg_attr(not(feature = "rdma"), allow(unused_mut))]
+    let mut per_shard = per_shard;
     let results: Vec<ShardResult> = std::thread::scope(|sc| {
-        if per_shard.is_empty() {
-            return Vec::new();
-        }
         if !source.seekable() {
             let shared = &shared;
             let chunk = opts.chunk_size as usize;
             sc.spawn(move || read_stdin(stdin_tx, chunk, shared));
         } else {
             drop(stdin_tx);
+        }
+        #[cfg(feature = "rdma")]
+        if let Some(c) = rdma_conn {
+            // Chunks go over the queue pairs; the control stream stays with this thread for
+            // the Commit.
+            let ro = opts.rdma.clone().unwrap_or_default();
+            let r = rdma::run(c, &shared, &source, opts, &ro, &core_ids);
+            shared.stop.store(true, Relaxed);
+            let control = per_shard.pop().unwrap_or_default();
+            return vec![r.map(|m| (control, m, None))];
         }
         let handles: Vec<_> = per_shard
             .into_iter()
@@ -943,11 +931,6 @@ pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Resu
         shared.stop.store(true, Relaxed);
         r
     });
-    #[cfg(feature = "rdma")]
-    let results = match rdma_result {
-        Some(r) => vec![r],
-        None => results,
-    };
 
     let mut alive = Vec::new();
     let mut manifest = ManifestDigest::default();

@@ -232,11 +232,7 @@ echo ===LOSS===; ip netns exec a iperf3 -c 10.88.0.2 -p 5301 -C cubic -t 20 -O 2
 fn daemon_detects_modes_over_the_wan_rig() {
     let _g = RIG.lock().unwrap_or_else(|e| e.into_inner());
     require();
-    let dwcp = root().join("target/release/dwcp");
-    assert!(dwcp.exists(), "{} missing: cargo build --release -p dwcp", dwcp.display());
-    let dir = tempfile_dir();
-    let key = dir.join("key");
-    assert!(Command::new(&dwcp).args(["keygen", "--force"]).arg(&key).stderr(Stdio::null()).status().unwrap().success());
+    let (dwcp, dir, key) = dwcp_dir_and_key();
     let w = Wan::up(&["--rtt", "30ms", "--rate", "1gbit"]);
     let mut kids = Vec::new();
     let d = dwcp.to_str().unwrap();
@@ -295,11 +291,7 @@ fn daemon_detects_modes_over_the_wan_rig() {
 fn send_switches_mode_live_when_the_path_changes() {
     let _g = RIG.lock().unwrap_or_else(|e| e.into_inner());
     require();
-    let dwcp = root().join("target/release/dwcp");
-    assert!(dwcp.exists(), "{} missing: cargo build --release -p dwcp", dwcp.display());
-    let dir = tempfile_dir();
-    let key = dir.join("key");
-    assert!(Command::new(&dwcp).args(["keygen", "--force"]).arg(&key).stderr(Stdio::null()).status().unwrap().success());
+    let (dwcp, dir, key) = dwcp_dir_and_key();
     // Bandwidth alone never votes internet here (this shared machine may run the datacenter
     // phase slower than the default 1 Gbit/s threshold); the RTT decides.
     let cfg = dir.join("send.toml");
@@ -337,6 +329,16 @@ fn send_switches_mode_live_when_the_path_changes() {
     assert!((1.5..6.0).contains(&at), "switched {at} s in; the path changed at 1.5 s: {m}");
     assert!(sw[0]["rtt_ms"].as_f64().unwrap() >= 10.0, "{m}");
     assert!(sw[0]["active"].as_u64().unwrap() > m["active"].as_u64().unwrap(), "the long path unparks streams: {m}");
+}
+
+/// The built dwcp binary, a fresh directory, and a key in it.
+fn dwcp_dir_and_key() -> (PathBuf, PathBuf, PathBuf) {
+    let dwcp = root().join("target/release/dwcp");
+    assert!(dwcp.exists(), "{} missing: cargo build --release -p dwcp", dwcp.display());
+    let dir = tempfile_dir();
+    let key = dir.join("key");
+    assert!(Command::new(&dwcp).args(["keygen", "--force"]).arg(&key).stderr(Stdio::null()).status().unwrap().success());
+    (dwcp, dir, key)
 }
 
 fn tempfile_dir() -> PathBuf {

@@ -171,14 +171,11 @@ fn serve(
                     _ => Some("unexpected message from the sender".into()),
                 };
             };
-            let code = match place(slot, qi, nqps, region, ss, sess) {
-                Ok((offset, len, sum)) => {
-                    let _ = coord.send(ToCoord::Placed { session: sess.id, offset, len, sum });
-                    Ok(offset)
-                }
-                Err((code, msg)) => Err((code, msg)),
-            };
-            let (credit, end) = match code {
+            let placed = place(slot, qi, nqps, region, ss, sess).map(|(offset, len, sum)| {
+                let _ = coord.send(ToCoord::Placed { session: sess.id, offset, len, sum });
+                offset
+            });
+            let (credit, end) = match placed {
                 Ok(offset) => (RdmaCredit { slot, code: 0, offset }, None),
                 Err((code, msg)) => (RdmaCredit { slot, code: code as u16, offset: 0 }, Some(msg)),
             };

@@ -5,6 +5,7 @@
 //! receive. The control stream carries the Commit afterwards, as for TCP.
 
 use std::collections::HashMap;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
@@ -45,8 +46,8 @@ pub(super) struct Connected {
     local: Local,
     qps: Vec<Vec<Qp<Rts>>>,
     accept: RdmaAccept,
-    /// The control stream, watched during the transfer: the receiver's end closing (it stopped
-    /// or died) ends the send at once instead of after the idle timeout.
+    /// The control stream, watched by the shards while they wait: the receiver's end closing
+    /// (it stopped or died) ends the send at once instead of after the idle timeout.
     ctl: std::net::TcpStream,
 }
 
@@ -111,8 +112,7 @@ const WR_BYE: u64 = 1 << 60;
 /// Runs the data path over every shard; returns the manifest entries of what was sent.
 pub(super) fn run(c: Connected, shared: &Shared, source: &Source, opts: &SendOptions, rdma: &RdmaOptions, cores: &[core_affinity::CoreId]) -> Result<Vec<(u64, u32, u64)>, SendError> {
     let Connected { local, qps, accept, ctl } = c;
-    let gone: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
-    let finished = std::sync::atomic::AtomicBool::new(false);
+    let ctl = ctl.as_raw_fd();
     let nqps = accept.qps.len() as u32;
     // The source mapping, registered once, is the payload of every write (no copy). Kernels
     // may refuse to pin a file's pages for long (file systems with writeback; overlayfs): then
@@ -142,26 +142,6 @@ pub(super) fn run(c: Connected, shared: &Shared, source: &Source, opts: &SendOpt
     let pd = local.pd.clone();
     type ShardManifest = Result<Vec<(u64, u32, u64)>, SendError>;
     let results: Vec<ShardManifest> = std::thread::scope(|sc| {
-        let (gone, finished) = (&gone, &finished);
-        sc.spawn(move || {
-            // Peek, never read: the bytes (none are expected now) stay for the Commit exchange.
-            let _ = ctl.set_read_timeout(Some(Duration::from_millis(100)));
-            let mut b = [0u8; 1];
-            while !finished.load(Relaxed) && !shared.stop.load(Relaxed) {
-                match ctl.peek(&mut b) {
-                    Ok(0) => {
-                        *gone.lock().expect("gone lock") = Some("the receiver closed the control stream (it stopped or died)".into());
-                        shared.stop.store(true, Relaxed);
-                    }
-                    Ok(_) => std::thread::sleep(Duration::from_millis(100)),
-                    Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted) => {}
-                    Err(e) => {
-                        *gone.lock().expect("gone lock") = Some(format!("the control stream failed: {e}"));
-                        shared.stop.store(true, Relaxed);
-                    }
-                }
-            }
-        });
         let hs: Vec<_> = shard_qps
             .into_iter()
             .enumerate()
@@ -172,7 +152,7 @@ pub(super) fn run(c: Connected, shared: &Shared, source: &Source, opts: &SendOpt
                     if let Some(c) = core {
                         core_affinity::set_for_current(c);
                     }
-                    let r = shard(&pd, &cq, states, src_mr, accept, shared, source, opts, rdma);
+                    let r = shard(&pd, &cq, states, src_mr, accept, ctl, shared, source, opts, rdma);
                     if r.is_err() {
                         shared.stop.store(true, Relaxed);
                     }
@@ -180,13 +160,8 @@ pub(super) fn run(c: Connected, shared: &Shared, source: &Source, opts: &SendOpt
                 })
             })
             .collect();
-        let r = hs.into_iter().map(|h| h.join().expect("rdma shard")).collect();
-        finished.store(true, Relaxed);
-        r
+        hs.into_iter().map(|h| h.join().expect("rdma shard")).collect()
     });
-    if let Some(why) = gone.lock().expect("gone lock").take() {
-        return Err(SendError::Rdma(why));
-    }
     let mut manifest = Vec::new();
     let mut first_err = None;
     for r in results {
@@ -208,6 +183,7 @@ fn shard(
     mut qps: Vec<QpState>,
     src_mr: Option<Arc<Mr>>,
     accept: &RdmaAccept,
+    ctl: std::os::fd::RawFd,
     shared: &Shared,
     source: &Source,
     opts: &SendOptions,
@@ -242,7 +218,7 @@ fn shard(
     let mut manifest = Vec::new();
     let mut wcs: Vec<Wc> = Vec::with_capacity(16);
     let mut stash: Option<Chunk> = None;
-    let mut last_progress = Instant::now();
+    let (mut last_progress, mut last_watch) = (Instant::now(), Instant::now());
     let (mut rkey, mut past) = (accept.rkey, 0u64);
     match ro.fault {
         Some(RdmaFault::WrongRkey) => rkey ^= 0x5a5a,
@@ -293,6 +269,12 @@ fn shard(
         wcs.clear();
         cq.poll(&mut wcs, 16).map_err(setup_err)?;
         if wcs.is_empty() && !posted {
+            if last_watch.elapsed() > Duration::from_millis(100) {
+                last_watch = Instant::now();
+                if crate::sys::peer_closed(ctl) {
+                    return Err(SendError::Rdma("the receiver closed the control stream (it stopped or died)".into()));
+                }
+            }
             if last_progress.elapsed() > opts.idle_timeout && !qps.iter().all(|q| q.inflight.is_empty()) {
                 return Err(SendError::Rdma(format!("no RDMA credit for {:.1}s (stalled receiver)", opts.idle_timeout.as_secs_f64())));
             }
