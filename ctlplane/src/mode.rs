@@ -199,11 +199,13 @@ pub struct TransferDefaults {
     pub encrypt: bool,
     /// Adaptive compression (HDE) on.
     pub adaptive_compression: bool,
+    /// Adaptive congestion prevention (pacing by the delay controller, streams on BBR).
+    pub acp: bool,
 }
 
 /// The defaults a mode sets: datacenter takes RDMA when the host has a device, many streams, no
 /// encryption and no compression (the link outruns both); internet takes multi-stream TCP sized
-/// by the RTT, encryption, and adaptive compression. In a hybrid cluster each peer gets its own.
+/// by the RTT, encryption, adaptive compression and ACP pacing. In a hybrid cluster each peer gets its own.
 pub fn defaults(mode: Mode, rdma_present: bool, cores: usize, rtt: Option<Duration>) -> TransferDefaults {
     match mode {
         Mode::Datacenter => TransferDefaults {
@@ -211,12 +213,14 @@ pub fn defaults(mode: Mode, rdma_present: bool, cores: usize, rtt: Option<Durati
             streams: (2 * cores).clamp(4, 32) as u16,
             encrypt: false,
             adaptive_compression: false,
+            acp: false,
         },
         Mode::Internet => TransferDefaults {
             transport: Transport::Tcp,
             streams: dataplane::session::default_streams(cores, rtt.unwrap_or(Duration::from_millis(50))),
             encrypt: true,
             adaptive_compression: true,
+            acp: true,
         },
     }
 }
@@ -345,10 +349,10 @@ mod tests {
     #[test]
     fn modes_set_their_defaults() {
         let dc = defaults(Mode::Datacenter, true, 8, Some(Duration::from_micros(50)));
-        assert_eq!(dc, TransferDefaults { transport: Transport::Rdma, streams: 16, encrypt: false, adaptive_compression: false });
+        assert_eq!(dc, TransferDefaults { transport: Transport::Rdma, streams: 16, encrypt: false, adaptive_compression: false, acp: false });
         assert_eq!(defaults(Mode::Datacenter, false, 2, None).transport, Transport::Tcp);
         let wan = defaults(Mode::Internet, true, 2, Some(Duration::from_millis(80)));
-        assert_eq!(wan, TransferDefaults { transport: Transport::Tcp, streams: 10, encrypt: true, adaptive_compression: true });
+        assert_eq!(wan, TransferDefaults { transport: Transport::Tcp, streams: 10, encrypt: true, adaptive_compression: true, acp: true });
     }
 
     #[test]

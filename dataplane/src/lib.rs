@@ -5,6 +5,7 @@
 //! performs what they decide ([`handshake`], [`probe`], [`send`], [`recv`], [`transport`]). `unsafe` lives in
 //! [`sys`] and [`transport::uring::sys`] only.
 
+pub mod control;
 pub mod crypto;
 pub mod framing;
 pub mod handshake;

@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::io::Read;
 use std::net::Shutdown;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
@@ -21,10 +21,12 @@ use crate::source::Source;
 use crate::transport::uring::sys::{Completion, Payload, Returned, Ring, probe_send_zc};
 use crate::wire::{self, CODEC_RAW, Caps, ErrorCode, FrameHeader, FrameType, Hello, ManifestDigest, TRANSPORT_RDMA, TRANSPORT_TCP, Welcome};
 
+mod control;
 #[cfg(feature = "rdma")]
 mod rdma;
 #[cfg(feature = "rdma")]
 pub use rdma::{RdmaFault, RdmaOptions};
+pub use control::{ControlOptions, ControlReport, TraceRow};
 
 /// Zero-copy send policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,6 +102,8 @@ pub struct SendOptions {
     /// (plaintext only: the receiver must allow it); otherwise TCP, with the reason reported.
     #[cfg(feature = "rdma")]
     pub rdma: Option<RdmaOptions>,
+    /// Path control over TCP: probes, ACP, PBA, the streams' congestion control.
+    pub control: ControlOptions,
 }
 
 impl SendOptions {
@@ -120,6 +124,7 @@ impl SendOptions {
             hde: None,
             #[cfg(feature = "rdma")]
             rdma: None,
+            control: ControlOptions::default(),
         }
     }
 }
@@ -184,15 +189,14 @@ pub struct Progress {
     /// at any time: a parked stream resumes at once, a stream parked while it has chunks in
     /// flight finishes them first. Streams lost take their replacements from the parked ones.
     pub active: AtomicU16,
-    /// Least smoothed RTT over the first shard's live streams, microseconds (TCP_INFO, every
-    /// 200 ms; 0 until measured).
+    /// Least smoothed RTT over the streams carrying data, microseconds (the monitor's, every
+    /// control interval; 0 until measured).
     pub srtt_us: AtomicU64,
-    /// Retransmitted segments summed over the first shard's streams.
+    /// Retransmitted segments summed over the streams.
     pub retrans: AtomicU64,
+    /// PBA's prediction of the next interval's goodput, bit/s (0 until it has one).
+    pub predicted_bps: AtomicU64,
 }
-
-/// How often the first shard reads TCP_INFO of its streams.
-const SAMPLE_EVERY: Duration = Duration::from_millis(200);
 
 /// What a finished send reports.
 #[derive(Debug, Clone)]
@@ -239,6 +243,8 @@ pub struct SendReport {
     pub hde: Option<HdeReport>,
     /// Why HDE was asked for but not used.
     pub hde_fallback: Option<String>,
+    /// What the path monitor and controllers did (TCP only).
+    pub control: Option<ControlReport>,
 }
 
 /// What HDE did in a send.
@@ -319,8 +325,6 @@ struct Shard<'a> {
     idle: Duration,
     manifest: Vec<(u64, u32, u64)>,
     stash: Option<Chunk>,
-    /// This shard samples TCP_INFO for [`Progress`]; when it did last.
-    sampler: Option<Instant>,
     hde: Option<HdeShard<'a>>,
 }
 
@@ -341,7 +345,7 @@ struct HdeShard<'a> {
 impl HdeShard<'_> {
     /// Re-chooses the effort every 250 ms from the link (the larger of the probe's figure and
     /// the wire rate seen since the last choice) and the estimates.
-    fn adapt(&mut self, sent_bytes: u64) {
+    fn adapt(&mut self, sent_bytes: u64, predicted_bps: f64) {
         if self.opts.compress != Compress::Auto || self.last_choice.elapsed() < Duration::from_millis(250) {
             return;
         }
@@ -349,7 +353,14 @@ impl HdeShard<'_> {
         let seen = (sent_bytes.saturating_sub(b0)) as f64 * 8.0 / t0.elapsed().as_secs_f64().max(1e-3);
         self.wire0 = (Instant::now(), sent_bytes);
         self.last_choice = Instant::now();
-        let link = if self.opts.link_bps.is_finite() { self.opts.link_bps.max(seen) } else { seen.max(1e9) };
+        // PBA's prediction of the path, once it has one; before, the probe's figure.
+        let link = if predicted_bps > 0.0 {
+            predicted_bps.max(seen)
+        } else if self.opts.link_bps.is_finite() {
+            self.opts.link_bps.max(seen)
+        } else {
+            seen.max(1e9)
+        };
         let l = crate::hde::choose_level(link, self.cores, &self.est);
         if l != self.level && self.enc.set_level(l).is_ok() {
             self.level = l;
@@ -422,10 +433,6 @@ impl Shard<'_> {
                 self.complete(c);
             }
             let now = Instant::now();
-            if self.sampler.is_some_and(|t| now.duration_since(t) >= SAMPLE_EVERY) {
-                self.sampler = Some(now);
-                self.sample();
-            }
             for i in 0..self.streams.len() {
                 let s = &self.streams[i];
                 if s.alive && !s.unacked.is_empty() && now.duration_since(s.last_ack) > self.idle {
@@ -447,17 +454,6 @@ impl Shard<'_> {
         if let Some(c) = self.stash.take() {
             self.shared.requeue.push(c);
         }
-    }
-
-    fn sample(&self) {
-        let info = |s: &TxStream| crate::sys::tcp_info(s.conn.sock.as_raw_fd()).ok();
-        // Only streams carrying data: a parked stream's srtt is as old as its last send.
-        let busy = self.streams.iter().filter(|s| s.alive && !s.unacked.is_empty()).filter_map(info);
-        if let Some(min) = busy.map(|i| i.srtt_us).filter(|&r| r > 0).min() {
-            self.shared.progress.srtt_us.store(u64::from(min), Relaxed);
-        }
-        let retrans = self.streams.iter().filter(|s| s.alive).filter_map(info).map(|i| u64::from(i.total_retrans)).sum();
-        self.shared.progress.retrans.store(retrans, Relaxed);
     }
 
     /// Whether stream `i` is parked by the live controller.
@@ -511,7 +507,7 @@ impl Shard<'_> {
             // HDE: the chunk's pages become one frame, which is the payload.
             let frame = match &mut self.hde {
                 Some(h) => {
-                    h.adapt(self.shared.sent_bytes.load(Relaxed));
+                    h.adapt(self.shared.sent_bytes.load(Relaxed), self.shared.progress.predicted_bps.load(Relaxed) as f64);
                     Some(h.encode(self.source, chunk.offset, chunk.len))
                 }
                 None => None,
@@ -820,6 +816,14 @@ pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Resu
         ZeroCopy::Auto => !loopback && probe_send_zc(),
         ZeroCopy::Off => false,
     };
+    // Path control (TCP only): the streams' congestion control is set before data flows.
+    let mut control_socks = if on_rdma {
+        None
+    } else {
+        let socks = conns.iter().map(|c| c.sock.as_fd().try_clone_to_owned()).collect::<Result<Vec<_>, _>>().map_err(|source| SendError::Io { during: "duplicating a stream socket for the monitor", source })?;
+        let cc_error = control::set_cc(&socks, &opts.control);
+        Some((socks, cc_error))
+    };
     let nshards = cores.min(usize::from(streams));
     let mut per_shard: Vec<Vec<Conn>> = (0..nshards).map(|_| Vec::new()).collect();
     for (i, c) in conns.into_iter().enumerate() {
@@ -850,6 +854,7 @@ pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Resu
     type ShardResult = Result<(Vec<Conn>, Vec<(u64, u32, u64)>, Option<HdeReport>), SendError>;
     #[cfg_attr(not(feature = "rdma"), allow(unused_mut))]
     let mut per_shard = per_shard;
+    let mut control_report = None;
     let results: Vec<ShardResult> = std::thread::scope(|sc| {
         if !source.seekable() {
             let shared = &shared;
@@ -868,6 +873,11 @@ pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Resu
             let control = per_shard.pop().unwrap_or_default();
             return vec![r.map(|m| (control, m, None))];
         }
+        // The monitor watches duplicates of the sockets (a stream that dies closes only its own).
+        let ctl = control_socks.take().map(|(socks, cc_error)| {
+            let shared = &shared;
+            sc.spawn(move || control::run(socks, &opts.control, shared, cc_error))
+        });
         let handles: Vec<_> = per_shard
             .into_iter()
             .enumerate()
@@ -888,7 +898,6 @@ pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Resu
                             TxStream { conn, unacked: VecDeque::new(), sending: false, reading: false, alive: true, last_ack: now, sent: 0, kill_after }
                         })
                         .collect();
-                    let sampler = (k == 0).then(Instant::now);
                     let hde = match hde_opts {
                         Some(h) => {
                             let level = match h.compress {
@@ -913,7 +922,7 @@ pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Resu
                         }
                         None => None,
                     };
-                    let mut shard = Shard { ring, streams, shared, source, window: opts.window.max(1), idle: opts.idle_timeout, manifest: Vec::new(), stash: None, sampler, hde };
+                    let mut shard = Shard { ring, streams, shared, source, window: opts.window.max(1), idle: opts.idle_timeout, manifest: Vec::new(), stash: None, hde };
                     shard.run();
                     let manifest = std::mem::take(&mut shard.manifest);
                     let hde = shard.hde.take().map(|mut h| {
@@ -929,6 +938,7 @@ pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Resu
             .collect();
         let r = handles.into_iter().map(|h| h.join().expect("shard thread")).collect();
         shared.stop.store(true, Relaxed);
+        control_report = ctl.map(|h| h.join().expect("monitor thread"));
         r
     });
 
@@ -1032,6 +1042,7 @@ pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Resu
         rdma_qps,
         hde: hde_report,
         hde_fallback,
+        control: control_report,
     })
 }
 

@@ -113,6 +113,21 @@ pub fn send_table(r: &SendReport, extra: &[(&str, String)]) -> String {
         (None, Some(why)) => row(&mut s, "hde", format!("off ({why})")),
         (None, None) => {}
     }
+    if let Some(c) = &r.control {
+        let monitor = match &c.degraded {
+            None => "eBPF probes (tcp_probe, tcp_retransmit_skb, tcp_cong_state_set)".to_string(),
+            Some(why) => format!("TCP_INFO polling ({why})"),
+        };
+        row(&mut s, "path monitor", monitor);
+        let cc = match (&c.cc, &c.cc_error) {
+            (_, Some(e)) => format!("system default ({e})"),
+            (Some(cc), None) => cc.clone(),
+            (None, None) => "system default".into(),
+        };
+        row(&mut s, "congestion", format!("ACP {}, streams on {cc}", c.acp));
+        let infl = if c.min_rtt_us > 0.0 { c.mean_srtt_us / c.min_rtt_us } else { 0.0 };
+        row(&mut s, "path", format!("srtt {:.2} ms over min {:.2} ms ({infl:.2}x), {} segments retransmitted", c.mean_srtt_us / 1e3, c.min_rtt_us / 1e3, c.retrans));
+    }
     for (k, v) in extra {
         row(&mut s, k, v.clone());
     }
@@ -133,6 +148,11 @@ pub fn send_json(r: &SendReport, mode: Option<serde_json::Value>) -> String {
         "transport": r.transport, "rdma_fallback": r.rdma_fallback, "rdma_qps": r.rdma_qps,
         "hde": r.hde.as_ref().map(|h| json!({"input": h.input, "output": h.output, "encode_s": h.encode_s, "pages": h.pages, "levels": h.levels})),
         "hde_fallback": r.hde_fallback,
+        "control": r.control.as_ref().map(|c| json!({
+            "monitor": c.backend, "monitor_degraded": c.degraded, "acp": c.acp, "cc": c.cc, "cc_error": c.cc_error,
+            "retrans": c.retrans, "min_rtt_us": c.min_rtt_us, "mean_srtt_us": c.mean_srtt_us,
+            "probe_retransmit_events": c.probe_events.0, "probe_cong_state_events": c.probe_events.1,
+        })),
         "digest": hex(&r.digest), "verified": r.verified,
     })
     .to_string()

@@ -16,6 +16,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use dataplane::crypto::Psk;
 use dataplane::recv::{self, RecvOptions, Sink};
+use dataplane::control::acp::AcpKind;
 use dataplane::send::{self, KillStream, Progress, SendOptions, ZeroCopy};
 use dataplane::source::Source;
 
@@ -159,6 +160,23 @@ struct SendArgs {
     /// `off` (zero, duplicate and XBZRLE pages only), or a zstd level 1-19.
     #[arg(long, default_value = "auto")]
     compress: String,
+    /// Adaptive congestion prevention over TCP: `auto` (`delay` in internet mode, off in
+    /// datacenter mode), `delay` (pace to keep the RTT within 1.25x of its minimum), `bbr-model`
+    /// (pace by a model of BBR's probing), or `off` (the streams' congestion control alone).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "off", "delay", "bbr-model"])]
+    acp: String,
+    /// Congestion control of every stream (`bbr`, `cubic`, ...; default: `bbr` under ACP, the
+    /// system's otherwise).
+    #[arg(long)]
+    cc: Option<String>,
+    /// Where per-stream path state comes from: `auto` (the eBPF probes, or TCP_INFO polling
+    /// when BPF is refused) or `poll` (TCP_INFO only).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "poll"])]
+    monitor: String,
+    /// Write each control interval (goodput, srtt, retransmits, pace, PBA's prediction) to FILE
+    /// as CSV.
+    #[arg(long)]
+    trace_out: Option<PathBuf>,
     /// Send only what the receiver does not already hold from an earlier, interrupted transfer.
     #[arg(long)]
     resume: bool,
@@ -399,6 +417,17 @@ fn cmd_send(a: SendArgs) -> Result<()> {
         };
         opts.hde = Some(send::HdeSend { compress, round_of, link_bps: plan.report.probe.bw_bps });
     }
+    opts.control = send::ControlOptions {
+        acp: match a.acp.as_str() {
+            "auto" if plan.defaults.acp => AcpKind::Delay,
+            "auto" => AcpKind::Off,
+            k => AcpKind::parse(k).context("--acp takes auto, off, delay or bbr-model")?,
+        },
+        cc: a.cc.clone(),
+        monitor: if a.monitor == "poll" { ebpf::Want::Poll } else { ebpf::Want::Auto },
+        trace: a.trace_out.is_some(),
+        ..Default::default()
+    };
     if let Some(spec) = &a.fault_kill_stream {
         let (s, b) = spec.split_once(':').context("--fault-kill-stream takes IDX:BYTES")?;
         opts.kill = Some(KillStream { stream: s.parse()?, after: fmt::parse_size(b).map_err(anyhow::Error::msg)? });
@@ -432,6 +461,15 @@ fn cmd_send(a: SendArgs) -> Result<()> {
         let _ = w.join();
     }
     let rep = r.with_context(|| format!("sending {} to {}", a.src, a.to))?;
+    if let (Some(path), Some(c)) = (&a.trace_out, &rep.control) {
+        let mut text = String::from(send::TraceRow::HEADER);
+        text.push('\n');
+        for row in &c.trace {
+            text.push_str(&row.csv());
+            text.push('\n');
+        }
+        std::fs::write(path, text).with_context(|| format!("writing the trace to {}", path.display()))?;
+    }
     if a.json {
         println!("{}", fmt::send_json(&rep, Some(live::json(&plan.report))));
     } else {

@@ -1,4 +1,8 @@
-//! The BPF system calls the probes need. All `unsafe` of this crate is here.
+//! The system calls of the probes and of their fallback. All `unsafe` of this crate is here.
+
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use crate::{Event, SocketStats};
 
 /// Checks that this process may use BPF, by creating (and closing) a one-entry array map.
 /// Returns why not when it may not.
@@ -25,6 +29,167 @@ pub fn probe_bpf() -> Result<(), String> {
     Ok(())
 }
 
+/// The socket's cookie (`SO_COOKIE`): the key the probes file it under.
+pub fn socket_cookie(sock: BorrowedFd<'_>) -> std::io::Result<u64> {
+    let mut cookie = 0u64;
+    let mut len = 8 as libc::socklen_t;
+    // SAFETY: a u64 out-parameter of the length passed.
+    let rc = unsafe { libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_COOKIE, (&raw mut cookie).cast(), &mut len) };
+    if rc == 0 { Ok(cookie) } else { Err(std::io::Error::last_os_error()) }
+}
+
+/// Size of `struct sock_stats` (src/bpf/tcpstats.h).
+pub const SOCK_STATS_LEN: usize = 96;
+
+fn u64_at(b: &[u8], off: usize) -> u64 {
+    u64::from_ne_bytes(b[off..off + 8].try_into().expect("8 bytes"))
+}
+
+fn u32_at(b: &[u8], off: usize) -> u32 {
+    u32::from_ne_bytes(b[off..off + 4].try_into().expect("4 bytes"))
+}
+
+/// Parses a `struct sock_stats` value of the stats map.
+pub fn parse_stats(b: &[u8]) -> Option<SocketStats> {
+    if b.len() < SOCK_STATS_LEN {
+        return None;
+    }
+    Some(SocketStats {
+        events: u64_at(b, 8),
+        delivered: u64_at(b, 16),
+        bytes_acked: u64_at(b, 24),
+        delivery_rate_bps: u64_at(b, 32) * 8,
+        recoveries: u64_at(b, 48),
+        srtt_us: u32_at(b, 56),
+        min_rtt_us: u32_at(b, 60),
+        cwnd: u32_at(b, 64),
+        ssthresh: u32_at(b, 68),
+        mss: u32_at(b, 80),
+        total_retrans: u32_at(b, 84),
+        cong_state: b[88],
+    })
+}
+
+/// Parses a `struct probe_event` record of the ring buffer.
+pub fn parse_event(b: &[u8]) -> Option<Event> {
+    if b.len() < 24 {
+        return None;
+    }
+    let (ts_ns, cookie, kind, value) = (u64_at(b, 0), u64_at(b, 8), u32_at(b, 16), u32_at(b, 20));
+    match kind {
+        1 => Some(Event::Retransmit { cookie, ts_ns }),
+        2 => Some(Event::CongState { cookie, ts_ns, state: value as u8 }),
+        _ => None,
+    }
+}
+
+/// Switches on BPF run-time statistics for as long as the returned descriptor is open.
+#[cfg(not(dwcp_no_bpf))]
+pub fn enable_run_time_stats() -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain system call wrapper; on success it returns a new descriptor that we own.
+    let fd = unsafe { libbpf_rs::libbpf_sys::bpf_enable_stats(libbpf_rs::libbpf_sys::BPF_STATS_RUN_TIME) };
+    if fd < 0 {
+        return Err(std::io::Error::from_raw_os_error(-fd));
+    }
+    // SAFETY: `fd` is a fresh descriptor owned by nobody else.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// A program's (run count, run nanoseconds).
+#[cfg(not(dwcp_no_bpf))]
+pub fn prog_run_stats(prog: BorrowedFd<'_>) -> std::io::Result<(u64, u64)> {
+    let mut info = libbpf_rs::libbpf_sys::bpf_prog_info::default();
+    let mut len = std::mem::size_of_val(&info) as u32;
+    // SAFETY: `info` is a plain C struct of the length passed, which the kernel fills.
+    let rc = unsafe { libbpf_rs::libbpf_sys::bpf_prog_get_info_by_fd(prog.as_raw_fd(), &raw mut info, &raw mut len) };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(-rc));
+    }
+    Ok((info.run_cnt, info.run_time_ns))
+}
+
+/// The fields of Linux's `struct tcp_info` (linux/tcp.h) up to `tcpi_delivered_ce`, in kernel
+/// layout; the kernel fills as much as both it and the caller know.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+struct RawTcpInfo {
+    state: u8,
+    ca_state: u8,
+    retransmits: u8,
+    probes: u8,
+    backoff: u8,
+    options: u8,
+    wscale: u8,
+    app_limited: u8,
+    rto: u32,
+    ato: u32,
+    snd_mss: u32,
+    rcv_mss: u32,
+    unacked: u32,
+    sacked: u32,
+    lost: u32,
+    retrans: u32,
+    fackets: u32,
+    last_data_sent: u32,
+    last_ack_sent: u32,
+    last_data_recv: u32,
+    last_ack_recv: u32,
+    pmtu: u32,
+    rcv_ssthresh: u32,
+    rtt: u32,
+    rttvar: u32,
+    snd_ssthresh: u32,
+    snd_cwnd: u32,
+    advmss: u32,
+    reordering: u32,
+    rcv_rtt: u32,
+    rcv_space: u32,
+    total_retrans: u32,
+    pacing_rate: u64,
+    max_pacing_rate: u64,
+    bytes_acked: u64,
+    bytes_received: u64,
+    segs_out: u32,
+    segs_in: u32,
+    notsent_bytes: u32,
+    min_rtt: u32,
+    data_segs_in: u32,
+    data_segs_out: u32,
+    delivery_rate: u64,
+    busy_time: u64,
+    rwnd_limited: u64,
+    sndbuf_limited: u64,
+    delivered: u32,
+    delivered_ce: u32,
+}
+
+/// Reads `TCP_INFO` of the socket: the fallback when the probes cannot load.
+pub fn tcp_info(fd: std::os::fd::RawFd) -> std::io::Result<SocketStats> {
+    let mut raw = RawTcpInfo::default();
+    let mut len = std::mem::size_of::<RawTcpInfo>() as libc::socklen_t;
+    // SAFETY: `raw` is a plain repr(C) struct of integers, valid for any bytes; `len` is its size,
+    // and the kernel writes at most `len` bytes into it.
+    let rc = unsafe { libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut raw).cast(), &mut len) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(SocketStats {
+        srtt_us: raw.rtt,
+        min_rtt_us: raw.min_rtt,
+        cwnd: raw.snd_cwnd,
+        ssthresh: raw.snd_ssthresh,
+        mss: raw.snd_mss,
+        total_retrans: raw.total_retrans,
+        bytes_acked: raw.bytes_acked,
+        delivered: u64::from(raw.delivered),
+        delivery_rate_bps: raw.delivery_rate.saturating_mul(8),
+        cong_state: raw.ca_state,
+        recoveries: 0,
+        events: 0,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -35,5 +200,23 @@ mod tests {
             Ok(()) => assert!(root || std::fs::read_to_string("/proc/sys/kernel/unprivileged_bpf_disabled").is_ok_and(|v| v.trim() == "0")),
             Err(e) => assert!(!root, "root was refused BPF: {e}"),
         }
+    }
+
+    #[test]
+    fn tcp_info_of_a_loopback_connection() {
+        use std::io::{Read, Write};
+        use std::os::fd::AsRawFd;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        c.write_all(&[7u8; 100_000]).unwrap();
+        let mut got = vec![0u8; 100_000];
+        s.read_exact(&mut got).unwrap();
+        s.write_all(b"x").unwrap();
+        c.read_exact(&mut [0u8; 1]).unwrap();
+        let i = super::tcp_info(c.as_raw_fd()).unwrap();
+        assert!(i.srtt_us > 0 && i.srtt_us < 1_000_000, "{i:?}");
+        assert!(i.cwnd >= 1 && i.bytes_acked >= 100_000, "{i:?}");
+        assert!(super::tcp_info(-1).is_err());
     }
 }

@@ -1,0 +1,374 @@
+//! Adaptive congestion prevention: per interval, from the streams' RTTs, windows, retransmits
+//! and acknowledged bytes, an aggregate pacing rate (split evenly over the active streams and
+//! applied as `SO_MAX_PACING_RATE`) and stream-count changes. The aim is the link's rate with
+//! the RTT within 1.25x of its minimum: pace before the queue fills, not after loss.
+//!
+//! The streams' own congestion control runs underneath (BBR by default under ACP, so random loss
+//! does not collapse the window); ACP caps it. Two controllers:
+//! - [`Delay`]: queue-delay targeting (Vegas/Copa family): backs off in proportion to the RTT
+//!   inflation above the target, probes up by 4% per interval while the queue is empty and the
+//!   pace is the limit.
+//! - [`BbrModel`]: a model of BBR's probing on the aggregate: a windowed maximum of delivered
+//!   rate, startup until it stops growing, a drain, then gain cycling (1.25, 0.75, 1 x 6).
+
+use std::collections::VecDeque;
+
+use super::{Decision, Observation};
+
+/// A controller.
+pub trait Acp: Send + std::fmt::Debug {
+    /// Short name (`delay`, `bbr-model`).
+    fn name(&self) -> &'static str;
+    /// Decides the next interval from this one.
+    fn on_interval(&mut self, o: &Observation<'_>) -> Decision;
+}
+
+/// Which controller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AcpKind {
+    /// No pacing: the streams' congestion control alone.
+    Off,
+    /// [`Delay`].
+    #[default]
+    Delay,
+    /// [`BbrModel`].
+    BbrModel,
+}
+
+impl AcpKind {
+    /// Parses `off`, `delay`, `bbr-model`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "off" => Some(Self::Off),
+            "delay" => Some(Self::Delay),
+            "bbr-model" => Some(Self::BbrModel),
+            _ => None,
+        }
+    }
+
+    /// The controller (None for `Off`).
+    pub fn build(self, max_streams: u16) -> Option<Box<dyn Acp>> {
+        match self {
+            Self::Off => None,
+            Self::Delay => Some(Box::new(Delay::new(max_streams))),
+            Self::BbrModel => Some(Box::new(BbrModel::new(max_streams))),
+        }
+    }
+
+    /// Its name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::Delay => "delay",
+            Self::BbrModel => "bbr-model",
+        }
+    }
+}
+
+/// RTT inflation over the minimum that ACP keeps below.
+pub const TARGET_INFLATION: f64 = 1.25;
+/// Inflation under which the queue counts as empty.
+const EMPTY_QUEUE: f64 = 1.10;
+/// The least pace, bit/s.
+const MIN_RATE: f64 = 1e6;
+
+/// Startup as both controllers do it: uncapped until the delivered rate stops growing by 25% for
+/// three intervals, or the queue starts to build.
+#[derive(Debug, Clone, Default)]
+struct Startup {
+    best: f64,
+    stalls: u32,
+    recent: VecDeque<f64>,
+}
+
+impl Startup {
+    /// Feeds an interval; returns the best recent rate once startup is over.
+    fn step(&mut self, g: f64, inflation: f64) -> Option<f64> {
+        self.recent.push_back(g);
+        if self.recent.len() > 4 {
+            self.recent.pop_front();
+        }
+        if g >= 1.25 * self.best {
+            self.best = g;
+            self.stalls = 0;
+        } else {
+            self.stalls += 1;
+        }
+        (self.stalls >= 3 || inflation > TARGET_INFLATION).then(|| self.recent.iter().copied().fold(0.0, f64::max))
+    }
+}
+
+/// Adds a stream when the pace is not what limits (the streams' windows are) and the queue is
+/// empty for three intervals in a row: more windows then fill the link.
+#[derive(Debug, Clone)]
+struct StreamRule {
+    max: u16,
+    under: u32,
+}
+
+impl StreamRule {
+    fn step(&mut self, o: &Observation<'_>, pace: Option<f64>, inflation: f64) -> Option<u16> {
+        let active = o.active() as u16;
+        let limited = pace.is_some_and(|p| o.goodput_bps() < 0.9 * p);
+        self.under = if limited && inflation < EMPTY_QUEUE { self.under + 1 } else { 0 };
+        if self.under >= 3 && active < self.max && active > 0 {
+            self.under = 0;
+            return Some(active + 1);
+        }
+        None
+    }
+}
+
+/// Queueing below this (µs) is host scheduling, not a link queue: on a sub-millisecond path the
+/// RTT's ratio to its minimum means nothing.
+const RTT_FLOOR_US: f64 = 2000.0;
+
+/// The RTT's inflation over its minimum (the minimum floored at [`RTT_FLOOR_US`]).
+fn inflation(o: &Observation<'_>, min_rtt: &mut f64) -> Option<f64> {
+    if let Some(m) = o.min_rtt_us() {
+        *min_rtt = min_rtt.min(m);
+    }
+    let srtt = o.srtt_us()?;
+    min_rtt.is_finite().then(|| srtt / min_rtt.max(RTT_FLOOR_US))
+}
+
+/// Queue-delay targeting. See the module documentation.
+#[derive(Debug, Clone)]
+pub struct Delay {
+    min_rtt: f64,
+    startup: Option<Startup>,
+    rate: f64,
+    streams: StreamRule,
+}
+
+impl Delay {
+    /// A controller that may activate up to `max_streams` streams.
+    pub fn new(max_streams: u16) -> Self {
+        Self { min_rtt: f64::INFINITY, startup: Some(Startup::default()), rate: 0.0, streams: StreamRule { max: max_streams, under: 0 } }
+    }
+}
+
+impl Acp for Delay {
+    fn name(&self) -> &'static str {
+        "delay"
+    }
+
+    fn on_interval(&mut self, o: &Observation<'_>) -> Decision {
+        let g = o.goodput_bps();
+        let Some(q) = inflation(o, &mut self.min_rtt) else {
+            return Decision { pacing_bps: (self.startup.is_none()).then_some(self.rate), streams: None };
+        };
+        if let Some(s) = &mut self.startup {
+            match s.step(g, q) {
+                // Leaving startup with a queue: start below what got through, to drain it.
+                Some(best) => {
+                    self.rate = (best * if q > TARGET_INFLATION { 0.9 } else { 1.0 }).max(MIN_RATE);
+                    self.startup = None;
+                }
+                None => return Decision::default(),
+            }
+        } else if q > TARGET_INFLATION {
+            // Back off in proportion to the excess, from what actually got through.
+            self.rate = (self.rate.min(g.max(MIN_RATE)) * (EMPTY_QUEUE / q).clamp(0.7, 0.97)).max(MIN_RATE);
+        } else if q < EMPTY_QUEUE && g > 0.9 * self.rate {
+            self.rate *= 1.04;
+        } else if q < EMPTY_QUEUE && g < 0.5 * self.rate {
+            // Far below its pace (windows or the application limit): keep the pace within reach.
+            self.rate = (self.rate * 0.95).max(2.0 * g).max(MIN_RATE);
+        }
+        let streams = self.streams.step(o, Some(self.rate), q);
+        Decision { pacing_bps: Some(self.rate), streams }
+    }
+}
+
+/// Gain cycle of BBR's ProbeBW phase.
+const GAINS: [f64; 8] = [1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0];
+/// Intervals the bandwidth maximum is taken over.
+const BW_WINDOW: usize = 10;
+
+#[derive(Debug, Clone)]
+enum Phase {
+    Startup(Startup),
+    Drain(u32),
+    ProbeBw(usize),
+}
+
+/// A model of BBR's probing on the aggregate. See the module documentation.
+#[derive(Debug, Clone)]
+pub struct BbrModel {
+    min_rtt: f64,
+    bw: VecDeque<f64>,
+    phase: Phase,
+    streams: StreamRule,
+}
+
+impl BbrModel {
+    /// A controller that may activate up to `max_streams` streams.
+    pub fn new(max_streams: u16) -> Self {
+        Self { min_rtt: f64::INFINITY, bw: VecDeque::new(), phase: Phase::Startup(Startup::default()), streams: StreamRule { max: max_streams, under: 0 } }
+    }
+
+    fn btlbw(&self) -> f64 {
+        self.bw.iter().copied().fold(MIN_RATE, f64::max)
+    }
+}
+
+impl Acp for BbrModel {
+    fn name(&self) -> &'static str {
+        "bbr-model"
+    }
+
+    fn on_interval(&mut self, o: &Observation<'_>) -> Decision {
+        let g = o.goodput_bps();
+        let Some(q) = inflation(o, &mut self.min_rtt) else {
+            return Decision::default();
+        };
+        self.bw.push_back(g);
+        if self.bw.len() > BW_WINDOW {
+            self.bw.pop_front();
+        }
+        let gain = match &mut self.phase {
+            Phase::Startup(s) => match s.step(g, q) {
+                Some(_) => {
+                    self.phase = Phase::Drain(0);
+                    0.75
+                }
+                None => return Decision::default(),
+            },
+            Phase::Drain(n) => {
+                *n += 1;
+                if q <= TARGET_INFLATION || *n >= 3 {
+                    self.phase = Phase::ProbeBw(0);
+                    GAINS[0]
+                } else {
+                    0.75
+                }
+            }
+            Phase::ProbeBw(i) => {
+                *i = (*i + 1) % GAINS.len();
+                // A standing queue cuts the cycle short to its draining phase.
+                if q > TARGET_INFLATION && GAINS[*i] >= 1.0 {
+                    *i = 1;
+                }
+                GAINS[*i]
+            }
+        };
+        let rate = gain * self.btlbw();
+        let streams = self.streams.step(o, Some(rate), q);
+        Decision { pacing_bps: Some(rate), streams }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::StreamSample;
+
+    /// A fluid model of one bottleneck with a drop-tail queue of one BDP, fed by `n` paced
+    /// streams whose own windows would fill it (the role BBR plays underneath).
+    struct Bottleneck {
+        link_bps: f64,
+        min_rtt_s: f64,
+        queue_bits: f64,
+    }
+
+    impl Bottleneck {
+        /// One interval at aggregate pace `pace` (None: as fast as 1.5x the link).
+        fn step(&mut self, pace: Option<f64>, dt: f64, n: usize) -> Vec<StreamSample> {
+            let offered = pace.unwrap_or(1.5 * self.link_bps).min(1.5 * self.link_bps);
+            let cap = self.link_bps * self.min_rtt_s;
+            self.queue_bits = (self.queue_bits + (offered - self.link_bps) * dt).clamp(0.0, cap);
+            let delivered = offered.min(self.link_bps) * dt;
+            let srtt = self.min_rtt_s + self.queue_bits / self.link_bps;
+            (0..n)
+                .map(|_| StreamSample { srtt_us: (srtt * 1e6) as u32, min_rtt_us: (self.min_rtt_s * 1e6) as u32, acked: (delivered / 8.0 / n as f64) as u64, active: true, cwnd: 100, mss: 1448, ..Default::default() })
+                .collect()
+        }
+    }
+
+    /// Runs a controller for `secs` on the model; returns (mean utilization, mean inflation) over
+    /// the second half.
+    fn run(mut c: Box<dyn Acp>, link_bps: f64, rtt: f64, secs: f64) -> (f64, f64) {
+        let mut b = Bottleneck { link_bps, min_rtt_s: rtt, queue_bits: 0.0 };
+        let dt = 0.1;
+        let mut pace = None;
+        let (mut util, mut infl, mut k) = (0.0, 0.0, 0);
+        let steps = (secs / dt) as usize;
+        for i in 0..steps {
+            let s = b.step(pace, dt, 8);
+            let o = Observation { t: i as f64 * dt, dt, streams: &s };
+            pace = c.on_interval(&o).pacing_bps;
+            if i >= steps / 2 {
+                util += o.goodput_bps() / link_bps;
+                infl += o.srtt_us().unwrap() / (rtt * 1e6);
+                k += 1;
+            }
+        }
+        (util / k as f64, infl / k as f64)
+    }
+
+    #[test]
+    fn both_controllers_fill_the_link_without_a_standing_queue() {
+        for kind in [AcpKind::Delay, AcpKind::BbrModel] {
+            for (link, rtt) in [(1e9, 0.05), (2e8, 0.15)] {
+                let (u, q) = run(kind.build(8).unwrap(), link, rtt, 30.0);
+                assert!(u >= 0.9, "{kind:?} at {link} bit/s, {rtt} s: utilization {u:.3}");
+                assert!(q <= TARGET_INFLATION, "{kind:?} at {link} bit/s, {rtt} s: inflation {q:.3}");
+            }
+        }
+    }
+
+    #[test]
+    fn uncapped_streams_fill_the_queue() {
+        // The model itself: without a controller the queue stands full (inflation 2), which is
+        // what the controllers are tested to prevent.
+        let mut b = Bottleneck { link_bps: 1e9, min_rtt_s: 0.05, queue_bits: 0.0 };
+        let s = (0..50).map(|_| b.step(None, 0.1, 4)).last().unwrap();
+        assert!(f64::from(s[0].srtt_us) / 50_000.0 > 1.9);
+    }
+
+    #[test]
+    fn delay_backs_off_on_inflation_and_probes_when_empty() {
+        let mut c = Delay::new(8);
+        let sample = |srtt: u32, acked: u64| vec![StreamSample { srtt_us: srtt, min_rtt_us: 50_000, acked, active: true, ..Default::default() }];
+        // Startup ends on a queue: the pace starts at 90% of what got through.
+        let s = sample(70_000, 12_500_000);
+        let d = c.on_interval(&Observation { t: 0.0, dt: 0.1, streams: &s });
+        let r0 = d.pacing_bps.unwrap();
+        assert!((r0 - 0.9e9).abs() < 1e6, "{r0}");
+        let s = sample(80_000, 11_250_000);
+        let r1 = c.on_interval(&Observation { t: 0.1, dt: 0.1, streams: &s }).pacing_bps.unwrap();
+        assert!(r1 < r0 * 0.9, "{r1} after inflation 1.6");
+        let s = sample(51_000, (r1 / 8.0 * 0.1) as u64);
+        let r2 = c.on_interval(&Observation { t: 0.2, dt: 0.1, streams: &s }).pacing_bps.unwrap();
+        assert!((r2 / r1 - 1.04).abs() < 1e-6, "probe up by 4%: {r1} -> {r2}");
+    }
+
+    #[test]
+    fn a_loopback_rtt_is_no_queue() {
+        // 40 µs over a 5 µs minimum is the scheduler, not a queue: the pace follows the goodput.
+        let mut c = Delay::new(2);
+        let mut pace = 0.0;
+        for i in 0..20 {
+            let s = vec![StreamSample { srtt_us: 40, min_rtt_us: 5, acked: 250_000_000, active: true, ..Default::default() }];
+            pace = c.on_interval(&Observation { t: f64::from(i) * 0.1, dt: 0.1, streams: &s }).pacing_bps.unwrap_or(f64::INFINITY);
+        }
+        assert!(pace >= 20e9, "{pace}");
+    }
+
+    #[test]
+    fn a_window_limited_path_gets_another_stream() {
+        let mut c = Delay::new(4);
+        let mut got = None;
+        for i in 0..30 {
+            // Two active streams, the queue empty, goodput far under any pace.
+            let s: Vec<_> = (0..4).map(|k| StreamSample { srtt_us: 50_500, min_rtt_us: 50_000, acked: if k < 2 { 1_000_000 } else { 0 }, active: k < 2, ..Default::default() }).collect();
+            let d = c.on_interval(&Observation { t: f64::from(i) * 0.1, dt: 0.1, streams: &s });
+            if d.streams.is_some() {
+                got = d.streams;
+                break;
+            }
+        }
+        assert_eq!(got, Some(3));
+    }
+}

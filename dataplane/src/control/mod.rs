@@ -1,0 +1,79 @@
+//! The sender's path controllers, free of I/O (time and measurements passed in): [`acp`]
+//! (adaptive congestion prevention: per-stream pacing and stream count from per-stream path
+//! state) and [`pba`] (predictive bandwidth allocation: the next interval's bandwidth from
+//! history). `send` runs them on a monitor thread fed by the eBPF probes or `TCP_INFO`.
+
+pub mod acp;
+pub mod pba;
+
+/// One stream over one control interval.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StreamSample {
+    /// Smoothed RTT, µs (0: not measured).
+    pub srtt_us: u32,
+    /// The kernel's windowed least RTT, µs.
+    pub min_rtt_us: u32,
+    /// Congestion window, segments.
+    pub cwnd: u32,
+    /// Segment size, bytes.
+    pub mss: u32,
+    /// Segments retransmitted during the interval.
+    pub retrans: u32,
+    /// Bytes acknowledged during the interval.
+    pub acked: u64,
+    /// The kernel's last delivery-rate sample, bit/s.
+    pub delivery_bps: u64,
+    /// The stream takes new chunks (not parked).
+    pub active: bool,
+}
+
+/// What a controller sees each interval.
+#[derive(Debug, Clone, Copy)]
+pub struct Observation<'a> {
+    /// Time since the transfer started, s.
+    pub t: f64,
+    /// Length of this interval, s.
+    pub dt: f64,
+    /// Streams opened (parked ones too).
+    pub streams: &'a [StreamSample],
+}
+
+impl Observation<'_> {
+    /// Bytes acknowledged over all streams this interval, as bit/s.
+    pub fn goodput_bps(&self) -> f64 {
+        if self.dt <= 0.0 {
+            return 0.0;
+        }
+        self.streams.iter().map(|s| s.acked as f64).sum::<f64>() * 8.0 / self.dt
+    }
+
+    /// Least of the streams' least RTTs, µs (None before any is measured).
+    pub fn min_rtt_us(&self) -> Option<f64> {
+        self.streams.iter().map(|s| s.min_rtt_us).filter(|&r| r > 0).min().map(f64::from)
+    }
+
+    /// Smoothed RTT over the streams that carried data, weighted by bytes (None if none did).
+    pub fn srtt_us(&self) -> Option<f64> {
+        let (w, sum) = self.streams.iter().filter(|s| s.acked > 0 && s.srtt_us > 0).fold((0.0, 0.0), |(w, sum), s| (w + s.acked as f64, sum + s.acked as f64 * f64::from(s.srtt_us)));
+        (w > 0.0).then(|| sum / w)
+    }
+
+    /// Segments retransmitted over all streams this interval.
+    pub fn retrans(&self) -> u64 {
+        self.streams.iter().map(|s| u64::from(s.retrans)).sum()
+    }
+
+    /// Streams taking new chunks.
+    pub fn active(&self) -> usize {
+        self.streams.iter().filter(|s| s.active).count()
+    }
+}
+
+/// A controller's decision for the next interval.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Decision {
+    /// Aggregate pacing rate in bit/s, shared evenly by the active streams (None: uncapped).
+    pub pacing_bps: Option<f64>,
+    /// Streams to keep active (None: no change).
+    pub streams: Option<u16>,
+}

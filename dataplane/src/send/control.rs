@@ -1,0 +1,255 @@
+//! The sender's monitor thread: every interval it samples each stream (eBPF probes, or
+//! `TCP_INFO` when they cannot load), runs ACP and PBA on what it saw, applies their decisions
+//! (per-stream `SO_MAX_PACING_RATE`, the active stream count, the predicted bandwidth that sets
+//! HDE's effort), publishes srtt and retransmits for the mode controller, and records the
+//! interval for `--trace-out`.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use tracing::{debug, info, warn};
+
+use super::Shared;
+use crate::control::acp::AcpKind;
+use crate::control::pba::{Ewma, Predictor};
+use crate::control::{Observation, StreamSample};
+
+/// Path control of a send.
+#[derive(Debug, Clone)]
+pub struct ControlOptions {
+    /// The ACP controller (`Off`: the streams' congestion control alone).
+    pub acp: AcpKind,
+    /// Congestion control set on every stream (`bbr`, `cubic`; None: the system's default, or
+    /// `bbr` under ACP).
+    pub cc: Option<String>,
+    /// Probes or polling.
+    pub monitor: ebpf::Want,
+    /// Control interval.
+    pub interval: Duration,
+    /// Keep each interval's record in the report (`--trace-out`).
+    pub trace: bool,
+}
+
+impl Default for ControlOptions {
+    fn default() -> Self {
+        Self { acp: AcpKind::Off, cc: None, monitor: ebpf::Want::Auto, interval: Duration::from_millis(100), trace: false }
+    }
+}
+
+impl ControlOptions {
+    /// The congestion control the streams get.
+    pub fn effective_cc(&self) -> Option<&str> {
+        self.cc.as_deref().or((self.acp != AcpKind::Off).then_some("bbr"))
+    }
+}
+
+/// One interval of a send, as `--trace-out` records it (CSV, [`TraceRow::HEADER`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TraceRow {
+    /// End of the interval, s since the streams started.
+    pub t: f64,
+    /// Its length, s.
+    pub dt: f64,
+    /// Bytes the transport acknowledged, over all streams, as bit/s.
+    pub goodput_bps: f64,
+    /// Byte-weighted smoothed RTT of the streams that carried data, µs.
+    pub srtt_us: f64,
+    /// Least RTT seen, µs.
+    pub min_rtt_us: f64,
+    /// Segments retransmitted in the interval.
+    pub retrans: u64,
+    /// Congestion windows summed, segments.
+    pub cwnd_sum: u64,
+    /// Active streams.
+    pub active: u16,
+    /// ACP's aggregate pace for the next interval, bit/s (0: uncapped).
+    pub pacing_bps: f64,
+    /// PBA's prediction of the next interval's goodput, bit/s.
+    pub predicted_bps: f64,
+}
+
+impl TraceRow {
+    /// The CSV header line.
+    pub const HEADER: &'static str = "t_s,dt_s,goodput_bps,srtt_us,min_rtt_us,retrans,cwnd_sum,active,pacing_bps,predicted_bps";
+
+    /// The CSV line.
+    pub fn csv(&self) -> String {
+        format!(
+            "{:.3},{:.3},{:.0},{:.0},{:.0},{},{},{},{:.0},{:.0}",
+            self.t, self.dt, self.goodput_bps, self.srtt_us, self.min_rtt_us, self.retrans, self.cwnd_sum, self.active, self.pacing_bps, self.predicted_bps
+        )
+    }
+
+    /// Parses a CSV line (None for the header or a malformed line).
+    pub fn parse(line: &str) -> Option<Self> {
+        let f: Vec<f64> = line.split(',').map(|v| v.trim().parse::<f64>()).collect::<Result<_, _>>().ok()?;
+        (f.len() == 10).then(|| Self {
+            t: f[0],
+            dt: f[1],
+            goodput_bps: f[2],
+            srtt_us: f[3],
+            min_rtt_us: f[4],
+            retrans: f[5] as u64,
+            cwnd_sum: f[6] as u64,
+            active: f[7] as u16,
+            pacing_bps: f[8],
+            predicted_bps: f[9],
+        })
+    }
+}
+
+/// What the monitor reports at the end.
+#[derive(Debug, Clone, Default)]
+pub struct ControlReport {
+    /// `ebpf` or `tcp_info`.
+    pub backend: &'static str,
+    /// Why the probes were not used.
+    pub degraded: Option<String>,
+    /// ACP controller name (`off` when none).
+    pub acp: &'static str,
+    /// Congestion control set on the streams (None: the system's default).
+    pub cc: Option<String>,
+    /// Why setting it failed.
+    pub cc_error: Option<String>,
+    /// Segments retransmitted over all streams.
+    pub retrans: u64,
+    /// Least RTT seen, µs.
+    pub min_rtt_us: f64,
+    /// Mean over intervals with data of the byte-weighted srtt, µs.
+    pub mean_srtt_us: f64,
+    /// Retransmit and congestion-state events the probes delivered through their ring buffer.
+    pub probe_events: (u64, u64),
+    /// Every interval (when tracing).
+    pub trace: Vec<TraceRow>,
+}
+
+/// The congestion control is set before any data flows.
+pub(super) fn set_cc(socks: &[OwnedFd], opts: &ControlOptions) -> Option<String> {
+    let cc = opts.effective_cc()?;
+    for s in socks {
+        if let Err(e) = crate::sys::set_congestion(s.as_raw_fd(), cc) {
+            warn!("{e}; the streams keep the system's default");
+            return Some(e.to_string());
+        }
+    }
+    None
+}
+
+/// Runs until the send stops. `socks` are duplicates of the streams' sockets (index = stream).
+pub(super) fn run(socks: Vec<OwnedFd>, opts: &ControlOptions, shared: &Shared, cc_error: Option<String>) -> ControlReport {
+    let mut mon = ebpf::Monitor::open(opts.monitor);
+    if let Some(why) = mon.degraded() {
+        info!("path monitor degraded: {why}");
+    }
+    let idx: Vec<usize> = socks.iter().map(|s| mon.watch(s.as_fd())).collect();
+    let mut acp = opts.acp.build(socks.len() as u16);
+    let mut pba = Ewma::new(crate::control::pba::SEND_ALPHA);
+    let mut report = ControlReport {
+        backend: mon.backend(),
+        degraded: mon.degraded().map(str::to_string),
+        acp: opts.acp.name(),
+        cc: opts.effective_cc().map(str::to_string),
+        cc_error,
+        ..Default::default()
+    };
+    let mut last: Vec<Option<ebpf::SocketStats>> = vec![None; socks.len()];
+    let mut samples = vec![StreamSample::default(); socks.len()];
+    let mut events = Vec::new();
+    let t0 = Instant::now();
+    let mut prev = t0;
+    let mut pace_applied: Option<u64> = None;
+    let (mut srtt_sum, mut srtt_n) = (0.0, 0u32);
+    let mut min_rtt = f64::INFINITY;
+    let lost_streams = || shared.lost.load(Relaxed).min(u64::from(u16::MAX)) as u16;
+    while !shared.stop.load(Relaxed) && !shared.done() {
+        std::thread::sleep(opts.interval);
+        let now = Instant::now();
+        let dt = now.duration_since(prev).as_secs_f64();
+        prev = now;
+        let active_n = match shared.progress.active.load(Relaxed) {
+            0 => socks.len() as u16,
+            a => a.saturating_add(lost_streams()),
+        };
+        for (k, &i) in idx.iter().enumerate() {
+            let cur = mon.sample(i);
+            let s = &mut samples[k];
+            *s = StreamSample { active: (k as u16) < active_n, ..Default::default() };
+            if let Some(c) = cur {
+                let p = last[k].unwrap_or_default();
+                *s = StreamSample {
+                    srtt_us: c.srtt_us,
+                    min_rtt_us: c.min_rtt_us,
+                    cwnd: c.cwnd,
+                    mss: c.mss,
+                    retrans: c.total_retrans.saturating_sub(p.total_retrans),
+                    acked: c.bytes_acked.saturating_sub(p.bytes_acked),
+                    delivery_bps: c.delivery_rate_bps,
+                    active: s.active,
+                };
+                last[k] = Some(c);
+            }
+        }
+        mon.drain(&mut events);
+        for e in events.drain(..) {
+            match e {
+                ebpf::Event::Retransmit { .. } => report.probe_events.0 += 1,
+                ebpf::Event::CongState { .. } => report.probe_events.1 += 1,
+            }
+        }
+        let o = Observation { t: now.duration_since(t0).as_secs_f64(), dt, streams: &samples };
+        let g = o.goodput_bps();
+        let srtt = o.srtt_us();
+        if let Some(m) = o.min_rtt_us() {
+            min_rtt = min_rtt.min(m);
+        }
+        // For the mode controller: the least srtt over streams carrying data, and retransmits.
+        if let Some(least) = samples.iter().filter(|s| s.acked > 0 && s.srtt_us > 0).map(|s| s.srtt_us).min() {
+            shared.progress.srtt_us.store(u64::from(least), Relaxed);
+        }
+        report.retrans += o.retrans();
+        shared.progress.retrans.store(report.retrans, Relaxed);
+        if let Some(s) = srtt {
+            srtt_sum += s;
+            srtt_n += 1;
+        }
+        pba.observe(g);
+        let predicted = pba.predict().unwrap_or(0.0);
+        shared.progress.predicted_bps.store(predicted as u64, Relaxed);
+        let mut pacing = 0.0;
+        if let Some(c) = acp.as_mut() {
+            let d = c.on_interval(&o);
+            if let Some(n) = d.streams {
+                debug!(streams = n, "ACP activates another stream");
+                shared.progress.active.store(n, Relaxed);
+            }
+            let active = o.active().max(1) as f64;
+            let per = d.pacing_bps.map(|r| (r / 8.0 / active) as u64);
+            if per != pace_applied {
+                for (k, s) in socks.iter().enumerate() {
+                    let rate = if samples[k].active { per.unwrap_or(u64::MAX) } else { u64::MAX };
+                    let _ = crate::sys::set_max_pacing_rate(s.as_raw_fd(), rate);
+                }
+                pace_applied = per;
+            }
+            pacing = d.pacing_bps.unwrap_or(0.0);
+        }
+        if opts.trace {
+            report.trace.push(TraceRow {
+                t: o.t,
+                dt,
+                goodput_bps: g,
+                srtt_us: srtt.unwrap_or(0.0),
+                min_rtt_us: if min_rtt.is_finite() { min_rtt } else { 0.0 },
+                retrans: o.retrans(),
+                cwnd_sum: samples.iter().map(|s| u64::from(s.cwnd)).sum(),
+                active: o.active() as u16,
+                pacing_bps: pacing,
+                predicted_bps: predicted,
+            });
+        }
+    }
+    report.min_rtt_us = if min_rtt.is_finite() { min_rtt } else { 0.0 };
+    report.mean_srtt_us = if srtt_n > 0 { srtt_sum / f64::from(srtt_n) } else { 0.0 };
+    report
+}
