@@ -187,7 +187,7 @@ struct SendArgs {
     /// plus the bandwidth-delay product, or the stream idles waiting for acknowledgements.
     #[arg(long, default_value_t = 32)]
     window: usize,
-    /// Zero-copy sends (IORING_OP_SEND_ZC): auto (when the kernel has it and the peer is not loopback), on, off.
+    /// Zero-copy sends (IORING_OP_SEND_ZC): auto (when the kernel has it, on paths under 2 ms that are not loopback), on, off.
     #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
     zerocopy: String,
     /// Declare a stream dead after this long without an acknowledgement (e.g. 30s).
@@ -425,8 +425,24 @@ fn cmd_send(a: SendArgs) -> Result<()> {
         },
         cc: a.cc.clone(),
         monitor: if a.monitor == "poll" { ebpf::Want::Poll } else { ebpf::Want::Auto },
-        trace: a.trace_out.is_some(),
         ..Default::default()
+    };
+    // The trace is written as intervals end, so an interrupted send leaves it too.
+    let trace_writer = match &a.trace_out {
+        Some(path) => {
+            use std::io::Write;
+            let f = std::fs::File::create(path).with_context(|| format!("creating the trace file {}", path.display()))?;
+            let mut w = std::io::LineWriter::new(f);
+            writeln!(w, "{}", send::TraceRow::HEADER)?;
+            let (tx, rx) = crossbeam_channel::unbounded::<send::TraceRow>();
+            opts.control.trace = Some(tx);
+            Some(std::thread::spawn(move || {
+                for row in rx {
+                    let _ = writeln!(w, "{}", row.csv());
+                }
+            }))
+        }
+        None => None,
     };
     if let Some(spec) = &a.fault_kill_stream {
         let (s, b) = spec.split_once(':').context("--fault-kill-stream takes IDX:BYTES")?;
@@ -450,6 +466,10 @@ fn cmd_send(a: SendArgs) -> Result<()> {
         })
     });
     let r = send::send(source, &opts, progress);
+    drop(opts);
+    if let Some(w) = trace_writer {
+        let _ = w.join();
+    }
     stop.store(true, Relaxed);
     if let Some(c) = controller {
         plan.report.switches = c.join().unwrap_or_default();
@@ -461,15 +481,6 @@ fn cmd_send(a: SendArgs) -> Result<()> {
         let _ = w.join();
     }
     let rep = r.with_context(|| format!("sending {} to {}", a.src, a.to))?;
-    if let (Some(path), Some(c)) = (&a.trace_out, &rep.control) {
-        let mut text = String::from(send::TraceRow::HEADER);
-        text.push('\n');
-        for row in &c.trace {
-            text.push_str(&row.csv());
-            text.push('\n');
-        }
-        std::fs::write(path, text).with_context(|| format!("writing the trace to {}", path.display()))?;
-    }
     if a.json {
         println!("{}", fmt::send_json(&rep, Some(live::json(&plan.report))));
     } else {

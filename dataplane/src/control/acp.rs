@@ -50,8 +50,8 @@ impl AcpKind {
     pub fn build(self, max_streams: u16) -> Option<Box<dyn Acp>> {
         match self {
             Self::Off => None,
-            Self::Delay => Some(Box::new(Delay::new(max_streams))),
-            Self::BbrModel => Some(Box::new(BbrModel::new(max_streams))),
+            Self::Delay => Some(Box::new(Windowed::new(Delay::new(max_streams)))),
+            Self::BbrModel => Some(Box::new(Windowed::new(BbrModel::new(max_streams)))),
         }
     }
 
@@ -137,6 +137,9 @@ fn inflation(o: &Observation<'_>, min_rtt: &mut f64) -> Option<f64> {
 pub struct Delay {
     min_rtt: f64,
     startup: Option<Startup>,
+    /// Periods left draining the queue startup built (pace at 0.75 of the best rate seen).
+    drain: u32,
+    bw: VecDeque<f64>,
     rate: f64,
     streams: StreamRule,
 }
@@ -144,7 +147,16 @@ pub struct Delay {
 impl Delay {
     /// A controller that may activate up to `max_streams` streams.
     pub fn new(max_streams: u16) -> Self {
-        Self { min_rtt: f64::INFINITY, startup: Some(Startup::default()), rate: 0.0, streams: StreamRule { max: max_streams, under: 0 } }
+        Self { min_rtt: f64::INFINITY, startup: Some(Startup::default()), drain: 0, bw: VecDeque::new(), rate: 0.0, streams: StreamRule { max: max_streams, under: 0 } }
+    }
+
+    /// Mean delivered over the last 4 periods.
+    fn bw_recent(&self) -> f64 {
+        let n = self.bw.len().min(4);
+        if n == 0 {
+            return MIN_RATE;
+        }
+        (self.bw.iter().rev().take(n).sum::<f64>() / n as f64).max(MIN_RATE)
     }
 }
 
@@ -158,20 +170,35 @@ impl Acp for Delay {
         let Some(q) = inflation(o, &mut self.min_rtt) else {
             return Decision { pacing_bps: (self.startup.is_none()).then_some(self.rate), streams: None };
         };
+        self.bw.push_back(g);
+        if self.bw.len() > BW_WINDOW {
+            self.bw.pop_front();
+        }
         if let Some(s) = &mut self.startup {
             match s.step(g, q) {
-                // Leaving startup with a queue: start below what got through, to drain it.
+                // Startup overshoots: drain what it queued, then pace at what got through.
                 Some(best) => {
-                    self.rate = (best * if q > TARGET_INFLATION { 0.9 } else { 1.0 }).max(MIN_RATE);
+                    self.rate = best.max(MIN_RATE);
                     self.startup = None;
+                    self.drain = 3;
                 }
                 None => return Decision::default(),
             }
-        } else if q > TARGET_INFLATION {
-            // Back off in proportion to the excess, from what actually got through.
-            self.rate = (self.rate.min(g.max(MIN_RATE)) * (EMPTY_QUEUE / q).clamp(0.7, 0.97)).max(MIN_RATE);
-        } else if q < EMPTY_QUEUE && g > 0.9 * self.rate {
-            self.rate *= 1.04;
+        }
+        if self.drain > 0 {
+            self.drain = if q <= TARGET_INFLATION { 0 } else { self.drain - 1 };
+            if self.drain > 0 {
+                return Decision { pacing_bps: Some(0.75 * self.rate), streams: None };
+            }
+        }
+        let recent = self.bw_recent();
+        if q > TARGET_INFLATION {
+            // Back off in proportion to the excess, from no more than what gets through.
+            self.rate = (self.rate.min(recent) * (1.15 / q).clamp(0.85, 0.97)).max(MIN_RATE);
+        } else if q < EMPTY_QUEUE && g > 0.85 * self.rate {
+            // No queue and the pace is what limits: probe up, to at most 10% over what the last
+            // round trips delivered (a pace far above the link only builds the next queue).
+            self.rate = (self.rate * 1.05).min(1.1 * recent.max(self.rate));
         } else if q < EMPTY_QUEUE && g < 0.5 * self.rate {
             // Far below its pace (windows or the application limit): keep the pace within reach.
             self.rate = (self.rate * 0.95).max(2.0 * g).max(MIN_RATE);
@@ -181,9 +208,67 @@ impl Acp for Delay {
     }
 }
 
+/// Runs a controller once per round trip (at least once per 100 ms interval... and no more):
+/// it sums the monitor's intervals until they cover the least RTT, so that goodput and RTT are
+/// measured over a whole window of ACKs, not over a fraction of one.
+#[derive(Debug, Clone)]
+pub struct Windowed<A> {
+    inner: A,
+    acc: Vec<super::StreamSample>,
+    dt: f64,
+    last: Decision,
+    min_rtt_s: f64,
+}
+
+impl<A: Acp> Windowed<A> {
+    /// Wraps `inner`.
+    pub fn new(inner: A) -> Self {
+        Self { inner, acc: Vec::new(), dt: 0.0, last: Decision::default(), min_rtt_s: f64::INFINITY }
+    }
+}
+
+impl<A: Acp> Acp for Windowed<A> {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    fn on_interval(&mut self, o: &Observation<'_>) -> Decision {
+        if let Some(m) = o.min_rtt_us() {
+            self.min_rtt_s = self.min_rtt_s.min(m / 1e6);
+        }
+        if self.acc.len() != o.streams.len() {
+            self.acc = vec![super::StreamSample::default(); o.streams.len()];
+        }
+        for (a, s) in self.acc.iter_mut().zip(o.streams) {
+            // RTTs weighted by the bytes each interval carried; counters summed; state: latest.
+            let w = a.acked as f64 + s.acked as f64;
+            if s.srtt_us > 0 {
+                a.srtt_us = if a.srtt_us == 0 || w == 0.0 { s.srtt_us } else { ((a.acked as f64 * f64::from(a.srtt_us) + s.acked as f64 * f64::from(s.srtt_us)) / w) as u32 };
+            }
+            a.acked += s.acked;
+            a.retrans += s.retrans;
+            a.min_rtt_us = s.min_rtt_us;
+            a.cwnd = s.cwnd;
+            a.mss = s.mss;
+            a.delivery_bps = s.delivery_bps;
+            a.active = s.active;
+        }
+        self.dt += o.dt;
+        let period = if self.min_rtt_s.is_finite() { self.min_rtt_s.max(o.dt * 0.99) } else { o.dt };
+        if self.dt + 1e-9 < period {
+            return self.last;
+        }
+        let acc = std::mem::take(&mut self.acc);
+        let whole = Observation { t: o.t, dt: self.dt, streams: &acc };
+        self.last = self.inner.on_interval(&whole);
+        self.dt = 0.0;
+        self.last
+    }
+}
+
 /// Gain cycle of BBR's ProbeBW phase.
 const GAINS: [f64; 8] = [1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0];
-/// Intervals the bandwidth maximum is taken over.
+/// Periods (round trips) the bandwidth maximum is taken over.
 const BW_WINDOW: usize = 10;
 
 #[derive(Debug, Clone)]
@@ -328,20 +413,37 @@ mod tests {
     }
 
     #[test]
-    fn delay_backs_off_on_inflation_and_probes_when_empty() {
+    fn delay_drains_startup_then_backs_off_on_inflation_and_probes_when_empty() {
         let mut c = Delay::new(8);
-        let sample = |srtt: u32, acked: u64| vec![StreamSample { srtt_us: srtt, min_rtt_us: 50_000, acked, active: true, ..Default::default() }];
-        // Startup ends on a queue: the pace starts at 90% of what got through.
-        let s = sample(70_000, 12_500_000);
-        let d = c.on_interval(&Observation { t: 0.0, dt: 0.1, streams: &s });
-        let r0 = d.pacing_bps.unwrap();
-        assert!((r0 - 0.9e9).abs() < 1e6, "{r0}");
-        let s = sample(80_000, 11_250_000);
-        let r1 = c.on_interval(&Observation { t: 0.1, dt: 0.1, streams: &s }).pacing_bps.unwrap();
-        assert!(r1 < r0 * 0.9, "{r1} after inflation 1.6");
-        let s = sample(51_000, (r1 / 8.0 * 0.1) as u64);
-        let r2 = c.on_interval(&Observation { t: 0.2, dt: 0.1, streams: &s }).pacing_bps.unwrap();
-        assert!((r2 / r1 - 1.04).abs() < 1e-6, "probe up by 4%: {r1} -> {r2}");
+        let sample = |srtt: u32, bps: f64| vec![StreamSample { srtt_us: srtt, min_rtt_us: 50_000, acked: (bps / 8.0 * 0.1) as u64, active: true, ..Default::default() }];
+        let mut step = |srtt, bps| c.on_interval(&Observation { t: 0.0, dt: 0.1, streams: &sample(srtt, bps) }).pacing_bps.unwrap();
+        // Startup ends on a queue: drain at 0.75 of the best rate while the queue stands.
+        assert!((step(70_000, 1e9) - 0.75e9).abs() < 1.0);
+        assert!((step(80_000, 0.9e9) - 0.75e9).abs() < 1.0);
+        // Queue gone, the pace is the limit: back to the best rate, probing up 5%.
+        let r = step(51_000, 0.95e9);
+        assert!((r - 1.05e9).abs() < 1.0, "{r}");
+        // A queue of 0.6 RTT: back off, by no more than 15%, from at most the recent delivered.
+        let r2 = step(80_000, 1.0e9);
+        let recent = (1e9 + 0.9e9 + 0.95e9 + 1e9) / 4.0;
+        assert!((r2 - 0.85 * recent).abs() < 1.0, "{r2}");
+    }
+
+    #[test]
+    fn windowed_decides_once_per_round_trip() {
+        let mut w = Windowed::new(Delay::new(8));
+        let s = vec![StreamSample { srtt_us: 150_500, min_rtt_us: 150_000, acked: 1_000_000, active: true, ..Default::default() }];
+        let mut decided = 0;
+        let mut last = None;
+        for i in 0..30 {
+            let d = w.on_interval(&Observation { t: f64::from(i) * 0.1, dt: 0.1, streams: &s });
+            if Some(d) != last {
+                decided += 1;
+                last = Some(d);
+            }
+        }
+        // 3 s of 100 ms intervals on a 150 ms path: decisions every second interval at most.
+        assert!(decided <= 15, "{decided}");
     }
 
     #[test]

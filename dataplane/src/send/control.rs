@@ -27,13 +27,13 @@ pub struct ControlOptions {
     pub monitor: ebpf::Want,
     /// Control interval.
     pub interval: Duration,
-    /// Keep each interval's record in the report (`--trace-out`).
-    pub trace: bool,
+    /// Where each interval's record goes as it ends (`--trace-out`).
+    pub trace: Option<crossbeam_channel::Sender<TraceRow>>,
 }
 
 impl Default for ControlOptions {
     fn default() -> Self {
-        Self { acp: AcpKind::Off, cc: None, monitor: ebpf::Want::Auto, interval: Duration::from_millis(100), trace: false }
+        Self { acp: AcpKind::Off, cc: None, monitor: ebpf::Want::Auto, interval: Duration::from_millis(100), trace: None }
     }
 }
 
@@ -120,8 +120,6 @@ pub struct ControlReport {
     pub mean_srtt_us: f64,
     /// Retransmit and congestion-state events the probes delivered through their ring buffer.
     pub probe_events: (u64, u64),
-    /// Every interval (when tracing).
-    pub trace: Vec<TraceRow>,
 }
 
 /// The congestion control is set before any data flows.
@@ -234,8 +232,8 @@ pub(super) fn run(socks: Vec<OwnedFd>, opts: &ControlOptions, shared: &Shared, c
             }
             pacing = d.pacing_bps.unwrap_or(0.0);
         }
-        if opts.trace {
-            report.trace.push(TraceRow {
+        if let Some(tx) = &opts.trace {
+            let _ = tx.send(TraceRow {
                 t: o.t,
                 dt,
                 goodput_bps: g,

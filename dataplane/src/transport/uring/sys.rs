@@ -47,6 +47,9 @@ pub enum Returned {
     Heap(Vec<u8>),
     /// A header and payload sent with `sendmsg`.
     Msg(Vec<u8>, Payload),
+    /// Nothing yet: a zero-copy send has moved its bytes (this is its result) but the kernel
+    /// still holds the pages; they come back in a later completion with `released` set.
+    Pending,
 }
 
 /// One finished operation.
@@ -58,6 +61,9 @@ pub struct Completion {
     pub result: i32,
     /// The resources the operation held.
     pub returned: Returned,
+    /// The kernel's release of a zero-copy send's pages, whose result was reported before:
+    /// only `returned` matters.
+    pub released: bool,
 }
 
 enum Res {
@@ -314,13 +320,17 @@ impl Ring {
             let key = key as usize;
             let flags = cqe.flags();
             if cqueue::more(flags) {
-                // First CQE of a zero-copy send: remember the result, keep the pages.
+                // First CQE of a zero-copy send: the bytes are queued, so the caller may send on
+                // (on a long path the pages stay pinned until acknowledged, a round trip later);
+                // the pages come back with the notification.
                 if let Some(op) = self.ops.get_mut(key) {
                     op.zc_result = Some(cqe.result());
+                    out.push(Completion { tag: op.tag, result: cqe.result(), returned: Returned::Pending, released: false });
                 }
                 continue;
             }
             let Some(op) = self.ops.try_remove(key) else { continue };
+            let released = cqueue::notif(flags) && op.zc_result.is_some();
             let result = if cqueue::notif(flags) { op.zc_result.unwrap_or(0) } else { cqe.result() };
             let returned = match op.res {
                 Res::Buf(id) => {
@@ -337,7 +347,7 @@ impl Ring {
                 }
                 Res::Msg { hdr, payload, .. } => Returned::Msg(hdr, payload),
             };
-            out.push(Completion { tag: op.tag, result, returned });
+            out.push(Completion { tag: op.tag, result, returned, released });
         }
     }
 }

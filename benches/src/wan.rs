@@ -1,0 +1,341 @@
+//! `make bench-wan`: WAN utilization of dwcp with and without ACP against real TCP peers, same
+//! run, on the WAN rig (`hw-tests/wan`, queue of one BDP):
+//!   1g_50ms:    1 Gbit/s, 50 ms RTT, 0.1% loss
+//!   200m_150ms: 200 Mbit/s, 150 ms RTT, 1% loss
+//! each alone and against one competing `iperf3` cubic flow started at the same time. Cases, all
+//! with the same stream count: dwcp with ACP (`delay`, `bbr-model`; streams on BBR), dwcp without
+//! ACP (cubic, Linux's default), dwcp on kernel BBR without pacing, `iperf3 -P N` with cubic and with bbr, one cubic
+//! TCP stream. Figures: goodput / link rate, retransmits, srtt inflation over the least RTT
+//! (dwcp: its monitor; iperf3: its mean_rtt / min_rtt), Jain fairness against the competitor.
+//!
+//! dwcp's goodput is taken over its data phase (its `--trace-out` intervals), as iperf3's is
+//! over its `-t` seconds: neither counts connection setup.
+//!
+//!   bench-wan [--secs 15] [--streams 8] [--profiles 1g_50ms,200m_150ms] [--alone-only]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+fn die(msg: &str) -> ! {
+    eprintln!("bench-wan: {msg}");
+    std::process::exit(2);
+}
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+const A: &str = "dwcp-a";
+const B: &str = "dwcp-b";
+const ADDR_B: &str = "10.77.0.2";
+
+fn in_ns(ns: &str, prog: &Path) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns]).arg(prog);
+    c
+}
+
+struct Profile {
+    name: &'static str,
+    rate_bps: f64,
+    rtt: &'static str,
+    loss: &'static str,
+}
+
+const PROFILES: [Profile; 2] = [
+    Profile { name: "1g_50ms", rate_bps: 1e9, rtt: "50ms", loss: "0.1%" },
+    Profile { name: "200m_150ms", rate_bps: 2e8, rtt: "150ms", loss: "1%" },
+];
+
+/// One measured run.
+#[derive(Debug, Clone, Default)]
+struct Run {
+    goodput_bps: f64,
+    retrans: u64,
+    inflation: f64,
+    competitor_bps: Option<f64>,
+    note: String,
+}
+
+struct Env {
+    root: PathBuf,
+    dwcp: PathBuf,
+    key: PathBuf,
+    tmp: PathBuf,
+    secs: u64,
+    streams: u16,
+}
+
+fn iperf3_client(env: &Env, port: u16, streams: u16, cc: &str, secs: u64) -> Command {
+    let mut c = in_ns(A, Path::new("iperf3"));
+    c.args(["-c", ADDR_B, "-p", &port.to_string(), "-P", &streams.to_string(), "-t", &secs.to_string(), "-C", cc, "-J"]);
+    let _ = env;
+    c
+}
+
+fn parse_iperf3(out: &std::process::Output) -> Result<(f64, u64, f64), String> {
+    let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("iperf3 output: {e}: {}", String::from_utf8_lossy(&out.stderr)))?;
+    if let Some(e) = v.get("error") {
+        return Err(format!("iperf3: {e}"));
+    }
+    let end = &v["end"];
+    let bps = end["sum_received"]["bits_per_second"].as_f64().ok_or("iperf3: no sum_received")?;
+    let retrans = end["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
+    let streams = end["streams"].as_array().cloned().unwrap_or_default();
+    let mean: Vec<f64> = streams.iter().filter_map(|s| s["sender"]["mean_rtt"].as_f64()).collect();
+    let min = streams.iter().filter_map(|s| s["sender"]["min_rtt"].as_f64()).filter(|&m| m > 0.0).fold(f64::INFINITY, f64::min);
+    let infl = if mean.is_empty() || !min.is_finite() { 0.0 } else { mean.iter().sum::<f64>() / mean.len() as f64 / min };
+    Ok((bps, retrans, infl))
+}
+
+/// Runs a case, with the competing flow if `compete`.
+fn run_case(env: &Env, p: &Profile, case: &str, compete: bool) -> Run {
+    let competitor = compete.then(|| {
+        let mut c = iperf3_client(env, 5202, 1, "cubic", env.secs);
+        c.stdout(Stdio::piped()).stderr(Stdio::piped());
+        c.spawn().unwrap_or_else(|e| die(&format!("iperf3: {e}")))
+    });
+    let mut run = match case {
+        "iperf3-cubic" | "iperf3-bbr" | "tcp-1" => {
+            let (n, cc) = match case {
+                "iperf3-cubic" => (env.streams, "cubic"),
+                "iperf3-bbr" => (env.streams, "bbr"),
+                _ => (1, "cubic"),
+            };
+            let out = iperf3_client(env, 5201, n, cc, env.secs).output().expect("iperf3");
+            match parse_iperf3(&out) {
+                Ok((bps, retrans, inflation)) => Run { goodput_bps: bps, retrans, inflation, ..Default::default() },
+                Err(e) => Run { note: e, ..Default::default() },
+            }
+        }
+        _ => {
+            let (acp, cc) = match case {
+                "dwcp-acp-delay" => ("delay", None),
+                "dwcp-acp-bbr-model" => ("bbr-model", None),
+                "dwcp-kernel-bbr" => ("off", Some("bbr")),
+                // Without ACP: Linux's default congestion control, cubic (this host may default to another).
+                _ => ("off", Some("cubic")),
+            };
+            // Enough bytes for the run at link rate; the run ends at `secs` either way.
+            let size = (p.rate_bps / 8.0 * env.secs as f64) as u64;
+            let trace = env.tmp.join(format!("{}-{case}-{compete}.csv", p.name));
+            let mut c = in_ns(A, &env.dwcp);
+            // Each run its own name: a stopped run's session lingers at the receiver until it times out.
+            let name = format!("{}-{case}-{compete}.img", p.name);
+            c.args(["send", &format!("gen:{size}"), "--name", &name, "--to", &format!("{ADDR_B}:7470"), "--key-file"]).arg(&env.key);
+            c.args(["--mode", "internet", "--no-encrypt", "--hde", "off", "--streams", &env.streams.to_string(), "--acp", acp, "--json", "--trace-out"]).arg(&trace);
+            let _ = std::fs::remove_file(&trace);
+            if let Some(cc) = cc {
+                c.args(["--cc", cc]);
+            }
+            c.stdout(Stdio::piped()).stderr(Stdio::piped());
+            let child = Proc(c.spawn().expect("dwcp send"));
+            let pid = child.0.id();
+            // Stop it at `secs` of data (plus setup); a transfer that finishes earlier just ends.
+            let limit = Duration::from_secs(env.secs + 3);
+            let t = std::time::Instant::now();
+            let mut child = child;
+            let status = loop {
+                if let Some(s) = child.0.try_wait().expect("wait") {
+                    break Some(s);
+                }
+                if t.elapsed() > limit {
+                    // The trace is written as intervals end: a stopped run is measured up to here.
+                    let _ = Command::new("kill").arg(pid.to_string()).status();
+                    break None;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            let mut out = String::new();
+            if let Some(mut so) = child.0.stdout.take() {
+                use std::io::Read;
+                let _ = so.read_to_string(&mut out);
+            }
+            let mut err = String::new();
+            if let Some(mut se) = child.0.stderr.take() {
+                use std::io::Read;
+                let _ = se.read_to_string(&mut err);
+            }
+            let t = Trace::read(&trace);
+            if t.rows == 0 {
+                let why = if status.is_some_and(|s| !s.success()) { err.lines().last().unwrap_or("").to_string() } else { "no trace".into() };
+                Run { note: format!("dwcp failed: {why}"), ..Default::default() }
+            } else {
+                let _ = out;
+                Run {
+                    goodput_bps: t.goodput_bps,
+                    retrans: t.retrans,
+                    inflation: t.inflation,
+                    note: if status.is_none() { format!("stopped at {}s", limit.as_secs()) } else { String::new() },
+                    ..Default::default()
+                }
+            }
+        }
+    };
+    if let Some(c) = competitor {
+        let out = c.wait_with_output().expect("iperf3 competitor");
+        match parse_iperf3(&out) {
+            Ok((bps, _, _)) => run.competitor_bps = Some(bps),
+            Err(e) => run.note = format!("{} competitor: {e}", run.note),
+        }
+    }
+    run
+}
+
+/// What a `--trace-out` file says about a run.
+struct Trace {
+    rows: usize,
+    /// Over the data phase (first interval with data to the last), bit/s.
+    goodput_bps: f64,
+    retrans: u64,
+    /// Mean srtt of the intervals with data over the least RTT seen.
+    inflation: f64,
+}
+
+impl Trace {
+    fn read(path: &Path) -> Trace {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let rows: Vec<dataplane::send::TraceRow> = text.lines().filter_map(dataplane::send::TraceRow::parse).collect();
+        let first = rows.iter().position(|r| r.goodput_bps > 0.0).unwrap_or(rows.len());
+        let data = &rows[first..];
+        let (bits, secs) = data.iter().fold((0.0, 0.0), |(b, s), r| (b + r.goodput_bps * r.dt, s + r.dt));
+        let srtts: Vec<f64> = data.iter().filter(|r| r.srtt_us > 0.0).map(|r| r.srtt_us).collect();
+        let min = rows.iter().map(|r| r.min_rtt_us).filter(|&m| m > 0.0).fold(f64::INFINITY, f64::min);
+        Trace {
+            rows: rows.len(),
+            goodput_bps: if secs > 0.0 { bits / secs } else { 0.0 },
+            retrans: rows.iter().map(|r| r.retrans).sum(),
+            inflation: if srtts.is_empty() || !min.is_finite() { 0.0 } else { srtts.iter().sum::<f64>() / srtts.len() as f64 / min },
+        }
+    }
+}
+
+fn jain(a: f64, b: f64) -> f64 {
+    if a + b <= 0.0 { 0.0 } else { (a + b).powi(2) / (2.0 * (a * a + b * b)) }
+}
+
+const CASES: [&str; 7] = ["dwcp-acp-delay", "dwcp-acp-bbr-model", "dwcp-no-acp", "dwcp-kernel-bbr", "iperf3-cubic", "iperf3-bbr", "tcp-1"];
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let (mut secs, mut streams, mut profiles, mut alone_only) = (15u64, 8u16, "1g_50ms,200m_150ms".to_string(), false);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--secs" => secs = args.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| die("--secs N")),
+            "--streams" => streams = args.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| die("--streams N")),
+            "--profiles" => profiles = args.next().unwrap_or_else(|| die("--profiles LIST")),
+            "--alone-only" => alone_only = true,
+            _ => die(&format!("unknown argument {a}; usage: bench-wan [--secs 15] [--streams 8] [--profiles 1g_50ms,200m_150ms] [--alone-only]")),
+        }
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc_geteuid() } != 0 {
+        die("needs root (network namespaces, TUN devices, BPF)");
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf();
+    let tmp = root.join("target/bench/wan");
+    std::fs::create_dir_all(&tmp).expect("target/bench/wan");
+    let dwcp = root.join("target/release/dwcp");
+    let key = tmp.join("key");
+    let st = Command::new(&dwcp).args(["keygen", "--force"]).arg(&key).stderr(Stdio::null()).status().expect("dwcp keygen");
+    assert!(st.success(), "dwcp keygen failed");
+    let env = Env { root, dwcp, key, tmp, secs, streams };
+
+    let mut figures = serde_json::Map::new();
+    let mut table = Vec::new();
+    for p in PROFILES.iter().filter(|p| profiles.split(',').any(|n| n == p.name)) {
+        let up = Command::new(env.root.join("hw-tests/wan")).args(["up", "--rtt", p.rtt, "--rate", &format!("{}mbit", p.rate_bps / 1e6), "--loss", p.loss, "--queue", "1bdp"]).output().expect("hw-tests/wan up");
+        if !up.status.success() {
+            die(&format!("hw-tests/wan up: {}", String::from_utf8_lossy(&up.stderr)));
+        }
+        let _servers = [5201u16, 5202].map(|port| Proc(in_ns(B, Path::new("iperf3")).args(["-s", "-p", &port.to_string()]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("iperf3 -s")));
+        let _rx = Proc(in_ns(B, &env.dwcp).args(["recv", "--listen", &format!("{ADDR_B}:7470"), "--discard", "--no-encrypt", "--key-file"]).arg(&env.key).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("dwcp recv"));
+        std::thread::sleep(Duration::from_millis(500));
+        let mut results = serde_json::Map::new();
+        for compete in [false, true] {
+            if compete && alone_only {
+                continue;
+            }
+            for case in CASES {
+                let r = run_case(&env, p, case, compete);
+                let util = r.goodput_bps / p.rate_bps;
+                let fair = r.competitor_bps.map(|c| jain(r.goodput_bps, c));
+                let share = r.competitor_bps.map(|c| r.goodput_bps / (r.goodput_bps + c).max(1.0));
+                eprintln!(
+                    "  {:<11} {:<9} {:<19} util {util:.3}  retrans {:>7}  srtt/min {:.2}{}  {}",
+                    p.name,
+                    if compete { "vs cubic" } else { "alone" },
+                    case,
+                    r.retrans,
+                    r.inflation,
+                    fair.map_or(String::new(), |f| format!("  jain {f:.3} share {:.2}", share.unwrap_or(0.0))),
+                    r.note
+                );
+                table.push((p.name, compete, case, util, r.retrans, r.inflation, fair, share));
+                results.insert(
+                    format!("{case}{}", if compete { "_vs_cubic" } else { "" }),
+                    json!({"util": util, "goodput_bps": r.goodput_bps, "retrans": r.retrans, "srtt_inflation": r.inflation, "competitor_bps": r.competitor_bps, "jain": fair, "share": share, "note": r.note}),
+                );
+            }
+        }
+        let _ = Command::new(env.root.join("hw-tests/wan")).arg("down").status();
+        let util = |k: &str| results.get(k).and_then(|v| v["util"].as_f64()).unwrap_or(0.0);
+        let best_peer = ["iperf3-cubic", "iperf3-bbr", "tcp-1"].iter().map(|k| util(k)).fold(0.0, f64::max);
+        figures.insert(format!("util_{}", p.name), json!(util("dwcp-acp-delay")));
+        figures.insert(format!("util_bbr_model_{}", p.name), json!(util("dwcp-acp-bbr-model")));
+        figures.insert(format!("util_no_acp_{}", p.name), json!(util("dwcp-no-acp")));
+        figures.insert(format!("best_peer_util_{}", p.name), json!(best_peer));
+        figures.insert(format!("iperf3_cubic_util_{}", p.name), json!(util("iperf3-cubic")));
+        figures.insert(format!("iperf3_bbr_util_{}", p.name), json!(util("iperf3-bbr")));
+        figures.insert(format!("cases_{}", p.name), Value::Object(results));
+    }
+    // Headline ratios (worst profile).
+    let pick = |f: &dyn Fn(&(&str, bool, &str, f64, u64, f64, Option<f64>, Option<f64>)) -> bool| table.iter().filter(|r| f(r)).cloned().collect::<Vec<_>>();
+    let mut retrans_ratio: f64 = 0.0;
+    let mut inflation: f64 = 0.0;
+    let mut share_dev: f64 = 0.0;
+    for p in PROFILES.iter().filter(|p| profiles.split(',').any(|n| n == p.name)) {
+        let acp = pick(&|r| r.0 == p.name && !r.1 && r.2 == "dwcp-acp-delay");
+        let cubic = pick(&|r| r.0 == p.name && !r.1 && r.2 == "iperf3-cubic");
+        if let (Some(a), Some(c)) = (acp.first(), cubic.first()) {
+            retrans_ratio = retrans_ratio.max(a.4 as f64 / (c.4 as f64).max(1.0));
+            inflation = inflation.max(a.5);
+        }
+        if let Some(v) = pick(&|r| r.0 == p.name && r.1 && r.2 == "dwcp-acp-delay").first().and_then(|r| r.7) {
+            share_dev = share_dev.max((v / 0.5 - 1.0).abs());
+        }
+    }
+    figures.insert("retrans_ratio_vs_iperf3".into(), json!(retrans_ratio));
+    figures.insert("srtt_inflation".into(), json!(inflation));
+    if !alone_only {
+        figures.insert("fair_share_deviation".into(), json!(share_dev));
+    }
+    figures.insert("secs".into(), json!(secs));
+    figures.insert("streams".into(), json!(streams));
+
+    println!("bench-wan: {} streams each, {} s per run, queue of one BDP; util = goodput / link rate (payload ceiling about 0.956)", streams, secs);
+    println!("{:<11} {:<9} {:<19} {:>6} {:>9} {:>9} {:>6} {:>6}", "link", "case", "sender", "util", "retrans", "srtt/min", "jain", "share");
+    for (p, c, case, u, rt, inf, j, sh) in &table {
+        println!(
+            "{p:<11} {:<9} {case:<19} {u:>6.3} {rt:>9} {inf:>9.2} {:>6} {:>6}",
+            if *c { "vs cubic" } else { "alone" },
+            j.map_or("-".into(), |v| format!("{v:.3}")),
+            sh.map_or("-".into(), |v| format!("{v:.2}"))
+        );
+    }
+    let out = Value::Object(figures).to_string();
+    std::fs::write(env.root.join("target/bench/wan.json"), &out).expect("target/bench/wan.json");
+    println!("{out}");
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
