@@ -10,7 +10,7 @@ RIG_PKGS := qemu-system-x86 busybox-static rdma-core ibverbs-utils perftest libi
             librdmacm-dev libclang-dev clang pkg-config cpio kmod iproute2 gzip \
             iputils-ping ethtool iperf3 python3 openssl
 
-.PHONY: all deps bench-deps vm-deps build demo test fuzz-smoke bench-transport bench-boot bench-hde bench-rdma bench-migrate corpus clean
+.PHONY: all deps bench-deps vm-deps build demo test fuzz-smoke bench-transport bench-boot bench-hde bench-rdma bench-migrate bench-wan bench-pba bench-probes corpus clean
 
 all: build
 
@@ -83,6 +83,21 @@ bench-rdma: build vm-deps
 bench-migrate: build vm-deps
 	$(CARGO) build --release -q -p hw-tests --bin dwcp-wan
 	./target/release/bench-migrate
+
+# WAN utilization over the rig (1 Gbit/s 50 ms 0.1%; 200 Mbit/s 150 ms 1%), alone and against a
+# competing flow: dwcp with ACP (delay, bbr-model), without, on kernel BBR; iperf3 cubic and bbr.
+bench-wan: build bench-deps
+	$(CARGO) build --release -q -p hw-tests --bin dwcp-wan
+	./target/release/bench-wan
+
+# PBA's predictors, fitted on recorded traces and scored on held-out ones (RECORD=1 records the
+# traces anew over the WAN rig with changing cross traffic).
+bench-pba: build
+	$(if $(RECORD),$(MAKE) --no-print-directory bench-deps && $(CARGO) build --release -q -p hw-tests --bin dwcp-wan &&) ./target/release/bench-pba $(if $(RECORD),--record)
+
+# What the eBPF probes cost: ns per event and CPU share on a full-speed loopback transfer.
+bench-probes: build
+	./target/release/bench-probes
 
 # Guest-RAM corpus under target/corpus (cached): see docs/rigs.md.
 corpus: vm-deps

@@ -286,6 +286,21 @@ fn main() {
             }
         }
         let _ = Command::new(env.root.join("hw-tests/wan")).arg("down").status();
+        // Jain's index cannot be fair to a flow that could not use its half alone (one cubic
+        // stream under random loss): what the competitor got, against what it gets alone, says
+        // whether a sender harmed it.
+        let alone_bps = results.get("tcp-1").and_then(|v| v["goodput_bps"].as_f64()).unwrap_or(0.0);
+        for case in CASES {
+            if let Some(v) = results.get_mut(&format!("{case}_vs_cubic"))
+                && let Some(c) = v["competitor_bps"].as_f64()
+                && alone_bps > 0.0
+            {
+                v["competitor_vs_alone"] = json!(c / alone_bps);
+            }
+        }
+        if let Some(h) = results.get("dwcp-acp-delay_vs_cubic").and_then(|v| v["competitor_vs_alone"].as_f64()) {
+            figures.insert(format!("competitor_vs_alone_{}", p.name), json!(h));
+        }
         let util = |k: &str| results.get(k).and_then(|v| v["util"].as_f64()).unwrap_or(0.0);
         let best_peer = ["iperf3-cubic", "iperf3-bbr", "tcp-1"].iter().map(|k| util(k)).fold(0.0, f64::max);
         figures.insert(format!("util_{}", p.name), json!(util("dwcp-acp-delay")));

@@ -152,6 +152,7 @@ pub fn send_json(r: &SendReport, mode: Option<serde_json::Value>) -> String {
             "monitor": c.backend, "monitor_degraded": c.degraded, "acp": c.acp, "cc": c.cc, "cc_error": c.cc_error,
             "retrans": c.retrans, "min_rtt_us": c.min_rtt_us, "mean_srtt_us": c.mean_srtt_us,
             "probe_retransmit_events": c.probe_events.0, "probe_cong_state_events": c.probe_events.1,
+            "probe_cost": c.probe_cost.iter().map(|p| json!({"program": p.name, "runs": p.runs, "run_ns": p.run_ns})).collect::<Vec<_>>(),
         })),
         "digest": hex(&r.digest), "verified": r.verified,
     })

@@ -6,7 +6,7 @@
 //! Needs root, iproute2, iputils-ping and iperf3 (`make vm-deps`); the guest part needs the
 //! soft-RoCE guest's packages too.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -346,4 +346,53 @@ fn tempfile_dir() -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+/// The eBPF probes see a real transfer of dwcp's streams over a lossy link (retransmits arrive
+/// as ring-buffer events, bounded by TCP's own count), ACP paces it (the trace records a pace
+/// from the first round trips on), and the same transfer with `--monitor poll` reports the
+/// fallback by name. Both are verified end to end.
+#[test]
+fn probes_and_acp_on_a_lossy_link() {
+    let _g = RIG.lock().unwrap_or_else(|e| e.into_inner());
+    require();
+    let (dwcp, dir, key) = dwcp_dir_and_key();
+    let _w = Wan::up(&["--rtt", "30ms", "--rate", "200mbit", "--loss", "0.5%", "--queue", "1bdp"]);
+    let (d, k) = (dwcp.to_str().unwrap(), key.to_str().unwrap());
+    let mut rx = ns("dwcp-b", &[d, "recv", "--listen", "10.77.0.2:7470", "--discard", "--no-encrypt", "--key-file", k]).stderr(Stdio::null()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let send = |monitor: &str, trace: &Path| {
+        let out = ns("dwcp-a", &[d, "send", "gen:96M", "--name", monitor, "--json", "--to", "10.77.0.2:7470", "--key-file", k, "--no-encrypt", "--mode", "internet", "--streams", "4", "--acp", "delay", "--monitor", monitor, "--trace-out", trace.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let j: Value = serde_json::from_slice(&out.stdout).expect("send --json");
+        assert_eq!(j["verified"], true, "{j}");
+        j
+    };
+    let (ta, tp) = (dir.join("auto.csv"), dir.join("poll.csv"));
+    let a = send("auto", &ta);
+    let p = send("poll", &tp);
+    let _ = rx.kill();
+    let _ = rx.wait();
+    let (ca, cp) = (&a["control"], &p["control"]);
+    eprintln!("probes: {ca}\npolling: {cp}");
+    record("probes_acp", serde_json::json!({"auto": ca, "poll": cp}));
+    assert_eq!(ca["monitor"], "ebpf", "root loads the probes: {ca}");
+    assert_eq!((ca["acp"].as_str(), ca["cc"].as_str()), (Some("delay"), Some("bbr")), "{ca}");
+    let (retrans, events) = (ca["retrans"].as_u64().unwrap(), ca["probe_retransmit_events"].as_u64().unwrap());
+    assert!(retrans > 0, "0.5% loss must cost retransmits: {ca}");
+    assert!(events > 0 && events <= retrans, "one event per retransmitted skb (a GSO skb may hold several segments): {events} events, {retrans} segments");
+    let min = ca["min_rtt_us"].as_f64().unwrap();
+    assert!((29_000.0..40_000.0).contains(&min), "the probes' least RTT is the link's 30 ms: {min}");
+    assert_eq!(cp["monitor"], "tcp_info");
+    assert!(cp["monitor_degraded"].as_str().unwrap().contains("polling TCP_INFO (asked for)"), "{cp}");
+    assert!(cp["retrans"].as_u64().unwrap() > 0, "polling sees retransmits too: {cp}");
+    for t in [&ta, &tp] {
+        let text = std::fs::read_to_string(t).unwrap();
+        let rows: Vec<Vec<f64>> = text.lines().skip(1).map(|l| l.split(',').map(|v| v.parse().unwrap()).collect()).collect();
+        assert!(rows.len() >= 5, "{}: {} intervals", t.display(), rows.len());
+        assert!(rows.iter().any(|r| r[8] > 0.0), "ACP set a pace: {}", t.display());
+        assert!(rows.iter().all(|r| r[2] >= 0.0 && r[2] < 400e6), "goodput above the 200 Mbit/s link: {}", t.display());
+    }
 }

@@ -156,12 +156,29 @@ pub struct Delay {
     bw: VecDeque<f64>,
     rate: f64,
     streams: StreamRule,
+    /// Round trips in a row with a queue above target.
+    queued: u32,
+    /// The queue is not ours: it stood through [`COMPETE_AFTER`] round trips of backing off.
+    /// Round trips spent so in the current cycle.
+    competing: Option<u32>,
 }
+
+/// Round trips a queue must stand through our backing off before it counts as another flow's.
+const COMPETE_AFTER: u32 = 6;
 
 impl Delay {
     /// A controller that may activate up to `max_streams` streams.
     pub fn new(max_streams: u16) -> Self {
-        Self { min_rtt: f64::INFINITY, startup: Some(Startup::default()), drain: 0, bw: VecDeque::new(), rate: 0.0, streams: StreamRule { max: max_streams, under: 0, first: 0.0 } }
+        Self {
+            min_rtt: f64::INFINITY,
+            startup: Some(Startup::default()),
+            drain: 0,
+            bw: VecDeque::new(),
+            rate: 0.0,
+            streams: StreamRule { max: max_streams, under: 0, first: 0.0 },
+            queued: 0,
+            competing: None,
+        }
     }
 
     /// Mean delivered over the last 4 periods.
@@ -210,7 +227,32 @@ impl Acp for Delay {
         // queue of 0.25 RTT 13% below (draining). One round trip later the queue tells again.
         // Without a queue the pace never drops: less delivered then means less offered (the
         // transfer's tail, a parked stream), and pacing the rest slower would only stretch it.
+        //
+        // A queue that stands through several round trips of backing off is not ours but a
+        // competing flow's (a loss-based or BBR sender fills any queue it finds): yielding more
+        // would only starve us (Copa's competitive mode answers the same). Then ACP lifts its
+        // pace and the streams' own BBR competes as it would alone. Every 16 round trips it backs
+        // off to half for two: if the queue then drains, it was ours, and pacing resumes.
         let recent = self.bw_recent();
+        if let Some(n) = self.competing {
+            let n = n + 1;
+            self.competing = Some(n);
+            match n % 18 {
+                16 => return Decision { pacing_bps: Some(0.5 * recent), streams: None },
+                17 if q <= TARGET_INFLATION => {
+                    self.competing = None;
+                    self.queued = 0;
+                    self.rate = recent;
+                }
+                17 => return Decision { pacing_bps: Some(0.5 * recent), streams: None },
+                _ => return Decision::default(),
+            }
+        }
+        self.queued = if q > TARGET_INFLATION { self.queued + 1 } else { 0 };
+        if self.queued >= COMPETE_AFTER {
+            self.competing = Some(0);
+            return Decision::default();
+        }
         let factor = (1.0 + (QUEUE_TARGET - q)).clamp(0.8, 1.15);
         let next = (recent * factor).max(MIN_RATE);
         self.rate = if q > QUEUE_TARGET { next } else { next.max(self.rate) };
@@ -416,6 +458,32 @@ mod tests {
                 assert!(q <= TARGET_INFLATION, "{kind:?} at {link} bit/s, {rtt} s: inflation {q:.3}");
             }
         }
+    }
+
+    #[test]
+    fn delay_is_not_starved_by_a_flow_that_keeps_the_queue_full() {
+        // A competitor offering 90% of the link whatever the queue (as cubic or BBR would while it
+        // has window): a pure delay controller would back off to the 10% it leaves.
+        let (link, rtt, dt) = (1e9, 0.05, 0.1);
+        let mut c = Windowed::new(Delay::new(8));
+        let (mut queue, mut pace): (f64, Option<f64>) = (0.0, None);
+        let mut ours = Vec::new();
+        for i in 0..300 {
+            let mine = pace.unwrap_or(1.5 * link).min(1.5 * link);
+            let comp = 0.9 * link;
+            let cap = link * rtt;
+            queue = (queue + (mine + comp - link) * dt).clamp(0.0, cap);
+            // The link is shared in proportion to what each offers once it is full.
+            let got = if mine + comp > link { link * mine / (mine + comp) } else { mine };
+            let srtt = rtt + queue / link;
+            let s = vec![StreamSample { srtt_us: (srtt * 1e6) as u32, min_rtt_us: (rtt * 1e6) as u32, acked: (got * dt / 8.0) as u64, active: true, ..Default::default() }];
+            pace = c.on_interval(&Observation { t: f64::from(i) * dt, dt, streams: &s }).pacing_bps;
+            if i >= 150 {
+                ours.push(got / link);
+            }
+        }
+        let share = ours.iter().sum::<f64>() / ours.len() as f64;
+        assert!(share >= 0.35, "starved: {share:.3} of the link against a queue-filling flow");
     }
 
     #[test]

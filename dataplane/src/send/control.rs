@@ -120,6 +120,8 @@ pub struct ControlReport {
     pub mean_srtt_us: f64,
     /// Retransmit and congestion-state events the probes delivered through their ring buffer.
     pub probe_events: (u64, u64),
+    /// The probe programs' runs and run time (nonzero only while BPF statistics are on).
+    pub probe_cost: Vec<ebpf::ProgCost>,
 }
 
 /// The congestion control is set before any data flows.
@@ -247,6 +249,7 @@ pub(super) fn run(socks: Vec<OwnedFd>, opts: &ControlOptions, shared: &Shared, c
             });
         }
     }
+    report.probe_cost = mon.cost();
     report.min_rtt_us = if min_rtt.is_finite() { min_rtt } else { 0.0 };
     report.mean_srtt_us = if srtt_n > 0 { srtt_sum / f64::from(srtt_n) } else { 0.0 };
     report
