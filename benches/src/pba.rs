@@ -155,7 +155,9 @@ fn main() {
         for p in &fitted {
             let m = pba::mean_mape(p.as_ref(), held);
             let fam = pba::family(&p.name()).to_string();
-            table.push((label, p.name(), pba::mean_mape(p.as_ref(), train), m));
+            let w = held.iter().map(|h| pba::wape(p.as_ref(), h)).sum::<f64>() / held.len().max(1) as f64;
+            table.push((label, p.name(), pba::mean_mape(p.as_ref(), train), m, w));
+            figures.insert(format!("wape_{}_{label}", fam.replace('-', "_")), json!(w));
             figures.insert(format!("mape_{}_{label}", fam.replace('-', "_")), json!(m));
             if m < best.1 {
                 best = (p.name(), m);
@@ -169,9 +171,9 @@ fn main() {
     figures.insert("held_out".into(), json!(TRACES - TRAIN));
     figures.insert("intervals".into(), json!(intervals));
     println!("bench-pba: {} traces ({} intervals of 100 ms), fitted on {TRAIN}, scored on the {} held out", TRACES, intervals, TRACES - TRAIN);
-    println!("{:<7} {:<40} {:>11} {:>14}", "period", "predictor (fitted)", "train MAPE", "held-out MAPE");
-    for (label, name, tr, m) in &table {
-        println!("{label:<7} {name:<40} {tr:>10.2}% {m:>13.2}%");
+    println!("{:<7} {:<40} {:>11} {:>14} {:>14}", "period", "predictor (fitted)", "train MAPE", "held-out MAPE", "held-out WAPE");
+    for (label, name, tr, m, w) in &table {
+        println!("{label:<7} {name:<40} {tr:>10.2}% {m:>13.2}% {w:>13.2}%");
     }
     let out = Value::Object(figures).to_string();
     let _ = std::fs::create_dir_all(root.join("target/bench"));

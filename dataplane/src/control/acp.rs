@@ -574,4 +574,60 @@ mod tests {
         }
         assert_eq!(got, Some(3));
     }
+
+    /// The recorded traces of `make bench-pba` (real transfers over the WAN rig with changing
+    /// cross traffic), replayed through the delay controller as one stream per interval.
+    fn recorded() -> Vec<Vec<crate::send::TraceRow>> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../benches/traces");
+        (0..6)
+            .map(|k| {
+                let text = std::fs::read_to_string(dir.join(format!("pba-{k}.csv"))).expect("benches/traces (make bench-pba RECORD=1)");
+                text.lines().filter_map(crate::send::TraceRow::parse).collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn delay_on_recorded_traces_keeps_its_rules() {
+        for rows in recorded() {
+            assert!(rows.len() > 100);
+            let mut c = Delay::new(8);
+            let mut prev: Option<f64> = None;
+            let mut holds = 0;
+            for r in &rows {
+                let s = vec![StreamSample { srtt_us: r.srtt_us as u32, min_rtt_us: r.min_rtt_us as u32, acked: (r.goodput_bps * r.dt / 8.0) as u64, active: true, ..Default::default() }];
+                let o = Observation { t: r.t, dt: r.dt, streams: &s };
+                let q = o.srtt_us().zip(o.min_rtt_us()).map(|(a, m)| a / m.max(RTT_FLOOR_US));
+                let d = c.on_interval(&o);
+                if let (Some(p), Some(now), Some(q)) = (prev, d.pacing_bps, q) {
+                    assert!(now >= MIN_RATE && now.is_finite(), "{now}");
+                    // Pacing (not startup, drain or competing) with no queue never lowers the pace.
+                    if q <= QUEUE_TARGET && c.startup.is_none() && c.drain == 0 && c.competing.is_none() && now < p {
+                        panic!("paced down from {p} to {now} with no queue (inflation {q:.3}) at t={}", r.t);
+                    }
+                    holds += u32::from(q <= QUEUE_TARGET);
+                }
+                prev = d.pacing_bps.or(prev);
+            }
+            assert!(holds > 0, "the trace never had an empty queue");
+        }
+    }
+
+    #[test]
+    fn pba_fits_the_recorded_traces() {
+        use crate::control::pba;
+        let series: Vec<Vec<f64>> = recorded().iter().map(|rows| rows.iter().map(|r| r.goodput_bps).filter(|&g| g > 0.0).collect()).collect();
+        let (train, held) = series.split_at(3);
+        let fitted = pba::fit(train);
+        assert_eq!(fitted.len(), 4, "one per family");
+        for p in &fitted {
+            let m = pba::mean_mape(p.as_ref(), held);
+            assert!(m.is_finite() && m > 0.0, "{}: {m}", p.name());
+            // Fitting on the training traces never does worse there than the send default.
+            if pba::family(&p.name()) == "ewma" {
+                assert!(pba::mean_mape(p.as_ref(), train) <= pba::mean_mape(&pba::Ewma::new(pba::SEND_ALPHA), train) + 1e-9);
+            }
+        }
+    }
 }
+
