@@ -61,9 +61,11 @@ fn record(root: &Path, dir: &Path) {
     let key = root.join("target/bench/pba-key");
     let _ = std::fs::create_dir_all(root.join("target/bench"));
     let ok = Command::new(&dwcp).args(["keygen", "--force"]).arg(&key).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
-    ok.then_some(()).unwrap_or_else(|| die("dwcp keygen failed"));
+    if !ok {
+        die("dwcp keygen failed");
+    }
     for k in 0..TRACES {
-        let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (k as u64 + 1) * 0x1000_0001);
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((k as u64 + 1) * 0x1000_0001));
         let rtt = [20, 50, 80][k % 3];
         let up = Command::new(&wan).args(["up", "--rtt", &format!("{rtt}ms"), "--rate", "1000mbit", "--loss", "0.01%", "--queue", "1bdp"]).output().expect("hw-tests/wan up");
         if !up.status.success() {

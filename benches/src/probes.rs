@@ -75,7 +75,7 @@ fn main() {
     let cost = |v: &Value| -> (u64, u64) {
         v["control"]["probe_cost"].as_array().map_or((0, 0), |a| a.iter().fold((0, 0), |(r, n), p| (r + p["runs"].as_u64().unwrap_or(0), n + p["run_ns"].as_u64().unwrap_or(0))))
     };
-    let ns_per_event = median(auto.iter().map(|v| cost(v)).filter(|c| c.0 > 0).map(|(r, n)| n as f64 / r as f64).collect());
+    let ns_per_event = median(auto.iter().map(&cost).filter(|c| c.0 > 0).map(|(r, n)| n as f64 / r as f64).collect());
     let events = median(auto.iter().map(|v| cost(v).0 as f64).collect());
     let share = median(auto.iter().map(|v| cost(v).1 as f64 / 1e9 / v["wall_s"].as_f64().unwrap_or(1.0)).collect());
     let gbps = |vs: &Vec<Value>| median(vs.iter().map(|v| v["goodput_gbps"].as_f64().unwrap_or(0.0)).collect());

@@ -217,6 +217,9 @@ impl Trace {
     }
 }
 
+/// One table row: link, against a competitor, case, util, retrans, inflation, Jain, share.
+type Row = (&'static str, bool, &'static str, f64, u64, f64, Option<f64>, Option<f64>);
+
 fn jain(a: f64, b: f64) -> f64 {
     if a + b <= 0.0 { 0.0 } else { (a + b).powi(2) / (2.0 * (a * a + b * b)) }
 }
@@ -249,7 +252,7 @@ fn main() {
     let env = Env { root, dwcp, key, tmp, secs, streams };
 
     let mut figures = serde_json::Map::new();
-    let mut table = Vec::new();
+    let mut table: Vec<Row> = Vec::new();
     for p in PROFILES.iter().filter(|p| profiles.split(',').any(|n| n == p.name)) {
         let up = Command::new(env.root.join("hw-tests/wan")).args(["up", "--rtt", p.rtt, "--rate", &format!("{}mbit", p.rate_bps / 1e6), "--loss", p.loss, "--queue", "1bdp"]).output().expect("hw-tests/wan up");
         if !up.status.success() {
@@ -312,7 +315,7 @@ fn main() {
         figures.insert(format!("cases_{}", p.name), Value::Object(results));
     }
     // Headline ratios (worst profile).
-    let pick = |f: &dyn Fn(&(&str, bool, &str, f64, u64, f64, Option<f64>, Option<f64>)) -> bool| table.iter().filter(|r| f(r)).cloned().collect::<Vec<_>>();
+    let pick = |f: &dyn Fn(&Row) -> bool| table.iter().filter(|r| f(r)).cloned().collect::<Vec<_>>();
     let mut retrans_ratio: f64 = 0.0;
     let mut inflation: f64 = 0.0;
     let mut share_dev: f64 = 0.0;
@@ -328,6 +331,16 @@ fn main() {
         }
     }
     figures.insert("retrans_ratio_vs_iperf3".into(), json!(retrans_ratio));
+    // Against iperf3 with bbr, the peer that fills these lossy links (worst profile).
+    let mut vs_bbr: f64 = 0.0;
+    for p in PROFILES.iter().filter(|p| profiles.split(',').any(|n| n == p.name)) {
+        let acp = pick(&|r| r.0 == p.name && !r.1 && r.2 == "dwcp-acp-delay");
+        let bbr = pick(&|r| r.0 == p.name && !r.1 && r.2 == "iperf3-bbr");
+        if let (Some(a), Some(b)) = (acp.first(), bbr.first()) {
+            vs_bbr = vs_bbr.max(a.4 as f64 / (b.4 as f64).max(1.0));
+        }
+    }
+    figures.insert("retrans_ratio_vs_iperf3_bbr".into(), json!(vs_bbr));
     figures.insert("srtt_inflation".into(), json!(inflation));
     if !alone_only {
         figures.insert("fair_share_deviation".into(), json!(share_dev));

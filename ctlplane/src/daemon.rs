@@ -272,9 +272,15 @@ impl Component for BpfC {
     }
     fn start(&self, _: &Ctx) -> Result<(), String> {
         let h = self.0.host.get().ok_or("host unknown")?;
-        match &h.bpf_denied {
+        if let Some(why) = &h.bpf_denied {
+            return Err(format!("{why}: congestion signals from TCP_INFO polling"));
+        }
+        // Load and attach the TCP probes once, so a kernel that refuses them (no BTF, a verifier
+        // that disagrees) shows here at boot rather than as a degraded transfer later.
+        let m = ebpf::Monitor::open(ebpf::Want::Auto);
+        match m.degraded() {
+            None => Ok(()),
             Some(why) => Err(format!("{why}: congestion signals from TCP_INFO polling")),
-            None => Err("BPF is permitted, but the TCP probes are not built yet: congestion signals from TCP_INFO polling".into()),
         }
     }
 }
