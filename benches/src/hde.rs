@@ -24,13 +24,10 @@ use std::time::Instant;
 use dataplane::hde::{Decoder, EncodeStats, Encoder, PAGE, PageCache, PageStore};
 use serde_json::{Value, json};
 
+use benches::die;
+
 const FRAME_PAGES: usize = 256;
 const CORE: &str = "0";
-
-fn die(msg: &str) -> ! {
-    eprintln!("bench-hde: {msg}");
-    std::process::exit(2);
-}
 
 fn dirty_pages(dir: &Path, n: usize) -> Vec<u64> {
     let bm = std::fs::read(dir.join("changed.bitmap")).unwrap_or_else(|e| die(&format!("{}/changed.bitmap: {e} (run `make corpus`)", dir.display())));

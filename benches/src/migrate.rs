@@ -12,23 +12,12 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-fn die(msg: &str) -> ! {
-    eprintln!("bench-migrate: {msg}");
-    std::process::exit(2);
-}
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use benches::{die, Proc};
 
 struct Qmp(BufReader<UnixStream>, UnixStream);
 

@@ -9,17 +9,14 @@
 //!   bench-pba --record [--traces DIR]   record the traces anew (root, WAN rig; about 4 minutes)
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use dataplane::control::pba;
 use dataplane::send::TraceRow;
 use serde_json::{Value, json};
 
-fn die(msg: &str) -> ! {
-    eprintln!("bench-pba: {msg}");
-    std::process::exit(2);
-}
+use benches::{Proc, die, in_ns};
 
 /// Traces recorded; the first `TRAIN` train, the rest are held out.
 const TRACES: usize = 6;
@@ -40,20 +37,6 @@ impl Rng {
     }
 }
 
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn ns(name: &str, prog: &Path) -> Command {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", name]).arg(prog);
-    c
-}
-
 fn record(root: &Path, dir: &Path) {
     std::fs::create_dir_all(dir).unwrap_or_else(|e| die(&format!("{}: {e}", dir.display())));
     let wan = root.join("hw-tests/wan");
@@ -71,11 +54,11 @@ fn record(root: &Path, dir: &Path) {
         if !up.status.success() {
             die(&format!("hw-tests/wan up: {}", String::from_utf8_lossy(&up.stderr)));
         }
-        let _servers: Vec<Proc> = (5201..=5204).map(|p| Proc(ns("dwcp-b", Path::new("iperf3")).args(["-s", "-p", &p.to_string()]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("iperf3 -s"))).collect();
-        let _rx = Proc(ns("dwcp-b", &dwcp).args(["recv", "--listen", "10.77.0.2:7470", "--discard", "--no-encrypt", "--key-file"]).arg(&key).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("dwcp recv"));
+        let _servers: Vec<Proc> = (5201..=5204).map(|p| Proc(in_ns("dwcp-b", Path::new("iperf3")).args(["-s", "-p", &p.to_string()]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("iperf3 -s"))).collect();
+        let _rx = Proc(in_ns("dwcp-b", &dwcp).args(["recv", "--listen", "10.77.0.2:7470", "--discard", "--no-encrypt", "--key-file"]).arg(&key).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("dwcp recv"));
         std::thread::sleep(Duration::from_millis(500));
         let trace = dir.join(format!("pba-{k}.csv"));
-        let mut send = ns("dwcp-a", &dwcp);
+        let mut send = in_ns("dwcp-a", &dwcp);
         send.args(["send", &format!("gen:{}", 125_000_000 * SECS), "--name", &format!("pba-{k}.img"), "--to", "10.77.0.2:7470", "--key-file"]).arg(&key);
         send.args(["--mode", "internet", "--no-encrypt", "--hde", "off", "--streams", "8", "--acp", "delay", "--trace-out"]).arg(&trace);
         let mut sender = Proc(send.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("dwcp send"));
@@ -91,7 +74,7 @@ fn record(root: &Path, dir: &Path) {
                 let cc = if rng.range(0, 1) == 0 { "cubic" } else { "bbr" };
                 let (p, secs) = (rng.range(1, 3), rng.range(1, 6));
                 flows.push(Proc(
-                    ns("dwcp-a", Path::new("iperf3"))
+                    in_ns("dwcp-a", Path::new("iperf3"))
                         .args(["-c", "10.77.0.2", "-p", &port.to_string(), "-P", &p.to_string(), "-t", &secs.to_string(), "-C", cc])
                         .stdout(Stdio::null())
                         .stderr(Stdio::null())

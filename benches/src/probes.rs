@@ -12,10 +12,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-fn die(msg: &str) -> ! {
-    eprintln!("bench-probes: {msg}");
-    std::process::exit(2);
-}
+use benches::die;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);

@@ -12,10 +12,7 @@ use std::process::Command;
 
 use serde_json::json;
 
-fn die(msg: &str) -> ! {
-    eprintln!("bench-rdma: {msg}");
-    std::process::exit(2);
-}
+use benches::die;
 
 /// Numbers on perftest's result row (the line after the one starting with `#bytes`).
 fn result_row(text: &str) -> Vec<f64> {

@@ -14,33 +14,16 @@
 //!   bench-wan [--secs 15] [--streams 8] [--profiles 1g_50ms,200m_150ms] [--alone-only]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
-fn die(msg: &str) -> ! {
-    eprintln!("bench-wan: {msg}");
-    std::process::exit(2);
-}
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use benches::{Proc, die, in_ns};
 
 const A: &str = "dwcp-a";
 const B: &str = "dwcp-b";
 const ADDR_B: &str = "10.77.0.2";
-
-fn in_ns(ns: &str, prog: &Path) -> Command {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", ns]).arg(prog);
-    c
-}
 
 struct Profile {
     name: &'static str,

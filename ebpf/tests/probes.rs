@@ -13,11 +13,16 @@ fn root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// A connected loopback pair after `bytes` went from the first to the second and were read.
-fn transfer(bytes: usize) -> (TcpStream, TcpStream) {
+/// A connected loopback pair (client, server).
+fn pair() -> (TcpStream, TcpStream) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-    let (mut s, _) = l.accept().unwrap();
+    let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (s, _) = l.accept().unwrap();
+    (c, s)
+}
+
+/// Sends `bytes` from `c` to `s` and waits until they were read and answered.
+fn pump(c: &mut TcpStream, mut s: TcpStream, bytes: usize) -> TcpStream {
     let reader = std::thread::spawn(move || {
         let mut buf = vec![0u8; 1 << 20];
         let mut got = 0;
@@ -27,27 +32,15 @@ fn transfer(bytes: usize) -> (TcpStream, TcpStream) {
         s.write_all(b"k").unwrap();
         s
     });
-    (c, reader)
-        .pipe_write(bytes)
-}
-
-trait PipeWrite {
-    fn pipe_write(self, bytes: usize) -> (TcpStream, TcpStream);
-}
-
-impl PipeWrite for (TcpStream, std::thread::JoinHandle<TcpStream>) {
-    fn pipe_write(self, bytes: usize) -> (TcpStream, TcpStream) {
-        let (mut c, h) = self;
-        let chunk = vec![0x5au8; 1 << 20];
-        let mut sent = 0;
-        while sent < bytes {
-            let n = chunk.len().min(bytes - sent);
-            c.write_all(&chunk[..n]).unwrap();
-            sent += n;
-        }
-        c.read_exact(&mut [0u8; 1]).unwrap();
-        (c, h.join().unwrap())
+    let chunk = vec![0x5au8; 1 << 20];
+    let mut sent = 0;
+    while sent < bytes {
+        let n = chunk.len().min(bytes - sent);
+        c.write_all(&chunk[..n]).unwrap();
+        sent += n;
     }
+    c.read_exact(&mut [0u8; 1]).unwrap();
+    reader.join().unwrap()
 }
 
 #[test]
@@ -58,28 +51,13 @@ fn probes_record_a_watched_transfer_and_only_it() {
         return;
     }
     let _stats = ebpf::Probes::enable_stats().expect("BPF statistics");
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let mut m = Monitor::open(Want::Auto);
     assert_eq!(m.backend(), "ebpf", "root must load the probes: {:?}", m.degraded());
     // Watch the sender's socket before it sends (the probes record from their first event on).
-    let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-    let (mut s, _) = l.accept().unwrap();
+    let (mut c, s) = pair();
     let idx = m.watch(c.as_fd());
     const BYTES: usize = 64 << 20;
-    let reader = std::thread::spawn(move || {
-        let mut buf = vec![0u8; 1 << 20];
-        let mut got = 0;
-        while got < BYTES {
-            got += s.read(&mut buf).unwrap();
-        }
-        s.write_all(b"k").unwrap();
-    });
-    let chunk = vec![0xa5u8; 1 << 20];
-    for _ in 0..BYTES >> 20 {
-        c.write_all(&chunk).unwrap();
-    }
-    c.read_exact(&mut [0u8; 1]).unwrap();
-    reader.join().unwrap();
+    let _s = pump(&mut c, s, BYTES);
     let got = m.sample(idx).expect("the probes saw the watched socket");
     let polled = ebpf::sys::tcp_info(std::os::fd::AsRawFd::as_raw_fd(&c)).unwrap();
     eprintln!("probes: {got:?}\nTCP_INFO: {polled:?}");
@@ -91,7 +69,8 @@ fn probes_record_a_watched_transfer_and_only_it() {
     assert_eq!(got.cong_state, 0, "loopback stays Open");
     // An unwatched transfer leaves no trace, and the cost is measured per event.
     let before = m.cost().iter().map(|c| c.runs).sum::<u64>();
-    let (u, _peer) = transfer(8 << 20);
+    let (mut u, peer) = pair();
+    let _peer = pump(&mut u, peer, 8 << 20);
     let idx_late = m.watch(u.as_fd());
     assert!(m.sample(idx_late).is_none(), "an unwatched socket's earlier traffic was recorded");
     let cost = m.cost();
@@ -121,7 +100,8 @@ fn refused_bpf_degrades_to_polling() {
     let why = m.degraded().unwrap().to_string();
     assert!(why.contains("not permitted") && why.contains("polling TCP_INFO"), "{why}");
     eprintln!("degraded: {why}");
-    let (c, _s) = transfer(4 << 20);
+    let (mut c, s) = pair();
+    let _s = pump(&mut c, s, 4 << 20);
     let idx = m.watch(c.as_fd());
     let got = m.sample(idx).expect("TCP_INFO of a live socket");
     assert!(got.bytes_acked >= 4 << 20 && got.srtt_us > 0, "{got:?}");
