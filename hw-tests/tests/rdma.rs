@@ -32,7 +32,7 @@ fn field<'a>(out: &'a str, key: &str) -> &'a str {
     out.lines().find_map(|l| l.strip_prefix(&format!("{key}="))).unwrap_or_else(|| panic!("no {key}= in the guest's output:\n{out}"))
 }
 
-fn json_after<'a>(out: &'a str, marker: &str) -> Value {
+fn json_after(out: &str, marker: &str) -> Value {
     let line = out.lines().skip_while(|l| !l.starts_with(marker)).nth(1).unwrap_or_else(|| panic!("nothing after {marker}:\n{out}"));
     serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}\n{out}"))
 }
