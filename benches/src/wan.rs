@@ -2,6 +2,7 @@
 //! run, on the WAN rig (`hw-tests/wan`, queue of one BDP):
 //!   1g_50ms:    1 Gbit/s, 50 ms RTT, 0.1% loss
 //!   200m_150ms: 200 Mbit/s, 150 ms RTT, 1% loss
+//!   clean_1g_50ms: 1 Gbit/s, 50 ms RTT, no loss (where a competing cubic flow can use its share)
 //! each alone and against one competing `iperf3` cubic flow started at the same time. Cases, all
 //! with the same stream count: dwcp with ACP (`delay`, `bbr-model`; streams on BBR), dwcp without
 //! ACP (cubic, Linux's default), dwcp on kernel BBR without pacing, `iperf3 -P N` with cubic and with bbr, one cubic
@@ -11,7 +12,7 @@
 //! dwcp's goodput is taken over its data phase (its `--trace-out` intervals), as iperf3's is
 //! over its `-t` seconds: neither counts connection setup.
 //!
-//!   bench-wan [--secs 15] [--streams 8] [--profiles 1g_50ms,200m_150ms] [--alone-only]
+//!   bench-wan [--secs 15] [--streams 8] [--profiles 1g_50ms,200m_150ms,clean_1g_50ms] [--alone-only]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -32,9 +33,11 @@ struct Profile {
     loss: &'static str,
 }
 
-const PROFILES: [Profile; 2] = [
+const PROFILES: [Profile; 3] = [
     Profile { name: "1g_50ms", rate_bps: 1e9, rtt: "50ms", loss: "0.1%" },
     Profile { name: "200m_150ms", rate_bps: 2e8, rtt: "150ms", loss: "1%" },
+    // No random loss: a competing cubic flow can take its half here, so fairness means something.
+    Profile { name: "clean_1g_50ms", rate_bps: 1e9, rtt: "50ms", loss: "0%" },
 ];
 
 /// One measured run.
@@ -211,14 +214,14 @@ const CASES: [&str; 7] = ["dwcp-acp-delay", "dwcp-acp-bbr-model", "dwcp-no-acp",
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let (mut secs, mut streams, mut profiles, mut alone_only) = (15u64, 8u16, "1g_50ms,200m_150ms".to_string(), false);
+    let (mut secs, mut streams, mut profiles, mut alone_only) = (15u64, 8u16, "1g_50ms,200m_150ms,clean_1g_50ms".to_string(), false);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--secs" => secs = args.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| die("--secs N")),
             "--streams" => streams = args.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| die("--streams N")),
             "--profiles" => profiles = args.next().unwrap_or_else(|| die("--profiles LIST")),
             "--alone-only" => alone_only = true,
-            _ => die(&format!("unknown argument {a}; usage: bench-wan [--secs 15] [--streams 8] [--profiles 1g_50ms,200m_150ms] [--alone-only]")),
+            _ => die(&format!("unknown argument {a}; usage: bench-wan [--secs 15] [--streams 8] [--profiles 1g_50ms,200m_150ms,clean_1g_50ms] [--alone-only]")),
         }
     }
     // SAFETY: geteuid has no preconditions.
@@ -302,6 +305,7 @@ fn main() {
     let mut retrans_ratio: f64 = 0.0;
     let mut inflation: f64 = 0.0;
     let mut share_dev: f64 = 0.0;
+    let mut shares = Vec::new();
     for p in PROFILES.iter().filter(|p| profiles.split(',').any(|n| n == p.name)) {
         let acp = pick(&|r| r.0 == p.name && !r.1 && r.2 == "dwcp-acp-delay");
         let cubic = pick(&|r| r.0 == p.name && !r.1 && r.2 == "iperf3-cubic");
@@ -311,6 +315,7 @@ fn main() {
         }
         if let Some(v) = pick(&|r| r.0 == p.name && r.1 && r.2 == "dwcp-acp-delay").first().and_then(|r| r.7) {
             share_dev = share_dev.max((v / 0.5 - 1.0).abs());
+            shares.push((p.name, v));
         }
     }
     figures.insert("retrans_ratio_vs_iperf3".into(), json!(retrans_ratio));
@@ -327,6 +332,9 @@ fn main() {
     figures.insert("srtt_inflation".into(), json!(inflation));
     if !alone_only {
         figures.insert("fair_share_deviation".into(), json!(share_dev));
+        for (name, v) in shares {
+            figures.insert(format!("acp_share_vs_cubic_{name}"), json!(v));
+        }
     }
     figures.insert("secs".into(), json!(secs));
     figures.insert("streams".into(), json!(streams));
