@@ -224,8 +224,7 @@ fn main() {
             _ => die(&format!("unknown argument {a}; usage: bench-wan [--secs 15] [--streams 8] [--profiles 1g_50ms,200m_150ms,clean_1g_50ms] [--alone-only]")),
         }
     }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc_geteuid() } != 0 {
+    if !ebpf::sys::is_root() {
         die("needs root (network namespaces, TUN devices, BPF)");
     }
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf();
@@ -352,9 +351,4 @@ fn main() {
     let out = Value::Object(figures).to_string();
     std::fs::write(env.root.join("target/bench/wan.json"), &out).expect("target/bench/wan.json");
     println!("{out}");
-}
-
-unsafe extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
 }

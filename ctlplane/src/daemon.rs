@@ -272,13 +272,14 @@ impl Component for BpfC {
     }
     fn start(&self, _: &Ctx) -> Result<(), String> {
         let h = self.0.host.get().ok_or("host unknown")?;
-        if let Some(why) = &h.bpf_denied {
-            return Err(format!("{why}: congestion signals from TCP_INFO polling"));
-        }
-        // Load and attach the TCP probes once, so a kernel that refuses them (no BTF, a verifier
-        // that disagrees) shows here at boot rather than as a degraded transfer later.
-        let m = ebpf::Monitor::open(ebpf::Want::Auto);
-        match m.degraded() {
+        // Where BPF is permitted, load and attach the TCP probes once, so a kernel that refuses
+        // them (no BTF, a verifier that disagrees) shows here at boot rather than as a degraded
+        // transfer later.
+        let why = match &h.bpf_denied {
+            Some(why) => Some(why.clone()),
+            None => ebpf::Monitor::open(ebpf::Want::Auto).degraded().map(str::to_string),
+        };
+        match why {
             None => Ok(()),
             Some(why) => Err(format!("{why}: congestion signals from TCP_INFO polling")),
         }

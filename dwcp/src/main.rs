@@ -466,6 +466,7 @@ fn cmd_send(a: SendArgs) -> Result<()> {
         })
     });
     let r = send::send(source, &opts, progress);
+    // The options hold the trace channel's sender: dropping them ends the writer's loop.
     drop(opts);
     if let Some(w) = trace_writer {
         let _ = w.join();

@@ -29,6 +29,13 @@ pub fn probe_bpf() -> Result<(), String> {
     Ok(())
 }
 
+/// Whether this process runs as root (effective uid 0): the probes need it (or CAP_BPF and
+/// CAP_PERFMON).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
 /// The socket's cookie (`SO_COOKIE`): the key the probes file it under.
 pub fn socket_cookie(sock: BorrowedFd<'_>) -> std::io::Result<u64> {
     let mut cookie = 0u64;
@@ -194,8 +201,7 @@ pub fn tcp_info(fd: std::os::fd::RawFd) -> std::io::Result<SocketStats> {
 mod tests {
     #[test]
     fn bpf_probe_matches_privilege() {
-        // SAFETY: geteuid has no preconditions.
-        let root = unsafe { libc::geteuid() } == 0;
+        let root = super::is_root();
         match super::probe_bpf() {
             Ok(()) => assert!(root || std::fs::read_to_string("/proc/sys/kernel/unprivileged_bpf_disabled").is_ok_and(|v| v.trim() == "0")),
             Err(e) => assert!(!root, "root was refused BPF: {e}"),

@@ -8,11 +8,6 @@ use std::os::fd::AsFd;
 
 use ebpf::{Monitor, Want};
 
-fn root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
 /// A connected loopback pair (client, server).
 fn pair() -> (TcpStream, TcpStream) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -45,7 +40,7 @@ fn pump(c: &mut TcpStream, mut s: TcpStream, bytes: usize) -> TcpStream {
 
 #[test]
 fn probes_record_a_watched_transfer_and_only_it() {
-    if !root() {
+    if !ebpf::sys::is_root() {
         // The unprivileged half is `refused_bpf_degrades_to_polling`; this one is for root (CI).
         eprintln!("not root: the probes cannot load here; see refused_bpf_degrades_to_polling");
         return;
@@ -81,7 +76,7 @@ fn probes_record_a_watched_transfer_and_only_it() {
 
 #[test]
 fn refused_bpf_degrades_to_polling() {
-    if root() {
+    if ebpf::sys::is_root() {
         // Re-run this very test as nobody, without capabilities: the kernel refuses BPF there.
         let exe = std::env::current_exe().unwrap();
         let out = std::process::Command::new("setpriv")

@@ -111,6 +111,10 @@ struct StreamRule {
 }
 
 impl StreamRule {
+    fn new(max: u16) -> Self {
+        Self { max, under: 0, first: 0.0 }
+    }
+
     fn step(&mut self, o: &Observation<'_>, pace: Option<f64>, inflation: f64) -> Option<u16> {
         let active = o.active() as u16;
         let g = o.goodput_bps();
@@ -146,6 +150,33 @@ fn inflation(o: &Observation<'_>, min_rtt: &mut f64) -> Option<f64> {
     min_rtt.is_finite().then(|| srtt / min_rtt.max(RTT_FLOOR_US))
 }
 
+/// What the last [`BW_WINDOW`] periods delivered, bit/s each.
+#[derive(Debug, Clone, Default)]
+struct Delivered(VecDeque<f64>);
+
+impl Delivered {
+    fn push(&mut self, g: f64) {
+        self.0.push_back(g);
+        if self.0.len() > BW_WINDOW {
+            self.0.pop_front();
+        }
+    }
+
+    /// The most of the window (at least [`MIN_RATE`]).
+    fn max(&self) -> f64 {
+        self.0.iter().copied().fold(MIN_RATE, f64::max)
+    }
+
+    /// The mean of the last `n` periods (at least [`MIN_RATE`]).
+    fn mean_last(&self, n: usize) -> f64 {
+        let n = self.0.len().min(n);
+        if n == 0 {
+            return MIN_RATE;
+        }
+        (self.0.iter().rev().take(n).sum::<f64>() / n as f64).max(MIN_RATE)
+    }
+}
+
 /// Queue-delay targeting. See the module documentation.
 #[derive(Debug, Clone)]
 pub struct Delay {
@@ -153,7 +184,7 @@ pub struct Delay {
     startup: Option<Startup>,
     /// Periods left draining the queue startup built (pace at 0.75 of the best rate seen).
     drain: u32,
-    bw: VecDeque<f64>,
+    bw: Delivered,
     rate: f64,
     streams: StreamRule,
     /// Round trips in a row with a queue above target.
@@ -173,21 +204,12 @@ impl Delay {
             min_rtt: f64::INFINITY,
             startup: Some(Startup::default()),
             drain: 0,
-            bw: VecDeque::new(),
+            bw: Delivered::default(),
             rate: 0.0,
-            streams: StreamRule { max: max_streams, under: 0, first: 0.0 },
+            streams: StreamRule::new(max_streams),
             queued: 0,
             competing: None,
         }
-    }
-
-    /// Mean delivered over the last 4 periods.
-    fn bw_recent(&self) -> f64 {
-        let n = self.bw.len().min(4);
-        if n == 0 {
-            return MIN_RATE;
-        }
-        (self.bw.iter().rev().take(n).sum::<f64>() / n as f64).max(MIN_RATE)
     }
 }
 
@@ -201,10 +223,7 @@ impl Acp for Delay {
         let Some(q) = inflation(o, &mut self.min_rtt) else {
             return Decision { pacing_bps: (self.startup.is_none()).then_some(self.rate), streams: None };
         };
-        self.bw.push_back(g);
-        if self.bw.len() > BW_WINDOW {
-            self.bw.pop_front();
-        }
+        self.bw.push(g);
         if let Some(s) = &mut self.startup {
             match s.step(g, q) {
                 // Startup overshoots: drain what it queued, then pace at what got through.
@@ -233,7 +252,7 @@ impl Acp for Delay {
         // would only starve us (Copa's competitive mode answers the same). Then ACP lifts its
         // pace and the streams' own BBR competes as it would alone. Every 16 round trips it backs
         // off to half for two: if the queue then drains, it was ours, and pacing resumes.
-        let recent = self.bw_recent();
+        let recent = self.bw.mean_last(4);
         if let Some(n) = self.competing {
             let n = n + 1;
             self.competing = Some(n);
@@ -335,7 +354,7 @@ enum Phase {
 #[derive(Debug, Clone)]
 pub struct BbrModel {
     min_rtt: f64,
-    bw: VecDeque<f64>,
+    bw: Delivered,
     phase: Phase,
     streams: StreamRule,
 }
@@ -343,11 +362,7 @@ pub struct BbrModel {
 impl BbrModel {
     /// A controller that may activate up to `max_streams` streams.
     pub fn new(max_streams: u16) -> Self {
-        Self { min_rtt: f64::INFINITY, bw: VecDeque::new(), phase: Phase::Startup(Startup::default()), streams: StreamRule { max: max_streams, under: 0, first: 0.0 } }
-    }
-
-    fn btlbw(&self) -> f64 {
-        self.bw.iter().copied().fold(MIN_RATE, f64::max)
+        Self { min_rtt: f64::INFINITY, bw: Delivered::default(), phase: Phase::Startup(Startup::default()), streams: StreamRule::new(max_streams) }
     }
 }
 
@@ -363,11 +378,8 @@ impl Acp for BbrModel {
         };
         // As BBR discards application-limited samples: a period far under the estimate without
         // a queue says the sender had less to send, not that the path got slower.
-        if !(g < 0.5 * self.btlbw() && q < EMPTY_QUEUE) {
-            self.bw.push_back(g);
-            if self.bw.len() > BW_WINDOW {
-                self.bw.pop_front();
-            }
+        if !(g < 0.5 * self.bw.max() && q < EMPTY_QUEUE) {
+            self.bw.push(g);
         }
         let gain = match &mut self.phase {
             Phase::Startup(s) => match s.step(g, q) {
@@ -395,7 +407,7 @@ impl Acp for BbrModel {
                 GAINS[*i]
             }
         };
-        let rate = gain * self.btlbw();
+        let rate = gain * self.bw.max();
         let streams = self.streams.step(o, Some(rate), q);
         Decision { pacing_bps: Some(rate), streams }
     }

@@ -172,23 +172,23 @@ pub(super) fn run(socks: Vec<OwnedFd>, opts: &ControlOptions, shared: &Shared, c
             a => a.saturating_add(lost_streams()),
         };
         for (k, &i) in idx.iter().enumerate() {
-            let cur = mon.sample(i);
-            let s = &mut samples[k];
-            *s = StreamSample { active: (k as u16) < active_n, ..Default::default() };
-            if let Some(c) = cur {
-                let p = last[k].unwrap_or_default();
-                *s = StreamSample {
-                    srtt_us: c.srtt_us,
-                    min_rtt_us: c.min_rtt_us,
-                    cwnd: c.cwnd,
-                    mss: c.mss,
-                    retrans: c.total_retrans.saturating_sub(p.total_retrans),
-                    acked: c.bytes_acked.saturating_sub(p.bytes_acked),
-                    delivery_bps: c.delivery_rate_bps,
-                    active: s.active,
-                };
-                last[k] = Some(c);
-            }
+            let active = (k as u16) < active_n;
+            samples[k] = match mon.sample(i) {
+                Some(c) => {
+                    let p = last[k].replace(c).unwrap_or_default();
+                    StreamSample {
+                        srtt_us: c.srtt_us,
+                        min_rtt_us: c.min_rtt_us,
+                        cwnd: c.cwnd,
+                        mss: c.mss,
+                        retrans: c.total_retrans.saturating_sub(p.total_retrans),
+                        acked: c.bytes_acked.saturating_sub(p.bytes_acked),
+                        delivery_bps: c.delivery_rate_bps,
+                        active,
+                    }
+                }
+                None => StreamSample { active, ..Default::default() },
+            };
         }
         mon.drain(&mut events);
         for e in events.drain(..) {
