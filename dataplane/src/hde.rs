@@ -696,6 +696,15 @@ impl PageCache {
         c.set(c.get() + 1);
         p
     }
+    /// The cached copy of page `no`, not counted.
+    pub fn peek(&self, no: u64) -> Option<&[u8]> {
+        self.pages.get(&no).map(|p| &p[..])
+    }
+    /// Forgets page `no` (it became zero, or what the receiver holds changed otherwise).
+    pub fn remove(&mut self, no: u64) {
+        // Its place in the FIFO order goes stale and is skipped when it comes up.
+        self.pages.remove(&no);
+    }
     /// (hits, misses) so far.
     pub fn counts(&self) -> (u64, u64) {
         (self.hits.get(), self.misses.get())

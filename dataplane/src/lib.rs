@@ -12,6 +12,7 @@ pub mod handshake;
 pub mod hde;
 pub mod placement;
 pub mod probe;
+pub mod qemu;
 pub mod recv;
 pub mod send;
 pub mod session;

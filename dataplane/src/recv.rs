@@ -762,6 +762,8 @@ struct RxSession {
     activity: Arc<AtomicU64>,
     /// HDE sessions: the mapped output, the decoder, and what did not apply yet.
     hde: Option<Box<HdeRx>>,
+    /// Page-aware QEMU streams: the decoder rebuilding QEMU's bytes, or why it stopped.
+    qemu: Option<Box<Result<crate::qemu::Decoder, String>>>,
     // stdout reordering
     next_out: u64,
     pending_out: BTreeMap<u64, (Vec<u8>, u64, StreamAddr)>,
@@ -889,6 +891,7 @@ impl Coordinator {
             started: Instant::now(),
             activity: activity.clone(),
             hde: None,
+            qemu: None,
             next_out: 0,
             pending_out: BTreeMap::new(),
             outcome: None,
@@ -919,6 +922,10 @@ impl Coordinator {
                     return Err((ErrorCode::Refused, "this receiver writes to standard output and is busy with another session".into()));
                 }
                 sess.out = Out::Stdout;
+                if codecs & wire::CODEC_QEMU != 0 {
+                    let dec = crate::qemu::Decoder::new().map_err(|e| (ErrorCode::Internal, e.to_string()))?;
+                    sess.qemu = Some(Box::new(Ok(dec)));
+                }
             }
             Sink::Dir(dir) => {
                 let fin = dir.join(&name);
@@ -983,7 +990,12 @@ impl Coordinator {
         }
         let welcome = Welcome {
             session: id,
-            caps: Caps { max_streams: 256, max_chunk: 0, codecs: if hde { CODEC_RAW | wire::CODEC_HDE } else { CODEC_RAW }, transports: TRANSPORT_TCP },
+            caps: Caps {
+                max_streams: 256,
+                max_chunk: 0,
+                codecs: CODEC_RAW | if hde { wire::CODEC_HDE } else { 0 } | if sess.qemu.is_some() { wire::CODEC_QEMU } else { 0 },
+                transports: TRANSPORT_TCP,
+            },
             have: sess.have.ranges(),
         };
         let r = SessionRef { id, size, out: sess.out.clone(), activity };
@@ -1024,7 +1036,23 @@ impl Coordinator {
                 break;
             }
             let (off, (d, sum, from)) = e.remove_entry();
-            if let Err(e) = out.write_all(&d) {
+            // A page-aware stream is rebuilt first; only verified bytes are written.
+            let mut rebuilt = Vec::new();
+            let bytes = match s.qemu.as_deref_mut() {
+                None => &d,
+                Some(Err(_)) => &rebuilt,
+                Some(Ok(dec)) => match dec.push(&d, &mut rebuilt) {
+                    Ok(()) => &rebuilt,
+                    Err(err) => {
+                        let msg = format!("{err}; the destination gets nothing more");
+                        warn!(session = %hex(&session), name = %s.name, "{msg}");
+                        let _ = self.shards[from.0].send(ToShard::Reply { key: from.1, kind: FrameType::Error, payload: wire::encode_error(ErrorCode::DigestMismatch, &msg) });
+                        s.qemu = Some(Box::new(Err(msg)));
+                        return;
+                    }
+                },
+            };
+            if let Err(e) = out.write_all(bytes) {
                 warn!("writing standard output: {e}");
                 return;
             }
@@ -1123,6 +1151,14 @@ impl RxSession {
             && sz != commit.size
         {
             return Err((ErrorCode::DigestMismatch, format!("commit declares {} bytes but the session opened with {sz}", commit.size)));
+        }
+        match self.qemu.as_deref() {
+            Some(Err(why)) => return Err((ErrorCode::DigestMismatch, why.clone())),
+            Some(Ok(dec)) => {
+                let r = dec.finish().map_err(|e| (ErrorCode::DigestMismatch, e.to_string()))?;
+                info!(name = %self.name, qemu_bytes = r.output, pages = r.pages, fallback = ?r.fallback, "page-aware stream rebuilt and verified");
+            }
+            None => {}
         }
         if let Some(h) = self.hde.as_mut() {
             let deferred = std::mem::take(&mut h.deferred);

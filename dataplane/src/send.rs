@@ -71,6 +71,24 @@ pub struct HdeSend {
     pub link_bps: f64,
 }
 
+/// Page-aware mode for a QEMU migration stream on stdin (`crate::qemu`).
+#[derive(Debug, Clone, Copy)]
+pub struct QemuPages {
+    /// zstd level of pages and carried bytes.
+    pub level: i32,
+    /// Bytes of old pages kept for deltas (as QEMU's XBZRLE cache).
+    pub cache_bytes: u64,
+}
+
+/// What page-aware mode did.
+#[derive(Debug, Clone)]
+pub enum QemuOutcome {
+    /// The receiver decoded the page-aware stream.
+    Encoded(crate::qemu::EncodeReport),
+    /// The receiver did not take it: tunnel mode, for this reason.
+    Tunnel(String),
+}
+
 /// `ZeroCopy::Auto` uses SEND_ZC only on paths shorter than this (datacenter paths).
 const ZC_MAX_RTT: Duration = Duration::from_millis(2);
 
@@ -101,6 +119,8 @@ pub struct SendOptions {
     pub kill: Option<KillStream>,
     /// Send the image HDE-encoded.
     pub hde: Option<HdeSend>,
+    /// A QEMU migration stream on stdin: send it page-aware (the receiver rebuilds QEMU's bytes).
+    pub qemu: Option<QemuPages>,
     /// Move chunks over RDMA when both sides have a device and the receiver grants it
     /// (plaintext only: the receiver must allow it); otherwise TCP, with the reason reported.
     #[cfg(feature = "rdma")]
@@ -125,6 +145,7 @@ impl SendOptions {
             cores: None,
             kill: None,
             hde: None,
+            qemu: None,
             #[cfg(feature = "rdma")]
             rdma: None,
             control: ControlOptions::default(),
@@ -248,6 +269,8 @@ pub struct SendReport {
     pub hde_fallback: Option<String>,
     /// What the path monitor and controllers did (TCP only).
     pub control: Option<ControlReport>,
+    /// Page-aware mode, when it was asked for.
+    pub qemu: Option<QemuOutcome>,
 }
 
 /// What HDE did in a send.
@@ -285,6 +308,8 @@ struct Shared {
     lost: AtomicU64,
     stop: AtomicBool,
     fatal: Mutex<Option<(ErrorCode, String)>>,
+    /// What page-aware mode did (set by the stdin reader).
+    qemu: Mutex<Option<QemuOutcome>>,
     last_loss: Mutex<String>,
     progress: Arc<Progress>,
 }
@@ -662,6 +687,7 @@ fn errno_text(res: i32) -> String {
 fn hello_open(source: &Source, opts: &SendOptions, streams: u16, rdma: bool) -> Hello {
     let transports = if rdma { TRANSPORT_TCP | TRANSPORT_RDMA } else { TRANSPORT_TCP };
     let codecs = match &opts.hde {
+        None if opts.qemu.is_some() && !source.seekable() => CODEC_RAW | wire::CODEC_QEMU,
         None => CODEC_RAW,
         Some(h) if h.round_of.is_some() => CODEC_RAW | wire::CODEC_HDE | wire::CODEC_HDE_ROUND,
         Some(_) => CODEC_RAW | wire::CODEC_HDE,
@@ -811,6 +837,7 @@ pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Resu
         lost: AtomicU64::new(0),
         stop: AtomicBool::new(false),
         fatal: Mutex::new(None),
+        qemu: Mutex::new(None),
         last_loss: Mutex::new(String::new()),
         progress: progress.clone(),
     };
@@ -863,11 +890,24 @@ pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Resu
     #[cfg_attr(not(feature = "rdma"), allow(unused_mut))]
     let mut per_shard = per_shard;
     let mut control_report = None;
+    // Page-aware mode only if the receiver took it.
+    let qemu_enc = match opts.qemu {
+        Some(q) if !source.seekable() && welcome.caps.codecs & wire::CODEC_QEMU != 0 => {
+            Some(crate::qemu::Encoder::new(q.level, q.cache_bytes).map_err(|e| SendError::Invalid(format!("page-aware encoder: {e}")))?)
+        }
+        Some(_) if !source.seekable() => {
+            let why = "the receiver does not rebuild page-aware streams (it does when it writes to standard output, --out -)".to_string();
+            warn!("page-aware mode not used: {why}; tunnel mode");
+            *shared.qemu.lock().expect("qemu lock") = Some(QemuOutcome::Tunnel(why));
+            None
+        }
+        _ => None,
+    };
     let results: Vec<ShardResult> = std::thread::scope(|sc| {
         if !source.seekable() {
             let shared = &shared;
             let chunk = opts.chunk_size as usize;
-            sc.spawn(move || read_stdin(stdin_tx, chunk, shared));
+            sc.spawn(move || read_stdin(stdin_tx, chunk, shared, qemu_enc));
         } else {
             drop(stdin_tx);
         }
@@ -1051,33 +1091,65 @@ pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Resu
         hde: hde_report,
         hde_fallback,
         control: control_report,
+        qemu: shared.qemu.lock().expect("qemu lock").take(),
     })
 }
 
-/// Reads stdin into chunks; at end of input, fixes the chunk count.
-fn read_stdin(tx: crossbeam_channel::Sender<Chunk>, chunk: usize, shared: &Shared) {
+/// Reads stdin into chunks; at end of input, fixes the chunk count. With a page-aware encoder,
+/// the chunks carry its output: QEMU's bytes go through it as they arrive, and a batch is closed
+/// whenever QEMU pauses, so nothing it wrote waits for more.
+fn read_stdin(tx: crossbeam_channel::Sender<Chunk>, chunk: usize, shared: &Shared, mut enc: Option<crate::qemu::Encoder>) {
     let mut stdin = std::io::stdin().lock();
     let mut offset = 0u64;
     let mut n = 0u64;
+    let mut pending: Vec<u8> = Vec::new();
+    let mut input = vec![0u8; 256 << 10];
+    let mut eof = false;
+    let fail = |what: String| {
+        *shared.fatal.lock().expect("fatal lock") = Some((ErrorCode::Internal, what));
+        shared.stop.store(true, Relaxed);
+    };
     loop {
-        let mut buf = vec![0u8; chunk];
-        let mut filled = 0;
-        while filled < chunk {
-            match stdin.read(&mut buf[filled..]) {
-                Ok(0) => break,
-                Ok(k) => filled += k,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    *shared.fatal.lock().expect("fatal lock") = Some((ErrorCode::Internal, format!("reading standard input: {e}")));
-                    shared.stop.store(true, Relaxed);
-                    return;
+        // Fill `pending` up to a chunk, from stdin directly or through the encoder.
+        while !eof && pending.len() < chunk {
+            let want = match &enc {
+                Some(_) => input.len(),
+                None => chunk - pending.len(),
+            };
+            let k = match stdin.read(&mut input[..want]) {
+                Ok(k) => k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return fail(format!("reading standard input: {e}")),
+            };
+            match enc.as_mut() {
+                None if k == 0 => eof = true,
+                None => pending.extend_from_slice(&input[..k]),
+                Some(e) => {
+                    if k == 0 {
+                        e.finish();
+                        eof = true;
+                    } else {
+                        let before = e.report().fallback.is_some();
+                        e.push(&input[..k]);
+                        if let (false, Some(why)) = (before, &e.report().fallback) {
+                            warn!("page-aware mode fell back to tunnel mode for the rest of the stream: {why}");
+                        }
+                        // A short read: QEMU paused (between rounds, or rate-limited).
+                        if k < want {
+                            e.flush();
+                        }
+                    }
+                    pending.extend(e.take());
                 }
             }
         }
-        if filled == 0 {
+        if pending.is_empty() {
             break;
         }
-        buf.truncate(filled);
+        let take = pending.len().min(chunk);
+        let rest = pending.split_off(take);
+        let buf = std::mem::replace(&mut pending, rest);
+        let filled = buf.len();
         let c = Chunk { offset, len: filled as u32, data: Some(Arc::from(buf)) };
         offset += filled as u64;
         n += 1;
@@ -1093,6 +1165,9 @@ fn read_stdin(tx: crossbeam_channel::Sender<Chunk>, chunk: usize, shared: &Share
         if filled < chunk {
             break;
         }
+    }
+    if let Some(e) = enc {
+        *shared.qemu.lock().expect("qemu lock") = Some(QemuOutcome::Encoded(e.report().clone()));
     }
     shared.total_chunks.store(n, Relaxed);
 }

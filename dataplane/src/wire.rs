@@ -332,6 +332,9 @@ pub const CODEC_RAW: u32 = 1;
 pub const CODEC_HDE: u32 = 2;
 /// Codec bit: an HDE delta round against the receiver's published object of the same name.
 pub const CODEC_HDE_ROUND: u32 = 4;
+/// Codec bit: the stream is a QEMU migration stream in page-aware form (`dataplane::qemu`); the
+/// receiver rebuilds QEMU's bytes before writing them out.
+pub const CODEC_QEMU: u32 = 8;
 /// io_uring TCP streams.
 pub const TRANSPORT_TCP: u32 = 1;
 /// RDMA RC queue pairs.

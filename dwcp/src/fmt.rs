@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use dataplane::recv::{SessionOutcome, hex};
-use dataplane::send::SendReport;
+use dataplane::send::{QemuOutcome, SendReport};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
@@ -113,6 +113,20 @@ pub fn send_table(r: &SendReport, extra: &[(&str, String)]) -> String {
         (None, Some(why)) => row(&mut s, "hde", format!("off ({why})")),
         (None, None) => {}
     }
+    match &r.qemu {
+        Some(QemuOutcome::Encoded(q)) => {
+            let ratio = q.input as f64 / q.output.max(1) as f64;
+            row(&mut s, "page-aware", format!("QEMU stream {} -> {} ({ratio:.2}x) in {} batches; {} of device state passed through", bytes(q.input), bytes(q.output), q.batches, bytes(q.passthrough)));
+            let mut kinds: Vec<String> = q.hde.pages.iter().map(|(k, v)| format!("{k:?} {v}")).collect();
+            kinds.sort();
+            row(&mut s, "qemu pages", format!("{} with data, {} zero; re-sent {} ({} with an old copy for a delta): {}", q.pages, q.zero_pages, q.resent_pages, q.cache_hits, kinds.join(", ")));
+            if let Some(why) = &q.fallback {
+                row(&mut s, "fell back", format!("to tunnel mode mid-stream: {why}"));
+            }
+        }
+        Some(QemuOutcome::Tunnel(why)) => row(&mut s, "page-aware", format!("off, tunnel mode ({why})")),
+        None => {}
+    }
     if let Some(c) = &r.control {
         let monitor = match &c.degraded {
             None => "eBPF probes (tcp_probe, tcp_retransmit_skb, tcp_cong_state_set)".to_string(),
@@ -148,6 +162,15 @@ pub fn send_json(r: &SendReport, mode: Option<serde_json::Value>) -> String {
         "transport": r.transport, "rdma_fallback": r.rdma_fallback, "rdma_qps": r.rdma_qps,
         "hde": r.hde.as_ref().map(|h| json!({"input": h.input, "output": h.output, "encode_s": h.encode_s, "pages": h.pages, "levels": h.levels})),
         "hde_fallback": r.hde_fallback,
+        "qemu": match &r.qemu {
+            Some(QemuOutcome::Encoded(q)) => json!({
+                "mode": "pages", "input": q.input, "output": q.output, "pages": q.pages, "zero_pages": q.zero_pages,
+                "resent_pages": q.resent_pages, "cache_hits": q.cache_hits, "batches": q.batches, "passthrough": q.passthrough,
+                "fallback": q.fallback, "kinds": q.hde.pages.iter().map(|(k, v)| (format!("{k:?}"), *v)).collect::<std::collections::BTreeMap<_, _>>(),
+            }),
+            Some(QemuOutcome::Tunnel(why)) => json!({"mode": "tunnel", "why": why}),
+            None => serde_json::Value::Null,
+        },
         "control": r.control.as_ref().map(|c| json!({
             "monitor": c.backend, "monitor_degraded": c.degraded, "acp": c.acp, "cc": c.cc, "cc_error": c.cc_error,
             "retrans": c.retrans, "min_rtt_us": c.min_rtt_us, "mean_srtt_us": c.mean_srtt_us,

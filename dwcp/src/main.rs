@@ -67,6 +67,11 @@ enum Cmd {
         /// Print the summary as one JSON object.
         #[arg(long)]
         json: bool,
+        /// `pages`: page-aware (RAM pages delta-encoded across rounds, the rest carried as it
+        /// is; falls back to tunnel mode on a stream it cannot parse), or `tunnel`: the stream
+        /// as QEMU writes it.
+        #[arg(long, default_value = "pages", value_parser = ["pages", "tunnel"])]
+        mode: String,
         /// Further `dwcp send` flags for the stream (e.g. `--streams 8`), after `--`.
         #[arg(last = true)]
         send_flags: Vec<String>,
@@ -160,6 +165,15 @@ struct SendArgs {
     /// `off` (zero, duplicate and XBZRLE pages only), or a zstd level 1-19.
     #[arg(long, default_value = "auto")]
     compress: String,
+    /// The stream on stdin is QEMU's migration stream (`migrate "exec:dwcp send - --qemu ..."`):
+    /// send it page-aware, its RAM pages delta-encoded across rounds (HDE) and the rest carried
+    /// as it is; the receiver (`--out -`) rebuilds QEMU's exact bytes. A stream it cannot parse
+    /// falls back to tunnel mode, with the reason in the summary.
+    #[arg(long)]
+    qemu: bool,
+    /// Page-aware mode: bytes of old pages kept for deltas (as QEMU's XBZRLE cache).
+    #[arg(long, default_value = "256MiB")]
+    page_cache: String,
     /// Adaptive congestion prevention over TCP: `auto` (`delay` in internet mode, off in
     /// datacenter mode), `delay` (pace to keep the RTT within 1.25x of its minimum), `bbr-model`
     /// (pace by a model of BBR's probing), or `off` (the streams' congestion control alone).
@@ -268,7 +282,7 @@ fn main() {
         Cmd::Keygen { file, force } => cmd_keygen(&file, force),
         Cmd::Daemon { config, listen, api } => daemon::run(config, listen, api, (cli.verbose > 0).then_some(level)),
         Cmd::Status { api, json } => daemon::status(&api, json),
-        Cmd::Migrate { qmp, to, key_file, name, json, send_flags } => migrate::run(&migrate::MigrateArgs { qmp, to, key_file, name, send_flags, json }),
+        Cmd::Migrate { qmp, to, key_file, name, json, mode, send_flags } => migrate::run(&migrate::MigrateArgs { qmp, to, key_file, name, pages: mode == "pages", send_flags, json }),
         Cmd::Config { cmd: ConfigCmd::Check { file } } => daemon::check(&file),
     };
     if let Err(e) = r {
@@ -416,6 +430,20 @@ fn cmd_send(a: SendArgs) -> Result<()> {
             None => None,
         };
         opts.hde = Some(send::HdeSend { compress, round_of, link_bps: plan.report.probe.bw_bps });
+    }
+    if a.qemu {
+        if !matches!(source, Source::Stdin { .. }) {
+            bail!("--qemu reads QEMU's migration stream from standard input: pass - as the source");
+        }
+        let level = match a.compress.as_str() {
+            // Adaptive effort for page-aware streams is not wired yet: zstd 3 serves links up
+            // to a few Gbit/s on one core.
+            "auto" => 3,
+            "off" => 1,
+            l => l.parse().ok().filter(|l| (1..=19).contains(l)).context("--compress takes auto, off or a zstd level 1-19")?,
+        };
+        let cache_bytes = fmt::parse_size(&a.page_cache).map_err(anyhow::Error::msg).context("--page-cache")?;
+        opts.qemu = Some(send::QemuPages { level, cache_bytes });
     }
     opts.control = send::ControlOptions {
         acp: match a.acp.as_str() {

@@ -1,4 +1,5 @@
-//! `dwcp migrate`: live migration of a QEMU VM through dwcp, tunnel mode. dwcp drives the
+//! `dwcp migrate`: live migration of a QEMU VM through dwcp, page-aware (the default: RAM pages
+//! delta-encoded across rounds, see `dataplane::qemu`) or tunnel mode. dwcp drives the
 //! source QEMU over QMP: it starts `migrate` with an `exec:` URI that runs `dwcp send -` (QEMU
 //! writes its migration stream into it), watches `query-migrate` (rounds, dirty rate, remaining,
 //! downtime) and reports. The destination QEMU runs with
@@ -69,6 +70,8 @@ pub struct MigrateArgs {
     pub key_file: PathBuf,
     /// Name of the stream at the receiver.
     pub name: String,
+    /// Page-aware (`true`) or tunnel mode.
+    pub pages: bool,
     /// Extra `dwcp send` flags.
     pub send_flags: Vec<String>,
     /// JSON summary.
@@ -104,11 +107,16 @@ pub fn run(a: &MigrateArgs) -> Result<()> {
             cmd.push_str(&format!(" {flag} {v}"));
         }
     }
+    if a.pages {
+        cmd.push_str(" --qemu");
+    }
     for f in &a.send_flags {
         cmd.push(' ');
         cmd.push_str(&shell_quote(f));
     }
-    cmd.push_str(&format!(" > {0}.json 2> {0}", shell_quote(&log.display().to_string())));
+    // QEMU may report the migration complete before dwcp has its receiver's verdict: the exit
+    // status file says when the sender is through.
+    cmd.push_str(&format!(" > {0}.json 2> {0}; echo $? > {0}.rc", shell_quote(&log.display().to_string())));
     let t0 = Instant::now();
     q.cmd("migrate", Some(json!({ "uri": format!("exec:{cmd}") })))?;
     let mut last_print = Instant::now();
@@ -132,6 +140,12 @@ pub fn run(a: &MigrateArgs) -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     };
     let wall = t0.elapsed();
+    let rc = log.with_extension("log.rc");
+    let waited = Instant::now();
+    while status["status"] != "failed" && !rc.exists() && waited.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = std::fs::remove_file(&rc);
     let send_err = std::fs::read_to_string(&log).unwrap_or_default();
     let send_json: Value = std::fs::read_to_string(log.with_extension("log.json")).ok().and_then(|s| serde_json::from_str(s.trim()).ok()).unwrap_or(Value::Null);
     let _ = std::fs::remove_file(&log);
@@ -157,6 +171,24 @@ pub fn run(a: &MigrateArgs) -> Result<()> {
         if let Some(g) = send_json["goodput_gbps"].as_f64() {
             println!("  stream        {} MiB over {} streams, {g:.2} Gbit/s, digest verified: {}", send_json["size"].as_u64().unwrap_or(0) >> 20, send_json["streams"], send_json["verified"]);
         }
+        let q = &send_json["qemu"];
+        match q["mode"].as_str() {
+            Some("pages") => {
+                let (i, o) = (q["input"].as_u64().unwrap_or(0), q["output"].as_u64().unwrap_or(0));
+                println!("  page-aware    {} MiB of QEMU stream sent as {} MiB ({:.2}x), {} pages re-sent", i >> 20, o >> 20, i as f64 / o.max(1) as f64, q["resent_pages"]);
+                if let Some(why) = q["fallback"].as_str() {
+                    println!("  fell back     to tunnel mode mid-stream: {why}");
+                }
+            }
+            Some("tunnel") => println!("  page-aware    off, tunnel mode ({})", q["why"].as_str().unwrap_or("?")),
+            _ => {}
+        }
+    }
+    if status["status"] == "completed" && send_json["verified"] != true {
+        // QEMU counts a migration complete once it has written its stream into dwcp; if dwcp
+        // could not confirm the destination verified it, the source stays paused: resuming it
+        // could leave two running copies if the destination did start.
+        bail!("QEMU finished writing its stream but dwcp could not confirm the destination verified it ({}); the source VM is left {}: check the destination before resuming the source with `cont`", send_err.lines().rfind(|l| l.contains("error")).unwrap_or("no error logged"), vm["status"].as_str().unwrap_or("?"));
     }
     if status["status"] != "completed" {
         let why = status["error-desc"].as_str().unwrap_or("no reason given").to_string();
