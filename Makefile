@@ -79,7 +79,7 @@ bench-hde: build bench-deps corpus
 bench-rdma: build vm-deps
 	./target/release/bench-rdma
 
-# Live migration over the WAN rig: QEMU's own (plain, xbzrle, multifd+zstd) against dwcp tunnel mode.
+# Live migration over the WAN rig: QEMU's own (plain, xbzrle, multifd+zstd) against dwcp tunnel and page-aware modes.
 bench-migrate: build vm-deps
 	$(CARGO) build --release -q -p hw-tests --bin dwcp-wan
 	./target/release/bench-migrate

@@ -1,13 +1,14 @@
 //! `make bench-migrate`: live migration of the same guest (`hw-tests/migrate-guest`, 256 MiB,
 //! 64 MiB of checked data, a loop dirtying 20 MiB/s) over the WAN rig (`hw-tests/wan`, source
 //! QEMU in `dwcp-a`, destination in `dwcp-b`), same run: QEMU's own migration (plain, xbzrle,
-//! multifd with 4 channels and zstd) against dwcp tunnel mode (`dwcp migrate`), on three links:
+//! multifd with 4 channels and zstd) against dwcp (`dwcp migrate`) in tunnel mode and in
+//! page-aware mode (RAM pages delta-encoded across rounds), on three links:
 //! 200 Mbit/s clean (2 ms), 200 Mbit/s at 50 ms with 0.1% loss, 200 Mbit/s at 150 ms with 1%
 //! loss. Each run is limited to `--limit` seconds (a single lossy TCP stream can need far more:
 //! it is then reported as not finished, with the share it sent). Figures: total time, downtime,
-//! rounds, RAM bytes sent. Page-aware mode is not built yet, so dwcp runs in tunnel mode only.
+//! rounds, RAM bytes sent (for dwcp: QEMU's stream and the bytes dwcp put on its streams).
 //!
-//!   bench-migrate [--limit 90] [--profiles clean,50ms,150ms]
+//!   bench-migrate [--limit 90] [--profiles clean,50ms,150ms] [--methods plain,xbzrle,multifd+zstd,tunnel,pages]
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -89,7 +90,7 @@ impl Env {
         }
         let dwcp = self.root.join("target/release/dwcp");
         let incoming = match method {
-            "dwcp tunnel" => format!("exec:{} recv --listen 10.77.0.2:7471 --out - --once --key-file {} 2>/dev/null", dwcp.display(), self.key.display()),
+            "dwcp tunnel" | "dwcp pages" => format!("exec:{} recv --listen 10.77.0.2:7471 --out - --once --key-file {} 2>/dev/null", dwcp.display(), self.key.display()),
             "multifd+zstd" => "defer".into(),
             _ => "tcp:10.77.0.2:4444".into(),
         };
@@ -126,7 +127,7 @@ impl Env {
         // No bandwidth cap from QEMU's side: the link decides.
         src.cmd("migrate-set-parameters", json!({"max-bandwidth": 1u64 << 40}));
         let t0 = Instant::now();
-        if method == "dwcp tunnel" {
+        if let Some(mode) = method.strip_prefix("dwcp ") {
             // QEMU's QMP socket takes one client: `dwcp migrate` drives and reports it.
             drop(src);
             let a: Vec<String> = vec![
@@ -138,6 +139,8 @@ impl Env {
                 "10.77.0.2:7471".into(),
                 "--key-file".into(),
                 self.key.display().to_string(),
+                "--mode".into(),
+                mode.into(),
                 "--json".into(),
             ];
             let mut p = Proc(in_ns("dwcp-a", &a).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("dwcp migrate"));
@@ -160,7 +163,10 @@ impl Env {
             let finished = p.0.try_wait().ok().flatten().is_some();
             drop(p);
             let j: Value = serde_json::from_str(reader.join().unwrap_or_default().trim()).unwrap_or(Value::Null);
-            return figures(method, j["status"] == "completed" && resumed.is_some(), finished, t0, resumed, j["total_time_ms"].as_f64(), j["downtime_ms"].as_f64(), &j["rounds"], j["ram_transferred"].as_f64());
+            let mut r = figures(method, j["status"] == "completed" && resumed.is_some(), finished, t0, resumed, j["total_time_ms"].as_f64(), j["downtime_ms"].as_f64(), &j["rounds"], j["ram_transferred"].as_f64());
+            r["wire_mib"] = json!(j["transfer"]["sent_bytes"].as_f64().unwrap_or(0.0) / 1048576.0);
+            r["page_aware"] = j["transfer"]["qemu"].clone();
+            return r;
         } else {
             let r = src.cmd("migrate", json!({"uri": "tcp:10.77.0.2:4444"}));
             if r.get("error").is_some() {
@@ -215,13 +221,15 @@ fn figures(method: &str, ok: bool, ended: bool, t0: Instant, resumed: Option<Dur
 
 fn main() {
     let (mut limit, mut profiles) = (90u64, vec!["clean".to_string(), "50ms".into(), "150ms".into()]);
+    let mut methods: Vec<String> = ["plain", "xbzrle", "multifd+zstd", "dwcp tunnel", "dwcp pages"].map(String::from).to_vec();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
     while let Some(k) = it.next() {
         match (k.as_str(), it.next()) {
             ("--limit", Some(v)) => limit = v.parse().unwrap_or_else(|_| die("--limit takes seconds")),
             ("--profiles", Some(v)) => profiles = v.split(',').map(String::from).collect(),
-            _ => die("usage: bench-migrate [--limit SECONDS] [--profiles clean,50ms,150ms]"),
+            ("--methods", Some(v)) => methods = v.split(',').map(|m| if matches!(m, "tunnel" | "pages") { format!("dwcp {m}") } else { m.to_string() }).collect(),
+            _ => die("usage: bench-migrate [--limit SECONDS] [--profiles clean,50ms,150ms] [--methods plain,xbzrle,multifd+zstd,tunnel,pages]"),
         }
     }
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_owned();
@@ -244,53 +252,55 @@ fn main() {
             _ => die(&format!("unknown profile {p}")),
         }
     };
-    let methods = ["plain", "xbzrle", "multifd+zstd", "dwcp tunnel"];
     let mut all = serde_json::Map::new();
-    println!("{:<8} {:<14} {:>14} {:>9} {:>12} {:>7} {:>9}", "link", "method", "status", "time s", "downtime ms", "rounds", "RAM MiB");
+    println!("{:<8} {:<14} {:>14} {:>9} {:>12} {:>7} {:>9} {:>9}", "link", "method", "status", "time s", "downtime ms", "rounds", "RAM MiB", "wire MiB");
     for p in &profiles {
         let up = Command::new(root.join("hw-tests/wan")).arg("up").args(link(p)).output().expect("wan up");
         if !up.status.success() {
             die(&format!("hw-tests/wan up: {}", String::from_utf8_lossy(&up.stderr)));
         }
         let mut rows = Vec::new();
-        for m in methods {
+        for m in &methods {
             let r = env.run(m, Duration::from_secs(limit));
             println!(
-                "{:<8} {:<14} {:>14} {:>9.2} {:>12} {:>7} {:>9.1}",
+                "{:<8} {:<14} {:>14} {:>9.2} {:>12} {:>7} {:>9.1} {:>9}",
                 p,
                 m,
                 r["status"].as_str().unwrap_or("?"),
                 r["time_s"].as_f64().unwrap_or(f64::NAN),
                 r["downtime_ms"].to_string(),
                 r["rounds"].to_string(),
-                r["ram_sent_mib"].as_f64().unwrap_or(0.0)
+                r["ram_sent_mib"].as_f64().unwrap_or(0.0),
+                r["wire_mib"].as_f64().map_or("-".to_string(), |w| format!("{w:.1}"))
             );
             rows.push(r);
         }
         let _ = Command::new(root.join("hw-tests/wan")).arg("down").status();
         all.insert(p.clone(), Value::Array(rows));
     }
-    // Speedups: best QEMU time / dwcp time (a run that did not finish counts as the limit).
+    // Speedups: best QEMU time / best dwcp time (a run that did not finish counts as the limit).
+    let dwcp = |r: &Value| r["method"].as_str().is_some_and(|m| m.starts_with("dwcp"));
     let time = |r: &Value| if r["status"] == "completed" { r["time_s"].as_f64().unwrap_or(f64::INFINITY) } else { f64::INFINITY };
     let speedup = |p: &str| -> Option<f64> {
         let rows = all.get(p)?.as_array()?;
-        let best_native = rows.iter().filter(|r| r["method"] != "dwcp tunnel").map(time).fold(f64::INFINITY, f64::min);
-        let ours = rows.iter().filter(|r| r["method"] == "dwcp tunnel").map(time).fold(f64::INFINITY, f64::min);
+        let best_native = rows.iter().filter(|r| !dwcp(r)).map(time).fold(f64::INFINITY, f64::min);
+        let ours = rows.iter().filter(|r| dwcp(r)).map(time).fold(f64::INFINITY, f64::min);
         Some(if best_native.is_infinite() { limit as f64 } else { best_native } / ours)
     };
     let downtime_ratio = profiles
         .iter()
         .filter_map(|p| {
             let rows = all.get(p)?.as_array()?;
-            let native = rows.iter().filter(|r| r["method"] != "dwcp tunnel" && r["status"] == "completed").filter_map(|r| r["downtime_ms"].as_f64()).fold(f64::INFINITY, f64::min);
-            let ours = rows.iter().find(|r| r["method"] == "dwcp tunnel" && r["status"] == "completed")?["downtime_ms"].as_f64()?;
+            let native = rows.iter().filter(|r| !dwcp(r) && r["status"] == "completed").filter_map(|r| r["downtime_ms"].as_f64()).fold(f64::INFINITY, f64::min);
+            // The faster dwcp mode's downtime.
+            let ours = rows.iter().filter(|r| dwcp(r) && r["status"] == "completed").min_by(|a, b| time(a).total_cmp(&time(b)))?["downtime_ms"].as_f64()?;
             native.is_finite().then_some(ours / native)
         })
         .fold(f64::NAN, f64::max);
     let j = json!({
         "speedup_clean": speedup("clean"), "speedup_50ms": speedup("50ms"), "speedup_150ms": speedup("150ms"),
         "downtime_ratio": if downtime_ratio.is_nan() { Value::Null } else { json!(downtime_ratio) },
-        "limit_s": limit, "mode": "tunnel", "runs": all,
+        "limit_s": limit, "methods": methods, "runs": all,
     });
     let line = j.to_string();
     std::fs::write(root.join("target/bench/migrate.json"), &line).expect("migrate.json");
