@@ -14,8 +14,19 @@ pub fn die(msg: &str) -> ! {
 #[derive(Debug)]
 pub struct Proc(pub Child);
 
+impl Proc {
+    /// Spawns `c` as the leader of a new process group, so dropping it also ends what it
+    /// started (QEMU's `exec:` migration helpers outlive QEMU otherwise).
+    pub fn group(c: &mut Command) -> std::io::Result<Proc> {
+        use std::os::unix::process::CommandExt;
+        c.process_group(0).spawn().map(Proc)
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
+        // The group first (fails harmlessly when this is not a group leader).
+        let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", self.0.id())]).stderr(std::process::Stdio::null()).status();
         let _ = self.0.kill();
         let _ = self.0.wait();
     }

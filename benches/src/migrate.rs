@@ -80,7 +80,8 @@ impl Env {
             a.push("-incoming".into());
             a.push(incoming.into());
         }
-        Proc(in_ns(ns, &a).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap_or_else(|e| die(&format!("qemu: {e} (make vm-deps)"))))
+        let err = std::fs::File::create(self.dir.join(format!("{tag}-qemu.log"))).expect("qemu log");
+        Proc::group(in_ns(ns, &a).stdout(Stdio::null()).stderr(err)).unwrap_or_else(|e| die(&format!("qemu: {e} (make vm-deps)")))
     }
 
     /// One migration; returns its figures.
@@ -90,7 +91,7 @@ impl Env {
         }
         let dwcp = self.root.join("target/release/dwcp");
         let incoming = match method {
-            "dwcp tunnel" | "dwcp pages" => format!("exec:{} recv --listen 10.77.0.2:7471 --out - --once --key-file {} 2>/dev/null", dwcp.display(), self.key.display()),
+            "dwcp tunnel" | "dwcp pages" => format!("exec:{} recv --listen 10.77.0.2:7471 --out - --once --key-file {} 2>{}", dwcp.display(), self.key.display(), self.dir.join("recv.log").display()),
             "multifd+zstd" => "defer".into(),
             _ => "tcp:10.77.0.2:4444".into(),
         };
@@ -132,6 +133,7 @@ impl Env {
             drop(src);
             let a: Vec<String> = vec![
                 dwcp.display().to_string(),
+                "-v".into(),
                 "migrate".into(),
                 "--qmp".into(),
                 self.dir.join("src.qmp").display().to_string(),
@@ -143,7 +145,14 @@ impl Env {
                 mode.into(),
                 "--json".into(),
             ];
-            let mut p = Proc(in_ns("dwcp-a", &a).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("dwcp migrate"));
+            let mut a = a;
+            // Extra `dwcp send` flags for experiments, e.g. DWCP_SEND_FLAGS="--zerocopy off".
+            if let Ok(f) = std::env::var("DWCP_SEND_FLAGS") {
+                a.push("--".into());
+                a.extend(f.split_whitespace().map(String::from));
+            }
+            let log = std::fs::File::create(self.dir.join("migrate.log")).expect("migrate.log");
+            let mut p = Proc(in_ns("dwcp-a", &a).stdout(Stdio::piped()).stderr(log).spawn().expect("dwcp migrate"));
             let out = p.0.stdout.take().expect("stdout");
             let reader = std::thread::spawn(move || {
                 let mut s = String::new();
@@ -162,7 +171,9 @@ impl Env {
             }
             let finished = p.0.try_wait().ok().flatten().is_some();
             drop(p);
-            let j: Value = serde_json::from_str(reader.join().unwrap_or_default().trim()).unwrap_or(Value::Null);
+            let line = reader.join().unwrap_or_default();
+            let _ = std::fs::write(self.dir.join("migrate.json"), &line);
+            let j: Value = serde_json::from_str(line.trim()).unwrap_or(Value::Null);
             let mut r = figures(method, j["status"] == "completed" && resumed.is_some(), finished, t0, resumed, j["total_time_ms"].as_f64(), j["downtime_ms"].as_f64(), &j["rounds"], j["ram_transferred"].as_f64());
             r["wire_mib"] = json!(j["transfer"]["sent_bytes"].as_f64().unwrap_or(0.0) / 1048576.0);
             r["page_aware"] = j["transfer"]["qemu"].clone();

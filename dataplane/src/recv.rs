@@ -762,8 +762,10 @@ struct RxSession {
     activity: Arc<AtomicU64>,
     /// HDE sessions: the mapped output, the decoder, and what did not apply yet.
     hde: Option<Box<HdeRx>>,
-    /// Page-aware QEMU streams: the decoder rebuilding QEMU's bytes, or why it stopped.
-    qemu: Option<Box<Result<crate::qemu::Decoder, String>>>,
+    /// Page-aware QEMU streams: the decoder rebuilding QEMU's bytes.
+    qemu: Option<Box<crate::qemu::Decoder>>,
+    /// Why standard output gets nothing more (a stream that did not rebuild, a reader gone).
+    out_failed: Option<String>,
     // stdout reordering
     next_out: u64,
     pending_out: BTreeMap<u64, (Vec<u8>, u64, StreamAddr)>,
@@ -892,6 +894,7 @@ impl Coordinator {
             activity: activity.clone(),
             hde: None,
             qemu: None,
+            out_failed: None,
             next_out: 0,
             pending_out: BTreeMap::new(),
             outcome: None,
@@ -924,7 +927,7 @@ impl Coordinator {
                 sess.out = Out::Stdout;
                 if codecs & wire::CODEC_QEMU != 0 {
                     let dec = crate::qemu::Decoder::new().map_err(|e| (ErrorCode::Internal, e.to_string()))?;
-                    sess.qemu = Some(Box::new(Ok(dec)));
+                    sess.qemu = Some(Box::new(dec));
                 }
             }
             Sink::Dir(dir) => {
@@ -1038,22 +1041,21 @@ impl Coordinator {
             let (off, (d, sum, from)) = e.remove_entry();
             // A page-aware stream is rebuilt first; only verified bytes are written.
             let mut rebuilt = Vec::new();
-            let bytes = match s.qemu.as_deref_mut() {
-                None => &d,
-                Some(Err(_)) => &rebuilt,
-                Some(Ok(dec)) => match dec.push(&d, &mut rebuilt) {
-                    Ok(()) => &rebuilt,
-                    Err(err) => {
-                        let msg = format!("{err}; the destination gets nothing more");
-                        warn!(session = %hex(&session), name = %s.name, "{msg}");
-                        let _ = self.shards[from.0].send(ToShard::Reply { key: from.1, kind: FrameType::Error, payload: wire::encode_error(ErrorCode::DigestMismatch, &msg) });
-                        s.qemu = Some(Box::new(Err(msg)));
-                        return;
-                    }
+            let written = match (&s.out_failed, s.qemu.as_deref_mut()) {
+                (Some(_), _) => Ok(()),
+                (None, None) => out.write_all(&d).map_err(|e| (ErrorCode::Storage, e)),
+                (None, Some(dec)) => match dec.push(&d, &mut rebuilt) {
+                    Ok(()) => out.write_all(&rebuilt).map_err(|e| (ErrorCode::Storage, e)),
+                    Err(err) => Err((ErrorCode::DigestMismatch, std::io::Error::other(format!("{err}; the destination gets nothing more")))),
                 },
             };
-            if let Err(e) = out.write_all(bytes) {
-                warn!("writing standard output: {e}");
+            // A reader gone (a destination QEMU that exited) ends the session now, so the
+            // sender fails at once instead of stalling on chunks nobody acknowledges.
+            if let Err((code, e)) = written {
+                let msg = if code == ErrorCode::Storage { format!("writing standard output: {e} (the program reading it stopped)") } else { e.to_string() };
+                warn!(session = %hex(&session), name = %s.name, "{msg}");
+                let _ = self.shards[from.0].send(ToShard::Reply { key: from.1, kind: FrameType::Error, payload: wire::encode_error(code, &msg) });
+                s.out_failed = Some(msg);
                 return;
             }
             s.next_out += d.len() as u64;
@@ -1152,13 +1154,12 @@ impl RxSession {
         {
             return Err((ErrorCode::DigestMismatch, format!("commit declares {} bytes but the session opened with {sz}", commit.size)));
         }
-        match self.qemu.as_deref() {
-            Some(Err(why)) => return Err((ErrorCode::DigestMismatch, why.clone())),
-            Some(Ok(dec)) => {
-                let r = dec.finish().map_err(|e| (ErrorCode::DigestMismatch, e.to_string()))?;
-                info!(name = %self.name, qemu_bytes = r.output, pages = r.pages, fallback = ?r.fallback, "page-aware stream rebuilt and verified");
-            }
-            None => {}
+        if let Some(why) = &self.out_failed {
+            return Err((ErrorCode::Storage, why.clone()));
+        }
+        if let Some(dec) = self.qemu.as_deref() {
+            let r = dec.finish().map_err(|e| (ErrorCode::DigestMismatch, e.to_string()))?;
+            info!(name = %self.name, qemu_bytes = r.output, pages = r.pages, fallback = ?r.fallback, "page-aware stream rebuilt and verified");
         }
         if let Some(h) = self.hde.as_mut() {
             let deferred = std::mem::take(&mut h.deferred);

@@ -60,6 +60,53 @@ impl Qmp {
     }
 }
 
+/// When to tell QEMU to stop the VM and send the rest. QEMU decides that itself from its own
+/// estimate of the bandwidth, the bytes it wrote in the last 100 ms; writing into dwcp, which
+/// reads in bursts as its windows open, that estimate swings, and the migration can go on for
+/// round after round with a few MiB left. dwcp knows better: over the last two seconds QEMU's
+/// stream drained at the link's pace (compression included), so the rest takes `remaining /
+/// rate`. Once that fits in QEMU's downtime limit (after the first full pass), dwcp lifts the
+/// limit so QEMU completes at its next check. Free of I/O.
+#[derive(Debug)]
+pub struct Converge {
+    target: Duration,
+    samples: std::collections::VecDeque<(Duration, u64)>,
+    fired: bool,
+}
+
+/// The rate window.
+const RATE_WINDOW: Duration = Duration::from_secs(2);
+
+impl Converge {
+    /// Completes once the rest fits in `target` (QEMU's `downtime-limit`).
+    pub fn new(target: Duration) -> Self {
+        Self { target, samples: Default::default(), fired: false }
+    }
+
+    /// A `query-migrate` sample at `t`: `transferred` and `remaining` bytes, `round` (QEMU's
+    /// dirty-sync-count). Returns the expected downtime when it is time to complete (once).
+    pub fn observe(&mut self, t: Duration, transferred: u64, remaining: u64, round: u64) -> Option<Duration> {
+        self.samples.push_back((t, transferred));
+        while self.samples.len() > 2 && t.saturating_sub(self.samples[1].0) >= RATE_WINDOW {
+            self.samples.pop_front();
+        }
+        let (t0, b0) = *self.samples.front()?;
+        let span = t.saturating_sub(t0);
+        if self.fired || round < 2 || span < RATE_WINDOW / 2 {
+            return None;
+        }
+        let rate = transferred.saturating_sub(b0) as f64 / span.as_secs_f64();
+        if rate <= 0.0 {
+            return None;
+        }
+        let expected = Duration::from_secs_f64(remaining as f64 / rate);
+        (expected <= self.target).then(|| {
+            self.fired = true;
+            expected
+        })
+    }
+}
+
 /// Options of `dwcp migrate`.
 pub struct MigrateArgs {
     /// Source QEMU's QMP socket.
@@ -117,6 +164,10 @@ pub fn run(a: &MigrateArgs) -> Result<()> {
     // QEMU may report the migration complete before dwcp has its receiver's verdict: the exit
     // status file says when the sender is through.
     cmd.push_str(&format!(" > {0}.json 2> {0}; echo $? > {0}.rc", shell_quote(&log.display().to_string())));
+    let params = q.cmd("query-migrate-parameters", None)?;
+    let limit_ms = params["downtime-limit"].as_u64().unwrap_or(300);
+    let mut converge = Converge::new(Duration::from_millis(limit_ms));
+    let mut pushed: Option<(u64, Duration)> = None;
     let t0 = Instant::now();
     q.cmd("migrate", Some(json!({ "uri": format!("exec:{cmd}") })))?;
     let mut last_print = Instant::now();
@@ -124,15 +175,30 @@ pub fn run(a: &MigrateArgs) -> Result<()> {
         let r = q.cmd("query-migrate", None)?;
         let s = r["status"].as_str().unwrap_or("").to_string();
         let ram = &r["ram"];
-        if !a.json && last_print.elapsed() > Duration::from_millis(500) {
+        let round = ram["dirty-sync-count"].as_u64().unwrap_or(0);
+        if s == "active"
+            && let Some(expected) = converge.observe(t0.elapsed(), ram["transferred"].as_u64().unwrap_or(0), ram["remaining"].as_u64().unwrap_or(u64::MAX), round)
+        {
+            // QEMU completes at its next check once its threshold (bandwidth x limit) is above
+            // what remains.
+            q.cmd("migrate-set-parameters", Some(json!({ "downtime-limit": 60_000 })))?;
+            tracing::info!(round, expected_ms = expected.as_millis() as u64, "the rest fits in the downtime limit at the link's pace: QEMU may stop the VM");
+            pushed = Some((round, expected));
+        }
+        if last_print.elapsed() > Duration::from_millis(500) {
             last_print = Instant::now();
-            eprintln!(
-                "dwcp migrate: {s}, round {}, {} MiB sent, {} MiB remaining, dirtying {} pages/s",
+            let line = format!(
+                "{s}, round {}, {} MiB sent, {} MiB remaining, dirtying {} pages/s",
                 ram["dirty-sync-count"].as_u64().unwrap_or(0),
                 ram["transferred"].as_u64().unwrap_or(0) >> 20,
                 ram["remaining"].as_u64().unwrap_or(0) >> 20,
                 ram["dirty-pages-rate"].as_u64().unwrap_or(0)
             );
+            if a.json {
+                tracing::info!("{line}");
+            } else {
+                eprintln!("dwcp migrate: {line}");
+            }
         }
         if matches!(s.as_str(), "completed" | "failed" | "cancelled") {
             break r;
@@ -140,6 +206,9 @@ pub fn run(a: &MigrateArgs) -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     };
     let wall = t0.elapsed();
+    if pushed.is_some() {
+        let _ = q.cmd("migrate-set-parameters", Some(json!({ "downtime-limit": limit_ms })));
+    }
     let rc = log.with_extension("log.rc");
     let waited = Instant::now();
     while status["status"] != "failed" && !rc.exists() && waited.elapsed() < Duration::from_secs(120) {
@@ -157,6 +226,7 @@ pub fn run(a: &MigrateArgs) -> Result<()> {
         "downtime_ms": status["downtime"], "total_time_ms": status["total-time"],
         "rounds": ram["dirty-sync-count"], "ram_transferred": ram["transferred"],
         "source_vm": vm["status"], "transfer": send_json,
+        "completion": pushed.map(|(round, e)| json!({"round": round, "expected_downtime_ms": e.as_secs_f64() * 1e3})),
         "error": status.get("error-desc"),
     });
     if a.json {
@@ -166,6 +236,9 @@ pub fn run(a: &MigrateArgs) -> Result<()> {
         println!("  wall time     {:.2} s", wall.as_secs_f64());
         println!("  downtime      {} ms", status["downtime"]);
         println!("  rounds        {}", ram["dirty-sync-count"]);
+        if let Some((round, e)) = pushed {
+            println!("  completion    told QEMU to complete in round {round}: the rest fit in {:.0} ms at the link's pace", e.as_secs_f64() * 1e3);
+        }
         println!("  RAM sent      {} MiB", ram["transferred"].as_u64().unwrap_or(0) >> 20);
         println!("  source VM     {}", vm["status"].as_str().unwrap_or("?"));
         if let Some(g) = send_json["goodput_gbps"].as_f64() {
@@ -196,4 +269,42 @@ pub fn run(a: &MigrateArgs) -> Result<()> {
         bail!("the migration {}: {why}{}; the source VM is {}", status["status"].as_str().unwrap_or("?"), if last.is_empty() { String::new() } else { format!(" ({last})") }, vm["status"].as_str().unwrap_or("?"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(v: u64) -> Duration {
+        Duration::from_millis(v)
+    }
+
+    #[test]
+    fn completes_once_the_rest_fits_at_the_links_pace() {
+        let mut c = Converge::new(ms(300));
+        // 25 MB/s drained; the first pass (round 1) never completes, however little remains.
+        for i in 0..20u64 {
+            assert_eq!(c.observe(ms(i * 100), i * 2_500_000, 1_000_000, 1), None);
+        }
+        // Round 3, 10 MB left: 400 ms at 25 MB/s, above the limit.
+        assert_eq!(c.observe(ms(2000), 50_000_000, 10_000_000, 3), None);
+        // 5 MB left: 200 ms.
+        let e = c.observe(ms(2100), 52_500_000, 5_000_000, 3).expect("completes");
+        assert!(e > ms(150) && e < ms(250), "{e:?}");
+        // Once only.
+        assert_eq!(c.observe(ms(2200), 55_000_000, 1, 4), None);
+    }
+
+    #[test]
+    fn a_stalled_link_never_completes_early() {
+        let mut c = Converge::new(ms(300));
+        for i in 0..40u64 {
+            // Nothing drains (the rate is zero), however little remains.
+            assert_eq!(c.observe(ms(i * 100), 7_000_000, 4096, 5), None);
+        }
+        // A rate measured over too short a span does not count either.
+        let mut c = Converge::new(ms(300));
+        assert_eq!(c.observe(ms(0), 0, 1, 3), None);
+        assert_eq!(c.observe(ms(100), 10_000_000, 1, 3), None);
+    }
 }

@@ -17,9 +17,11 @@ use serde_json::{Value, json};
 
 static GUEST: Mutex<()> = Mutex::new(());
 
+/// A QEMU, leader of its own process group: dropping it also ends its `exec:` dwcp helpers.
 struct Vm(Child);
 impl Drop for Vm {
     fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", self.0.id())]).stderr(Stdio::null()).status();
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -105,7 +107,8 @@ impl Rig {
         if let Some(i) = incoming {
             c.args(["-incoming", &i]);
         }
-        Vm(c.spawn().expect("qemu-system-x86_64 (make vm-deps)"))
+        use std::os::unix::process::CommandExt;
+        Vm(c.process_group(0).spawn().expect("qemu-system-x86_64 (make vm-deps)"))
     }
     fn incoming(&self, port: u16) -> String {
         format!("exec:{} recv --listen 127.0.0.1:{port} --out - --once --key-file {} 2>{}", self.dwcp.display(), self.key.display(), self.dir.join("recv.log").display())
