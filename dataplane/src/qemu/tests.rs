@@ -231,7 +231,7 @@ fn a_capability_that_changes_ram_records_falls_back_to_passthrough_with_the_reas
     let (mut input, r2) = migration(9);
     // An XBZRLE record (QEMU with the xbzrle capability) opening round 2's pages.
     let at = r2.start + 5;
-    let rec = [&(3 * PAGE as u64 | 0x40 | F_CONTINUE).to_be_bytes()[..], &[1, 0, 4, 9, 9, 9, 9]].concat();
+    let rec = [&((3 * PAGE as u64) | 0x40 | F_CONTINUE).to_be_bytes()[..], &[1, 0, 4, 9, 9, 9, 9]].concat();
     input.splice(at..at, rec);
     let (enc, e, _) = encode(&input, &[r2.start + 7]);
     let why = e.report().fallback.clone().expect("falls back");
