@@ -7,6 +7,9 @@
 //! loss. Each run is limited to `--limit` seconds (a single lossy TCP stream can need far more:
 //! it is then reported as not finished, with the share it sent). Figures: total time, downtime,
 //! rounds, RAM bytes sent (for dwcp: QEMU's stream and the bytes dwcp put on its streams).
+//! QEMU picks no congestion control: its streams get the host's default. It runs once with
+//! the namespaces' default as the host has it, and (plain and multifd, `METHOD@cubic`) with
+//! cubic, Debian's default; speedups are reported against both.
 //!
 //!   bench-migrate [--limit 90] [--profiles clean,50ms,150ms] [--methods plain,xbzrle,multifd+zstd,tunnel,pages]
 
@@ -85,7 +88,39 @@ impl Env {
     }
 
     /// One migration; returns its figures.
-    fn run(&self, method: &str, limit: Duration) -> Value {
+    fn run(&self, label: &str, limit: Duration) -> Value {
+        // `METHOD@CC`: QEMU's own migration with CC as the namespaces' default congestion
+        // control (QEMU does not choose one: it gets the host's; Debian's default is cubic).
+        let (method, cc) = label.split_once('@').unwrap_or((label, ""));
+        let sysctl = "net.ipv4.tcp_congestion_control";
+        let before: Vec<String> = ["dwcp-a", "dwcp-b"]
+            .iter()
+            .map(|ns| {
+                let o = in_ns(ns, &["sysctl".into(), "-n".into(), sysctl.into()]).output().expect("sysctl");
+                String::from_utf8_lossy(&o.stdout).trim().to_string()
+            })
+            .collect();
+        let set = |vals: &[&str]| {
+            for (ns, v) in ["dwcp-a", "dwcp-b"].iter().zip(vals) {
+                let ok = in_ns(ns, &["sysctl".into(), "-qw".into(), format!("{sysctl}={v}")]).status().is_ok_and(|s| s.success());
+                if !ok {
+                    die(&format!("cannot set {sysctl}={v} in {ns}"));
+                }
+            }
+        };
+        if !cc.is_empty() {
+            set(&[cc, cc]);
+        }
+        let mut r = self.run_one(method, limit);
+        if !cc.is_empty() {
+            set(&[&before[0], &before[1]]);
+        }
+        r["method"] = json!(label);
+        r["qemu_cc"] = json!(if cc.is_empty() { before[0].clone() } else { cc.to_string() });
+        r
+    }
+
+    fn run_one(&self, method: &str, limit: Duration) -> Value {
         for f in ["src.log", "dst.log", "src.qmp", "dst.qmp"] {
             let _ = std::fs::remove_file(self.dir.join(f));
         }
@@ -220,7 +255,8 @@ fn figures(method: &str, ok: bool, ended: bool, t0: Instant, resumed: Option<Dur
     let status = if ok { "completed" } else if ended { "failed" } else { "not finished" };
     let time_s = resumed.map_or(t0.elapsed().as_secs_f64(), |d| d.as_secs_f64());
     let downtime_ms = match (resumed, qemu_total_ms, qemu_down_ms) {
-        (Some(r), Some(t), Some(d)) if ok => Some((r.as_secs_f64() * 1e3 - (t - d)).max(d)),
+        // QEMU's total of 0 means it had not filled its figures in.
+        (Some(r), Some(t), Some(d)) if ok && t > 0.0 => Some((r.as_secs_f64() * 1e3 - (t - d)).max(d)),
         _ => None,
     };
     json!({
@@ -232,7 +268,7 @@ fn figures(method: &str, ok: bool, ended: bool, t0: Instant, resumed: Option<Dur
 
 fn main() {
     let (mut limit, mut profiles) = (90u64, vec!["clean".to_string(), "50ms".into(), "150ms".into()]);
-    let mut methods: Vec<String> = ["plain", "xbzrle", "multifd+zstd", "dwcp tunnel", "dwcp pages"].map(String::from).to_vec();
+    let mut methods: Vec<String> = ["plain", "xbzrle", "multifd+zstd", "plain@cubic", "multifd+zstd@cubic", "dwcp tunnel", "dwcp pages"].map(String::from).to_vec();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
     while let Some(k) = it.next() {
@@ -292,12 +328,15 @@ fn main() {
     // Speedups: best QEMU time / best dwcp time (a run that did not finish counts as the limit).
     let dwcp = |r: &Value| r["method"].as_str().is_some_and(|m| m.starts_with("dwcp"));
     let time = |r: &Value| if r["status"] == "completed" { r["time_s"].as_f64().unwrap_or(f64::INFINITY) } else { f64::INFINITY };
-    let speedup = |p: &str| -> Option<f64> {
+    // `cubic`: against QEMU on Debian's default congestion control only.
+    let speedup_vs = |p: &str, cubic_only: bool| -> Option<f64> {
         let rows = all.get(p)?.as_array()?;
-        let best_native = rows.iter().filter(|r| !dwcp(r)).map(time).fold(f64::INFINITY, f64::min);
+        let native = |r: &&Value| !dwcp(r) && (!cubic_only || r["qemu_cc"] == "cubic");
+        let best_native = rows.iter().filter(native).map(time).fold(f64::INFINITY, f64::min);
         let ours = rows.iter().filter(|r| dwcp(r)).map(time).fold(f64::INFINITY, f64::min);
-        Some(if best_native.is_infinite() { limit as f64 } else { best_native } / ours)
+        rows.iter().any(|r| native(&r)).then(|| if best_native.is_infinite() { limit as f64 } else { best_native } / ours)
     };
+    let speedup = |p: &str| speedup_vs(p, false);
     let downtime_ratio = profiles
         .iter()
         .filter_map(|p| {
@@ -310,6 +349,7 @@ fn main() {
         .fold(f64::NAN, f64::max);
     let j = json!({
         "speedup_clean": speedup("clean"), "speedup_50ms": speedup("50ms"), "speedup_150ms": speedup("150ms"),
+        "speedup_clean_vs_cubic": speedup_vs("clean", true), "speedup_50ms_vs_cubic": speedup_vs("50ms", true), "speedup_150ms_vs_cubic": speedup_vs("150ms", true),
         "downtime_ratio": if downtime_ratio.is_nan() { Value::Null } else { json!(downtime_ratio) },
         "limit_s": limit, "methods": methods, "runs": all,
     });

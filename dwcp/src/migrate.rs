@@ -215,6 +215,12 @@ pub fn run(a: &MigrateArgs) -> Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
     let _ = std::fs::remove_file(&rc);
+    // QEMU fills in its total and downtime figures only once it has closed the channel, which
+    // waits for dwcp's sender: ask again now that it is through.
+    let status = match q.cmd("query-migrate", None) {
+        Ok(r) if r["status"] == status["status"] && r["total-time"].as_u64().unwrap_or(0) > 0 => r,
+        _ => status,
+    };
     let send_err = std::fs::read_to_string(&log).unwrap_or_default();
     let send_json: Value = std::fs::read_to_string(log.with_extension("log.json")).ok().and_then(|s| serde_json::from_str(s.trim()).ok()).unwrap_or(Value::Null);
     let _ = std::fs::remove_file(&log);
