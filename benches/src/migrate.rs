@@ -92,31 +92,38 @@ impl Env {
         // `METHOD@CC`: QEMU's own migration with CC as the namespaces' default congestion
         // control (QEMU does not choose one: it gets the host's; Debian's default is cubic).
         let (method, cc) = label.split_once('@').unwrap_or((label, ""));
-        let sysctl = "net.ipv4.tcp_congestion_control";
-        let before: Vec<String> = ["dwcp-a", "dwcp-b"]
+        // Per namespace: its route to the peer, as `ip route` prints it.
+        let routes: Vec<(&str, String)> = [("dwcp-a", "10.77.0.2"), ("dwcp-b", "10.77.0.1")]
             .iter()
-            .map(|ns| {
-                let o = in_ns(ns, &["sysctl".into(), "-n".into(), sysctl.into()]).output().expect("sysctl");
-                String::from_utf8_lossy(&o.stdout).trim().to_string()
+            .map(|(ns, peer)| {
+                let o = in_ns(ns, &["ip".into(), "route".into(), "show".into(), (*peer).into()]).output().expect("ip route");
+                (*ns, String::from_utf8_lossy(&o.stdout).trim().to_string())
             })
             .collect();
-        let set = |vals: &[&str]| {
-            for (ns, v) in ["dwcp-a", "dwcp-b"].iter().zip(vals) {
-                let ok = in_ns(ns, &["sysctl".into(), "-qw".into(), format!("{sysctl}={v}")]).status().is_ok_and(|s| s.success());
-                if !ok {
-                    die(&format!("cannot set {sysctl}={v} in {ns}"));
+        let default_cc = {
+            let o = in_ns("dwcp-a", &["sysctl".into(), "-n".into(), "net.ipv4.tcp_congestion_control".into()]).output().expect("sysctl");
+            String::from_utf8_lossy(&o.stdout).trim().to_string()
+        };
+        // The route's `congctl` (a namespace may not make a restricted algorithm its default).
+        let set = |extra: &[&str]| {
+            for (ns, route) in &routes {
+                let mut a: Vec<String> = vec!["ip".into(), "route".into(), "change".into()];
+                a.extend(route.split_whitespace().map(String::from));
+                a.extend(extra.iter().map(|x| x.to_string()));
+                if !in_ns(ns, &a).status().is_ok_and(|s| s.success()) {
+                    die(&format!("cannot set {extra:?} on the route in {ns}"));
                 }
             }
         };
         if !cc.is_empty() {
-            set(&[cc, cc]);
+            set(&["congctl", cc]);
         }
         let mut r = self.run_one(method, limit);
         if !cc.is_empty() {
-            set(&[&before[0], &before[1]]);
+            set(&[]);
         }
         r["method"] = json!(label);
-        r["qemu_cc"] = json!(if cc.is_empty() { before[0].clone() } else { cc.to_string() });
+        r["qemu_cc"] = json!(if cc.is_empty() { default_cc } else { cc.to_string() });
         r
     }
 

@@ -147,9 +147,12 @@ pub fn run(a: &MigrateArgs) -> Result<()> {
     );
     // Backpressure: QEMU paces its rounds (and decides when to stop the VM) by how fast the
     // pipe drains, so dwcp must not buffer much more than the link holds, or QEMU stops the
-    // VM while most of the stream still waits in dwcp's queues. Small chunks and a short
-    // window keep the read-ahead to a few MiB, unless the user's flags (after `--`) set them.
-    for (flag, v) in [("--chunk-size", "256KiB"), ("--window", "4")] {
+    // VM while most of the stream still waits in dwcp's queues. Small chunks, and a window that
+    // `dwcp send --qemu` sizes from its probe (about two bandwidth-delay products), keep the
+    // read-ahead small, unless the user's flags (after `--`) set them.
+    // Tunnel mode keeps the fixed window it had (4 chunks per stream).
+    let fixed: &[(&str, &str)] = if a.pages { &[("--chunk-size", "256KiB")] } else { &[("--chunk-size", "256KiB"), ("--window", "4")] };
+    for &(flag, v) in fixed {
         if !a.send_flags.iter().any(|f| f == flag || f.starts_with(&format!("{flag}="))) {
             cmd.push_str(&format!(" {flag} {v}"));
         }
