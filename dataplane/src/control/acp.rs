@@ -276,9 +276,7 @@ impl Acp for Delay {
             }
         }
         self.peak = if q <= EMPTY_QUEUE { g } else { self.peak.max(g) };
-        // A queue above target that stands through our backing off; noise about the limit
-        // (1.2, 1.3, 1.2...) counts, or it would reset the count and never let go.
-        self.queued = if q > QUEUE_TARGET { self.queued + 1 } else { 0 };
+        self.queued = if q > TARGET_INFLATION { self.queued + 1 } else { 0 };
         if self.queued >= COMPETE_AFTER {
             self.competing = Some(0);
             return Decision::default();
