@@ -132,7 +132,8 @@ pub fn xbzrle_decode(old: &[u8], delta: &[u8], out: &mut [u8]) -> Option<()> {
     (at <= out.len()).then_some(())
 }
 
-fn put_leb(out: &mut Vec<u8>, mut v: u64) {
+/// Appends `v` as LEB128.
+pub(crate) fn put_leb(out: &mut Vec<u8>, mut v: u64) {
     loop {
         let b = (v & 0x7f) as u8;
         v >>= 7;
@@ -144,7 +145,8 @@ fn put_leb(out: &mut Vec<u8>, mut v: u64) {
     }
 }
 
-fn get_leb(d: &[u8]) -> Option<(u64, &[u8])> {
+/// Reads a LEB128 number; returns it and the rest.
+pub(crate) fn get_leb(d: &[u8]) -> Option<(u64, &[u8])> {
     let mut v = 0u64;
     for (i, &b) in d.iter().enumerate().take(10) {
         v |= u64::from(b & 0x7f) << (7 * i);

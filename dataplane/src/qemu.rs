@@ -33,7 +33,7 @@ use std::collections::HashSet;
 use thiserror::Error;
 use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 
-use crate::hde::{self, EncodeStats, PAGE, PageStore};
+use crate::hde::{self, EncodeStats, PAGE, PageStore, put_leb};
 
 const MAGIC: &[u8; 4] = b"DWQ1";
 /// QEMU's stream magic ("QEVM") and the version it writes.
@@ -377,29 +377,11 @@ impl std::fmt::Debug for Encoder {
     }
 }
 
-fn put_leb(out: &mut Vec<u8>, mut v: u64) {
-    loop {
-        let b = (v & 0x7f) as u8;
-        v >>= 7;
-        if v == 0 {
-            out.push(b);
-            return;
-        }
-        out.push(b | 0x80);
-    }
-}
-
+/// A LEB128 number at `*at` (HDE's encoding), moving `at` past it.
 fn get_leb(b: &[u8], at: &mut usize) -> Option<u64> {
-    let mut v = 0u64;
-    for shift in (0..64).step_by(7) {
-        let x = *b.get(*at)?;
-        *at += 1;
-        v |= u64::from(x & 0x7f) << shift;
-        if x & 0x80 == 0 {
-            return Some(v);
-        }
-    }
-    None
+    let (v, rest) = hde::get_leb(b.get(*at..)?)?;
+    *at = b.len() - rest.len();
+    Some(v)
 }
 
 fn record(out: &mut Vec<u8>, tag: u8, body: &[&[u8]]) {

@@ -1114,7 +1114,7 @@ fn read_stdin(tx: crossbeam_channel::Sender<Chunk>, chunk: usize, shared: &Share
         while !eof && pending.len() < chunk {
             let want = match &enc {
                 Some(_) => input.len(),
-                None => chunk - pending.len(),
+                None => (chunk - pending.len()).min(input.len()),
             };
             let k = match stdin.read(&mut input[..want]) {
                 Ok(k) => k,
