@@ -92,7 +92,15 @@ impl Env {
         // `METHOD@CC`: QEMU's own migration with CC as the namespaces' default congestion
         // control (QEMU does not choose one: it gets the host's; Debian's default is cubic).
         let (method, cc) = label.split_once('@').unwrap_or((label, ""));
-        // Per namespace: its route to the peer, as `ip route` prints it.
+        if cc.is_empty() {
+            let o = in_ns("dwcp-a", &["sysctl".into(), "-n".into(), "net.ipv4.tcp_congestion_control".into()]).output().expect("sysctl");
+            let mut r = self.run_one(method, limit);
+            r["qemu_cc"] = json!(String::from_utf8_lossy(&o.stdout).trim());
+            r["method"] = json!(label);
+            return r;
+        }
+        // The routes' `congctl` (a namespace may not make a restricted algorithm its default):
+        // each namespace's route to its peer, as `ip route` prints it, changed and then restored.
         let routes: Vec<(&str, String)> = [("dwcp-a", "10.77.0.2"), ("dwcp-b", "10.77.0.1")]
             .iter()
             .map(|(ns, peer)| {
@@ -100,11 +108,6 @@ impl Env {
                 (*ns, String::from_utf8_lossy(&o.stdout).trim().to_string())
             })
             .collect();
-        let default_cc = {
-            let o = in_ns("dwcp-a", &["sysctl".into(), "-n".into(), "net.ipv4.tcp_congestion_control".into()]).output().expect("sysctl");
-            String::from_utf8_lossy(&o.stdout).trim().to_string()
-        };
-        // The route's `congctl` (a namespace may not make a restricted algorithm its default).
         let set = |extra: &[&str]| {
             for (ns, route) in &routes {
                 let mut a: Vec<String> = vec!["ip".into(), "route".into(), "change".into()];
@@ -115,15 +118,11 @@ impl Env {
                 }
             }
         };
-        if !cc.is_empty() {
-            set(&["congctl", cc]);
-        }
+        set(&["congctl", cc]);
         let mut r = self.run_one(method, limit);
-        if !cc.is_empty() {
-            set(&[]);
-        }
+        set(&[]);
+        r["qemu_cc"] = json!(cc);
         r["method"] = json!(label);
-        r["qemu_cc"] = json!(if cc.is_empty() { default_cc } else { cc.to_string() });
         r
     }
 
@@ -173,7 +172,7 @@ impl Env {
         if let Some(mode) = method.strip_prefix("dwcp ") {
             // QEMU's QMP socket takes one client: `dwcp migrate` drives and reports it.
             drop(src);
-            let a: Vec<String> = vec![
+            let mut a: Vec<String> = vec![
                 dwcp.display().to_string(),
                 "-v".into(),
                 "migrate".into(),
@@ -187,7 +186,6 @@ impl Env {
                 mode.into(),
                 "--json".into(),
             ];
-            let mut a = a;
             // Extra `dwcp send` flags for experiments, e.g. DWCP_SEND_FLAGS="--zerocopy off".
             if let Ok(f) = std::env::var("DWCP_SEND_FLAGS") {
                 a.push("--".into());

@@ -384,6 +384,14 @@ fn get_leb(b: &[u8], at: &mut usize) -> Option<u64> {
     Some(v)
 }
 
+/// A skeleton item of a page record (1) or a zero-page record (2): `kind flags block index`.
+fn page_item(skel: &mut Vec<u8>, kind: u8, flags: u64, block: u32, index: u64) {
+    skel.push(kind);
+    put_leb(skel, flags);
+    put_leb(skel, u64::from(block));
+    put_leb(skel, index);
+}
+
 fn record(out: &mut Vec<u8>, tag: u8, body: &[&[u8]]) {
     let len: usize = body.iter().map(|b| b.len()).sum();
     out.push(tag);
@@ -431,11 +439,6 @@ impl Encoder {
         let o = std::mem::take(&mut self.out);
         self.report.output += o.len() as u64;
         o
-    }
-
-    /// Encoded bytes waiting in [`Encoder::take`].
-    pub fn ready(&self) -> usize {
-        self.out.len()
     }
 
     /// Feeds QEMU's bytes.
@@ -523,20 +526,14 @@ impl Encoder {
                 self.skel.extend_from_slice(bytes);
             }
             Item::Page { flags, block, index, .. } => {
-                self.skel.push(1);
-                put_leb(&mut self.skel, flags);
-                put_leb(&mut self.skel, u64::from(block));
-                put_leb(&mut self.skel, index);
+                page_item(&mut self.skel, 1, flags, block, index);
                 let no = page.expect("page");
                 self.pages.push((no, bytes[n - PAGE..].to_vec()));
                 self.in_batch.insert(no);
                 self.report.pages += 1;
             }
             Item::Zero { flags, block, index, fill, .. } => {
-                self.skel.push(2);
-                put_leb(&mut self.skel, flags);
-                put_leb(&mut self.skel, u64::from(block));
-                put_leb(&mut self.skel, index);
+                page_item(&mut self.skel, 2, flags, block, index);
                 self.skel.push(fill);
                 let no = page.expect("page");
                 self.pages.push((no, vec![fill; PAGE]));
@@ -607,11 +604,6 @@ impl Encoder {
         record(&mut self.out, b'E', &[&total.to_le_bytes(), &h.to_le_bytes()]);
         self.ended = true;
     }
-
-    /// Bytes of old pages the cache holds.
-    pub fn cache_bytes(&self) -> u64 {
-        self.cache.bytes()
-    }
 }
 
 // ---------------------------------------------------------------- decoder
@@ -656,6 +648,14 @@ pub enum QemuError {
     /// The stream ended without its end record.
     #[error("the page-aware stream ended without its end record (the source stopped mid-stream)")]
     Unfinished,
+}
+
+/// One item of a batch's skeleton, as the decoder reads it.
+enum SkelItem {
+    /// Bytes carried as they are: this range of the skeleton.
+    Bytes(std::ops::Range<usize>),
+    /// A page record (its page from the receiver's copy) or, with `fill`, a zero-page record.
+    Page { flags: u64, block: usize, index: u64, fill: Option<u8> },
 }
 
 struct Block {
@@ -754,9 +754,11 @@ impl Decoder {
     /// Feeds encoded bytes; appends the verified bytes of every complete record to `out`.
     pub fn push(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<(), QemuError> {
         self.buf.extend_from_slice(input);
+        // Records are decoded in place; the buffer is put back with what is left of it.
+        let buf = std::mem::take(&mut self.buf);
         let mut at = 0;
         let r = loop {
-            let Some(hdr) = self.buf.get(at..at + 5) else { break Ok(()) };
+            let Some(hdr) = buf.get(at..at + 5) else { break Ok(()) };
             let (tag, len) = (hdr[0], u32::from_le_bytes(hdr[1..5].try_into().expect("4")) as usize);
             if !self.started && (tag != b'H' || len != MAGIC.len()) {
                 break Err(QemuError::NotPageAware);
@@ -764,13 +766,13 @@ impl Decoder {
             if len > MAX_RECORD {
                 break Err(QemuError::Malformed { record: self.records, tag: tag as char, why: format!("{len} bytes long, more than any record can be") });
             }
-            let Some(body) = self.buf.get(at + 5..at + 5 + len) else { break Ok(()) };
-            let body = body.to_vec();
+            let Some(body) = buf.get(at + 5..at + 5 + len) else { break Ok(()) };
             at += 5 + len;
-            if let Err(e) = self.record(tag, &body, out) {
+            if let Err(e) = self.record(tag, body, out) {
                 break Err(e);
             }
         };
+        self.buf = buf;
         self.buf.drain(..at);
         r
     }
@@ -857,7 +859,7 @@ impl Decoder {
         let skel = self.zstd.decompress(skel_z, out_len + 64 * BATCH_PAGES + 4096).map_err(|_| bad("skeleton does not decode"))?;
         // Block definitions come first in their batch; the pages may refer to them.
         let mut at = 0;
-        let mut items = Vec::new();
+        let mut items: Vec<SkelItem> = Vec::new();
         while at < skel.len() {
             let t = skel[at];
             at += 1;
@@ -865,29 +867,30 @@ impl Decoder {
             match t {
                 0 => {
                     let n = leb()? as usize;
-                    items.push((0u8, at as u64, n as u64, 0, 0));
-                    at = at.checked_add(n).filter(|&e| e <= skel.len()).ok_or_else(|| bad("opaque bytes run past the skeleton"))?;
+                    let end = at.checked_add(n).filter(|&e| e <= skel.len()).ok_or_else(|| bad("opaque bytes run past the skeleton"))?;
+                    items.push(SkelItem::Bytes(at..end));
+                    at = end;
                 }
                 1 | 2 => {
                     let (flags, block, index) = (leb()?, leb()?, leb()?);
                     let fill = if t == 2 {
                         let f = *skel.get(at).ok_or_else(|| bad("skeleton truncated"))?;
                         at += 1;
-                        f
+                        Some(f)
                     } else {
-                        0
+                        None
                     };
                     let b = self.ram.blocks.get(block as usize).ok_or_else(|| bad("page of an undefined RAM block"))?;
                     if index >= b.pages || flags & !FLAG_MASK != 0 {
                         return Err(bad("page outside its RAM block"));
                     }
-                    items.push((t, flags, block, index, fill));
+                    items.push(SkelItem::Page { flags, block: block as usize, index, fill });
                 }
                 3 => {
                     let n = leb()? as usize;
-                    let name = skel.get(at..at + n).ok_or_else(|| bad("skeleton truncated"))?;
-                    let name = String::from_utf8_lossy(name).into_owned();
-                    at += n;
+                    let end = at.checked_add(n).filter(|&e| e <= skel.len()).ok_or_else(|| bad("skeleton truncated"))?;
+                    let name = String::from_utf8_lossy(&skel[at..end]).into_owned();
+                    at = end;
                     let pages = get_leb(&skel, &mut at).ok_or_else(|| bad("skeleton truncated"))?;
                     if pages == 0 || pages > (1 << 36) {
                         return Err(bad("RAM block size out of range"));
@@ -911,36 +914,46 @@ impl Decoder {
             let (block, page) = name_of(&self.ram, d.no);
             return Err(QemuError::Page { record, block, page, why: "duplicate of a page that does not hold what the source said".into() });
         }
-        let mut rebuilt = Vec::with_capacity(out_len);
-        for (t, a, b, c, fill) in items {
-            match t {
-                0 => rebuilt.extend_from_slice(&skel[a as usize..(a + b) as usize]),
-                _ => {
-                    let (flags, block, index) = (a, b, c);
-                    let blk = &self.ram.blocks[block as usize];
-                    rebuilt.extend_from_slice(&((index * PAGE as u64) | flags).to_be_bytes());
+        // Rebuilt at the end of `out`, and taken back unless it verifies.
+        let start = out.len();
+        out.reserve(out_len);
+        for item in items {
+            match item {
+                SkelItem::Bytes(r) => out.extend_from_slice(&skel[r]),
+                SkelItem::Page { flags, block, index, fill } => {
+                    let blk = &self.ram.blocks[block];
+                    out.extend_from_slice(&((index * PAGE as u64) | flags).to_be_bytes());
                     if flags & F_CONTINUE == 0 {
-                        rebuilt.push(blk.name.len() as u8);
-                        rebuilt.extend_from_slice(blk.name.as_bytes());
+                        out.push(blk.name.len() as u8);
+                        out.extend_from_slice(blk.name.as_bytes());
                     }
-                    if t == 2 {
-                        rebuilt.push(fill);
-                    } else {
-                        let at = index as usize * PAGE;
-                        rebuilt.extend_from_slice(&blk.map[at..at + PAGE]);
+                    match fill {
+                        Some(f) => out.push(f),
+                        None => {
+                            let at = index as usize * PAGE;
+                            out.extend_from_slice(&blk.map[at..at + PAGE]);
+                        }
                     }
                     self.report.pages += 1;
                 }
             }
         }
-        if rebuilt.len() != out_len {
-            return Err(QemuError::Mismatch { record, what: "batch length" });
+        let rebuilt = &out[start..];
+        let verdict = if rebuilt.len() != out_len {
+            Err(QemuError::Mismatch { record, what: "batch length" })
+        } else if xxh3_64(rebuilt) != sum {
+            Err(QemuError::Mismatch { record, what: "batch XXH3" })
+        } else {
+            Ok(())
+        };
+        match verdict {
+            Ok(()) => {
+                self.whole.update(rebuilt);
+                self.report.output += rebuilt.len() as u64;
+            }
+            Err(_) => out.truncate(start),
         }
-        if xxh3_64(&rebuilt) != sum {
-            return Err(QemuError::Mismatch { record, what: "batch XXH3" });
-        }
-        self.release(&rebuilt, out);
-        Ok(())
+        verdict
     }
 }
 

@@ -1041,18 +1041,18 @@ impl Coordinator {
             let (off, (d, sum, from)) = e.remove_entry();
             // A page-aware stream is rebuilt first; only verified bytes are written.
             let mut rebuilt = Vec::new();
-            let written = match (&s.out_failed, s.qemu.as_deref_mut()) {
-                (Some(_), _) => Ok(()),
-                (None, None) => out.write_all(&d).map_err(|e| (ErrorCode::Storage, e)),
-                (None, Some(dec)) => match dec.push(&d, &mut rebuilt) {
-                    Ok(()) => out.write_all(&rebuilt).map_err(|e| (ErrorCode::Storage, e)),
-                    Err(err) => Err((ErrorCode::DigestMismatch, std::io::Error::other(format!("{err}; the destination gets nothing more")))),
-                },
-            };
             // A reader gone (a destination QEMU that exited) ends the session now, so the
             // sender fails at once instead of stalling on chunks nobody acknowledges.
-            if let Err((code, e)) = written {
-                let msg = if code == ErrorCode::Storage { format!("writing standard output: {e} (the program reading it stopped)") } else { e.to_string() };
+            let reader_gone = |e: std::io::Error| (ErrorCode::Storage, format!("writing standard output: {e} (the program reading it stopped)"));
+            let written = match (&s.out_failed, s.qemu.as_deref_mut()) {
+                (Some(_), _) => Ok(()),
+                (None, None) => out.write_all(&d).map_err(reader_gone),
+                (None, Some(dec)) => match dec.push(&d, &mut rebuilt) {
+                    Ok(()) => out.write_all(&rebuilt).map_err(reader_gone),
+                    Err(err) => Err((ErrorCode::DigestMismatch, format!("{err}; the destination gets nothing more"))),
+                },
+            };
+            if let Err((code, msg)) = written {
                 warn!(session = %hex(&session), name = %s.name, "{msg}");
                 let _ = self.shards[from.0].send(ToShard::Reply { key: from.1, kind: FrameType::Error, payload: wire::encode_error(code, &msg) });
                 s.out_failed = Some(msg);

@@ -1103,7 +1103,8 @@ fn read_stdin(tx: crossbeam_channel::Sender<Chunk>, chunk: usize, shared: &Share
     let mut offset = 0u64;
     let mut n = 0u64;
     let mut pending: Vec<u8> = Vec::new();
-    let mut input = vec![0u8; 256 << 10];
+    // The encoder's input; plain stdin is read straight into the chunk.
+    let mut input = if enc.is_some() { vec![0u8; 256 << 10] } else { Vec::new() };
     let mut eof = false;
     let fail = |what: String| {
         *shared.fatal.lock().expect("fatal lock") = Some((ErrorCode::Internal, what));
@@ -1112,36 +1113,47 @@ fn read_stdin(tx: crossbeam_channel::Sender<Chunk>, chunk: usize, shared: &Share
     loop {
         // Fill `pending` up to a chunk, from stdin directly or through the encoder.
         while !eof && pending.len() < chunk {
-            let want = match &enc {
-                Some(_) => input.len(),
-                None => (chunk - pending.len()).min(input.len()),
-            };
-            let k = match stdin.read(&mut input[..want]) {
-                Ok(k) => k,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return fail(format!("reading standard input: {e}")),
-            };
-            match enc.as_mut() {
-                None if k == 0 => eof = true,
-                None => pending.extend_from_slice(&input[..k]),
-                Some(e) => {
-                    if k == 0 {
-                        e.finish();
-                        eof = true;
-                    } else {
-                        let before = e.report().fallback.is_some();
-                        e.push(&input[..k]);
-                        if let (false, Some(why)) = (before, &e.report().fallback) {
-                            warn!("page-aware mode fell back to tunnel mode for the rest of the stream: {why}");
+            let Some(e) = enc.as_mut() else {
+                // Plain stdin (nothing is ever left over between chunks): read straight into
+                // a chunk's buffer, zeroed once.
+                let mut buf = vec![0u8; chunk];
+                let mut filled = 0;
+                while filled < chunk {
+                    match stdin.read(&mut buf[filled..]) {
+                        Ok(0) => {
+                            eof = true;
+                            break;
                         }
-                        // A short read: QEMU paused (between rounds, or rate-limited).
-                        if k < want {
-                            e.flush();
-                        }
+                        Ok(k) => filled += k,
+                        Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(err) => return fail(format!("reading standard input: {err}")),
                     }
-                    pending.extend(e.take());
+                }
+                buf.truncate(filled);
+                debug_assert!(pending.is_empty());
+                pending = buf;
+                break;
+            };
+            let k = match stdin.read(&mut input) {
+                Ok(k) => k,
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(err) => return fail(format!("reading standard input: {err}")),
+            };
+            if k == 0 {
+                e.finish();
+                eof = true;
+            } else {
+                let before = e.report().fallback.is_some();
+                e.push(&input[..k]);
+                if let (false, Some(why)) = (before, &e.report().fallback) {
+                    warn!("page-aware mode fell back to tunnel mode for the rest of the stream: {why}");
+                }
+                // A short read: QEMU paused (between rounds, or rate-limited).
+                if k < input.len() {
+                    e.flush();
                 }
             }
+            pending.extend(e.take());
         }
         if pending.is_empty() {
             break;

@@ -422,7 +422,7 @@ fn cmd_send(a: SendArgs) -> Result<()> {
         let compress = match a.compress.as_str() {
             "auto" => send::Compress::Auto,
             "off" => send::Compress::Off,
-            l => send::Compress::Level(l.parse().ok().filter(|l| (1..=19).contains(l)).context("--compress takes auto, off or a zstd level 1-19")?),
+            l => send::Compress::Level(zstd_level(l)?),
         };
         let round_of = match &a.round_of {
             Some(p) => {
@@ -442,7 +442,7 @@ fn cmd_send(a: SendArgs) -> Result<()> {
             // to a few Gbit/s on one core.
             "auto" => 3,
             "off" => 1,
-            l => l.parse().ok().filter(|l| (1..=19).contains(l)).context("--compress takes auto, off or a zstd level 1-19")?,
+            l => zstd_level(l)?,
         };
         let cache_bytes = fmt::parse_size(&a.hde_cache).map_err(anyhow::Error::msg).context("--hde-cache")?;
         opts.qemu = Some(send::QemuPages { level, cache_bytes });
@@ -524,6 +524,11 @@ fn cmd_send(a: SendArgs) -> Result<()> {
         bail!("the receiver's digest did not match ours");
     }
     Ok(())
+}
+
+/// `--compress LEVEL`: a zstd level 1-19.
+fn zstd_level(l: &str) -> Result<i32> {
+    l.parse().ok().filter(|l| (1..=19).contains(l)).context("--compress takes auto, off or a zstd level 1-19")
 }
 
 /// The window of a QEMU migration stream: QEMU decides when to stop the VM by how fast its

@@ -191,8 +191,7 @@ pub fn run(a: &MigrateArgs) -> Result<()> {
         if last_print.elapsed() > Duration::from_millis(500) {
             last_print = Instant::now();
             let line = format!(
-                "{s}, round {}, {} MiB sent, {} MiB remaining, dirtying {} pages/s",
-                ram["dirty-sync-count"].as_u64().unwrap_or(0),
+                "{s}, round {round}, {} MiB sent, {} MiB remaining, dirtying {} pages/s",
                 ram["transferred"].as_u64().unwrap_or(0) >> 20,
                 ram["remaining"].as_u64().unwrap_or(0) >> 20,
                 ram["dirty-pages-rate"].as_u64().unwrap_or(0)
@@ -225,6 +224,8 @@ pub fn run(a: &MigrateArgs) -> Result<()> {
         _ => status,
     };
     let send_err = std::fs::read_to_string(&log).unwrap_or_default();
+    // The sender's last error line, if it logged one.
+    let send_error = send_err.lines().rfind(|l| l.contains("error"));
     let send_json: Value = std::fs::read_to_string(log.with_extension("log.json")).ok().and_then(|s| serde_json::from_str(s.trim()).ok()).unwrap_or(Value::Null);
     let _ = std::fs::remove_file(&log);
     let _ = std::fs::remove_file(log.with_extension("log.json"));
@@ -270,12 +271,11 @@ pub fn run(a: &MigrateArgs) -> Result<()> {
         // QEMU counts a migration complete once it has written its stream into dwcp; if dwcp
         // could not confirm the destination verified it, the source stays paused: resuming it
         // could leave two running copies if the destination did start.
-        bail!("QEMU finished writing its stream but dwcp could not confirm the destination verified it ({}); the source VM is left {}: check the destination before resuming the source with `cont`", send_err.lines().rfind(|l| l.contains("error")).unwrap_or("no error logged"), vm["status"].as_str().unwrap_or("?"));
+        bail!("QEMU finished writing its stream but dwcp could not confirm the destination verified it ({}); the source VM is left {}: check the destination before resuming the source with `cont`", send_error.unwrap_or("no error logged"), vm["status"].as_str().unwrap_or("?"));
     }
     if status["status"] != "completed" {
         let why = status["error-desc"].as_str().unwrap_or("no reason given").to_string();
-        let last = send_err.lines().rfind(|l| l.contains("error")).unwrap_or("").to_string();
-        bail!("the migration {}: {why}{}; the source VM is {}", status["status"].as_str().unwrap_or("?"), if last.is_empty() { String::new() } else { format!(" ({last})") }, vm["status"].as_str().unwrap_or("?"));
+        bail!("the migration {}: {why}{}; the source VM is {}", status["status"].as_str().unwrap_or("?"), send_error.map_or(String::new(), |l| format!(" ({l})")), vm["status"].as_str().unwrap_or("?"));
     }
     Ok(())
 }
