@@ -56,6 +56,28 @@ impl Qmp {
             }
         }
     }
+
+    /// The timestamp (seconds of the host's real-time clock, as QEMU stamps its events) of the
+    /// first `name` event on this connection, waiting up to `wait` for it.
+    fn event_time(&mut self, name: &str, wait: Duration) -> Option<f64> {
+        let t = Instant::now();
+        self.1.set_read_timeout(Some(Duration::from_millis(200))).ok()?;
+        while t.elapsed() < wait {
+            let mut l = String::new();
+            match self.0.read_line(&mut l) {
+                Ok(0) => return None,
+                Ok(_) => {
+                    let v: Value = serde_json::from_str(&l).unwrap_or(Value::Null);
+                    if v["event"] == name {
+                        let ts = &v["timestamp"];
+                        return Some(ts["seconds"].as_f64()? + ts["microseconds"].as_f64()? / 1e6);
+                    }
+                }
+                Err(_) => {}
+            }
+        }
+        None
+    }
 }
 
 struct Env {
@@ -79,6 +101,10 @@ impl Env {
         a.push(format!("file:{}", self.dir.join(format!("{tag}.log")).display()));
         a.push("-qmp".into());
         a.push(format!("unix:{},server,nowait", self.dir.join(format!("{tag}.qmp")).display()));
+        // A second monitor that only watches events: the downtime is read from QEMU's own
+        // timestamps (the source's STOP, the destination's RESUME), whoever drives the migration.
+        a.push("-qmp".into());
+        a.push(format!("unix:{},server,nowait", self.dir.join(format!("{tag}-ev.qmp")).display()));
         if !incoming.is_empty() {
             a.push("-incoming".into());
             a.push(incoming.into());
@@ -127,7 +153,7 @@ impl Env {
     }
 
     fn run_one(&self, method: &str, limit: Duration) -> Value {
-        for f in ["src.log", "dst.log", "src.qmp", "dst.qmp"] {
+        for f in ["src.log", "dst.log", "src.qmp", "dst.qmp", "src-ev.qmp", "dst-ev.qmp"] {
             let _ = std::fs::remove_file(self.dir.join(f));
         }
         let dwcp = self.root.join("target/release/dwcp");
@@ -147,6 +173,7 @@ impl Env {
         }
         let mut src = Qmp::connect(&self.dir.join("src.qmp"));
         let mut dst = Qmp::connect(&self.dir.join("dst.qmp"));
+        let mut watch = (Qmp::connect(&self.dir.join("src-ev.qmp")), Qmp::connect(&self.dir.join("dst-ev.qmp")));
         let caps = |q: &mut Qmp, c: &[&str]| {
             let list: Vec<Value> = c.iter().map(|n| json!({"capability": n, "state": true})).collect();
             q.cmd("migrate-set-capabilities", json!({"capabilities": list}))
@@ -214,7 +241,8 @@ impl Env {
             let line = reader.join().unwrap_or_default();
             let _ = std::fs::write(self.dir.join("migrate.json"), &line);
             let j: Value = serde_json::from_str(line.trim()).unwrap_or(Value::Null);
-            let mut r = figures(method, j["status"] == "completed" && resumed.is_some(), finished, t0, resumed, j["total_time_ms"].as_f64(), j["downtime_ms"].as_f64(), &j["rounds"], j["ram_transferred"].as_f64());
+            let ok = j["status"] == "completed" && resumed.is_some();
+            let mut r = figures(method, ok, finished, t0, resumed, downtime(&mut watch, ok), j["total_time_ms"].as_f64(), j["downtime_ms"].as_f64(), &j["rounds"], j["ram_transferred"].as_f64());
             r["wire_mib"] = json!(j["transfer"]["sent_bytes"].as_f64().unwrap_or(0.0) / 1048576.0);
             r["page_aware"] = j["transfer"]["qemu"].clone();
             return r;
@@ -245,25 +273,31 @@ impl Env {
             src.cmd("migrate_cancel", Value::Null);
         }
         let ok = last["status"] == "completed" && resumed.is_some();
-        let mut r = figures(method, ok, done, t0, resumed, last["total-time"].as_f64(), last["downtime"].as_f64(), &last["ram"]["dirty-sync-count"], last["ram"]["transferred"].as_f64());
+        let mut r = figures(method, ok, done, t0, resumed, downtime(&mut watch, ok), last["total-time"].as_f64(), last["downtime"].as_f64(), &last["ram"]["dirty-sync-count"], last["ram"]["transferred"].as_f64());
         r["share_sent"] = json!(last["ram"]["transferred"].as_f64().unwrap_or(0.0) / last["ram"]["total"].as_f64().unwrap_or(f64::NAN));
         r
     }
 }
 
-/// A run's figures, measured where the guest is: the time is until the destination VM runs;
-/// the downtime from the source's stop (QEMU's total time minus its downtime, both from the
-/// migration's start) to the destination running. QEMU's own figures are kept beside them: for
-/// an `exec:` tunnel QEMU counts only until it has written the stream into the pipe.
+/// The guest's downtime in ms, from the source's `STOP` to the destination's `RESUME`, both
+/// stamped by QEMU with the host's clock (both VMs run on this host).
+fn downtime(watch: &mut (Qmp, Qmp), ok: bool) -> Option<f64> {
+    if !ok {
+        return None;
+    }
+    let stop = watch.0.event_time("STOP", Duration::from_secs(5))?;
+    let resume = watch.1.event_time("RESUME", Duration::from_secs(5))?;
+    Some((resume - stop) * 1e3)
+}
+
+/// A run's figures, measured where the guest is: the time is until the destination VM runs
+/// (from the bench's start of the migration, dwcp's connection setup included); the downtime
+/// from the source's stop to the destination running. QEMU's own figures are kept beside them:
+/// for an `exec:` tunnel QEMU counts only until it has written the stream into the pipe.
 #[allow(clippy::too_many_arguments)]
-fn figures(method: &str, ok: bool, ended: bool, t0: Instant, resumed: Option<Duration>, qemu_total_ms: Option<f64>, qemu_down_ms: Option<f64>, rounds: &Value, sent: Option<f64>) -> Value {
+fn figures(method: &str, ok: bool, ended: bool, t0: Instant, resumed: Option<Duration>, downtime_ms: Option<f64>, qemu_total_ms: Option<f64>, qemu_down_ms: Option<f64>, rounds: &Value, sent: Option<f64>) -> Value {
     let status = if ok { "completed" } else if ended { "failed" } else { "not finished" };
     let time_s = resumed.map_or(t0.elapsed().as_secs_f64(), |d| d.as_secs_f64());
-    let downtime_ms = match (resumed, qemu_total_ms, qemu_down_ms) {
-        // QEMU's total of 0 means it had not filled its figures in.
-        (Some(r), Some(t), Some(d)) if ok && t > 0.0 => Some((r.as_secs_f64() * 1e3 - (t - d)).max(d)),
-        _ => None,
-    };
     json!({
         "method": method, "status": status, "time_s": time_s, "downtime_ms": downtime_ms,
         "qemu_total_ms": qemu_total_ms, "qemu_downtime_ms": qemu_down_ms,

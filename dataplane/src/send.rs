@@ -109,6 +109,10 @@ pub struct SendOptions {
     pub resume: bool,
     /// Unacknowledged chunks allowed per stream.
     pub window: usize,
+    /// Chunks read from a pipe ahead of the streams' windows (None: streams x window). A live
+    /// producer such as QEMU paces itself by how fast its pipe drains: what dwcp reads ahead
+    /// waits in its queue, and is still waiting when QEMU stops the VM.
+    pub read_ahead: Option<usize>,
     /// Zero-copy policy.
     pub zerocopy: ZeroCopy,
     /// A stream with no acknowledgement for this long is declared dead.
@@ -140,6 +144,7 @@ impl SendOptions {
             encrypt: true,
             resume: false,
             window: 32,
+            read_ahead: None,
             zerocopy: ZeroCopy::Auto,
             idle_timeout: Duration::from_secs(30),
             cores: None,
@@ -824,7 +829,7 @@ pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Resu
     let progress_total: u64 = plan.iter().map(|c| u64::from(c.1)).sum();
     progress.total.store(progress_total, Relaxed);
 
-    let (stdin_tx, stdin_rx) = crossbeam_channel::bounded::<Chunk>(usize::from(streams) * opts.window);
+    let (stdin_tx, stdin_rx) = crossbeam_channel::bounded::<Chunk>(opts.read_ahead.unwrap_or(usize::from(streams) * opts.window).max(1));
     let shared = Shared {
         plan,
         cursor: AtomicUsize::new(0),

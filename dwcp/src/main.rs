@@ -203,6 +203,11 @@ struct SendArgs {
     /// rounds by how fast its stream drains, so dwcp holds about two bandwidth-delay products.
     #[arg(long)]
     window: Option<usize>,
+    /// Chunks read from standard input ahead of the streams' windows (default: streams x
+    /// window; 1 with --qemu). A live producer paces itself by how fast its pipe drains: what
+    /// dwcp reads ahead is still queued when QEMU stops the VM, and adds to its downtime.
+    #[arg(long)]
+    read_ahead: Option<usize>,
     /// Zero-copy sends (IORING_OP_SEND_ZC): auto (when the kernel has it, on paths under 2 ms that are not loopback), on, off.
     #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
     zerocopy: String,
@@ -377,6 +382,7 @@ fn cmd_send(a: SendArgs) -> Result<()> {
     opts.encrypt = plan.encrypt;
     opts.resume = a.resume;
     opts.window = a.window.unwrap_or(32);
+    opts.read_ahead = a.read_ahead;
     opts.zerocopy = match a.zerocopy.as_str() {
         "on" => ZeroCopy::On,
         "off" => ZeroCopy::Off,
@@ -449,6 +455,7 @@ fn cmd_send(a: SendArgs) -> Result<()> {
         if a.window.is_none() {
             opts.window = qemu_window(&plan.report.probe, opts.chunk_size, plan.active);
         }
+        opts.read_ahead = Some(a.read_ahead.unwrap_or(1));
     }
     opts.control = send::ControlOptions {
         acp: match a.acp.as_str() {

@@ -151,7 +151,7 @@ pub fn run(a: &MigrateArgs) -> Result<()> {
     // `dwcp send --qemu` sizes from its probe (about two bandwidth-delay products), keep the
     // read-ahead small, unless the user's flags (after `--`) set them.
     // Tunnel mode keeps the fixed window it had (4 chunks per stream).
-    let fixed: &[(&str, &str)] = if a.pages { &[("--chunk-size", "256KiB")] } else { &[("--chunk-size", "256KiB"), ("--window", "4")] };
+    let fixed: &[(&str, &str)] = if a.pages { &[("--chunk-size", "256KiB")] } else { &[("--chunk-size", "256KiB"), ("--window", "4"), ("--read-ahead", "1")] };
     for &(flag, v) in fixed {
         if !a.send_flags.iter().any(|f| f == flag || f.starts_with(&format!("{flag}="))) {
             cmd.push_str(&format!(" {flag} {v}"));
