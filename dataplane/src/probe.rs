@@ -20,13 +20,17 @@ pub struct ProbeOptions {
     pub bulk_bytes: u64,
     /// Bytes per bulk frame.
     pub frame_bytes: usize,
+    /// Skip the bulk burst when the pings' minimum RTT is at or above this (a path the RTT
+    /// alone classifies; there the burst, still in slow start, costs many round trips and
+    /// measures little).
+    pub bulk_below_rtt: Option<Duration>,
     /// Connect and read timeout.
     pub timeout: Duration,
 }
 
 impl Default for ProbeOptions {
     fn default() -> Self {
-        Self { pings: 5, bulk_bytes: 8 << 20, frame_bytes: 256 << 10, timeout: Duration::from_secs(5) }
+        Self { pings: 5, bulk_bytes: 8 << 20, frame_bytes: 256 << 10, bulk_below_rtt: None, timeout: Duration::from_secs(5) }
     }
 }
 
@@ -70,7 +74,8 @@ pub fn measure(addr: &str, psk: &Psk, o: ProbeOptions) -> Result<PathEstimate, H
     }
     rtts.sort();
     let mut bw_bps = f64::NAN;
-    let frames = o.bulk_bytes.min(wire::MAX_PROBE_BULK).div_ceil(o.frame_bytes.max(1) as u64);
+    let bulk = o.bulk_below_rtt.is_none_or(|r| rtts[0] < r);
+    let frames = if bulk { o.bulk_bytes.min(wire::MAX_PROBE_BULK).div_ceil(o.frame_bytes.max(1) as u64) } else { 0 };
     if frames >= 2 {
         let pad = o.frame_bytes.min(wire::MAX_CONTROL_PAYLOAD as usize - ProbeMsg::LEN);
         for seq in 0..frames as u32 {

@@ -27,6 +27,7 @@ use crate::wire::{self, CODEC_RAW, Caps, ErrorCode, FrameType, Hello, ManifestDi
 
 #[cfg(feature = "rdma")]
 mod rdma;
+mod reorder;
 #[cfg(feature = "rdma")]
 pub use rdma::RdmaRecvOptions;
 
@@ -766,11 +767,13 @@ struct RxSession {
     qemu: Option<Box<crate::qemu::Decoder>>,
     /// Why standard output gets nothing more (a stream that did not rebuild, a reader gone).
     out_failed: Option<String>,
-    // stdout reordering
-    next_out: u64,
-    pending_out: BTreeMap<u64, (Vec<u8>, u64, StreamAddr)>,
+    /// Standard output's chunks, put back in order.
+    reorder: reorder::Reorder<StreamAddr>,
     outcome: Option<SessionOutcome>,
 }
+
+/// Bytes of standard-output chunks held ahead of a gap and acknowledged early.
+const REORDER_CAP: usize = 64 << 20;
 
 struct HdeRx {
     file: File,
@@ -895,8 +898,7 @@ impl Coordinator {
             hde: None,
             qemu: None,
             out_failed: None,
-            next_out: 0,
-            pending_out: BTreeMap::new(),
+            reorder: reorder::Reorder::new(REORDER_CAP),
             outcome: None,
         };
         // HDE is taken when it can be (a directory sink, whole pages, no resume); otherwise the
@@ -1028,17 +1030,14 @@ impl Coordinator {
 
     fn deliver(&mut self, session: [u8; 16], offset: u64, data: Vec<u8>, sum: u64, from: StreamAddr) {
         let Some(s) = self.sessions.get_mut(&session) else { return };
-        if offset < s.next_out {
-            let _ = self.shards[from.0].send(ToShard::Ack { key: from.1, offset });
-            return;
-        }
-        s.pending_out.insert(offset, (data, sum, from));
-        let mut out = std::io::stdout().lock();
-        while let Some(e) = s.pending_out.first_entry() {
-            if *e.key() != s.next_out {
-                break;
+        match s.reorder.arrive(offset, data, sum, from) {
+            reorder::Arrival::Stale | reorder::Arrival::AckedNow => {
+                let _ = self.shards[from.0].send(ToShard::Ack { key: from.1, offset });
             }
-            let (off, (d, sum, from)) = e.remove_entry();
+            reorder::Arrival::AckOnWrite => {}
+        }
+        let mut out = std::io::stdout().lock();
+        while let Some((off, reorder::Held { data: d, sum, ack })) = s.reorder.pop() {
             // A page-aware stream is rebuilt first; only verified bytes are written.
             let mut rebuilt = Vec::new();
             // A reader gone (a destination QEMU that exited) ends the session now, so the
@@ -1054,13 +1053,15 @@ impl Coordinator {
             };
             if let Err((code, msg)) = written {
                 warn!(session = %hex(&session), name = %s.name, "{msg}");
-                let _ = self.shards[from.0].send(ToShard::Reply { key: from.1, kind: FrameType::Error, payload: wire::encode_error(code, &msg) });
+                let to = ack.unwrap_or(from);
+                let _ = self.shards[to.0].send(ToShard::Reply { key: to.1, kind: FrameType::Error, payload: wire::encode_error(code, &msg) });
                 s.out_failed = Some(msg);
                 return;
             }
-            s.next_out += d.len() as u64;
             s.place(off, d.len() as u32, sum);
-            let _ = self.shards[from.0].send(ToShard::Ack { key: from.1, offset: off });
+            if let Some(to) = ack {
+                let _ = self.shards[to.0].send(ToShard::Ack { key: to.1, offset: off });
+            }
         }
     }
 
