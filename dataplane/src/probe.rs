@@ -14,8 +14,9 @@ use crate::wire::{self, FrameType, Hello, ProbeMsg, WireError};
 /// What to measure.
 #[derive(Debug, Clone, Copy)]
 pub struct ProbeOptions {
-    /// Ping round trips.
-    pub pings: u32,
+    /// RTT samples: the key exchange, the Hello's Welcome, and pings for the rest (at least
+    /// one, which also learns whether the receiver allows plaintext).
+    pub rtt_samples: u32,
     /// Bulk bytes for the delivery rate (0: RTT only).
     pub bulk_bytes: u64,
     /// Bytes per bulk frame.
@@ -30,7 +31,7 @@ pub struct ProbeOptions {
 
 impl Default for ProbeOptions {
     fn default() -> Self {
-        Self { pings: 5, bulk_bytes: 8 << 20, frame_bytes: 256 << 10, bulk_below_rtt: None, timeout: Duration::from_secs(5) }
+        Self { rtt_samples: 5, bulk_bytes: 8 << 20, frame_bytes: 256 << 10, bulk_below_rtt: None, timeout: Duration::from_secs(5) }
     }
 }
 
@@ -58,12 +59,14 @@ fn read_msg(conn: &mut Conn, during: &'static str) -> Result<ProbeMsg, Handshake
 
 /// Measures the path to the receiver at `addr`.
 pub fn measure(addr: &str, psk: &Psk, o: ProbeOptions) -> Result<PathEstimate, HandshakeError> {
-    let (mut conn, _) = handshake::connect(addr, psk, true, 0, o.timeout)?;
+    // The key exchange and the Hello's Welcome are round trips too: they count as samples.
+    let (mut conn, kx) = handshake::connect(addr, psk, true, 0, o.timeout)?;
+    let t = Instant::now();
     conn.write_frame(FrameType::Hello, 0, &Hello::Probe.encode())?;
     conn.expect(FrameType::Welcome, "opening a probe")?;
-    let mut rtts = Vec::new();
+    let mut rtts = vec![kx, t.elapsed()];
     let mut plaintext_ok = false;
-    for seq in 0..o.pings.max(1) {
+    for seq in 0..o.rtt_samples.saturating_sub(2).max(1) {
         let t = Instant::now();
         conn.write_frame(FrameType::Probe, 0, &ProbeMsg::Ping { seq }.encode(0))?;
         match read_msg(&mut conn, "waiting for a probe reply")? {

@@ -689,6 +689,11 @@ fn errno_text(res: i32) -> String {
     std::io::Error::from_raw_os_error(-res).to_string()
 }
 
+/// How long past their round trips the other streams may take to join.
+const JOIN_GRACE: Duration = Duration::from_millis(150);
+/// A path at least this long leaves late streams out (see `JOIN_GRACE`).
+const LONG_PATH: Duration = Duration::from_millis(10);
+
 fn hello_open(source: &Source, opts: &SendOptions, streams: u16, rdma: bool) -> Hello {
     let transports = if rdma { TRANSPORT_TCP | TRANSPORT_RDMA } else { TRANSPORT_TCP };
     let codecs = match &opts.hde {
@@ -741,9 +746,6 @@ pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Resu
     let cores = core_ids.len();
     let setup = |stream, source| SendError::Setup { stream, source };
 
-    // Stream 0 opens the session and measures the RTT that sizes the stream count.
-    let (mut c0, rtt) = handshake::connect(&opts.to, &opts.psk, opts.encrypt, 0, opts.idle_timeout).map_err(|e| setup(0, e))?;
-    let streams = opts.streams.unwrap_or_else(|| default_streams(cores, rtt)).max(1);
     // RDMA: the local queue pairs exist before the Hello asks for it; without a device (or with
     // encryption, which the RDMA path does not do) the reason is reported and TCP carries on.
     #[cfg_attr(not(feature = "rdma"), allow(unused_mut))]
@@ -770,6 +772,22 @@ pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Resu
     let want_rdma = rdma_local.is_some();
     #[cfg(not(feature = "rdma"))]
     let want_rdma = false;
+    // With the stream count known up front (and no RDMA, which uses stream 0 alone), the other
+    // streams connect and exchange keys while stream 0 opens the session: on a long path that
+    // saves two round trips before the first byte (a migration's downtime does not change, its
+    // total does).
+    let early: Vec<std::thread::JoinHandle<Result<Conn, SendError>>> = match opts.streams {
+        Some(n) if !want_rdma => (1..n.max(1))
+            .map(|i| {
+                let (to, psk, encrypt, idle) = (opts.to.clone(), opts.psk.clone(), opts.encrypt, opts.idle_timeout);
+                std::thread::spawn(move || handshake::connect(&to, &psk, encrypt, i, idle).map(|(c, _)| c).map_err(|e| SendError::Setup { stream: i, source: e }))
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    // Stream 0 opens the session and measures the RTT that sizes the stream count.
+    let (mut c0, rtt) = handshake::connect(&opts.to, &opts.psk, opts.encrypt, 0, opts.idle_timeout).map_err(|e| setup(0, e))?;
+    let streams = opts.streams.unwrap_or_else(|| default_streams(cores, rtt)).max(1);
     let hello = hello_open(&source, opts, streams, want_rdma);
     c0.write_frame(FrameType::Hello, 0, &hello.encode()).map_err(|e| setup(0, e))?;
     let (_, p) = c0.expect(FrameType::Welcome, "waiting for the receiver's welcome").map_err(|e| setup(0, e))?;
@@ -799,23 +817,62 @@ pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Resu
     // The remaining streams join in parallel (none over RDMA: stream 0 is its control channel).
     let streams = if on_rdma { 1 } else { streams };
     let mut conns: Vec<Conn> = vec![c0];
-    let joined: Vec<Result<Conn, SendError>> = std::thread::scope(|sc| {
-        let hs: Vec<_> = (1..streams)
-            .map(|i| {
-                let session = welcome.session;
-                sc.spawn(move || {
-                    let (mut c, _) = handshake::connect(&opts.to, &opts.psk, opts.encrypt, i, opts.idle_timeout).map_err(|e| setup(i, e))?;
-                    c.write_frame(FrameType::Hello, 0, &Hello::Join { session, index: i }.encode()).map_err(|e| setup(i, e))?;
-                    c.expect(FrameType::Welcome, "joining the session").map_err(|e| setup(i, e))?;
-                    Ok(c)
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().expect("join thread")).collect()
-    });
-    for c in joined {
-        conns.push(c?);
+    // Joins, in parallel. Every stream normally joins within a few round trips; one whose SYN
+    // or key exchange was lost waits out TCP's initial retransmission timeout (1 s). The
+    // transfer does not wait for it: streams not joined by the deadline are left out.
+    // A stream connected early needs one more round trip (its Join); one connected now, three.
+    let join_rtts = if early.is_empty() { 3 } else { 1 };
+    let mut early = early.into_iter();
+    let (jtx, jrx) = crossbeam_channel::unbounded::<(u16, Result<Option<Conn>, SendError>)>();
+    let cutoff = Arc::new(AtomicBool::new(false));
+    for i in 1..streams {
+        let pre = early.next();
+        let (to, psk, encrypt, idle, session) = (opts.to.clone(), opts.psk.clone(), opts.encrypt, opts.idle_timeout, welcome.session);
+        let (jtx, cutoff) = (jtx.clone(), cutoff.clone());
+        std::thread::spawn(move || {
+            let setup = |source| SendError::Setup { stream: i, source };
+            let join = || -> Result<Option<Conn>, SendError> {
+                let mut c = match pre {
+                    Some(h) => h.join().expect("connect thread")?,
+                    None => handshake::connect(&to, &psk, encrypt, i, idle).map_err(setup)?.0,
+                };
+                if cutoff.load(Relaxed) {
+                    return Ok(None);
+                }
+                c.write_frame(FrameType::Hello, 0, &Hello::Join { session, index: i }.encode()).map_err(setup)?;
+                c.expect(FrameType::Welcome, "joining the session").map_err(setup)?;
+                Ok(Some(c))
+            };
+            let _ = jtx.send((i, join()));
+        });
     }
+    drop(jtx);
+    // On a short path every stream joins within milliseconds unless the host is overloaded:
+    // there all are waited for (a stream count that depends on the host's load would surprise).
+    let allowed = rtt * join_rtts + JOIN_GRACE;
+    let deadline = Instant::now() + if rtt >= LONG_PATH { allowed } else { opts.idle_timeout };
+    let mut joined: Vec<(u16, Conn)> = Vec::new();
+    let mut waiting = streams - 1;
+    while waiting > 0 {
+        match jrx.recv_deadline(deadline) {
+            Ok((i, r)) => {
+                waiting -= 1;
+                if let Some(c) = r? {
+                    joined.push((i, c));
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    cutoff.store(true, Relaxed);
+    // A stream that joins after all is closed at once.
+    drop(jrx);
+    if waiting > 0 {
+        warn!(late = waiting, joined = joined.len() + 1, "streams not joined {} ms after the session opened (a lost packet waits for TCP's retransmission timeout): sending without them", allowed.as_millis());
+    }
+    joined.sort_by_key(|(i, _)| *i);
+    conns.extend(joined.into_iter().map(|(_, c)| c));
+    let streams = conns.len() as u16;
 
     // Plan: what the receiver lacks.
     let mut have = RangeSet::default();
