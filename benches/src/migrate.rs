@@ -1,17 +1,21 @@
-//! `make bench-migrate`: live migration of the same guest (`hw-tests/migrate-guest`, 256 MiB,
-//! 64 MiB of checked data, a loop dirtying 20 MiB/s) over the WAN rig (`hw-tests/wan`, source
-//! QEMU in `dwcp-a`, destination in `dwcp-b`), same run: QEMU's own migration (plain, xbzrle,
-//! multifd with 4 channels and zstd) against dwcp (`dwcp migrate`) in tunnel mode and in
-//! page-aware mode (RAM pages delta-encoded across rounds), on three links:
-//! 200 Mbit/s clean (2 ms), 200 Mbit/s at 50 ms with 0.1% loss, 200 Mbit/s at 150 ms with 1%
-//! loss. Each run is limited to `--limit` seconds (a single lossy TCP stream can need far more:
-//! it is then reported as not finished, with the share it sent). Figures: total time, downtime,
-//! rounds, RAM bytes sent (for dwcp: QEMU's stream and the bytes dwcp put on its streams).
-//! QEMU picks no congestion control: its streams get the host's default. It runs once with
-//! the namespaces' default as the host has it, and (plain and multifd, `METHOD@cubic`) with
-//! cubic, Debian's default; speedups are reported against both.
+//! `make bench-migrate`: live migration of the same guests (`hw-tests/migrate-guest`, 256 MiB)
+//! over the WAN rig (`hw-tests/wan`, source QEMU in `dwcp-a`, destination in `dwcp-b`), same
+//! run: QEMU's own migration (plain, xbzrle, multifd with 4 channels and zstd) against dwcp
+//! (`dwcp migrate`) in tunnel mode and in page-aware mode (RAM pages delta-encoded across
+//! rounds), on three links: 200 Mbit/s clean (2 ms), 200 Mbit/s at 50 ms with 0.1% loss,
+//! 200 Mbit/s at 150 ms with 1% loss. Two guests: `random` (64 MiB of random data, 4 MiB of
+//! random scratch rewritten over and over) and `mix` (16 MiB random, text, eight copies of a
+//! binary, a heap of records updated in place, 1 MiB/s of random scratch).
+//! Each run is limited to `--limit` seconds (a single lossy TCP stream can need far more: it is
+//! then reported as not finished, with the share it sent). Figures: total time (until the
+//! destination runs), downtime (QEMU's own event stamps: the source's STOP to the destination's
+//! RESUME), rounds, RAM bytes sent (for dwcp: QEMU's stream and the bytes dwcp put on its
+//! streams). QEMU picks no congestion control: its streams get the host's default. It runs once
+//! with the namespaces' default as the host has it, and (plain and multifd, `METHOD@cubic`) with
+//! cubic, Debian's default; speedups are reported against both, per guest and link
+//! (`speedup_150ms_mix`), and as headline figures the worst over the guests run.
 //!
-//!   bench-migrate [--limit 90] [--profiles clean,50ms,150ms] [--methods plain,xbzrle,multifd+zstd,tunnel,pages]
+//!   bench-migrate [--limit 90] [--profiles clean,50ms,150ms] [--methods plain,xbzrle,multifd+zstd,tunnel,pages] [--workloads random,mix]
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -83,6 +87,7 @@ impl Qmp {
 struct Env {
     root: PathBuf,
     dir: PathBuf,
+    initrd: PathBuf,
     kernel: String,
     key: PathBuf,
 }
@@ -96,7 +101,7 @@ fn in_ns(ns: &str, args: &[String]) -> Command {
 impl Env {
     fn qemu(&self, ns: &str, tag: &str, incoming: &str) -> Proc {
         let mut a: Vec<String> = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-m", "256", "-smp", "1", "-kernel", &self.kernel, "-initrd"].map(String::from).to_vec();
-        a.push(self.dir.join("initrd.gz").display().to_string());
+        a.push(self.initrd.display().to_string());
         a.extend(["-append", "console=ttyS0 quiet rdinit=/init", "-display", "none", "-nodefaults", "-serial"].map(String::from));
         a.push(format!("file:{}", self.dir.join(format!("{tag}.log")).display()));
         a.push("-qmp".into());
@@ -305,9 +310,20 @@ fn figures(method: &str, ok: bool, ended: bool, t0: Instant, resumed: Option<Dur
     })
 }
 
+/// Builds the guest's initramfs for `workload`.
+fn guest(root: &Path, dir: &Path, workload: &str) -> PathBuf {
+    let (out, mib) = (dir.join(format!("initrd-{workload}.gz")), if workload == "mix" { "16" } else { "64" });
+    let st = Command::new(root.join("hw-tests/migrate-guest")).arg("initrd").arg(&out).arg(mib).arg(workload).status().expect("migrate-guest");
+    if !st.success() {
+        die(&format!("building the {workload} guest failed"));
+    }
+    out
+}
+
 fn main() {
     let (mut limit, mut profiles) = (90u64, vec!["clean".to_string(), "50ms".into(), "150ms".into()]);
     let mut methods: Vec<String> = ["plain", "xbzrle", "multifd+zstd", "plain@cubic", "multifd+zstd@cubic", "dwcp tunnel", "dwcp pages"].map(String::from).to_vec();
+    let mut workloads = vec!["random".to_string(), "mix".into()];
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
     while let Some(k) = it.next() {
@@ -315,21 +331,17 @@ fn main() {
             ("--limit", Some(v)) => limit = v.parse().unwrap_or_else(|_| die("--limit takes seconds")),
             ("--profiles", Some(v)) => profiles = v.split(',').map(String::from).collect(),
             ("--methods", Some(v)) => methods = v.split(',').map(|m| if matches!(m, "tunnel" | "pages") { format!("dwcp {m}") } else { m.to_string() }).collect(),
-            _ => die("usage: bench-migrate [--limit SECONDS] [--profiles clean,50ms,150ms] [--methods plain,xbzrle,multifd+zstd,tunnel,pages]"),
+            ("--workloads", Some(v)) => workloads = v.split(',').map(String::from).collect(),
+            _ => die("usage: bench-migrate [--limit SECONDS] [--profiles clean,50ms,150ms] [--methods plain,xbzrle,multifd+zstd,tunnel,pages] [--workloads random,mix]"),
         }
     }
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_owned();
     let dir = root.join("target/bench/migrate");
     std::fs::create_dir_all(&dir).expect("target/bench/migrate");
-    let st = Command::new(root.join("hw-tests/migrate-guest")).arg("initrd").arg(dir.join("initrd.gz")).arg("64").status().expect("migrate-guest");
-    if !st.success() {
-        die("building the guest failed");
-    }
     let k = Command::new(root.join("hw-tests/migrate-guest")).arg("kernel").output().expect("kernel");
     let kernel = String::from_utf8_lossy(&k.stdout).trim().to_string();
     let key = dir.join("key");
     Command::new(root.join("target/release/dwcp")).args(["keygen", "--force"]).arg(&key).stderr(Stdio::null()).status().expect("keygen");
-    let env = Env { root: root.clone(), dir, kernel, key };
     let link = |p: &str| -> Vec<&'static str> {
         match p {
             "clean" => vec!["--rate", "200mbit", "--rtt", "2ms"],
@@ -338,61 +350,76 @@ fn main() {
             _ => die(&format!("unknown profile {p}")),
         }
     };
-    let mut all = serde_json::Map::new();
-    println!("{:<8} {:<14} {:>14} {:>9} {:>12} {:>7} {:>9} {:>9}", "link", "method", "status", "time s", "downtime ms", "rounds", "RAM MiB", "wire MiB");
-    for p in &profiles {
-        let up = Command::new(root.join("hw-tests/wan")).arg("up").args(link(p)).output().expect("wan up");
-        if !up.status.success() {
-            die(&format!("hw-tests/wan up: {}", String::from_utf8_lossy(&up.stderr)));
-        }
-        let mut rows = Vec::new();
-        for m in &methods {
-            let r = env.run(m, Duration::from_secs(limit));
-            println!(
-                "{:<8} {:<14} {:>14} {:>9.2} {:>12} {:>7} {:>9.1} {:>9}",
-                p,
-                m,
-                r["status"].as_str().unwrap_or("?"),
-                r["time_s"].as_f64().unwrap_or(f64::NAN),
-                r["downtime_ms"].to_string(),
-                r["rounds"].to_string(),
-                r["ram_sent_mib"].as_f64().unwrap_or(0.0),
-                r["wire_mib"].as_f64().map_or("-".to_string(), |w| format!("{w:.1}"))
-            );
-            rows.push(r);
-        }
-        let _ = Command::new(root.join("hw-tests/wan")).arg("down").status();
-        all.insert(p.clone(), Value::Array(rows));
-    }
-    // Speedups: best QEMU time / best dwcp time (a run that did not finish counts as the limit).
     let dwcp = |r: &Value| r["method"].as_str().is_some_and(|m| m.starts_with("dwcp"));
     let time = |r: &Value| if r["status"] == "completed" { r["time_s"].as_f64().unwrap_or(f64::INFINITY) } else { f64::INFINITY };
-    // `cubic`: against QEMU on Debian's default congestion control only.
-    let speedup_vs = |p: &str, cubic_only: bool| -> Option<f64> {
-        let rows = all.get(p)?.as_array()?;
-        let native = |r: &&Value| !dwcp(r) && (!cubic_only || r["qemu_cc"] == "cubic");
-        let best_native = rows.iter().filter(native).map(time).fold(f64::INFINITY, f64::min);
-        let ours = rows.iter().filter(|r| dwcp(r)).map(time).fold(f64::INFINITY, f64::min);
-        rows.iter().any(|r| native(&r)).then(|| if best_native.is_infinite() { limit as f64 } else { best_native } / ours)
+    let mut all = serde_json::Map::new();
+    let mut figures = serde_json::Map::new();
+    println!("{:<8} {:<8} {:<20} {:>14} {:>9} {:>12} {:>7} {:>9} {:>9}", "guest", "link", "method", "status", "time s", "downtime ms", "rounds", "RAM MiB", "wire MiB");
+    for w in &workloads {
+        let env = Env { root: root.clone(), dir: dir.clone(), initrd: guest(&root, &dir, w), kernel: kernel.clone(), key: key.clone() };
+        let mut by_profile = serde_json::Map::new();
+        for p in &profiles {
+            let up = Command::new(root.join("hw-tests/wan")).arg("up").args(link(p)).output().expect("wan up");
+            if !up.status.success() {
+                die(&format!("hw-tests/wan up: {}", String::from_utf8_lossy(&up.stderr)));
+            }
+            let mut rows = Vec::new();
+            for m in &methods {
+                let r = env.run(m, Duration::from_secs(limit));
+                println!(
+                    "{:<8} {:<8} {:<20} {:>14} {:>9.2} {:>12} {:>7} {:>9.1} {:>9}",
+                    w,
+                    p,
+                    m,
+                    r["status"].as_str().unwrap_or("?"),
+                    r["time_s"].as_f64().unwrap_or(f64::NAN),
+                    r["downtime_ms"].as_f64().map_or("-".to_string(), |d| format!("{d:.0}")),
+                    r["rounds"].to_string(),
+                    r["ram_sent_mib"].as_f64().unwrap_or(0.0),
+                    r["wire_mib"].as_f64().map_or("-".to_string(), |w| format!("{w:.1}"))
+                );
+                rows.push(r);
+            }
+            let _ = Command::new(root.join("hw-tests/wan")).arg("down").status();
+            // Speedups: best QEMU time / best dwcp time (a run that did not finish counts as the
+            // limit); `cubic`: against QEMU on Debian's default congestion control only.
+            let speedup_vs = |cubic_only: bool| -> Option<f64> {
+                let native = |r: &&Value| !dwcp(r) && (!cubic_only || r["qemu_cc"] == "cubic");
+                let best_native = rows.iter().filter(native).map(time).fold(f64::INFINITY, f64::min);
+                let ours = rows.iter().filter(|r| dwcp(r)).map(time).fold(f64::INFINITY, f64::min);
+                rows.iter().any(|r| native(&r)).then(|| if best_native.is_infinite() { limit as f64 } else { best_native } / ours)
+            };
+            // Downtime: the faster dwcp mode's against the least of QEMU's completed runs.
+            let native_down = rows.iter().filter(|r| !dwcp(r) && r["status"] == "completed").filter_map(|r| r["downtime_ms"].as_f64()).fold(f64::INFINITY, f64::min);
+            let ours_down = rows.iter().filter(|r| dwcp(r) && r["status"] == "completed").min_by(|a, b| time(a).total_cmp(&time(b))).and_then(|r| r["downtime_ms"].as_f64());
+            figures.insert(format!("speedup_{p}_{w}"), json!(speedup_vs(false)));
+            figures.insert(format!("speedup_{p}_vs_cubic_{w}"), json!(speedup_vs(true)));
+            figures.insert(format!("downtime_ratio_{p}_{w}"), json!(ours_down.filter(|_| native_down.is_finite()).map(|d| d / native_down)));
+            by_profile.insert(p.clone(), Value::Array(rows));
+        }
+        all.insert(w.clone(), Value::Object(by_profile));
+    }
+    // The headline figures are the worst over the guests run: no workload is picked to flatter.
+    let worst = |key: &dyn Fn(&str) -> String, max: bool| -> Value {
+        let v: Vec<f64> = workloads.iter().filter_map(|w| figures.get(&key(w)).and_then(Value::as_f64)).collect();
+        if v.is_empty() {
+            return Value::Null;
+        }
+        json!(if max { v.iter().copied().fold(f64::MIN, f64::max) } else { v.iter().copied().fold(f64::MAX, f64::min) })
     };
-    let speedup = |p: &str| speedup_vs(p, false);
-    let downtime_ratio = profiles
-        .iter()
-        .filter_map(|p| {
-            let rows = all.get(p)?.as_array()?;
-            let native = rows.iter().filter(|r| !dwcp(r) && r["status"] == "completed").filter_map(|r| r["downtime_ms"].as_f64()).fold(f64::INFINITY, f64::min);
-            // The faster dwcp mode's downtime.
-            let ours = rows.iter().filter(|r| dwcp(r) && r["status"] == "completed").min_by(|a, b| time(a).total_cmp(&time(b)))?["downtime_ms"].as_f64()?;
-            native.is_finite().then_some(ours / native)
-        })
-        .fold(f64::NAN, f64::max);
-    let j = json!({
-        "speedup_clean": speedup("clean"), "speedup_50ms": speedup("50ms"), "speedup_150ms": speedup("150ms"),
-        "speedup_clean_vs_cubic": speedup_vs("clean", true), "speedup_50ms_vs_cubic": speedup_vs("50ms", true), "speedup_150ms_vs_cubic": speedup_vs("150ms", true),
-        "downtime_ratio": if downtime_ratio.is_nan() { Value::Null } else { json!(downtime_ratio) },
-        "limit_s": limit, "methods": methods, "runs": all,
-    });
-    let line = j.to_string();
+    let mut j = serde_json::Map::new();
+    for p in ["clean", "50ms", "150ms"] {
+        j.insert(format!("speedup_{p}"), worst(&|w| format!("speedup_{p}_{w}"), false));
+        j.insert(format!("speedup_{p}_vs_cubic"), worst(&|w| format!("speedup_{p}_vs_cubic_{w}"), false));
+    }
+    let downs: Vec<f64> = figures.iter().filter(|(k, _)| k.starts_with("downtime_ratio_")).filter_map(|(_, v)| v.as_f64()).collect();
+    j.insert("downtime_ratio".into(), if downs.is_empty() { Value::Null } else { json!(downs.iter().copied().fold(f64::MIN, f64::max)) });
+    j.extend(figures);
+    j.insert("limit_s".into(), json!(limit));
+    j.insert("methods".into(), json!(methods));
+    j.insert("workloads".into(), json!(workloads));
+    j.insert("runs".into(), Value::Object(all));
+    let line = Value::Object(j).to_string();
     std::fs::write(root.join("target/bench/migrate.json"), &line).expect("migrate.json");
     println!("{line}");
 }

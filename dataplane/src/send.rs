@@ -109,6 +109,10 @@ pub struct SendOptions {
     pub resume: bool,
     /// Unacknowledged chunks allowed per stream.
     pub window: usize,
+    /// Bound each stream's bytes queued in the kernel and not yet sent (`TCP_NOTSENT_LOWAT`).
+    /// Unset, a socket buffer autotuned to several MiB holds what the window lets through; for a
+    /// live producer (QEMU) that queue still waits when it stops the VM.
+    pub notsent_lowat: Option<u32>,
     /// Chunks read from a pipe ahead of the streams' windows (None: streams x window). A live
     /// producer such as QEMU paces itself by how fast its pipe drains: what dwcp reads ahead
     /// waits in its queue, and is still waiting when QEMU stops the VM.
@@ -145,6 +149,7 @@ impl SendOptions {
             resume: false,
             window: 32,
             read_ahead: None,
+            notsent_lowat: None,
             zerocopy: ZeroCopy::Auto,
             idle_timeout: Duration::from_secs(30),
             cores: None,
@@ -919,6 +924,13 @@ pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Resu
     } else {
         let socks = conns.iter().map(|c| c.sock.as_fd().try_clone_to_owned()).collect::<Result<Vec<_>, _>>().map_err(|source| SendError::Io { during: "duplicating a stream socket for the monitor", source })?;
         let cc_error = control::set_cc(&socks, &opts.control);
+        if let Some(b) = opts.notsent_lowat {
+            for s in &socks {
+                if let Err(e) = crate::sys::set_notsent_lowat(s.as_raw_fd(), b) {
+                    warn!("TCP_NOTSENT_LOWAT: {e}; the kernel queues what the window allows");
+                }
+            }
+        }
         Some((socks, cc_error))
     };
     let nshards = cores.min(usize::from(streams));

@@ -75,6 +75,15 @@ pub fn set_max_pacing_rate(fd: std::os::fd::RawFd, bytes_per_s: u64) -> std::io:
     if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
+/// Bounds the bytes a TCP socket holds not yet sent (`TCP_NOTSENT_LOWAT`): past it the socket
+/// is not writable, so a queue builds in the producer, not in the kernel.
+pub fn set_notsent_lowat(fd: std::os::fd::RawFd, bytes: u32) -> std::io::Result<()> {
+    let v = bytes as libc::c_int;
+    // SAFETY: a c_int value of the size passed; the kernel reads that many bytes.
+    let rc = unsafe { libc::setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, (&raw const v).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t) };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
 /// Sets the socket's congestion control (`TCP_CONGESTION`), e.g. `bbr` or `cubic`.
 pub fn set_congestion(fd: std::os::fd::RawFd, name: &str) -> std::io::Result<()> {
     // SAFETY: a byte buffer of the length passed; the kernel copies at most that many bytes.

@@ -72,6 +72,10 @@ struct Rig {
 
 impl Rig {
     fn new(tag: &str) -> Rig {
+        Rig::with_guest(tag, "64", "random")
+    }
+    /// A rig whose guest runs `workload` (`hw-tests/migrate-guest`) with `mib` MiB of random data.
+    fn with_guest(tag: &str, mib: &str, workload: &str) -> Rig {
         let uid = Command::new("id").arg("-u").output().expect("id");
         assert_eq!(String::from_utf8_lossy(&uid.stdout).trim(), "0", "the migration rig needs root");
         let root = hw_tests::root();
@@ -80,7 +84,7 @@ impl Rig {
         let dir = std::env::temp_dir().join(format!("dwcp-migrate-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let st = Command::new(root.join("hw-tests/migrate-guest")).arg("initrd").arg(dir.join("initrd.gz")).arg("64").status().unwrap();
+        let st = Command::new(root.join("hw-tests/migrate-guest")).arg("initrd").arg(dir.join("initrd.gz")).arg(mib).arg(workload).status().unwrap();
         assert!(st.success(), "building the guest's initramfs");
         let k = Command::new(root.join("hw-tests/migrate-guest")).arg("kernel").output().unwrap();
         let kernel = String::from_utf8_lossy(&k.stdout).trim().to_string();
@@ -141,14 +145,13 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-#[test]
-fn a_vm_migrates_through_dwcp_and_its_data_checks_out() {
-    let _g = GUEST.lock().unwrap_or_else(|e| e.into_inner());
-    let rig = Rig::new("ok");
+/// Migrates the rig's guest page-aware through dwcp on loopback and checks it on the
+/// destination; returns `dwcp migrate`'s summary.
+fn migrate_and_check(rig: &Rig) -> Value {
     let port = free_port();
     let _src = rig.qemu("src", None);
     let _dst = rig.qemu("dst", Some(rig.incoming(port)));
-    assert!(wait_for(&rig.dir.join("src.log"), "CHECK ok 2", Duration::from_secs(90)), "the source guest did not come up");
+    assert!(wait_for(&rig.dir.join("src.log"), "CHECK ok 2", Duration::from_secs(120)), "the source guest did not come up");
     let out = rig.migrate(port, &[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let j: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -158,7 +161,6 @@ fn a_vm_migrates_through_dwcp_and_its_data_checks_out() {
     let q = &j["transfer"]["qemu"];
     assert_eq!(q["mode"], "pages", "{j}");
     assert!(q["fallback"].is_null(), "{q}");
-    assert!(q["pages"].as_u64().unwrap_or(0) > 16_000 && q["resent_pages"].as_u64().unwrap_or(0) > 0, "64 MiB of data pages, and later rounds: {q}");
     // The source is stopped (postmigrate); the destination carries on and keeps checking.
     assert_eq!(j["source_vm"], "postmigrate", "{j}");
     let last_src = rig.checks("src").last().map_or(0, |c| c.1);
@@ -169,15 +171,41 @@ fn a_vm_migrates_through_dwcp_and_its_data_checks_out() {
     let st = qmp(&rig.dir.join("dst.qmp"), "query-status", Value::Null);
     assert_eq!(st["return"]["status"], "running", "{st}");
     eprintln!(
-        "migrated through dwcp (page-aware: {} -> {} bytes) in {:.2} s, downtime {} ms, {} rounds, {} MiB of RAM; guest checks after: {:?}",
+        "migrated through dwcp (page-aware: {} -> {} bytes, {:?}) in {:.2} s, downtime {} ms, {} rounds, {} MiB of RAM; guest checks after: {:?}",
         q["input"],
         q["output"],
+        q["kinds"],
         j["wall_s"].as_f64().unwrap_or(0.0),
         j["downtime_ms"],
         j["rounds"],
         j["ram_transferred"].as_u64().unwrap_or(0) >> 20,
         dst.iter().filter(|c| c.1 > last_src).collect::<Vec<_>>()
     );
+    j
+}
+
+#[test]
+fn a_vm_migrates_through_dwcp_and_its_data_checks_out() {
+    let _g = GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let rig = Rig::new("ok");
+    let j = migrate_and_check(&rig);
+    let q = &j["transfer"]["qemu"];
+    assert!(q["pages"].as_u64().unwrap_or(0) > 16_000 && q["resent_pages"].as_u64().unwrap_or(0) > 0, "64 MiB of data pages, and later rounds: {q}");
+    let _ = std::fs::remove_dir_all(&rig.dir);
+}
+
+#[test]
+fn a_vm_with_a_realistic_mix_migrates_and_its_pages_shrink() {
+    let _g = GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let rig = Rig::with_guest("mix", "16", "mix");
+    let j = migrate_and_check(&rig);
+    let q = &j["transfer"]["qemu"];
+    let kinds = &q["kinds"];
+    // The eight copies of one binary travel as duplicates; records updated in place as deltas.
+    assert!(kinds["Dup"].as_u64().unwrap_or(0) >= 7 * 400, "copies of the binary: {q}");
+    assert!(kinds["Xbzrle"].as_u64().unwrap_or(0) + kinds["ZstdDelta"].as_u64().unwrap_or(0) > 0, "records updated in place: {q}");
+    let (i, o) = (q["input"].as_f64().unwrap_or(0.0), q["output"].as_f64().unwrap_or(f64::MAX));
+    assert!(o < 0.6 * i, "a mostly compressible guest's stream shrinks: {i} -> {o} bytes");
     let _ = std::fs::remove_dir_all(&rig.dir);
 }
 
