@@ -164,7 +164,11 @@ fn migrate_and_check(rig: &Rig) -> Value {
     // The source is stopped (postmigrate); the destination carries on and keeps checking.
     assert_eq!(j["source_vm"], "postmigrate", "{j}");
     let last_src = rig.checks("src").last().map_or(0, |c| c.1);
-    std::thread::sleep(Duration::from_secs(4));
+    // Two more checks on the destination (one takes a few seconds in software emulation).
+    let t = Instant::now();
+    while rig.checks("dst").iter().filter(|c| c.1 > last_src).count() < 2 && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(500));
+    }
     let dst = rig.checks("dst");
     assert!(dst.iter().all(|c| c.0), "the guest's data changed in flight: {dst:?}");
     assert!(dst.iter().filter(|c| c.1 > last_src).count() >= 2, "the destination guest runs on from check {last_src}: {dst:?}");
