@@ -245,7 +245,9 @@ pub fn run(a: &MigrateArgs) -> Result<()> {
     } else {
         println!("dwcp migrate: {}", status["status"].as_str().unwrap_or("?"));
         println!("  wall time     {:.2} s", wall.as_secs_f64());
-        println!("  downtime      {} ms", status["downtime"]);
+        // QEMU stops counting once its stream is in the pipe; the guest resumes on the destination
+        // after the rest has crossed the link.
+        println!("  downtime      {} ms (QEMU's count, until its stream was in dwcp; the destination resumes after the rest crossed)", status["downtime"]);
         println!("  rounds        {}", ram["dirty-sync-count"]);
         if let Some((round, e)) = pushed {
             println!("  completion    told QEMU to complete in round {round}: the rest fit in {:.0} ms at the link's pace", e.as_secs_f64() * 1e3);
