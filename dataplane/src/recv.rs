@@ -272,9 +272,11 @@ pub fn start(opts: RecvOptions) -> Result<ReceiverHandle, RecvError> {
                         (opts.clone(), coord_tx.clone(), shard_txs.clone(), next.clone(), ref_tx.clone(), pending.clone(), stop.clone());
                     let _ = std::thread::Builder::new().name("dwcp-handshake".into()).spawn(move || {
                         match admit(sock, &opts, &coord, &shards, &next, &stop_h, epoch) {
-                            // Closed before a byte: a reachability probe (mode detection), not an error.
-                            Err(HandshakeError::Closed { during: "reading the preamble", .. }) => {
-                                tracing::debug!(%peer, "probe connection (closed before the preamble)");
+                            // Closed before a byte: a reachability probe (mode detection), not an error;
+                            // closed after the key exchange: a sender's stream it did not need after all
+                            // (connected while it probed the path, or a join too late).
+                            Err(HandshakeError::Closed { during: during @ ("reading the preamble" | "reading the hello"), .. }) => {
+                                tracing::debug!(%peer, "connection closed {during}");
                             }
                             Err(e) => {
                                 warn!(%peer, "connection refused: {e}");

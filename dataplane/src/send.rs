@@ -694,7 +694,7 @@ fn errno_text(res: i32) -> String {
     std::io::Error::from_raw_os_error(-res).to_string()
 }
 
-/// How long past their round trips the other streams may take to join.
+/// How long past their three round trips the other streams may take to join.
 const JOIN_GRACE: Duration = Duration::from_millis(150);
 /// A path at least this long leaves late streams out (see `JOIN_GRACE`).
 const LONG_PATH: Duration = Duration::from_millis(10);
@@ -720,6 +720,13 @@ fn hello_open(source: &Source, opts: &SendOptions, streams: u16, rdma: bool) -> 
 
 /// Sends `source` to the receiver in `opts`, returning once the receiver has verified the digest.
 pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Result<SendReport, SendError> {
+    send_with(source, opts, progress, None)
+}
+
+/// As [`send`], with stream 0 already connected and its keys exchanged (what
+/// [`handshake::connect`] returned: the stream and the RTT it measured), for instance while the
+/// path was being probed. Its encryption must be `opts.encrypt`.
+pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, stream0: Option<(Conn, Duration)>) -> Result<SendReport, SendError> {
     if let Some(h) = &opts.hde {
         const P: u64 = crate::hde::PAGE as u64;
         let size = source.size().unwrap_or(1);
@@ -781,6 +788,7 @@ pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Resu
     // streams connect and exchange keys while stream 0 opens the session: on a long path that
     // saves two round trips before the first byte (a migration's downtime does not change, its
     // total does).
+    let early_start = Instant::now();
     let early: Vec<std::thread::JoinHandle<Result<Conn, SendError>>> = match opts.streams {
         Some(n) if !want_rdma => (1..n.max(1))
             .map(|i| {
@@ -791,7 +799,10 @@ pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Resu
         _ => Vec::new(),
     };
     // Stream 0 opens the session and measures the RTT that sizes the stream count.
-    let (mut c0, rtt) = handshake::connect(&opts.to, &opts.psk, opts.encrypt, 0, opts.idle_timeout).map_err(|e| setup(0, e))?;
+    let (mut c0, rtt) = match stream0 {
+        Some(c) => c,
+        None => handshake::connect(&opts.to, &opts.psk, opts.encrypt, 0, opts.idle_timeout).map_err(|e| setup(0, e))?,
+    };
     let streams = opts.streams.unwrap_or_else(|| default_streams(cores, rtt)).max(1);
     let hello = hello_open(&source, opts, streams, want_rdma);
     c0.write_frame(FrameType::Hello, 0, &hello.encode()).map_err(|e| setup(0, e))?;
@@ -825,8 +836,9 @@ pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Resu
     // Joins, in parallel. Every stream normally joins within a few round trips; one whose SYN
     // or key exchange was lost waits out TCP's initial retransmission timeout (1 s). The
     // transfer does not wait for it: streams not joined by the deadline are left out.
-    // A stream connected early needs one more round trip (its Join); one connected now, three.
-    let join_rtts = if early.is_empty() { 3 } else { 1 };
+    // A join takes three round trips (TCP, the key exchange, the Join), counted from when the
+    // early connections started, or from now.
+    let join_start = if early.is_empty() { Instant::now() } else { early_start };
     let mut early = early.into_iter();
     let (jtx, jrx) = crossbeam_channel::unbounded::<(u16, Result<Option<Conn>, SendError>)>();
     let cutoff = Arc::new(AtomicBool::new(false));
@@ -854,8 +866,8 @@ pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Resu
     drop(jtx);
     // On a short path every stream joins within milliseconds unless the host is overloaded:
     // there all are waited for (a stream count that depends on the host's load would surprise).
-    let allowed = rtt * join_rtts + JOIN_GRACE;
-    let deadline = Instant::now() + if rtt >= LONG_PATH { allowed } else { opts.idle_timeout };
+    let allowed = rtt * 3 + JOIN_GRACE;
+    let deadline = join_start + if rtt >= LONG_PATH { allowed } else { opts.idle_timeout };
     let mut joined: Vec<(u16, Conn)> = Vec::new();
     let mut waiting = streams - 1;
     while waiting > 0 {
@@ -873,7 +885,7 @@ pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Resu
     // A stream that joins after all is closed at once.
     drop(jrx);
     if waiting > 0 {
-        warn!(late = waiting, joined = joined.len() + 1, "streams not joined {} ms after the session opened (a lost packet waits for TCP's retransmission timeout): sending without them", allowed.as_millis());
+        warn!(late = waiting, joined = joined.len() + 1, "streams not joined {} ms after they started connecting (a lost packet waits for TCP's retransmission timeout): sending without them", allowed.as_millis());
     }
     joined.sort_by_key(|(i, _)| *i);
     conns.extend(joined.into_iter().map(|(_, c)| c));

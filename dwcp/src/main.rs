@@ -380,7 +380,15 @@ fn cmd_send(a: SendArgs) -> Result<()> {
     let rdma_here = false;
     // Forcing RDMA implies plaintext (the RDMA path does not encrypt) unless --encrypt says otherwise.
     let encrypt = if a.transport == "rdma" { encrypt.or(Some(false)) } else { encrypt };
+    // Stream 0 connects (encrypted, as every mode but a datacenter one with a receiver that
+    // allows plaintext wants) while the probe runs: on a long path that saves the two round
+    // trips of its connection and key exchange. Unused, it is closed before its Hello.
+    let early0 = (encrypt != Some(false)).then(|| {
+        let (to, psk, idle) = (a.to.clone(), psk.clone(), a.idle_timeout);
+        std::thread::spawn(move || dataplane::handshake::connect(&to, &psk, true, 0, idle))
+    });
     let mut plan = live::plan(&a.to, &psk, thresholds, forced, a.streams, encrypt, cores, rdma_here).with_context(|| format!("probing {}", a.to))?;
+    let stream0 = early0.and_then(|h| h.join().ok()?.ok()).filter(|_| plan.encrypt);
     let mut opts = SendOptions::new(a.to.clone(), psk);
     opts.streams = Some(plan.opened);
     opts.chunk_size = u32::try_from(a.chunk_size).context("chunk size too large")?;
@@ -512,7 +520,7 @@ fn cmd_send(a: SendArgs) -> Result<()> {
             }
         })
     });
-    let r = send::send(source, &opts, progress);
+    let r = send::send_with(source, &opts, progress, stream0);
     // The options hold the trace channel's sender: dropping them ends the writer's loop.
     drop(opts);
     if let Some(w) = trace_writer {
