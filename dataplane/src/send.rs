@@ -699,6 +699,77 @@ const JOIN_GRACE: Duration = Duration::from_millis(150);
 /// A path at least this long leaves late streams out (see `JOIN_GRACE`).
 const LONG_PATH: Duration = Duration::from_millis(10);
 
+/// Streams joining a session, each on its own thread from [`Joins::start`]: it connects and
+/// exchanges keys, then sends its Join once stream 0 has the session id ([`Joins::finish`]),
+/// unless the transfer has started without it. Dropped unfinished, the connections close before
+/// their Hello.
+struct Joins {
+    started: Instant,
+    session: Vec<crossbeam_channel::Sender<[u8; 16]>>,
+    done: crossbeam_channel::Receiver<(u16, Result<Option<Conn>, SendError>)>,
+    cutoff: Arc<AtomicBool>,
+}
+
+impl Joins {
+    fn start(opts: &SendOptions, streams: std::ops::Range<u16>) -> Self {
+        let (done_tx, done) = crossbeam_channel::unbounded();
+        let cutoff = Arc::new(AtomicBool::new(false));
+        let session = streams
+            .map(|i| {
+                let (tx, rx) = crossbeam_channel::bounded::<[u8; 16]>(1);
+                let (to, psk, encrypt, idle) = (opts.to.clone(), opts.psk.clone(), opts.encrypt, opts.idle_timeout);
+                let (done_tx, cutoff) = (done_tx.clone(), cutoff.clone());
+                std::thread::spawn(move || {
+                    let setup = |source| SendError::Setup { stream: i, source };
+                    let join = || -> Result<Option<Conn>, SendError> {
+                        let mut c = handshake::connect(&to, &psk, encrypt, i, idle).map_err(setup)?.0;
+                        let Ok(session) = rx.recv() else { return Ok(None) };
+                        if cutoff.load(Relaxed) {
+                            return Ok(None);
+                        }
+                        c.write_frame(FrameType::Hello, 0, &Hello::Join { session, index: i }.encode()).map_err(setup)?;
+                        c.expect(FrameType::Welcome, "joining the session").map_err(setup)?;
+                        Ok(Some(c))
+                    };
+                    let _ = done_tx.send((i, join()));
+                });
+                tx
+            })
+            .collect();
+        Self { started: Instant::now(), session, done, cutoff }
+    }
+
+    /// The joined streams, in index order. Every stream normally joins within three round trips
+    /// of its start (TCP, the key exchange, the Join); one whose SYN or key exchange was lost
+    /// waits out TCP's initial retransmission timeout (1 s). On a long path the transfer does
+    /// not wait for it: streams not joined by then (+ `JOIN_GRACE`) are left out. On a short
+    /// path every stream joins within milliseconds unless the host is overloaded: there all are
+    /// waited for (a stream count that depends on the host's load would surprise).
+    fn finish(self, session: [u8; 16], rtt: Duration, idle: Duration) -> Result<Vec<Conn>, SendError> {
+        for tx in &self.session {
+            let _ = tx.send(session);
+        }
+        let allowed = rtt * 3 + JOIN_GRACE;
+        let deadline = self.started + if rtt >= LONG_PATH { allowed } else { idle };
+        let mut joined: Vec<(u16, Conn)> = Vec::new();
+        let mut waiting = self.session.len();
+        while waiting > 0 {
+            let Ok((i, r)) = self.done.recv_deadline(deadline) else { break };
+            waiting -= 1;
+            if let Some(c) = r? {
+                joined.push((i, c));
+            }
+        }
+        self.cutoff.store(true, Relaxed);
+        // A stream that joins after all is closed at once (`done` goes with `self`).
+        if waiting > 0 {
+            warn!(late = waiting, joined = joined.len() + 1, "streams not joined {} ms after they started connecting (a lost packet waits for TCP's retransmission timeout): sending without them", allowed.as_millis());
+        }
+        joined.sort_by_key(|(i, _)| *i);
+        Ok(joined.into_iter().map(|(_, c)| c).collect())
+    }
+}
+
 fn hello_open(source: &Source, opts: &SendOptions, streams: u16, rdma: bool) -> Hello {
     let transports = if rdma { TRANSPORT_TCP | TRANSPORT_RDMA } else { TRANSPORT_TCP };
     let codecs = match &opts.hde {
@@ -788,15 +859,9 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
     // streams connect and exchange keys while stream 0 opens the session: on a long path that
     // saves two round trips before the first byte (a migration's downtime does not change, its
     // total does).
-    let early_start = Instant::now();
-    let early: Vec<std::thread::JoinHandle<Result<Conn, SendError>>> = match opts.streams {
-        Some(n) if !want_rdma => (1..n.max(1))
-            .map(|i| {
-                let (to, psk, encrypt, idle) = (opts.to.clone(), opts.psk.clone(), opts.encrypt, opts.idle_timeout);
-                std::thread::spawn(move || handshake::connect(&to, &psk, encrypt, i, idle).map(|(c, _)| c).map_err(|e| SendError::Setup { stream: i, source: e }))
-            })
-            .collect(),
-        _ => Vec::new(),
+    let early = match opts.streams {
+        Some(n) if !want_rdma => Some(Joins::start(opts, 1..n.max(1))),
+        _ => None,
     };
     // Stream 0 opens the session and measures the RTT that sizes the stream count.
     let (mut c0, rtt) = match stream0 {
@@ -833,62 +898,7 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
     // The remaining streams join in parallel (none over RDMA: stream 0 is its control channel).
     let streams = if on_rdma { 1 } else { streams };
     let mut conns: Vec<Conn> = vec![c0];
-    // Joins, in parallel. Every stream normally joins within a few round trips; one whose SYN
-    // or key exchange was lost waits out TCP's initial retransmission timeout (1 s). The
-    // transfer does not wait for it: streams not joined by the deadline are left out.
-    // A join takes three round trips (TCP, the key exchange, the Join), counted from when the
-    // early connections started, or from now.
-    let join_start = if early.is_empty() { Instant::now() } else { early_start };
-    let mut early = early.into_iter();
-    let (jtx, jrx) = crossbeam_channel::unbounded::<(u16, Result<Option<Conn>, SendError>)>();
-    let cutoff = Arc::new(AtomicBool::new(false));
-    for i in 1..streams {
-        let pre = early.next();
-        let (to, psk, encrypt, idle, session) = (opts.to.clone(), opts.psk.clone(), opts.encrypt, opts.idle_timeout, welcome.session);
-        let (jtx, cutoff) = (jtx.clone(), cutoff.clone());
-        std::thread::spawn(move || {
-            let setup = |source| SendError::Setup { stream: i, source };
-            let join = || -> Result<Option<Conn>, SendError> {
-                let mut c = match pre {
-                    Some(h) => h.join().expect("connect thread")?,
-                    None => handshake::connect(&to, &psk, encrypt, i, idle).map_err(setup)?.0,
-                };
-                if cutoff.load(Relaxed) {
-                    return Ok(None);
-                }
-                c.write_frame(FrameType::Hello, 0, &Hello::Join { session, index: i }.encode()).map_err(setup)?;
-                c.expect(FrameType::Welcome, "joining the session").map_err(setup)?;
-                Ok(Some(c))
-            };
-            let _ = jtx.send((i, join()));
-        });
-    }
-    drop(jtx);
-    // On a short path every stream joins within milliseconds unless the host is overloaded:
-    // there all are waited for (a stream count that depends on the host's load would surprise).
-    let allowed = rtt * 3 + JOIN_GRACE;
-    let deadline = join_start + if rtt >= LONG_PATH { allowed } else { opts.idle_timeout };
-    let mut joined: Vec<(u16, Conn)> = Vec::new();
-    let mut waiting = streams - 1;
-    while waiting > 0 {
-        match jrx.recv_deadline(deadline) {
-            Ok((i, r)) => {
-                waiting -= 1;
-                if let Some(c) = r? {
-                    joined.push((i, c));
-                }
-            }
-            Err(_) => break,
-        }
-    }
-    cutoff.store(true, Relaxed);
-    // A stream that joins after all is closed at once.
-    drop(jrx);
-    if waiting > 0 {
-        warn!(late = waiting, joined = joined.len() + 1, "streams not joined {} ms after they started connecting (a lost packet waits for TCP's retransmission timeout): sending without them", allowed.as_millis());
-    }
-    joined.sort_by_key(|(i, _)| *i);
-    conns.extend(joined.into_iter().map(|(_, c)| c));
+    conns.extend(early.unwrap_or_else(|| Joins::start(opts, 1..streams)).finish(welcome.session, rtt, opts.idle_timeout)?);
     let streams = conns.len() as u16;
 
     // Plan: what the receiver lacks.

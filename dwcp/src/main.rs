@@ -553,6 +553,12 @@ fn zstd_level(l: &str) -> Result<i32> {
     l.parse().ok().filter(|l| (1..=19).contains(l)).context("--compress takes auto, off or a zstd level 1-19")
 }
 
+/// Unsent bytes each stream of a QEMU migration may queue in the kernel. Unbounded, the
+/// kernel's autotuned socket buffers held what the window let through, still queued when QEMU
+/// stopped the VM: on the rig's 50 ms link the downtime was about 510 ms, with 128 KiB 415 ms,
+/// with 32 KiB 308 ms, for the same total time.
+const NOTSENT_LOWAT: u32 = 32 << 10;
+
 /// The window of a QEMU migration stream: QEMU decides when to stop the VM by how fast its
 /// stream drains, and what dwcp holds when it does still has to cross the link during the
 /// downtime; about two bandwidth-delay products over the active streams keep the link busy
@@ -560,12 +566,6 @@ fn zstd_level(l: &str) -> Result<i32> {
 /// recovering a loss holds its chunks a round trip longer (on the rig's 150 ms, 1% loss link,
 /// 2 per stream took 13.2-13.3 s, 3 took 11.3-12.0 s, 4 took 11.0-11.2 s; on its 2 ms link, 2
 /// per stream cut the downtime from about 800 to 500 ms); 4 when the probe measured no bandwidth.
-/// Unsent bytes each stream of a QEMU migration may queue in the kernel. Unbounded, the
-/// kernel's autotuned socket buffers held what the window let through, still queued when QEMU
-/// stopped the VM: on the rig's 50 ms link the downtime was about 510 ms, with 128 KiB 415 ms,
-/// with 32 KiB 308 ms, for the same total time.
-const NOTSENT_LOWAT: u32 = 32 << 10;
-
 fn qemu_window(probe: &dataplane::probe::PathEstimate, chunk: u32, active: u16) -> usize {
     if !probe.bw_bps.is_finite() || probe.bw_bps <= 0.0 {
         return 4;
