@@ -353,7 +353,7 @@ fn main() {
     let dwcp = |r: &Value| r["method"].as_str().is_some_and(|m| m.starts_with("dwcp"));
     let time = |r: &Value| if r["status"] == "completed" { r["time_s"].as_f64().unwrap_or(f64::INFINITY) } else { f64::INFINITY };
     let mut all = serde_json::Map::new();
-    let mut figures = serde_json::Map::new();
+    let mut per_guest = serde_json::Map::new();
     println!("{:<8} {:<8} {:<20} {:>14} {:>9} {:>12} {:>7} {:>9} {:>9}", "guest", "link", "method", "status", "time s", "downtime ms", "rounds", "RAM MiB", "wire MiB");
     for w in &workloads {
         let env = Env { root: root.clone(), dir: dir.clone(), initrd: guest(&root, &dir, w), kernel: kernel.clone(), key: key.clone() };
@@ -392,29 +392,26 @@ fn main() {
             // Downtime: the faster dwcp mode's against the least of QEMU's completed runs.
             let native_down = rows.iter().filter(|r| !dwcp(r) && r["status"] == "completed").filter_map(|r| r["downtime_ms"].as_f64()).fold(f64::INFINITY, f64::min);
             let ours_down = rows.iter().filter(|r| dwcp(r) && r["status"] == "completed").min_by(|a, b| time(a).total_cmp(&time(b))).and_then(|r| r["downtime_ms"].as_f64());
-            figures.insert(format!("speedup_{p}_{w}"), json!(speedup_vs(false)));
-            figures.insert(format!("speedup_{p}_vs_cubic_{w}"), json!(speedup_vs(true)));
-            figures.insert(format!("downtime_ratio_{p}_{w}"), json!(ours_down.filter(|_| native_down.is_finite()).map(|d| d / native_down)));
+            per_guest.insert(format!("speedup_{p}_{w}"), json!(speedup_vs(false)));
+            per_guest.insert(format!("speedup_{p}_vs_cubic_{w}"), json!(speedup_vs(true)));
+            per_guest.insert(format!("downtime_ratio_{p}_{w}"), json!(ours_down.filter(|_| native_down.is_finite()).map(|d| d / native_down)));
             by_profile.insert(p.clone(), Value::Array(rows));
         }
         all.insert(w.clone(), Value::Object(by_profile));
     }
     // The headline figures are the worst over the guests run: no workload is picked to flatter.
-    let worst = |key: &dyn Fn(&str) -> String, max: bool| -> Value {
-        let v: Vec<f64> = workloads.iter().filter_map(|w| figures.get(&key(w)).and_then(Value::as_f64)).collect();
-        if v.is_empty() {
-            return Value::Null;
-        }
-        json!(if max { v.iter().copied().fold(f64::MIN, f64::max) } else { v.iter().copied().fold(f64::MAX, f64::min) })
+    let worst = |key: &dyn Fn(&str) -> String| -> Value {
+        let v: Vec<f64> = workloads.iter().filter_map(|w| per_guest.get(&key(w)).and_then(Value::as_f64)).collect();
+        if v.is_empty() { Value::Null } else { json!(v.into_iter().fold(f64::MAX, f64::min)) }
     };
     let mut j = serde_json::Map::new();
     for p in ["clean", "50ms", "150ms"] {
-        j.insert(format!("speedup_{p}"), worst(&|w| format!("speedup_{p}_{w}"), false));
-        j.insert(format!("speedup_{p}_vs_cubic"), worst(&|w| format!("speedup_{p}_vs_cubic_{w}"), false));
+        j.insert(format!("speedup_{p}"), worst(&|w| format!("speedup_{p}_{w}")));
+        j.insert(format!("speedup_{p}_vs_cubic"), worst(&|w| format!("speedup_{p}_vs_cubic_{w}")));
     }
-    let downs: Vec<f64> = figures.iter().filter(|(k, _)| k.starts_with("downtime_ratio_")).filter_map(|(_, v)| v.as_f64()).collect();
+    let downs: Vec<f64> = per_guest.iter().filter(|(k, _)| k.starts_with("downtime_ratio_")).filter_map(|(_, v)| v.as_f64()).collect();
     j.insert("downtime_ratio".into(), if downs.is_empty() { Value::Null } else { json!(downs.iter().copied().fold(f64::MIN, f64::max)) });
-    j.extend(figures);
+    j.extend(per_guest);
     j.insert("limit_s".into(), json!(limit));
     j.insert("methods".into(), json!(methods));
     j.insert("workloads".into(), json!(workloads));
