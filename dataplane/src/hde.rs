@@ -13,7 +13,15 @@
 //! receiver's old copies of those pages as the block's prefix (zstd's `refPrefix`): one zstd call
 //! per block, not per page. Small deltas stay XBZRLE. Wire layout in `docs/wire.md` (HDE frames).
 //!
-//! Frame: `"HDE2" | count u32 | lit_len u32 | delta_len u32` (LE), then per page
+//! **References.** A changed page often holds data that sits elsewhere in the old image at
+//! another offset (a heap moving objects, a database moving rows), not in its own old copy. The
+//! encoder keeps a sparse index of the pages it sent (16-byte blocks at 16-byte offsets, one in
+//! [`SAMPLE`] by content hash) and looks the delta pages' bytes up in it at every 8-byte
+//! offset; the pages that hold the most of them, if the caller vouches that the receiver's copy
+//! stays as it is for the round, lead the delta block's prefix (the frame lists them).
+//!
+//! Frame: `"HDE3" | count u32 | lit_len u32 | delta_len u32 | ref_count u32` (LE), then the
+//! reference pages (page steps, LEB128), then per page
 //! `page step LEB128 | kind u8 | sum u64 (not for zero) | [len LEB128 | data] (dup, xbzrle, raw)`,
 //! then the literal block and the delta block. `sum` is [`page_sum`].
 
@@ -24,7 +32,17 @@ use xxhash_rust::xxh3::{xxh3_64_with_seed, xxh3_128};
 
 /// Page size.
 pub const PAGE: usize = 4096;
-const MAGIC: &[u8; 4] = b"HDE2";
+const MAGIC: &[u8; 4] = b"HDE3";
+const HEADER: usize = 20;
+
+/// One 16-byte block in this many (by content hash) goes into the reference index.
+pub const SAMPLE: u64 = 16;
+/// Reference pages taken per delta page (the ones holding the most of its sampled blocks).
+const REFS_PER_PAGE: usize = 2;
+/// Reference pages per frame at most (the prefix is then at most this plus the frame's pages).
+const REFS_MAX: usize = 256;
+/// Entries in the reference index at most (about 24 bytes each); past it, no more are added.
+const INDEX_MAX: usize = 1 << 23;
 
 /// How a page is encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -65,6 +83,12 @@ pub enum HdeError {
     /// Not an HDE frame.
     #[error("not an HDE frame (bad magic)")]
     BadMagic,
+    /// More reference pages than an encoder ever lists.
+    #[error("HDE frame lists {count} reference pages (at most {REFS_MAX})")]
+    TooManyRefs {
+        /// What the frame said.
+        count: u32,
+    },
     /// The frame ends inside an entry, or its blocks do not add up.
     #[error("HDE frame truncated or malformed at entry {index}")]
     Truncated {
@@ -82,6 +106,8 @@ pub struct EncodeStats {
     pub input: u64,
     /// Output bytes.
     pub output: u64,
+    /// Reference pages listed (other pages' copies that led a delta block's prefix).
+    pub refs: u64,
 }
 
 /// A page's checksum: XXH3-64 of its bytes, seeded with its page number, so a page decoded
@@ -173,6 +199,8 @@ pub struct Encoder {
     known: HashMap<u128, Vec<u64>>,
     /// Page number -> content hash of what the receiver holds there.
     held: HashMap<u64, u128>,
+    /// Sampled 16-byte block hash -> the page last sent holding it (see [`SAMPLE`]).
+    index: HashMap<u64, u64>,
 }
 
 impl std::fmt::Debug for Encoder {
@@ -200,7 +228,7 @@ impl Encoder {
             Some(d) => zstd::bulk::Compressor::with_dictionary(level, d)?,
             None => zstd::bulk::Compressor::new(level)?,
         };
-        Ok(Self { level, compress: true, dict, literal, known: HashMap::new(), held: HashMap::new() })
+        Ok(Self { level, compress: true, dict, literal, known: HashMap::new(), held: HashMap::new(), index: HashMap::new() })
     }
 
     /// The zstd level in force.
@@ -249,6 +277,14 @@ impl Encoder {
     /// copies (`old`) into one frame, independently decodable except for duplicates of pages
     /// sent earlier in the same round (the decoder defers those until they verify).
     pub fn encode<'a>(&mut self, pages: &[(u64, &'a [u8])], old: &dyn Fn(u64) -> Option<&'a [u8]>, stats: &mut EncodeStats) -> Vec<u8> {
+        self.encode_with_refs(pages, old, &|_| None, stats)
+    }
+
+    /// [`Encoder::encode`], with other pages of the receiver's image as references for the delta
+    /// pages: `stable(no)` is the receiver's copy of page `no` if it stays as it is until this
+    /// frame is decoded (not changed in this round), else `None`. A wrong answer costs only
+    /// size: the receiver's check refuses the frame's delta pages and they are sent again.
+    pub fn encode_with_refs<'a>(&mut self, pages: &[(u64, &'a [u8])], old: &dyn Fn(u64) -> Option<&'a [u8]>, stable: &dyn Fn(u64) -> Option<&'a [u8]>, stats: &mut EncodeStats) -> Vec<u8> {
         let mut entries: Vec<Entry<'a>> = Vec::with_capacity(pages.len());
         let (mut lit_raw, mut delta_raw) = (Vec::new(), Vec::new());
         let mut prefix = Vec::new();
@@ -265,6 +301,9 @@ impl Encoder {
             }
             let sum = if kind == Kind::Zero { 0 } else { page_sum(no, new) };
             entries.push(Entry { no, kind, sum, inline, new });
+            if kind != Kind::Zero {
+                self.index_page(no, new);
+            }
             // The receiver's page `no` holds `new` once this round is through.
             let h = xxh3_128(new);
             if let Some(prev) = self.held.insert(no, h) {
@@ -275,6 +314,19 @@ impl Encoder {
             }
         }
         let lit = if lit_raw.is_empty() || !self.compress { Vec::new() } else { self.literal.compress(&lit_raw).unwrap_or_default() };
+        // References lead the prefix: the delta pages' own old copies stay nearest.
+        let mut refs: Vec<u64> = Vec::new();
+        if !delta_raw.is_empty() && self.compress {
+            refs = self.references(&entries, stable);
+            if !refs.is_empty() {
+                let mut p = Vec::with_capacity((refs.len() * PAGE) + prefix.len());
+                for &r in &refs {
+                    p.extend_from_slice(stable(r).expect("a reference is stable"));
+                }
+                p.extend_from_slice(&prefix);
+                prefix = p;
+            }
+        }
         let delta = if delta_raw.is_empty() || !self.compress { Vec::new() } else { compress_with_prefix(self.level, &prefix, &delta_raw).unwrap_or_default() };
         // A block that did not compress (or failed) falls back to raw pages.
         let lit_ok = !lit.is_empty() && lit.len() < lit_raw.len();
@@ -290,8 +342,18 @@ impl Encoder {
         out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
         let lit = if lit_ok { lit } else { Vec::new() };
         let delta = if delta_ok { delta } else { Vec::new() };
+        if !delta_ok {
+            refs.clear();
+        }
         out.extend_from_slice(&(lit.len() as u32).to_le_bytes());
         out.extend_from_slice(&(delta.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(refs.len() as u32).to_le_bytes());
+        let mut prev: Option<u64> = None;
+        for &r in &refs {
+            put_leb(&mut out, prev.map_or(r, |p| r.wrapping_sub(p).wrapping_sub(1)));
+            prev = Some(r);
+        }
+        stats.refs += refs.len() as u64;
         let mut prev: Option<u64> = None;
         for e in &entries {
             put_leb(&mut out, prev.map_or(e.no, |p| e.no.wrapping_sub(p).wrapping_sub(1)));
@@ -313,6 +375,48 @@ impl Encoder {
         out
     }
 
+    /// Adds page `no`'s sampled blocks to the reference index.
+    fn index_page(&mut self, no: u64, page: &[u8]) {
+        if self.index.len() >= INDEX_MAX {
+            return;
+        }
+        for b in page.chunks_exact(16) {
+            let h = block_hash(b);
+            if sampled(h) {
+                self.index.entry(h).or_insert(no);
+            }
+        }
+    }
+
+    /// The frame's reference pages: for each delta page, the stable pages (other than the
+    /// frame's own) holding the most of its sampled blocks at any 8-byte offset; ascending.
+    fn references<'a>(&self, entries: &[Entry<'_>], stable: &dyn Fn(u64) -> Option<&'a [u8]>) -> Vec<u64> {
+        let own: std::collections::HashSet<u64> = entries.iter().map(|e| e.no).collect();
+        let mut refs: Vec<u64> = Vec::new();
+        let mut votes: HashMap<u64, u32> = HashMap::new();
+        for e in entries.iter().filter(|e| e.kind == Kind::ZstdDelta) {
+            votes.clear();
+            for at in (0..=PAGE - 16).step_by(8) {
+                let h = block_hash(&e.new[at..at + 16]);
+                if sampled(h)
+                    && let Some(&src) = self.index.get(&h)
+                    && !own.contains(&src)
+                {
+                    *votes.entry(src).or_default() += 1;
+                }
+            }
+            let mut best: Vec<(u64, u32)> = votes.iter().map(|(&k, &v)| (k, v)).collect();
+            best.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+            for (src, _) in best.into_iter().take(REFS_PER_PAGE) {
+                if refs.len() < REFS_MAX && !refs.contains(&src) && stable(src).is_some() {
+                    refs.push(src);
+                }
+            }
+        }
+        refs.sort_unstable();
+        refs
+    }
+
     fn classify<'a>(&mut self, no: u64, new: &[u8], old: Option<&'a [u8]>) -> (Kind, Vec<u8>, Option<&'a [u8]>) {
         if is_zero(new) {
             return (Kind::Zero, Vec::new(), None);
@@ -331,6 +435,20 @@ impl Encoder {
         }
         (Kind::Literal, Vec::new(), None)
     }
+}
+
+/// Hash of a 16-byte block (for the reference index; not a checksum).
+fn block_hash(b: &[u8]) -> u64 {
+    let lo = u64::from_le_bytes(b[..8].try_into().expect("8"));
+    let hi = u64::from_le_bytes(b[8..16].try_into().expect("8"));
+    let x = lo.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ hi.wrapping_mul(0xC2B2_AE3D_27D4_EB4F).rotate_left(31);
+    x ^ (x >> 29)
+}
+
+/// Whether a block with this [`block_hash`] is one the reference index keeps: one in
+/// [`SAMPLE`], never the all-zero block (its hash is 0; zeros are everywhere).
+fn sampled(h: u64) -> bool {
+    h.is_multiple_of(SAMPLE) && h != 0
 }
 
 fn leb(v: u64) -> Vec<u8> {
@@ -356,7 +474,7 @@ pub fn session_digest(manifest: [u8; 32], image: &mut dyn FnMut(&mut xxhash_rust
 /// The most an encoded frame of `bytes` of pages can exceed them by: the frame header and, per
 /// page, a raw entry's step, kind, checksum and length.
 pub fn frame_overhead(bytes: usize) -> usize {
-    16 + bytes.div_ceil(PAGE) * (10 + 1 + 8 + 3)
+    HEADER + bytes.div_ceil(PAGE) * (10 + 1 + 8 + 3)
 }
 
 /// Whether a page is all zero (word at a time).
@@ -372,6 +490,14 @@ fn compress_with_prefix(level: i32, prefix: &[u8], data: &[u8]) -> Option<Vec<u8
     // The old copy of each page sits one block length back: the window must reach it.
     let wlog = (usize::BITS - (prefix.len() + data.len()).leading_zeros()).clamp(20, 27);
     c.set_parameter(CParameter::WindowLog(wlog)).ok()?;
+    // A prefix of a few MiB (reference pages) overflows the level's default match tables
+    // (2^17 at level 3): most of its positions would be forgotten before the data is matched
+    // (2^18 doubles the ratio of some rounds; 2^20 adds under 1% and costs 15% of the speed).
+    if prefix.len() > 1 << 20 && level <= 6 {
+        let log = (wlog - 2).min(18);
+        c.set_parameter(CParameter::HashLog(log)).ok()?;
+        c.set_parameter(CParameter::ChainLog(log)).ok()?;
+    }
     c.ref_prefix(prefix).ok()?;
     let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(data.len()));
     c.compress2(&mut out, data).ok()?;
@@ -471,16 +597,28 @@ struct Parsed<'f> {
     inline: &'f [u8],
 }
 
-/// A parsed frame: its entries, literal block and delta block.
-type Frame<'f> = (Vec<Parsed<'f>>, &'f [u8], &'f [u8]);
+/// A parsed frame: its reference pages, entries, literal block and delta block.
+type Frame<'f> = (Vec<u64>, Vec<Parsed<'f>>, &'f [u8], &'f [u8]);
 
 fn parse(frame: &[u8]) -> Result<Frame<'_>, HdeError> {
-    if frame.len() < 16 || &frame[..4] != MAGIC {
+    if frame.len() < HEADER || &frame[..4] != MAGIC {
         return Err(HdeError::BadMagic);
     }
     let u32_at = |at: usize| u32::from_le_bytes(frame[at..at + 4].try_into().expect("4")) as usize;
-    let (count, lit_len, delta_len) = (u32_at(4), u32_at(8), u32_at(12));
-    let mut d = &frame[16..];
+    let (count, lit_len, delta_len, nrefs) = (u32_at(4), u32_at(8), u32_at(12), u32_at(16));
+    if nrefs > REFS_MAX {
+        return Err(HdeError::TooManyRefs { count: nrefs as u32 });
+    }
+    let mut d = &frame[HEADER..];
+    let mut prev: Option<u64> = None;
+    let mut refs = Vec::with_capacity(nrefs.min(REFS_MAX));
+    for _ in 0..nrefs {
+        let (step, r) = get_leb(d).ok_or(HdeError::Truncated { index: 0 })?;
+        let no = prev.map_or(step, |p| p.wrapping_add(step).wrapping_add(1));
+        prev = Some(no);
+        refs.push(no);
+        d = r;
+    }
     let mut prev: Option<u64> = None;
     let mut out = Vec::with_capacity(count.min(1 << 16));
     for index in 0..count as u32 {
@@ -513,7 +651,7 @@ fn parse(frame: &[u8]) -> Result<Frame<'_>, HdeError> {
     if d.len() != lit_len + delta_len {
         return Err(HdeError::Truncated { index: count as u32 });
     }
-    Ok((out, &d[..lit_len], &d[lit_len..]))
+    Ok((refs, out, &d[..lit_len], &d[lit_len..]))
 }
 
 impl Decoder {
@@ -531,7 +669,7 @@ impl Decoder {
     /// checksum before it is written; nothing of the frame is written before all of its delta
     /// pages are decoded (their old copies are the block's prefix).
     pub fn decode(&mut self, frame: &[u8], store: &mut dyn PageStore) -> Result<DecodeReport, HdeError> {
-        let (entries, lit, delta) = parse(frame)?;
+        let (refs, entries, lit, delta) = parse(frame)?;
         let mut rep = DecodeReport::default();
         let count = |k: Kind| entries.iter().filter(|e| e.kind == Some(k)).count();
         let (nlit, ndelta) = (count(Kind::Literal), count(Kind::ZstdDelta));
@@ -550,8 +688,14 @@ impl Decoder {
         let delta_state: Result<(), &'static str> = if ndelta == 0 {
             Ok(())
         } else {
-            let mut prefix = Vec::with_capacity(ndelta * PAGE);
+            let mut prefix = Vec::with_capacity((refs.len() + ndelta) * PAGE);
             let mut missing = false;
+            for &r in &refs {
+                match store.get(r) {
+                    Some(p) => prefix.extend_from_slice(p),
+                    None => missing = true,
+                }
+            }
             for e in entries.iter().filter(|e| e.kind == Some(Kind::ZstdDelta)) {
                 match store.get(e.no) {
                     Some(p) => prefix.extend_from_slice(p),
@@ -770,7 +914,9 @@ mod tests {
             let refs: Vec<(u64, &[u8])> = round.iter().map(|(n, p)| (*n, p.as_slice())).collect();
             let snapshot = rx.0.clone();
             let old = |no: u64| snapshot.get(&no).map(Vec::as_slice);
-            let f = enc.encode(&refs, &old, &mut stats);
+            // Pages this round does not touch keep the receiver's copy: references.
+            let stable = |no: u64| if round.iter().any(|p| p.0 == no) { None } else { snapshot.get(&no).map(Vec::as_slice) };
+            let f = enc.encode_with_refs(&refs, &old, &stable, &mut stats);
             let r = dec.decode(&f, &mut rx).unwrap();
             assert!(r.rejected.is_empty(), "{:?}", r.rejected);
             let r = dec.retry(&r.deferred, &mut rx);
@@ -944,6 +1090,70 @@ mod tests {
         let r = dec.retry(&r.deferred, &mut rx);
         assert_eq!(r.rejected, vec![(6, "duplicate whose source never matched its checksum")]);
         assert!(!rx.0.contains_key(&6), "nothing wrong written");
+    }
+
+    /// Round 1 of pages 0..8 and 10 (random bytes); round 2 rewrites page 10 with half of page 3
+    /// and half of page 5, at other offsets.
+    fn moved_rounds() -> (Vec<(u64, Vec<u8>)>, Vec<u8>) {
+        let mut r1: Vec<(u64, Vec<u8>)> = (0..8).map(|i| (i, page_of(3, i + 1))).collect();
+        r1.push((10, page_of(3, 100)));
+        let mut moved = vec![0u8; PAGE];
+        moved[..2048].copy_from_slice(&r1[3].1[1024..3072]);
+        moved[2048..].copy_from_slice(&r1[5].1[..2048]);
+        (r1, moved)
+    }
+
+    #[test]
+    fn data_moved_from_other_pages_is_sent_as_a_reference() {
+        let (r1, moved) = moved_rounds();
+        let mut sizes = Vec::new();
+        for with_refs in [true, false] {
+            let mut enc = Encoder::new(3, None).unwrap();
+            let mut dec = Decoder::new(None).unwrap();
+            let mut rx = Mem(HashMap::new());
+            let pages: Vec<(u64, &[u8])> = r1.iter().map(|(n, p)| (*n, p.as_slice())).collect();
+            let f = enc.encode(&pages, &|_| None, &mut EncodeStats::default());
+            assert!(dec.decode(&f, &mut rx).unwrap().rejected.is_empty());
+            enc.begin_round([10]);
+            let snapshot = rx.0.clone();
+            let old = |no: u64| snapshot.get(&no).map(Vec::as_slice);
+            let stable = |no: u64| if with_refs && no != 10 { snapshot.get(&no).map(Vec::as_slice) } else { None };
+            let mut st = EncodeStats::default();
+            let f = enc.encode_with_refs(&[(10, &moved)], &old, &stable, &mut st);
+            // Without references the delta block does not shrink and the page goes raw.
+            assert_eq!(st.pages.get(&if with_refs { Kind::ZstdDelta } else { Kind::Raw }), Some(&1));
+            assert_eq!(st.refs, if with_refs { 2 } else { 0 });
+            let r = dec.decode(&f, &mut rx).unwrap();
+            assert!(r.rejected.is_empty(), "{r:?}");
+            assert_eq!(rx.0[&10], moved);
+            sizes.push(f.len());
+        }
+        assert!(sizes[0] * 20 < sizes[1], "with references {} bytes, without {}", sizes[0], sizes[1]);
+    }
+
+    #[test]
+    fn a_reference_the_receiver_changed_writes_nothing() {
+        let (r1, moved) = moved_rounds();
+        let mut enc = Encoder::new(3, None).unwrap();
+        let mut dec = Decoder::new(None).unwrap();
+        let mut rx = Mem(HashMap::new());
+        let pages: Vec<(u64, &[u8])> = r1.iter().map(|(n, p)| (*n, p.as_slice())).collect();
+        let f = enc.encode(&pages, &|_| None, &mut EncodeStats::default());
+        assert!(dec.decode(&f, &mut rx).unwrap().rejected.is_empty());
+        let snapshot = rx.0.clone();
+        let old = |no: u64| snapshot.get(&no).map(Vec::as_slice);
+        let stable = |no: u64| if no != 10 { snapshot.get(&no).map(Vec::as_slice) } else { None };
+        let f = enc.encode_with_refs(&[(10, &moved)], &old, &stable, &mut EncodeStats::default());
+        // The caller vouched wrongly: page 5 changed at the receiver before the frame arrived.
+        rx.0.insert(5, page_of(3, 555));
+        let before = rx.0[&10].clone();
+        let r = dec.decode(&f, &mut rx).unwrap();
+        assert_eq!(r.rejected.iter().map(|x| x.0).collect::<Vec<_>>(), vec![10], "{r:?}");
+        assert_eq!(rx.0[&10], before, "nothing wrong written");
+        // And a frame listing more references than any encoder writes is refused whole.
+        let mut bad = f.clone();
+        bad[16..20].copy_from_slice(&(REFS_MAX as u32 + 1).to_le_bytes());
+        assert_eq!(parse(&bad).err(), Some(HdeError::TooManyRefs { count: REFS_MAX as u32 + 1 }));
     }
 
     #[test]
