@@ -27,6 +27,8 @@
 
 use std::collections::HashMap;
 
+use rustc_hash::{FxHashMap, FxHashSet};
+
 use thiserror::Error;
 use xxhash_rust::xxh3::{xxh3_64_with_seed, xxh3_128};
 
@@ -196,11 +198,58 @@ pub struct Encoder {
     literal: zstd::bulk::Compressor<'static>,
     /// Content hash -> page numbers holding it at the receiver (or that will by the end of
     /// this round).
-    known: HashMap<u128, Vec<u64>>,
+    known: FxHashMap<u128, Vec<u64>>,
     /// Page number -> content hash of what the receiver holds there.
-    held: HashMap<u64, u128>,
-    /// Sampled 16-byte block hash -> the page last sent holding it (see [`SAMPLE`]).
-    index: HashMap<u64, u64>,
+    held: FxHashMap<u64, u128>,
+    /// What this encoder sent: sampled 16-byte blocks -> the first page holding them.
+    index: RefIndex,
+    /// An index of the image the receiver held before this session (`--round-of`), shared by
+    /// the session's encoders.
+    shared: Option<std::sync::Arc<RefIndex>>,
+}
+
+/// Where moved data may be found: sampled 16-byte blocks (16-byte offsets, one in [`SAMPLE`] by
+/// content hash) -> the first page seen holding them.
+#[derive(Debug, Default)]
+pub struct RefIndex(FxHashMap<u64, u64>);
+
+impl RefIndex {
+    /// Adds page `no`'s sampled blocks (a full index takes no more).
+    pub fn add(&mut self, no: u64, page: &[u8]) {
+        if self.0.len() >= INDEX_MAX {
+            return;
+        }
+        for b in page.chunks_exact(16) {
+            let h = block_hash(b);
+            if sampled(h) {
+                self.0.entry(h).or_insert(no);
+            }
+        }
+    }
+
+    /// The index of a whole image (page `i` at byte `i * PAGE`), or `None` once `stop` is set.
+    pub fn of_image(image: &[u8], stop: &std::sync::atomic::AtomicBool) -> Option<Self> {
+        let mut ix = Self::default();
+        for (i, p) in image.chunks_exact(PAGE).enumerate() {
+            if i % 4096 == 0 && stop.load(std::sync::atomic::Ordering::Relaxed) {
+                return None;
+            }
+            if !is_zero(p) {
+                ix.add(i as u64, p);
+            }
+        }
+        Some(ix)
+    }
+
+    /// Sampled blocks indexed.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether nothing is indexed.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 impl std::fmt::Debug for Encoder {
@@ -228,7 +277,12 @@ impl Encoder {
             Some(d) => zstd::bulk::Compressor::with_dictionary(level, d)?,
             None => zstd::bulk::Compressor::new(level)?,
         };
-        Ok(Self { level, compress: true, dict, literal, known: HashMap::new(), held: HashMap::new(), index: HashMap::new() })
+        Ok(Self { level, compress: true, dict, literal, known: FxHashMap::default(), held: FxHashMap::default(), index: RefIndex::default(), shared: None })
+    }
+
+    /// Also looks for moved data in `index` (of the image the receiver held before the session).
+    pub fn share_index(&mut self, index: std::sync::Arc<RefIndex>) {
+        self.shared = Some(index);
     }
 
     /// The zstd level in force.
@@ -302,7 +356,7 @@ impl Encoder {
             let sum = if kind == Kind::Zero { 0 } else { page_sum(no, new) };
             entries.push(Entry { no, kind, sum, inline, new });
             if kind != Kind::Zero {
-                self.index_page(no, new);
+                self.index.add(no, new);
             }
             // The receiver's page `no` holds `new` once this round is through.
             let h = xxh3_128(new);
@@ -375,31 +429,20 @@ impl Encoder {
         out
     }
 
-    /// Adds page `no`'s sampled blocks to the reference index.
-    fn index_page(&mut self, no: u64, page: &[u8]) {
-        if self.index.len() >= INDEX_MAX {
-            return;
-        }
-        for b in page.chunks_exact(16) {
-            let h = block_hash(b);
-            if sampled(h) {
-                self.index.entry(h).or_insert(no);
-            }
-        }
-    }
-
     /// The frame's reference pages: for each delta page, the stable pages (other than the
     /// frame's own) holding the most of its sampled blocks at any 8-byte offset; ascending.
     fn references<'a>(&self, entries: &[Entry<'_>], stable: &dyn Fn(u64) -> Option<&'a [u8]>) -> Vec<u64> {
-        let own: std::collections::HashSet<u64> = entries.iter().map(|e| e.no).collect();
+        let own: FxHashSet<u64> = entries.iter().map(|e| e.no).collect();
         let mut refs: Vec<u64> = Vec::new();
-        let mut votes: HashMap<u64, u32> = HashMap::new();
+        let mut votes: FxHashMap<u64, u32> = FxHashMap::default();
         for e in entries.iter().filter(|e| e.kind == Kind::ZstdDelta) {
             votes.clear();
             for at in (0..=PAGE - 16).step_by(8) {
                 let h = block_hash(&e.new[at..at + 16]);
                 if sampled(h)
-                    && let Some(&src) = self.index.get(&h)
+                    // The receiver's image before the session first: what this session sent
+                    // is mostly pages changing in this round.
+                    && let Some(&src) = self.shared.as_ref().and_then(|s| s.0.get(&h)).or_else(|| self.index.0.get(&h))
                     && !own.contains(&src)
                 {
                     *votes.entry(src).or_default() += 1;

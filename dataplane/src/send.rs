@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::io::Read;
 use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -370,6 +370,9 @@ struct Shard<'a> {
 struct HdeShard<'a> {
     enc: crate::hde::Encoder,
     opts: &'a HdeSend,
+    /// `--round-of`: the index of the previous image, once its thread built it.
+    ref_index: &'a OnceLock<Arc<crate::hde::RefIndex>>,
+    ref_index_taken: bool,
     cores: usize,
     est: Vec<crate::hde::LevelEstimate>,
     level: Option<i32>,
@@ -419,6 +422,23 @@ impl HdeShard<'_> {
         };
         let old = self.opts.round_of.as_deref().map(|m| &m[offset as usize..offset as usize + len as usize]);
         let first = offset / P as u64;
+        if !self.ref_index_taken
+            && let Some(ix) = self.ref_index.get()
+        {
+            self.enc.share_index(ix.clone());
+            self.ref_index_taken = true;
+        }
+        // A page the receiver holds stays as it is for this round if it did not change.
+        let prev_all = self.opts.round_of.as_deref().map(|m| &m[..]);
+        let cur_all: Option<&[u8]> = match source {
+            Source::File { map: Some(m), .. } => Some(&m[..]),
+            _ => None,
+        };
+        let stable = |no: u64| -> Option<&[u8]> {
+            let at = usize::try_from(no).ok()?.checked_mul(P)?;
+            let p = prev_all?.get(at..at + P)?;
+            (cur_all?.get(at..at + P)? == p).then_some(p)
+        };
         // A delta round sends only the pages that differ from the previous round.
         let pages: Vec<(u64, &[u8])> = (0..n)
             .filter(|&i| old.is_none_or(|o| o[i * P..(i + 1) * P] != bytes[i * P..(i + 1) * P]))
@@ -426,7 +446,7 @@ impl HdeShard<'_> {
             .collect();
         let t = Instant::now();
         let before = (self.stats.input, self.stats.output);
-        let frame = self.enc.encode(&pages, &|no| old.map(|o| &o[(no - first) as usize * P..(no - first + 1) as usize * P]), &mut self.stats);
+        let frame = self.enc.encode_with_refs(&pages, &|no| old.map(|o| &o[(no - first) as usize * P..(no - first + 1) as usize * P]), &stable, &mut self.stats);
         let dt = t.elapsed().as_secs_f64();
         let (di, dout) = (self.stats.input - before.0, self.stats.output - before.1);
         self.report.encode_s += dt;
@@ -999,6 +1019,8 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
         }
         _ => None,
     };
+    let ref_index: OnceLock<Arc<crate::hde::RefIndex>> = OnceLock::new();
+    let ref_index_stop = AtomicBool::new(false);
     let results: Vec<ShardResult> = std::thread::scope(|sc| {
         if !source.seekable() {
             let shared = &shared;
@@ -1022,11 +1044,22 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
             let shared = &shared;
             sc.spawn(move || control::run(socks, &opts.control, shared, cc_error))
         });
+        // --round-of: the previous image's reference index (moved data), built beside the first
+        // frames; the encoders take it when it is ready, and its thread stops with the shards.
+        if let Some(prev) = hde_opts.and_then(|h| h.round_of.clone()) {
+            let (ix, stop) = (&ref_index, &ref_index_stop);
+            sc.spawn(move || {
+                if let Some(built) = crate::hde::RefIndex::of_image(&prev, stop) {
+                    tracing::debug!(blocks = built.len(), "reference index of the previous round built");
+                    let _ = ix.set(Arc::new(built));
+                }
+            });
+        }
         let handles: Vec<_> = per_shard
             .into_iter()
             .enumerate()
             .map(|(k, conns)| {
-                let (shared, source) = (&shared, &source);
+                let (shared, source, ref_index) = (&shared, &source, &ref_index);
                 let core = core_ids.get(k % core_ids.len().max(1)).copied();
                 sc.spawn(move || {
                     if let Some(core) = core {
@@ -1054,6 +1087,8 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
                             Some(HdeShard {
                                 enc,
                                 opts: h,
+                                ref_index,
+                                ref_index_taken: false,
                                 cores: nshards,
                                 est: crate::hde::DEFAULT_ESTIMATES.to_vec(),
                                 level,
@@ -1082,6 +1117,7 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
             .collect();
         let r = handles.into_iter().map(|h| h.join().expect("shard thread")).collect();
         shared.stop.store(true, Relaxed);
+        ref_index_stop.store(true, Relaxed);
         control_report = ctl.map(|h| h.join().expect("monitor thread"));
         r
     });
