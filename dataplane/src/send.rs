@@ -760,17 +760,19 @@ impl Joins {
     }
 
     /// The joined streams, in index order. Every stream normally joins within three round trips
-    /// of its start (TCP, the key exchange, the Join); one whose SYN or key exchange was lost
-    /// waits out TCP's initial retransmission timeout (1 s). On a long path the transfer does
-    /// not wait for it: streams not joined by then (+ `JOIN_GRACE`) are left out. On a short
-    /// path every stream joins within milliseconds unless the host is overloaded: there all are
+    /// of its start (TCP, the key exchange, the Join), and within one round trip of the session
+    /// id (the Join) when stream 0 took longer to open the session (a receiver copying the
+    /// previous round of a large image). One whose SYN or key exchange was lost waits out TCP's
+    /// initial retransmission timeout (1 s). On a long path the transfer does not wait for it:
+    /// streams not joined by the later of those (+ `JOIN_GRACE`) are left out. On a short path
+    /// every stream joins within milliseconds unless the host is overloaded: there all are
     /// waited for (a stream count that depends on the host's load would surprise).
     fn finish(self, session: [u8; 16], rtt: Duration, idle: Duration) -> Result<Vec<Conn>, SendError> {
         for tx in &self.session {
             let _ = tx.send(session);
         }
         let allowed = rtt * 3 + JOIN_GRACE;
-        let deadline = self.started + if rtt >= LONG_PATH { allowed } else { idle };
+        let deadline = if rtt >= LONG_PATH { (self.started + allowed).max(Instant::now() + rtt + JOIN_GRACE) } else { self.started + idle };
         let mut joined: Vec<(u16, Conn)> = Vec::new();
         let mut waiting = self.session.len();
         while waiting > 0 {
@@ -783,7 +785,7 @@ impl Joins {
         self.cutoff.store(true, Relaxed);
         // A stream that joins after all is closed at once (`done` goes with `self`).
         if waiting > 0 {
-            warn!(late = waiting, joined = joined.len() + 1, "streams not joined {} ms after they started connecting (a lost packet waits for TCP's retransmission timeout): sending without them", allowed.as_millis());
+            warn!(late = waiting, joined = joined.len() + 1, "streams not joined {} ms after they started connecting (a lost packet waits for TCP's retransmission timeout): sending without them", self.started.elapsed().as_millis());
         }
         joined.sort_by_key(|(i, _)| *i);
         Ok(joined.into_iter().map(|(_, c)| c).collect())
