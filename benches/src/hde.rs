@@ -442,9 +442,16 @@ fn main() {
     if let Some(e) = &e2e_fig {
         println!();
         println!("end to end over the WAN rig ({}, {}): dwcp send -> dwcp recv --out", e["image"].as_str().unwrap_or("?"), e["link"].as_str().unwrap_or("?"));
-        println!("{:<34} {:>8} {:>12} {:>10}", "run", "wall s", "wire MB", "Gbit/s*");
+        println!("{:<34} {:>8} {:>12} {:>10} {:>8}", "run", "wall s", "wire MB", "Gbit/s*", "streams");
         for r in e["runs"].as_array().into_iter().flatten() {
-            println!("{:<34} {:>8.2} {:>12.1} {:>10.2}", r["run"].as_str().unwrap_or(""), r["wall_s"].as_f64().unwrap_or(f64::NAN), r["wire_bytes"].as_f64().unwrap_or(f64::NAN) / 1e6, r["image_gbps"].as_f64().unwrap_or(f64::NAN));
+            println!(
+                "{:<34} {:>8.2} {:>12.1} {:>10.2} {:>8}",
+                r["run"].as_str().unwrap_or(""),
+                r["wall_s"].as_f64().unwrap_or(f64::NAN),
+                r["wire_bytes"].as_f64().unwrap_or(f64::NAN) / 1e6,
+                r["image_gbps"].as_f64().unwrap_or(f64::NAN),
+                r["streams"]
+            );
         }
         println!("* image bytes (round 2: the whole image b) over wall time");
         println!("round 1: HDE on {:.2}x faster than off; round 2: --round-of {:.2}x faster than the whole image", e["speedup_r1"].as_f64().unwrap_or(f64::NAN), e["speedup_r2"].as_f64().unwrap_or(f64::NAN));

@@ -771,8 +771,7 @@ impl Joins {
         for tx in &self.session {
             let _ = tx.send(session);
         }
-        let allowed = rtt * 3 + JOIN_GRACE;
-        let deadline = if rtt >= LONG_PATH { (self.started + allowed).max(Instant::now() + rtt + JOIN_GRACE) } else { self.started + idle };
+        let deadline = join_deadline(self.started, Instant::now(), rtt, idle);
         let mut joined: Vec<(u16, Conn)> = Vec::new();
         let mut waiting = self.session.len();
         while waiting > 0 {
@@ -790,6 +789,13 @@ impl Joins {
         joined.sort_by_key(|(i, _)| *i);
         Ok(joined.into_iter().map(|(_, c)| c).collect())
     }
+}
+
+/// Until when [`Joins::finish`] waits for the joining streams, started at `started`, given the
+/// session id at `now`: on a long path three round trips from their start or one from the
+/// session id, whichever is later (+ `JOIN_GRACE`); on a short path the idle timeout.
+fn join_deadline(started: Instant, now: Instant, rtt: Duration, idle: Duration) -> Instant {
+    if rtt >= LONG_PATH { (started + rtt * 3 + JOIN_GRACE).max(now + rtt + JOIN_GRACE) } else { started + idle }
 }
 
 fn hello_open(source: &Source, opts: &SendOptions, streams: u16, rdma: bool) -> Hello {
@@ -1316,4 +1322,24 @@ fn read_stdin(tx: crossbeam_channel::Sender<Chunk>, chunk: usize, shared: &Share
         *shared.qemu.lock().expect("qemu lock") = Some(QemuOutcome::Encoded(e.report().clone()));
     }
     shared.total_chunks.store(n, Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn joining_streams_get_a_round_trip_after_the_session_id_however_late_it_comes() {
+        let t0 = Instant::now();
+        let (rtt, idle) = (Duration::from_millis(50), Duration::from_secs(30));
+        // Stream 0 opened the session at once: three round trips from the start.
+        assert_eq!(join_deadline(t0, t0 + rtt * 2, rtt, idle), t0 + rtt * 3 + JOIN_GRACE);
+        // The receiver took 2 s to open it (copying the previous round): the streams, long
+        // connected, still get the round trip their Join needs.
+        let late = t0 + Duration::from_secs(2);
+        assert_eq!(join_deadline(t0, late, rtt, idle), late + rtt + JOIN_GRACE);
+        // A short path waits for every stream, up to the idle timeout.
+        let short = Duration::from_micros(200);
+        assert_eq!(join_deadline(t0, late, short, idle), t0 + idle);
+    }
 }
