@@ -563,7 +563,9 @@ impl Encoder {
         let frame = {
             let refs: Vec<(u64, &[u8])> = pages.iter().map(|(n, p)| (*n, &p[..])).collect();
             let cache = &self.cache;
-            self.hde.encode(&refs, &|no| cache.peek(no), &mut st)
+            // The receiver decodes the batches in stream order, so every page it holds is what
+            // the cache last took for it: any cached page may lead a delta block's prefix.
+            self.hde.encode_with_refs(&refs, &|no| cache.peek(no), &|no| cache.peek(no), &mut st)
         };
         for (no, p) in &pages {
             if hde::is_zero(p) {
