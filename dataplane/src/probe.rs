@@ -14,8 +14,8 @@ use crate::wire::{self, FrameType, Hello, ProbeMsg, WireError};
 /// What to measure.
 #[derive(Debug, Clone, Copy)]
 pub struct ProbeOptions {
-    /// RTT samples: the key exchange, the Hello's Welcome, and pings for the rest (at least
-    /// one, which also learns whether the receiver allows plaintext).
+    /// RTT samples: the key exchange, the Hello's Welcome (which also says whether the
+    /// receiver allows plaintext), and pings for the rest.
     pub rtt_samples: u32,
     /// Bulk bytes for the delivery rate (0: RTT only).
     pub bulk_bytes: u64,
@@ -63,10 +63,12 @@ pub fn measure(addr: &str, psk: &Psk, o: ProbeOptions) -> Result<PathEstimate, H
     let (mut conn, kx) = handshake::connect(addr, psk, true, 0, o.timeout)?;
     let t = Instant::now();
     conn.write_frame(FrameType::Hello, 0, &Hello::Probe.encode())?;
-    conn.expect(FrameType::Welcome, "opening a probe")?;
+    let (_, w) = conn.expect(FrameType::Welcome, "opening a probe")?;
     let mut rtts = vec![kx, t.elapsed()];
-    let mut plaintext_ok = false;
-    for seq in 0..o.rtt_samples.saturating_sub(2).max(1) {
+    // The Welcome says whether the receiver takes plaintext (each Reply says it again).
+    let welcome = wire::Welcome::decode(&w).map_err(|source| HandshakeError::Wire { during: "reading the probe's welcome", source })?;
+    let mut plaintext_ok = welcome.caps.transports & wire::TRANSPORT_PLAINTEXT != 0;
+    for seq in 0..o.rtt_samples.saturating_sub(2) {
         let t = Instant::now();
         conn.write_frame(FrameType::Probe, 0, &ProbeMsg::Ping { seq }.encode(0))?;
         match read_msg(&mut conn, "waiting for a probe reply")? {

@@ -315,7 +315,8 @@ fn admit(sock: TcpStream, opts: &RecvOptions, coord: &Sender<ToCoord>, shards: &
     let mut granted = None;
     let (session, welcome) = match hello {
         Hello::Probe => {
-            let caps = Caps { max_streams: 256, max_chunk: opts.max_chunk, codecs: CODEC_RAW, transports: TRANSPORT_TCP };
+            let plain = if opts.allow_plaintext { crate::wire::TRANSPORT_PLAINTEXT } else { 0 };
+            let caps = Caps { max_streams: 256, max_chunk: opts.max_chunk, codecs: CODEC_RAW, transports: TRANSPORT_TCP | plain };
             conn.codec.set_stream(h.stream);
             conn.write_frame(FrameType::Welcome, 0, &Welcome { session: [0; 16], caps, have: Vec::new() }.encode())?;
             return crate::probe::serve(&mut conn, opts.allow_plaintext);
@@ -357,7 +358,8 @@ fn admit(sock: TcpStream, opts: &RecvOptions, coord: &Sender<ToCoord>, shards: &
             let (rtx, rrx) = crossbeam_channel::bounded(1);
             let _ = coord.send(ToCoord::Join { session, reply: rtx });
             let s = rrx.recv().unwrap_or(Err((ErrorCode::Internal, "receiver shutting down".into()))).map_err(|(c, m)| refuse(&mut conn, c, m))?;
-            let caps = Caps { max_streams: 256, max_chunk: opts.max_chunk, codecs: CODEC_RAW, transports: TRANSPORT_TCP };
+            let plain = if opts.allow_plaintext { crate::wire::TRANSPORT_PLAINTEXT } else { 0 };
+            let caps = Caps { max_streams: 256, max_chunk: opts.max_chunk, codecs: CODEC_RAW, transports: TRANSPORT_TCP | plain };
             (s, Welcome { session, caps, have: Vec::new() })
         }
     };

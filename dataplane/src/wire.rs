@@ -339,6 +339,8 @@ pub const CODEC_QEMU: u32 = 8;
 pub const TRANSPORT_TCP: u32 = 1;
 /// RDMA RC queue pairs.
 pub const TRANSPORT_RDMA: u32 = 2;
+/// Transport bit, in a probe's Welcome only: the receiver accepts plaintext streams.
+pub const TRANSPORT_PLAINTEXT: u32 = 4;
 
 /// `object_size` of a stream whose size is not known in advance (stdin).
 pub const SIZE_UNKNOWN: u64 = u64::MAX;

@@ -269,6 +269,18 @@ fn plaintext_refused_unless_allowed() {
 }
 
 #[test]
+fn the_probe_learns_whether_plaintext_is_allowed_from_the_welcome_or_its_pings() {
+    use dataplane::probe::{self, ProbeOptions};
+    for (plain, pings) in [(true, 0), (false, 0), (true, 2), (false, 2)] {
+        let rig = rig(plain, Duration::from_secs(5));
+        let o = ProbeOptions { rtt_samples: 2 + pings, bulk_bytes: 0, ..ProbeOptions::default() };
+        let est = probe::measure(&rig.addr(), &rig.psk, o).unwrap();
+        assert_eq!(est.plaintext_ok, plain, "receiver allows plaintext: {plain}, pings: {pings}");
+        assert!(est.rtt_min > Duration::ZERO && est.rtt_min < Duration::from_secs(1), "{est:?}");
+    }
+}
+
+#[test]
 fn a_killed_stream_has_its_chunks_resent_on_the_others() {
     let rig = rig(false, Duration::from_secs(10));
     let src = tempfile::tempdir().unwrap();
