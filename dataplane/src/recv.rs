@@ -1067,6 +1067,17 @@ impl Coordinator {
                 let _ = self.shards[to.0].send(ToShard::Ack { key: to.1, offset: off });
             }
         }
+        // Standard output is line-buffered: the bytes after the last newline (up to 1 KiB) would
+        // wait for the next write or the session's end, and a migration's last bytes are what
+        // the destination QEMU waits for to resume the guest.
+        if s.out_failed.is_none()
+            && let Err(e) = out.flush()
+        {
+            let msg = format!("writing standard output: {e} (the program reading it stopped)");
+            warn!(session = %hex(&session), name = %s.name, "{msg}");
+            let _ = self.shards[from.0].send(ToShard::Reply { key: from.1, kind: FrameType::Error, payload: wire::encode_error(ErrorCode::Storage, &msg) });
+            s.out_failed = Some(msg);
+        }
     }
 
     fn commit(&mut self, session: [u8; 16], commit: wire::Commit, from: StreamAddr) {

@@ -98,6 +98,44 @@ fn stdin_to_stdout_pipe_is_byte_exact_and_ordered() {
     assert_eq!(sha256_file(&src), sha256_file(&d.path().join("out.bin")));
 }
 
+/// A live producer's bytes reach the reader while the producer is still running, to the last
+/// byte after the last newline (a migration's final bytes are what the destination waits for).
+#[test]
+fn piped_bytes_reach_the_reader_before_the_stream_ends() {
+    let d = tempfile::tempdir().unwrap();
+    let key = keygen(d.path());
+    let port = free_port();
+    let mut rx = receiver(&key, port, "-", &["--once"]);
+    let mut tx = Command::new(bin())
+        .args(["send", "-", "--to", &format!("127.0.0.1:{port}"), "--streams", "2", "--chunk-size", "64k", "--key-file"])
+        .arg(&key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut input = tx.stdin.take().unwrap();
+    // One whole chunk (plain stdin is sent a chunk at a time), its last newline 500 bytes
+    // before its end.
+    let mut msg = vec![b'a'; 64 << 10];
+    msg[(64 << 10) - 500] = b'\n';
+    input.write_all(&msg).unwrap();
+    input.flush().unwrap();
+    let mut output = rx.stdout.take().unwrap();
+    let (got_tx, got) = std::sync::mpsc::channel();
+    let want = msg.len();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; want];
+        let r = output.read_exact(&mut buf).map(|()| buf);
+        let _ = got_tx.send(r);
+    });
+    let r = got.recv_timeout(Duration::from_secs(15)).expect("all the bytes written so far reach the reader while the sender's input is open");
+    assert_eq!(r.unwrap(), msg);
+    drop(input);
+    assert!(tx.wait().unwrap().success());
+    assert!(rx.wait().unwrap().success());
+}
+
 #[test]
 fn killed_receiver_then_resume_sends_only_what_is_missing() {
     let d = tempfile::tempdir().unwrap();
