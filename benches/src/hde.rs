@@ -117,7 +117,9 @@ fn worker(args: &[String]) {
         a.read_exact_at(bytes, (first * PAGE) as u64).expect("read a");
         let te = Instant::now();
         let pages: Vec<(u64, &[u8])> = bytes.chunks_exact(PAGE).enumerate().map(|(i, p)| ((first + i) as u64, p)).collect();
-        let frame = enc.encode(&pages, &|_| None, &mut st1);
+        // Frames decode in order here, so every page sent before (and still cached) is where
+        // moved data may be found.
+        let frame = enc.encode_with_refs(&pages, &|_| None, &|no| cache.peek(no), &mut st1);
         for &(no, p) in &pages {
             if !dataplane::hde::is_zero(p) {
                 cache.put(no, p);
@@ -161,7 +163,7 @@ fn worker(args: &[String]) {
     println!(
         "{}",
         json!({
-            "r1": {"input": st1.input, "output": st1.output, "encode_s": enc_s, "wall_s": r1_wall, "kinds": kinds(&st1)},
+            "r1": {"input": st1.input, "output": st1.output, "encode_s": enc_s, "wall_s": r1_wall, "kinds": kinds(&st1), "refs": st1.refs},
             "r2": {"input": st2.input, "output": st2.output, "encode_s": enc2_s, "wall_s": r2_wall, "kinds": kinds(&st2), "refs": st2.refs,
                    "cache_hits": hits, "cache_misses": misses},
             "dict_bytes": dict.map_or(0, |d| d.len()),

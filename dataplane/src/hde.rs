@@ -18,7 +18,9 @@
 //! encoder keeps a sparse index of the pages it sent (16-byte blocks at 16-byte offsets, one in
 //! [`SAMPLE`] by content hash) and looks the delta pages' bytes up in it at every 8-byte
 //! offset; the pages that hold the most of them, if the caller vouches that the receiver's copy
-//! stays as it is for the round, lead the delta block's prefix (the frame lists them).
+//! stays as it is for the round, lead the delta block's prefix (the frame lists them). A new
+//! page (no old copy) with enough of its blocks in one such page goes to the delta block too,
+//! as a **ref-literal**: round 1 of an image finds data repeated far apart this way.
 //!
 //! Frame: `"HDE3" | count u32 | lit_len u32 | delta_len u32 | ref_count u32` (LE), then the
 //! reference pages (page steps, LEB128), then per page
@@ -43,6 +45,8 @@ pub const SAMPLE: u64 = 16;
 const REFS_PER_PAGE: usize = 2;
 /// Reference pages per frame at most (the prefix is then at most this plus the frame's pages).
 const REFS_MAX: usize = 256;
+/// Sampled blocks a literal page must share with one stable page to be sent against it.
+const MIN_VOTES: u32 = 3;
 /// Entries in the reference index at most (about 24 bytes each); past it, no more are added.
 const INDEX_MAX: usize = 1 << 23;
 
@@ -62,6 +66,9 @@ pub enum Kind {
     Literal = 4,
     /// The 4096 bytes as they are.
     Raw = 5,
+    /// zstd in the delta block, without an old copy of its own: its bytes are found in the
+    /// frame's reference pages.
+    RefLiteral = 6,
 }
 
 impl Kind {
@@ -73,6 +80,7 @@ impl Kind {
             3 => Self::ZstdDelta,
             4 => Self::Literal,
             5 => Self::Raw,
+            6 => Self::RefLiteral,
             _ => return None,
         })
     }
@@ -206,6 +214,8 @@ pub struct Encoder {
     /// An index of the image the receiver held before this session (`--round-of`), shared by
     /// the session's encoders.
     shared: Option<std::sync::Arc<RefIndex>>,
+    /// Whether pages sent go into `index` (not when they can never be references).
+    indexing: bool,
 }
 
 /// Where moved data may be found: sampled 16-byte blocks (16-byte offsets, one in [`SAMPLE`] by
@@ -277,7 +287,15 @@ impl Encoder {
             Some(d) => zstd::bulk::Compressor::with_dictionary(level, d)?,
             None => zstd::bulk::Compressor::new(level)?,
         };
-        Ok(Self { level, compress: true, dict, literal, known: FxHashMap::default(), held: FxHashMap::default(), index: RefIndex::default(), shared: None })
+        Ok(Self { level, compress: true, dict, literal, known: FxHashMap::default(), held: FxHashMap::default(), index: RefIndex::default(), shared: None, indexing: true })
+    }
+
+    /// Stops adding the pages it sends to its reference index: for a caller whose receiver may
+    /// apply frames in any order, so that a page sent in this session is never a stable
+    /// reference (`dwcp send`'s shards); saves the index's time and memory.
+    pub fn stop_indexing(&mut self) {
+        self.indexing = false;
+        self.index = RefIndex::default();
     }
 
     /// Also looks for moved data in `index` (of the image the receiver held before the session).
@@ -340,24 +358,13 @@ impl Encoder {
     /// size: the receiver's check refuses the frame's delta pages and they are sent again.
     pub fn encode_with_refs<'a>(&mut self, pages: &[(u64, &'a [u8])], old: &dyn Fn(u64) -> Option<&'a [u8]>, stable: &dyn Fn(u64) -> Option<&'a [u8]>, stats: &mut EncodeStats) -> Vec<u8> {
         let mut entries: Vec<Entry<'a>> = Vec::with_capacity(pages.len());
-        let (mut lit_raw, mut delta_raw) = (Vec::new(), Vec::new());
-        let mut prefix = Vec::new();
+        let mut olds: Vec<Option<&'a [u8]>> = Vec::with_capacity(pages.len());
         for &(no, new) in pages {
             assert_eq!(new.len(), PAGE, "pages are 4 KiB");
             let (kind, inline, o) = self.classify(no, new, old(no));
-            match kind {
-                Kind::Literal => lit_raw.extend_from_slice(new),
-                Kind::ZstdDelta => {
-                    delta_raw.extend_from_slice(new);
-                    prefix.extend_from_slice(o.expect("a delta has an old page"));
-                }
-                _ => {}
-            }
+            olds.push(o);
             let sum = if kind == Kind::Zero { 0 } else { page_sum(no, new) };
             entries.push(Entry { no, kind, sum, inline, new });
-            if kind != Kind::Zero {
-                self.index.add(no, new);
-            }
             // The receiver's page `no` holds `new` once this round is through.
             let h = xxh3_128(new);
             if let Some(prev) = self.held.insert(no, h) {
@@ -367,26 +374,39 @@ impl Encoder {
                 self.known.entry(h).or_default().push(no);
             }
         }
-        let lit = if lit_raw.is_empty() || !self.compress { Vec::new() } else { self.literal.compress(&lit_raw).unwrap_or_default() };
-        // References lead the prefix: the delta pages' own old copies stay nearest.
-        let mut refs: Vec<u64> = Vec::new();
-        if !delta_raw.is_empty() && self.compress {
-            refs = self.references(&entries, stable);
-            if !refs.is_empty() {
-                let mut p = Vec::with_capacity((refs.len() * PAGE) + prefix.len());
-                for &r in &refs {
-                    p.extend_from_slice(stable(r).expect("a reference is stable"));
-                }
-                p.extend_from_slice(&prefix);
-                prefix = p;
+        // References (before this frame's pages join the index): the delta pages' and those
+        // literal pages' whose bytes sit in stable pages; such literal pages move to the delta
+        // block. The references lead the prefix: the delta pages' own old copies stay nearest.
+        let refs: Vec<u64> = if self.compress { self.references(&mut entries, stable) } else { Vec::new() };
+        if self.indexing {
+            for e in entries.iter().filter(|e| e.kind != Kind::Zero) {
+                self.index.add(e.no, e.new);
             }
         }
+        let (mut lit_raw, mut delta_raw) = (Vec::new(), Vec::new());
+        let mut prefix = Vec::with_capacity(refs.len() * PAGE);
+        for &r in &refs {
+            prefix.extend_from_slice(stable(r).expect("a reference is stable"));
+        }
+        for (e, o) in entries.iter().zip(&olds) {
+            match e.kind {
+                Kind::Literal => lit_raw.extend_from_slice(e.new),
+                Kind::ZstdDelta => {
+                    delta_raw.extend_from_slice(e.new);
+                    prefix.extend_from_slice(o.expect("a delta has an old page"));
+                }
+                Kind::RefLiteral => delta_raw.extend_from_slice(e.new),
+                _ => {}
+            }
+        }
+        let mut refs = refs;
+        let lit = if lit_raw.is_empty() || !self.compress { Vec::new() } else { self.literal.compress(&lit_raw).unwrap_or_default() };
         let delta = if delta_raw.is_empty() || !self.compress { Vec::new() } else { compress_with_prefix(self.level, &prefix, &delta_raw).unwrap_or_default() };
         // A block that did not compress (or failed) falls back to raw pages.
         let lit_ok = !lit.is_empty() && lit.len() < lit_raw.len();
         let delta_ok = !delta.is_empty() && delta.len() < delta_raw.len();
         for e in &mut entries {
-            if (e.kind == Kind::Literal && !lit_ok) || (e.kind == Kind::ZstdDelta && !delta_ok) {
+            if (e.kind == Kind::Literal && !lit_ok) || (matches!(e.kind, Kind::ZstdDelta | Kind::RefLiteral) && !delta_ok) {
                 e.kind = Kind::Raw;
                 e.inline = e.new.to_vec();
             }
@@ -429,13 +449,21 @@ impl Encoder {
         out
     }
 
-    /// The frame's reference pages: for each delta page, the stable pages (other than the
-    /// frame's own) holding the most of its sampled blocks at any 8-byte offset; ascending.
-    fn references<'a>(&self, entries: &[Entry<'_>], stable: &dyn Fn(u64) -> Option<&'a [u8]>) -> Vec<u64> {
+    /// The frame's reference pages: for each delta page, and each literal page with at least
+    /// [`MIN_VOTES`] sampled blocks found, the stable pages (other than the frame's own) holding
+    /// the most of its sampled blocks at any 8-byte offset; ascending. Literal pages given
+    /// references become [`Kind::RefLiteral`].
+    fn references<'a>(&self, entries: &mut [Entry<'_>], stable: &dyn Fn(u64) -> Option<&'a [u8]>) -> Vec<u64> {
+        if self.index.is_empty() && self.shared.as_ref().is_none_or(|s| s.is_empty()) {
+            return Vec::new();
+        }
         let own: FxHashSet<u64> = entries.iter().map(|e| e.no).collect();
         let mut refs: Vec<u64> = Vec::new();
         let mut votes: FxHashMap<u64, u32> = FxHashMap::default();
-        for e in entries.iter().filter(|e| e.kind == Kind::ZstdDelta) {
+        for e in entries.iter_mut().filter(|e| matches!(e.kind, Kind::ZstdDelta | Kind::Literal)) {
+            if refs.len() >= REFS_MAX {
+                break;
+            }
             votes.clear();
             for at in (0..=PAGE - 16).step_by(8) {
                 let h = block_hash(&e.new[at..at + 16]);
@@ -448,10 +476,16 @@ impl Encoder {
                     *votes.entry(src).or_default() += 1;
                 }
             }
-            let mut best: Vec<(u64, u32)> = votes.iter().map(|(&k, &v)| (k, v)).collect();
+            let mut best: Vec<(u64, u32)> = votes.iter().map(|(&k, &v)| (k, v)).filter(|&(k, _)| stable(k).is_some()).collect();
             best.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+            if e.kind == Kind::Literal {
+                if best.first().is_none_or(|b| b.1 < MIN_VOTES) {
+                    continue;
+                }
+                e.kind = Kind::RefLiteral;
+            }
             for (src, _) in best.into_iter().take(REFS_PER_PAGE) {
-                if refs.len() < REFS_MAX && !refs.contains(&src) && stable(src).is_some() {
+                if refs.len() < REFS_MAX && !refs.contains(&src) {
                     refs.push(src);
                 }
             }
@@ -715,7 +749,7 @@ impl Decoder {
         let (refs, entries, lit, delta) = parse(frame)?;
         let mut rep = DecodeReport::default();
         let count = |k: Kind| entries.iter().filter(|e| e.kind == Some(k)).count();
-        let (nlit, ndelta) = (count(Kind::Literal), count(Kind::ZstdDelta));
+        let (nlit, ndelta) = (count(Kind::Literal), count(Kind::ZstdDelta) + count(Kind::RefLiteral));
         let mut lit_pages = vec![0u8; nlit * PAGE];
         let lit_state: Result<(), &'static str> = if nlit == 0 {
             Ok(())
@@ -776,7 +810,7 @@ impl Decoder {
                     li += 1;
                     lit_state.map(|()| page.copy_from_slice(&lit_pages[(li - 1) * PAGE..li * PAGE]))
                 }
-                Some(Kind::ZstdDelta) => {
+                Some(Kind::ZstdDelta | Kind::RefLiteral) => {
                     di += 1;
                     delta_state.map(|()| page.copy_from_slice(&delta_pages[(di - 1) * PAGE..di * PAGE]))
                 }
@@ -1172,6 +1206,31 @@ mod tests {
             sizes.push(f.len());
         }
         assert!(sizes[0] * 20 < sizes[1], "with references {} bytes, without {}", sizes[0], sizes[1]);
+    }
+
+    #[test]
+    fn a_new_page_made_of_pages_sent_before_is_a_ref_literal() {
+        // Round 1, two frames: the second's page 20 (no old copy) holds halves of pages 3 and 5.
+        let (r1, moved) = moved_rounds();
+        let mut enc = Encoder::new(3, None).unwrap();
+        let mut dec = Decoder::new(None).unwrap();
+        let mut rx = Mem(HashMap::new());
+        let pages: Vec<(u64, &[u8])> = r1.iter().map(|(n, p)| (*n, p.as_slice())).collect();
+        let f = enc.encode(&pages, &|_| None, &mut EncodeStats::default());
+        assert!(dec.decode(&f, &mut rx).unwrap().rejected.is_empty());
+        let snapshot = rx.0.clone();
+        let mut st = EncodeStats::default();
+        let f = enc.encode_with_refs(&[(20, &moved)], &|_| None, &|no| snapshot.get(&no).map(Vec::as_slice), &mut st);
+        assert_eq!(st.pages.get(&Kind::RefLiteral), Some(&1), "{st:?}");
+        assert!(f.len() < 200, "{} bytes for a page of moved random bytes", f.len());
+        assert!(dec.decode(&f, &mut rx).unwrap().rejected.is_empty());
+        assert_eq!(rx.0[&20], moved);
+        // Without stable pages it is a literal page (random bytes: raw).
+        let mut other = moved.clone();
+        other[0] ^= 1;
+        let mut st = EncodeStats::default();
+        enc.encode_with_refs(&[(21, &other)], &|_| None, &|_| None, &mut st);
+        assert_eq!(st.pages.get(&Kind::Raw), Some(&1), "{st:?}");
     }
 
     #[test]

@@ -1092,6 +1092,9 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
                             };
                             let mut enc = crate::hde::Encoder::new(level.unwrap_or(3), None).map_err(|source| SendError::Io { during: "creating an HDE encoder", source })?;
                             enc.set_level(level).map_err(|source| SendError::Io { during: "setting the HDE level", source })?;
+                            // Frames reach the receiver in any order: only pages it held before
+                            // the session (--round-of, the shared index) are references.
+                            enc.stop_indexing();
                             Some(HdeShard {
                                 enc,
                                 opts: h,
