@@ -18,7 +18,7 @@
 //! (image b) sent whole with `--hde off` against `--round-of a`. Every run ends with the
 //! receiver's digest check. The seed's figure is printed too: bytes of rounds 1 + 2 against raw.
 //!
-//!   bench-hde [--corpus DIR] [--images fileserver,database] [--e2e IMAGE|none]
+//!   bench-hde [--corpus DIR] [--images fileserver,database|none] [--e2e IMAGE|none]
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -305,9 +305,9 @@ fn main() {
     while let Some(k) = it.next() {
         match (k.as_str(), it.next()) {
             ("--corpus", Some(v)) => corpus = PathBuf::from(v),
-            ("--images", Some(v)) => images = v.split(',').map(str::to_owned).collect(),
+            ("--images", Some(v)) => images = v.split(',').filter(|i| *i != "none").map(str::to_owned).collect(),
             ("--e2e", Some(v)) => e2e_image = (v != "none").then(|| v.clone()),
-            _ => die("usage: bench-hde [--corpus DIR] [--images fileserver,database] [--e2e IMAGE|none]"),
+            _ => die("usage: bench-hde [--corpus DIR] [--images fileserver,database|none] [--e2e IMAGE|none]"),
         }
     }
     if e2e_image.is_some() && !ebpf::sys::is_root() {

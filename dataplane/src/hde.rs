@@ -594,19 +594,22 @@ fn decompress_with_prefix(prefix: &[u8], data: &[u8], out: &mut [u8]) -> Result<
 pub struct LevelEstimate {
     /// zstd level, or None for no zstd.
     pub level: Option<i32>,
-    /// Input bytes per output byte.
+    /// Input bytes per output byte, over the pages zstd works on (literal, delta, raw): zero,
+    /// duplicate and XBZRLE pages cost about nothing at every level, so they leave the choice
+    /// alone (a chunk of mostly zeros once made level 9 look fast, and kept it on dense data).
     pub ratio: f64,
-    /// Input bytes encoded per second on one core.
+    /// Such bytes encoded per second on one core.
     pub bytes_per_s: f64,
 }
 
 /// Starting estimates for `--compress auto`, from `make bench-hde` on the guest-RAM corpus (one
-/// core); the sender replaces the one in use with what it measures.
+/// core, the literal and delta pages of round 1); the sender replaces the one in use with what
+/// it measures.
 pub const DEFAULT_ESTIMATES: [LevelEstimate; 4] = [
-    LevelEstimate { level: None, ratio: 2.0, bytes_per_s: 4.0e9 },
-    LevelEstimate { level: Some(1), ratio: 5.5, bytes_per_s: 1.1e9 },
-    LevelEstimate { level: Some(3), ratio: 5.7, bytes_per_s: 0.8e9 },
-    LevelEstimate { level: Some(9), ratio: 6.0, bytes_per_s: 0.15e9 },
+    LevelEstimate { level: None, ratio: 1.0, bytes_per_s: 3.0e9 },
+    LevelEstimate { level: Some(1), ratio: 2.8, bytes_per_s: 0.35e9 },
+    LevelEstimate { level: Some(3), ratio: 3.2, bytes_per_s: 0.25e9 },
+    LevelEstimate { level: Some(9), ratio: 3.5, bytes_per_s: 0.06e9 },
 ];
 
 /// `--compress auto`: the effort that finishes soonest. Encoding on `cores` cores and sending
@@ -1121,12 +1124,15 @@ mod tests {
         let e = &DEFAULT_ESTIMATES;
         // 100 Gbit/s with 2 cores: compression only slows it down.
         assert_eq!(choose_level(100e9, 2, e), None);
-        // 10 Gbit/s, 2 cores: zero and duplicate elision alone (2.5 GB/s) beats level 1 (2.2).
+        // 10 Gbit/s, 2 cores: raw at line rate (1.25 GB/s) beats level 1 (0.7 GB/s).
         assert_eq!(choose_level(10e9, 2, e), None);
-        // 4 Gbit/s: level 1, as fast as the cores can go (2.2 GB/s of image).
+        // 4 Gbit/s: level 1, as fast as the cores can go (0.7 GB/s, where raw is 0.5).
         assert_eq!(choose_level(4e9, 2, e), Some(1));
+        // 1 Gbit/s: level 3 (0.4 GB/s through the link, 0.5 from the cores); level 9's cores
+        // (0.12 GB/s) would be the bottleneck.
+        assert_eq!(choose_level(1e9, 2, e), Some(3));
         // 200 Mbit/s: the link is the bottleneck at every level; the best ratio the cores can
-        // feed (level 9 at 0.3 GB/s > 25 MB/s x 6.0).
+        // feed (level 9: 25 MB/s x 3.5 < 0.12 GB/s).
         assert_eq!(choose_level(200e6, 2, e), Some(9));
         // No zstd still compresses zero and duplicate pages.
         let mut enc = Encoder::new(3, None).unwrap();
@@ -1169,28 +1175,28 @@ mod tests {
         assert!(!rx.0.contains_key(&6), "nothing wrong written");
     }
 
-    /// Round 1 of pages 0..8 and 10 (random bytes); round 2 rewrites page 10 with half of page 3
-    /// and half of page 5, at other offsets.
-    fn moved_rounds() -> (Vec<(u64, Vec<u8>)>, Vec<u8>) {
+    /// Round 1 of pages 0..8 and 10 (random bytes), encoded and decoded; and a page made of half
+    /// of page 3 and half of page 5, at other offsets (round 2 rewrites page 10 with it).
+    fn after_round_one() -> (Encoder, Decoder, Mem, Vec<u8>) {
         let mut r1: Vec<(u64, Vec<u8>)> = (0..8).map(|i| (i, page_of(3, i + 1))).collect();
         r1.push((10, page_of(3, 100)));
         let mut moved = vec![0u8; PAGE];
         moved[..2048].copy_from_slice(&r1[3].1[1024..3072]);
         moved[2048..].copy_from_slice(&r1[5].1[..2048]);
-        (r1, moved)
+        let mut enc = Encoder::new(3, None).unwrap();
+        let mut dec = Decoder::new(None).unwrap();
+        let mut rx = Mem(HashMap::new());
+        let pages: Vec<(u64, &[u8])> = r1.iter().map(|(n, p)| (*n, p.as_slice())).collect();
+        let f = enc.encode(&pages, &|_| None, &mut EncodeStats::default());
+        assert!(dec.decode(&f, &mut rx).unwrap().rejected.is_empty());
+        (enc, dec, rx, moved)
     }
 
     #[test]
     fn data_moved_from_other_pages_is_sent_as_a_reference() {
-        let (r1, moved) = moved_rounds();
         let mut sizes = Vec::new();
         for with_refs in [true, false] {
-            let mut enc = Encoder::new(3, None).unwrap();
-            let mut dec = Decoder::new(None).unwrap();
-            let mut rx = Mem(HashMap::new());
-            let pages: Vec<(u64, &[u8])> = r1.iter().map(|(n, p)| (*n, p.as_slice())).collect();
-            let f = enc.encode(&pages, &|_| None, &mut EncodeStats::default());
-            assert!(dec.decode(&f, &mut rx).unwrap().rejected.is_empty());
+            let (mut enc, mut dec, mut rx, moved) = after_round_one();
             enc.begin_round([10]);
             let snapshot = rx.0.clone();
             let old = |no: u64| snapshot.get(&no).map(Vec::as_slice);
@@ -1210,14 +1216,8 @@ mod tests {
 
     #[test]
     fn a_new_page_made_of_pages_sent_before_is_a_ref_literal() {
-        // Round 1, two frames: the second's page 20 (no old copy) holds halves of pages 3 and 5.
-        let (r1, moved) = moved_rounds();
-        let mut enc = Encoder::new(3, None).unwrap();
-        let mut dec = Decoder::new(None).unwrap();
-        let mut rx = Mem(HashMap::new());
-        let pages: Vec<(u64, &[u8])> = r1.iter().map(|(n, p)| (*n, p.as_slice())).collect();
-        let f = enc.encode(&pages, &|_| None, &mut EncodeStats::default());
-        assert!(dec.decode(&f, &mut rx).unwrap().rejected.is_empty());
+        // A second frame of round 1: its page 20 (no old copy) holds halves of pages 3 and 5.
+        let (mut enc, mut dec, mut rx, moved) = after_round_one();
         let snapshot = rx.0.clone();
         let mut st = EncodeStats::default();
         let f = enc.encode_with_refs(&[(20, &moved)], &|_| None, &|no| snapshot.get(&no).map(Vec::as_slice), &mut st);
@@ -1235,13 +1235,7 @@ mod tests {
 
     #[test]
     fn a_reference_the_receiver_changed_writes_nothing() {
-        let (r1, moved) = moved_rounds();
-        let mut enc = Encoder::new(3, None).unwrap();
-        let mut dec = Decoder::new(None).unwrap();
-        let mut rx = Mem(HashMap::new());
-        let pages: Vec<(u64, &[u8])> = r1.iter().map(|(n, p)| (*n, p.as_slice())).collect();
-        let f = enc.encode(&pages, &|_| None, &mut EncodeStats::default());
-        assert!(dec.decode(&f, &mut rx).unwrap().rejected.is_empty());
+        let (mut enc, mut dec, mut rx, moved) = after_round_one();
         let snapshot = rx.0.clone();
         let old = |no: u64| snapshot.get(&no).map(Vec::as_slice);
         let stable = |no: u64| if no != 10 { snapshot.get(&no).map(Vec::as_slice) } else { None };
