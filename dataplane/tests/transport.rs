@@ -271,11 +271,12 @@ fn plaintext_refused_unless_allowed() {
 #[test]
 fn the_probe_learns_whether_plaintext_is_allowed_from_the_welcome_or_its_pings() {
     use dataplane::probe::{self, ProbeOptions};
-    for (plain, pings) in [(true, 0), (false, 0), (true, 2), (false, 2)] {
+    // A "long path" of at least 0 s: no ping is sent, whatever rtt_samples says.
+    for (plain, long) in [(true, true), (false, true), (true, false), (false, false)] {
         let rig = rig(plain, Duration::from_secs(5));
-        let o = ProbeOptions { rtt_samples: 2 + pings, bulk_bytes: 0, ..ProbeOptions::default() };
+        let o = ProbeOptions { rtt_samples: 4, bulk_bytes: 0, long_path_rtt: long.then_some(Duration::ZERO), ..ProbeOptions::default() };
         let est = probe::measure(&rig.addr(), &rig.psk, o).unwrap();
-        assert_eq!(est.plaintext_ok, plain, "receiver allows plaintext: {plain}, pings: {pings}");
+        assert_eq!(est.plaintext_ok, plain, "receiver allows plaintext: {plain}, long path (no ping): {long}");
         assert!(est.rtt_min > Duration::ZERO && est.rtt_min < Duration::from_secs(1), "{est:?}");
     }
 }

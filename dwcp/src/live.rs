@@ -78,11 +78,12 @@ fn name(m: Mode) -> &'static str {
 /// `streams`: `--streams` (fixed, never parked); `encrypt`: `--encrypt`/`--no-encrypt`.
 #[allow(clippy::too_many_arguments)]
 pub fn plan(to: &str, psk: &dataplane::crypto::Psk, t: Thresholds, forced: Option<Mode>, streams: Option<u16>, encrypt: Option<bool>, cores: usize, rdma_here: bool) -> anyhow::Result<Plan> {
-    // Two RTT samples (the key exchange and the Welcome, which also says whether plaintext is
-    // allowed; no ping), and the bulk burst only where the RTT leaves the mode open: on a long
-    // path each round trip of the probe delays the transfer (a migration's first byte), and live
-    // goodput measures the path anyway.
-    let o = ProbeOptions { rtt_samples: 2, bulk_bytes: if forced.is_some() { 0 } else { 4 << 20 }, bulk_below_rtt: Some(t.inet_min_rtt), ..ProbeOptions::default() };
+    // Three RTT samples (the key exchange, the Welcome, which also says whether plaintext is
+    // allowed, and one ping), and on a long path (both handshake samples at or above the
+    // internet threshold) neither the ping nor the bulk burst: there each round trip of the
+    // probe delays the transfer (a migration's first byte), and live goodput measures the path
+    // anyway.
+    let o = ProbeOptions { rtt_samples: 3, bulk_bytes: if forced.is_some() { 0 } else { 4 << 20 }, long_path_rtt: Some(t.inet_min_rtt), ..ProbeOptions::default() };
     let est = probe::measure(to, psk, o)?;
     let mode = forced.unwrap_or_else(|| t.classify(est.rtt_min, est.bw_bps));
     let d = mode::defaults(mode, rdma_here, cores, Some(est.rtt_min));
