@@ -55,7 +55,30 @@ fn wait_listening(port: u16) {
     }
 }
 
-fn receiver(key: &Path, port: u16, out: &str, extra: &[&str]) -> Child {
+/// A receiver process, killed and reaped when dropped: a failing test leaves none behind.
+struct Rx(Child);
+
+impl std::ops::Deref for Rx {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Rx {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Rx {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn receiver(key: &Path, port: u16, out: &str, extra: &[&str]) -> Rx {
     let c = Command::new(bin())
         .args(["recv", "--listen", &format!("127.0.0.1:{port}"), "--out", out, "--key-file"])
         .arg(key)
@@ -65,7 +88,7 @@ fn receiver(key: &Path, port: u16, out: &str, extra: &[&str]) -> Child {
         .spawn()
         .unwrap();
     wait_listening(port);
-    c
+    Rx(c)
 }
 
 #[test]
@@ -76,13 +99,13 @@ fn stdin_to_stdout_pipe_is_byte_exact_and_ordered() {
     write_image(&src, (9 << 20) + 777);
     let port = free_port();
     let out = std::fs::File::create(d.path().join("out.bin")).unwrap();
-    let mut rx = Command::new(bin())
+    let mut rx = Rx(Command::new(bin())
         .args(["recv", "--listen", &format!("127.0.0.1:{port}"), "--out", "-", "--once", "--key-file"])
         .arg(&key)
         .stdout(out)
         .stderr(Stdio::null())
         .spawn()
-        .unwrap();
+        .unwrap());
     wait_listening(port);
     let tx = Command::new(bin())
         .args(["send", "-", "--to", &format!("127.0.0.1:{port}"), "--streams", "4", "--chunk-size", "256k", "--json", "--key-file"])
@@ -217,12 +240,12 @@ fn table_and_json_summaries() {
     let d = tempfile::tempdir().unwrap();
     let key = keygen(d.path());
     let port = free_port();
-    let mut rx = Command::new(bin())
+    let mut rx = Rx(Command::new(bin())
         .args(["recv", "--listen", &format!("127.0.0.1:{port}"), "--discard", "--once", "--key-file"])
         .arg(&key)
         .stderr(Stdio::null())
         .spawn()
-        .unwrap();
+        .unwrap());
     wait_listening(port);
     let o = Command::new(bin()).args(["send", "gen:32M", "--to", &format!("127.0.0.1:{port}"), "--key-file"]).arg(&key).output().unwrap();
     assert!(o.status.success());
@@ -241,12 +264,12 @@ fn mode_sets_streams_and_encryption() {
     let key = keygen(d.path());
     let port = free_port();
     // A receiver that allows plaintext: datacenter mode (loopback) then sends plaintext.
-    let mut rx = Command::new(bin())
+    let mut rx = Rx(Command::new(bin())
         .args(["recv", "--listen", &format!("127.0.0.1:{port}"), "--discard", "--no-encrypt", "--key-file"])
         .arg(&key)
         .stderr(Stdio::null())
         .spawn()
-        .unwrap();
+        .unwrap());
     wait_listening(port);
     let send = |extra: &[&str]| {
         let o = Command::new(bin()).args(["send", "gen:64M", "--json", "--to", &format!("127.0.0.1:{port}"), "--key-file"]).arg(&key).args(extra).output().unwrap();
@@ -419,14 +442,14 @@ fn hde_rounds_reach_the_receiver_exactly() {
     std::fs::write(&pa, &a).unwrap();
     std::fs::write(&pb, &b).unwrap();
     let port = free_port();
-    let mut rx = Command::new(bin())
+    let mut rx = Rx(Command::new(bin())
         .args(["recv", "--listen", &format!("127.0.0.1:{port}"), "--out"])
         .arg(&out)
         .arg("--key-file")
         .arg(&key)
         .stderr(Stdio::null())
         .spawn()
-        .unwrap();
+        .unwrap());
     wait_listening(port);
     let send = |src: &Path, extra: &[&str]| {
         let o = Command::new(bin()).arg("send").arg(src).args(["--name", "vm.img", "--json", "--to", &format!("127.0.0.1:{port}"), "--key-file"]).arg(&key).args(extra).output().unwrap();
