@@ -412,7 +412,8 @@ fn main() {
         println!("{:<11} {:>2} {:<22} {:>7.2} {:>10.0} {:>10.0} {:>8.0}  {}", r.image, r.round, r.codec, r.ratio, r.enc_mbps, r.dec_mbps, r.rss_mb, r.note);
     }
     // Headline figures over all images (total input / total output; total bytes / total time).
-    let agg = |round: u8, codec: &str| {
+    // Input bytes, output bytes and encode seconds of one codec's round over every image.
+    let totals = |round: u8, codec: &str| {
         let (mut inp, mut out, mut secs) = (0.0, 0.0, 0.0);
         for r in rows.iter().filter(|r| r.round == round && r.codec == codec) {
             let bytes = if round == 1 { per_image[&r.image]["image_bytes"].as_f64().unwrap_or(0.0) } else { per_image[&r.image]["dirty_bytes"].as_f64().unwrap_or(0.0) };
@@ -420,6 +421,10 @@ fn main() {
             out += bytes / r.ratio;
             secs += bytes / (r.enc_mbps * 1e6);
         }
+        (inp, out, secs)
+    };
+    let agg = |round: u8, codec: &str| {
+        let (inp, out, secs) = totals(round, codec);
         (inp / out, inp / secs / 1e6)
     };
     let (ratio_r1, speed_r1) = agg(1, "hde-3");
@@ -433,12 +438,8 @@ fn main() {
     println!("round 1: HDE-3 ratio {ratio_r1:.2} = {:.2}x zstd -3 (target 1.1x) at {:.2}x its speed (target 2x); HDE-1 {:.2}x at {:.2}x", ratio_r1 / z3, speed_r1 / z3s, h1r / z3, h1s / z3s);
     println!("round 2: HDE-3 ratio {ratio_r2:.2} vs xdelta3 {x3:.2} (target >= 1x) at {:.1}x its speed (target 10x); zstd -3 of the dirty pages {zd:.2}", speed_r2 / x3s);
     // The seed's figure: everything rounds 1 and 2 move, raw against HDE-3, every image.
-    let (mut raw12, mut hde12) = (0.0, 0.0);
-    for r in rows.iter().filter(|r| r.codec == "hde-3") {
-        let bytes = if r.round == 1 { per_image[&r.image]["image_bytes"].as_f64().unwrap_or(0.0) } else { per_image[&r.image]["dirty_bytes"].as_f64().unwrap_or(0.0) };
-        raw12 += bytes;
-        hde12 += bytes / r.ratio;
-    }
+    let ((in1, out1, _), (in2, out2, _)) = (totals(1, "hde-3"), totals(2, "hde-3"));
+    let (raw12, hde12) = (in1 + in2, out1 + out2);
     let seed_ratio = raw12 / hde12;
     println!("rounds 1 + 2 (the seed's figure, claimed > 10x): {:.0} MB raw, {:.0} MB HDE-3: {seed_ratio:.2}x", raw12 / 1e6, hde12 / 1e6);
     if let Some(e) = &e2e_fig {

@@ -120,6 +120,14 @@ pub struct EncodeStats {
     pub refs: u64,
 }
 
+impl EncodeStats {
+    /// Pages zstd worked on (or tried to): literal, block-delta, ref-literal and raw. Zero,
+    /// duplicate and XBZRLE pages cost about nothing at any level.
+    pub fn zstd_pages(&self) -> u64 {
+        [Kind::Literal, Kind::ZstdDelta, Kind::RefLiteral, Kind::Raw].iter().map(|k| self.pages.get(k).copied().unwrap_or(0)).sum()
+    }
+}
+
 /// A page's checksum: XXH3-64 of its bytes, seeded with its page number, so a page decoded
 /// right but filed under a damaged page number is refused too.
 pub fn page_sum(no: u64, page: &[u8]) -> u64 {
@@ -169,6 +177,20 @@ pub fn xbzrle_decode(old: &[u8], delta: &[u8], out: &mut [u8]) -> Option<()> {
 }
 
 /// Appends `v` as LEB128.
+/// Writes page number `no` of a list: the first as it is, each next as its distance from the
+/// one before minus 1 (LEB128; ascending numbers take one byte each, any order encodes).
+fn put_step(out: &mut Vec<u8>, prev: &mut Option<u64>, no: u64) {
+    put_leb(out, prev.map_or(no, |p| no.wrapping_sub(p).wrapping_sub(1)));
+    *prev = Some(no);
+}
+
+/// The page number a [`put_step`] step stands for.
+fn take_step(prev: &mut Option<u64>, step: u64) -> u64 {
+    let no = prev.map_or(step, |p| p.wrapping_add(step).wrapping_add(1));
+    *prev = Some(no);
+    no
+}
+
 pub(crate) fn put_leb(out: &mut Vec<u8>, mut v: u64) {
     loop {
         let b = (v & 0x7f) as u8;
@@ -377,7 +399,7 @@ impl Encoder {
         // References (before this frame's pages join the index): the delta pages' and those
         // literal pages' whose bytes sit in stable pages; such literal pages move to the delta
         // block. The references lead the prefix: the delta pages' own old copies stay nearest.
-        let refs: Vec<u64> = if self.compress { self.references(&mut entries, stable) } else { Vec::new() };
+        let mut refs: Vec<(u64, &'a [u8])> = if self.compress { self.references(&mut entries, stable) } else { Vec::new() };
         if self.indexing {
             for e in entries.iter().filter(|e| e.kind != Kind::Zero) {
                 self.index.add(e.no, e.new);
@@ -385,8 +407,8 @@ impl Encoder {
         }
         let (mut lit_raw, mut delta_raw) = (Vec::new(), Vec::new());
         let mut prefix = Vec::with_capacity(refs.len() * PAGE);
-        for &r in &refs {
-            prefix.extend_from_slice(stable(r).expect("a reference is stable"));
+        for &(_, copy) in &refs {
+            prefix.extend_from_slice(copy);
         }
         for (e, o) in entries.iter().zip(&olds) {
             match e.kind {
@@ -399,7 +421,6 @@ impl Encoder {
                 _ => {}
             }
         }
-        let mut refs = refs;
         let lit = if lit_raw.is_empty() || !self.compress { Vec::new() } else { self.literal.compress(&lit_raw).unwrap_or_default() };
         let delta = if delta_raw.is_empty() || !self.compress { Vec::new() } else { compress_with_prefix(self.level, &prefix, &delta_raw).unwrap_or_default() };
         // A block that did not compress (or failed) falls back to raw pages.
@@ -423,15 +444,13 @@ impl Encoder {
         out.extend_from_slice(&(delta.len() as u32).to_le_bytes());
         out.extend_from_slice(&(refs.len() as u32).to_le_bytes());
         let mut prev: Option<u64> = None;
-        for &r in &refs {
-            put_leb(&mut out, prev.map_or(r, |p| r.wrapping_sub(p).wrapping_sub(1)));
-            prev = Some(r);
+        for &(r, _) in &refs {
+            put_step(&mut out, &mut prev, r);
         }
         stats.refs += refs.len() as u64;
         let mut prev: Option<u64> = None;
         for e in &entries {
-            put_leb(&mut out, prev.map_or(e.no, |p| e.no.wrapping_sub(p).wrapping_sub(1)));
-            prev = Some(e.no);
+            put_step(&mut out, &mut prev, e.no);
             out.push(e.kind as u8);
             if e.kind != Kind::Zero {
                 out.extend_from_slice(&e.sum.to_le_bytes());
@@ -449,16 +468,16 @@ impl Encoder {
         out
     }
 
-    /// The frame's reference pages: for each delta page, and each literal page with at least
-    /// [`MIN_VOTES`] sampled blocks found, the stable pages (other than the frame's own) holding
-    /// the most of its sampled blocks at any 8-byte offset; ascending. Literal pages given
-    /// references become [`Kind::RefLiteral`].
-    fn references<'a>(&self, entries: &mut [Entry<'_>], stable: &dyn Fn(u64) -> Option<&'a [u8]>) -> Vec<u64> {
+    /// The frame's reference pages and the receiver's copies of them: for each delta page, and
+    /// each literal page with at least [`MIN_VOTES`] sampled blocks found, the stable pages
+    /// (other than the frame's own) holding the most of its sampled blocks at any 8-byte offset;
+    /// ascending. Literal pages given references become [`Kind::RefLiteral`].
+    fn references<'a>(&self, entries: &mut [Entry<'_>], stable: &dyn Fn(u64) -> Option<&'a [u8]>) -> Vec<(u64, &'a [u8])> {
         if self.index.is_empty() && self.shared.as_ref().is_none_or(|s| s.is_empty()) {
             return Vec::new();
         }
         let own: FxHashSet<u64> = entries.iter().map(|e| e.no).collect();
-        let mut refs: Vec<u64> = Vec::new();
+        let mut refs: Vec<(u64, &'a [u8])> = Vec::new();
         let mut votes: FxHashMap<u64, u32> = FxHashMap::default();
         for e in entries.iter_mut().filter(|e| matches!(e.kind, Kind::ZstdDelta | Kind::Literal)) {
             if refs.len() >= REFS_MAX {
@@ -476,21 +495,23 @@ impl Encoder {
                     *votes.entry(src).or_default() += 1;
                 }
             }
-            let mut best: Vec<(u64, u32)> = votes.iter().map(|(&k, &v)| (k, v)).filter(|&(k, _)| stable(k).is_some()).collect();
+            let mut best: Vec<(u64, u32)> = votes.iter().map(|(&k, &v)| (k, v)).collect();
             best.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+            // The most voted stable pages; `stable` may compare a page, so ask only as needed.
+            let mut chosen = best.into_iter().filter_map(|(src, n)| stable(src).map(|copy| (src, n, copy))).take(REFS_PER_PAGE).peekable();
             if e.kind == Kind::Literal {
-                if best.first().is_none_or(|b| b.1 < MIN_VOTES) {
+                if chosen.peek().is_none_or(|b| b.1 < MIN_VOTES) {
                     continue;
                 }
                 e.kind = Kind::RefLiteral;
             }
-            for (src, _) in best.into_iter().take(REFS_PER_PAGE) {
-                if refs.len() < REFS_MAX && !refs.contains(&src) {
-                    refs.push(src);
+            for (src, _, copy) in chosen {
+                if refs.len() < REFS_MAX && !refs.iter().any(|r| r.0 == src) {
+                    refs.push((src, copy));
                 }
             }
         }
-        refs.sort_unstable();
+        refs.sort_unstable_by_key(|r| r.0);
         refs
     }
 
@@ -694,9 +715,7 @@ fn parse(frame: &[u8]) -> Result<Frame<'_>, HdeError> {
     let mut refs = Vec::with_capacity(nrefs.min(REFS_MAX));
     for _ in 0..nrefs {
         let (step, r) = get_leb(d).ok_or(HdeError::Truncated { index: 0 })?;
-        let no = prev.map_or(step, |p| p.wrapping_add(step).wrapping_add(1));
-        prev = Some(no);
-        refs.push(no);
+        refs.push(take_step(&mut prev, step));
         d = r;
     }
     let mut prev: Option<u64> = None;
@@ -704,12 +723,7 @@ fn parse(frame: &[u8]) -> Result<Frame<'_>, HdeError> {
     for index in 0..count as u32 {
         let t = HdeError::Truncated { index };
         let (step, r) = get_leb(d).ok_or(t.clone())?;
-        let no = match prev {
-            None => step,
-            // Page numbers usually ascend (one LEB byte each); any order decodes.
-            Some(p) => p.wrapping_add(step).wrapping_add(1),
-        };
-        prev = Some(no);
+        let no = take_step(&mut prev, step);
         let (&k, r) = r.split_first().ok_or(t.clone())?;
         let kind = Kind::from_u8(k);
         let (sum, r) = if kind == Some(Kind::Zero) {
@@ -770,14 +784,9 @@ impl Decoder {
         } else {
             let mut prefix = Vec::with_capacity((refs.len() + ndelta) * PAGE);
             let mut missing = false;
-            for &r in &refs {
-                match store.get(r) {
-                    Some(p) => prefix.extend_from_slice(p),
-                    None => missing = true,
-                }
-            }
-            for e in entries.iter().filter(|e| e.kind == Some(Kind::ZstdDelta)) {
-                match store.get(e.no) {
+            // The references, then the old copies of the block-delta pages (as the encoder).
+            for no in refs.iter().copied().chain(entries.iter().filter(|e| e.kind == Some(Kind::ZstdDelta)).map(|e| e.no)) {
+                match store.get(no) {
                     Some(p) => prefix.extend_from_slice(p),
                     None => missing = true,
                 }

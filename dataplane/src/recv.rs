@@ -358,8 +358,7 @@ fn admit(sock: TcpStream, opts: &RecvOptions, coord: &Sender<ToCoord>, shards: &
             let (rtx, rrx) = crossbeam_channel::bounded(1);
             let _ = coord.send(ToCoord::Join { session, reply: rtx });
             let s = rrx.recv().unwrap_or(Err((ErrorCode::Internal, "receiver shutting down".into()))).map_err(|(c, m)| refuse(&mut conn, c, m))?;
-            let plain = if opts.allow_plaintext { crate::wire::TRANSPORT_PLAINTEXT } else { 0 };
-            let caps = Caps { max_streams: 256, max_chunk: opts.max_chunk, codecs: CODEC_RAW, transports: TRANSPORT_TCP | plain };
+            let caps = Caps { max_streams: 256, max_chunk: opts.max_chunk, codecs: CODEC_RAW, transports: TRANSPORT_TCP };
             (s, Welcome { session, caps, have: Vec::new() })
         }
     };
@@ -1047,11 +1046,15 @@ impl Coordinator {
             // A reader gone (a destination QEMU that exited) ends the session now, so the
             // sender fails at once instead of stalling on chunks nobody acknowledges.
             let reader_gone = |e: std::io::Error| (ErrorCode::Storage, format!("writing standard output: {e} (the program reading it stopped)"));
+            // Standard output is line-buffered: the bytes after the last newline (up to 1 KiB)
+            // would wait for the next write or the session's end, and a migration's last bytes
+            // are what the destination QEMU waits for to resume the guest.
+            let mut write_now = |b: &[u8]| out.write_all(b).and_then(|()| out.flush()).map_err(reader_gone);
             let written = match (&s.out_failed, s.qemu.as_deref_mut()) {
                 (Some(_), _) => Ok(()),
-                (None, None) => out.write_all(&d).map_err(reader_gone),
+                (None, None) => write_now(&d),
                 (None, Some(dec)) => match dec.push(&d, &mut rebuilt) {
-                    Ok(()) => out.write_all(&rebuilt).map_err(reader_gone),
+                    Ok(()) => write_now(&rebuilt),
                     Err(err) => Err((ErrorCode::DigestMismatch, format!("{err}; the destination gets nothing more"))),
                 },
             };
@@ -1066,17 +1069,6 @@ impl Coordinator {
             if let Some(to) = ack {
                 let _ = self.shards[to.0].send(ToShard::Ack { key: to.1, offset: off });
             }
-        }
-        // Standard output is line-buffered: the bytes after the last newline (up to 1 KiB) would
-        // wait for the next write or the session's end, and a migration's last bytes are what
-        // the destination QEMU waits for to resume the guest.
-        if s.out_failed.is_none()
-            && let Err(e) = out.flush()
-        {
-            let msg = format!("writing standard output: {e} (the program reading it stopped)");
-            warn!(session = %hex(&session), name = %s.name, "{msg}");
-            let _ = self.shards[from.0].send(ToShard::Reply { key: from.1, kind: FrameType::Error, payload: wire::encode_error(ErrorCode::Storage, &msg) });
-            s.out_failed = Some(msg);
         }
     }
 

@@ -370,9 +370,9 @@ struct Shard<'a> {
 struct HdeShard<'a> {
     enc: crate::hde::Encoder,
     opts: &'a HdeSend,
-    /// `--round-of`: the index of the previous image, once its thread built it.
-    ref_index: &'a OnceLock<Arc<crate::hde::RefIndex>>,
-    ref_index_taken: bool,
+    /// `--round-of`: where the index of the previous image appears once its thread built it;
+    /// `None` once the encoder took it.
+    ref_index: Option<&'a OnceLock<Arc<crate::hde::RefIndex>>>,
     cores: usize,
     est: Vec<crate::hde::LevelEstimate>,
     level: Option<i32>,
@@ -422,11 +422,9 @@ impl HdeShard<'_> {
         };
         let old = self.opts.round_of.as_deref().map(|m| &m[offset as usize..offset as usize + len as usize]);
         let first = offset / P as u64;
-        if !self.ref_index_taken
-            && let Some(ix) = self.ref_index.get()
-        {
+        if let Some(ix) = self.ref_index.and_then(OnceLock::get) {
             self.enc.share_index(ix.clone());
-            self.ref_index_taken = true;
+            self.ref_index = None;
         }
         // A page the receiver holds stays as it is for this round if it did not change.
         let prev_all = self.opts.round_of.as_deref().map(|m| &m[..]);
@@ -445,16 +443,12 @@ impl HdeShard<'_> {
             .map(|i| (first + i as u64, &bytes[i * P..(i + 1) * P]))
             .collect();
         let t = Instant::now();
-        // The pages zstd works on (or tried to): zero, duplicate and XBZRLE pages cost about
-        // nothing at any level, so a chunk of mostly zeros says nothing of a level's speed.
-        let zstd_pages = |st: &crate::hde::EncodeStats| {
-            use crate::hde::Kind;
-            [Kind::Literal, Kind::ZstdDelta, Kind::RefLiteral, Kind::Raw].iter().map(|k| st.pages.get(k).copied().unwrap_or(0)).sum::<u64>()
-        };
-        let before = (zstd_pages(&self.stats), self.stats.output);
+        // Only the pages zstd works on measure a level: a chunk of mostly zeros says nothing of
+        // its speed.
+        let before = (self.stats.zstd_pages(), self.stats.output);
         let frame = self.enc.encode_with_refs(&pages, &|no| old.map(|o| &o[(no - first) as usize * P..(no - first + 1) as usize * P]), &stable, &mut self.stats);
         let dt = t.elapsed().as_secs_f64();
-        let (di, dout) = ((zstd_pages(&self.stats) - before.0) * P as u64, self.stats.output - before.1);
+        let (di, dout) = ((self.stats.zstd_pages() - before.0) * P as u64, self.stats.output - before.1);
         self.report.encode_s += dt;
         let name = self.level.map_or("off".to_string(), |l| format!("zstd-{l}"));
         *self.report.levels.entry(name).or_default() += 1;
@@ -1104,8 +1098,7 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
                             Some(HdeShard {
                                 enc,
                                 opts: h,
-                                ref_index,
-                                ref_index_taken: false,
+                                ref_index: Some(ref_index),
                                 cores: nshards,
                                 est: crate::hde::DEFAULT_ESTIMATES.to_vec(),
                                 level,
