@@ -1,4 +1,5 @@
-//! Compiles the BPF programs in `src/bpf/` into a libbpf skeleton (`$OUT_DIR/tcpstats.skel.rs`).
+//! Compiles the BPF programs in `src/bpf/` into libbpf skeletons (`$OUT_DIR/NAME.skel.rs`: the
+//! probes, `tcpstats`, and the initial-window sockops program, `initwin`).
 //! Their CO-RE relocations need the kernel's types: `vmlinux.h` is generated from this machine's
 //! BTF (`/sys/kernel/btf/vmlinux`) by bpftool. Where that cannot be done (no bpftool, no BTF, no
 //! clang), the crate builds without the programs and the probes report why at run time; dwcp
@@ -7,12 +8,14 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const SRC: &str = "src/bpf/tcpstats.bpf.c";
+const PROGS: [&str; 2] = ["tcpstats", "initwin"];
 
 fn main() {
     println!("cargo:rustc-check-cfg=cfg(dwcp_no_bpf)");
-    println!("cargo:rerun-if-changed={SRC}");
-    println!("cargo:rerun-if-changed=src/bpf/tcpstats.h");
+    for p in PROGS {
+        println!("cargo:rerun-if-changed=src/bpf/{p}.bpf.c");
+        println!("cargo:rerun-if-changed=src/bpf/{p}.h");
+    }
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR"));
     if let Err(why) = build(&out) {
         println!("cargo:warning=eBPF probes not built ({why}); dwcp will poll TCP_INFO instead");
@@ -40,9 +43,13 @@ fn build(out: &std::path::Path) -> Result<(), String> {
         Ok(other) => return Err(format!("no BPF target arch for {other}")),
         Err(_) => "x86",
     };
-    libbpf_cargo::SkeletonBuilder::new()
-        .source(SRC)
-        .clang_args([format!("-I{}", out.display()), "-Isrc/bpf".into(), format!("-D__TARGET_ARCH_{arch}"), "-O2".into(), "-g".into()])
-        .build_and_generate(out.join("tcpstats.skel.rs"))
-        .map_err(|e| format!("compiling {SRC}: {e:#}"))
+    for p in PROGS {
+        let src = format!("src/bpf/{p}.bpf.c");
+        libbpf_cargo::SkeletonBuilder::new()
+            .source(&src)
+            .clang_args([format!("-I{}", out.display()), "-Isrc/bpf".into(), format!("-D__TARGET_ARCH_{arch}"), "-O2".into(), "-g".into()])
+            .build_and_generate(out.join(format!("{p}.skel.rs")))
+            .map_err(|e| format!("compiling {src}: {e:#}"))?;
+    }
+    Ok(())
 }

@@ -26,7 +26,7 @@ mod control;
 mod rdma;
 #[cfg(feature = "rdma")]
 pub use rdma::{RdmaFault, RdmaOptions};
-pub use control::{ControlOptions, ControlReport, TraceRow};
+pub use control::{ControlOptions, ControlReport, FIRST_WINDOW, TraceRow};
 
 /// Zero-copy send policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -887,6 +887,8 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
     // streams connect and exchange keys while stream 0 opens the session: on a long path that
     // saves two round trips before the first byte (a migration's downtime does not change, its
     // total does).
+    // The streams' first window is set as they connect (TCP only; RDMA uses stream 0 alone).
+    let first_window = opts.control.initial_window.filter(|_| !want_rdma).map(|b| control::FirstWindow::open(&opts.to, b));
     let early = match opts.streams {
         Some(n) if !want_rdma => Some(Joins::start(opts, 1..n.max(1))),
         _ => None,
@@ -928,6 +930,7 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
     let mut conns: Vec<Conn> = vec![c0];
     conns.extend(early.unwrap_or_else(|| Joins::start(opts, 1..streams)).finish(welcome.session, rtt, opts.idle_timeout)?);
     let streams = conns.len() as u16;
+    let first_window = first_window.map(control::FirstWindow::finish);
 
     // Plan: what the receiver lacks.
     let mut have = RangeSet::default();
@@ -1128,7 +1131,13 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
         let r = handles.into_iter().map(|h| h.join().expect("shard thread")).collect();
         shared.stop.store(true, Relaxed);
         ref_index_stop.store(true, Relaxed);
-        control_report = ctl.map(|h| h.join().expect("monitor thread"));
+        control_report = ctl.map(|h| {
+            let mut r = h.join().expect("monitor thread");
+            if let Some((w, why)) = first_window {
+                (r.initial_window, r.initial_window_degraded) = (w, why);
+            }
+            r
+        });
         r
     });
 

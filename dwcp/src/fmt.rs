@@ -139,6 +139,11 @@ pub fn send_table(r: &SendReport, extra: &[(&str, String)]) -> String {
             (None, None) => "system default".into(),
         };
         row(&mut s, "congestion", format!("ACP {}, streams on {cc}", c.acp));
+        match (&c.initial_window, &c.initial_window_degraded) {
+            (Some(w), _) => row(&mut s, "first window", format!("{} segments ({} bytes asked) on {} streams{}", w.segments, w.bytes, w.applied, if w.refused > 0 { format!(", refused on {}", w.refused) } else { String::new() })),
+            (None, Some(why)) => row(&mut s, "first window", format!("the kernel's ({why})")),
+            (None, None) => {}
+        }
         let infl = if c.min_rtt_us > 0.0 { c.mean_srtt_us / c.min_rtt_us } else { 0.0 };
         row(&mut s, "path", format!("srtt {:.2} ms over min {:.2} ms ({infl:.2}x), {} segments retransmitted", c.mean_srtt_us / 1e3, c.min_rtt_us / 1e3, c.retrans));
     }
@@ -174,6 +179,8 @@ pub fn send_json(r: &SendReport, mode: Option<serde_json::Value>) -> String {
         "control": r.control.as_ref().map(|c| json!({
             "monitor": c.backend, "monitor_degraded": c.degraded, "acp": c.acp, "cc": c.cc, "cc_error": c.cc_error,
             "retrans": c.retrans, "min_rtt_us": c.min_rtt_us, "mean_srtt_us": c.mean_srtt_us,
+            "initial_window": c.initial_window.map(|w| json!({"bytes": w.bytes, "segments": w.segments, "applied": w.applied, "refused": w.refused})),
+            "initial_window_degraded": c.initial_window_degraded,
             "probe_retransmit_events": c.probe_events.0, "probe_cong_state_events": c.probe_events.1,
             "probe_cost": c.probe_cost.iter().map(|p| json!({"program": p.name, "runs": p.runs, "run_ns": p.run_ns})).collect::<Vec<_>>(),
         })),

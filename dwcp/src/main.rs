@@ -187,6 +187,12 @@ struct SendArgs {
     /// when BPF is refused) or `poll` (TCP_INFO only).
     #[arg(long, default_value = "auto", value_parser = ["auto", "poll"])]
     monitor: String,
+    /// The streams' first congestion window: `auto` (64 KiB, the most a receiver's first window
+    /// takes, under ACP; the kernel's ten segments without it), `off` (the kernel's), or a size
+    /// (e.g. 256KiB). Set by an eBPF sockops program on this process's cgroup; without BPF
+    /// permission the streams keep the kernel's, and the summary says why.
+    #[arg(long, default_value = "auto")]
+    initial_window: String,
     /// Write each control interval (goodput, srtt, retransmits, pace, PBA's prediction) to FILE
     /// as CSV.
     #[arg(long)]
@@ -481,6 +487,11 @@ fn cmd_send(a: SendArgs) -> Result<()> {
         cc: a.cc.clone(),
         monitor: if a.monitor == "poll" { ebpf::Want::Poll } else { ebpf::Want::Auto },
         ..Default::default()
+    };
+    opts.control.initial_window = match a.initial_window.as_str() {
+        "auto" => (opts.control.acp != AcpKind::Off).then_some(send::FIRST_WINDOW),
+        "off" => None,
+        size => Some(fmt::parse_size(size).ok().and_then(|b| u32::try_from(b).ok()).filter(|&b| b > 0).context("--initial-window takes auto, off or a size below 4 GiB (e.g. 256KiB)")?),
     };
     // The trace is written as intervals end, so an interrupted send leaves it too.
     let trace_writer = match &a.trace_out {

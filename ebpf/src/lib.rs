@@ -9,12 +9,14 @@
 //! [`Monitor`] is what the sender uses: the probes when they load, otherwise `TCP_INFO`
 //! polling, with the reason it degraded.
 
+mod initwin;
 mod monitor;
 #[cfg(not(dwcp_no_bpf))]
 mod probes;
 pub mod sys;
 
 pub use monitor::{Monitor, Want};
+pub use initwin::{InitialWindow, WindowReport};
 #[cfg(not(dwcp_no_bpf))]
 pub use probes::Probes;
 
@@ -79,7 +81,7 @@ pub enum ProbeError {
     #[error("{0} (run as root or grant CAP_BPF and CAP_PERFMON)")]
     Permission(String),
     /// Loading or attaching failed for another reason.
-    #[error("loading the eBPF probes failed: {0}")]
+    #[error("loading eBPF failed: {0}")]
     Load(String),
     /// A map operation failed.
     #[error("eBPF map {map}: {source}")]

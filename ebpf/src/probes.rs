@@ -34,7 +34,7 @@ impl std::fmt::Debug for Probes {
     }
 }
 
-fn load_err(e: libbpf_rs::Error) -> ProbeError {
+pub(crate) fn load_err(e: libbpf_rs::Error) -> ProbeError {
     match e.kind() {
         libbpf_rs::ErrorKind::PermissionDenied => ProbeError::Permission(e.to_string()),
         _ => ProbeError::Load(format!("{e:#}")),

@@ -226,3 +226,80 @@ mod tests {
         assert!(super::tcp_info(-1).is_err());
     }
 }
+
+/// Size of `struct iw_key` (src/bpf/initwin.h).
+pub const IW_KEY_LEN: usize = 24;
+/// Size of `struct iw_value` (src/bpf/initwin.h).
+pub const IW_VALUE_LEN: usize = 16;
+
+/// The `initial_window` map's key for a peer: family, address as the socket holds it (network
+/// byte order), port in host byte order.
+pub fn iw_key(peer: std::net::SocketAddr) -> [u8; IW_KEY_LEN] {
+    let mut k = [0u8; IW_KEY_LEN];
+    let (family, addr): (i32, Vec<u8>) = match peer.ip() {
+        std::net::IpAddr::V4(a) => (libc::AF_INET, a.octets().to_vec()),
+        std::net::IpAddr::V6(a) => (libc::AF_INET6, a.octets().to_vec()),
+    };
+    k[0..4].copy_from_slice(&(family as u32).to_ne_bytes());
+    k[4..4 + addr.len()].copy_from_slice(&addr);
+    k[20..24].copy_from_slice(&u32::from(peer.port()).to_ne_bytes());
+    k
+}
+
+/// A fresh `initial_window` value asking for `bytes`.
+pub fn iw_value(bytes: u32) -> [u8; IW_VALUE_LEN] {
+    let mut v = [0u8; IW_VALUE_LEN];
+    v[0..4].copy_from_slice(&bytes.to_ne_bytes());
+    v
+}
+
+/// Parses an `initial_window` value.
+pub fn parse_iw_value(b: &[u8]) -> Option<crate::WindowReport> {
+    (b.len() >= IW_VALUE_LEN).then(|| crate::WindowReport { bytes: u32_at(b, 0), segments: u32_at(b, 4), applied: u32_at(b, 8), refused: u32_at(b, 12) })
+}
+
+/// Where the cgroup v2 hierarchy is mounted, per a mountinfo file.
+fn cgroup2_mount(mountinfo: &str) -> Option<String> {
+    // Fields: id parent maj:min root mount-point options... - fstype source super-options
+    mountinfo.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        (post.split_whitespace().next()? == "cgroup2").then(|| pre.split_whitespace().nth(4).map(str::to_string))?
+    })
+}
+
+/// This process's cgroup in the cgroup v2 hierarchy, opened as a directory (for attaching
+/// cgroup BPF programs). The hierarchy is found in /proc/self/mountinfo (`/sys/fs/cgroup` on a
+/// unified system, `/sys/fs/cgroup/unified` on a hybrid one), the path in /proc/self/cgroup.
+/// `ip netns exec` runs its command in a mount namespace with a fresh /sys and no cgroup
+/// mounts: then the hierarchy is mounted on a fresh temporary directory for the moment it takes
+/// to open the cgroup, and detached at once (the open directory keeps it alive; nothing stays
+/// mounted). Mounting needs CAP_SYS_ADMIN, which attaching the program needs anyway.
+pub fn own_cgroup_v2() -> Result<std::fs::File, String> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| format!("/proc/self/mountinfo: {e}"))?;
+    let cgroups = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| format!("/proc/self/cgroup: {e}"))?;
+    let path = cgroups.lines().find_map(|l| l.strip_prefix("0::")).ok_or("this process has no cgroup v2 path in /proc/self/cgroup")?;
+    let open = |mount: &std::path::Path| {
+        let dir = mount.join(path.trim_start_matches('/'));
+        std::fs::File::open(&dir).map_err(|e| format!("{}: {e}", dir.display()))
+    };
+    if let Some(m) = cgroup2_mount(&mountinfo) {
+        return open(std::path::Path::new(&m));
+    }
+    let tmp = std::env::temp_dir().join(format!("dwcp-cgroup2-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
+    let (target, fstype) = (c(&tmp.to_string_lossy()), c("cgroup2"));
+    // SAFETY: NUL-terminated strings that outlive the call; no data argument.
+    let rc = unsafe { libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, std::ptr::null()) };
+    let r = if rc == 0 {
+        let f = open(&tmp);
+        // SAFETY: as above; MNT_DETACH leaves the mount alive while `f` refers into it.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        f
+    } else {
+        Err(format!("no cgroup v2 hierarchy is mounted here and mounting one failed: {}", std::io::Error::last_os_error()))
+    };
+    let _ = std::fs::remove_dir(&tmp);
+    r
+}
+

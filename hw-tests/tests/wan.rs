@@ -386,6 +386,14 @@ fn probes_and_acp_on_a_lossy_link() {
     assert!(events > 0 && events <= retrans, "one event per retransmitted skb (a GSO skb may hold several segments): {events} events, {retrans} segments");
     let min = ca["min_rtt_us"].as_f64().unwrap();
     assert!((29_000.0..40_000.0).contains(&min), "the probes' least RTT is the link's 30 ms: {min}");
+    // ACP's streams start with the receiver's first window (64 KiB in segments of the link's
+    // MSS), set by the sockops program from inside `ip netns exec` (no cgroup mount there).
+    for c in [ca, cp] {
+        let w = &c["initial_window"];
+        assert_eq!((w["bytes"].as_u64(), w["applied"].as_u64(), w["refused"].as_u64()), (Some(65_535), Some(4), Some(0)), "{c}");
+        let segs = w["segments"].as_u64().unwrap();
+        assert!((40..=50).contains(&segs), "64 KiB at the link's MSS: {segs} segments");
+    }
     assert_eq!(cp["monitor"], "tcp_info");
     assert!(cp["monitor_degraded"].as_str().unwrap().contains("polling TCP_INFO (asked for)"), "{cp}");
     assert!(cp["retrans"].as_u64().unwrap() > 0, "polling sees retransmits too: {cp}");

@@ -29,11 +29,20 @@ pub struct ControlOptions {
     pub interval: Duration,
     /// Where each interval's record goes as it ends (`--trace-out`).
     pub trace: Option<crossbeam_channel::Sender<TraceRow>>,
+    /// The streams' first congestion window, bytes (None: the kernel's ten segments). Set by an
+    /// eBPF sockops program before they connect ([`FIRST_WINDOW`] is `auto` under ACP).
+    pub initial_window: Option<u32>,
 }
+
+/// The first window `--initial-window auto` gives the streams under ACP: the most a receiver
+/// advertises before its first scaled window (TCP's 16-bit window field), so the most the first
+/// round trip can carry. The kernel's ten segments use a fifth of it; on a 150 ms path the
+/// difference is two round trips of startup (make bench-wan measures both).
+pub const FIRST_WINDOW: u32 = 65_535;
 
 impl Default for ControlOptions {
     fn default() -> Self {
-        Self { acp: AcpKind::Off, cc: None, monitor: ebpf::Want::Auto, interval: Duration::from_millis(100), trace: None }
+        Self { acp: AcpKind::Off, cc: None, monitor: ebpf::Want::Auto, interval: Duration::from_millis(100), trace: None, initial_window: None }
     }
 }
 
@@ -122,6 +131,42 @@ pub struct ControlReport {
     pub probe_events: (u64, u64),
     /// The probe programs' runs and run time (nonzero only while BPF statistics are on).
     pub probe_cost: Vec<ebpf::ProgCost>,
+    /// What the first-window program did (None when it was not asked for or could not load).
+    pub initial_window: Option<ebpf::WindowReport>,
+    /// Why the streams kept the kernel's first window although another was asked for.
+    pub initial_window_degraded: Option<String>,
+}
+
+/// The streams' first window, while they connect: the sockops program attached with the peer in
+/// its map, or the reason it is not.
+#[derive(Debug)]
+pub(super) struct FirstWindow {
+    prog: Result<(ebpf::InitialWindow, std::net::SocketAddr), String>,
+}
+
+impl FirstWindow {
+    /// Attaches the program and lists `to` (resolved as the streams resolve it) with `bytes`.
+    pub(super) fn open(to: &str, bytes: u32) -> Self {
+        use std::net::ToSocketAddrs;
+        let prog = (|| {
+            let peer = to.to_socket_addrs().map_err(|e| format!("{to}: {e}"))?.next().ok_or_else(|| format!("{to} resolves to nothing"))?;
+            let p = ebpf::InitialWindow::load().map_err(|e| e.to_string())?;
+            p.set(peer, bytes).map_err(|e| e.to_string())?;
+            Ok((p, peer))
+        })();
+        if let Err(why) = &prog {
+            info!("first window degraded: {why}; the streams start with the kernel's");
+        }
+        Self { prog }
+    }
+
+    /// Once the streams are connected: what the program did, and detaches it.
+    pub(super) fn finish(self) -> (Option<ebpf::WindowReport>, Option<String>) {
+        match self.prog {
+            Ok((p, peer)) => (p.report(peer), None),
+            Err(why) => (None, Some(why)),
+        }
+    }
 }
 
 /// The congestion control is set before any data flows.
