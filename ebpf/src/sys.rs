@@ -197,36 +197,6 @@ pub fn tcp_info(fd: std::os::fd::RawFd) -> std::io::Result<SocketStats> {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn bpf_probe_matches_privilege() {
-        let root = super::is_root();
-        match super::probe_bpf() {
-            Ok(()) => assert!(root || std::fs::read_to_string("/proc/sys/kernel/unprivileged_bpf_disabled").is_ok_and(|v| v.trim() == "0")),
-            Err(e) => assert!(!root, "root was refused BPF: {e}"),
-        }
-    }
-
-    #[test]
-    fn tcp_info_of_a_loopback_connection() {
-        use std::io::{Read, Write};
-        use std::os::fd::AsRawFd;
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (mut s, _) = l.accept().unwrap();
-        c.write_all(&[7u8; 100_000]).unwrap();
-        let mut got = vec![0u8; 100_000];
-        s.read_exact(&mut got).unwrap();
-        s.write_all(b"x").unwrap();
-        c.read_exact(&mut [0u8; 1]).unwrap();
-        let i = super::tcp_info(c.as_raw_fd()).unwrap();
-        assert!(i.srtt_us > 0 && i.srtt_us < 1_000_000, "{i:?}");
-        assert!(i.cwnd >= 1 && i.bytes_acked >= 100_000, "{i:?}");
-        assert!(super::tcp_info(-1).is_err());
-    }
-}
-
 /// Size of `struct iw_key` (src/bpf/initwin.h).
 pub const IW_KEY_LEN: usize = 24;
 /// Size of `struct iw_value` (src/bpf/initwin.h).
@@ -303,3 +273,32 @@ pub fn own_cgroup_v2() -> Result<std::fs::File, String> {
     r
 }
 
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn bpf_probe_matches_privilege() {
+        let root = super::is_root();
+        match super::probe_bpf() {
+            Ok(()) => assert!(root || std::fs::read_to_string("/proc/sys/kernel/unprivileged_bpf_disabled").is_ok_and(|v| v.trim() == "0")),
+            Err(e) => assert!(!root, "root was refused BPF: {e}"),
+        }
+    }
+
+    #[test]
+    fn tcp_info_of_a_loopback_connection() {
+        use std::io::{Read, Write};
+        use std::os::fd::AsRawFd;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        c.write_all(&[7u8; 100_000]).unwrap();
+        let mut got = vec![0u8; 100_000];
+        s.read_exact(&mut got).unwrap();
+        s.write_all(b"x").unwrap();
+        c.read_exact(&mut [0u8; 1]).unwrap();
+        let i = super::tcp_info(c.as_raw_fd()).unwrap();
+        assert!(i.srtt_us > 0 && i.srtt_us < 1_000_000, "{i:?}");
+        assert!(i.cwnd >= 1 && i.bytes_acked >= 100_000, "{i:?}");
+        assert!(super::tcp_info(-1).is_err());
+    }
+}

@@ -15,10 +15,7 @@ fn cwnd_and_mss(c: &TcpStream) -> (u32, u32) {
 #[test]
 fn a_listed_peer_gets_the_window_and_no_other_connection_does() {
     if !ebpf::sys::is_root() {
-        match InitialWindow::load() {
-            Ok(_) => panic!("an unprivileged process attached a cgroup sockops program"),
-            Err(e) => eprintln!("not root: {e}"),
-        }
+        eprintln!("not root: see refused_bpf_is_named");
         return;
     }
     let iw = InitialWindow::load().expect("root loads and attaches the sockops program");
@@ -47,4 +44,29 @@ fn a_listed_peer_gets_the_window_and_no_other_connection_does() {
     let e = TcpStream::connect(listed.local_addr().unwrap()).unwrap();
     let _u = listed.accept().unwrap();
     assert_eq!(cwnd_and_mss(&e).0, 10, "the program stays attached after its owner dropped it");
+}
+
+#[test]
+fn refused_bpf_is_named() {
+    if ebpf::sys::is_root() {
+        // Re-run this very test as nobody, without capabilities: the kernel refuses BPF there.
+        let exe = std::env::current_exe().unwrap();
+        let out = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--"])
+            .arg(&exe)
+            .args(["--exact", "refused_bpf_is_named", "--nocapture", "--test-threads=1"])
+            .output()
+            .expect("setpriv (util-linux)");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && text.contains("refused:"), "unprivileged run failed:\n{text}");
+        eprint!("{text}");
+        return;
+    }
+    match InitialWindow::load() {
+        Ok(_) => panic!("an unprivileged process attached a cgroup sockops program"),
+        Err(e) => {
+            assert!(matches!(e, ebpf::ProbeError::Permission(_)), "{e}");
+            eprintln!("refused: {e}");
+        }
+    }
 }
