@@ -5,7 +5,7 @@
 //!   clean_1g_50ms: 1 Gbit/s, 50 ms RTT, no loss (where a competing cubic flow can use its share)
 //! each alone and against one competing `iperf3` cubic flow started at the same time. Cases, all
 //! with the same stream count: dwcp with ACP (`delay`, `bbr-model`; streams on BBR; `delay` also
-//! with a first window of 64 KiB per stream instead of the kernel's ten segments), dwcp without
+//! with the kernel's first window of ten segments instead of ACP's 64 KiB), dwcp without
 //! ACP (cubic, Linux's default), dwcp on kernel BBR without pacing, `iperf3 -P N` with cubic and with bbr, one cubic
 //! TCP stream. Figures: goodput / link rate, retransmits, srtt inflation over the least RTT
 //! (dwcp: its monitor; iperf3: its mean_rtt / min_rtt), Jain fairness against the competitor.
@@ -104,7 +104,7 @@ fn run_case(env: &Env, p: &Profile, case: &str, compete: bool) -> Run {
         }
         _ => {
             let (acp, cc) = match case {
-                "dwcp-acp-delay" | "dwcp-acp-delay-iw64k" => ("delay", None),
+                "dwcp-acp-delay" | "dwcp-acp-delay-iw10" => ("delay", None),
                 "dwcp-acp-bbr-model" => ("bbr-model", None),
                 "dwcp-kernel-bbr" => ("off", Some("bbr")),
                 // Without ACP: Linux's default congestion control, cubic (this host may default to another).
@@ -122,9 +122,9 @@ fn run_case(env: &Env, p: &Profile, case: &str, compete: bool) -> Run {
             if let Some(cc) = cc {
                 c.args(["--cc", cc]);
             }
-            // A first window of 64 KiB per stream against the kernel's ten segments.
-            if case == "dwcp-acp-delay-iw64k" {
-                c.args(["--initial-window", "64KiB"]);
+            // ACP's first window (64 KiB per stream) against the kernel's ten segments.
+            if case == "dwcp-acp-delay-iw10" {
+                c.args(["--initial-window", "off"]);
             }
             c.stdout(Stdio::piped()).stderr(Stdio::piped());
             let child = Proc(c.spawn().expect("dwcp send"));
@@ -215,7 +215,7 @@ fn jain(a: f64, b: f64) -> f64 {
     if a + b <= 0.0 { 0.0 } else { (a + b).powi(2) / (2.0 * (a * a + b * b)) }
 }
 
-const CASES: [&str; 8] = ["dwcp-acp-delay", "dwcp-acp-delay-iw64k", "dwcp-acp-bbr-model", "dwcp-no-acp", "dwcp-kernel-bbr", "iperf3-cubic", "iperf3-bbr", "tcp-1"];
+const CASES: [&str; 8] = ["dwcp-acp-delay", "dwcp-acp-delay-iw10", "dwcp-acp-bbr-model", "dwcp-no-acp", "dwcp-kernel-bbr", "iperf3-cubic", "iperf3-bbr", "tcp-1"];
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -297,7 +297,7 @@ fn main() {
         let util = |k: &str| results.get(k).and_then(|v| v["util"].as_f64()).unwrap_or(0.0);
         let best_peer = ["iperf3-cubic", "iperf3-bbr", "tcp-1"].iter().map(|k| util(k)).fold(0.0, f64::max);
         figures.insert(format!("util_{}", p.name), json!(util("dwcp-acp-delay")));
-        figures.insert(format!("util_iw64k_{}", p.name), json!(util("dwcp-acp-delay-iw64k")));
+        figures.insert(format!("util_iw10_{}", p.name), json!(util("dwcp-acp-delay-iw10")));
         figures.insert(format!("util_bbr_model_{}", p.name), json!(util("dwcp-acp-bbr-model")));
         figures.insert(format!("util_no_acp_{}", p.name), json!(util("dwcp-no-acp")));
         figures.insert(format!("best_peer_util_{}", p.name), json!(best_peer));

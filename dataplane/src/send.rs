@@ -26,7 +26,7 @@ mod control;
 mod rdma;
 #[cfg(feature = "rdma")]
 pub use rdma::{RdmaFault, RdmaOptions};
-pub use control::{ControlOptions, ControlReport, TraceRow};
+pub use control::{ControlOptions, ControlReport, FIRST_WINDOW, TraceRow};
 
 /// Zero-copy send policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -187,11 +187,11 @@ struct SendArgs {
     /// when BPF is refused) or `poll` (TCP_INFO only).
     #[arg(long, default_value = "auto", value_parser = ["auto", "poll"])]
     monitor: String,
-    /// The streams' first congestion window: `off` (the kernel's ten segments) or a size; 64KiB
-    /// is the most a receiver's first window takes. Set by an eBPF sockops program on this
-    /// process's cgroup; without BPF permission the streams keep the kernel's, and the summary
-    /// says why.
-    #[arg(long, default_value = "off")]
+    /// The streams' first congestion window: `auto` (64 KiB, the most a receiver's first window
+    /// takes, under ACP; the kernel's ten segments without it), `off` (the kernel's), or a size.
+    /// Set by an eBPF sockops program on this process's cgroup; without BPF permission the
+    /// streams keep the kernel's, and the summary says why.
+    #[arg(long, default_value = "auto")]
     initial_window: String,
     /// Write each control interval (goodput, srtt, retransmits, pace, PBA's prediction) to FILE
     /// as CSV.
@@ -489,8 +489,9 @@ fn cmd_send(a: SendArgs) -> Result<()> {
         ..Default::default()
     };
     opts.control.initial_window = match a.initial_window.as_str() {
+        "auto" => (opts.control.acp != AcpKind::Off).then_some(send::FIRST_WINDOW),
         "off" => None,
-        size => Some(fmt::parse_size(size).ok().and_then(|b| u32::try_from(b).ok()).filter(|&b| b > 0).context("--initial-window takes off or a size below 4 GiB (e.g. 64KiB)")?),
+        size => Some(fmt::parse_size(size).ok().and_then(|b| u32::try_from(b).ok()).filter(|&b| b > 0).context("--initial-window takes auto, off or a size below 4 GiB (e.g. 64KiB)")?),
     };
     // The trace is written as intervals end, so an interrupted send leaves it too.
     let trace_writer = match &a.trace_out {

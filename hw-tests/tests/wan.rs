@@ -363,7 +363,7 @@ fn probes_and_acp_on_a_lossy_link() {
     let mut rx = ns("dwcp-b", &[d, "recv", "--listen", "10.77.0.2:7470", "--discard", "--no-encrypt", "--key-file", k]).stderr(Stdio::null()).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let send = |monitor: &str, trace: &Path| {
-        let iw = if monitor == "auto" { "64KiB" } else { "off" };
+        let iw = if monitor == "auto" { "auto" } else { "off" };
         let out = ns("dwcp-a", &[d, "send", "gen:96M", "--name", monitor, "--json", "--to", "10.77.0.2:7470", "--key-file", k, "--no-encrypt", "--mode", "internet", "--streams", "4", "--acp", "delay", "--monitor", monitor, "--initial-window", iw, "--trace-out", trace.to_str().unwrap()])
             .output()
             .unwrap();
@@ -387,9 +387,9 @@ fn probes_and_acp_on_a_lossy_link() {
     assert!(events > 0 && events <= retrans, "one event per retransmitted skb (a GSO skb may hold several segments): {events} events, {retrans} segments");
     let min = ca["min_rtt_us"].as_f64().unwrap();
     assert!((29_000.0..40_000.0).contains(&min), "the probes' least RTT is the link's 30 ms: {min}");
-    // `--initial-window 64KiB`: the streams start with 64 KiB in segments of the link's MSS, set
-    // by the sockops program from inside `ip netns exec` (no cgroup mount there); without it, the
-    // kernel's.
+    // `--initial-window auto` under ACP: the streams start with 64 KiB in segments of the link's
+    // MSS, set by the sockops program from inside `ip netns exec` (no cgroup mount there); with
+    // `off`, the kernel's.
     let w = &ca["initial_window"];
     assert_eq!((w["bytes"].as_u64(), w["applied"].as_u64(), w["refused"].as_u64()), (Some(65_536), Some(4), Some(0)), "{ca}");
     let segs = w["segments"].as_u64().unwrap();

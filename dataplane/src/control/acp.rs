@@ -275,7 +275,11 @@ impl Acp for Delay {
                 _ => return Decision::default(),
             }
         }
-        self.peak = if q <= EMPTY_QUEUE { g } else { self.peak.max(g) };
+        // Over the same round trips as the pace: one round trip's ACKs can arrive bunched (a
+        // startup burst acknowledged late read 1.2 Gbit/s on a 1 Gbit/s link), and half of such a
+        // peak held the pace where a standing queue needed it to back off: the queue, then
+        // counted as another flow's, was partly its own.
+        self.peak = if q <= EMPTY_QUEUE { recent } else { self.peak.max(recent) };
         self.queued = if q > TARGET_INFLATION { self.queued + 1 } else { 0 };
         if self.queued >= COMPETE_AFTER {
             self.competing = Some(0);
@@ -508,6 +512,24 @@ mod tests {
         }
         let share = ours.iter().sum::<f64>() / ours.len() as f64;
         assert!(share >= 0.35, "starved: {share:.3} of the link against a queue-filling flow");
+    }
+
+    #[test]
+    fn a_bunched_round_trip_does_not_hold_the_pace_over_a_standing_queue() {
+        // One round trip whose ACKs arrive bunched reads above the link; the queue then stands.
+        // Backing off must not stop at half of that one reading (it did: the pace stayed at 0.6
+        // Gbit/s for six round trips, and the queue, partly its own, was taken for a competitor's).
+        let mut c = Delay::new(8);
+        let sample = |srtt: u32, bps: f64| vec![StreamSample { srtt_us: srtt, min_rtt_us: 50_000, acked: (bps / 8.0 * 0.1) as u64, active: true, ..Default::default() }];
+        let mut step = |srtt, bps| c.on_interval(&Observation { t: 0.0, dt: 0.1, streams: &sample(srtt, bps) }).pacing_bps.unwrap();
+        step(70_000, 1e9); // startup ends on a queue
+        step(51_000, 0.6e9); // drained
+        step(51_000, 1.2e9); // the bunched round trip
+        let mut pace = 0.0;
+        for _ in 0..5 {
+            pace = step(75_000, 0.5e9);
+        }
+        assert!(pace < 0.5e9, "the pace stayed at {pace:.3e} through five round trips of a standing queue");
     }
 
     #[test]

@@ -30,11 +30,15 @@ pub struct ControlOptions {
     /// Where each interval's record goes as it ends (`--trace-out`).
     pub trace: Option<crossbeam_channel::Sender<TraceRow>>,
     /// The streams' first congestion window, bytes (None: the kernel's ten segments). Set by an
-    /// eBPF sockops program before they connect. 64 KiB, the most a receiver advertises before
-    /// its first scaled window, is the most the first round trip can carry; make bench-wan
-    /// measures it against the kernel's (not the default: see docs/operations.md, Congestion).
+    /// eBPF sockops program before they connect ([`FIRST_WINDOW`] under ACP by default).
     pub initial_window: Option<u32>,
 }
+
+/// The first window `--initial-window auto` gives the streams under ACP: 64 KiB, the most a
+/// receiver advertises before its first scaled window (TCP's 16-bit window field), so the most
+/// the first round trip can carry. The kernel's ten segments use a fifth of it; make bench-wan
+/// measures both.
+pub const FIRST_WINDOW: u32 = 64 * 1024;
 
 impl Default for ControlOptions {
     fn default() -> Self {
