@@ -2,6 +2,8 @@
 //! was given starts with that window (in segments of the connection's MSS), a connection to any
 //! other port with the kernel's ten segments; without BPF permission loading fails, named.
 
+mod common;
+
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 
@@ -49,17 +51,7 @@ fn a_listed_peer_gets_the_window_and_no_other_connection_does() {
 #[test]
 fn refused_bpf_is_named() {
     if ebpf::sys::is_root() {
-        // Re-run this very test as nobody, without capabilities: the kernel refuses BPF there.
-        let exe = std::env::current_exe().unwrap();
-        let out = std::process::Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--"])
-            .arg(&exe)
-            .args(["--exact", "refused_bpf_is_named", "--nocapture", "--test-threads=1"])
-            .output()
-            .expect("setpriv (util-linux)");
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        assert!(out.status.success() && text.contains("refused:"), "unprivileged run failed:\n{text}");
-        eprint!("{text}");
+        common::rerun_unprivileged("refused_bpf_is_named", "refused:");
         return;
     }
     match InitialWindow::load() {

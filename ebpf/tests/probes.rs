@@ -2,6 +2,8 @@
 //! watched socket and ignore an unwatched one; refused BPF (the same test re-run as an
 //! unprivileged user by setpriv) degrades to TCP_INFO polling, named, and still samples.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsFd;
@@ -56,7 +58,9 @@ fn probes_record_a_watched_transfer_and_only_it() {
     let got = m.sample(idx).expect("the probes saw the watched socket");
     let polled = ebpf::sys::tcp_info(std::os::fd::AsRawFd::as_raw_fd(&c)).unwrap();
     eprintln!("probes: {got:?}\nTCP_INFO: {polled:?}");
-    assert!(got.events > 100, "one event per ACK received: {got:?}");
+    // One event per ACK received. A receiver on a loaded host acknowledges up to a MiB at once
+    // (64 events for the 64 MiB while QEMU guests ran beside the test; hundreds when idle).
+    assert!(got.events >= 32, "one event per ACK received: {got:?}");
     assert!(got.bytes_acked >= BYTES as u64 - 65536 && got.bytes_acked <= polled.bytes_acked, "{got:?} vs {polled:?}");
     assert!(got.srtt_us > 0 && got.srtt_us < 200_000, "{got:?}");
     assert!(got.min_rtt_us > 0 && got.min_rtt_us <= got.srtt_us.max(polled.min_rtt_us), "{got:?}");
@@ -77,17 +81,7 @@ fn probes_record_a_watched_transfer_and_only_it() {
 #[test]
 fn refused_bpf_degrades_to_polling() {
     if ebpf::sys::is_root() {
-        // Re-run this very test as nobody, without capabilities: the kernel refuses BPF there.
-        let exe = std::env::current_exe().unwrap();
-        let out = std::process::Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--"])
-            .arg(&exe)
-            .args(["--exact", "refused_bpf_degrades_to_polling", "--nocapture", "--test-threads=1"])
-            .output()
-            .expect("setpriv (util-linux)");
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        assert!(out.status.success() && text.contains("degraded:"), "unprivileged run failed:\n{text}");
-        eprint!("{text}");
+        common::rerun_unprivileged("refused_bpf_degrades_to_polling", "degraded:");
         return;
     }
     let mut m = Monitor::open(Want::Auto);
