@@ -278,7 +278,23 @@ fn the_probe_learns_whether_plaintext_is_allowed_from_the_welcome_or_its_pings()
         let est = probe::measure(&rig.addr(), &rig.psk, o).unwrap();
         assert_eq!(est.plaintext_ok, plain, "receiver allows plaintext: {plain}, long path (no ping): {long}");
         assert!(est.rtt_min > Duration::ZERO && est.rtt_min < Duration::from_secs(1), "{est:?}");
+        assert_eq!(est.samples, if long { 2 } else { 4 }, "{est:?}");
     }
+}
+
+#[test]
+fn the_probe_pings_again_while_no_sample_is_under_the_recheck_threshold() {
+    use dataplane::probe::{self, ProbeOptions};
+    let rig = rig(true, Duration::from_secs(5));
+    let base = ProbeOptions { rtt_samples: 3, bulk_bytes: 0, extra_pings: 4, ..ProbeOptions::default() };
+    // Every loopback sample is above 0 s: all four extra pings are taken. Below 10 s: none.
+    for (above, samples) in [(None, 3), (Some(Duration::ZERO), 7), (Some(Duration::from_secs(10)), 3)] {
+        let est = probe::measure(&rig.addr(), &rig.psk, ProbeOptions { recheck_above: above, ..base }).unwrap();
+        assert_eq!(est.samples, samples, "recheck above {above:?}: {est:?}");
+    }
+    // A long path takes no ping at all, extra or not.
+    let est = probe::measure(&rig.addr(), &rig.psk, ProbeOptions { recheck_above: Some(Duration::ZERO), long_path_rtt: Some(Duration::ZERO), ..base }).unwrap();
+    assert_eq!(est.samples, 2, "{est:?}");
 }
 
 #[test]

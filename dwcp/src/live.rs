@@ -79,11 +79,19 @@ fn name(m: Mode) -> &'static str {
 #[allow(clippy::too_many_arguments)]
 pub fn plan(to: &str, psk: &dataplane::crypto::Psk, t: Thresholds, forced: Option<Mode>, streams: Option<u16>, encrypt: Option<bool>, cores: usize, rdma_here: bool) -> anyhow::Result<Plan> {
     // Three RTT samples (the key exchange, the Welcome, which also says whether plaintext is
-    // allowed, and one ping), and on a long path (both handshake samples at or above the
-    // internet threshold) neither the ping nor the bulk burst: there each round trip of the
-    // probe delays the transfer (a migration's first byte), and live goodput measures the path
-    // anyway.
-    let o = ProbeOptions { rtt_samples: 3, bulk_bytes: if forced.is_some() { 0 } else { 4 << 20 }, long_path_rtt: Some(t.inet_min_rtt), ..ProbeOptions::default() };
+    // allowed, and one ping), up to five more pings while none was within the datacenter
+    // threshold (a busy host delays samples by milliseconds), and on a long path (both handshake
+    // samples at or above the internet threshold) neither the ping nor the bulk burst: there
+    // each round trip of the probe delays the transfer (a migration's first byte), and live
+    // goodput measures the path anyway.
+    let o = ProbeOptions {
+        rtt_samples: 3,
+        extra_pings: 5,
+        recheck_above: Some(t.dc_max_rtt),
+        bulk_bytes: if forced.is_some() { 0 } else { 4 << 20 },
+        long_path_rtt: Some(t.inet_min_rtt),
+        ..ProbeOptions::default()
+    };
     let est = probe::measure(to, psk, o)?;
     let mode = forced.unwrap_or_else(|| t.classify(est.rtt_min, est.bw_bps));
     let d = mode::defaults(mode, rdma_here, cores, Some(est.rtt_min));
