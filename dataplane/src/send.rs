@@ -883,12 +883,12 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
     let want_rdma = rdma_local.is_some();
     #[cfg(not(feature = "rdma"))]
     let want_rdma = false;
+    // The streams' first window is set as they connect (TCP only; RDMA uses stream 0 alone).
+    let first_window = opts.control.initial_window.filter(|_| !want_rdma).map(|b| control::FirstWindow::open(&opts.to, b));
     // With the stream count known up front (and no RDMA, which uses stream 0 alone), the other
     // streams connect and exchange keys while stream 0 opens the session: on a long path that
     // saves two round trips before the first byte (a migration's downtime does not change, its
     // total does).
-    // The streams' first window is set as they connect (TCP only; RDMA uses stream 0 alone).
-    let first_window = opts.control.initial_window.filter(|_| !want_rdma).map(|b| control::FirstWindow::open(&opts.to, b));
     let early = match opts.streams {
         Some(n) if !want_rdma => Some(Joins::start(opts, 1..n.max(1))),
         _ => None,
