@@ -76,7 +76,7 @@ impl InitialWindow {
     pub fn set(&self, peer: SocketAddr, bytes: u32) -> Result<(), ProbeError> {
         use libbpf_rs::{MapCore, MapFlags};
         let v = sys::iw_value(bytes);
-        self.skel.maps.initial_window.update(&sys::iw_key(peer), &v, MapFlags::ANY).map_err(|e| ProbeError::Map { map: "initial_window", source: std::io::Error::other(format!("{e:#}")) })
+        self.skel.maps.initial_window.update(&sys::iw_key(peer), &v, MapFlags::ANY).map_err(crate::probes::map_err("initial_window"))
     }
 
     /// In this build: nothing (no value exists to call it on).

@@ -41,7 +41,7 @@ pub(crate) fn load_err(e: libbpf_rs::Error) -> ProbeError {
     }
 }
 
-fn map_err(map: &'static str) -> impl Fn(libbpf_rs::Error) -> ProbeError {
+pub(crate) fn map_err(map: &'static str) -> impl Fn(libbpf_rs::Error) -> ProbeError {
     move |e| ProbeError::Map { map, source: std::io::Error::other(format!("{e:#}")) }
 }
 
