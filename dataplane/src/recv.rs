@@ -781,6 +781,10 @@ const REORDER_CAP: usize = 64 << 20;
 struct HdeRx {
     file: File,
     map: memmap2::MmapMut,
+    /// A delta round's starting image: the previous round's published file, which stays as it
+    /// was until this round is published. References and deltas are against it, so frames
+    /// decode right in any order although they overwrite pages others refer to.
+    base: Option<memmap2::Mmap>,
     dec: crate::hde::Decoder,
     chunk: u32,
     deferred: Vec<crate::hde::Deferred>,
@@ -788,13 +792,22 @@ struct HdeRx {
     pages: u64,
 }
 
-/// The mapped output as the decoder's page store.
-struct MapStore<'a>(&'a mut [u8]);
+/// The mapped output as the decoder's page store, with a delta round's starting image.
+struct MapStore<'a>(&'a mut [u8], Option<&'a [u8]>);
 
 impl crate::hde::PageStore for MapStore<'_> {
     fn get(&self, no: u64) -> Option<&[u8]> {
         let at = usize::try_from(no).ok()?.checked_mul(crate::hde::PAGE)?;
         self.0.get(at..at + crate::hde::PAGE)
+    }
+    fn base(&self, no: u64) -> Option<&[u8]> {
+        match self.1 {
+            Some(start) => {
+                let at = usize::try_from(no).ok()?.checked_mul(crate::hde::PAGE)?;
+                start.get(at..at + crate::hde::PAGE)
+            }
+            None => self.get(no),
+        }
     }
     fn put(&mut self, no: u64, page: &[u8]) {
         let at = no as usize * crate::hde::PAGE;
@@ -988,7 +1001,13 @@ impl Coordinator {
                     let map = crate::sys::map_readwrite(&f).map_err(|e| storage("mapping", &part, e))?;
                     let dec = crate::hde::Decoder::new(None).map_err(|e| (ErrorCode::Internal, e.to_string()))?;
                     let file = f.try_clone().map_err(|e| storage("opening", &part, e))?;
-                    sess.hde = Some(Box::new(HdeRx { file, map, dec, chunk: chunk_size, deferred: Vec::new(), rejected: Vec::new(), pages: 0 }));
+                    let base = if round {
+                        let prev = File::open(&fin).map_err(|e| storage("opening the previous round", &fin, e))?;
+                        Some(crate::sys::map_readonly(&prev).map_err(|e| storage("mapping the previous round", &fin, e))?)
+                    } else {
+                        None
+                    };
+                    sess.hde = Some(Box::new(HdeRx { file, map, base, dec, chunk: chunk_size, deferred: Vec::new(), rejected: Vec::new(), pages: 0 }));
                 }
                 sess.out = if hde { Out::Hde } else { Out::File(Arc::new(f)) };
                 sess.part = Some(part);
@@ -1019,13 +1038,20 @@ impl Coordinator {
         let Some(h) = s.hde.as_mut() else { return };
         let span = s.size.map_or(0, |sz| u64::from(h.chunk).min(sz.saturating_sub(offset))) as u32;
         let first = offset / crate::hde::PAGE as u64;
-        match h.dec.decode(frame, &mut MapStore(&mut h.map)) {
+        match h.dec.decode(frame, &mut MapStore(&mut h.map, h.base.as_deref())) {
             Ok(r) => {
                 h.pages += r.applied;
                 h.deferred.extend(r.deferred);
                 h.rejected.extend(r.rejected);
             }
-            Err(e) => h.rejected.push((first, if matches!(e, crate::hde::HdeError::BadMagic) { "not an HDE frame" } else { "truncated HDE frame" })),
+            Err(e) => h.rejected.push((
+                first,
+                match e {
+                    crate::hde::HdeError::BadMagic => "not an HDE frame",
+                    crate::hde::HdeError::Corrupt => "HDE frame's page list does not match its checksum",
+                    _ => "truncated HDE frame",
+                },
+            )),
         }
         s.place(offset, span, sum);
         let _ = self.shards[from.0].send(ToShard::Ack { key: from.1, offset });
@@ -1171,7 +1197,7 @@ impl RxSession {
         }
         if let Some(h) = self.hde.as_mut() {
             let deferred = std::mem::take(&mut h.deferred);
-            let r = h.dec.retry(&deferred, &mut MapStore(&mut h.map));
+            let r = h.dec.retry(&deferred, &mut MapStore(&mut h.map, h.base.as_deref()));
             h.pages += r.applied;
             h.rejected.extend(r.rejected);
             if let Some(&(no, why)) = h.rejected.first() {

@@ -292,6 +292,8 @@ pub struct HdeReport {
     pub output: u64,
     /// Pages sent, by kind.
     pub pages: std::collections::BTreeMap<String, u64>,
+    /// Reference pages listed by frames (moved data found elsewhere in the receiver's image).
+    pub refs: u64,
     /// Chunks per effort (`off`, `zstd-1`, ...).
     pub levels: std::collections::BTreeMap<String, u64>,
     /// Encode seconds summed over shards.
@@ -426,16 +428,13 @@ impl HdeShard<'_> {
             self.enc.share_index(ix.clone());
             self.ref_index = None;
         }
-        // A page the receiver holds stays as it is for this round if it did not change.
+        // The receiver of a delta round reads every reference from the previous round's image,
+        // which it keeps as it was until the round is published: any of its pages will do,
+        // changed in this round or not.
         let prev_all = self.opts.round_of.as_deref().map(|m| &m[..]);
-        let cur_all: Option<&[u8]> = match source {
-            Source::File { map: Some(m), .. } => Some(&m[..]),
-            _ => None,
-        };
         let stable = |no: u64| -> Option<&[u8]> {
             let at = usize::try_from(no).ok()?.checked_mul(P)?;
-            let p = prev_all?.get(at..at + P)?;
-            (cur_all?.get(at..at + P)? == p).then_some(p)
+            prev_all?.get(at..at + P)
         };
         // A delta round sends only the pages that differ from the previous round.
         let pages: Vec<(u64, &[u8])> = (0..n)
@@ -1120,6 +1119,7 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
                     let hde = shard.hde.take().map(|mut h| {
                         h.report.input = h.stats.input;
                         h.report.output = h.stats.output;
+                        h.report.refs = h.stats.refs;
                         h.report.pages = h.stats.pages.iter().map(|(k, v)| (format!("{k:?}").to_lowercase(), *v)).collect();
                         h.report
                     });
@@ -1151,6 +1151,7 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
             t.input += h.input;
             t.output += h.output;
             t.encode_s += h.encode_s;
+            t.refs += h.refs;
             for (k, v) in h.pages {
                 *t.pages.entry(k).or_default() += v;
             }

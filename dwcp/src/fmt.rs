@@ -108,7 +108,7 @@ pub fn send_table(r: &SendReport, extra: &[(&str, String)]) -> String {
             let levels: Vec<String> = h.levels.iter().map(|(k, v)| format!("{k} x{v}")).collect();
             let pages: Vec<String> = h.pages.iter().map(|(k, v)| format!("{k} {v}")).collect();
             row(&mut s, "hde", format!("{} of pages -> {} ({ratio:.2}x), {:.0} MB/s encode; {}", bytes(h.input), bytes(h.output), h.input as f64 / h.encode_s.max(1e-9) / 1e6, levels.join(", ")));
-            row(&mut s, "hde pages", pages.join(", "));
+            row(&mut s, "hde pages", if h.refs > 0 { format!("{}; {} reference pages", pages.join(", "), h.refs) } else { pages.join(", ") });
         }
         (None, Some(why)) => row(&mut s, "hde", format!("off ({why})")),
         (None, None) => {}
@@ -165,7 +165,7 @@ pub fn send_json(r: &SendReport, mode: Option<serde_json::Value>) -> String {
         "shards": r.shards, "resent_chunks": r.resent_chunks, "streams_lost": r.streams_lost,
         "encrypted": r.encrypted, "send_zc": r.send_zc, "cpu_s": r.cpu.as_secs_f64(),
         "transport": r.transport, "rdma_fallback": r.rdma_fallback, "rdma_qps": r.rdma_qps,
-        "hde": r.hde.as_ref().map(|h| json!({"input": h.input, "output": h.output, "encode_s": h.encode_s, "pages": h.pages, "levels": h.levels})),
+        "hde": r.hde.as_ref().map(|h| json!({"input": h.input, "output": h.output, "encode_s": h.encode_s, "pages": h.pages, "refs": h.refs, "levels": h.levels})),
         "hde_fallback": r.hde_fallback,
         "qemu": match &r.qemu {
             Some(QemuOutcome::Encoded(q)) => json!({
