@@ -372,8 +372,8 @@ struct Shard<'a> {
 struct HdeShard<'a> {
     enc: crate::hde::Encoder,
     opts: &'a HdeSend,
-    /// `--round-of`: where the index of the previous image appears once its thread built it;
-    /// `None` once the encoder took it.
+    /// `--round-of`: where the index of the previous image appears once its thread built it
+    /// (always set, empty if the send stopped first); `None` once the encoder took it.
     ref_index: Option<&'a OnceLock<Arc<crate::hde::RefIndex>>>,
     cores: usize,
     est: Vec<crate::hde::LevelEstimate>,
@@ -424,9 +424,8 @@ impl HdeShard<'_> {
         };
         let old = self.opts.round_of.as_deref().map(|m| &m[offset as usize..offset as usize + len as usize]);
         let first = offset / P as u64;
-        if let Some(ix) = self.ref_index.and_then(OnceLock::get) {
-            self.enc.share_index(ix.clone());
-            self.ref_index = None;
+        if let Some(ix) = self.ref_index.take() {
+            self.enc.share_index(ix.wait().clone());
         }
         // The receiver of a delta round reads every reference from the previous round's image,
         // which it keeps as it was until the round is published: any of its pages will do,
@@ -851,6 +850,39 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
     }
     wire::check_name(source.name()).map_err(|e| SendError::Invalid(e.to_string()))?;
     let t0 = Instant::now();
+    // --round-of: the reference index of the previous image (moved data), built while the
+    // streams connect. The encoders wait for it at their first frame: of the pages the round
+    // changes it takes a fraction of the round's encode time (an image's every page, for a
+    // generated source, which has no mapping to compare).
+    let ref_index: Arc<OnceLock<Arc<crate::hde::RefIndex>>> = Arc::new(OnceLock::new());
+    let ref_index_stop = Arc::new(AtomicBool::new(false));
+    if let Some(prev) = opts.hde.as_ref().and_then(|h| h.round_of.clone()) {
+        let cur = match &source {
+            Source::File { map: Some(m), .. } => Some(m.clone()),
+            _ => None,
+        };
+        let (ix, stop) = (ref_index.clone(), ref_index_stop.clone());
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            let built = match &cur {
+                Some(cur) => crate::hde::RefIndex::of_changed(&prev, cur, &stop),
+                None => crate::hde::RefIndex::of_image(&prev, &stop),
+            };
+            let built = built.unwrap_or_default();
+            tracing::debug!(blocks = built.len(), took_ms = t.elapsed().as_millis() as u64, "reference index of the previous round built");
+            let _ = ix.set(Arc::new(built));
+        });
+    } else {
+        let _ = ref_index.set(Arc::default());
+    }
+    // However the send ends, the index thread stops.
+    struct StopOnDrop(Arc<AtomicBool>);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, Relaxed);
+        }
+    }
+    let _stop_index = StopOnDrop(ref_index_stop.clone());
     let cpu0 = crate::sys::process_cpu_time();
     let core_ids = crate::placement::shard_cores(opts.cores.as_deref()).map_err(SendError::Invalid)?;
     let cores = core_ids.len();
@@ -1029,8 +1061,6 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
         }
         _ => None,
     };
-    let ref_index: OnceLock<Arc<crate::hde::RefIndex>> = OnceLock::new();
-    let ref_index_stop = AtomicBool::new(false);
     let results: Vec<ShardResult> = std::thread::scope(|sc| {
         if !source.seekable() {
             let shared = &shared;
@@ -1054,22 +1084,11 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
             let shared = &shared;
             sc.spawn(move || control::run(socks, &opts.control, shared, cc_error))
         });
-        // --round-of: the previous image's reference index (moved data), built beside the first
-        // frames; the encoders take it when it is ready, and its thread stops with the shards.
-        if let Some(prev) = hde_opts.and_then(|h| h.round_of.clone()) {
-            let (ix, stop) = (&ref_index, &ref_index_stop);
-            sc.spawn(move || {
-                if let Some(built) = crate::hde::RefIndex::of_image(&prev, stop) {
-                    tracing::debug!(blocks = built.len(), "reference index of the previous round built");
-                    let _ = ix.set(Arc::new(built));
-                }
-            });
-        }
         let handles: Vec<_> = per_shard
             .into_iter()
             .enumerate()
             .map(|(k, conns)| {
-                let (shared, source, ref_index) = (&shared, &source, &ref_index);
+                let (shared, source, ref_index) = (&shared, &source, &*ref_index);
                 let core = core_ids.get(k % core_ids.len().max(1)).copied();
                 sc.spawn(move || {
                     if let Some(core) = core {

@@ -102,7 +102,9 @@ fn hde_rounds_of_every_corpus_image_arrive_exactly() {
         let r2 = send(dir.join("b.raw"), &["--round-of", dir.join("a.raw").to_str().unwrap(), "--compress", "3"]);
         assert!(same(&work.join("out").join(&name), &dir.join("b.raw")), "{w}: round 2 arrives exactly");
         let ratio = |j: &serde_json::Value| j["hde"]["input"].as_f64().unwrap() / j["hde"]["output"].as_f64().unwrap();
-        assert!(ratio(&r1) > 3.0 && ratio(&r2) > 2.0, "{w}: {r1} {r2}");
+        // Round 2 reaches 9.9x and 13.4x with references into the pages it rewrites; without
+        // them, 4.2x and 4.8x.
+        assert!(ratio(&r1) > 3.0 && ratio(&r2) > 7.0, "{w}: {r1} {r2}");
         figures.push(format!("{w}: round 1 {:.2}x, round 2 {:.2}x", ratio(&r1), ratio(&r2)));
     }
     let _ = std::fs::remove_dir_all(&work);
