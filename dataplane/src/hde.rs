@@ -55,8 +55,13 @@ const REFS_PER_PAGE: usize = 8;
 /// a frame of 256 changed pages takes about 700 when all of the round's old pages may be
 /// references (measured on the corpus).
 const REFS_MAX: usize = 1024;
-/// Sampled blocks a literal page must share with one stable page to be sent against it.
-const MIN_VOTES: u32 = 3;
+/// Bytes a literal page must share with one stable page to be sent against it.
+const MIN_MATCH: u32 = 256;
+/// Bytes a page must share with another for that page to be worth its 4 KiB in the prefix
+/// (corpus round 2: the same ratio as any match at all, and 10-25% faster).
+const MIN_REF_MATCH: u32 = 64;
+/// Sampled positions of a page looked up together.
+const LOOKUP_BATCH: usize = 16;
 /// Entries in the reference index at most (about 24 bytes each); past it, no more are added.
 const INDEX_MAX: usize = 1 << 23;
 
@@ -255,7 +260,8 @@ pub struct Encoder {
 }
 
 /// Where moved data may be found: sampled 16-byte blocks (16-byte offsets, one in [`SAMPLE`] by
-/// content hash) -> the first page seen holding them.
+/// content hash) -> the first page seen holding them and the block's offset in it
+/// (`page << 12 | offset`).
 #[derive(Debug, Default)]
 pub struct RefIndex(FxHashMap<u64, u64>, Filter);
 
@@ -290,17 +296,18 @@ impl RefIndex {
         if self.0.len() >= INDEX_MAX {
             return;
         }
-        for b in page.chunks_exact(16) {
+        for (k, b) in page.chunks_exact(16).enumerate() {
             let h = block_hash(b);
             if sampled(h) {
-                self.0.entry(h).or_insert(no);
+                self.0.entry(h).or_insert(no << 12 | (k as u64 * 16));
                 self.1.set(h);
             }
         }
     }
 
-    fn get(&self, h: u64) -> Option<u64> {
-        if self.1.may_hold(h) { self.0.get(&h).copied() } else { None }
+    /// The page and offset of the first block seen with hash `h`.
+    fn get(&self, h: u64) -> Option<(u64, usize)> {
+        if self.1.may_hold(h) { self.0.get(&h).map(|&v| (v >> 12, (v & 0xfff) as usize)) } else { None }
     }
 
     /// The index of a whole image (page `i` at byte `i * PAGE`), or `None` once `stop` is set.
@@ -541,9 +548,10 @@ impl Encoder {
     }
 
     /// The frame's reference pages and the receiver's copies of them: for each delta page, and
-    /// each literal page with at least [`MIN_VOTES`] sampled blocks found, the stable pages
-    /// (other than the frame's own) holding the most of its sampled blocks at any offset looked at;
-    /// ascending. Literal pages given references become [`Kind::RefLiteral`].
+    /// each literal page sharing at least [`MIN_MATCH`] bytes with one, the stable pages (other
+    /// than the frame's own) sharing the most bytes with it, found from sampled blocks at the
+    /// offsets looked at and extended both ways; ascending. Literal pages given references
+    /// become [`Kind::RefLiteral`].
     fn references<'a>(&self, entries: &mut [Entry<'_>], olds: &[Option<&[u8]>], stable: &dyn Fn(u64) -> Option<&'a [u8]>) -> Vec<(u64, &'a [u8])> {
         if self.index.is_empty() && self.shared.as_ref().is_none_or(|s| s.is_empty()) {
             return Vec::new();
@@ -551,55 +559,77 @@ impl Encoder {
         let own: FxHashSet<u64> = entries.iter().map(|e| e.no).collect();
         let mut refs: Vec<(u64, &'a [u8])> = Vec::new();
         let mut votes: FxHashMap<u64, u32> = FxHashMap::default();
-        let mut cand: Vec<u64> = Vec::with_capacity(PAGE / 8);
+        let mut spans: Vec<(usize, usize, usize)> = Vec::new();
+        let mut cand: Vec<(usize, u64)> = Vec::with_capacity(LOOKUP_BATCH);
         for (e, old) in entries.iter_mut().zip(olds).filter(|(e, _)| matches!(e.kind, Kind::ZstdDelta | Kind::Literal)) {
             if refs.len() >= REFS_MAX {
                 break;
             }
             votes.clear();
-            // Hashes first, then the look-ups in a tight loop of their own: most miss the cache
-            // (the index is far larger), and independent loads back to back overlap.
-            cand.clear();
-            let mut look = |at: usize| {
-                let h = block_hash(&e.new[at..at + 16]);
-                if sampled(h) {
-                    cand.push(h);
-                }
-            };
+            spans.clear();
             match old {
                 // A changed page: at every byte offset (moved data keeps no alignment), but only
                 // where a block overlaps bytes that differ from the page's own old copy, which
                 // is in the prefix anyway.
                 Some(o) => {
-                    let mut next = 0;
                     for k in 0..PAGE / 16 {
                         if e.new[k * 16..k * 16 + 16] != o[k * 16..k * 16 + 16] {
-                            let (from, to) = ((k * 16).saturating_sub(15).max(next), (k * 16 + 15).min(PAGE - 16));
-                            for at in from..=to {
-                                look(at);
+                            let (from, to) = ((k * 16).saturating_sub(15), (k * 16 + 15).min(PAGE - 16));
+                            match spans.last_mut() {
+                                Some(last) if last.1 + 1 >= from => last.1 = to,
+                                _ => spans.push((from, to, 1)),
                             }
-                            next = to + 1;
                         }
                     }
                 }
-                _ => (0..=PAGE - 16).step_by(8).for_each(look),
+                None => spans.push((0, PAGE - 16, 8)),
             }
-            cand.retain(|&h| self.shared.as_ref().is_some_and(|s| s.1.may_hold(h)) || self.index.1.may_hold(h));
-            for &h in &cand {
-                // The receiver's image before the session first: what this session sent is
-                // mostly pages changing in this round.
-                if let Some(src) = self.shared.as_ref().and_then(|s| s.get(h)).or_else(|| self.index.get(h))
-                    && !own.contains(&src)
-                {
-                    *votes.entry(src).or_default() += 1;
+            for &(from, to, step) in &spans {
+                let mut at = from;
+                while at <= to {
+                    // A batch of hashes, then their look-ups in a tight loop of their own: most
+                    // miss the cache (the index is far larger), and independent loads back to
+                    // back overlap.
+                    cand.clear();
+                    while at <= to && cand.len() < LOOKUP_BATCH {
+                        let h = block_hash(&e.new[at..at + 16]);
+                        if sampled(h) {
+                            cand.push((at, h));
+                        }
+                        at += step;
+                    }
+                    cand.retain(|&(_, h)| self.shared.as_ref().is_some_and(|s| s.1.may_hold(h)) || self.index.1.may_hold(h));
+                    let mut past = 0;
+                    for &(pos, h) in &cand {
+                        // The receiver's image before the session first: what this session sent
+                        // is mostly pages changing in this round.
+                        let Some((src, off)) = self.shared.as_ref().and_then(|s| s.get(h)).or_else(|| self.index.get(h)) else { continue };
+                        if pos < past || own.contains(&src) {
+                            continue;
+                        }
+                        // The match, verified and extended both ways in the page the receiver
+                        // will read: its length is the vote, and the look-ups skip past it.
+                        let Some(copy) = stable(src) else { continue };
+                        let ahead = e.new[pos..].iter().zip(&copy[off..]).take_while(|(a, b)| a == b).count();
+                        if ahead < 16 {
+                            continue;
+                        }
+                        let behind = e.new[..pos].iter().rev().zip(copy[..off].iter().rev()).take_while(|(a, b)| a == b).count();
+                        *votes.entry(src).or_default() += (behind + ahead) as u32;
+                        past = pos + ahead;
+                    }
+                    if past > at {
+                        // Back on the span's grid.
+                        at = from + (past - from).div_ceil(step) * step;
+                    }
                 }
             }
             let mut best: Vec<(u64, u32)> = votes.iter().map(|(&k, &v)| (k, v)).collect();
             best.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
             // The most voted stable pages; `stable` may compare a page, so ask only as needed.
-            let mut chosen = best.into_iter().filter_map(|(src, n)| stable(src).map(|copy| (src, n, copy))).take(REFS_PER_PAGE).peekable();
+            let mut chosen = best.into_iter().filter_map(|(src, n)| stable(src).map(|copy| (src, n, copy))).filter(|c| c.1 >= MIN_REF_MATCH).take(REFS_PER_PAGE).peekable();
             if e.kind == Kind::Literal {
-                if chosen.peek().is_none_or(|b| b.1 < MIN_VOTES) {
+                if chosen.peek().is_none_or(|b| b.1 < MIN_MATCH) {
                     continue;
                 }
                 e.kind = Kind::RefLiteral;
