@@ -861,8 +861,16 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
             Source::File { map: Some(m), .. } => Some(m.clone()),
             _ => None,
         };
-        let (ix, stop) = (ref_index.clone(), ref_index_stop.clone());
-        std::thread::spawn(move || {
+        // The encoders wait on the slot: it is filled however the thread ends (an empty index
+        // if it stopped, failed to start or panicked: the round then only has fewer references).
+        struct FillOnDrop(Arc<OnceLock<Arc<crate::hde::RefIndex>>>);
+        impl Drop for FillOnDrop {
+            fn drop(&mut self) {
+                let _ = self.0.set(Arc::default());
+            }
+        }
+        let (slot, stop) = (FillOnDrop(ref_index.clone()), ref_index_stop.clone());
+        let spawned = std::thread::Builder::new().name("dwcp-ref-index".into()).spawn(move || {
             let t = Instant::now();
             let built = match &cur {
                 Some(cur) => crate::hde::RefIndex::of_changed(&prev, cur, &stop),
@@ -870,8 +878,12 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
             };
             let built = built.unwrap_or_default();
             tracing::debug!(blocks = built.len(), took_ms = t.elapsed().as_millis() as u64, "reference index of the previous round built");
-            let _ = ix.set(Arc::new(built));
+            let _ = slot.0.set(Arc::new(built));
         });
+        if let Err(e) = spawned {
+            warn!("no reference index for this round ({e}): its deltas find no moved data");
+            let _ = ref_index.set(Arc::default());
+        }
     } else {
         let _ = ref_index.set(Arc::default());
     }
