@@ -538,7 +538,7 @@ impl Encoder {
             }
             *stats.pages.entry(e.kind).or_default() += 1;
         }
-        let listed = xxh3_64(&out);
+        let listed = list_sum(&out);
         out.extend_from_slice(&listed.to_le_bytes());
         out.extend_from_slice(&lit);
         out.extend_from_slice(&delta);
@@ -702,6 +702,11 @@ pub fn session_digest(manifest: [u8; 32], image: &mut dyn FnMut(&mut xxhash_rust
 /// page, a raw entry's step, kind, checksum and length.
 pub fn frame_overhead(bytes: usize) -> usize {
     HEADER + 8 + bytes.div_ceil(PAGE) * (10 + 1 + 8 + 3)
+}
+
+/// The checksum that follows a frame's header, references and page list (`list`): XXH3-64.
+pub fn list_sum(list: &[u8]) -> u64 {
+    xxh3_64(list)
 }
 
 /// Whether a page is all zero (word at a time).
@@ -889,7 +894,7 @@ fn parse(frame: &[u8]) -> Result<Frame<'_>, HdeError> {
     if d.len() != lit_len + delta_len {
         return Err(HdeError::Truncated { index: count as u32 });
     }
-    if xxh3_64(&frame[..listed]) != u64::from_le_bytes(sum.try_into().expect("8")) {
+    if list_sum(&frame[..listed]) != u64::from_le_bytes(sum.try_into().expect("8")) {
         return Err(HdeError::Corrupt);
     }
     Ok((refs, out, &d[..lit_len], &d[lit_len..]))

@@ -46,6 +46,18 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(mut d) = dataplane::hde::Decoder::new(None) {
         let _ = d.decode(rest, &mut store);
     }
+    // Past the page list's checksum too: the input's first two bytes say where the list ends,
+    // and its checksum goes there, so that the entries and blocks behind it are reached.
+    if rest.len() >= 2 {
+        let at = (usize::from(u16::from_le_bytes([rest[0], rest[1]]))).min(rest.len() - 2);
+        let (list, blocks) = rest[2..].split_at(at);
+        let mut frame = list.to_vec();
+        frame.extend_from_slice(&dataplane::hde::list_sum(list).to_le_bytes());
+        frame.extend_from_slice(blocks);
+        if let Ok(mut d) = dataplane::hde::Decoder::new(None) {
+            let _ = d.decode(&frame, &mut store);
+        }
+    }
 });
 
 struct Store(std::collections::HashMap<u64, Vec<u8>>);
