@@ -18,11 +18,12 @@
 //! encoder keeps a sparse index of the pages it sent (16-byte blocks at 16-byte offsets, one in
 //! [`SAMPLE`] by content hash) and looks a changed page's bytes up in it at every byte offset
 //! around what differs from its old copy (moved data keeps no alignment: a row rewritten with
-//! five bytes prepended), a new page's at every 8-byte offset; the pages that hold the most of them, if the caller vouches that the receiver can
-//! read them as they were when the round began ([`PageStore::base`]), lead the delta block's
-//! prefix (the frame lists them). A new page (no old copy) with enough of its blocks in one such
-//! page goes to the delta block too, as a **ref-literal**: round 1 of an image finds data
-//! repeated far apart this way. A page that changes in the same round is a reference too when
+//! five bytes prepended), a new page's at every 8-byte offset. Each hit is verified and extended
+//! both ways in the page it points to; the pages sharing the most bytes, if the caller vouches
+//! that the receiver can read them as they were when the round began ([`PageStore::base`]), lead
+//! the delta block's prefix (the frame lists them). A new page (no old copy) sharing enough with
+//! one such page goes to the delta block too, as a **ref-literal**: round 1 of an image finds
+//! data repeated far apart this way. A page that changes in the same round is a reference too when
 //! the receiver keeps the round's starting image beside the one it writes (`dwcp recv` of a
 //! delta round reads the previous round's published file): a heap rewriting its records moves
 //! data between pages that all change, and most of a round's delta is there.
@@ -47,8 +48,8 @@ const HEADER: usize = 20;
 
 /// One 16-byte block in this many (by content hash) goes into the reference index.
 pub const SAMPLE: u64 = 16;
-/// Reference pages taken per delta page (the ones holding the most of its sampled blocks): a
-/// rewritten record draws on several old ones (corpus round 2: 2 -> 9.5 and 11.6, 8 -> 10.3 and
+/// Reference pages taken per delta page (the ones sharing the most bytes with it): a rewritten
+/// record draws on several old ones (corpus round 2: 2 -> 9.5 and 11.6, 8 -> 10.3 and
 /// 13.4).
 const REFS_PER_PAGE: usize = 8;
 /// Reference pages per frame at most (the prefix is then at most this plus the frame's pages):
