@@ -559,7 +559,8 @@ impl Encoder {
         }
         let own: FxHashSet<u64> = entries.iter().map(|e| e.no).collect();
         let mut refs: Vec<(u64, &'a [u8])> = Vec::new();
-        let mut votes: FxHashMap<u64, u32> = FxHashMap::default();
+        // Per page it shares bytes with: how many, and the receiver's copy of it.
+        let mut votes: FxHashMap<u64, (u32, &'a [u8])> = FxHashMap::default();
         let mut spans: Vec<(usize, usize, usize)> = Vec::new();
         let mut cand: Vec<(usize, u64)> = Vec::with_capacity(LOOKUP_BATCH);
         for (e, old) in entries.iter_mut().zip(olds).filter(|(e, _)| matches!(e.kind, Kind::ZstdDelta | Kind::Literal)) {
@@ -616,7 +617,7 @@ impl Encoder {
                             continue;
                         }
                         let behind = e.new[..pos].iter().rev().zip(copy[..off].iter().rev()).take_while(|(a, b)| a == b).count();
-                        *votes.entry(src).or_default() += (behind + ahead) as u32;
+                        votes.entry(src).or_insert((0, copy)).0 += (behind + ahead) as u32;
                         past = pos + ahead;
                     }
                     if past > at {
@@ -625,10 +626,9 @@ impl Encoder {
                     }
                 }
             }
-            let mut best: Vec<(u64, u32)> = votes.iter().map(|(&k, &v)| (k, v)).collect();
+            let mut best: Vec<(u64, u32, &'a [u8])> = votes.iter().map(|(&k, &(n, copy))| (k, n, copy)).collect();
             best.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-            // The most voted stable pages; `stable` may compare a page, so ask only as needed.
-            let mut chosen = best.into_iter().filter_map(|(src, n)| stable(src).map(|copy| (src, n, copy))).filter(|c| c.1 >= MIN_REF_MATCH).take(REFS_PER_PAGE).peekable();
+            let mut chosen = best.into_iter().filter(|c| c.1 >= MIN_REF_MATCH).take(REFS_PER_PAGE).peekable();
             if e.kind == Kind::Literal {
                 if chosen.peek().is_none_or(|b| b.1 < MIN_MATCH) {
                     continue;
@@ -1276,7 +1276,7 @@ mod tests {
         bad[8..12].copy_from_slice(&(empty.len() as u32).to_le_bytes());
         // The header is under the page list's checksum: a sender's own frame, to reach the block.
         let listed = bad.len() - 8;
-        let sum = xxh3_64(&bad[..listed]);
+        let sum = list_sum(&bad[..listed]);
         bad[listed..].copy_from_slice(&sum.to_le_bytes());
         bad.extend_from_slice(&empty);
         let mut rx = Mem(HashMap::new());

@@ -795,19 +795,18 @@ struct HdeRx {
 /// The mapped output as the decoder's page store, with a delta round's starting image.
 struct MapStore<'a>(&'a mut [u8], Option<&'a [u8]>);
 
+/// Page `no` of a mapped image, if the image holds it.
+fn page_of(image: &[u8], no: u64) -> Option<&[u8]> {
+    let at = usize::try_from(no).ok()?.checked_mul(crate::hde::PAGE)?;
+    image.get(at..at + crate::hde::PAGE)
+}
+
 impl crate::hde::PageStore for MapStore<'_> {
     fn get(&self, no: u64) -> Option<&[u8]> {
-        let at = usize::try_from(no).ok()?.checked_mul(crate::hde::PAGE)?;
-        self.0.get(at..at + crate::hde::PAGE)
+        page_of(self.0, no)
     }
     fn base(&self, no: u64) -> Option<&[u8]> {
-        match self.1 {
-            Some(start) => {
-                let at = usize::try_from(no).ok()?.checked_mul(crate::hde::PAGE)?;
-                start.get(at..at + crate::hde::PAGE)
-            }
-            None => self.get(no),
-        }
+        page_of(self.1.unwrap_or(self.0), no)
     }
     fn put(&mut self, no: u64, page: &[u8]) {
         let at = no as usize * crate::hde::PAGE;

@@ -373,7 +373,8 @@ struct HdeShard<'a> {
     enc: crate::hde::Encoder,
     opts: &'a HdeSend,
     /// `--round-of`: where the index of the previous image appears once its thread built it
-    /// (always set, empty if the send stopped first); `None` once the encoder took it.
+    /// (always filled, empty if the send stopped first); `None` once the encoder took it, or
+    /// without `--round-of`.
     ref_index: Option<&'a OnceLock<Arc<crate::hde::RefIndex>>>,
     cores: usize,
     est: Vec<crate::hde::LevelEstimate>,
@@ -881,11 +882,9 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
             let _ = slot.0.set(Arc::new(built));
         });
         if let Err(e) = spawned {
+            // The closure, dropped unrun, filled the slot.
             warn!("no reference index for this round ({e}): its deltas find no moved data");
-            let _ = ref_index.set(Arc::default());
         }
-    } else {
-        let _ = ref_index.set(Arc::default());
     }
     // However the send ends, the index thread stops.
     struct StopOnDrop(Arc<AtomicBool>);
@@ -894,7 +893,7 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
             self.0.store(true, Relaxed);
         }
     }
-    let _stop_index = StopOnDrop(ref_index_stop.clone());
+    let _stop_index = StopOnDrop(ref_index_stop);
     let cpu0 = crate::sys::process_cpu_time();
     let core_ids = crate::placement::shard_cores(opts.cores.as_deref()).map_err(SendError::Invalid)?;
     let cores = core_ids.len();
@@ -1131,7 +1130,7 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
                             Some(HdeShard {
                                 enc,
                                 opts: h,
-                                ref_index: Some(ref_index),
+                                ref_index: h.round_of.is_some().then_some(ref_index),
                                 cores: nshards,
                                 est: crate::hde::DEFAULT_ESTIMATES.to_vec(),
                                 level,
@@ -1161,7 +1160,6 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
             .collect();
         let r = handles.into_iter().map(|h| h.join().expect("shard thread")).collect();
         shared.stop.store(true, Relaxed);
-        ref_index_stop.store(true, Relaxed);
         control_report = ctl.map(|h| {
             let mut r = h.join().expect("monitor thread");
             if let Some((w, why)) = first_window {
