@@ -8,7 +8,7 @@ BUILD_PKGS := pkg-config libhwloc-dev libudev-dev libibverbs-dev librdmacm-dev l
 BENCH_PKGS := iperf3 zstd xdelta3
 RIG_PKGS := qemu-system-x86 busybox-static rdma-core ibverbs-utils perftest libibverbs-dev \
             librdmacm-dev libclang-dev clang pkg-config cpio kmod iproute2 gzip \
-            iputils-ping ethtool iperf3 python3 openssl
+            iputils-ping ethtool iperf3 python3 openssl xdelta3
 
 .PHONY: all deps bench-deps vm-deps build demo test fuzz-smoke bench-transport bench-boot bench-hde bench-rdma bench-migrate bench-wan bench-pba bench-probes corpus clean
 

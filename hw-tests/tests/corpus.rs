@@ -102,10 +102,23 @@ fn hde_rounds_of_every_corpus_image_arrive_exactly() {
         let r2 = send(dir.join("b.raw"), &["--round-of", dir.join("a.raw").to_str().unwrap(), "--compress", "3"]);
         assert!(same(&work.join("out").join(&name), &dir.join("b.raw")), "{w}: round 2 arrives exactly");
         let ratio = |j: &serde_json::Value| j["hde"]["input"].as_f64().unwrap() / j["hde"]["output"].as_f64().unwrap();
-        // Round 2 reaches 9.9x and 13.4x with references into the pages it rewrites; without
-        // them, 4.2x and 4.8x.
-        assert!(ratio(&r1) > 3.0 && ratio(&r2) > 7.0, "{w}: {r1} {r2}");
-        figures.push(format!("{w}: round 1 {:.2}x, round 2 {:.2}x", ratio(&r1), ratio(&r2)));
+        // How much of a round is moved data depends on where the guest's workload stood at the
+        // captures: on fresh corpora xdelta3 of b against a ranges from 4.9x to 12.6x of the
+        // dirty pages. So round 2 is held to xdelta3 on the same images, in the same run: with
+        // references into the pages the round rewrites it reaches 0.76-0.82x of it; without them
+        // (before), 0.33x.
+        let x = Command::new("xdelta3")
+            .args(["-e", "-c", "-B", "1073741824", "-s"])
+            .arg(dir.join("a.raw"))
+            .arg(dir.join("b.raw"))
+            .stderr(std::process::Stdio::null())
+            .output()
+            .expect("xdelta3 (make vm-deps installs it)");
+        assert!(x.status.success(), "{w}: xdelta3 failed");
+        let xdelta3 = r2["hde"]["input"].as_f64().unwrap() / x.stdout.len() as f64;
+        assert!(r2["hde"]["refs"].as_u64().unwrap() > 0, "{w}: round 2 used no references: {r2}");
+        assert!(ratio(&r1) > 3.0 && ratio(&r2) > 0.6 * xdelta3, "{w}: round 2 {:.2}x vs xdelta3 {xdelta3:.2}x: {r1} {r2}", ratio(&r2));
+        figures.push(format!("{w}: round 1 {:.2}x, round 2 {:.2}x (xdelta3 {xdelta3:.2}x)", ratio(&r1), ratio(&r2)));
     }
     let _ = std::fs::remove_dir_all(&work);
     eprintln!("HDE through dwcp on the corpus: {}", figures.join("; "));
