@@ -169,6 +169,64 @@ impl FirstWindow {
     }
 }
 
+/// How often each stream's BBR is restarted under ACP (see [`BbrRestarts`]): below BBR's ten
+/// seconds, with room for one interval's lateness.
+const BBR_RESTART_EVERY: Duration = Duration::from_secs(8);
+
+/// Kernel BBR drains a stream to four segments for at least 200 ms once its least RTT is ten
+/// seconds old (PROBE_RTT), and only an RTT sample *below* that least renews it. Under ACP's pace
+/// the queue stays short but rarely empty, so the samples never go below it, and the streams,
+/// started together, all drain together every ten seconds: `make bench-wan`'s traces show the
+/// sum of windows falling from about 8000 segments to 500 and a second of goodput lost with it.
+/// ACP keeps the queue short itself and tracks the least RTT over all streams, so under it each
+/// stream's BBR is restarted before that (switched to reno and back: a restart keeps the window,
+/// the kernel's windowed least RTT and the pace cap, and starts BBR's ten seconds again),
+/// staggered over the streams so that no two restart together.
+#[derive(Debug)]
+struct BbrRestarts {
+    /// When each stream restarts next, since the monitor started.
+    next: Vec<Duration>,
+    /// Restarts done.
+    done: u64,
+}
+
+impl BbrRestarts {
+    fn new(streams: usize) -> Self {
+        // The first between 2 and 8 s, evenly spread; then every BBR_RESTART_EVERY.
+        let n = streams.max(1) as u32;
+        Self { next: (0..n).map(|k| Duration::from_secs(2) + Duration::from_secs(6) * k / n).collect(), done: 0 }
+    }
+
+    /// The streams whose time has come (and their next time set).
+    fn due(&mut self, since_start: Duration) -> Vec<usize> {
+        let mut due = Vec::new();
+        for (k, next) in self.next.iter_mut().enumerate() {
+            if since_start >= *next {
+                *next += BBR_RESTART_EVERY;
+                due.push(k);
+            }
+        }
+        due
+    }
+
+    /// Restarts the streams whose time has come.
+    fn run(&mut self, since_start: Duration, socks: &[OwnedFd]) {
+        for k in self.due(since_start) {
+            let Some(s) = socks.get(k) else { continue };
+            let fd = s.as_raw_fd();
+            match crate::sys::set_congestion(fd, "reno").and_then(|()| crate::sys::set_congestion(fd, "bbr")) {
+                Ok(()) => self.done += 1,
+                Err(e) => {
+                    // Left on reno a stream would collapse at the first loss: put BBR back or say so.
+                    if let Err(e2) = crate::sys::set_congestion(fd, "bbr") {
+                        warn!("stream {k}: restarting BBR: {e}; {e2}");
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The congestion control is set before any data flows.
 pub(super) fn set_cc(socks: &[OwnedFd], opts: &ControlOptions) -> Option<String> {
     let cc = opts.effective_cc()?;
@@ -207,6 +265,7 @@ pub(super) fn run(socks: Vec<OwnedFd>, opts: &ControlOptions, shared: &Shared, c
     let (mut srtt_sum, mut srtt_n) = (0.0, 0u32);
     let mut min_rtt = f64::INFINITY;
     let lost_streams = || shared.lost.load(Relaxed).min(u64::from(u16::MAX)) as u16;
+    let mut restarts = (acp.is_some() && opts.effective_cc() == Some("bbr") && report.cc_error.is_none() && std::env::var_os("DWCP_NO_BBR_RESTART").is_none()).then(|| BbrRestarts::new(socks.len()));
     while !shared.stop.load(Relaxed) && !shared.done() {
         std::thread::sleep(opts.interval);
         let now = Instant::now();
@@ -241,6 +300,9 @@ pub(super) fn run(socks: Vec<OwnedFd>, opts: &ControlOptions, shared: &Shared, c
                 ebpf::Event::Retransmit { .. } => report.probe_events.0 += 1,
                 ebpf::Event::CongState { .. } => report.probe_events.1 += 1,
             }
+        }
+        if let Some(r) = restarts.as_mut() {
+            r.run(now.duration_since(t0), &socks);
         }
         let o = Observation { t: now.duration_since(t0).as_secs_f64(), dt, streams: &samples };
         let g = o.goodput_bps();
@@ -298,4 +360,31 @@ pub(super) fn run(socks: Vec<OwnedFd>, opts: &ControlOptions, shared: &Shared, c
     report.min_rtt_us = if min_rtt.is_finite() { min_rtt } else { 0.0 };
     report.mean_srtt_us = if srtt_n > 0 { srtt_sum / f64::from(srtt_n) } else { 0.0 };
     report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bbr_restarts_come_before_bbrs_ten_seconds_and_never_two_at_once() {
+        for n in [1usize, 2, 8, 16] {
+            let mut r = BbrRestarts::new(n);
+            let mut last = vec![Duration::ZERO; n];
+            let mut t = Duration::ZERO;
+            while t < Duration::from_secs(60) {
+                t += Duration::from_millis(100);
+                let due = r.due(t);
+                // Up to 16 streams, 375 ms apart or more.
+                assert!(due.len() <= 1, "{n} streams: {due:?} at {t:?}");
+                for k in due {
+                    assert!(t - last[k] >= Duration::from_secs(2), "{n} streams: stream {k} again after {:?}", t - last[k]);
+                    last[k] = t;
+                }
+                for (k, l) in last.iter().enumerate() {
+                    assert!(t - *l < Duration::from_secs(9), "{n} streams: stream {k} not restarted for {:?} at {t:?}", t - *l);
+                }
+            }
+        }
+    }
 }
