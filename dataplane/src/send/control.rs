@@ -265,7 +265,7 @@ pub(super) fn run(socks: Vec<OwnedFd>, opts: &ControlOptions, shared: &Shared, c
     let (mut srtt_sum, mut srtt_n) = (0.0, 0u32);
     let mut min_rtt = f64::INFINITY;
     let lost_streams = || shared.lost.load(Relaxed).min(u64::from(u16::MAX)) as u16;
-    let mut restarts = (acp.is_some() && opts.effective_cc() == Some("bbr") && report.cc_error.is_none() && std::env::var_os("DWCP_NO_BBR_RESTART").is_none()).then(|| BbrRestarts::new(socks.len()));
+    let mut restarts = (acp.is_some() && opts.effective_cc() == Some("bbr") && report.cc_error.is_none()).then(|| BbrRestarts::new(socks.len()));
     while !shared.stop.load(Relaxed) && !shared.done() {
         std::thread::sleep(opts.interval);
         let now = Instant::now();
