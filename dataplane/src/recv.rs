@@ -785,6 +785,8 @@ struct HdeRx {
     /// was until this round is published. References and deltas are against it, so frames
     /// decode right in any order although they overwrite pages others refer to.
     base: Option<memmap2::Mmap>,
+    /// The file was created for this session (preallocated, all zeros): zero pages need no write.
+    fresh: bool,
     dec: crate::hde::Decoder,
     chunk: u32,
     deferred: Vec<crate::hde::Deferred>,
@@ -792,8 +794,9 @@ struct HdeRx {
     pages: u64,
 }
 
-/// The mapped output as the decoder's page store, with a delta round's starting image.
-struct MapStore<'a>(&'a mut [u8], Option<&'a [u8]>);
+/// The mapped output as the decoder's page store, with a delta round's starting image, and
+/// whether the output was created for this session (all zeros).
+struct MapStore<'a>(&'a mut [u8], Option<&'a [u8]>, bool);
 
 /// Page `no` of a mapped image, if the image holds it.
 fn page_of(image: &[u8], no: u64) -> Option<&[u8]> {
@@ -809,6 +812,11 @@ impl crate::hde::PageStore for MapStore<'_> {
         page_of(self.1.unwrap_or(self.0), no)
     }
     fn put(&mut self, no: u64, page: &[u8]) {
+        // A zero page into a file created for this session is not written: its preallocated,
+        // unwritten extent stays so and is never flushed (half of a guest image's pages, often).
+        if self.2 && crate::hde::is_zero(page) {
+            return;
+        }
         let at = no as usize * crate::hde::PAGE;
         self.0[at..at + crate::hde::PAGE].copy_from_slice(page);
     }
@@ -966,6 +974,7 @@ impl Coordinator {
                     sess.resumed = sess.have.covered();
                     file = Some(f);
                 }
+                let fresh = file.is_none() && !round;
                 let f = match file {
                     Some(f) => f,
                     // A later round starts from the previous round's published image.
@@ -974,8 +983,13 @@ impl Coordinator {
                         if Some(meta.len()) != size {
                             return Err((ErrorCode::Refused, format!("a delta round of {} bytes against a {}-byte {}", size.unwrap_or(0), meta.len(), fin.display())));
                         }
-                        std::fs::copy(&fin, &part).map_err(|e| storage("copying the previous round into", &part, e))?;
-                        OpenOptions::new().read(true).write(true).open(&part).map_err(|e| storage("opening", &part, e))?
+                        let prev = File::open(&fin).map_err(|e| storage("opening the previous round", &fin, e))?;
+                        let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&part).map_err(|e| storage("creating", &part, e))?;
+                        if let Err(e) = crate::sys::copy_data(&prev, &f, meta.len()) {
+                            let _ = std::fs::remove_file(&part);
+                            return Err(storage("copying the previous round into", &part, e));
+                        }
+                        f
                     }
                     None => {
                         let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&part).map_err(|e| storage("creating", &part, e))?;
@@ -1006,7 +1020,7 @@ impl Coordinator {
                     } else {
                         None
                     };
-                    sess.hde = Some(Box::new(HdeRx { file, map, base, dec, chunk: chunk_size, deferred: Vec::new(), rejected: Vec::new(), pages: 0 }));
+                    sess.hde = Some(Box::new(HdeRx { file, map, base, fresh, dec, chunk: chunk_size, deferred: Vec::new(), rejected: Vec::new(), pages: 0 }));
                 }
                 sess.out = if hde { Out::Hde } else { Out::File(Arc::new(f)) };
                 sess.part = Some(part);
@@ -1037,7 +1051,7 @@ impl Coordinator {
         let Some(h) = s.hde.as_mut() else { return };
         let span = s.size.map_or(0, |sz| u64::from(h.chunk).min(sz.saturating_sub(offset))) as u32;
         let first = offset / crate::hde::PAGE as u64;
-        match h.dec.decode(frame, &mut MapStore(&mut h.map, h.base.as_deref())) {
+        match h.dec.decode(frame, &mut MapStore(&mut h.map, h.base.as_deref(), h.fresh)) {
             Ok(r) => {
                 h.pages += r.applied;
                 h.deferred.extend(r.deferred);
@@ -1196,7 +1210,7 @@ impl RxSession {
         }
         if let Some(h) = self.hde.as_mut() {
             let deferred = std::mem::take(&mut h.deferred);
-            let r = h.dec.retry(&deferred, &mut MapStore(&mut h.map, h.base.as_deref()));
+            let r = h.dec.retry(&deferred, &mut MapStore(&mut h.map, h.base.as_deref(), h.fresh));
             h.pages += r.applied;
             h.rejected.extend(r.rejected);
             if let Some(&(no, why)) = h.rejected.first() {
