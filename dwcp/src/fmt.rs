@@ -138,7 +138,8 @@ pub fn send_table(r: &SendReport, extra: &[(&str, String)]) -> String {
             (Some(cc), None) => cc.clone(),
             (None, None) => "system default".into(),
         };
-        row(&mut s, "congestion", format!("ACP {}, streams on {cc}", c.acp));
+        let restarts = if c.bbr_restarts > 0 { format!(" ({} BBR restarts)", c.bbr_restarts) } else { String::new() };
+        row(&mut s, "congestion", format!("ACP {}, streams on {cc}{restarts}", c.acp));
         match (&c.initial_window, &c.initial_window_degraded) {
             (Some(w), _) => row(&mut s, "first window", format!("{} segments ({} bytes asked) on {} streams{}", w.segments, w.bytes, w.applied, if w.refused > 0 { format!(", refused on {}", w.refused) } else { String::new() })),
             (None, Some(why)) => row(&mut s, "first window", format!("the kernel's ({why})")),
@@ -152,6 +153,19 @@ pub fn send_table(r: &SendReport, extra: &[(&str, String)]) -> String {
     }
     row(&mut s, "digest", format!("blake3-manifest:{}", &hex(&r.digest)[..32]));
     s
+}
+
+/// The path control's report as JSON (`control` of the send summary).
+fn control_json(c: &dataplane::send::ControlReport) -> serde_json::Value {
+    json!({
+        "monitor": c.backend, "monitor_degraded": c.degraded, "acp": c.acp, "cc": c.cc, "cc_error": c.cc_error,
+        "retrans": c.retrans, "min_rtt_us": c.min_rtt_us, "mean_srtt_us": c.mean_srtt_us,
+        "initial_window": c.initial_window.map(|w| json!({"bytes": w.bytes, "segments": w.segments, "applied": w.applied, "refused": w.refused})),
+        "initial_window_degraded": c.initial_window_degraded,
+        "probe_retransmit_events": c.probe_events.0, "probe_cong_state_events": c.probe_events.1,
+        "bbr_restarts": c.bbr_restarts,
+        "probe_cost": c.probe_cost.iter().map(|p| json!({"program": p.name, "runs": p.runs, "run_ns": p.run_ns})).collect::<Vec<_>>(),
+    })
 }
 
 /// The send summary as JSON.
@@ -176,14 +190,7 @@ pub fn send_json(r: &SendReport, mode: Option<serde_json::Value>) -> String {
             Some(QemuOutcome::Tunnel(why)) => json!({"mode": "tunnel", "why": why}),
             None => serde_json::Value::Null,
         },
-        "control": r.control.as_ref().map(|c| json!({
-            "monitor": c.backend, "monitor_degraded": c.degraded, "acp": c.acp, "cc": c.cc, "cc_error": c.cc_error,
-            "retrans": c.retrans, "min_rtt_us": c.min_rtt_us, "mean_srtt_us": c.mean_srtt_us,
-            "initial_window": c.initial_window.map(|w| json!({"bytes": w.bytes, "segments": w.segments, "applied": w.applied, "refused": w.refused})),
-            "initial_window_degraded": c.initial_window_degraded,
-            "probe_retransmit_events": c.probe_events.0, "probe_cong_state_events": c.probe_events.1,
-            "probe_cost": c.probe_cost.iter().map(|p| json!({"program": p.name, "runs": p.runs, "run_ns": p.run_ns})).collect::<Vec<_>>(),
-        })),
+        "control": r.control.as_ref().map(control_json),
         "digest": hex(&r.digest), "verified": r.verified,
     })
     .to_string()

@@ -382,6 +382,8 @@ fn probes_and_acp_on_a_lossy_link() {
     record("probes_acp", serde_json::json!({"auto": ca, "poll": cp}));
     assert_eq!(ca["monitor"], "ebpf", "root loads the probes: {ca}");
     assert_eq!((ca["acp"].as_str(), ca["cc"].as_str()), (Some("delay"), Some("bbr")), "{ca}");
+    // 96 MB at 200 Mbit/s take 3.8 s or more; the first of the four streams restarts at 2 s.
+    assert!(ca["bbr_restarts"].as_u64().unwrap() >= 1, "BBR restarted under ACP: {ca}");
     let (retrans, events) = (ca["retrans"].as_u64().unwrap(), ca["probe_retransmit_events"].as_u64().unwrap());
     assert!(retrans > 0, "0.5% loss must cost retransmits: {ca}");
     assert!(events > 0 && events <= retrans, "one event per retransmitted skb (a GSO skb may hold several segments): {events} events, {retrans} segments");

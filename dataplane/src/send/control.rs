@@ -129,6 +129,8 @@ pub struct ControlReport {
     pub mean_srtt_us: f64,
     /// Retransmit and congestion-state events the probes delivered through their ring buffer.
     pub probe_events: (u64, u64),
+    /// Streams' BBR restarted under ACP ([`BbrRestarts`]).
+    pub bbr_restarts: u64,
     /// The probe programs' runs and run time (nonzero only while BPF statistics are on).
     pub probe_cost: Vec<ebpf::ProgCost>,
     /// What the first-window program did (None when it was not asked for or could not load).
@@ -179,9 +181,11 @@ const BBR_RESTART_EVERY: Duration = Duration::from_secs(8);
 /// started together, all drain together every ten seconds: `make bench-wan`'s traces show the
 /// sum of windows falling from about 8000 segments to 500 and a second of goodput lost with it.
 /// ACP keeps the queue short itself and tracks the least RTT over all streams, so under it each
-/// stream's BBR is restarted before that (switched to reno and back: a restart keeps the window,
-/// the kernel's windowed least RTT and the pace cap, and starts BBR's ten seconds again),
-/// staggered over the streams so that no two restart together.
+/// stream's BBR is restarted before that (switched to reno and back: setting the algorithm a
+/// socket already has does nothing). A restart keeps the kernel's windowed least RTT and the
+/// pace cap and starts BBR's ten seconds again; the stream's window may fall to about what it
+/// has in flight at its next loss and regrow within a second, far less than all streams at four
+/// segments together. The restarts are staggered over the streams so that no two come together.
 #[derive(Debug)]
 struct BbrRestarts {
     /// When each stream restarts next, since the monitor started.
@@ -357,6 +361,7 @@ pub(super) fn run(socks: Vec<OwnedFd>, opts: &ControlOptions, shared: &Shared, c
         }
     }
     report.probe_cost = mon.cost();
+    report.bbr_restarts = restarts.map_or(0, |r| r.done);
     report.min_rtt_us = if min_rtt.is_finite() { min_rtt } else { 0.0 };
     report.mean_srtt_us = if srtt_n > 0 { srtt_sum / f64::from(srtt_n) } else { 0.0 };
     report
