@@ -145,14 +145,21 @@ pub fn send_table(r: &SendReport, extra: &[(&str, String)]) -> String {
             (None, Some(why)) => row(&mut s, "first window", format!("the kernel's ({why})")),
             (None, None) => {}
         }
-        let infl = if c.min_rtt_us > 0.0 { c.mean_srtt_us / c.min_rtt_us } else { 0.0 };
-        row(&mut s, "path", format!("srtt {:.2} ms over min {:.2} ms ({infl:.2}x), {} segments retransmitted", c.mean_srtt_us / 1e3, c.min_rtt_us / 1e3, c.retrans));
+        row(&mut s, "path", format!("{}, {} segments retransmitted", rtt_line(c.mean_srtt_us, c.min_rtt_us), c.retrans));
     }
     for (k, v) in extra {
         row(&mut s, k, v.clone());
     }
     row(&mut s, "digest", format!("blake3-manifest:{}", &hex(&r.digest)[..32]));
     s
+}
+
+/// "srtt A over min B (Nx)": the ratio only where the least RTT is a path's (1 ms or more); on
+/// loopback a least RTT of a few microseconds against milliseconds of host scheduling gave
+/// "1007.97x", which says nothing of a queue.
+fn rtt_line(srtt_us: f64, min_us: f64) -> String {
+    let ms = |us: f64| if us < 100.0 { format!("{:.3} ms", us / 1e3) } else { format!("{:.2} ms", us / 1e3) };
+    if min_us >= 1000.0 { format!("srtt {} over min {} ({:.2}x)", ms(srtt_us), ms(min_us), srtt_us / min_us) } else { format!("srtt {}, min {}", ms(srtt_us), ms(min_us)) }
 }
 
 /// The path control's report as JSON (`control` of the send summary).
@@ -238,5 +245,11 @@ mod tests {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn the_rtt_ratio_is_shown_only_for_a_path_of_a_millisecond_or_more() {
+        assert_eq!(rtt_line(55_000.0, 50_000.0), "srtt 55.00 ms over min 50.00 ms (1.10x)");
+        assert_eq!(rtt_line(4_030.0, 4.0), "srtt 4.03 ms, min 0.004 ms");
     }
 }
