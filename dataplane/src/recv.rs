@@ -977,27 +977,25 @@ impl Coordinator {
                 let fresh = file.is_none() && !round;
                 let f = match file {
                     Some(f) => f,
-                    // A later round starts from the previous round's published image.
-                    None if round => {
-                        let meta = std::fs::metadata(&fin).map_err(|e| (ErrorCode::Refused, format!("a delta round needs the previous round's {}: {e}", fin.display())))?;
-                        if Some(meta.len()) != size {
-                            return Err((ErrorCode::Refused, format!("a delta round of {} bytes against a {}-byte {}", size.unwrap_or(0), meta.len(), fin.display())));
-                        }
-                        let prev = File::open(&fin).map_err(|e| storage("opening the previous round", &fin, e))?;
-                        let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&part).map_err(|e| storage("creating", &part, e))?;
-                        if let Err(e) = crate::sys::copy_data(&prev, &f, meta.len()) {
-                            let _ = std::fs::remove_file(&part);
-                            return Err(storage("copying the previous round into", &part, e));
-                        }
-                        f
-                    }
                     None => {
+                        // A later round starts from the previous round's published image.
+                        let prev = if round {
+                            let meta = std::fs::metadata(&fin).map_err(|e| (ErrorCode::Refused, format!("a delta round needs the previous round's {}: {e}", fin.display())))?;
+                            if Some(meta.len()) != size {
+                                return Err((ErrorCode::Refused, format!("a delta round of {} bytes against a {}-byte {}", size.unwrap_or(0), meta.len(), fin.display())));
+                            }
+                            Some((File::open(&fin).map_err(|e| storage("opening the previous round", &fin, e))?, meta.len()))
+                        } else {
+                            None
+                        };
                         let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&part).map_err(|e| storage("creating", &part, e))?;
-                        if let Some(sz) = size
-                            && let Err(e) = crate::sys::preallocate(&f, sz)
-                        {
+                        let filled = match &prev {
+                            Some((prev, len)) => crate::sys::copy_data(prev, &f, *len).map(drop).map_err(|e| ("copying the previous round into", e)),
+                            None => size.map_or(Ok(()), |sz| crate::sys::preallocate(&f, sz)).map_err(|e| ("preallocating", e)),
+                        };
+                        if let Err((what, e)) = filled {
                             let _ = std::fs::remove_file(&part);
-                            return Err(storage("preallocating", &part, e));
+                            return Err(storage(what, &part, e));
                         }
                         f
                     }
