@@ -248,17 +248,43 @@ pub struct Decision {
 }
 
 /// Mode control of one running transfer (hybrid mode's live switching), free of I/O: fed the
-/// transfer's acknowledged byte count and smoothed RTT at a fixed cadence, it turns them into
-/// samples (goodput over the interval) for a [`Detector`] and, on a switch, says how many of
-/// the opened streams the new mode keeps active.
+/// transfer's [`Reading`] at a fixed cadence, it turns them into samples (goodput over the
+/// interval) for a [`Detector`] and, on a switch, says how many of the opened streams the new
+/// mode keeps active.
+///
+/// An interval's goodput measures the path only if the path limited the streams: one held back
+/// by the receiver (a disk slower than the link) or by a sender with nothing to send measures
+/// those instead, and would turn a datacenter path "internet". Such an interval's sample votes by
+/// its RTT alone.
 #[derive(Debug, Clone)]
 pub struct Live {
     detector: Detector,
     rdma_present: bool,
     cores: usize,
     opened: u16,
-    last: Option<(Duration, u64)>,
+    last: Option<(Duration, Reading)>,
 }
+
+/// A running transfer's counters, read at one instant.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reading {
+    /// Bytes acknowledged so far.
+    pub acked: u64,
+    /// Bytes the transfer sends (zero: not known yet). Once all are acknowledged, the wait for
+    /// the receiver's commit measures nothing of the path.
+    pub total: u64,
+    /// Smoothed RTT (zero: not measured).
+    pub srtt: Duration,
+    /// Time the active streams were watched so far, summed over them (µs); zero where it cannot
+    /// be known (no `TCP_INFO`), and then every interval's goodput counts until the last byte.
+    pub watched_us: u64,
+    /// Of `watched_us`, the time the path limited them (their congestion windows or pace).
+    pub path_limited_us: u64,
+}
+
+/// The least share of an interval's watched stream time the path must have limited for its
+/// goodput to be a bandwidth sample.
+pub const PATH_LIMITED_MIN: f64 = 0.5;
 
 impl Live {
     /// A controller for a transfer that opened `opened` streams in mode `initial`.
@@ -276,16 +302,21 @@ impl Live {
         defaults(mode, self.rdma_present, self.cores, Some(rtt)).streams.clamp(1, self.opened.max(1))
     }
 
-    /// Feeds the transfer's state at `at`: bytes acknowledged so far and the smoothed RTT.
-    /// The first call only sets the baseline; an interval without a measured RTT is skipped.
-    pub fn observe(&mut self, at: Duration, acked: u64, srtt: Duration) -> Option<Decision> {
-        let prev = self.last.replace((at, acked));
-        let (t0, a0) = prev?;
+    /// Feeds the transfer's state at `at`. The first call only sets the baseline; an interval
+    /// without a measured RTT is skipped.
+    pub fn observe(&mut self, at: Duration, r: Reading) -> Option<Decision> {
+        let (t0, r0) = self.last.replace((at, r))?;
         let dt = at.checked_sub(t0).filter(|d| !d.is_zero())?;
+        let srtt = r.srtt;
         if srtt.is_zero() {
             return None;
         }
-        let sample = Sample { at, rtt: srtt, bw_bps: acked.saturating_sub(a0) as f64 * 8.0 / dt.as_secs_f64() };
+        let watched = r.watched_us.saturating_sub(r0.watched_us);
+        let path = r.path_limited_us.saturating_sub(r0.path_limited_us);
+        let sending = r0.total == 0 || r0.acked < r0.total;
+        let measured_path = sending && (r.watched_us == 0 || (watched > 0 && path as f64 >= PATH_LIMITED_MIN * watched as f64));
+        let bw_bps = if measured_path { r.acked.saturating_sub(r0.acked) as f64 * 8.0 / dt.as_secs_f64() } else { f64::NAN };
+        let sample = Sample { at, rtt: srtt, bw_bps };
         let switch = self.detector.observe(sample)?;
         let defaults = defaults(switch.to, self.rdma_present, self.cores, Some(srtt));
         Some(Decision { switch, defaults, active: self.active_for(switch.to, srtt), sample })
@@ -378,7 +409,7 @@ mod tests {
             let at = Duration::from_millis(500 * i);
             let (rate, rtt) = if i < 10 { (3e9, Duration::from_micros(300)) } else { (0.4e9, Duration::from_millis(40)) };
             acked += (rate / 8.0 * 0.5) as u64;
-            decisions.extend(live.observe(at, acked, rtt));
+            decisions.extend(live.observe(at, Reading { acked, srtt: rtt, ..Reading::default() }));
         }
         assert_eq!(decisions.len(), 1, "{decisions:?}");
         let d = decisions[0];
@@ -388,8 +419,48 @@ mod tests {
         assert!(d.defaults.encrypt && d.defaults.adaptive_compression);
         // The baseline call and RTT-less intervals decide nothing.
         let mut l = Live::new(Thresholds::default(), Mode::Internet, false, 2, 7);
-        assert!(l.observe(Duration::ZERO, 0, Duration::from_millis(40)).is_none());
-        assert!(l.observe(Duration::from_secs(1), 1 << 20, Duration::ZERO).is_none());
+        assert!(l.observe(Duration::ZERO, Reading { srtt: Duration::from_millis(40), ..Reading::default() }).is_none());
+        assert!(l.observe(Duration::from_secs(1), Reading { acked: 1 << 20, ..Reading::default() }).is_none());
+    }
+
+    #[test]
+    fn a_receiver_stall_is_not_a_thin_path() {
+        // A datacenter path (0.1 ms) whose receiver writes to a disk slower than the link: for
+        // 3 s the streams mostly wait on its window (a tenth of their time limited by the
+        // path) and goodput falls to 0.2 Gbit/s, then they run at 6 Gbit/s again.
+        let run = |receiver_window_counts: bool, stall_share: f64| {
+            let mut live = Live::new(Thresholds::default(), Mode::Datacenter, false, 2, 7);
+            let (mut r, mut decisions) = (Reading::default(), Vec::new());
+            for i in 0..20u64 {
+                let stalled = (4..10).contains(&i);
+                let (rate, share) = if stalled { (0.2e9, stall_share) } else { (6e9, 0.9) };
+                r.acked += (rate / 8.0 * 0.5) as u64;
+                r.srtt = Duration::from_micros(if stalled { 900 } else { 100 });
+                if receiver_window_counts {
+                    r.watched_us += 4 * 500_000;
+                    r.path_limited_us += (share * 4.0 * 500_000.0) as u64;
+                }
+                decisions.extend(live.observe(Duration::from_millis(500 * i), r));
+            }
+            decisions
+        };
+        assert!(run(true, 0.1).is_empty(), "{:?}", run(true, 0.1));
+        // Nor is the wait for the receiver's commit once every byte is acknowledged, with or
+        // without the streams' time (the monitor has stopped: it no longer moves).
+        for watched in [0, 1_000_000] {
+            let mut live = Live::new(Thresholds::default(), Mode::Datacenter, false, 2, 7);
+            let mut r = Reading { total: 1 << 30, srtt: Duration::from_micros(3000), watched_us: watched, path_limited_us: watched, ..Reading::default() };
+            for i in 0..10 {
+                r.acked = (r.total / 2 * i).min(r.total);
+                assert_eq!(live.observe(Duration::from_millis(500 * i), r), None, "at {i}");
+            }
+        }
+        // Without the streams' time (no TCP_INFO) the stall reads as a thin path, as it did;
+        // and so it does when the path held the streams back (a thin stretch of the path).
+        for d in [run(false, 0.1), run(true, 0.9)] {
+            assert_eq!(d.len(), 1, "{d:?}");
+            assert_eq!(d[0].switch.to, Mode::Internet);
+        }
     }
 
     #[test]

@@ -230,6 +230,14 @@ pub struct Progress {
     pub retrans: AtomicU64,
     /// PBA's prediction of the next interval's goodput, bit/s (0 until it has one).
     pub predicted_bps: AtomicU64,
+    /// Summed over the active TCP streams and the monitor's intervals: the time they were
+    /// watched (µs), and of it the time the path limited them ([`ebpf::sys::SendTime`]), not
+    /// the receiver's window, a send buffer or a sender with nothing to send. Over an interval,
+    /// the second's share of the first says whether its goodput measured the path. Neither
+    /// moves where `TCP_INFO` cannot be read (RDMA).
+    pub watched_us: AtomicU64,
+    /// See `watched_us`.
+    pub path_limited_us: AtomicU64,
 }
 
 /// What a finished send reports.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use ctlplane::mode::{self, Live, Mode, Thresholds};
+use ctlplane::mode::{self, Live, Mode, Reading, Thresholds};
 use dataplane::probe::{self, PathEstimate, ProbeOptions};
 use dataplane::send::Progress;
 use serde_json::json;
@@ -120,8 +120,14 @@ pub fn spawn(plan: &mut Plan, progress: Arc<Progress>, stop: Arc<AtomicBool>, fi
         let t0 = Instant::now();
         let mut out = Vec::new();
         while !stop.load(Relaxed) {
-            let srtt = Duration::from_micros(progress.srtt_us.load(Relaxed));
-            if let Some(d) = live.observe(t0.elapsed(), progress.acked.load(Relaxed), srtt) {
+            let r = Reading {
+                acked: progress.acked.load(Relaxed),
+                total: progress.total.load(Relaxed),
+                srtt: Duration::from_micros(progress.srtt_us.load(Relaxed)),
+                watched_us: progress.watched_us.load(Relaxed),
+                path_limited_us: progress.path_limited_us.load(Relaxed),
+            };
+            if let Some(d) = live.observe(t0.elapsed(), r) {
                 if !fixed_streams {
                     progress.active.store(d.active, Relaxed);
                 }

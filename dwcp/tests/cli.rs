@@ -258,6 +258,26 @@ fn table_and_json_summaries() {
     assert!(rx.wait().unwrap().success());
 }
 
+/// The demo's job (`make demo`): 2 GiB over loopback to a receiver writing them to disk. The
+/// streams wait on the receiver's window for much of it, and once every byte is acknowledged
+/// the sender waits seconds for the receiver's digest and sync; neither is a thin path, and
+/// the transfer stays in datacenter mode (it used to switch to internet during the wait).
+#[test]
+fn a_receiver_bound_loopback_transfer_stays_in_datacenter_mode() {
+    let d = tempfile::tempdir().unwrap();
+    let key = keygen(d.path());
+    let port = free_port();
+    let out = d.path().join("out");
+    let mut rx = receiver(&key, port, out.to_str().unwrap(), &["--once"]);
+    let o = Command::new(bin()).args(["send", "gen:2GiB", "--name", "vm.raw", "--json", "--to", &format!("127.0.0.1:{port}"), "--key-file"]).arg(&key).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(rx.0.wait().unwrap().success());
+    let m = &j["mode"];
+    assert_eq!(m["initial"], "datacenter", "{m}");
+    assert_eq!(m["switches"], serde_json::json!([]), "no switch on loopback: {m}");
+}
+
 #[test]
 fn mode_sets_streams_and_encryption() {
     let d = tempfile::tempdir().unwrap();

@@ -171,8 +171,7 @@ struct RawTcpInfo {
     delivered_ce: u32,
 }
 
-/// Reads `TCP_INFO` of the socket: the fallback when the probes cannot load.
-pub fn tcp_info(fd: std::os::fd::RawFd) -> std::io::Result<SocketStats> {
+fn raw_tcp_info(fd: std::os::fd::RawFd) -> std::io::Result<RawTcpInfo> {
     let mut raw = RawTcpInfo::default();
     let mut len = std::mem::size_of::<RawTcpInfo>() as libc::socklen_t;
     // SAFETY: `raw` is a plain repr(C) struct of integers, valid for any bytes; `len` is its size,
@@ -181,6 +180,38 @@ pub fn tcp_info(fd: std::os::fd::RawFd) -> std::io::Result<SocketStats> {
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }
+    Ok(raw)
+}
+
+/// Where a socket's sending time went, from the kernel's chronographs (`TCP_INFO`, Linux 4.10
+/// on), µs over the socket's life, counted at the kernel's tick.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SendTime {
+    /// Time with data in flight or queued to send.
+    pub busy_us: u64,
+    /// Of it, time the receiver's advertised window held the sender back.
+    pub rwnd_limited_us: u64,
+    /// Of it, time the socket's own send buffer held the sender back.
+    pub sndbuf_limited_us: u64,
+}
+
+impl SendTime {
+    /// Time the path limited the sender (its congestion window or pace): busy, and held back by
+    /// neither the receiver's window nor the send buffer.
+    pub fn path_limited_us(&self) -> u64 {
+        self.busy_us.saturating_sub(self.rwnd_limited_us.saturating_add(self.sndbuf_limited_us))
+    }
+}
+
+/// Reads the socket's [`SendTime`].
+pub fn send_time(fd: std::os::fd::RawFd) -> std::io::Result<SendTime> {
+    let raw = raw_tcp_info(fd)?;
+    Ok(SendTime { busy_us: raw.busy_time, rwnd_limited_us: raw.rwnd_limited, sndbuf_limited_us: raw.sndbuf_limited })
+}
+
+/// Reads `TCP_INFO` of the socket: the fallback when the probes cannot load.
+pub fn tcp_info(fd: std::os::fd::RawFd) -> std::io::Result<SocketStats> {
+    let raw = raw_tcp_info(fd)?;
     Ok(SocketStats {
         srtt_us: raw.rtt,
         min_rtt_us: raw.min_rtt,

@@ -261,6 +261,7 @@ pub(super) fn run(socks: Vec<OwnedFd>, opts: &ControlOptions, shared: &Shared, c
         ..Default::default()
     };
     let mut last: Vec<Option<ebpf::SocketStats>> = vec![None; socks.len()];
+    let mut last_time: Vec<Option<ebpf::sys::SendTime>> = vec![None; socks.len()];
     let mut samples = vec![StreamSample::default(); socks.len()];
     let mut events = Vec::new();
     let t0 = Instant::now();
@@ -298,6 +299,22 @@ pub(super) fn run(socks: Vec<OwnedFd>, opts: &ControlOptions, shared: &Shared, c
                 None => StreamSample { active, ..Default::default() },
             };
         }
+        // Whether this interval's goodput measured the path: how much of the active streams'
+        // time their windows or pace held them, as against the receiver's window, their send
+        // buffers or nothing to send (a receiver writing to a slow disk stalls a loopback
+        // transfer; that says nothing of the path).
+        let (mut watched, mut path) = (0u64, 0u64);
+        for (k, s) in socks.iter().enumerate() {
+            let Ok(now_t) = ebpf::sys::send_time(s.as_raw_fd()) else { continue };
+            if let Some(p) = last_time[k].replace(now_t)
+                && samples[k].active
+            {
+                watched += (dt * 1e6) as u64;
+                path += now_t.path_limited_us().saturating_sub(p.path_limited_us()).min((dt * 1e6) as u64);
+            }
+        }
+        shared.progress.watched_us.fetch_add(watched, Relaxed);
+        shared.progress.path_limited_us.fetch_add(path, Relaxed);
         mon.drain(&mut events);
         for e in events.drain(..) {
             match e {
