@@ -342,10 +342,11 @@ impl Component for ApiC {
 }
 
 /// A finished transfer from a configured peer refreshes its mode with the goodput it reached
-/// (with the last probed RTT): a live measurement, not only the probe's.
+/// (with the last probed RTT): a live measurement, not only the probe's. It is reckoned over the
+/// data phase: the verification and sync after it are the receiver's, not the path's.
 fn feed_goodput(st: &State, o: &dataplane::recv::SessionOutcome) {
-    let (Some(ip), true) = (o.peer, o.received >= 1 << 20 && o.wall > Duration::from_millis(10)) else { return };
-    let gbps = o.received as f64 * 8.0 / o.wall.as_secs_f64() / 1e9;
+    let (Some(ip), true) = (o.peer, o.received >= 1 << 20 && o.data_wall > Duration::from_millis(10)) else { return };
+    let gbps = o.received as f64 * 8.0 / o.data_wall.as_secs_f64() / 1e9;
     let mut ps = st.peer_status.lock().expect("peer status lock");
     let Some(p) = ps.iter_mut().find(|p| p.ips.contains(&ip)) else { return };
     p.last_goodput_gbps = Some(gbps);

@@ -118,6 +118,10 @@ pub struct SessionOutcome {
     pub resumed: u64,
     /// Wall time.
     pub wall: Duration,
+    /// Of it, the time until the sender's commit arrived: the data phase, without the
+    /// verification and sync that follow (seconds for an image of gigabytes). Goodput that
+    /// says something of the path is reckoned over this.
+    pub data_wall: Duration,
     /// Where it was published.
     pub path: Option<PathBuf>,
     /// The verified digest, or why the session failed.
@@ -1115,6 +1119,7 @@ impl Coordinator {
         };
         let Some(s) = self.sessions.get_mut(&session) else { return };
         s.activity.store(millis(self.epoch), Relaxed);
+        let data_wall = s.started.elapsed();
         s.flush_journal();
         let r = s.verify_and_publish(commit);
         s.finished = true;
@@ -1136,6 +1141,7 @@ impl Coordinator {
             received: s.received,
             resumed: s.resumed,
             wall: s.started.elapsed(),
+            data_wall,
             path: s.fin.clone().filter(|_| r.is_ok()),
             result: r.map_err(|(_, m)| m),
         });
@@ -1159,6 +1165,7 @@ impl Coordinator {
             received: s.received,
             resumed: s.resumed,
             wall: s.started.elapsed(),
+            data_wall: s.started.elapsed(),
             path: None,
             result: Err(msg),
         });

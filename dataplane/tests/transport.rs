@@ -104,6 +104,7 @@ fn file_roundtrip_encrypted_and_plain_many_streams() {
         assert_eq!(r.size, (40 << 20) + 12345);
         let o = rig.outcome();
         assert!(o.result.is_ok(), "{:?}", o.result);
+        assert!(!o.data_wall.is_zero() && o.data_wall <= o.wall, "{:?} of {:?}", o.data_wall, o.wall);
         assert_eq!(sha256_file(&p), sha256_file(&rig.out.path().join(&name)), "{name} byte-exact");
         assert!(!rig.out.path().join(format!("{name}.part")).exists());
         assert!(!rig.out.path().join(format!("{name}.dwcp-journal")).exists());
