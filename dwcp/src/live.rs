@@ -119,11 +119,14 @@ pub fn spawn(plan: &mut Plan, progress: Arc<Progress>, stop: Arc<AtomicBool>, fi
     Some(std::thread::spawn(move || {
         let t0 = Instant::now();
         let mut out = Vec::new();
+        // The least of the monitor's readings over the interval (it renews `srtt_us` every
+        // 100 ms): one late ACK on a busy host is not a long path.
+        let mut least_srtt = 0u64;
         while !stop.load(Relaxed) {
             let r = Reading {
                 acked: progress.acked.load(Relaxed),
                 total: progress.total.load(Relaxed),
-                srtt: Duration::from_micros(progress.srtt_us.load(Relaxed)),
+                srtt: Duration::from_micros(std::mem::take(&mut least_srtt)),
                 watched_us: progress.watched_us.load(Relaxed),
                 path_limited_us: progress.path_limited_us.load(Relaxed),
             };
@@ -145,6 +148,10 @@ pub fn spawn(plan: &mut Plan, progress: Arc<Progress>, stop: Arc<AtomicBool>, fi
             let t = Instant::now();
             while t.elapsed() < EVERY && !stop.load(Relaxed) {
                 std::thread::sleep(Duration::from_millis(20));
+                least_srtt = match (least_srtt, progress.srtt_us.load(Relaxed)) {
+                    (0, s) | (s, 0) => s,
+                    (a, b) => a.min(b),
+                };
             }
         }
         out
