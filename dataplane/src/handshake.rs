@@ -11,6 +11,17 @@ use crate::crypto::{CryptoError, FrameCodec, Initiator, Psk, Responder};
 use crate::framing::FrameReader;
 use crate::wire::{self, ErrorCode, FrameHeader, FrameType, PREAMBLE_ENCRYPT, PREAMBLE_LEN, Preamble, VERSION, WireError};
 
+/// What to check when a connection cannot be made, by its cause.
+fn connect_hint(e: &io::Error) -> &'static str {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => "; nothing listens there: start `dwcp recv --listen ADDR:PORT` on the peer (or check the port)",
+        io::ErrorKind::TimedOut | io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => {
+            "; check the address, the route to it, and that a firewall lets TCP through to the port"
+        }
+        _ => "",
+    }
+}
+
 /// Largest Noise handshake message accepted.
 const MAX_NOISE_MSG: usize = 1024;
 
@@ -19,7 +30,7 @@ const MAX_NOISE_MSG: usize = 1024;
 #[non_exhaustive]
 pub enum HandshakeError {
     /// Could not connect.
-    #[error("cannot connect to {addr}: {source}")]
+    #[error("cannot connect to {addr}: {source}{hint}", hint = connect_hint(source))]
     Connect {
         /// Address.
         addr: String,

@@ -226,7 +226,7 @@ fn errors_say_what_to_do() {
     let key = keygen(d.path());
     let o = Command::new(bin()).args(["send", "gen:1M", "--to", &format!("127.0.0.1:{}", free_port()), "--key-file"]).arg(&key).output().unwrap();
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(e.contains("cannot connect to 127.0.0.1:") && e.contains("refused"), "{e}");
+    assert!(e.contains("cannot connect to 127.0.0.1:") && e.contains("refused") && e.contains("start `dwcp recv --listen"), "{e}");
 
     let o = Command::new(bin()).args(["send", "/nonexistent/x.img", "--to", "127.0.0.1:1", "--key-file"]).arg(&key).output().unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).contains("cannot read source /nonexistent/x.img"));
