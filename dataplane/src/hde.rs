@@ -329,19 +329,22 @@ impl RefIndex {
         Some(ix)
     }
 
-    /// The index of the pages of `prev` that `cur` changes (page `i` at byte `i * PAGE`), or
-    /// `None` once `stop` is set. A round's moved data sits mostly in the old copies of pages the
-    /// round rewrites (on the corpus, references among them alone give round 2 the ratio of a
-    /// prefix holding the whole old image), and they are a tenth of the image or less: this
-    /// index is built before the round's first frame instead of beside its frames.
-    pub fn of_changed(prev: &[u8], cur: &[u8], stop: &std::sync::atomic::AtomicBool) -> Option<Self> {
+    /// The index of `prev` for a round that turns it into `cur` (page `i` at byte `i * PAGE`),
+    /// or `None` once `stop` is set: first the pages the round changes, then the others, so that
+    /// a full index ([`INDEX_MAX`]) keeps the first. A round's moved data sits mostly in the old
+    /// copies of the pages it rewrites (a database moving rows), but on a file server much of it
+    /// sits in pages it leaves alone: on two fileserver corpora, indexing only the changed pages
+    /// gave round 2 3.43x and 3.51x, the whole image 6.46x and 6.06x (databases: the same).
+    pub fn of_round(prev: &[u8], cur: &[u8], stop: &std::sync::atomic::AtomicBool) -> Option<Self> {
         let mut ix = Self::default();
-        for (i, (p, c)) in prev.chunks_exact(PAGE).zip(cur.chunks_exact(PAGE)).enumerate() {
-            if i % 4096 == 0 && stop.load(std::sync::atomic::Ordering::Relaxed) {
-                return None;
-            }
-            if p != c && !is_zero(p) {
-                ix.add(i as u64, p);
+        for changed in [true, false] {
+            for (i, (p, c)) in prev.chunks_exact(PAGE).zip(cur.chunks_exact(PAGE)).enumerate() {
+                if i % 4096 == 0 && stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    return None;
+                }
+                if (p != c) == changed && !is_zero(p) {
+                    ix.add(i as u64, p);
+                }
             }
         }
         Some(ix)

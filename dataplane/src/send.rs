@@ -860,9 +860,8 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
     wire::check_name(source.name()).map_err(|e| SendError::Invalid(e.to_string()))?;
     let t0 = Instant::now();
     // --round-of: the reference index of the previous image (moved data), built while the
-    // streams connect. The encoders wait for it at their first frame: of the pages the round
-    // changes it takes a fraction of the round's encode time (an image's every page, for a
-    // generated source, which has no mapping to compare).
+    // streams connect. The encoders wait for it at their first frame (on this two-core host
+    // 1.5 s for a 1 GiB corpus image; the pages the round changes go in first).
     let ref_index: Arc<OnceLock<Arc<crate::hde::RefIndex>>> = Arc::new(OnceLock::new());
     let ref_index_stop = Arc::new(AtomicBool::new(false));
     if let Some(prev) = opts.hde.as_ref().and_then(|h| h.round_of.clone()) {
@@ -882,7 +881,7 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
         let spawned = std::thread::Builder::new().name("dwcp-ref-index".into()).spawn(move || {
             let t = Instant::now();
             let built = match &cur {
-                Some(cur) => crate::hde::RefIndex::of_changed(&prev, cur, &stop),
+                Some(cur) => crate::hde::RefIndex::of_round(&prev, cur, &stop),
                 None => crate::hde::RefIndex::of_image(&prev, &stop),
             };
             let built = built.unwrap_or_default();
