@@ -106,7 +106,9 @@ fn hde_rounds_of_every_corpus_image_arrive_exactly() {
         // captures: on fresh corpora xdelta3 of b against a ranges from 4.9x to 12.6x of the
         // dirty pages. So round 2 is held to xdelta3 on the same images, in the same run: with
         // references into the pages the round rewrites it reached 0.76-0.92x of it on seven fresh
-        // corpora; without them (before), 0.33x.
+        // corpora, and 0.53-0.56x on two more, whose fileserver moved data out of pages the
+        // round leaves alone; with the whole previous image indexed, 0.96-1.0x on those two;
+        // without references, 0.33x.
         let x = Command::new("xdelta3")
             .args(["-e", "-c", "-B", "1073741824", "-s"])
             .arg(dir.join("a.raw"))
