@@ -86,12 +86,16 @@ fn a_killed_receiver_is_named_and_resume_completes() {
         echo \"S1ERR=$(tail -1 /tmp/s1.err)\"; \
         rx; sleep 0.5; echo '#S2'; tx /tmp/src.img --resume 2>/tmp/s2.err; echo \"S2RC=$?\"; \
         echo \"SRC=$(sha256sum < /tmp/src.img | cut -c1-64)\"; echo \"DST=$(sha256sum < /tmp/o/src.img | cut -c1-64)\"; \
-        $D send gen:256M --name victim.img --to $A --key-file $K --transport rdma > /dev/null 2>&1 & TX=$!; sleep 2; kill -9 $TX; sleep 2; \
+        $D send gen:256M --name victim.img --to $A --key-file $K --transport rdma > /dev/null 2>&1 & TX=$!; \
+        for i in $(seq 300); do [ $(stat -c %s /tmp/o/victim.img.dwcp-journal 2>/dev/null || echo 0) -gt 4096 ] && break; sleep 0.1; done; kill -9 $TX; sleep 2; \
         echo \"RXSAW=$(grep -c 'victim.img FAILED' /tmp/rx.out)\"; echo \"RXWHY=$(grep 'RDMA data path ended' /tmp/rx.out | tail -1 | sed 's/.*ended: //')\"; echo '#RXLOG'; tail -4 /tmp/rx.out; \
         tx gen:8M --name after.img > /dev/null 2>&1; echo \"S3RC=$?\"";
     let (rc, out) = hw_tests::in_guest(&script(body), 2048, 400);
     assert_eq!(rc, 0, "{out}");
-    // A killed sender is named by the receiver within 2 s, which serves the next session.
+    // A killed sender is named by the receiver within 2 s, which serves the next session. It is
+    // killed once its data path runs (the receiver's journal holds placed chunks), not after a
+    // fixed time: in the emulated guest its probe, connection and queue-pair exchange took over
+    // 2 s in one CI run, and killed then it is refused as a connection, not named as a session.
     assert_ne!(field(&out, "RXSAW"), "0", "{out}");
     eprintln!("killed sender, as the receiver names it: {}", field(&out, "RXWHY"));
     assert_eq!(field(&out, "S3RC"), "0", "{out}");
