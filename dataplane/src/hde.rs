@@ -5,8 +5,18 @@
 //! the page's checksum, so a stale or colliding hash never writes wrong bytes), **delta**
 //! against the receiver's copy of the same page (XBZRLE-style runs, or zstd with the old page as
 //! dictionary, whichever is smaller), **literal** (zstd, with a trained dictionary when one was
-//! sent), or **raw** when nothing is smaller. Every page carries the XXH3-64 of its decoded bytes;
-//! a page that does not decode or does not match is reported for re-sending, never written.
+//! sent), or **raw** when nothing is smaller; a page sent again as it was is **same** (nothing
+//! but its number: the receiver's copy stands). Every page that carries bytes carries the XXH3-64
+//! of its decoded bytes; a page that does not decode or does not match is reported for
+//! re-sending, never written.
+//!
+//! **Huge pages.** Where RAM on 2 MiB huge pages is dirty-logged by huge page (soft-dirty bits
+//! and userfaultfd write protection track a hugetlb mapping per huge page; QEMU's postcopy sends
+//! whole host pages), a round re-sends all 512 pages of a huge page of which one changed. The
+//! pages that did not change are **same** and the untouched zero ones **zero**, and
+//! a run of consecutive pages of either kind is one entry of the page list (kind with [`RUN`]
+//! set, then the count), so a huge page costs what its changed 4 KiB pages cost, plus a few
+//! bytes.
 //!
 //! Literal pages of a frame are compressed together as one zstd block (a frame is a chunk of
 //! 256 pages or more, so zstd sees their context), and so are the delta pages, with the
@@ -28,9 +38,11 @@
 //! delta round reads the previous round's published file): a heap rewriting its records moves
 //! data between pages that all change, and most of a round's delta is there.
 //!
-//! Frame: `"HDE4" | count u32 | lit_len u32 | delta_len u32 | ref_count u32` (LE), then the
-//! reference pages (page steps, LEB128), then per page
-//! `page step LEB128 | kind u8 | sum u64 (not for zero) | [len LEB128 | data] (dup, xbzrle, raw)`,
+//! Frame: `"HDE5" | count u32 | lit_len u32 | delta_len u32 | ref_count u32` (LE), then the
+//! reference pages (page steps, LEB128), then per entry
+//! `page step LEB128 | kind u8 | sum u64 (not for zero, same) | [len LEB128 | data] (dup, xbzrle, raw)`
+//! or, for a run, `page step LEB128 | kind | RUN u8 | more LEB128` (zero or same; `more` pages
+//! follow the first, numbered one after the other); `count` is the number of pages,
 //! then `list_sum u64` (XXH3-64 of all the frame's bytes before it), then the literal block and
 //! the delta block. `sum` is [`page_sum`].
 
@@ -43,7 +55,12 @@ use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed, xxh3_128};
 
 /// Page size.
 pub const PAGE: usize = 4096;
-const MAGIC: &[u8; 4] = b"HDE4";
+const MAGIC: &[u8; 4] = b"HDE5";
+/// Pages in a frame at most (1 GiB of image; a frame is one transfer chunk): a run entry
+/// stands for many pages in a few bytes, so the count is bounded here, not by the frame's size.
+const PAGES_MAX: usize = 1 << 18;
+/// Set in a kind byte: the entry is a run of pages of that kind (zero or same), its count follows.
+pub const RUN: u8 = 0x80;
 const HEADER: usize = 20;
 
 /// One 16-byte block in this many (by content hash) goes into the reference index. At 8 rather
@@ -89,6 +106,9 @@ pub enum Kind {
     /// zstd in the delta block, without an old copy of its own: its bytes are found in the
     /// frame's reference pages.
     RefLiteral = 6,
+    /// Sent again unchanged: the receiver's copy (as the round began) stands. No checksum: that
+    /// copy was verified when it was written, and a receiver without one refuses the page.
+    Same = 7,
 }
 
 impl Kind {
@@ -101,6 +121,7 @@ impl Kind {
             4 => Self::Literal,
             5 => Self::Raw,
             6 => Self::RefLiteral,
+            7 => Self::Same,
             _ => return None,
         })
     }
@@ -116,6 +137,12 @@ pub enum HdeError {
     /// More reference pages than an encoder ever lists.
     #[error("HDE frame lists {count} reference pages (at most {REFS_MAX})")]
     TooManyRefs {
+        /// What the frame said.
+        count: u32,
+    },
+    /// More pages than a frame ever holds.
+    #[error("HDE frame holds {count} pages (at most {PAGES_MAX})")]
+    TooManyPages {
         /// What the frame said.
         count: u32,
     },
@@ -200,7 +227,6 @@ pub fn xbzrle_decode(old: &[u8], delta: &[u8], out: &mut [u8]) -> Option<()> {
     (at <= out.len()).then_some(())
 }
 
-/// Appends `v` as LEB128.
 /// Writes page number `no` of a list: the first as it is, each next as its distance from the
 /// one before minus 1 (LEB128; ascending numbers take one byte each, any order encodes).
 fn put_step(out: &mut Vec<u8>, prev: &mut Option<u64>, no: u64) {
@@ -215,6 +241,7 @@ fn take_step(prev: &mut Option<u64>, step: u64) -> u64 {
     no
 }
 
+/// Appends `v` as LEB128.
 pub(crate) fn put_leb(out: &mut Vec<u8>, mut v: u64) {
     loop {
         let b = (v & 0x7f) as u8;
@@ -470,7 +497,7 @@ impl Encoder {
             assert_eq!(new.len(), PAGE, "pages are 4 KiB");
             let (kind, inline, o) = self.classify(no, new, old(no));
             olds.push(o);
-            let sum = if kind == Kind::Zero { 0 } else { page_sum(no, new) };
+            let sum = if matches!(kind, Kind::Zero | Kind::Same) { 0 } else { page_sum(no, new) };
             entries.push(Entry { no, kind, sum, inline, new });
             // The receiver's page `no` holds `new` once this round is through.
             let h = xxh3_128(new);
@@ -486,7 +513,8 @@ impl Encoder {
         // block. The references lead the prefix: the delta pages' own old copies stay nearest.
         let mut refs: Vec<(u64, &'a [u8])> = if self.compress { self.references(&mut entries, &olds, stable) } else { Vec::new() };
         if self.indexing {
-            for e in entries.iter().filter(|e| e.kind != Kind::Zero) {
+            // A same page is in the index as it was sent before.
+            for e in entries.iter().filter(|e| !matches!(e.kind, Kind::Zero | Kind::Same)) {
                 self.index.add(e.no, e.new);
             }
         }
@@ -534,17 +562,33 @@ impl Encoder {
         }
         stats.refs += refs.len() as u64;
         let mut prev: Option<u64> = None;
-        for e in &entries {
+        let mut i = 0;
+        while i < entries.len() {
+            let e = &entries[i];
             put_step(&mut out, &mut prev, e.no);
+            // Zero and same pages numbered one after the other: one entry for the run.
+            let run = if matches!(e.kind, Kind::Zero | Kind::Same) {
+                entries[i + 1..].iter().zip(&entries[i..]).take_while(|(n, p)| n.kind == e.kind && n.no == p.no.wrapping_add(1)).count()
+            } else {
+                0
+            };
+            *stats.pages.entry(e.kind).or_default() += 1 + run as u64;
+            if run > 0 {
+                out.push(e.kind as u8 | RUN);
+                put_leb(&mut out, run as u64);
+                prev = Some(entries[i + run].no);
+                i += 1 + run;
+                continue;
+            }
             out.push(e.kind as u8);
-            if e.kind != Kind::Zero {
+            if !matches!(e.kind, Kind::Zero | Kind::Same) {
                 out.extend_from_slice(&e.sum.to_le_bytes());
             }
             if matches!(e.kind, Kind::Dup | Kind::Xbzrle | Kind::Raw) {
                 put_leb(&mut out, e.inline.len() as u64);
                 out.extend_from_slice(&e.inline);
             }
-            *stats.pages.entry(e.kind).or_default() += 1;
+            i += 1;
         }
         let listed = list_sum(&out);
         out.extend_from_slice(&listed.to_le_bytes());
@@ -657,7 +701,7 @@ impl Encoder {
             return (Kind::Zero, Vec::new(), None);
         }
         if old == Some(new) {
-            return (Kind::Dup, leb(no), None);
+            return (Kind::Same, Vec::new(), None);
         }
         if let Some(&src) = self.known.get(&xxh3_128(new)).and_then(|v| v.iter().find(|&&x| x != no)) {
             return (Kind::Dup, leb(src), None);
@@ -865,6 +909,9 @@ fn parse(frame: &[u8]) -> Result<Frame<'_>, HdeError> {
     if nrefs > REFS_MAX {
         return Err(HdeError::TooManyRefs { count: nrefs as u32 });
     }
+    if count > PAGES_MAX {
+        return Err(HdeError::TooManyPages { count: count as u32 });
+    }
     let mut d = &frame[HEADER..];
     let mut prev: Option<u64> = None;
     let mut refs = Vec::with_capacity(nrefs.min(REFS_MAX));
@@ -875,13 +922,25 @@ fn parse(frame: &[u8]) -> Result<Frame<'_>, HdeError> {
     }
     let mut prev: Option<u64> = None;
     let mut out = Vec::with_capacity(count.min(1 << 16));
-    for index in 0..count as u32 {
-        let t = HdeError::Truncated { index };
+    while out.len() < count {
+        let t = HdeError::Truncated { index: out.len() as u32 };
         let (step, r) = get_leb(d).ok_or(t.clone())?;
         let no = take_step(&mut prev, step);
         let (&k, r) = r.split_first().ok_or(t.clone())?;
+        if k & RUN != 0 {
+            // A run of zero or same pages: `more` after this one, numbered one after the other,
+            // within the frame's count.
+            let kind = Kind::from_u8(k & !RUN).filter(|k| matches!(k, Kind::Zero | Kind::Same));
+            let (more, r) = get_leb(r).ok_or(t.clone())?;
+            let more = usize::try_from(more).ok().filter(|&m| m >= 1 && m < count - out.len()).ok_or(t.clone())?;
+            no.checked_add(more as u64).ok_or(t)?;
+            out.extend((0..=more as u64).map(|k| Parsed { no: no + k, kind, sum: 0, inline: &r[..0] }));
+            prev = Some(no + more as u64);
+            d = r;
+            continue;
+        }
         let kind = Kind::from_u8(k);
-        let (sum, r) = if kind == Some(Kind::Zero) {
+        let (sum, r) = if matches!(kind, Some(Kind::Zero | Kind::Same)) {
             (0, r)
         } else {
             let s = r.get(..8).ok_or(t.clone())?;
@@ -978,6 +1037,20 @@ impl Decoder {
                     Ok(())
                 }
                 Some(Kind::Raw) => Err("raw page of the wrong length"),
+                Some(Kind::Same) => {
+                    match store.base(e.no) {
+                        None => rep.rejected.push((e.no, "unchanged page the receiver does not hold")),
+                        // Written only where the store's copy differs from the round's start (a
+                        // page is written once a round): nothing is dirtied for nothing.
+                        Some(b) if store.get(e.no) == Some(b) => rep.applied += 1,
+                        Some(b) => {
+                            page.copy_from_slice(b);
+                            store.put(e.no, &page);
+                            rep.applied += 1;
+                        }
+                    }
+                    continue;
+                }
                 Some(Kind::Literal) => {
                     li += 1;
                     lit_state.map(|()| page.copy_from_slice(&lit_pages[(li - 1) * PAGE..li * PAGE]))
@@ -1515,6 +1588,82 @@ mod tests {
         assert_eq!(rx.0[&1], p);
     }
 
+    /// Round 1 of one huge page's 512 pages (every third zero) through `enc` into `rx`.
+    fn huge_page_round1(enc: &mut Encoder, dec: &mut Decoder, rx: &mut Mem) -> Vec<Vec<u8>> {
+        let pages: Vec<Vec<u8>> = (0..512u64).map(|i| if i % 3 == 0 { vec![0; PAGE] } else { page_of(1 + (i % 3) as u8, i) }).collect();
+        for half in pages.chunks(256).enumerate() {
+            let refs: Vec<(u64, &[u8])> = half.1.iter().enumerate().map(|(i, p)| ((half.0 * 256 + i) as u64, p.as_slice())).collect();
+            let f = enc.encode(&refs, &|_| None, &mut EncodeStats::default());
+            assert!(dec.decode(&f, rx).unwrap().rejected.is_empty());
+        }
+        pages
+    }
+
+    #[test]
+    fn a_huge_page_sent_again_costs_what_its_changed_pages_cost() {
+        // Two senders in the same state after round 1; in round 2 three pages changed. One is
+        // given the huge page's dirty set (all 512 pages), the other the three pages alone.
+        let (mut enc, mut dec, mut rx) = (Encoder::new(3, None).unwrap(), Decoder::new(None).unwrap(), Mem(HashMap::new()));
+        let (mut twin, mut twin_dec, mut twin_rx) = (Encoder::new(3, None).unwrap(), Decoder::new(None).unwrap(), Mem(HashMap::new()));
+        let r1 = huge_page_round1(&mut enc, &mut dec, &mut rx);
+        huge_page_round1(&mut twin, &mut twin_dec, &mut twin_rx);
+        let mut r2 = r1.clone();
+        for no in [7usize, 301, 302] {
+            r2[no][100..140].fill(0xab);
+        }
+        let snapshot = rx.0.clone();
+        let old = |no: u64| snapshot.get(&no).map(Vec::as_slice);
+        let (mut huge_bytes, mut st) = (0, EncodeStats::default());
+        for (h, half) in r2.chunks(256).enumerate() {
+            let refs: Vec<(u64, &[u8])> = half.iter().enumerate().map(|(i, p)| ((h * 256 + i) as u64, p.as_slice())).collect();
+            let f = enc.encode(&refs, &old, &mut st);
+            huge_bytes += f.len();
+            let r = dec.decode(&f, &mut rx).unwrap();
+            assert!(r.rejected.is_empty(), "{:?}", r.rejected);
+            assert_eq!(r.applied, 256);
+        }
+        for (no, p) in r2.iter().enumerate() {
+            assert_eq!(rx.0.get(&(no as u64)), Some(p), "page {no}");
+        }
+        assert_eq!(st.pages.get(&Kind::Same), Some(&(341 - 3)));
+        assert_eq!(st.pages.get(&Kind::Zero), Some(&171));
+        let mut changed_bytes = 0;
+        for group in [vec![7u64], vec![301, 302]] {
+            let refs: Vec<(u64, &[u8])> = group.iter().map(|&no| (no, r2[no as usize].as_slice())).collect();
+            changed_bytes += twin.encode(&refs, &old, &mut EncodeStats::default()).len();
+        }
+        // Each run of zero or same pages is an entry of three bytes or four: 2 x 171 runs.
+        assert!(huge_bytes <= changed_bytes + 2 * 171 * 4, "huge page {huge_bytes} B, its changed pages {changed_bytes} B");
+    }
+
+    #[test]
+    fn a_page_sent_again_that_the_receiver_lacks_is_refused_and_runs_stay_in_the_frame() {
+        let mut enc = Encoder::new(3, None).unwrap();
+        let p = page_of(3, 9);
+        let f = enc.encode(&[(4, &p), (5, &p)], &|_| Some(p.as_slice()), &mut EncodeStats::default());
+        let mut rx = Mem(HashMap::new());
+        let r = Decoder::new(None).unwrap().decode(&f, &mut rx).unwrap();
+        assert_eq!(r.rejected, vec![(4, "unchanged page the receiver does not hold"), (5, "unchanged page the receiver does not hold")]);
+        assert!(rx.0.is_empty());
+        // A run claiming more pages than the frame holds, or a frame claiming more pages than
+        // any frame holds, is refused as malformed.
+        let frame = |count: u32, list: &[u8]| {
+            let mut f = MAGIC.to_vec();
+            for v in [count, 0, 0, 0] {
+                f.extend_from_slice(&v.to_le_bytes());
+            }
+            f.extend_from_slice(list);
+            let sum = list_sum(&f);
+            f.extend_from_slice(&sum.to_le_bytes());
+            f
+        };
+        let same_run = Kind::Same as u8 | RUN;
+        assert_eq!(parse(&frame(3, &[0, same_run, 2])).map(|f| f.1.len()), Ok(3));
+        assert_eq!(parse(&frame(3, &[0, same_run, 3])).err(), Some(HdeError::Truncated { index: 0 }));
+        assert_eq!(parse(&frame(2, &[0, Kind::Literal as u8 | RUN, 1])).map(|f| f.1[0].kind), Ok(None));
+        assert_eq!(parse(&frame(PAGES_MAX as u32 + 1, &[0, same_run, 100])).err(), Some(HdeError::TooManyPages { count: PAGES_MAX as u32 + 1 }));
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
         #[test]
@@ -1527,10 +1676,32 @@ mod tests {
                 // Dirty pages: some rewritten, some changed in a few bytes of what round 1 sent.
                 let base = round1.iter().find(|p| p.0 == n).map(|p| p.1.clone()).unwrap_or_else(|| page_of(k, s));
                 let mut p = base;
-                if k % 2 == 0 { p[flip as usize % PAGE] ^= 0x5a; } else { p = page_of(k / 2, s ^ 1); }
+                // Some sent again as they were (a huge page's untouched 4 KiB pages).
+                if flip % 5 == 0 {
+                } else if k % 2 == 0 { p[flip as usize % PAGE] ^= 0x5a; } else { p = page_of(k / 2, s ^ 1); }
                 (n, p)
             }).collect();
             roundtrip(&round1, &round2);
+        }
+
+        #[test]
+        fn a_flipped_bit_in_a_round_of_runs_never_writes_a_wrong_page(bit in any::<usize>()) {
+            let (mut enc, mut dec, mut rx) = (Encoder::new(3, None).unwrap(), Decoder::new(None).unwrap(), Mem(HashMap::new()));
+            let r1 = huge_page_round1(&mut enc, &mut dec, &mut rx);
+            let mut r2 = r1[..256].to_vec();
+            r2[10][5] ^= 1;
+            let snapshot = rx.0.clone();
+            let refs: Vec<(u64, &[u8])> = r2.iter().enumerate().map(|(i, p)| (i as u64, p.as_slice())).collect();
+            let mut f = enc.encode(&refs, &|no| snapshot.get(&no).map(Vec::as_slice), &mut EncodeStats::default());
+            let bit = bit % (f.len() * 8);
+            f[bit / 8] ^= 1 << (bit % 8);
+            if let Ok(r) = dec.decode(&f, &mut rx) {
+                for (no, p) in &rx.0 {
+                    // Every page holds what round 1 or round 2 sent under its number.
+                    prop_assert!(p == &r1[*no as usize] || r2.get(*no as usize) == Some(p), "page {}", no);
+                }
+                prop_assert!(r.applied <= 256);
+            }
         }
 
         #[test]

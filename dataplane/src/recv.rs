@@ -1064,7 +1064,9 @@ impl Coordinator {
                 match e {
                     crate::hde::HdeError::BadMagic => "not an HDE frame",
                     crate::hde::HdeError::Corrupt => "HDE frame's page list does not match its checksum",
-                    _ => "truncated HDE frame",
+                    crate::hde::HdeError::TooManyRefs { .. } => "HDE frame lists more reference pages than an encoder does",
+                    crate::hde::HdeError::TooManyPages { .. } => "HDE frame holds more pages than a frame does",
+                    crate::hde::HdeError::Truncated { .. } => "truncated HDE frame",
                 },
             )),
         }
