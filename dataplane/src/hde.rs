@@ -716,6 +716,47 @@ impl Encoder {
     }
 }
 
+/// Which pages a round sends, from a dirty bitmap kept by whoever wrote the image: bit `i`
+/// (least significant first in each byte) for unit `i` of the image, a unit being a 4 KiB page,
+/// a 2 MiB huge page, or a block of a disk's dirty bitmap (QEMU's are 64 KiB by default). A page
+/// whose unit is clear is taken as the receiver already holds it; the commit digest covers the
+/// whole image, so a log that missed a change fails the round, unpublished.
+#[derive(Debug, Clone)]
+pub struct DirtyLog {
+    bits: Vec<u8>,
+    unit_pages: u64,
+}
+
+impl DirtyLog {
+    /// The log `bits` in units of `unit` bytes for an image of `image_bytes`; the bitmap must
+    /// cover the image (it may be longer: trailing bits are not read).
+    pub fn new(bits: Vec<u8>, unit: u64, image_bytes: u64) -> Result<Self, String> {
+        if unit == 0 || !unit.is_multiple_of(PAGE as u64) {
+            return Err(format!("a dirty log's unit is a whole number of 4 KiB pages, not {unit} bytes"));
+        }
+        let need = image_bytes.div_ceil(unit).div_ceil(8);
+        if (bits.len() as u64) < need {
+            return Err(format!(
+                "the dirty bitmap has {} bytes; a {image_bytes}-byte image in units of {unit} bytes needs {need} (one bit per unit, least significant first)",
+                bits.len()
+            ));
+        }
+        Ok(Self { bits, unit_pages: unit / PAGE as u64 })
+    }
+
+    /// Whether page `no` is in a dirty unit.
+    pub fn is_dirty(&self, no: u64) -> bool {
+        let u = no / self.unit_pages;
+        usize::try_from(u / 8).ok().and_then(|i| self.bits.get(i)).is_some_and(|b| b >> (u % 8) & 1 == 1)
+    }
+
+    /// Pages of an image of `pages` pages in dirty units.
+    pub fn dirty_pages(&self, pages: u64) -> u64 {
+        let units = pages.div_ceil(self.unit_pages);
+        (0..units).filter(|&u| self.is_dirty(u * self.unit_pages)).map(|u| self.unit_pages.min(pages - u * self.unit_pages)).sum()
+    }
+}
+
 /// Hash of a 16-byte block (for the reference index; not a checksum).
 fn block_hash(b: &[u8]) -> u64 {
     let lo = u64::from_le_bytes(b[..8].try_into().expect("8"));
@@ -1572,6 +1613,19 @@ mod tests {
         let mut bad = f.clone();
         bad[16..20].copy_from_slice(&(REFS_MAX as u32 + 1).to_le_bytes());
         assert_eq!(parse(&bad).err(), Some(HdeError::TooManyRefs { count: REFS_MAX as u32 + 1 }));
+    }
+
+    #[test]
+    fn a_dirty_log_flags_the_pages_of_its_units() {
+        // Units of 2 MiB (512 pages) over an image of 1300 pages: units 0 and 2 dirty, the
+        // last one short.
+        let log = DirtyLog::new(vec![0b101], 2 << 20, 1300 * PAGE as u64).unwrap();
+        assert!(log.is_dirty(0) && log.is_dirty(511) && !log.is_dirty(512) && log.is_dirty(1024) && log.is_dirty(1299));
+        assert_eq!(log.dirty_pages(1300), 512 + (1300 - 1024));
+        let log = DirtyLog::new(vec![0b1, 0b1], 4096, 9 * PAGE as u64).unwrap();
+        assert!(log.is_dirty(0) && !log.is_dirty(1) && log.is_dirty(8), "least significant bit first");
+        assert!(DirtyLog::new(vec![0; 511], 4096, 16 << 20).unwrap_err().contains("needs 512"));
+        assert!(DirtyLog::new(vec![0; 1], 6000, 4096).unwrap_err().contains("whole number of 4 KiB pages"));
     }
 
     #[test]

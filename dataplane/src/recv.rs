@@ -1238,7 +1238,7 @@ impl RxSession {
             if digest != commit.digest {
                 return Err((
                     ErrorCode::DigestMismatch,
-                    "the decoded image differs from the sender's (a delta round against a previous image the receiver does not hold?): output not published".into(),
+                    "the decoded image differs from the sender's (a delta round against a previous image the receiver does not hold, or a dirty log that missed changed pages?): output not published".into(),
                 ));
             }
         }

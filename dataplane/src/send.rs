@@ -67,6 +67,9 @@ pub struct HdeSend {
     /// The previous round's image: send a delta round (the receiver holds this image under the
     /// same name); pages equal to it are not sent at all.
     pub round_of: Option<Arc<memmap2::Mmap>>,
+    /// A delta round's dirty log (`--dirty`): only pages in dirty units are sent, against
+    /// `round_of` when it is given, else whole (the previous round is then only at the receiver).
+    pub dirty: Option<Arc<crate::hde::DirtyLog>>,
     /// The path's measured bandwidth (bit/s, the probe's), the starting point of `Auto`.
     pub link_bps: f64,
 }
@@ -444,8 +447,11 @@ impl HdeShard<'_> {
             let at = usize::try_from(no).ok()?.checked_mul(P)?;
             prev_all?.get(at..at + P)
         };
-        // A delta round sends only the pages that differ from the previous round.
+        // A delta round sends only the pages its dirty log flags and that differ from the
+        // previous round.
+        let dirty = self.opts.dirty.as_deref();
         let pages: Vec<(u64, &[u8])> = (0..n)
+            .filter(|&i| dirty.is_none_or(|d| d.is_dirty(first + i as u64)))
             .filter(|&i| old.is_none_or(|o| o[i * P..(i + 1) * P] != bytes[i * P..(i + 1) * P]))
             .map(|i| (first + i as u64, &bytes[i * P..(i + 1) * P]))
             .collect();
@@ -810,7 +816,7 @@ fn hello_open(source: &Source, opts: &SendOptions, streams: u16, rdma: bool) -> 
     let codecs = match &opts.hde {
         None if opts.qemu.is_some() && !source.seekable() => CODEC_RAW | wire::CODEC_QEMU,
         None => CODEC_RAW,
-        Some(h) if h.round_of.is_some() => CODEC_RAW | wire::CODEC_HDE | wire::CODEC_HDE_ROUND,
+        Some(h) if h.round_of.is_some() || h.dirty.is_some() => CODEC_RAW | wire::CODEC_HDE | wire::CODEC_HDE_ROUND,
         Some(_) => CODEC_RAW | wire::CODEC_HDE,
     };
     Hello::Open {

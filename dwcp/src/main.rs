@@ -161,6 +161,18 @@ struct SendArgs {
     /// the same name; only pages that differ travel, as deltas against PREV (implies --hde on).
     #[arg(long)]
     round_of: Option<PathBuf>,
+    /// Send a later round from a dirty log: FILE is a bitmap, one bit per unit of the image
+    /// (least significant bit of each byte first), set where the image changed since the round
+    /// the receiver holds under the same name. Only those units travel: against --round-of PREV
+    /// when it is given, else whole (the previous round need only be at the receiver). The
+    /// receiver checks the whole image at commit, so a log that missed a change fails the round
+    /// unpublished. Implies --hde on.
+    #[arg(long, value_name = "FILE")]
+    dirty: Option<PathBuf>,
+    /// The unit of --dirty's bitmap: 4KiB (pages), 2MiB (huge pages), 64KiB (QEMU's disk dirty
+    /// bitmaps' default), or any whole number of 4 KiB pages.
+    #[arg(long, default_value = "4KiB")]
+    dirty_unit: String,
     /// HDE effort: `auto` (the zstd level, or none, that finishes soonest on the measured link),
     /// `off` (zero, duplicate and XBZRLE pages only), or a zstd level 1-19.
     #[arg(long, default_value = "auto")]
@@ -362,8 +374,9 @@ fn parse_source(src: &str, name: Option<String>) -> Result<Source> {
 fn cmd_send(a: SendArgs) -> Result<()> {
     let psk = load_key(a.key_file.as_ref())?;
     let source = parse_source(&a.src, a.name.clone())?;
-    if a.round_of.is_some() && a.name.is_none() && !matches!(source, Source::File { .. }) {
-        bail!("--round-of needs the object's name at the receiver: pass --name");
+    let later_round = a.round_of.is_some() || a.dirty.is_some();
+    if later_round && a.name.is_none() && !matches!(source, Source::File { .. }) {
+        bail!("--round-of and --dirty send a later round of an object the receiver holds by name: pass --name");
     }
     let forced = match a.mode.as_str() {
         "datacenter" => Some(ctlplane::mode::Mode::Datacenter),
@@ -439,10 +452,10 @@ fn cmd_send(a: SendArgs) -> Result<()> {
         "on" => true,
         "off" => false,
         // RDMA sessions carry raw chunks (the receiver decodes HDE on its TCP path only).
-        _ => a.round_of.is_some() || (image && plan.defaults.adaptive_compression && !a.resume && a.transport != "rdma"),
+        _ => later_round || (image && plan.defaults.adaptive_compression && !a.resume && a.transport != "rdma"),
     };
-    if a.round_of.is_some() && a.hde == "off" {
-        bail!("--round-of sends a delta round, which is HDE: drop --hde off");
+    if later_round && a.hde == "off" {
+        bail!("--round-of and --dirty send a delta round, which is HDE: drop --hde off");
     }
     if hde_on {
         let compress = match a.compress.as_str() {
@@ -457,7 +470,16 @@ fn cmd_send(a: SendArgs) -> Result<()> {
             }
             None => None,
         };
-        opts.hde = Some(send::HdeSend { compress, round_of, link_bps: plan.report.probe.bw_bps });
+        let dirty = match &a.dirty {
+            Some(p) => {
+                let unit = fmt::parse_size(&a.dirty_unit).map_err(anyhow::Error::msg).context("--dirty-unit")?;
+                let bits = std::fs::read(p).with_context(|| format!("cannot read the dirty log {}", p.display()))?;
+                let log = dataplane::hde::DirtyLog::new(bits, unit, source.size().unwrap_or(0)).map_err(anyhow::Error::msg).with_context(|| format!("--dirty {}", p.display()))?;
+                Some(Arc::new(log))
+            }
+            None => None,
+        };
+        opts.hde = Some(send::HdeSend { compress, round_of, dirty, link_bps: plan.report.probe.bw_bps });
     }
     if a.qemu {
         if !matches!(source, Source::Stdin { .. }) {

@@ -508,3 +508,71 @@ fn hde_rounds_reach_the_receiver_exactly() {
     let _ = rx.kill();
     let _ = rx.wait();
 }
+
+/// A bitmap with bit `i` set (least significant first) for each unit in `units`.
+fn bitmap(bits: usize, units: impl IntoIterator<Item = usize>) -> Vec<u8> {
+    let mut v = vec![0u8; bits.div_ceil(8)];
+    for u in units {
+        v[u / 8] |= 1 << (u % 8);
+    }
+    v
+}
+
+#[test]
+fn a_round_from_a_dirty_log_reaches_the_receiver_exactly() {
+    let d = tempfile::tempdir().unwrap();
+    let key = keygen(d.path());
+    let out = d.path().join("out");
+    let pages = (16 << 20) / 4096;
+    let a = image(3);
+    // Round 2: every 37th page changed, logged by 4 KiB page. Round 3: pages in two 2 MiB huge
+    // pages changed, logged by huge page. The sender has no previous round: the receiver does.
+    let mut b = a.clone();
+    let changed: Vec<usize> = (5..pages).step_by(37).collect();
+    for &i in &changed {
+        if i % 2 == 0 { b[i * 4096..(i + 1) * 4096].fill(0) } else { b[i * 4096 + 9..i * 4096 + 90].fill(0x77) }
+    }
+    let mut c = b.clone();
+    for i in [600, 601, 3000] {
+        c[i * 4096..i * 4096 + 4096].copy_from_slice(&[i as u8 | 1; 4096]);
+    }
+    let (pa, pb, pc) = (d.path().join("a.img"), d.path().join("b.img"), d.path().join("c.img"));
+    for (p, v) in [(&pa, &a), (&pb, &b), (&pc, &c)] {
+        std::fs::write(p, v).unwrap();
+    }
+    let (log_b, log_c) = (d.path().join("b.log"), d.path().join("c.log"));
+    std::fs::write(&log_b, bitmap(pages, changed.iter().copied())).unwrap();
+    std::fs::write(&log_c, bitmap(8, [600 / 512, 3000 / 512])).unwrap();
+    let port = free_port();
+    let mut rx = receiver(&key, port, out.to_str().unwrap(), &[]);
+    let send = |src: &Path, extra: &[&str]| {
+        let o = Command::new(bin()).arg("send").arg(src).args(["--name", "vm.img", "--json", "--to", &format!("127.0.0.1:{port}"), "--key-file"]).arg(&key).args(extra).output().unwrap();
+        (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let (ok, _, e) = send(&pa, &["--hde", "on", "--compress", "3"]);
+    assert!(ok, "{e}");
+    let (ok, j, e) = send(&pb, &["--dirty", log_b.to_str().unwrap(), "--compress", "3"]);
+    assert!(ok, "{e}");
+    let j: serde_json::Value = serde_json::from_str(&j).unwrap();
+    assert_eq!(j["hde"]["input"], (changed.len() * 4096) as u64, "only the logged pages travel: {j}");
+    assert_eq!(std::fs::read(out.join("vm.img")).unwrap(), b, "round 2 exact");
+    let (ok, j, e) = send(&pc, &["--dirty", log_c.to_str().unwrap(), "--dirty-unit", "2MiB", "--compress", "3"]);
+    assert!(ok, "{e}");
+    let j: serde_json::Value = serde_json::from_str(&j).unwrap();
+    assert_eq!(j["hde"]["input"], 2u64 << 21, "two huge pages travel: {j}");
+    assert_eq!(std::fs::read(out.join("vm.img")).unwrap(), c, "round 3 exact");
+    // A log that missed a change: named at commit, and nothing published.
+    let mut e4 = c.clone();
+    e4[100 * 4096] ^= 1;
+    let pe = d.path().join("e.img");
+    std::fs::write(&pe, &e4).unwrap();
+    let (ok, _, e) = send(&pe, &["--dirty", log_c.to_str().unwrap(), "--dirty-unit", "2MiB"]);
+    assert!(!ok);
+    assert!(e.contains("dirty log that missed changed pages") && e.contains("output not published"), "{e}");
+    assert_eq!(std::fs::read(out.join("vm.img")).unwrap(), c, "the published image is untouched");
+    // A bitmap too short for the image is refused before anything is sent, and says why.
+    let (ok, _, e) = send(&pe, &["--dirty", log_c.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(e.contains("--dirty") && e.contains("needs 512"), "{e}");
+    assert!(rx.try_wait().unwrap().is_none(), "the receiver keeps serving");
+}
