@@ -130,7 +130,8 @@ pub fn send_table(r: &SendReport, extra: &[(&str, String)]) -> String {
     if let Some(c) = &r.control {
         let monitor = match &c.degraded {
             None => "eBPF probes (tcp_probe, tcp_retransmit_skb, tcp_cong_state_set)".to_string(),
-            Some(why) => format!("TCP_INFO polling ({why})"),
+            // The reason says that it polls: "polling TCP_INFO (asked for)", "...; polling TCP_INFO instead".
+            Some(why) => why.clone(),
         };
         row(&mut s, "path monitor", monitor);
         let cc = match (&c.cc, &c.cc_error) {

@@ -98,6 +98,17 @@ impl Monitor {
         crate::sys::tcp_info(w.fd).ok()
     }
 
+    /// [`Monitor::sample`], and the socket's [`crate::sys::SendTime`] (always from `TCP_INFO`:
+    /// without the probes, from the same read).
+    pub fn sample_with_time(&self, idx: usize) -> (Option<SocketStats>, Option<crate::sys::SendTime>) {
+        let Some(w) = self.socks.get(idx).copied() else { return (None, None) };
+        #[cfg(not(dwcp_no_bpf))]
+        if let (Some(p), Some(c)) = (&self.probes, w.cookie) {
+            return (p.stats(c).ok().flatten(), crate::sys::send_time(w.fd).ok());
+        }
+        crate::sys::tcp_info_and_time(w.fd).map_or((None, None), |(s, t)| (Some(s), Some(t)))
+    }
+
     /// Moves pending retransmit and congestion-state events into `out` (probes only).
     pub fn drain(&mut self, out: &mut Vec<Event>) -> usize {
         #[cfg(not(dwcp_no_bpf))]

@@ -205,14 +205,25 @@ impl SendTime {
 
 /// Reads the socket's [`SendTime`].
 pub fn send_time(fd: std::os::fd::RawFd) -> std::io::Result<SendTime> {
-    let raw = raw_tcp_info(fd)?;
-    Ok(SendTime { busy_us: raw.busy_time, rwnd_limited_us: raw.rwnd_limited, sndbuf_limited_us: raw.sndbuf_limited })
+    raw_tcp_info(fd).map(|raw| time_of(&raw))
 }
 
 /// Reads `TCP_INFO` of the socket: the fallback when the probes cannot load.
 pub fn tcp_info(fd: std::os::fd::RawFd) -> std::io::Result<SocketStats> {
-    let raw = raw_tcp_info(fd)?;
-    Ok(SocketStats {
+    raw_tcp_info(fd).map(|raw| stats_of(&raw))
+}
+
+/// [`tcp_info`] and [`send_time`] from one read.
+pub fn tcp_info_and_time(fd: std::os::fd::RawFd) -> std::io::Result<(SocketStats, SendTime)> {
+    raw_tcp_info(fd).map(|raw| (stats_of(&raw), time_of(&raw)))
+}
+
+fn time_of(raw: &RawTcpInfo) -> SendTime {
+    SendTime { busy_us: raw.busy_time, rwnd_limited_us: raw.rwnd_limited, sndbuf_limited_us: raw.sndbuf_limited }
+}
+
+fn stats_of(raw: &RawTcpInfo) -> SocketStats {
+    SocketStats {
         srtt_us: raw.rtt,
         min_rtt_us: raw.min_rtt,
         cwnd: raw.snd_cwnd,
@@ -225,7 +236,7 @@ pub fn tcp_info(fd: std::os::fd::RawFd) -> std::io::Result<SocketStats> {
         cong_state: raw.ca_state,
         recoveries: 0,
         events: 0,
-    })
+    }
 }
 
 /// Size of `struct iw_key` (src/bpf/initwin.h).

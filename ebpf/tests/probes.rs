@@ -94,4 +94,9 @@ fn refused_bpf_degrades_to_polling() {
     let idx = m.watch(c.as_fd());
     let got = m.sample(idx).expect("TCP_INFO of a live socket");
     assert!(got.bytes_acked >= 4 << 20 && got.srtt_us > 0, "{got:?}");
+    // The stats and the send chronographs from one read.
+    let (stats, time) = m.sample_with_time(idx);
+    assert!(stats.is_some_and(|s| s.bytes_acked == got.bytes_acked), "{stats:?}");
+    // (Their figures count in jiffies: a short loopback transfer may show none.)
+    assert!(time.is_some_and(|t| t.path_limited_us() <= t.busy_us), "{time:?}");
 }

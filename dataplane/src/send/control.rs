@@ -280,9 +280,14 @@ pub(super) fn run(socks: Vec<OwnedFd>, opts: &ControlOptions, shared: &Shared, c
             0 => socks.len() as u16,
             a => a.saturating_add(lost_streams()),
         };
+        // This interval's send chronographs, per stream (read with the stats: one TCP_INFO read
+        // per stream without the probes).
+        let mut times: Vec<Option<ebpf::sys::SendTime>> = vec![None; socks.len()];
         for (k, &i) in idx.iter().enumerate() {
             let active = (k as u16) < active_n;
-            samples[k] = match mon.sample(i) {
+            let (stats, time) = mon.sample_with_time(i);
+            times[k] = time;
+            samples[k] = match stats {
                 Some(c) => {
                     let p = last[k].replace(c).unwrap_or_default();
                     StreamSample {
@@ -304,8 +309,8 @@ pub(super) fn run(socks: Vec<OwnedFd>, opts: &ControlOptions, shared: &Shared, c
         // buffers or nothing to send (a receiver writing to a slow disk stalls a loopback
         // transfer; that says nothing of the path).
         let (mut watched, mut path) = (0u64, 0u64);
-        for (k, s) in socks.iter().enumerate() {
-            let Ok(now_t) = ebpf::sys::send_time(s.as_raw_fd()) else { continue };
+        for (k, t) in times.into_iter().enumerate() {
+            let Some(now_t) = t else { continue };
             if let Some(p) = last_time[k].replace(now_t)
                 && samples[k].active
             {
