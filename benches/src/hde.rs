@@ -20,7 +20,8 @@
 //! Then end to end (as root; the "HDE on and off"): one image through `dwcp send` to a
 //! `dwcp recv --out DIR` over the WAN rig (`hw-tests/wan`, 1 Gbit/s, 50 ms, 0.1% loss), wall
 //! time and bytes on the wire with `--hde off` and `--hde on` (round 1, image a), and round 2
-//! (image b) sent whole with `--hde off` against `--round-of a`. Every run ends with the
+//! (image b) sent whole with `--hde off` against `--round-of a` and against `--dirty` with the
+//! corpus bitmap from a sender that does not have image a. Every run ends with the
 //! receiver's digest check. The seed's figure is printed too: bytes of rounds 1 + 2 against raw.
 //!
 //!   bench-hde [--corpus DIR] [--images fileserver,database|none] [--e2e IMAGE|none]
@@ -514,14 +515,19 @@ fn main() {
             );
         }
         println!("* image bytes (round 2: the whole image b) over wall time");
-        println!("round 1: HDE on {:.2}x faster than off; round 2: --round-of {:.2}x faster than the whole image", e["speedup_r1"].as_f64().unwrap_or(f64::NAN), e["speedup_r2"].as_f64().unwrap_or(f64::NAN));
+        println!(
+            "round 1: HDE on {:.2}x faster than off; round 2: --round-of {:.2}x and --dirty without a {:.2}x faster than the whole image",
+            e["speedup_r1"].as_f64().unwrap_or(f64::NAN),
+            e["speedup_r2"].as_f64().unwrap_or(f64::NAN),
+            e["speedup_r2_dirty"].as_f64().unwrap_or(f64::NAN)
+        );
     }
     let j = json!({
         "ratio_r1": ratio_r1, "zstd3_ratio_r1": z3, "zstd19long_ratio_r1": z19, "speed_r1_mbps": speed_r1, "zstd3_speed_mbps": z3s,
         "hde1_ratio_r1": h1r, "hde1_speed_r1_mbps": h1s,
         "ratio_r2": ratio_r2, "xdelta3_ratio_r2": x3, "r2_hugepage_bytes_vs_4k": huge_vs_4k, "speed_r2_mbps": speed_r2, "xdelta3_speed_mbps": x3s, "zstd3_dirty_ratio_r2": zd,
         "seed_ratio_r1_r2": seed_ratio,
-        "e2e_speedup_r1": e2e_fig.as_ref().map(|e| e["speedup_r1"].clone()), "e2e_speedup_r2": e2e_fig.as_ref().map(|e| e["speedup_r2"].clone()),
+        "e2e_speedup_r1": e2e_fig.as_ref().map(|e| e["speedup_r1"].clone()), "e2e_speedup_r2": e2e_fig.as_ref().map(|e| e["speedup_r2"].clone()), "e2e_speedup_r2_dirty": e2e_fig.as_ref().map(|e| e["speedup_r2_dirty"].clone()),
         "e2e": e2e_fig,
         "images": per_image,
     });
@@ -555,16 +561,23 @@ fn e2e(root: &Path, dir: &Path, image: &str) -> Value {
     std::thread::sleep(std::time::Duration::from_millis(500));
     let (a, b) = (dir.join("a.raw"), dir.join("b.raw"));
     let size = std::fs::metadata(&a).unwrap_or_else(|e| die(&format!("{}: {e} (run `make corpus`)", a.display()))).len() as f64;
-    // (label, file, name at the receiver, options)
-    let plan: [(&str, &Path, &str, Vec<String>); 4] = [
+    // (label, file, name at the receiver, options). The last one is round 2 from the corpus's
+    // dirty bitmap by a sender that has no previous round; the receiver is given round 1 back
+    // first (copied into its output directory).
+    let bitmap = dir.join("changed.bitmap").to_string_lossy().into_owned();
+    let plan: [(&str, &Path, &str, Vec<String>); 5] = [
         ("round 1 (image a), --hde off", &a, "off.raw", vec!["--hde".into(), "off".into()]),
         ("round 1 (image a), --hde on", &a, "vm.raw", vec!["--hde".into(), "on".into()]),
         ("round 2 (image b), --hde off", &b, "off.raw", vec!["--hde".into(), "off".into()]),
         ("round 2 (image b), --round-of a", &b, "vm.raw", vec!["--round-of".into(), a.to_string_lossy().into_owned()]),
+        ("round 2 (image b), --dirty, no a at the sender", &b, "vm.raw", vec!["--dirty".into(), bitmap]),
     ];
     let mut runs = Vec::new();
     let mut walls = Vec::new();
     for (label, file, name, opts) in plan {
+        if opts.iter().any(|o| o == "--dirty") {
+            std::fs::copy(&a, work.join("out").join(name)).unwrap_or_else(|e| die(&format!("restoring round 1 at the receiver: {e}")));
+        }
         // What the last run left for writeback is not this run's cost.
         let _ = Command::new("sync").status();
         let t = Instant::now();
@@ -587,5 +600,5 @@ fn e2e(root: &Path, dir: &Path, image: &str) -> Value {
     drop(rx);
     let _ = Command::new(&wan).arg("down").status();
     let _ = std::fs::remove_dir_all(work.join("out"));
-    json!({"image": image, "link": E2E_LINK.join(" "), "runs": runs, "speedup_r1": walls[0] / walls[1], "speedup_r2": walls[2] / walls[3]})
+    json!({"image": image, "link": E2E_LINK.join(" "), "runs": runs, "speedup_r1": walls[0] / walls[1], "speedup_r2": walls[2] / walls[3], "speedup_r2_dirty": walls[2] / walls[4]})
 }
