@@ -171,7 +171,7 @@ struct SendArgs {
     dirty: Option<PathBuf>,
     /// The unit of --dirty's bitmap: 4KiB (pages), 2MiB (huge pages), 64KiB (QEMU's disk dirty
     /// bitmaps' default), or any whole number of 4 KiB pages.
-    #[arg(long, default_value = "4KiB")]
+    #[arg(long, default_value = "4KiB", requires = "dirty")]
     dirty_unit: String,
     /// HDE effort: `auto` (the zstd level, or none, that finishes soonest on the measured link),
     /// `off` (zero, duplicate and XBZRLE pages only), or a zstd level 1-19.
