@@ -876,6 +876,102 @@ pub fn choose_level(link_bps: f64, cores: usize, est: &[LevelEstimate]) -> Optio
     best.and_then(|b| b.level)
 }
 
+/// How a level is named in reports: `zstd-3`, or `off` for no zstd.
+pub fn level_name(level: Option<i32>) -> String {
+    level.map_or("off".to_string(), |l| format!("zstd-{l}"))
+}
+
+/// `--compress auto`'s state, I/O-free (the caller gives its clock, in seconds, and what it
+/// measured): each level's estimate, corrected by what the level in use achieves, and the choice
+/// of level every 250 ms for the link as it is seen.
+#[derive(Debug, Clone)]
+pub struct Effort {
+    est: Vec<LevelEstimate>,
+    level: Option<i32>,
+    /// The probe's figure of the path (bit/s), until PBA has a prediction.
+    probe_bps: f64,
+    cores: usize,
+    /// When the level was last chosen, and the bytes sent then.
+    last: Option<(f64, u64)>,
+    /// When no zstd was last left for a look at level 1 (see [`Effort::choose`]).
+    explored: f64,
+}
+
+/// How often `--compress auto`, without zstd because the data did not compress, looks again.
+const EXPLORE_EVERY: f64 = 2.0;
+
+impl Effort {
+    /// Starts from [`DEFAULT_ESTIMATES`] at the level they choose for the probe's figure
+    /// (`probe_bps`, NaN if none: 1 Gbit/s is assumed) on `cores` encoding cores.
+    pub fn new(probe_bps: f64, cores: usize) -> Self {
+        let probe_bps = if probe_bps.is_finite() && probe_bps > 0.0 { probe_bps } else { 1e9 };
+        Self { est: DEFAULT_ESTIMATES.to_vec(), level: choose_level(probe_bps, cores, &DEFAULT_ESTIMATES), probe_bps, cores, last: None, explored: 0.0 }
+    }
+
+    /// The level in use.
+    pub fn level(&self) -> Option<i32> {
+        self.level
+    }
+
+    /// What the level in use did: `zstd_bytes` of the pages zstd works on (and whatever else
+    /// went with them) became `out_bytes` in `secs`. Its estimate moves (EWMA); how compressible
+    /// the data is applies to every zstd level, so the others' ratios move by the same factor
+    /// (incompressible data then stops paying for zstd everywhere).
+    pub fn observe(&mut self, zstd_bytes: u64, out_bytes: u64, secs: f64) {
+        let Some(cur) = self.est.iter().position(|e| e.level == self.level) else { return };
+        if zstd_bytes == 0 || secs <= 0.0 {
+            return;
+        }
+        let measured = zstd_bytes as f64 / out_bytes.max(1) as f64;
+        let factor = (measured / self.est[cur].ratio).clamp(0.25, 4.0);
+        for (k, e) in self.est.iter_mut().enumerate() {
+            // No zstd compresses nothing, however compressible the data: only its own
+            // measurement moves it.
+            let target = match (k == cur, e.level) {
+                (true, _) => measured,
+                (false, None) => continue,
+                (false, Some(_)) => (e.ratio * factor).max(1.0),
+            };
+            e.ratio = 0.8 * e.ratio + 0.2 * target;
+        }
+        let e = &mut self.est[cur];
+        e.bytes_per_s = 0.8 * e.bytes_per_s + 0.2 * (zstd_bytes as f64 / secs);
+    }
+
+    /// At `now`, with `sent_bytes` on the wire so far and PBA's prediction of the path
+    /// (`predicted_bps`, 0 before it has one): every 250 ms, the level for the link (the larger
+    /// of the prediction, or before it the probe's figure, and the wire rate seen since the last
+    /// choice). `Some(level)` when it differs from the one in use; [`Effort::set`] it once the
+    /// encoder took it. Without zstd, what is sent says nothing of how well the data would
+    /// compress (raw pages measure 1.0): when that is why zstd was left (every estimate's ratio
+    /// fell to about 1: incompressible data), level 1 gets another look every
+    /// [`EXPLORE_EVERY`] seconds, for one choice, so that data that compresses again is
+    /// compressed again.
+    pub fn choose(&mut self, now: f64, sent_bytes: u64, predicted_bps: f64) -> Option<Option<i32>> {
+        let Some((t0, b0)) = self.last else {
+            self.last = Some((now, sent_bytes));
+            return None;
+        };
+        if now - t0 < 0.25 {
+            return None;
+        }
+        self.last = Some((now, sent_bytes));
+        let seen = sent_bytes.saturating_sub(b0) as f64 * 8.0 / (now - t0);
+        let link = if predicted_bps > 0.0 { predicted_bps.max(seen) } else { self.probe_bps.max(seen) };
+        let l = choose_level(link, self.cores, &self.est);
+        if l.is_none() && self.level.is_none() && self.est.iter().all(|e| e.ratio < 1.05) && now - self.explored >= EXPLORE_EVERY {
+            self.explored = now;
+            return Some(Some(1));
+        }
+        (l != self.level).then_some(l)
+    }
+
+    /// The level now in use.
+    pub fn set(&mut self, level: Option<i32>) {
+        self.level = level;
+    }
+}
+
 /// Where decoded pages go: the receiver's copy of the image.
 pub trait PageStore {
     /// The receiver's current copy of page `no`.
@@ -1435,6 +1531,49 @@ mod tests {
         // feed (level 9: 25 MB/s x 3.5 < 0.12 GB/s).
         assert_eq!(choose_level(200e6, 2, e), Some(9));
         // No zstd still compresses zero and duplicate pages.
+        // The state a sender keeps: chosen every 250 ms of its clock; incompressible data (ratio
+        // 1.0 measured) makes every level's ratio fall, and raw wins at 200 Mbit/s too.
+        let mut eff = Effort::new(200e6, 1);
+        assert_eq!(eff.level(), Some(3));
+        assert_eq!(eff.choose(0.0, 0, 0.0), None, "the first call starts the clock");
+        assert_eq!(eff.choose(0.1, 1 << 20, 0.0), None, "within 250 ms");
+        for k in 0..40 {
+            eff.observe(1 << 20, 1 << 20, 0.004);
+            if let Some(l) = eff.choose(0.3 * f64::from(k + 1), (k as u64 + 1) << 20, 200e6) {
+                eff.set(l);
+            }
+            if eff.level().is_none() {
+                break;
+            }
+        }
+        assert_eq!(eff.level(), None, "{eff:?}");
+        // Without zstd nothing measures compressibility: level 1 gets a look every 2 s, and
+        // data that compresses again brings zstd back.
+        let mut t = 12.5;
+        let mut looked = 0;
+        while eff.level().is_none() && t < 30.0 {
+            t += 0.3;
+            if let Some(l) = eff.choose(t, (t * 25e6) as u64, 200e6) {
+                looked += u32::from(l == Some(1));
+                eff.set(l);
+            }
+            if eff.level().is_some() {
+                // Text: 4x at level 1.
+                eff.observe(4 << 20, 1 << 20, 0.01);
+                if let Some(l) = eff.choose(t + 0.3, ((t + 0.3) * 25e6) as u64, 200e6) {
+                    eff.set(l);
+                }
+                t += 0.3;
+            }
+        }
+        assert!(looked >= 1 && eff.level().is_some(), "{eff:?}");
+        // And a fast link with compressible data keeps little effort: level 1 or none.
+        let mut eff = Effort::new(10e9, 1);
+        assert!(matches!(eff.level(), None | Some(1)), "{eff:?}");
+        eff.set(Some(1));
+        eff.observe(4 << 20, 1 << 20, 0.01);
+        assert_eq!(eff.choose(0.0, 0, 0.0), None);
+        assert!(matches!(eff.choose(1.0, 1 << 30, 10e9), None | Some(None)));
         let mut enc = Encoder::new(3, None).unwrap();
         enc.set_level(None).unwrap();
         let mut st = EncodeStats::default();

@@ -336,6 +336,8 @@ pub struct EncodeReport {
     pub cache_hits: u64,
     /// Batches.
     pub batches: u64,
+    /// Batches per effort (`off`, `zstd-1`, ...).
+    pub levels: std::collections::BTreeMap<String, u64>,
     /// Bytes passed through without page awareness (device state, or all after a fallback).
     pub passthrough: u64,
     /// Why the parser fell back to passthrough before the RAM part ended, if it did.
@@ -357,7 +359,9 @@ pub struct Encoder {
     seen: HashSet<u64>,
     /// First global page number of each block.
     bases: Vec<u64>,
-    level: i32,
+    /// zstd level of the pages (`None`: zero, duplicate, same and XBZRLE pages only), and of
+    /// the skeletons and carried bytes (level 1 for `None`).
+    level: Option<i32>,
     // The open batch.
     skel: Vec<u8>,
     pages: Vec<(u64, Vec<u8>)>,
@@ -415,7 +419,7 @@ impl Encoder {
             cache: hde::PageCache::new(cache_bytes),
             seen: HashSet::new(),
             bases: Vec::new(),
-            level,
+            level: Some(level),
             skel: Vec::new(),
             pages: Vec::new(),
             in_batch: HashSet::new(),
@@ -427,6 +431,19 @@ impl Encoder {
             report: EncodeReport::default(),
             ended: false,
         })
+    }
+
+    /// Sets the effort from the next batch on: a zstd level, or `None` for no zstd on pages
+    /// (the skeleton and carried bytes then take level 1).
+    pub fn set_level(&mut self, level: Option<i32>) -> std::io::Result<()> {
+        self.hde.set_level(level)?;
+        self.level = level;
+        Ok(())
+    }
+
+    /// The level of the skeletons and carried bytes.
+    fn carried_level(&self) -> i32 {
+        self.level.unwrap_or(1)
     }
 
     /// What was done so far.
@@ -481,7 +498,7 @@ impl Encoder {
         self.report.passthrough += b.len() as u64;
         for b in b.chunks(MAX_RAW) {
             let sum = xxh3_64(b).to_le_bytes();
-            match zstd::bulk::compress(b, self.level) {
+            match zstd::bulk::compress(b, self.carried_level()) {
                 Ok(z) if z.len() < b.len() => record(&mut self.out, b'R', &[&sum, &[1], &z]),
                 _ => record(&mut self.out, b'R', &[&sum, &[0], b]),
             }
@@ -579,7 +596,8 @@ impl Encoder {
         }
         self.report.hde.input += st.input;
         self.report.hde.output += st.output;
-        let skel = zstd::bulk::compress(&self.skel, self.level).expect("zstd compresses to a Vec");
+        let skel = zstd::bulk::compress(&self.skel, self.carried_level()).expect("zstd compresses to a Vec");
+        *self.report.levels.entry(hde::level_name(self.level)).or_default() += 1;
         let sum = std::mem::replace(&mut self.batch_sum, Xxh3::new()).digest();
         record(&mut self.out, b'F', &[&(self.batch_len as u32).to_le_bytes(), &sum.to_le_bytes(), &(skel.len() as u32).to_le_bytes(), &skel, &frame]);
         self.report.batches += 1;

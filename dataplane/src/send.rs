@@ -77,8 +77,8 @@ pub struct HdeSend {
 /// Page-aware mode for a QEMU migration stream on stdin (`crate::qemu`).
 #[derive(Debug, Clone, Copy)]
 pub struct QemuPages {
-    /// zstd level of pages and carried bytes.
-    pub level: i32,
+    /// zstd level of pages and carried bytes (`None`: no zstd on pages, `--compress off`).
+    pub level: Option<i32>,
     /// Bytes of old pages kept for deltas (as QEMU's XBZRLE cache).
     pub cache_bytes: u64,
 }
@@ -387,38 +387,24 @@ struct HdeShard<'a> {
     /// (always filled, empty if the send stopped first); `None` once the encoder took it, or
     /// without `--round-of`.
     ref_index: Option<&'a OnceLock<Arc<crate::hde::RefIndex>>>,
-    cores: usize,
-    est: Vec<crate::hde::LevelEstimate>,
-    level: Option<i32>,
-    last_choice: Instant,
-    wire0: (Instant, u64),
+    /// The effort (`--compress auto` re-chooses it), against `t0`'s clock.
+    effort: crate::hde::Effort,
+    t0: Instant,
     stats: crate::hde::EncodeStats,
     report: HdeReport,
     pages: Vec<u8>,
 }
 
 impl HdeShard<'_> {
-    /// Re-chooses the effort every 250 ms from the link (the larger of the probe's figure and
-    /// the wire rate seen since the last choice) and the estimates.
+    /// `--compress auto`: re-chooses the effort every 250 ms ([`crate::hde::Effort::choose`]).
     fn adapt(&mut self, sent_bytes: u64, predicted_bps: f64) {
-        if self.opts.compress != Compress::Auto || self.last_choice.elapsed() < Duration::from_millis(250) {
+        if self.opts.compress != Compress::Auto {
             return;
         }
-        let (t0, b0) = self.wire0;
-        let seen = (sent_bytes.saturating_sub(b0)) as f64 * 8.0 / t0.elapsed().as_secs_f64().max(1e-3);
-        self.wire0 = (Instant::now(), sent_bytes);
-        self.last_choice = Instant::now();
-        // PBA's prediction of the path, once it has one; before, the probe's figure.
-        let link = if predicted_bps > 0.0 {
-            predicted_bps.max(seen)
-        } else if self.opts.link_bps.is_finite() {
-            self.opts.link_bps.max(seen)
-        } else {
-            seen.max(1e9)
-        };
-        let l = crate::hde::choose_level(link, self.cores, &self.est);
-        if l != self.level && self.enc.set_level(l).is_ok() {
-            self.level = l;
+        if let Some(l) = self.effort.choose(self.t0.elapsed().as_secs_f64(), sent_bytes, predicted_bps)
+            && self.enc.set_level(l).is_ok()
+        {
+            self.effort.set(l);
         }
     }
 
@@ -463,24 +449,8 @@ impl HdeShard<'_> {
         let dt = t.elapsed().as_secs_f64();
         let (di, dout) = ((self.stats.zstd_pages() - before.0) * P as u64, self.stats.output - before.1);
         self.report.encode_s += dt;
-        let name = self.level.map_or("off".to_string(), |l| format!("zstd-{l}"));
-        *self.report.levels.entry(name).or_default() += 1;
-        // Measured ratio and speed move the estimate of the level in use (EWMA). How
-        // compressible the data is applies to every level, so the others' ratios move by the
-        // same factor (incompressible data then stops paying for zstd everywhere).
-        if di > 0
-            && dt > 0.0
-            && let Some(cur) = self.est.iter().position(|e| e.level == self.level)
-        {
-            let measured = di as f64 / dout.max(1) as f64;
-            let factor = (measured / self.est[cur].ratio).clamp(0.25, 4.0);
-            for (k, e) in self.est.iter_mut().enumerate() {
-                let target = if k == cur { measured } else { (e.ratio * factor).max(1.0) };
-                e.ratio = 0.8 * e.ratio + 0.2 * target;
-            }
-            let e = &mut self.est[cur];
-            e.bytes_per_s = 0.8 * e.bytes_per_s + 0.2 * (di as f64 / dt);
-        }
+        *self.report.levels.entry(crate::hde::level_name(self.effort.level())).or_default() += 1;
+        self.effort.observe(di, dout, dt);
         frame
     }
 }
@@ -1075,7 +1045,10 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
     // Page-aware mode only if the receiver took it.
     let qemu_enc = match opts.qemu {
         Some(q) if !source.seekable() && welcome.caps.codecs & wire::CODEC_QEMU != 0 => {
-            Some(crate::qemu::Encoder::new(q.level, q.cache_bytes).map_err(|e| SendError::Invalid(format!("page-aware encoder: {e}")))?)
+            let bad = |e: std::io::Error| SendError::Invalid(format!("page-aware encoder: {e}"));
+            let mut enc = crate::qemu::Encoder::new(3, q.cache_bytes).map_err(bad)?;
+            enc.set_level(q.level).map_err(bad)?;
+            Some(enc)
         }
         Some(_) if !source.seekable() => {
             let why = "the receiver does not rebuild page-aware streams (it does when it writes to standard output, --out -)".to_string();
@@ -1130,11 +1103,13 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
                         .collect();
                     let hde = match hde_opts {
                         Some(h) => {
-                            let level = match h.compress {
-                                Compress::Off => None,
-                                Compress::Level(l) => Some(l),
-                                Compress::Auto => crate::hde::choose_level(if h.link_bps.is_finite() { h.link_bps } else { 1e9 }, nshards, &crate::hde::DEFAULT_ESTIMATES),
-                            };
+                            let mut effort = crate::hde::Effort::new(h.link_bps, nshards);
+                            match h.compress {
+                                Compress::Off => effort.set(None),
+                                Compress::Level(l) => effort.set(Some(l)),
+                                Compress::Auto => {}
+                            }
+                            let level = effort.level();
                             let mut enc = crate::hde::Encoder::new(level.unwrap_or(3), None).map_err(|source| SendError::Io { during: "creating an HDE encoder", source })?;
                             enc.set_level(level).map_err(|source| SendError::Io { during: "setting the HDE level", source })?;
                             // Frames reach the receiver in any order: only pages it held before
@@ -1144,11 +1119,8 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
                                 enc,
                                 opts: h,
                                 ref_index: h.round_of.is_some().then_some(ref_index),
-                                cores: nshards,
-                                est: crate::hde::DEFAULT_ESTIMATES.to_vec(),
-                                level,
-                                last_choice: Instant::now(),
-                                wire0: (Instant::now(), 0),
+                                effort,
+                                t0: Instant::now(),
                                 stats: crate::hde::EncodeStats::default(),
                                 report: HdeReport::default(),
                                 pages: Vec::new(),

@@ -120,6 +120,9 @@ pub fn send_table(r: &SendReport, extra: &[(&str, String)]) -> String {
             let mut kinds: Vec<String> = q.hde.pages.iter().map(|(k, v)| format!("{k:?} {v}")).collect();
             kinds.sort();
             row(&mut s, "qemu pages", format!("{} with data, {} zero; re-sent {} ({} with an old copy for a delta): {}", q.pages, q.zero_pages, q.resent_pages, q.cache_hits, kinds.join(", ")));
+            if !q.levels.is_empty() {
+                row(&mut s, "qemu effort", q.levels.iter().map(|(l, n)| format!("{l} {n} batches")).collect::<Vec<_>>().join(", "));
+            }
             if let Some(why) = &q.fallback {
                 row(&mut s, "fell back", format!("to tunnel mode mid-stream: {why}"));
             }
@@ -192,7 +195,7 @@ pub fn send_json(r: &SendReport, mode: Option<serde_json::Value>) -> String {
         "qemu": match &r.qemu {
             Some(QemuOutcome::Encoded(q)) => json!({
                 "mode": "pages", "input": q.input, "output": q.output, "pages": q.pages, "zero_pages": q.zero_pages,
-                "resent_pages": q.resent_pages, "cache_hits": q.cache_hits, "batches": q.batches, "passthrough": q.passthrough,
+                "resent_pages": q.resent_pages, "cache_hits": q.cache_hits, "batches": q.batches, "levels": q.levels, "passthrough": q.passthrough,
                 "fallback": q.fallback, "kinds": q.hde.pages.iter().map(|(k, v)| (format!("{k:?}"), *v)).collect::<std::collections::BTreeMap<_, _>>(),
             }),
             Some(QemuOutcome::Tunnel(why)) => json!({"mode": "tunnel", "why": why}),

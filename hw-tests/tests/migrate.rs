@@ -175,10 +175,11 @@ fn migrate_and_check(rig: &Rig) -> Value {
     let st = qmp(&rig.dir.join("dst.qmp"), "query-status", Value::Null);
     assert_eq!(st["return"]["status"], "running", "{st}");
     eprintln!(
-        "migrated through dwcp (page-aware: {} -> {} bytes, {:?}) in {:.2} s, downtime {} ms, {} rounds, {} MiB of RAM; guest checks after: {:?}",
+        "migrated through dwcp (page-aware: {} -> {} bytes, {:?}, batches by effort {}) in {:.2} s, downtime {} ms, {} rounds, {} MiB of RAM; guest checks after: {:?}",
         q["input"],
         q["output"],
         q["kinds"],
+        q["levels"],
         j["wall_s"].as_f64().unwrap_or(0.0),
         j["downtime_ms"],
         j["rounds"],

@@ -309,3 +309,25 @@ proptest! {
     }
 }
 
+
+#[test]
+fn the_effort_may_change_between_batches() {
+    // `--compress auto` moves the level as the link and the data go: every batch decodes
+    // whatever level (or none) encoded it, and the report counts batches per level.
+    let (input, _) = migration(11);
+    let mut e = Encoder::new(3, 64 << 20).expect("encoder");
+    let mut out = Vec::new();
+    for (k, piece) in input.chunks(64 << 10).enumerate() {
+        e.set_level([Some(1), None, Some(9), Some(3)][k % 4]).expect("level");
+        e.push(piece);
+        e.flush();
+        out.extend(e.take());
+    }
+    e.finish();
+    out.extend(e.take());
+    let (rebuilt, r, _) = decode(&out, 4096);
+    r.expect("decodes");
+    assert!(rebuilt == input, "rebuilt stream differs");
+    let levels = &e.report().levels;
+    assert!(["off", "zstd-1", "zstd-3", "zstd-9"].iter().all(|l| levels.get(*l).is_some_and(|&n| n > 0)), "{levels:?}");
+}
