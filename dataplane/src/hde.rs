@@ -112,6 +112,11 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// Zero and same pages carry no bytes and no checksum of their own; only they form runs.
+    fn bare(self) -> bool {
+        matches!(self, Self::Zero | Self::Same)
+    }
+
     fn from_u8(b: u8) -> Option<Self> {
         Some(match b {
             0 => Self::Zero,
@@ -497,7 +502,7 @@ impl Encoder {
             assert_eq!(new.len(), PAGE, "pages are 4 KiB");
             let (kind, inline, o) = self.classify(no, new, old(no));
             olds.push(o);
-            let sum = if matches!(kind, Kind::Zero | Kind::Same) { 0 } else { page_sum(no, new) };
+            let sum = if kind.bare() { 0 } else { page_sum(no, new) };
             entries.push(Entry { no, kind, sum, inline, new });
             // The receiver's page `no` holds `new` once this round is through.
             let h = xxh3_128(new);
@@ -514,7 +519,7 @@ impl Encoder {
         let mut refs: Vec<(u64, &'a [u8])> = if self.compress { self.references(&mut entries, &olds, stable) } else { Vec::new() };
         if self.indexing {
             // A same page is in the index as it was sent before.
-            for e in entries.iter().filter(|e| !matches!(e.kind, Kind::Zero | Kind::Same)) {
+            for e in entries.iter().filter(|e| !e.kind.bare()) {
                 self.index.add(e.no, e.new);
             }
         }
@@ -567,7 +572,7 @@ impl Encoder {
             let e = &entries[i];
             put_step(&mut out, &mut prev, e.no);
             // Zero and same pages numbered one after the other: one entry for the run.
-            let run = if matches!(e.kind, Kind::Zero | Kind::Same) {
+            let run = if e.kind.bare() {
                 entries[i + 1..].iter().zip(&entries[i..]).take_while(|(n, p)| n.kind == e.kind && n.no == p.no.wrapping_add(1)).count()
             } else {
                 0
@@ -581,7 +586,7 @@ impl Encoder {
                 continue;
             }
             out.push(e.kind as u8);
-            if !matches!(e.kind, Kind::Zero | Kind::Same) {
+            if !e.kind.bare() {
                 out.extend_from_slice(&e.sum.to_le_bytes());
             }
             if matches!(e.kind, Kind::Dup | Kind::Xbzrle | Kind::Raw) {
@@ -1061,7 +1066,7 @@ fn parse(frame: &[u8]) -> Result<Frame<'_>, HdeError> {
         if k & RUN != 0 {
             // A run of zero or same pages: `more` after this one, numbered one after the other,
             // within the frame's count.
-            let kind = Kind::from_u8(k & !RUN).filter(|k| matches!(k, Kind::Zero | Kind::Same));
+            let kind = Kind::from_u8(k & !RUN).filter(|k| k.bare());
             let (more, r) = get_leb(r).ok_or(t.clone())?;
             let more = usize::try_from(more).ok().filter(|&m| m >= 1 && m < count - out.len()).ok_or(t.clone())?;
             no.checked_add(more as u64).ok_or(t)?;
@@ -1071,7 +1076,7 @@ fn parse(frame: &[u8]) -> Result<Frame<'_>, HdeError> {
             continue;
         }
         let kind = Kind::from_u8(k);
-        let (sum, r) = if matches!(kind, Some(Kind::Zero | Kind::Same)) {
+        let (sum, r) = if kind.is_some_and(Kind::bare) {
             (0, r)
         } else {
             let s = r.get(..8).ok_or(t.clone())?;
@@ -1530,7 +1535,6 @@ mod tests {
         // 200 Mbit/s: the link is the bottleneck at every level; the best ratio the cores can
         // feed (level 9: 25 MB/s x 3.5 < 0.12 GB/s).
         assert_eq!(choose_level(200e6, 2, e), Some(9));
-        // No zstd still compresses zero and duplicate pages.
         // The state a sender keeps: chosen every 250 ms of its clock; incompressible data (ratio
         // 1.0 measured) makes every level's ratio fall, and raw wins at 200 Mbit/s too.
         let mut eff = Effort::new(200e6, 1);
@@ -1574,6 +1578,7 @@ mod tests {
         eff.observe(4 << 20, 1 << 20, 0.01);
         assert_eq!(eff.choose(0.0, 0, 0.0), None);
         assert!(matches!(eff.choose(1.0, 1 << 30, 10e9), None | Some(None)));
+        // No zstd still compresses zero and duplicate pages.
         let mut enc = Encoder::new(3, None).unwrap();
         enc.set_level(None).unwrap();
         let mut st = EncodeStats::default();

@@ -406,20 +406,23 @@ fn record(out: &mut Vec<u8>, tag: u8, body: &[&[u8]]) {
 }
 
 impl Encoder {
-    /// An encoder with zstd at `level` and a cache of at most `cache_bytes` of old pages.
-    pub fn new(level: i32, cache_bytes: u64) -> std::io::Result<Self> {
+    /// An encoder with zstd at `level` (`None`: no zstd on pages, see [`Encoder::set_level`])
+    /// and a cache of at most `cache_bytes` of old pages.
+    pub fn new(level: Option<i32>, cache_bytes: u64) -> std::io::Result<Self> {
         let mut out = Vec::new();
         record(&mut out, b'H', &[MAGIC]);
+        let mut hde = hde::Encoder::new(level.unwrap_or(3), None)?;
+        hde.set_level(level)?;
         Ok(Self {
             parser: Parser::new(),
             buf: Vec::new(),
             pos: 0,
             pass: None,
-            hde: hde::Encoder::new(level, None)?,
+            hde,
             cache: hde::PageCache::new(cache_bytes),
             seen: HashSet::new(),
             bases: Vec::new(),
-            level: Some(level),
+            level,
             skel: Vec::new(),
             pages: Vec::new(),
             in_batch: HashSet::new(),

@@ -1158,6 +1158,7 @@ impl Coordinator {
                 let _ = std::fs::remove_file(p);
             }
         }
+        let wall = s.started.elapsed();
         let msg = format!("interrupted: {why}; {} of {} bytes placed{}", s.have.covered(), s.size.map_or("?".into(), |v| v.to_string()), if keep { ", partial output kept for --resume" } else { "" });
         warn!(name = %s.name, "{msg}");
         let _ = self.outcomes.send(SessionOutcome {
@@ -1166,8 +1167,9 @@ impl Coordinator {
             size: s.size.unwrap_or(0),
             received: s.received,
             resumed: s.resumed,
-            wall: s.started.elapsed(),
-            data_wall: s.started.elapsed(),
+            // Interrupted: no commit came, so the data phase is all of it.
+            wall,
+            data_wall: wall,
             path: None,
             result: Err(msg),
         });

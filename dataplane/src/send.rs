@@ -1045,10 +1045,7 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
     // Page-aware mode only if the receiver took it.
     let qemu_enc = match opts.qemu {
         Some(q) if !source.seekable() && welcome.caps.codecs & wire::CODEC_QEMU != 0 => {
-            let bad = |e: std::io::Error| SendError::Invalid(format!("page-aware encoder: {e}"));
-            let mut enc = crate::qemu::Encoder::new(3, q.cache_bytes).map_err(bad)?;
-            enc.set_level(q.level).map_err(bad)?;
-            Some(enc)
+            Some(crate::qemu::Encoder::new(q.level, q.cache_bytes).map_err(|e| SendError::Invalid(format!("page-aware encoder: {e}")))?)
         }
         Some(_) if !source.seekable() => {
             let why = "the receiver does not rebuild page-aware streams (it does when it writes to standard output, --out -)".to_string();

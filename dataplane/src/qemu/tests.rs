@@ -172,7 +172,7 @@ fn migration(seed: u64) -> (Vec<u8>, std::ops::Range<usize>) {
 /// Encodes `input` fed in pieces cut at `cuts`, flushing now and then as a reader would when
 /// QEMU pauses; returns the encoded stream and the offset in it where each input piece ended.
 fn encode(input: &[u8], cuts: &[usize]) -> (Vec<u8>, Encoder, Vec<(usize, usize)>) {
-    let mut e = Encoder::new(3, 64 << 20).expect("encoder");
+    let mut e = Encoder::new(Some(3), 64 << 20).expect("encoder");
     let mut out = Vec::new();
     let mut marks = Vec::new();
     let mut at = 0;
@@ -315,7 +315,7 @@ fn the_effort_may_change_between_batches() {
     // `--compress auto` moves the level as the link and the data go: every batch decodes
     // whatever level (or none) encoded it, and the report counts batches per level.
     let (input, _) = migration(11);
-    let mut e = Encoder::new(3, 64 << 20).expect("encoder");
+    let mut e = Encoder::new(Some(3), 64 << 20).expect("encoder");
     let mut out = Vec::new();
     for (k, piece) in input.chunks(64 << 10).enumerate() {
         e.set_level([Some(1), None, Some(9), Some(3)][k % 4]).expect("level");
