@@ -988,8 +988,13 @@ pub trait PageStore {
     fn base(&self, no: u64) -> Option<&[u8]> {
         self.get(no)
     }
-    /// Writes page `no` (only ever called with verified bytes).
+    /// Writes page `no` (only ever called with verified bytes, and only for pages it owns).
     fn put(&mut self, no: u64, page: &[u8]);
+    /// Whether this frame may write page `no`: a receiver decoding chunks at once lets a frame
+    /// write only its own chunk's pages. By default, any page.
+    fn owns(&self, _no: u64) -> bool {
+        true
+    }
 }
 
 /// A duplicate that did not verify yet: its source may be a page of the same round whose
@@ -1162,6 +1167,15 @@ impl Decoder {
         let mut page = vec![0u8; PAGE];
         let (mut li, mut di) = (0, 0);
         for e in &entries {
+            if !store.owns(e.no) {
+                match e.kind {
+                    Some(Kind::Literal) => li += 1,
+                    Some(Kind::ZstdDelta | Kind::RefLiteral) => di += 1,
+                    _ => {}
+                }
+                rep.rejected.push((e.no, "page outside the frame's chunk"));
+                continue;
+            }
             let r: Result<(), &'static str> = match e.kind {
                 None => Err("unknown page kind"),
                 Some(Kind::Zero) => {
@@ -1382,6 +1396,41 @@ mod tests {
             for (n, p) in round {
                 assert_eq!(rx.0.get(n), Some(p), "page {n}");
             }
+        }
+    }
+
+    /// A receiver's shard decoding one chunk: it may write pages `[.0, .1)` only.
+    struct Chunk(u64, u64, Mem);
+    impl PageStore for Chunk {
+        fn get(&self, no: u64) -> Option<&[u8]> {
+            self.2.get(no)
+        }
+        fn put(&mut self, no: u64, page: &[u8]) {
+            assert!(self.owns(no), "page {no} written outside its chunk");
+            self.2.put(no, page);
+        }
+        fn owns(&self, no: u64) -> bool {
+            (self.0..self.1).contains(&no)
+        }
+    }
+
+    #[test]
+    fn a_page_outside_the_frames_chunk_is_refused_and_the_others_still_apply() {
+        let mut enc = Encoder::new(3, None).unwrap();
+        let mut dec = Decoder::new(None).unwrap();
+        let mut stats = EncodeStats::default();
+        // Literal, zero, random (raw) and text pages, one of each kind outside the chunk 4..8.
+        let pages: Vec<(u64, Vec<u8>)> = (0..8).map(|i| (i, page_of(i as u8 + 2, i))).collect();
+        let refs: Vec<(u64, &[u8])> = pages.iter().map(|(n, p)| (*n, p.as_slice())).collect();
+        let f = enc.encode(&refs, &|_| None, &mut stats);
+        let mut rx = Chunk(4, 8, Mem(HashMap::new()));
+        let r = dec.decode(&f, &mut rx).unwrap();
+        let refused: Vec<u64> = r.rejected.iter().map(|x| x.0).collect();
+        assert_eq!(refused, vec![0, 1, 2, 3]);
+        assert!(r.rejected.iter().all(|x| x.1 == "page outside the frame's chunk"));
+        // The blocks' pages after refused ones still land on the right page numbers.
+        for (n, p) in &pages[4..] {
+            assert_eq!(rx.2.0.get(n), Some(p), "page {n}");
         }
     }
 

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, select};
 use thiserror::Error;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::crypto::Psk;
 use crate::handshake::{self, Conn, HandshakeError};
@@ -162,8 +162,8 @@ enum Out {
     File(Arc<File>),
     Discard,
     Stdout,
-    /// HDE frames: decoded by the coordinator into the mapped output.
-    Hde,
+    /// HDE frames: decoded by the shard that read them, into the shared mapped output.
+    Hde(Arc<HdeImage>),
 }
 
 /// Registered buffers per receiver shard: one per stream being read plus writes in flight.
@@ -180,7 +180,11 @@ enum ToCoord {
     Join { session: [u8; 16], reply: Reply<SessionRef> },
     Placed { session: [u8; 16], offset: u64, len: u32, sum: u64 },
     Deliver { session: [u8; 16], offset: u64, data: Vec<u8>, sum: u64, from: StreamAddr },
-    Hde { session: [u8; 16], offset: u64, frame: Vec<u8>, sum: u64, from: StreamAddr },
+    /// A shard decoded the HDE frame of the chunk at `offset`.
+    HdeDone { session: [u8; 16], offset: u64, done: HdeDone, sum: u64, from: StreamAddr },
+    /// The chunk at `offset` arrived again (sent anew after a stream dropped): it was decoded,
+    /// or is being decoded, from its first arrival. Acknowledged once that is placed.
+    HdeAgain { session: [u8; 16], offset: u64, from: StreamAddr },
     Commit { session: [u8; 16], commit: wire::Commit, from: StreamAddr },
     Down { session: [u8; 16], why: Option<String> },
 }
@@ -340,7 +344,7 @@ fn admit(sock: TcpStream, opts: &RecvOptions, coord: &Sender<ToCoord>, shards: &
                     (None, _, _) => Some("RDMA is off at this receiver".to_string()),
                     (_, true, _) => Some("the session is encrypted, and the RDMA path is plaintext".into()),
                     (_, _, Out::Stdout) => Some("a stdout sink".into()),
-                    (_, _, Out::Hde) => Some("HDE frames are decoded by the coordinator, over TCP".into()),
+                    (_, _, Out::Hde(_)) => Some("HDE frames are decoded by the receiver's shards, over TCP".into()),
                     (Some(ro), _, _) => match rdma::grant(ro) {
                         Ok(g) => {
                             w.caps.transports |= wire::TRANSPORT_RDMA;
@@ -407,6 +411,8 @@ struct RxStream {
     replies: Vec<(FrameType, Vec<u8>)>,
     close_after_send: bool,
     in_flight: usize,
+    /// This stream's HDE decoder (zstd contexts), made at its first HDE frame.
+    hde_dec: Option<crate::hde::Decoder>,
 }
 
 const T_RECV: u64 = 0;
@@ -468,6 +474,7 @@ impl RxShard {
                     replies: Vec::new(),
                     close_after_send: false,
                     in_flight: 0,
+                    hde_dec: None,
                 });
             }
             ToShard::Ack { key, offset } => {
@@ -639,7 +646,7 @@ impl RxShard {
                     return self.fail(key, ErrorCode::Protocol, &format!("chunk of {} bytes exceeds this receiver's limit", h.len));
                 }
                 // An HDE frame's length is not the span it covers: only its start must be inside.
-                let span = if matches!(s.sess.out, Out::Hde) { 1 } else { u64::from(h.len) };
+                let span = if matches!(s.sess.out, Out::Hde(_)) { 1 } else { u64::from(h.len) };
                 if h.kind == FrameType::Chunk
                     && let Some(size) = s.sess.size
                     && h.offset.checked_add(span).is_none_or(|end| end > size)
@@ -693,9 +700,28 @@ impl RxShard {
                             let _ = self.coord.send(ToCoord::Deliver { session: s.sess.id, offset: h.offset, data, sum: h.checksum, from });
                             self.ring.free(buf);
                         }
-                        Out::Hde => {
-                            let frame = plain.to_vec();
-                            let _ = self.coord.send(ToCoord::Hde { session: s.sess.id, offset: h.offset, frame, sum: h.checksum, from });
+                        Out::Hde(img) => {
+                            // Decoded here, from the receive buffer, into the shared output:
+                            // the session's chunks decode on every shard at once.
+                            let dec = match &mut s.hde_dec {
+                                Some(d) => d,
+                                None => match crate::hde::Decoder::new(None) {
+                                    Ok(d) => s.hde_dec.insert(d),
+                                    Err(e) => {
+                                        self.ring.free(buf);
+                                        return self.fail(key, ErrorCode::Internal, &format!("HDE decoder: {e}"));
+                                    }
+                                },
+                            };
+                            let msg = match img.decode(dec, h.offset, plain) {
+                                Ok(Some(done)) => ToCoord::HdeDone { session: s.sess.id, offset: h.offset, done, sum: h.checksum, from },
+                                Ok(None) => ToCoord::HdeAgain { session: s.sess.id, offset: h.offset, from },
+                                Err(why) => {
+                                    self.ring.free(buf);
+                                    return self.fail(key, ErrorCode::Protocol, &why);
+                                }
+                            };
+                            let _ = self.coord.send(msg);
                             self.ring.free(buf);
                         }
                     },
@@ -782,24 +808,108 @@ struct RxSession {
 /// Bytes of standard-output chunks held ahead of a gap and acknowledged early.
 const REORDER_CAP: usize = 64 << 20;
 
-struct HdeRx {
-    file: File,
-    map: memmap2::MmapMut,
+/// An HDE session's output as the shards decode into it.
+#[derive(Debug)]
+struct HdeImage {
+    /// The mapped output: each chunk is claimed by the shard that decodes it.
+    image: crate::sys::image::SharedImage,
     /// A delta round's starting image: the previous round's published file, which stays as it
     /// was until this round is published. References and deltas are against it, so frames
     /// decode right in any order although they overwrite pages others refer to.
     base: Option<memmap2::Mmap>,
     /// The file was created for this session (preallocated, all zeros): zero pages need no write.
     fresh: bool,
-    dec: crate::hde::Decoder,
     chunk: u32,
+}
+
+/// What decoding one chunk's frame did.
+#[derive(Debug)]
+struct HdeDone {
+    span: u32,
+    applied: u64,
+    deferred: Vec<crate::hde::Deferred>,
+    rejected: Vec<(u64, &'static str)>,
+}
+
+impl HdeImage {
+    /// Decodes the frame of the chunk at `offset` into the output: `None` if that chunk was
+    /// claimed before (it arrived again); `Err` for a frame that is not at a chunk's start.
+    fn decode(&self, dec: &mut crate::hde::Decoder, offset: u64, frame: &[u8]) -> Result<Option<HdeDone>, String> {
+        let chunk = u64::from(self.chunk);
+        if !offset.is_multiple_of(chunk) {
+            return Err(format!("HDE frame at offset {offset} is not at the start of a {chunk}-byte chunk"));
+        }
+        let Some(claim) = self.image.claim(offset / chunk) else { return Ok(None) };
+        let span = chunk.min((self.image.len() as u64).saturating_sub(offset)) as u32;
+        let first = offset / crate::hde::PAGE as u64;
+        let mut store = ClaimStore { claim, base: self.base.as_deref(), fresh: self.fresh };
+        Ok(Some(match dec.decode(frame, &mut store) {
+            Ok(r) => HdeDone { span, applied: r.applied, deferred: r.deferred, rejected: r.rejected },
+            Err(e) => HdeDone { span, applied: 0, deferred: Vec::new(), rejected: vec![(first, frame_error(&e))] },
+        }))
+    }
+}
+
+/// Why a whole HDE frame was refused, for the commit's error.
+fn frame_error(e: &crate::hde::HdeError) -> &'static str {
+    match e {
+        crate::hde::HdeError::BadMagic => "not an HDE frame",
+        crate::hde::HdeError::Corrupt => "HDE frame's page list does not match its checksum",
+        crate::hde::HdeError::TooManyRefs { .. } => "HDE frame lists more reference pages than an encoder does",
+        crate::hde::HdeError::TooManyPages { .. } => "HDE frame holds more pages than a frame does",
+        crate::hde::HdeError::Truncated { .. } => "truncated HDE frame",
+    }
+}
+
+/// The coordinator's part of an HDE session.
+struct HdeRx {
+    img: Arc<HdeImage>,
+    file: File,
+    /// For the duplicates retried at commit.
+    dec: crate::hde::Decoder,
     deferred: Vec<crate::hde::Deferred>,
     rejected: Vec<(u64, &'static str)>,
     pages: u64,
+    /// Streams a chunk arrived on again while its first arrival was decoding: acknowledged
+    /// once that is placed.
+    waiting: BTreeMap<u64, Vec<StreamAddr>>,
 }
 
-/// The mapped output as the decoder's page store, with a delta round's starting image, and
-/// whether the output was created for this session (all zeros).
+/// A shard's view of the output while it decodes one chunk: that chunk's pages to write, the
+/// pages others published (or the round's starting image) to read.
+struct ClaimStore<'a> {
+    claim: crate::sys::image::Claim<'a>,
+    base: Option<&'a [u8]>,
+    fresh: bool,
+}
+
+impl crate::hde::PageStore for ClaimStore<'_> {
+    fn get(&self, no: u64) -> Option<&[u8]> {
+        // A page nobody wrote in this round yet is as the round began (a delta round's output
+        // starts as a copy of the previous round): a duplicate of a page that does change in
+        // this round then fails its checksum and is retried at commit.
+        self.claim.own(no).or_else(|| self.claim.published(no)).or_else(|| page_of(self.base?, no))
+    }
+    fn base(&self, no: u64) -> Option<&[u8]> {
+        match self.base {
+            Some(b) => page_of(b, no),
+            None => self.claim.own(no).or_else(|| self.claim.published(no)),
+        }
+    }
+    fn put(&mut self, no: u64, page: &[u8]) {
+        // A zero page into a file created for this session is not written: its preallocated,
+        // unwritten extent stays so and is never flushed (half of a guest image's pages, often).
+        let bytes = (!(self.fresh && crate::hde::is_zero(page))).then_some(page);
+        self.claim.put(no, bytes);
+    }
+    fn owns(&self, no: u64) -> bool {
+        self.claim.owns(no)
+    }
+}
+
+/// The whole mapped output as the decoder's page store (at commit, when no shard decodes),
+/// with a delta round's starting image, and whether the output was created for this session
+/// (all zeros).
 struct MapStore<'a>(&'a mut [u8], Option<&'a [u8]>, bool);
 
 /// Page `no` of a mapped image, if the image holds it.
@@ -873,7 +983,8 @@ impl Coordinator {
                 }
             }
             ToCoord::Deliver { session, offset, data, sum, from } => self.deliver(session, offset, data, sum, from),
-            ToCoord::Hde { session, offset, frame, sum, from } => self.hde_frame(session, offset, &frame, sum, from),
+            ToCoord::HdeDone { session, offset, done, sum, from } => self.hde_done(session, offset, done, sum, from),
+            ToCoord::HdeAgain { session, offset, from } => self.hde_again(session, offset, from),
             ToCoord::Commit { session, commit, from } => self.commit(session, commit, from),
             ToCoord::Down { session, why } => {
                 let Some(s) = self.sessions.get_mut(&session) else { return };
@@ -1013,7 +1124,7 @@ impl Coordinator {
                 jf.write_all(&bytes).map_err(|e| storage("writing journal", &jpath, e))?;
                 sess.journal = Some(Journal { file: jf, pending: Vec::new() });
                 if hde {
-                    let map = crate::sys::map_readwrite(&f).map_err(|e| storage("mapping", &part, e))?;
+                    let image = crate::sys::image::SharedImage::new(&f, chunk_size).map_err(|e| storage("mapping", &part, e))?;
                     let dec = crate::hde::Decoder::new(None).map_err(|e| (ErrorCode::Internal, e.to_string()))?;
                     let file = f.try_clone().map_err(|e| storage("opening", &part, e))?;
                     let base = if round {
@@ -1022,9 +1133,12 @@ impl Coordinator {
                     } else {
                         None
                     };
-                    sess.hde = Some(Box::new(HdeRx { file, map, base, fresh, dec, chunk: chunk_size, deferred: Vec::new(), rejected: Vec::new(), pages: 0 }));
+                    let img = Arc::new(HdeImage { image, base, fresh, chunk: chunk_size });
+                    sess.out = Out::Hde(img.clone());
+                    sess.hde = Some(Box::new(HdeRx { img, file, dec, deferred: Vec::new(), rejected: Vec::new(), pages: 0, waiting: BTreeMap::new() }));
+                } else {
+                    sess.out = Out::File(Arc::new(f));
                 }
-                sess.out = if hde { Out::Hde } else { Out::File(Arc::new(f)) };
                 sess.part = Some(part);
                 sess.fin = Some(fin);
                 sess.journal_path = Some(jpath);
@@ -1046,32 +1160,32 @@ impl Coordinator {
         Ok((welcome, r))
     }
 
-    /// Decodes one HDE frame (the chunk at `offset`) into the session's mapped output. Every
-    /// page is checked before it is written; what does not apply fails the session at commit.
-    fn hde_frame(&mut self, session: [u8; 16], offset: u64, frame: &[u8], sum: u64, from: StreamAddr) {
+    /// A shard decoded the chunk at `offset` into the session's output (every page was
+    /// checked before it was written); what did not apply fails the session at commit.
+    fn hde_done(&mut self, session: [u8; 16], offset: u64, done: HdeDone, sum: u64, from: StreamAddr) {
         let Some(s) = self.sessions.get_mut(&session) else { return };
         let Some(h) = s.hde.as_mut() else { return };
-        let span = s.size.map_or(0, |sz| u64::from(h.chunk).min(sz.saturating_sub(offset))) as u32;
-        let first = offset / crate::hde::PAGE as u64;
-        match h.dec.decode(frame, &mut MapStore(&mut h.map, h.base.as_deref(), h.fresh)) {
-            Ok(r) => {
-                h.pages += r.applied;
-                h.deferred.extend(r.deferred);
-                h.rejected.extend(r.rejected);
-            }
-            Err(e) => h.rejected.push((
-                first,
-                match e {
-                    crate::hde::HdeError::BadMagic => "not an HDE frame",
-                    crate::hde::HdeError::Corrupt => "HDE frame's page list does not match its checksum",
-                    crate::hde::HdeError::TooManyRefs { .. } => "HDE frame lists more reference pages than an encoder does",
-                    crate::hde::HdeError::TooManyPages { .. } => "HDE frame holds more pages than a frame does",
-                    crate::hde::HdeError::Truncated { .. } => "truncated HDE frame",
-                },
-            )),
+        h.pages += done.applied;
+        h.deferred.extend(done.deferred);
+        h.rejected.extend(done.rejected);
+        let waiting = h.waiting.remove(&offset).unwrap_or_default();
+        s.place(offset, done.span, sum);
+        for to in std::iter::once(from).chain(waiting) {
+            let _ = self.shards[to.0].send(ToShard::Ack { key: to.1, offset });
         }
-        s.place(offset, span, sum);
-        let _ = self.shards[from.0].send(ToShard::Ack { key: from.1, offset });
+    }
+
+    /// The chunk at `offset` arrived again: acknowledged now if its first arrival is placed,
+    /// else once it is.
+    fn hde_again(&mut self, session: [u8; 16], offset: u64, from: StreamAddr) {
+        let Some(s) = self.sessions.get_mut(&session) else { return };
+        let Some(h) = s.hde.as_mut() else { return };
+        debug!(session = %hex(&session), offset, "HDE chunk arrived again; decoded from its first arrival");
+        if s.records.contains_key(&offset) {
+            let _ = self.shards[from.0].send(ToShard::Ack { key: from.1, offset });
+        } else {
+            h.waiting.entry(offset).or_default().push(from);
+        }
     }
 
     fn deliver(&mut self, session: [u8; 16], offset: u64, data: Vec<u8>, sum: u64, from: StreamAddr) {
@@ -1217,9 +1331,20 @@ impl RxSession {
             let r = dec.finish().map_err(|e| (ErrorCode::DigestMismatch, e.to_string()))?;
             info!(name = %self.name, qemu_bytes = r.output, pages = r.pages, fallback = ?r.fallback, "page-aware stream rebuilt and verified");
         }
+        let mut m = ManifestDigest::default();
+        for (&o, &(l, s)) in &self.records {
+            m.add(o, l, s);
+        }
+        // Complete means every chunk was placed, and an HDE chunk is placed once its shard has
+        // decoded it: no shard writes the output any more.
+        let mut digest = m.finish(commit.size).map_err(|e| (ErrorCode::DigestMismatch, format!("commit before the object is complete: {e}")))?;
         if let Some(h) = self.hde.as_mut() {
+            let img = h.img.clone();
+            let Some(mut whole) = img.image.exclusive() else {
+                return Err((ErrorCode::Internal, "HDE chunks are still being decoded at commit".into()));
+            };
             let deferred = std::mem::take(&mut h.deferred);
-            let r = h.dec.retry(&deferred, &mut MapStore(&mut h.map, h.base.as_deref(), h.fresh));
+            let r = h.dec.retry(&deferred, &mut MapStore(whole.bytes(), img.base.as_deref(), img.fresh));
             h.pages += r.applied;
             h.rejected.extend(r.rejected);
             if let Some(&(no, why)) = h.rejected.first() {
@@ -1228,21 +1353,16 @@ impl RxSession {
                     format!("{} HDE pages did not apply (first: page {no}, {why}); output not published. A delta round needs the receiver to hold exactly the previous round", h.rejected.len()),
                 ));
             }
-        }
-        let mut m = ManifestDigest::default();
-        for (&o, &(l, s)) in &self.records {
-            m.add(o, l, s);
-        }
-        let mut digest = m.finish(commit.size).map_err(|e| (ErrorCode::DigestMismatch, format!("commit before the object is complete: {e}")))?;
-        if let Some(h) = &self.hde {
-            let n = (commit.size as usize).min(h.map.len());
-            digest = crate::hde::session_digest(digest, &mut |x| x.update(&h.map[..n]));
+            let bytes = whole.bytes();
+            let n = (commit.size as usize).min(bytes.len());
+            digest = crate::hde::session_digest(digest, &mut |x| x.update(&bytes[..n]));
             if digest != commit.digest {
                 return Err((
                     ErrorCode::DigestMismatch,
                     "the decoded image differs from the sender's (a delta round against a previous image the receiver does not hold, or a dirty log that missed changed pages?): output not published".into(),
                 ));
             }
+            whole.flush().map_err(|e| (ErrorCode::Storage, format!("flushing the decoded pages: {e}")))?;
         }
         if digest != commit.digest {
             if let Some(j) = &self.journal_path {
@@ -1250,14 +1370,9 @@ impl RxSession {
             }
             return Err((ErrorCode::DigestMismatch, "the whole-object digest does not match: output not published".into()));
         }
-        if let Some(h) = &self.hde
-            && let Err(e) = h.map.flush()
-        {
-            return Err((ErrorCode::Storage, format!("flushing the decoded pages: {e}")));
-        }
         let file = match (&self.out, &self.hde) {
             (Out::File(f), _) => Some(&**f),
-            (Out::Hde, Some(h)) => Some(&h.file),
+            (Out::Hde(_), Some(h)) => Some(&h.file),
             _ => None,
         };
         if let (Some(f), Some(part), Some(fin)) = (file, &self.part, &self.fin) {

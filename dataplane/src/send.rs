@@ -316,6 +316,12 @@ struct Chunk {
     offset: u64,
     len: u32,
     data: Option<Arc<[u8]>>,
+    /// HDE: the frame the chunk was encoded to, kept until it is acknowledged. A chunk sent
+    /// again after its stream dropped goes as the same frame: encoding it anew would describe
+    /// its pages against what the encoder believes the receiver holds, which counts the lost
+    /// frame as delivered (duplicates of pages only it carried), and would checksum differently
+    /// from the copy the receiver may already have placed.
+    frame: Option<Arc<[u8]>>,
 }
 
 /// State shared by the shards of one send. Counters and lock-free queues only.
@@ -349,7 +355,7 @@ impl Shared {
             return rx.try_recv().ok();
         }
         let i = self.cursor.fetch_add(1, Relaxed);
-        self.plan.get(i).map(|&(offset, len)| Chunk { offset, len, data: None })
+        self.plan.get(i).map(|&(offset, len)| Chunk { offset, len, data: None, frame: None })
     }
 }
 
@@ -518,7 +524,7 @@ impl Shard<'_> {
         if s.sending || s.unacked.len() >= self.window || self.parked(i) {
             return;
         }
-        let Some(chunk) = self.stash.take().or_else(|| self.shared.next_chunk()) else { return };
+        let Some(mut chunk) = self.stash.take().or_else(|| self.shared.next_chunk()) else { return };
         let tag = (i as u64) << 1 | TAG_SEND;
         let len = chunk.len as usize;
         let s = &mut self.streams[i];
@@ -545,13 +551,17 @@ impl Shard<'_> {
                 self.stash = Some(chunk);
                 return;
             };
-            // HDE: the chunk's pages become one frame, which is the payload.
-            let frame = match &mut self.hde {
-                Some(h) => {
+            // HDE: the chunk's pages become one frame, which is the payload (a chunk sent again
+            // goes as the frame it was encoded to).
+            let frame = match (&mut self.hde, &chunk.frame) {
+                (Some(_), Some(f)) => Some(f.clone()),
+                (Some(h), None) => {
                     h.adapt(self.shared.sent_bytes.load(Relaxed), self.shared.progress.predicted_bps.load(Relaxed) as f64);
-                    Some(h.encode(self.source, chunk.offset, chunk.len))
+                    let f: Arc<[u8]> = Arc::from(h.encode(self.source, chunk.offset, chunk.len));
+                    chunk.frame = Some(f.clone());
+                    Some(f)
                 }
-                None => None,
+                (None, _) => None,
             };
             let buf = self.ring.buf_mut(id);
             let plen = match (&frame, &chunk.data) {
@@ -1325,7 +1335,7 @@ fn read_stdin(tx: crossbeam_channel::Sender<Chunk>, chunk: usize, shared: &Share
         let rest = pending.split_off(take);
         let buf = std::mem::replace(&mut pending, rest);
         let filled = buf.len();
-        let c = Chunk { offset, len: filled as u32, data: Some(Arc::from(buf)) };
+        let c = Chunk { offset, len: filled as u32, data: Some(Arc::from(buf)), frame: None };
         offset += filled as u64;
         n += 1;
         shared.progress.total.fetch_add(filled as u64, Relaxed);

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use memmap2::Mmap;
 
+pub mod image;
+
 /// Maps a file read-only.
 ///
 /// A file truncated by another process while mapped would fault on access; dwcp maps only the
@@ -128,14 +130,6 @@ pub fn peer_closed(fd: std::os::fd::RawFd) -> bool {
         return true;
     }
     n < 0 && !matches!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EAGAIN | libc::EINTR))
-}
-
-/// Maps a file read-write and shared: the receiver decodes HDE pages straight into its output.
-/// The file is the receiver's own `.part` file, which nothing else truncates while mapped.
-pub fn map_readwrite(f: &File) -> std::io::Result<memmap2::MmapMut> {
-    // SAFETY: the receiver created (or copied) this file under a name only it writes, keeps it
-    // at its full size while mapped, and unmaps before renaming it.
-    unsafe { memmap2::MmapMut::map_mut(f) }
 }
 
 /// Caps the socket's pacing rate (`SO_MAX_PACING_RATE`, bytes per second; `u64::MAX` lifts the

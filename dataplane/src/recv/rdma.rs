@@ -217,7 +217,7 @@ fn place(slot: u32, qi: usize, nqps: usize, region: &Mr, ss: usize, sess: &Sessi
     match &sess.out {
         Out::File(f) => f.write_all_at(payload, h.offset).map_err(|e| (ErrorCode::Storage, format!("writing at offset {}: {e}", h.offset)))?,
         Out::Discard => {}
-        Out::Stdout | Out::Hde => return Err((ErrorCode::Refused, "RDMA is not granted to a stdout sink or an HDE session".into())),
+        Out::Stdout | Out::Hde(_) => return Err((ErrorCode::Refused, "RDMA is not granted to a stdout sink or an HDE session".into())),
     }
     Ok((h.offset, h.len, h.checksum))
 }
