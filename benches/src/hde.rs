@@ -338,6 +338,7 @@ fn main() {
     let mut corpus = root.join("target/corpus");
     let mut images = vec!["fileserver".to_string(), "database".to_string()];
     let mut e2e_image = Some("fileserver".to_string());
+    let full = (images.clone(), e2e_image.clone());
     let mut it = args.iter();
     while let Some(k) = it.next() {
         match (k.as_str(), it.next()) {
@@ -458,6 +459,7 @@ fn main() {
 
     // End to end last: its receiver leaves gigabytes for the kernel to write back, which would
     // slow whatever ran next on this two-core host.
+    let partial = (&images, &e2e_image) != (&full.0, &full.1);
     let e2e_fig = e2e_image.map(|im| e2e(&root, &corpus.join(&im), &im));
 
     println!("{:<11} {:>2} {:<22} {:>7} {:>10} {:>10} {:>8}  notes", "image", "rd", "codec", "ratio", "enc MB/s", "dec MB/s", "RSS MB");
@@ -533,7 +535,12 @@ fn main() {
     });
     let line = j.to_string();
     std::fs::create_dir_all(root.join("target/bench")).expect("target/bench");
-    std::fs::write(root.join("target/bench/hde.json"), &line).expect("hde.json");
+    // A run narrowed by --images or --e2e leaves the last full run's figures where they are.
+    let name = if partial { "hde-partial.json" } else { "hde.json" };
+    if name != "hde.json" {
+        println!("a partial run: its figures go to target/bench/{name} (hde.json keeps the last full run's)");
+    }
+    std::fs::write(root.join("target/bench").join(name), &line).expect("bench json");
     println!("{line}");
 }
 
