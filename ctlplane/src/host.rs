@@ -80,7 +80,7 @@ pub fn detect() -> HostCaps {
         io_uring_ops,
         io_uring_error,
         send_zc,
-        bpf_denied: ebpf::sys::probe_bpf().err(),
+        bpf_denied: ebpf::sys::probe_bpf().err().map(|e| e.to_string()),
         rdma_devices: rdma_devices(Path::new("/sys/class/infiniband")),
     }
 }

@@ -60,7 +60,7 @@ impl InitialWindow {
         use libbpf_rs::skel::{OpenSkel, SkelBuilder};
         use std::os::fd::AsRawFd;
         let load_err = crate::probes::load_err;
-        sys::probe_bpf().map_err(ProbeError::Permission)?;
+        sys::probe_bpf()?;
         let cgroup = sys::own_cgroup_v2().map_err(ProbeError::Load)?;
         // As in `Probes::load`: the skeleton borrows its object's storage for its whole life.
         let storage: &'static mut std::mem::MaybeUninit<libbpf_rs::OpenObject> = Box::leak(Box::new(std::mem::MaybeUninit::uninit()));

@@ -48,7 +48,7 @@ pub(crate) fn map_err(map: &'static str) -> impl Fn(libbpf_rs::Error) -> ProbeEr
 impl Probes {
     /// Loads and attaches the programs. Needs CAP_BPF and CAP_PERFMON (root).
     pub fn load() -> Result<Self, ProbeError> {
-        sys::probe_bpf().map_err(ProbeError::Permission)?;
+        sys::probe_bpf()?;
         // The skeleton borrows its object's storage for as long as it lives: one pointer-sized
         // box per load, leaked on purpose (the object itself is freed when the skeleton drops).
         let storage: &'static mut MaybeUninit<libbpf_rs::OpenObject> = Box::leak(Box::new(MaybeUninit::uninit()));

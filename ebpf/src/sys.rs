@@ -6,7 +6,7 @@ use crate::{Event, SocketStats};
 
 /// Checks that this process may use BPF, by creating (and closing) a one-entry array map.
 /// Returns why not when it may not.
-pub fn probe_bpf() -> Result<(), String> {
+pub fn probe_bpf() -> Result<(), crate::ProbeError> {
     // bpf_attr for BPF_MAP_CREATE: map_type, key_size, value_size, max_entries (u32 each), the
     // rest zero. 128 bytes covers every field the kernel reads for this command.
     let mut attr = [0u32; 32];
@@ -18,10 +18,11 @@ pub fn probe_bpf() -> Result<(), String> {
     let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, attr.as_mut_ptr(), std::mem::size_of_val(&attr)) };
     if fd < 0 {
         let e = std::io::Error::last_os_error();
+        // Only a refusal is about permission; its error adds what to do about it.
         return Err(match e.raw_os_error() {
-            Some(libc::EPERM) => "BPF not permitted (needs CAP_BPF or root)".into(),
-            Some(libc::ENOSYS) => "this kernel has no BPF system call".into(),
-            _ => format!("BPF map creation failed: {e}"),
+            Some(libc::EPERM | libc::EACCES) => crate::ProbeError::Permission("BPF not permitted".into()),
+            Some(libc::ENOSYS) => crate::ProbeError::Load("this kernel has no BPF system call".into()),
+            _ => crate::ProbeError::Load(format!("BPF map creation failed: {e}")),
         });
     }
     // SAFETY: `fd` is the map descriptor just created and owned by us.

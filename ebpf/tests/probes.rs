@@ -88,6 +88,8 @@ fn refused_bpf_degrades_to_polling() {
     assert_eq!(m.backend(), "tcp_info");
     let why = m.degraded().unwrap().to_string();
     assert!(why.contains("not permitted") && why.contains("polling TCP_INFO"), "{why}");
+    // What to do is said once.
+    assert_eq!(why.matches('(').count(), 1, "{why}");
     eprintln!("degraded: {why}");
     let (mut c, s) = pair();
     let _s = pump(&mut c, s, 4 << 20);
