@@ -889,9 +889,17 @@ pub fn level_name(level: Option<i32>) -> String {
 /// `--compress auto`'s state, I/O-free (the caller gives its clock, in seconds, and what it
 /// measured): each level's estimate, corrected by what the level in use achieves, and the choice
 /// of level every 250 ms for the link as it is seen.
+///
+/// How compressible the data is applies to every level alike: one learned factor scales each
+/// level's default **saving** (`1 - 1/ratio`), so the gaps between levels stay as measured on
+/// the corpus whatever the data, and incompressible data (factor near 0) brings every level's
+/// ratio to 1. (Scaling the ratios instead lost the gaps: once incompressible data had pressed
+/// them all to 1, data that compressed again looked alike at levels 1 and 3, and level 1 stayed.)
 #[derive(Debug, Clone)]
 pub struct Effort {
     est: Vec<LevelEstimate>,
+    /// Learned compressibility: the measured saving over the level's default saving (EWMA).
+    factor: f64,
     level: Option<i32>,
     /// The probe's figure of the path (bit/s), until PBA has a prediction.
     probe_bps: f64,
@@ -910,7 +918,7 @@ impl Effort {
     /// (`probe_bps`, NaN if none: 1 Gbit/s is assumed) on `cores` encoding cores.
     pub fn new(probe_bps: f64, cores: usize) -> Self {
         let probe_bps = if probe_bps.is_finite() && probe_bps > 0.0 { probe_bps } else { 1e9 };
-        Self { est: DEFAULT_ESTIMATES.to_vec(), level: choose_level(probe_bps, cores, &DEFAULT_ESTIMATES), probe_bps, cores, last: None, explored: 0.0 }
+        Self { est: DEFAULT_ESTIMATES.to_vec(), factor: 1.0, level: choose_level(probe_bps, cores, &DEFAULT_ESTIMATES), probe_bps, cores, last: None, explored: 0.0 }
     }
 
     /// The level in use.
@@ -919,25 +927,26 @@ impl Effort {
     }
 
     /// What the level in use did: `zstd_bytes` of the pages zstd works on (and whatever else
-    /// went with them) became `out_bytes` in `secs`. Its estimate moves (EWMA); how compressible
-    /// the data is applies to every zstd level, so the others' ratios move by the same factor
-    /// (incompressible data then stops paying for zstd everywhere).
+    /// went with them) became `out_bytes` in `secs`. Its speed moves (EWMA); under zstd, so does
+    /// the compressibility factor, and with it every zstd level's ratio (see [`Effort`]).
     pub fn observe(&mut self, zstd_bytes: u64, out_bytes: u64, secs: f64) {
         let Some(cur) = self.est.iter().position(|e| e.level == self.level) else { return };
         if zstd_bytes == 0 || secs <= 0.0 {
             return;
         }
         let measured = zstd_bytes as f64 / out_bytes.max(1) as f64;
-        let factor = (measured / self.est[cur].ratio).clamp(0.25, 4.0);
-        for (k, e) in self.est.iter_mut().enumerate() {
+        let saving = |ratio: f64| 1.0 - 1.0 / ratio.max(1.0);
+        match self.level {
             // No zstd compresses nothing, however compressible the data: only its own
             // measurement moves it.
-            let target = match (k == cur, e.level) {
-                (true, _) => measured,
-                (false, None) => continue,
-                (false, Some(_)) => (e.ratio * factor).max(1.0),
-            };
-            e.ratio = 0.8 * e.ratio + 0.2 * target;
+            None => self.est[cur].ratio = 0.8 * self.est[cur].ratio + 0.2 * measured,
+            Some(_) => {
+                let seen = saving(measured) / saving(DEFAULT_ESTIMATES[cur].ratio);
+                self.factor = 0.8 * self.factor + 0.2 * seen.clamp(0.0, 4.0);
+                for (e, d) in self.est.iter_mut().zip(&DEFAULT_ESTIMATES).filter(|(e, _)| e.level.is_some()) {
+                    e.ratio = 1.0 / (1.0 - (self.factor * saving(d.ratio)).min(0.99));
+                }
+            }
         }
         let e = &mut self.est[cur];
         e.bytes_per_s = 0.8 * e.bytes_per_s + 0.2 * (zstd_bytes as f64 / secs);
@@ -1620,6 +1629,18 @@ mod tests {
             }
         }
         assert!(looked >= 1 && eff.level().is_some(), "{eff:?}");
+        // The gaps between levels survive the incompressible stretch: text at 200 Mbit/s on one
+        // core settles at level 3 (the link-bound rate at 4-5x beats level 1's), not level 1.
+        for _ in 0..40 {
+            t += 0.3;
+            // Each level at its default speed.
+            let speed = DEFAULT_ESTIMATES.iter().find(|e| e.level == eff.level()).unwrap().bytes_per_s;
+            eff.observe(4 << 20, 1 << 20, f64::from(4 << 20) / speed);
+            if let Some(l) = eff.choose(t, (t * 25e6) as u64, 200e6) {
+                eff.set(l);
+            }
+        }
+        assert_eq!(eff.level(), Some(3), "{eff:?}");
         // And a fast link with compressible data keeps little effort: level 1 or none.
         let mut eff = Effort::new(10e9, 1);
         assert!(matches!(eff.level(), None | Some(1)), "{eff:?}");
