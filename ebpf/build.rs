@@ -29,10 +29,7 @@ fn build(out: &std::path::Path) -> Result<(), String> {
     if !std::path::Path::new(btf).exists() {
         return Err(format!("{btf} is missing: the kernel has no BTF"));
     }
-    let dump = Command::new("bpftool")
-        .args(["btf", "dump", "file", btf, "format", "c"])
-        .output()
-        .map_err(|e| format!("bpftool: {e} (Debian package bpftool)"))?;
+    let dump = Command::new("bpftool").args(["btf", "dump", "file", btf, "format", "c"]).output().map_err(|e| format!("bpftool: {e} (Debian package bpftool)"))?;
     if !dump.status.success() {
         return Err(format!("bpftool btf dump failed: {}", String::from_utf8_lossy(&dump.stderr).trim()));
     }

@@ -399,7 +399,16 @@ fn main() {
             let hit_rate = hits / (hits + f("r2", "cache_misses"));
             // Its round 1 is hde-3's.
             if !huge {
-                rows.push(Row { image: name.clone(), round: 1, codec: label.into(), ratio: f("r1", "input") / f("r1", "output"), enc_mbps: mb(f("r1", "input"), f("r1", "encode_s")), dec_mbps: mb(f("r1", "input"), d1), rss_mb, note: w["r1"]["kinds"].to_string() });
+                rows.push(Row {
+                    image: name.clone(),
+                    round: 1,
+                    codec: label.into(),
+                    ratio: f("r1", "input") / f("r1", "output"),
+                    enc_mbps: mb(f("r1", "input"), f("r1", "encode_s")),
+                    dec_mbps: mb(f("r1", "input"), d1),
+                    rss_mb,
+                    note: w["r1"]["kinds"].to_string(),
+                });
             }
             let note = if huge {
                 let r2_4k = fig["hde-3"]["worker"]["r2"]["output"].as_f64().unwrap_or(f64::NAN);
@@ -428,7 +437,16 @@ fn main() {
             let (secs, rss) = tool_to(&a, &zfile);
             let out = std::fs::metadata(&zfile).expect("zst").len() as f64;
             let (_, dsecs, _) = tool(&["zstd", "-d", "-q", "-c", "--long=27", zfile.to_str().expect("utf8")], None);
-            rows.push(Row { image: name.clone(), round: 1, codec: label.into(), ratio: size as f64 / out, enc_mbps: mb(size as f64, secs), dec_mbps: mb(size as f64, dsecs), rss_mb: rss as f64 / 1024.0, note: String::new() });
+            rows.push(Row {
+                image: name.clone(),
+                round: 1,
+                codec: label.into(),
+                ratio: size as f64 / out,
+                enc_mbps: mb(size as f64, secs),
+                dec_mbps: mb(size as f64, dsecs),
+                rss_mb: rss as f64 / 1024.0,
+                note: String::new(),
+            });
             fig.insert(label.to_string(), json!({"ratio": size as f64 / out, "encode_s": secs, "decode_s": dsecs, "max_rss_kb": rss}));
         }
         // Round 2 peers: zstd -3 of the dirty pages, xdelta3 of image b against image a.
@@ -443,13 +461,31 @@ fn main() {
             }
         }
         let (zn, zs, zrss) = tool(&["zstd", "-T1", "-3", "-q", "-c", plain.to_str().expect("utf8")], None);
-        rows.push(Row { image: name.clone(), round: 2, codec: "zstd -3 (dirty pages)".into(), ratio: dirty_bytes / zn as f64, enc_mbps: mb(dirty_bytes, zs), dec_mbps: f64::NAN, rss_mb: zrss as f64 / 1024.0, note: String::new() });
+        rows.push(Row {
+            image: name.clone(),
+            round: 2,
+            codec: "zstd -3 (dirty pages)".into(),
+            ratio: dirty_bytes / zn as f64,
+            enc_mbps: mb(dirty_bytes, zs),
+            dec_mbps: f64::NAN,
+            rss_mb: zrss as f64 / 1024.0,
+            note: String::new(),
+        });
         fig.insert("zstd -3 dirty".into(), json!({"ratio": dirty_bytes / zn as f64, "encode_s": zs, "max_rss_kb": zrss}));
         let vc = work.join(format!("{name}.vcdiff"));
         let (xs, xrss) = tool_to(&["xdelta3", "-e", "-c", "-B", "1073741824", "-s", a_path.to_str().expect("utf8"), b_path.to_str().expect("utf8")], &vc);
         let xout = std::fs::metadata(&vc).expect("vcdiff").len() as f64;
         let (_, xds, _) = tool(&["xdelta3", "-d", "-c", "-B", "1073741824", "-s", a_path.to_str().expect("utf8"), vc.to_str().expect("utf8")], None);
-        rows.push(Row { image: name.clone(), round: 2, codec: "xdelta3 -B 1GiB".into(), ratio: dirty_bytes / xout, enc_mbps: mb(dirty_bytes, xs), dec_mbps: mb(dirty_bytes, xds), rss_mb: xrss as f64 / 1024.0, note: "reads both whole images".into() });
+        rows.push(Row {
+            image: name.clone(),
+            round: 2,
+            codec: "xdelta3 -B 1GiB".into(),
+            ratio: dirty_bytes / xout,
+            enc_mbps: mb(dirty_bytes, xs),
+            dec_mbps: mb(dirty_bytes, xds),
+            rss_mb: xrss as f64 / 1024.0,
+            note: "reads both whole images".into(),
+        });
         fig.insert("xdelta3".into(), json!({"ratio": dirty_bytes / xout, "encode_s": xs, "decode_s": xds, "max_rss_kb": xrss}));
         let _ = std::fs::remove_file(&plain);
         fig.insert("image_bytes".into(), json!(size));
@@ -494,7 +530,13 @@ fn main() {
     let r2_out = |codec: &str| per_image.values().map(|f| f[codec]["worker"]["r2"]["output"].as_f64().unwrap_or(f64::NAN)).sum::<f64>();
     let huge_vs_4k = r2_out(HUGE) / r2_out("hde-3");
     println!();
-    println!("round 1: HDE-3 ratio {ratio_r1:.2} = {:.2}x zstd -3 (target 1.1x) at {:.2}x its speed (target 2x); HDE-1 {:.2}x at {:.2}x", ratio_r1 / z3, speed_r1 / z3s, h1r / z3, h1s / z3s);
+    println!(
+        "round 1: HDE-3 ratio {ratio_r1:.2} = {:.2}x zstd -3 (target 1.1x) at {:.2}x its speed (target 2x); HDE-1 {:.2}x at {:.2}x",
+        ratio_r1 / z3,
+        speed_r1 / z3s,
+        h1r / z3,
+        h1s / z3s
+    );
     println!("round 2: HDE-3 ratio {ratio_r2:.2} vs xdelta3 {x3:.2} (target >= 1x) at {:.1}x its speed (target 10x); zstd -3 of the dirty pages {zd:.2}", speed_r2 / x3s);
     println!("round 2 dirty-logged by 2 MiB huge page: {huge_vs_4k:.3}x the bytes of the same round logged by 4 KiB page");
     // The seed's figure: everything rounds 1 and 2 move, raw against HDE-3, every image.
@@ -564,7 +606,17 @@ fn e2e(root: &Path, dir: &Path, image: &str) -> Value {
     let addrs = String::from_utf8_lossy(&up.stdout).to_string();
     let rx_addr = format!("{}:7480", addrs.split_whitespace().nth(1).unwrap_or("10.77.0.2"));
     let rx_log = std::fs::File::create(work.join("recv.log")).expect("recv.log");
-    let rx = Proc(in_ns("dwcp-b", &dwcp).args(["recv", "--listen", &rx_addr, "--out"]).arg(work.join("out")).arg("--key-file").arg(&key).stdout(Stdio::null()).stderr(rx_log).spawn().expect("dwcp recv"));
+    let rx = Proc(
+        in_ns("dwcp-b", &dwcp)
+            .args(["recv", "--listen", &rx_addr, "--out"])
+            .arg(work.join("out"))
+            .arg("--key-file")
+            .arg(&key)
+            .stdout(Stdio::null())
+            .stderr(rx_log)
+            .spawn()
+            .expect("dwcp recv"),
+    );
     std::thread::sleep(std::time::Duration::from_millis(500));
     let (a, b) = (dir.join("a.raw"), dir.join("b.raw"));
     let size = std::fs::metadata(&a).unwrap_or_else(|e| die(&format!("{}: {e} (run `make corpus`)", a.display()))).len() as f64;
@@ -588,7 +640,16 @@ fn e2e(root: &Path, dir: &Path, image: &str) -> Value {
         // What the last run left for writeback is not this run's cost.
         let _ = Command::new("sync").status();
         let t = Instant::now();
-        let out = in_ns("dwcp-a", &dwcp).arg("send").arg(file).args(["--name", name, "--to", &rx_addr, "--key-file"]).arg(&key).args(&opts).arg("--json").stderr(Stdio::piped()).output().expect("dwcp send");
+        let out = in_ns("dwcp-a", &dwcp)
+            .arg("send")
+            .arg(file)
+            .args(["--name", name, "--to", &rx_addr, "--key-file"])
+            .arg(&key)
+            .args(&opts)
+            .arg("--json")
+            .stderr(Stdio::piped())
+            .output()
+            .expect("dwcp send");
         let wall = t.elapsed().as_secs_f64();
         if !out.status.success() {
             die(&format!("end to end, {label}: dwcp send failed: {}", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")));

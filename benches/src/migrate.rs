@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use benches::{die, Proc};
+use benches::{Proc, die};
 
 struct Qmp(BufReader<UnixStream>, UnixStream);
 
@@ -163,7 +163,9 @@ impl Env {
         }
         let dwcp = self.root.join("target/release/dwcp");
         let incoming = match method {
-            "dwcp tunnel" | "dwcp pages" => format!("exec:{} recv --listen 10.77.0.2:7471 --out - --once --key-file {} 2>{}", dwcp.display(), self.key.display(), self.dir.join("recv.log").display()),
+            "dwcp tunnel" | "dwcp pages" => {
+                format!("exec:{} recv --listen 10.77.0.2:7471 --out - --once --key-file {} 2>{}", dwcp.display(), self.key.display(), self.dir.join("recv.log").display())
+            }
             "multifd+zstd" => "defer".into(),
             _ => "tcp:10.77.0.2:4444".into(),
         };
@@ -247,7 +249,18 @@ impl Env {
             let _ = std::fs::write(self.dir.join("migrate.json"), &line);
             let j: Value = serde_json::from_str(line.trim()).unwrap_or(Value::Null);
             let ok = j["status"] == "completed" && resumed.is_some();
-            let mut r = figures(method, ok, finished, t0, resumed, downtime(&mut watch, ok), j["total_time_ms"].as_f64(), j["downtime_ms"].as_f64(), &j["rounds"], j["ram_transferred"].as_f64());
+            let mut r = figures(
+                method,
+                ok,
+                finished,
+                t0,
+                resumed,
+                downtime(&mut watch, ok),
+                j["total_time_ms"].as_f64(),
+                j["downtime_ms"].as_f64(),
+                &j["rounds"],
+                j["ram_transferred"].as_f64(),
+            );
             r["wire_mib"] = json!(j["transfer"]["sent_bytes"].as_f64().unwrap_or(0.0) / 1048576.0);
             r["page_aware"] = j["transfer"]["qemu"].clone();
             return r;
@@ -278,7 +291,18 @@ impl Env {
             src.cmd("migrate_cancel", Value::Null);
         }
         let ok = last["status"] == "completed" && resumed.is_some();
-        let mut r = figures(method, ok, done, t0, resumed, downtime(&mut watch, ok), last["total-time"].as_f64(), last["downtime"].as_f64(), &last["ram"]["dirty-sync-count"], last["ram"]["transferred"].as_f64());
+        let mut r = figures(
+            method,
+            ok,
+            done,
+            t0,
+            resumed,
+            downtime(&mut watch, ok),
+            last["total-time"].as_f64(),
+            last["downtime"].as_f64(),
+            &last["ram"]["dirty-sync-count"],
+            last["ram"]["transferred"].as_f64(),
+        );
         r["share_sent"] = json!(last["ram"]["transferred"].as_f64().unwrap_or(0.0) / last["ram"]["total"].as_f64().unwrap_or(f64::NAN));
         r
     }
@@ -300,8 +324,25 @@ fn downtime(watch: &mut (Qmp, Qmp), ok: bool) -> Option<f64> {
 /// from the source's stop to the destination running. QEMU's own figures are kept beside them:
 /// for an `exec:` tunnel QEMU counts only until it has written the stream into the pipe.
 #[allow(clippy::too_many_arguments)]
-fn figures(method: &str, ok: bool, ended: bool, t0: Instant, resumed: Option<Duration>, downtime_ms: Option<f64>, qemu_total_ms: Option<f64>, qemu_down_ms: Option<f64>, rounds: &Value, sent: Option<f64>) -> Value {
-    let status = if ok { "completed" } else if ended { "failed" } else { "not finished" };
+fn figures(
+    method: &str,
+    ok: bool,
+    ended: bool,
+    t0: Instant,
+    resumed: Option<Duration>,
+    downtime_ms: Option<f64>,
+    qemu_total_ms: Option<f64>,
+    qemu_down_ms: Option<f64>,
+    rounds: &Value,
+    sent: Option<f64>,
+) -> Value {
+    let status = if ok {
+        "completed"
+    } else if ended {
+        "failed"
+    } else {
+        "not finished"
+    };
     let time_s = resumed.map_or(t0.elapsed().as_secs_f64(), |d| d.as_secs_f64());
     json!({
         "method": method, "status": status, "time_s": time_s, "downtime_ms": downtime_ms,

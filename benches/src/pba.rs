@@ -54,8 +54,18 @@ fn record(root: &Path, dir: &Path) {
         if !up.status.success() {
             die(&format!("hw-tests/wan up: {}", String::from_utf8_lossy(&up.stderr)));
         }
-        let _servers: Vec<Proc> = (5201..=5204).map(|p| Proc(in_ns("dwcp-b", Path::new("iperf3")).args(["-s", "-p", &p.to_string()]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("iperf3 -s"))).collect();
-        let _rx = Proc(in_ns("dwcp-b", &dwcp).args(["recv", "--listen", "10.77.0.2:7470", "--discard", "--no-encrypt", "--key-file"]).arg(&key).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("dwcp recv"));
+        let _servers: Vec<Proc> = (5201..=5204)
+            .map(|p| Proc(in_ns("dwcp-b", Path::new("iperf3")).args(["-s", "-p", &p.to_string()]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("iperf3 -s")))
+            .collect();
+        let _rx = Proc(
+            in_ns("dwcp-b", &dwcp)
+                .args(["recv", "--listen", "10.77.0.2:7470", "--discard", "--no-encrypt", "--key-file"])
+                .arg(&key)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("dwcp recv"),
+        );
         std::thread::sleep(Duration::from_millis(500));
         let trace = dir.join(format!("pba-{k}.csv"));
         let mut send = in_ns("dwcp-a", &dwcp);
@@ -106,7 +116,11 @@ const SKIP_INTERVALS: usize = 20;
 /// (bit/s).
 fn series(rows: &[TraceRow], per: usize) -> Vec<f64> {
     let first = rows.iter().position(|r| r.goodput_bps > 0.0).unwrap_or(rows.len());
-    rows[(first + SKIP_INTERVALS).min(rows.len())..].chunks(per).filter(|c| c.len() == per).map(|c| c.iter().map(|r| r.goodput_bps * r.dt).sum::<f64>() / c.iter().map(|r| r.dt).sum::<f64>()).collect()
+    rows[(first + SKIP_INTERVALS).min(rows.len())..]
+        .chunks(per)
+        .filter(|c| c.len() == per)
+        .map(|c| c.iter().map(|r| r.goodput_bps * r.dt).sum::<f64>() / c.iter().map(|r| r.dt).sum::<f64>())
+        .collect()
 }
 
 fn main() {

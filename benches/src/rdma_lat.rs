@@ -75,8 +75,5 @@ fn main() {
     let mut t: Vec<f64> = times.split_off(warm);
     t.sort_by(f64::total_cmp);
     let q = |p: f64| t[((t.len() as f64 * p) as usize).min(t.len() - 1)];
-    println!(
-        "{}",
-        serde_json::json!({"device": dev.name, "bytes": len, "iters": t.len(), "min_us": t[0], "p50_us": q(0.5), "p99_us": q(0.99), "p999_us": q(0.999)})
-    );
+    println!("{}", serde_json::json!({"device": dev.name, "bytes": len, "iters": t.len(), "min_us": t[0], "p50_us": q(0.5), "p99_us": q(0.99), "p999_us": q(0.999)}));
 }

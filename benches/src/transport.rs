@@ -86,17 +86,10 @@ fn dwcp_run(key: &Path, port: u16, src: &str, streams: u16, encrypt: bool, sink:
 }
 
 fn iperf3_run(port: u16, streams: u16, size: u64) -> (f64, f64) {
-    let mut server = Command::new("iperf3")
-        .args(["-s", "-1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("iperf3 -s (install it with `make deps`)");
+    let mut server =
+        Command::new("iperf3").args(["-s", "-1", "-p", &port.to_string()]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("iperf3 -s (install it with `make deps`)");
     std::thread::sleep(Duration::from_millis(300));
-    let out = Command::new("iperf3")
-        .args(["-c", "127.0.0.1", "-p", &port.to_string(), "-P", &streams.to_string(), "-n", &size.to_string(), "-J"])
-        .output()
-        .expect("iperf3 -c");
+    let out = Command::new("iperf3").args(["-c", "127.0.0.1", "-p", &port.to_string(), "-P", &streams.to_string(), "-n", &size.to_string(), "-J"]).output().expect("iperf3 -c");
     let _ = server.wait();
     let v: Value = serde_json::from_slice(&out.stdout).expect("iperf3 json");
     let end = &v["end"];

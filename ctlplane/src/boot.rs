@@ -246,7 +246,14 @@ impl Graph {
         }
         // Cycle check (DFS with the current path) and level = longest same-phase dependency chain.
         let mut level = vec![usize::MAX; comps.len()];
-        fn visit(i: usize, comps: &[(Spec, Arc<dyn Component>)], index: &HashMap<String, usize>, level: &mut [usize], path: &mut Vec<usize>, on_path: &mut HashSet<usize>) -> Result<usize, GraphError> {
+        fn visit(
+            i: usize,
+            comps: &[(Spec, Arc<dyn Component>)],
+            index: &HashMap<String, usize>,
+            level: &mut [usize],
+            path: &mut Vec<usize>,
+            on_path: &mut HashSet<usize>,
+        ) -> Result<usize, GraphError> {
             if level[i] != usize::MAX {
                 return Ok(level[i]);
             }
@@ -276,10 +283,7 @@ impl Graph {
         let mut keys: Vec<(Phase, usize)> = comps.iter().enumerate().map(|(i, (s, _))| (s.phase, level[i])).collect();
         keys.sort();
         keys.dedup();
-        let plan = keys
-            .into_iter()
-            .map(|(ph, l)| (ph, l, (0..comps.len()).filter(|&i| comps[i].0.phase == ph && level[i] == l).collect()))
-            .collect();
+        let plan = keys.into_iter().map(|(ph, l)| (ph, l, (0..comps.len()).filter(|&i| comps[i].0.phase == ph && level[i] == l).collect())).collect();
         Ok(Self { comps, plan })
     }
 
@@ -316,9 +320,21 @@ impl Graph {
             }
             let results: Vec<(usize, Result<(), String>, Duration)> = if parallel {
                 let handles: Vec<_> = runnable.iter().map(|&i| (i, spawn_start(self.comps[i].1.clone(), ctx.clone()))).collect();
-                handles.into_iter().map(|(i, rx)| { let (r, d) = wait_start(&self.comps[i].0, rx); (i, r, d) }).collect()
+                handles
+                    .into_iter()
+                    .map(|(i, rx)| {
+                        let (r, d) = wait_start(&self.comps[i].0, rx);
+                        (i, r, d)
+                    })
+                    .collect()
             } else {
-                runnable.iter().map(|&i| { let (r, d) = wait_start(&self.comps[i].0, spawn_start(self.comps[i].1.clone(), ctx.clone())); (i, r, d) }).collect()
+                runnable
+                    .iter()
+                    .map(|&i| {
+                        let (r, d) = wait_start(&self.comps[i].0, spawn_start(self.comps[i].1.clone(), ctx.clone()));
+                        (i, r, d)
+                    })
+                    .collect()
             };
             for (i, r, took) in results {
                 let s = &self.comps[i].0;

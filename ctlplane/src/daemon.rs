@@ -256,8 +256,7 @@ impl Component for RdmaC {
         // The device must open and show a RoCE v2 GID, as a session will need.
         #[cfg(feature = "rdma")]
         {
-            let dev = dataplane::transport::rdma::sys::Device::open(Some(&h.rdma_devices[0]))
-                .map_err(|e| format!("{e}: datacenter transfers use io_uring TCP"))?;
+            let dev = dataplane::transport::rdma::sys::Device::open(Some(&h.rdma_devices[0])).map_err(|e| format!("{e}: datacenter transfers use io_uring TCP"))?;
             tracing::info!(device = %dev.name, mtu = dev.mtu, "RDMA ready: plaintext sessions from peers that ask for it go over verbs");
             Ok(())
         }
@@ -409,7 +408,16 @@ impl Component for PeersC {
         for p in &self.0.config.peers {
             peers.add(&p.name, t, Mode::Internet);
             let defaults = crate::mode::defaults(Mode::Internet, false, 1, None);
-            ps.push(PeerStatus { name: p.name.clone(), addr: p.addr.clone(), mode: "internet".into(), last_rtt_ms: Err("not measured yet".into()), last_probe_gbps: None, last_goodput_gbps: None, defaults, ips: Vec::new() });
+            ps.push(PeerStatus {
+                name: p.name.clone(),
+                addr: p.addr.clone(),
+                mode: "internet".into(),
+                last_rtt_ms: Err("not measured yet".into()),
+                last_probe_gbps: None,
+                last_goodput_gbps: None,
+                defaults,
+                ips: Vec::new(),
+            });
         }
         Ok(())
     }

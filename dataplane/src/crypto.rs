@@ -89,9 +89,7 @@ impl Psk {
 }
 
 fn builder(psk: &Psk) -> snow::Builder<'_> {
-    snow::Builder::new(NOISE_PATTERN.parse().expect("valid noise pattern"))
-        .psk(0, &psk.0)
-        .expect("psk location 0 exists in NNpsk0")
+    snow::Builder::new(NOISE_PATTERN.parse().expect("valid noise pattern")).psk(0, &psk.0).expect("psk location 0 exists in NNpsk0")
 }
 
 /// The two directions' keys of a finished handshake.
@@ -277,11 +275,7 @@ mod tests {
         let (init, m1) = Initiator::start(&psk).unwrap();
         let (m2, rk) = Responder::accept(&psk, &m1).unwrap();
         let ik = init.finish(&m2).unwrap();
-        if encrypt {
-            (FrameCodec::new(0, Some(&ik)), FrameCodec::new(0, Some(&rk)))
-        } else {
-            (FrameCodec::new(0, None), FrameCodec::new(0, None))
-        }
+        if encrypt { (FrameCodec::new(0, Some(&ik)), FrameCodec::new(0, Some(&rk))) } else { (FrameCodec::new(0, None), FrameCodec::new(0, None)) }
     }
 
     #[test]

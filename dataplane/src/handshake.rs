@@ -172,11 +172,7 @@ impl Conn {
 /// Connects, authenticates with `psk`, and returns the stream with the measured handshake RTT.
 pub fn connect(addr: &str, psk: &Psk, encrypt: bool, stream: u16, timeout: Duration) -> Result<(Conn, Duration), HandshakeError> {
     let cerr = |source| HandshakeError::Connect { addr: addr.to_owned(), source };
-    let sa = addr
-        .to_socket_addrs()
-        .map_err(cerr)?
-        .next()
-        .ok_or_else(|| cerr(io::Error::new(io::ErrorKind::NotFound, "address resolves to nothing")))?;
+    let sa = addr.to_socket_addrs().map_err(cerr)?.next().ok_or_else(|| cerr(io::Error::new(io::ErrorKind::NotFound, "address resolves to nothing")))?;
     let mut sock = TcpStream::connect_timeout(&sa, timeout).map_err(cerr)?;
     let _ = sock.set_nodelay(true);
     let _ = sock.set_read_timeout(Some(timeout));
@@ -201,10 +197,7 @@ fn read_noise(sock: &mut TcpStream, during: &'static str, timeout: Duration, hin
     sock.read_exact(&mut l).map_err(io_err(during, timeout, hint))?;
     let n = u16::from_be_bytes(l) as usize;
     if n == 0 || n > MAX_NOISE_MSG {
-        return Err(HandshakeError::Wire {
-            during,
-            source: WireError::Malformed { what: "handshake message", why: format!("length {n}") },
-        });
+        return Err(HandshakeError::Wire { during, source: WireError::Malformed { what: "handshake message", why: format!("length {n}") } });
     }
     let mut m = vec![0u8; n];
     sock.read_exact(&mut m).map_err(io_err(during, timeout, hint))?;

@@ -495,7 +495,13 @@ impl Encoder {
     /// when this frame is decoded (a delta round's starting copy; for a store applying frames
     /// in order, its copy after the frames before), else `None`. A wrong answer writes nothing
     /// wrong: the receiver's checksums refuse the frame's delta pages.
-    pub fn encode_with_refs<'a>(&mut self, pages: &[(u64, &'a [u8])], old: &dyn Fn(u64) -> Option<&'a [u8]>, stable: &dyn Fn(u64) -> Option<&'a [u8]>, stats: &mut EncodeStats) -> Vec<u8> {
+    pub fn encode_with_refs<'a>(
+        &mut self,
+        pages: &[(u64, &'a [u8])],
+        old: &dyn Fn(u64) -> Option<&'a [u8]>,
+        stable: &dyn Fn(u64) -> Option<&'a [u8]>,
+        stats: &mut EncodeStats,
+    ) -> Vec<u8> {
         let mut entries: Vec<Entry<'a>> = Vec::with_capacity(pages.len());
         let mut olds: Vec<Option<&'a [u8]>> = Vec::with_capacity(pages.len());
         for &(no, new) in pages {
@@ -572,11 +578,7 @@ impl Encoder {
             let e = &entries[i];
             put_step(&mut out, &mut prev, e.no);
             // Zero and same pages numbered one after the other: one entry for the run.
-            let run = if e.kind.bare() {
-                entries[i + 1..].iter().zip(&entries[i..]).take_while(|(n, p)| n.kind == e.kind && n.no == p.no.wrapping_add(1)).count()
-            } else {
-                0
-            };
+            let run = if e.kind.bare() { entries[i + 1..].iter().zip(&entries[i..]).take_while(|(n, p)| n.kind == e.kind && n.no == p.no.wrapping_add(1)).count() } else { 0 };
             *stats.pages.entry(e.kind).or_default() += 1 + run as u64;
             if run > 0 {
                 out.push(e.kind as u8 | RUN);

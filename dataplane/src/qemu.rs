@@ -74,7 +74,18 @@ const MAX_RECORD: usize = 8 << 20;
 const BATCH_OPAQUE: usize = 1 << 20;
 
 fn flag_names(f: u64) -> String {
-    let names = [(0x01, "FULL"), (0x02, "ZERO"), (0x04, "MEM_SIZE"), (0x08, "PAGE"), (0x10, "EOS"), (0x20, "CONTINUE"), (0x40, "XBZRLE"), (0x80, "HOOK"), (0x100, "COMPRESS_PAGE"), (0x200, "MULTIFD_FLUSH")];
+    let names = [
+        (0x01, "FULL"),
+        (0x02, "ZERO"),
+        (0x04, "MEM_SIZE"),
+        (0x08, "PAGE"),
+        (0x10, "EOS"),
+        (0x20, "CONTINUE"),
+        (0x40, "XBZRLE"),
+        (0x80, "HOOK"),
+        (0x100, "COMPRESS_PAGE"),
+        (0x200, "MULTIFD_FLUSH"),
+    ];
     let v: Vec<&str> = names.iter().filter(|(b, _)| f & b != 0).map(|(_, n)| *n).collect();
     if v.is_empty() { format!("{f:#x}") } else { format!("{f:#x} ({})", v.join("|")) }
 }

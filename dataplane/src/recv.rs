@@ -68,7 +68,14 @@ pub struct RecvOptions {
 impl RecvOptions {
     /// Defaults.
     pub fn new(listen: impl Into<String>, sink: Sink, psk: Psk) -> Self {
-        Self { listen: listen.into(), sink, psk, allow_plaintext: false, idle_timeout: Duration::from_secs(30), max_chunk: 2 << 20, cores: None,
+        Self {
+            listen: listen.into(),
+            sink,
+            psk,
+            allow_plaintext: false,
+            idle_timeout: Duration::from_secs(30),
+            max_chunk: 2 << 20,
+            cores: None,
             #[cfg(feature = "rdma")]
             rdma: Some(RdmaRecvOptions::default()),
         }
@@ -176,17 +183,52 @@ type Reply<T> = Sender<Result<T, (ErrorCode, String)>>;
 type StreamAddr = (usize, usize);
 
 enum ToCoord {
-    Open { hello: Hello, peer: Option<std::net::IpAddr>, reply: Reply<(Welcome, SessionRef)> },
-    Join { session: [u8; 16], reply: Reply<SessionRef> },
-    Placed { session: [u8; 16], offset: u64, len: u32, sum: u64 },
-    Deliver { session: [u8; 16], offset: u64, data: Vec<u8>, sum: u64, from: StreamAddr },
+    Open {
+        hello: Hello,
+        peer: Option<std::net::IpAddr>,
+        reply: Reply<(Welcome, SessionRef)>,
+    },
+    Join {
+        session: [u8; 16],
+        reply: Reply<SessionRef>,
+    },
+    Placed {
+        session: [u8; 16],
+        offset: u64,
+        len: u32,
+        sum: u64,
+    },
+    Deliver {
+        session: [u8; 16],
+        offset: u64,
+        data: Vec<u8>,
+        sum: u64,
+        from: StreamAddr,
+    },
     /// A shard decoded the HDE frame of the chunk at `offset`.
-    HdeDone { session: [u8; 16], offset: u64, done: HdeDone, sum: u64, from: StreamAddr },
+    HdeDone {
+        session: [u8; 16],
+        offset: u64,
+        done: HdeDone,
+        sum: u64,
+        from: StreamAddr,
+    },
     /// The chunk at `offset` arrived again (sent anew after a stream dropped): it was decoded,
     /// or is being decoded, from its first arrival. Acknowledged once that is placed.
-    HdeAgain { session: [u8; 16], offset: u64, from: StreamAddr },
-    Commit { session: [u8; 16], commit: wire::Commit, from: StreamAddr },
-    Down { session: [u8; 16], why: Option<String> },
+    HdeAgain {
+        session: [u8; 16],
+        offset: u64,
+        from: StreamAddr,
+    },
+    Commit {
+        session: [u8; 16],
+        commit: wire::Commit,
+        from: StreamAddr,
+    },
+    Down {
+        session: [u8; 16],
+        why: Option<String>,
+    },
 }
 
 enum ToShard {
@@ -303,7 +345,15 @@ pub fn start(opts: RecvOptions) -> Result<ReceiverHandle, RecvError> {
 }
 
 /// Handshake, Hello, session lookup, Welcome; then hands the stream to a shard.
-fn admit(sock: TcpStream, opts: &RecvOptions, coord: &Sender<ToCoord>, shards: &[Sender<ToShard>], next: &AtomicUsize, stop: &Arc<AtomicBool>, epoch: Instant) -> Result<(), HandshakeError> {
+fn admit(
+    sock: TcpStream,
+    opts: &RecvOptions,
+    coord: &Sender<ToCoord>,
+    shards: &[Sender<ToShard>],
+    next: &AtomicUsize,
+    stop: &Arc<AtomicBool>,
+    epoch: Instant,
+) -> Result<(), HandshakeError> {
     let _ = (stop, epoch);
     let (mut conn, encrypted) = handshake::accept(sock, &opts.psk, opts.idle_timeout)?;
     let (h, p) = conn.expect(FrameType::Hello, "reading the hello")?;
@@ -493,12 +543,8 @@ impl RxShard {
     fn check_stalls(&mut self) {
         let now = millis(self.epoch);
         let idle = self.idle.as_millis() as u64;
-        let stalled: Vec<usize> = self
-            .streams
-            .iter()
-            .filter(|(_, s)| !matches!(s.state, RxState::Dead) && now.saturating_sub(s.sess.activity.load(Relaxed)) > idle)
-            .map(|(k, _)| k)
-            .collect();
+        let stalled: Vec<usize> =
+            self.streams.iter().filter(|(_, s)| !matches!(s.state, RxState::Dead) && now.saturating_sub(s.sess.activity.load(Relaxed)) > idle).map(|(k, _)| k).collect();
         for k in stalled {
             let msg = format!("stalled: the sender sent nothing for {:.1}s", self.idle.as_secs_f64());
             self.fail(k, ErrorCode::Stalled, &msg);
@@ -1076,7 +1122,12 @@ impl Coordinator {
                 let jpath = dir.join(format!("{name}.dwcp-journal"));
                 let jh = JournalHeader { object_size, object_id, chunk_size };
                 let mut file = None;
-                if resume && let Ok(bytes) = std::fs::read(&jpath) && let Some((h, recs)) = parse_journal(&bytes) && h == jh && let Ok(f) = OpenOptions::new().read(true).write(true).open(&part) {
+                if resume
+                    && let Ok(bytes) = std::fs::read(&jpath)
+                    && let Some((h, recs)) = parse_journal(&bytes)
+                    && h == jh
+                    && let Ok(f) = OpenOptions::new().read(true).write(true).open(&part)
+                {
                     // Trust nothing unverified: each journaled chunk is re-checked against the data.
                     let mut buf = Vec::new();
                     for r in recs {
@@ -1273,7 +1324,12 @@ impl Coordinator {
             }
         }
         let wall = s.started.elapsed();
-        let msg = format!("interrupted: {why}; {} of {} bytes placed{}", s.have.covered(), s.size.map_or("?".into(), |v| v.to_string()), if keep { ", partial output kept for --resume" } else { "" });
+        let msg = format!(
+            "interrupted: {why}; {} of {} bytes placed{}",
+            s.have.covered(),
+            s.size.map_or("?".into(), |v| v.to_string()),
+            if keep { ", partial output kept for --resume" } else { "" }
+        );
         warn!(name = %s.name, "{msg}");
         let _ = self.outcomes.send(SessionOutcome {
             name: s.name.clone(),
@@ -1350,7 +1406,10 @@ impl RxSession {
             if let Some(&(no, why)) = h.rejected.first() {
                 return Err((
                     ErrorCode::DigestMismatch,
-                    format!("{} HDE pages did not apply (first: page {no}, {why}); output not published. A delta round needs the receiver to hold exactly the previous round", h.rejected.len()),
+                    format!(
+                        "{} HDE pages did not apply (first: page {no}, {why}); output not published. A delta round needs the receiver to hold exactly the previous round",
+                        h.rejected.len()
+                    ),
                 ));
             }
             let bytes = whole.bytes();

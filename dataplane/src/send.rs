@@ -5,9 +5,9 @@ use std::collections::VecDeque;
 use std::io::Read;
 use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd};
-use std::sync::{Arc, OnceLock};
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crossbeam_queue::SegQueue;
@@ -24,9 +24,9 @@ use crate::wire::{self, CODEC_RAW, Caps, ErrorCode, FrameHeader, FrameType, Hell
 mod control;
 #[cfg(feature = "rdma")]
 mod rdma;
+pub use control::{ControlOptions, ControlReport, FIRST_WINDOW, TraceRow};
 #[cfg(feature = "rdma")]
 pub use rdma::{RdmaFault, RdmaOptions};
-pub use control::{ControlOptions, ControlReport, FIRST_WINDOW, TraceRow};
 
 /// Zero-copy send policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -777,7 +777,12 @@ impl Joins {
         self.cutoff.store(true, Relaxed);
         // A stream that joins after all is closed at once (`done` goes with `self`).
         if waiting > 0 {
-            warn!(late = waiting, joined = joined.len() + 1, "streams not joined {} ms after they started connecting (a lost packet waits for TCP's retransmission timeout): sending without them", self.started.elapsed().as_millis());
+            warn!(
+                late = waiting,
+                joined = joined.len() + 1,
+                "streams not joined {} ms after they started connecting (a lost packet waits for TCP's retransmission timeout): sending without them",
+                self.started.elapsed().as_millis()
+            );
         }
         joined.sort_by_key(|(i, _)| *i);
         Ok(joined.into_iter().map(|(_, c)| c).collect())
@@ -1001,16 +1006,21 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
     // acknowledged, and on a 50 ms path that held goodput to 0.30 of the copying send's 0.88
     // (make bench-wan's rig, 1 Gbit/s).
     let loopback = conns[0].sock.peer_addr().map(|a| a.ip().is_loopback()).unwrap_or(false);
-    let send_zc = !on_rdma && match opts.zerocopy {
-        ZeroCopy::On => probe_send_zc(),
-        ZeroCopy::Auto => !loopback && rtt < ZC_MAX_RTT && probe_send_zc(),
-        ZeroCopy::Off => false,
-    };
+    let send_zc = !on_rdma
+        && match opts.zerocopy {
+            ZeroCopy::On => probe_send_zc(),
+            ZeroCopy::Auto => !loopback && rtt < ZC_MAX_RTT && probe_send_zc(),
+            ZeroCopy::Off => false,
+        };
     // Path control (TCP only): the streams' congestion control is set before data flows.
     let mut control_socks = if on_rdma {
         None
     } else {
-        let socks = conns.iter().map(|c| c.sock.as_fd().try_clone_to_owned()).collect::<Result<Vec<_>, _>>().map_err(|source| SendError::Io { during: "duplicating a stream socket for the monitor", source })?;
+        let socks = conns
+            .iter()
+            .map(|c| c.sock.as_fd().try_clone_to_owned())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| SendError::Io { during: "duplicating a stream socket for the monitor", source })?;
         let cc_error = control::set_cc(&socks, &opts.control);
         if let Some(b) = opts.notsent_lowat {
             for s in &socks {

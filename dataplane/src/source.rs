@@ -121,8 +121,22 @@ fn wyrand(state: &mut u64) -> u64 {
 }
 
 const WORDS: &[&[u8]] = &[
-    b"the ", b"kernel ", b"page ", b"cache ", b"struct ", b"return ", b"0x0000 ", b"error ", b"{\"id\": ",
-    b"GET /index.html ", b"ssh-rsa ", b"\n", b"libc.so.6 ", b"INFO ", b"migration ", b"    ",
+    b"the ",
+    b"kernel ",
+    b"page ",
+    b"cache ",
+    b"struct ",
+    b"return ",
+    b"0x0000 ",
+    b"error ",
+    b"{\"id\": ",
+    b"GET /index.html ",
+    b"ssh-rsa ",
+    b"\n",
+    b"libc.so.6 ",
+    b"INFO ",
+    b"migration ",
+    b"    ",
 ];
 
 /// 64 KiB of text-like bytes (words from a small vocabulary in random order); a text page of the

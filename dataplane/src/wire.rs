@@ -223,14 +223,7 @@ pub struct FrameHeader {
 impl FrameHeader {
     /// A header for `payload`, computing its checksum.
     pub fn for_payload(kind: FrameType, stream: u16, offset: u64, payload: &[u8]) -> Self {
-        Self {
-            kind,
-            stream,
-            flags: 0,
-            offset,
-            len: payload.len() as u32,
-            checksum: checksum(payload),
-        }
+        Self { kind, stream, flags: 0, offset, len: payload.len() as u32, checksum: checksum(payload) }
     }
 
     /// Encodes to the 32-byte layout in `docs/wire.md`.
@@ -281,12 +274,7 @@ impl FrameHeader {
     pub fn verify(&self, payload: &[u8]) -> Result<(), WireError> {
         let found = checksum(payload);
         if found != self.checksum {
-            return Err(WireError::BadChecksum {
-                stream: self.stream,
-                offset: self.offset,
-                expected: self.checksum,
-                found,
-            });
+            return Err(WireError::BadChecksum { stream: self.stream, offset: self.offset, expected: self.checksum, found });
         }
         Ok(())
     }
@@ -304,11 +292,7 @@ pub fn header_wire_len(encrypted: bool) -> usize {
 
 /// Bytes a payload of `len` occupies on the wire (zero-length payloads carry no tag).
 pub fn payload_wire_len(len: u32, encrypted: bool) -> usize {
-    if len == 0 {
-        0
-    } else {
-        len as usize + if encrypted { TAG_LEN } else { 0 }
-    }
+    if len == 0 { 0 } else { len as usize + if encrypted { TAG_LEN } else { 0 } }
 }
 
 // ---------------------------------------------------------------- control payloads
@@ -465,9 +449,7 @@ impl Hello {
                 };
                 let name_len = b[at + 23] as usize;
                 need(WHAT, b, fixed + name_len)?;
-                let name = std::str::from_utf8(&b[fixed..fixed + name_len])
-                    .map_err(|_| WireError::Malformed { what: WHAT, why: "object name is not UTF-8".into() })?
-                    .to_owned();
+                let name = std::str::from_utf8(&b[fixed..fixed + name_len]).map_err(|_| WireError::Malformed { what: WHAT, why: "object name is not UTF-8".into() })?.to_owned();
                 check_name(&name)?;
                 if chunk_size == 0 || chunk_size > MAX_PAYLOAD {
                     return Err(WireError::Malformed { what: WHAT, why: format!("chunk size {chunk_size}") });

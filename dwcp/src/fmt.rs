@@ -65,9 +65,7 @@ fn gbps(bytes: u64, d: Duration) -> f64 {
 pub fn progress_bar(size: Option<u64>) -> ProgressBar {
     let pb = ProgressBar::with_draw_target(size, indicatif::ProgressDrawTarget::stderr());
     pb.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] [{wide_bar}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}")
-            .expect("template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] [{wide_bar}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}").expect("template").progress_chars("=> "),
     );
     pb
 }
@@ -95,11 +93,15 @@ pub fn send_table(r: &SendReport, extra: &[(&str, String)]) -> String {
     row(&mut s, "on the wire", format!("{} payload and framing", bytes(r.sent)));
     row(&mut s, "re-sent", format!("{} chunks ({} streams lost)", r.resent_chunks, r.streams_lost));
     row(&mut s, "encryption", if r.encrypted { "AES-256-GCM, Noise NNpsk0 keys".into() } else { "off (authenticated only)".into() });
-    row(&mut s, "transport", match (&r.rdma_fallback, r.transport) {
-        (_, "rdma") => "RDMA verbs (WRITE WITH IMMEDIATE into the receiver's region)".into(),
-        (Some(why), _) => format!("io_uring TCP (RDMA not used: {why})"),
-        (None, t) => format!("io_uring {}", t.to_uppercase()),
-    });
+    row(
+        &mut s,
+        "transport",
+        match (&r.rdma_fallback, r.transport) {
+            (_, "rdma") => "RDMA verbs (WRITE WITH IMMEDIATE into the receiver's region)".into(),
+            (Some(why), _) => format!("io_uring TCP (RDMA not used: {why})"),
+            (None, t) => format!("io_uring {}", t.to_uppercase()),
+        },
+    );
     row(&mut s, "zero-copy", if r.send_zc { "IORING_OP_SEND_ZC".into() } else { "off".into() });
     row(&mut s, "cpu", format!("{:.2} s ({:.2} s per GB)", r.cpu.as_secs_f64(), r.cpu.as_secs_f64() / (moved.max(1) as f64 / 1e9)));
     match (&r.hde, &r.hde_fallback) {
@@ -107,7 +109,11 @@ pub fn send_table(r: &SendReport, extra: &[(&str, String)]) -> String {
             let ratio = h.input as f64 / h.output.max(1) as f64;
             let levels: Vec<String> = h.levels.iter().map(|(k, v)| format!("{k} x{v}")).collect();
             let pages: Vec<String> = h.pages.iter().map(|(k, v)| format!("{k} {v}")).collect();
-            row(&mut s, "hde", format!("{} of pages -> {} ({ratio:.2}x), {:.0} MB/s encode; {}", bytes(h.input), bytes(h.output), h.input as f64 / h.encode_s.max(1e-9) / 1e6, levels.join(", ")));
+            row(
+                &mut s,
+                "hde",
+                format!("{} of pages -> {} ({ratio:.2}x), {:.0} MB/s encode; {}", bytes(h.input), bytes(h.output), h.input as f64 / h.encode_s.max(1e-9) / 1e6, levels.join(", ")),
+            );
             row(&mut s, "hde pages", if h.refs > 0 { format!("{}; {} reference pages", pages.join(", "), h.refs) } else { pages.join(", ") });
         }
         (None, Some(why)) => row(&mut s, "hde", format!("off ({why})")),
@@ -116,10 +122,18 @@ pub fn send_table(r: &SendReport, extra: &[(&str, String)]) -> String {
     match &r.qemu {
         Some(QemuOutcome::Encoded(q)) => {
             let ratio = q.input as f64 / q.output.max(1) as f64;
-            row(&mut s, "page-aware", format!("QEMU stream {} -> {} ({ratio:.2}x) in {} batches; {} of device state passed through", bytes(q.input), bytes(q.output), q.batches, bytes(q.passthrough)));
+            row(
+                &mut s,
+                "page-aware",
+                format!("QEMU stream {} -> {} ({ratio:.2}x) in {} batches; {} of device state passed through", bytes(q.input), bytes(q.output), q.batches, bytes(q.passthrough)),
+            );
             let mut kinds: Vec<String> = q.hde.pages.iter().map(|(k, v)| format!("{k:?} {v}")).collect();
             kinds.sort();
-            row(&mut s, "qemu pages", format!("{} with data, {} zero; re-sent {} ({} with an old copy for a delta): {}", q.pages, q.zero_pages, q.resent_pages, q.cache_hits, kinds.join(", ")));
+            row(
+                &mut s,
+                "qemu pages",
+                format!("{} with data, {} zero; re-sent {} ({} with an old copy for a delta): {}", q.pages, q.zero_pages, q.resent_pages, q.cache_hits, kinds.join(", ")),
+            );
             if !q.levels.is_empty() {
                 row(&mut s, "qemu effort", q.levels.iter().map(|(l, n)| format!("{l} {n} batches")).collect::<Vec<_>>().join(", "));
             }
@@ -145,7 +159,17 @@ pub fn send_table(r: &SendReport, extra: &[(&str, String)]) -> String {
         let restarts = if c.bbr_restarts > 0 { format!(" ({} BBR restarts)", c.bbr_restarts) } else { String::new() };
         row(&mut s, "congestion", format!("ACP {}, streams on {cc}{restarts}", c.acp));
         match (&c.initial_window, &c.initial_window_degraded) {
-            (Some(w), _) => row(&mut s, "first window", format!("{} segments ({} bytes asked) on {} streams{}", w.segments, w.bytes, w.applied, if w.refused > 0 { format!(", refused on {}", w.refused) } else { String::new() })),
+            (Some(w), _) => row(
+                &mut s,
+                "first window",
+                format!(
+                    "{} segments ({} bytes asked) on {} streams{}",
+                    w.segments,
+                    w.bytes,
+                    w.applied,
+                    if w.refused > 0 { format!(", refused on {}", w.refused) } else { String::new() }
+                ),
+            ),
             (None, Some(why)) => row(&mut s, "first window", format!("the kernel's ({why})")),
             (None, None) => {}
         }

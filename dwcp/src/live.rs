@@ -77,7 +77,16 @@ fn name(m: Mode) -> &'static str {
 /// Probes the receiver and decides. `forced`: `--mode datacenter|internet` (no live switching);
 /// `streams`: `--streams` (fixed, never parked); `encrypt`: `--encrypt`/`--no-encrypt`.
 #[allow(clippy::too_many_arguments)]
-pub fn plan(to: &str, psk: &dataplane::crypto::Psk, t: Thresholds, forced: Option<Mode>, streams: Option<u16>, encrypt: Option<bool>, cores: usize, rdma_here: bool) -> anyhow::Result<Plan> {
+pub fn plan(
+    to: &str,
+    psk: &dataplane::crypto::Psk,
+    t: Thresholds,
+    forced: Option<Mode>,
+    streams: Option<u16>,
+    encrypt: Option<bool>,
+    cores: usize,
+    rdma_here: bool,
+) -> anyhow::Result<Plan> {
     // Three RTT samples (the key exchange, the Welcome, which also says whether plaintext is
     // allowed, and one ping), up to five more pings while none was within the datacenter
     // threshold (a busy host delays samples by milliseconds), and on a long path (both handshake

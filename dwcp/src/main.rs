@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use dataplane::control::acp::AcpKind;
 use dataplane::crypto::Psk;
 use dataplane::recv::{self, RecvOptions, Sink};
-use dataplane::control::acp::AcpKind;
 use dataplane::send::{self, KillStream, Progress, SendOptions, ZeroCopy};
 use dataplane::source::Source;
 
@@ -312,7 +312,9 @@ fn main() {
         Cmd::Keygen { file, force } => cmd_keygen(&file, force),
         Cmd::Daemon { config, listen, api } => daemon::run(config, listen, api, (cli.verbose > 0).then_some(level)),
         Cmd::Status { api, json } => daemon::status(&api, json),
-        Cmd::Migrate { qmp, to, key_file, name, json, mode, send_flags } => migrate::run(&migrate::MigrateArgs { qmp, to, key_file, name, pages: mode == "pages", send_flags, json }),
+        Cmd::Migrate { qmp, to, key_file, name, json, mode, send_flags } => {
+            migrate::run(&migrate::MigrateArgs { qmp, to, key_file, name, pages: mode == "pages", send_flags, json })
+        }
         Cmd::Config { cmd: ConfigCmd::Check { file } } => daemon::check(&file),
     };
     if let Err(e) = r {
@@ -515,7 +517,9 @@ fn cmd_send(a: SendArgs) -> Result<()> {
     opts.control.initial_window = match a.initial_window.as_str() {
         "auto" => (opts.control.acp != AcpKind::Off).then_some(send::FIRST_WINDOW),
         "off" => None,
-        size => Some(fmt::parse_size(size).ok().and_then(|b| u32::try_from(b).ok()).filter(|&b| b > 0).context("--initial-window takes auto, off or a size below 4 GiB (e.g. 64KiB)")?),
+        size => {
+            Some(fmt::parse_size(size).ok().and_then(|b| u32::try_from(b).ok()).filter(|&b| b > 0).context("--initial-window takes auto, off or a size below 4 GiB (e.g. 64KiB)")?)
+        }
     };
     // The trace is written as intervals end, so an interrupted send leaves it too.
     let trace_writer = match &a.trace_out {
@@ -627,9 +631,9 @@ fn cmd_recv(a: RecvArgs) -> Result<()> {
     #[cfg(feature = "rdma")]
     {
         opts.rdma = (a.rdma == "on").then(|| recv::RdmaRecvOptions {
-        device: a.rdma_device.clone(),
-        poll: if a.rdma_poll == "event" { dataplane::transport::rdma::Poll::Event } else { dataplane::transport::rdma::Poll::Busy },
-    });
+            device: a.rdma_device.clone(),
+            poll: if a.rdma_poll == "event" { dataplane::transport::rdma::Poll::Event } else { dataplane::transport::rdma::Poll::Busy },
+        });
     }
     let h = recv::start(opts)?;
     eprintln!("dwcp: listening on {}", h.local_addr);

@@ -152,7 +152,8 @@ pub fn run(a: &MigrateArgs) -> Result<()> {
     // read-ahead small, unless the user's flags (after `--`) set them; one chunk is read ahead
     // of the windows, and each stream queues at most 32 KiB unsent in the kernel.
     // Tunnel mode keeps the fixed window it had (4 chunks per stream).
-    let fixed: &[(&str, &str)] = if a.pages { &[("--chunk-size", "256KiB")] } else { &[("--chunk-size", "256KiB"), ("--window", "4"), ("--read-ahead", "1"), ("--notsent-lowat", "32KiB")] };
+    let fixed: &[(&str, &str)] =
+        if a.pages { &[("--chunk-size", "256KiB")] } else { &[("--chunk-size", "256KiB"), ("--window", "4"), ("--read-ahead", "1"), ("--notsent-lowat", "32KiB")] };
     for &(flag, v) in fixed {
         if !a.send_flags.iter().any(|f| f == flag || f.starts_with(&format!("{flag}="))) {
             cmd.push_str(&format!(" {flag} {v}"));
@@ -255,7 +256,12 @@ pub fn run(a: &MigrateArgs) -> Result<()> {
         println!("  RAM sent      {} MiB", ram["transferred"].as_u64().unwrap_or(0) >> 20);
         println!("  source VM     {}", vm["status"].as_str().unwrap_or("?"));
         if let Some(g) = send_json["goodput_gbps"].as_f64() {
-            println!("  stream        {} MiB over {} streams, {g:.2} Gbit/s, digest verified: {}", send_json["size"].as_u64().unwrap_or(0) >> 20, send_json["streams"], send_json["verified"]);
+            println!(
+                "  stream        {} MiB over {} streams, {g:.2} Gbit/s, digest verified: {}",
+                send_json["size"].as_u64().unwrap_or(0) >> 20,
+                send_json["streams"],
+                send_json["verified"]
+            );
         }
         let q = &send_json["qemu"];
         match q["mode"].as_str() {
@@ -274,11 +280,20 @@ pub fn run(a: &MigrateArgs) -> Result<()> {
         // QEMU counts a migration complete once it has written its stream into dwcp; if dwcp
         // could not confirm the destination verified it, the source stays paused: resuming it
         // could leave two running copies if the destination did start.
-        bail!("QEMU finished writing its stream but dwcp could not confirm the destination verified it ({}); the source VM is left {}: check the destination before resuming the source with `cont`", send_error.unwrap_or("no error logged"), vm["status"].as_str().unwrap_or("?"));
+        bail!(
+            "QEMU finished writing its stream but dwcp could not confirm the destination verified it ({}); the source VM is left {}: check the destination before resuming the source with `cont`",
+            send_error.unwrap_or("no error logged"),
+            vm["status"].as_str().unwrap_or("?")
+        );
     }
     if status["status"] != "completed" {
         let why = status["error-desc"].as_str().unwrap_or("no reason given").to_string();
-        bail!("the migration {}: {why}{}; the source VM is {}", status["status"].as_str().unwrap_or("?"), send_error.map_or(String::new(), |l| format!(" ({l})")), vm["status"].as_str().unwrap_or("?"));
+        bail!(
+            "the migration {}: {why}{}; the source VM is {}",
+            status["status"].as_str().unwrap_or("?"),
+            send_error.map_or(String::new(), |l| format!(" ({l})")),
+            vm["status"].as_str().unwrap_or("?")
+        );
     }
     Ok(())
 }

@@ -193,11 +193,7 @@ fn killed_receiver_then_resume_sends_only_what_is_missing() {
     assert!(!out.join("vm.img").exists(), "no partial output presented as complete");
 
     let mut rx = receiver(&key, port, out.to_str().unwrap(), &["--once", "--json"]);
-    let o = Command::new(bin())
-        .args(["send", src.to_str().unwrap(), "--to", &format!("127.0.0.1:{port}"), "--resume", "--json", "--key-file"])
-        .arg(&key)
-        .output()
-        .unwrap();
+    let o = Command::new(bin()).args(["send", src.to_str().unwrap(), "--to", &format!("127.0.0.1:{port}"), "--resume", "--json", "--key-file"]).arg(&key).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let rep: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let skipped = rep["skipped"].as_u64().unwrap();
@@ -240,12 +236,8 @@ fn table_and_json_summaries() {
     let d = tempfile::tempdir().unwrap();
     let key = keygen(d.path());
     let port = free_port();
-    let mut rx = Rx(Command::new(bin())
-        .args(["recv", "--listen", &format!("127.0.0.1:{port}"), "--discard", "--once", "--key-file"])
-        .arg(&key)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap());
+    let mut rx =
+        Rx(Command::new(bin()).args(["recv", "--listen", &format!("127.0.0.1:{port}"), "--discard", "--once", "--key-file"]).arg(&key).stderr(Stdio::null()).spawn().unwrap());
     wait_listening(port);
     let o = Command::new(bin()).args(["send", "gen:32M", "--to", &format!("127.0.0.1:{port}"), "--key-file"]).arg(&key).output().unwrap();
     assert!(o.status.success());
@@ -355,12 +347,7 @@ fn full_disk_is_named_and_the_receiver_keeps_serving() {
     // Unknown size (a pipe): the disk fills mid-transfer; the error names the write that failed.
     let src = d.path().join("pipe.bin");
     write_image(&src, 16 << 20);
-    let o = Command::new(bin())
-        .args(["send", "-", "--name", "piped.img", "--to", &to, "--key-file"])
-        .arg(&key)
-        .stdin(std::fs::File::open(&src).unwrap())
-        .output()
-        .unwrap();
+    let o = Command::new(bin()).args(["send", "-", "--name", "piped.img", "--to", &to, "--key-file"]).arg(&key).stdin(std::fs::File::open(&src).unwrap()).output().unwrap();
     assert!(!o.status.success());
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("No space left on device") && e.contains("writing"), "{e}");
@@ -469,17 +456,18 @@ fn hde_rounds_reach_the_receiver_exactly() {
     std::fs::write(&pa, &a).unwrap();
     std::fs::write(&pb, &b).unwrap();
     let port = free_port();
-    let mut rx = Rx(Command::new(bin())
-        .args(["recv", "--listen", &format!("127.0.0.1:{port}"), "--out"])
-        .arg(&out)
-        .arg("--key-file")
-        .arg(&key)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap());
+    let mut rx =
+        Rx(Command::new(bin()).args(["recv", "--listen", &format!("127.0.0.1:{port}"), "--out"]).arg(&out).arg("--key-file").arg(&key).stderr(Stdio::null()).spawn().unwrap());
     wait_listening(port);
     let send = |src: &Path, extra: &[&str]| {
-        let o = Command::new(bin()).arg("send").arg(src).args(["--name", "vm.img", "--json", "--to", &format!("127.0.0.1:{port}"), "--key-file"]).arg(&key).args(extra).output().unwrap();
+        let o = Command::new(bin())
+            .arg("send")
+            .arg(src)
+            .args(["--name", "vm.img", "--json", "--to", &format!("127.0.0.1:{port}"), "--key-file"])
+            .arg(&key)
+            .args(extra)
+            .output()
+            .unwrap();
         (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
     };
     let (ok, j, e) = send(&pa, &["--hde", "on", "--compress", "3"]);
@@ -539,7 +527,14 @@ fn an_hde_session_survives_a_dropped_stream() {
         .unwrap());
     wait_listening(port);
     let send = |src: &Path, extra: &[&str]| {
-        let o = Command::new(bin()).arg("send").arg(src).args(["--name", "vm.img", "--json", "--streams", "4", "--to", &format!("127.0.0.1:{port}"), "--key-file"]).arg(&key).args(extra).output().unwrap();
+        let o = Command::new(bin())
+            .arg("send")
+            .arg(src)
+            .args(["--name", "vm.img", "--json", "--streams", "4", "--to", &format!("127.0.0.1:{port}"), "--key-file"])
+            .arg(&key)
+            .args(extra)
+            .output()
+            .unwrap();
         (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
     };
     let (ok, e) = send(&pa, &["--hde", "on", "--compress", "3", "--fault-kill-stream", "1:3MiB"]);
@@ -592,7 +587,14 @@ fn a_round_from_a_dirty_log_reaches_the_receiver_exactly() {
     let port = free_port();
     let mut rx = receiver(&key, port, out.to_str().unwrap(), &[]);
     let send = |src: &Path, extra: &[&str]| {
-        let o = Command::new(bin()).arg("send").arg(src).args(["--name", "vm.img", "--json", "--to", &format!("127.0.0.1:{port}"), "--key-file"]).arg(&key).args(extra).output().unwrap();
+        let o = Command::new(bin())
+            .arg("send")
+            .arg(src)
+            .args(["--name", "vm.img", "--json", "--to", &format!("127.0.0.1:{port}"), "--key-file"])
+            .arg(&key)
+            .args(extra)
+            .output()
+            .unwrap();
         (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
     };
     let (ok, _, e) = send(&pa, &["--hde", "on", "--compress", "3"]);

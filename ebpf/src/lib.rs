@@ -15,8 +15,8 @@ mod monitor;
 mod probes;
 pub mod sys;
 
-pub use monitor::{Monitor, Want};
 pub use initwin::{InitialWindow, WindowReport};
+pub use monitor::{Monitor, Want};
 #[cfg(not(dwcp_no_bpf))]
 pub use probes::Probes;
 

@@ -10,8 +10,8 @@
 //!
 //! - `hw-tests/corpus`: the guest-RAM corpus (two snapshots of a busy guest's memory).
 
-pub mod sys;
 pub mod link;
+pub mod sys;
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -315,7 +315,12 @@ mod tests {
         let mut p = params(0, 10, 0);
         p.jitter_ns = 2_000_000;
         let mut l = Link::new(p, 7);
-        let at: Vec<u64> = (0..10_000).map(|_| match l.admit(0, 100) { Verdict::Deliver(t) => t, v => panic!("{v:?}") }).collect();
+        let at: Vec<u64> = (0..10_000)
+            .map(|_| match l.admit(0, 100) {
+                Verdict::Deliver(t) => t,
+                v => panic!("{v:?}"),
+            })
+            .collect();
         assert!(at.iter().all(|t| (8_000_000..=12_000_000).contains(t)));
         let mean = at.iter().sum::<u64>() as f64 / at.len() as f64;
         assert!((mean - 10e6).abs() < 0.1e6, "jitter is centred: {mean}");

@@ -68,15 +68,17 @@ fn hde_rounds_of_every_corpus_image_arrive_exactly() {
             let _ = self.0.wait();
         }
     }
-    let _rx = Kill(Command::new(&dwcp)
-        .args(["recv", "--listen", &format!("127.0.0.1:{port}"), "--out"])
-        .arg(work.join("out"))
-        .arg("--key-file")
-        .arg(&key)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap());
+    let _rx = Kill(
+        Command::new(&dwcp)
+            .args(["recv", "--listen", &format!("127.0.0.1:{port}"), "--out"])
+            .arg(work.join("out"))
+            .arg("--key-file")
+            .arg(&key)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     std::thread::sleep(std::time::Duration::from_millis(500));
     let same = |a: &std::path::Path, b: &std::path::Path| Command::new("cmp").arg("-s").arg(a).arg(b).status().unwrap().success();
     let mut figures = Vec::new();

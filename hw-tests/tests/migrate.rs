@@ -258,7 +258,11 @@ fn a_transfer_killed_mid_migration_leaves_exactly_the_source_running() {
     let src = rig.checks("src");
     assert!(src.iter().all(|c| c.0) && src.last().map_or(0, |c| c.1) > before, "the source guest runs on and checks out: {src:?}");
     let recv_log = std::fs::read_to_string(rig.dir.join("recv.log")).unwrap_or_default();
-    eprintln!("killed mid-migration: source running, destination {}; receiver said: {}", if exited.is_some() { "exited" } else { "not running" }, recv_log.lines().last().unwrap_or(""));
+    eprintln!(
+        "killed mid-migration: source running, destination {}; receiver said: {}",
+        if exited.is_some() { "exited" } else { "not running" },
+        recv_log.lines().last().unwrap_or("")
+    );
     let _ = std::fs::remove_dir_all(&rig.dir);
 }
 

@@ -34,8 +34,7 @@ fn record(key: &str, value: serde_json::Value) {
     let dir = root().join("target/rigs");
     std::fs::create_dir_all(&dir).expect("target/rigs");
     let path = dir.join("softroce.json");
-    let mut all: serde_json::Map<String, serde_json::Value> =
-        std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+    let mut all: serde_json::Map<String, serde_json::Value> = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
     all.insert(key.into(), value);
     std::fs::write(&path, serde_json::to_string_pretty(&all).expect("json")).expect("write softroce.json");
 }

@@ -74,11 +74,7 @@ fn ns(name: &str, cmd: &[&str]) -> Command {
 /// Median ping RTT in ms, from the per-reply `time=` fields (a median, so one reply delayed by
 /// the emulated guest's scheduling does not move the figure).
 fn parse_ping_avg(text: &str) -> f64 {
-    let mut t: Vec<f64> = text
-        .split_whitespace()
-        .filter_map(|w| w.strip_prefix("time="))
-        .filter_map(|v| v.parse().ok())
-        .collect();
+    let mut t: Vec<f64> = text.split_whitespace().filter_map(|w| w.strip_prefix("time=")).filter_map(|v| v.parse().ok()).collect();
     assert!(t.len() >= 5, "too few ping replies:\n{text}");
     t.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
     t[t.len() / 2]
@@ -367,9 +363,36 @@ fn probes_and_acp_on_a_lossy_link() {
     std::thread::sleep(Duration::from_millis(300));
     let send = |monitor: &str, trace: &Path| {
         let iw = if monitor == "auto" { "auto" } else { "off" };
-        let out = ns("dwcp-a", &[d, "send", "gen:96M", "--name", monitor, "--json", "--to", "10.77.0.2:7470", "--key-file", k, "--no-encrypt", "--mode", "internet", "--streams", "4", "--acp", "delay", "--monitor", monitor, "--initial-window", iw, "--trace-out", trace.to_str().unwrap()])
-            .output()
-            .unwrap();
+        let out = ns(
+            "dwcp-a",
+            &[
+                d,
+                "send",
+                "gen:96M",
+                "--name",
+                monitor,
+                "--json",
+                "--to",
+                "10.77.0.2:7470",
+                "--key-file",
+                k,
+                "--no-encrypt",
+                "--mode",
+                "internet",
+                "--streams",
+                "4",
+                "--acp",
+                "delay",
+                "--monitor",
+                monitor,
+                "--initial-window",
+                iw,
+                "--trace-out",
+                trace.to_str().unwrap(),
+            ],
+        )
+        .output()
+        .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let j: Value = serde_json::from_slice(&out.stdout).expect("send --json");
         assert_eq!(j["verified"], true, "{j}");

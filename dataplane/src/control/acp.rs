@@ -461,7 +461,15 @@ mod tests {
             let delivered = offered.min(self.link_bps) * dt;
             let srtt = self.min_rtt_s + self.queue_bits / self.link_bps;
             (0..n)
-                .map(|_| StreamSample { srtt_us: (srtt * 1e6) as u32, min_rtt_us: (self.min_rtt_s * 1e6) as u32, acked: (delivered / 8.0 / n as f64) as u64, active: true, cwnd: 100, mss: 1448, ..Default::default() })
+                .map(|_| StreamSample {
+                    srtt_us: (srtt * 1e6) as u32,
+                    min_rtt_us: (self.min_rtt_s * 1e6) as u32,
+                    acked: (delivered / 8.0 / n as f64) as u64,
+                    active: true,
+                    cwnd: 100,
+                    mss: 1448,
+                    ..Default::default()
+                })
                 .collect()
         }
     }
@@ -549,7 +557,16 @@ mod tests {
         // the latter (it paced at 0.75 of the former, and the link stood half empty).
         let mut c = Delay::new(8);
         let s = |srtt: u32| {
-            (0..4).map(|_| StreamSample { srtt_us: srtt, min_rtt_us: 150_000, acked: (134e6 / 4.0 / 8.0 * 0.15) as u64, delivery_bps: 197_000_000 / 4, active: true, ..Default::default() }).collect::<Vec<_>>()
+            (0..4)
+                .map(|_| StreamSample {
+                    srtt_us: srtt,
+                    min_rtt_us: 150_000,
+                    acked: (134e6 / 4.0 / 8.0 * 0.15) as u64,
+                    delivery_bps: 197_000_000 / 4,
+                    active: true,
+                    ..Default::default()
+                })
+                .collect::<Vec<_>>()
         };
         assert_eq!(c.on_interval(&Observation { t: 0.15, dt: 0.15, streams: &s(151_000) }).pacing_bps, None, "startup is uncapped");
         let d = c.on_interval(&Observation { t: 0.3, dt: 0.15, streams: &s(200_000) }).pacing_bps.unwrap();
@@ -666,7 +683,8 @@ mod tests {
         let mut got = None;
         for i in 0..30 {
             // Two active streams, the queue empty, goodput far under any pace.
-            let s: Vec<_> = (0..4).map(|k| StreamSample { srtt_us: 50_500, min_rtt_us: 50_000, acked: if k < 2 { 1_000_000 } else { 0 }, active: k < 2, ..Default::default() }).collect();
+            let s: Vec<_> =
+                (0..4).map(|k| StreamSample { srtt_us: 50_500, min_rtt_us: 50_000, acked: if k < 2 { 1_000_000 } else { 0 }, active: k < 2, ..Default::default() }).collect();
             let d = c.on_interval(&Observation { t: f64::from(i) * 0.1, dt: 0.1, streams: &s });
             if d.streams.is_some() {
                 got = d.streams;
@@ -696,7 +714,13 @@ mod tests {
             let mut prev: Option<f64> = None;
             let mut holds = 0;
             for r in &rows {
-                let s = vec![StreamSample { srtt_us: r.srtt_us as u32, min_rtt_us: r.min_rtt_us as u32, acked: (r.goodput_bps * r.dt / 8.0) as u64, active: true, ..Default::default() }];
+                let s = vec![StreamSample {
+                    srtt_us: r.srtt_us as u32,
+                    min_rtt_us: r.min_rtt_us as u32,
+                    acked: (r.goodput_bps * r.dt / 8.0) as u64,
+                    active: true,
+                    ..Default::default()
+                }];
                 let o = Observation { t: r.t, dt: r.dt, streams: &s };
                 let q = o.srtt_us().zip(o.min_rtt_us()).map(|(a, m)| a / m.max(RTT_FLOOR_US));
                 let d = c.on_interval(&o);
@@ -731,4 +755,3 @@ mod tests {
         }
     }
 }
-

@@ -54,7 +54,8 @@ impl Observation<'_> {
 
     /// Smoothed RTT over the streams that carried data, weighted by bytes (None if none did).
     pub fn srtt_us(&self) -> Option<f64> {
-        let (w, sum) = self.streams.iter().filter(|s| s.acked > 0 && s.srtt_us > 0).fold((0.0, 0.0), |(w, sum), s| (w + s.acked as f64, sum + s.acked as f64 * f64::from(s.srtt_us)));
+        let (w, sum) =
+            self.streams.iter().filter(|s| s.acked > 0 && s.srtt_us > 0).fold((0.0, 0.0), |(w, sum), s| (w + s.acked as f64, sum + s.acked as f64 * f64::from(s.srtt_us)));
         (w > 0.0).then(|| sum / w)
     }
 

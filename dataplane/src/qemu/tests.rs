@@ -309,7 +309,6 @@ proptest! {
     }
 }
 
-
 #[test]
 fn the_effort_may_change_between_batches() {
     // `--compress auto` moves the level as the link and the data go: every batch decodes

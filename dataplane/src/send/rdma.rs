@@ -110,7 +110,14 @@ const WR_CREDIT: u64 = 1 << 61;
 const WR_BYE: u64 = 1 << 60;
 
 /// Runs the data path over every shard; returns the manifest entries of what was sent.
-pub(super) fn run(c: Connected, shared: &Shared, source: &Source, opts: &SendOptions, rdma: &RdmaOptions, cores: &[core_affinity::CoreId]) -> Result<Vec<(u64, u32, u64)>, SendError> {
+pub(super) fn run(
+    c: Connected,
+    shared: &Shared,
+    source: &Source,
+    opts: &SendOptions,
+    rdma: &RdmaOptions,
+    cores: &[core_affinity::CoreId],
+) -> Result<Vec<(u64, u32, u64)>, SendError> {
     let Connected { local, qps, accept, ctl } = c;
     let ctl = ctl.as_raw_fd();
     let nqps = accept.qps.len() as u32;

@@ -20,10 +20,13 @@ fn entropy(p: &[u8]) -> f64 {
         h[b as usize] += 1;
     }
     let n = p.len() as f64;
-    h.iter().filter(|c| **c > 0).map(|&c| {
-        let q = c as f64 / n;
-        -q * q.log2()
-    }).sum()
+    h.iter()
+        .filter(|c| **c > 0)
+        .map(|&c| {
+            let q = c as f64 / n;
+            -q * q.log2()
+        })
+        .sum()
 }
 
 #[derive(Default)]

@@ -589,16 +589,7 @@ impl Qp<Init> {
         let me = std::mem::ManuallyDrop::new(self);
         // SAFETY: each field is read exactly once out of a value that is never dropped, so the
         // QP is not destroyed and every Arc/Vec moves into the new value.
-        unsafe {
-            Ok(Qp {
-                qp: me.qp,
-                psn: me.psn,
-                mrs: ptr::read(&me.mrs),
-                pd: ptr::read(&me.pd),
-                _cq: ptr::read(&me._cq),
-                _s: PhantomData,
-            })
-        }
+        unsafe { Ok(Qp { qp: me.qp, psn: me.psn, mrs: ptr::read(&me.mrs), pd: ptr::read(&me.pd), _cq: ptr::read(&me._cq), _s: PhantomData }) }
     }
 }
 

@@ -144,12 +144,7 @@ impl Ring {
         let mut mem = MmapMut::map_anon(buf_size * usize::from(count).max(1))?;
         // Transparent huge pages make the pinning at registration (and later TLB use) cheaper.
         let _ = mem.advise(memmap2::Advice::HugePage);
-        let iovs: Vec<libc::iovec> = (0..usize::from(count))
-            .map(|i| libc::iovec {
-                iov_base: mem[i * buf_size..].as_mut_ptr().cast(),
-                iov_len: buf_size,
-            })
-            .collect();
+        let iovs: Vec<libc::iovec> = (0..usize::from(count)).map(|i| libc::iovec { iov_base: mem[i * buf_size..].as_mut_ptr().cast(), iov_len: buf_size }).collect();
         // Registration pins the pool; without the locked-memory allowance it fails, and the ring
         // then uses the same buffers unregistered (plain send and write).
         // SAFETY: every iovec points into `mem`, which lives in `self.pool` as long as the ring;
