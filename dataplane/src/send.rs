@@ -321,7 +321,7 @@ struct Chunk {
     /// its pages against what the encoder believes the receiver holds, which counts the lost
     /// frame as delivered (duplicates of pages only it carried), and would checksum differently
     /// from the copy the receiver may already have placed.
-    frame: Option<Arc<[u8]>>,
+    frame: Option<Arc<Vec<u8>>>,
 }
 
 /// State shared by the shards of one send. Counters and lock-free queues only.
@@ -557,7 +557,8 @@ impl Shard<'_> {
                 (Some(_), Some(f)) => Some(f.clone()),
                 (Some(h), None) => {
                     h.adapt(self.shared.sent_bytes.load(Relaxed), self.shared.progress.predicted_bps.load(Relaxed) as f64);
-                    let f: Arc<[u8]> = Arc::from(h.encode(self.source, chunk.offset, chunk.len));
+                    // Kept as encoded (an Arc of the Vec, not a copy into a slice).
+                    let f = Arc::new(h.encode(self.source, chunk.offset, chunk.len));
                     chunk.frame = Some(f.clone());
                     Some(f)
                 }
