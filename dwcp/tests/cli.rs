@@ -405,6 +405,14 @@ fn concurrent_sessions_on_one_receiver() {
     rx.wait().unwrap();
 }
 
+/// `dwcp send SRC --name vm.img --json` to the receiver on `port`: success, standard output,
+/// standard error.
+fn send_image(port: u16, key: &Path, src: &Path, extra: &[&str]) -> (bool, String, String) {
+    let o =
+        Command::new(bin()).arg("send").arg(src).args(["--name", "vm.img", "--json", "--to", &format!("127.0.0.1:{port}"), "--key-file"]).arg(key).args(extra).output().unwrap();
+    (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
 /// A 16 MiB memory-like image: zero pages, repeated pages, text and noise.
 fn image(seed: u64) -> Vec<u8> {
     let mut v = vec![0u8; 16 << 20];
@@ -459,17 +467,7 @@ fn hde_rounds_reach_the_receiver_exactly() {
     let mut rx =
         Rx(Command::new(bin()).args(["recv", "--listen", &format!("127.0.0.1:{port}"), "--out"]).arg(&out).arg("--key-file").arg(&key).stderr(Stdio::null()).spawn().unwrap());
     wait_listening(port);
-    let send = |src: &Path, extra: &[&str]| {
-        let o = Command::new(bin())
-            .arg("send")
-            .arg(src)
-            .args(["--name", "vm.img", "--json", "--to", &format!("127.0.0.1:{port}"), "--key-file"])
-            .arg(&key)
-            .args(extra)
-            .output()
-            .unwrap();
-        (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
-    };
+    let send = |src: &Path, extra: &[&str]| send_image(port, &key, src, extra);
     let (ok, j, e) = send(&pa, &["--hde", "on", "--compress", "3"]);
     assert!(ok, "{e}");
     let j: serde_json::Value = serde_json::from_str(&j).unwrap();
@@ -526,21 +524,11 @@ fn an_hde_session_survives_a_dropped_stream() {
         .spawn()
         .unwrap());
     wait_listening(port);
-    let send = |src: &Path, extra: &[&str]| {
-        let o = Command::new(bin())
-            .arg("send")
-            .arg(src)
-            .args(["--name", "vm.img", "--json", "--streams", "4", "--to", &format!("127.0.0.1:{port}"), "--key-file"])
-            .arg(&key)
-            .args(extra)
-            .output()
-            .unwrap();
-        (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
-    };
-    let (ok, e) = send(&pa, &["--hde", "on", "--compress", "3", "--fault-kill-stream", "1:3MiB"]);
+    let send = |src: &Path, extra: &[&str]| send_image(port, &key, src, &[&["--streams", "4"], extra].concat());
+    let (ok, _, e) = send(&pa, &["--hde", "on", "--compress", "3", "--fault-kill-stream", "1:3MiB"]);
     assert!(ok && e.contains("re-queued"), "{e}");
     assert_eq!(std::fs::read(out.join("vm.img")).unwrap(), a, "round 1 exact");
-    let (ok, e) = send(&pb, &["--round-of", pa.to_str().unwrap(), "--compress", "3", "--fault-kill-stream", "1:16KiB"]);
+    let (ok, _, e) = send(&pb, &["--round-of", pa.to_str().unwrap(), "--compress", "3", "--fault-kill-stream", "1:16KiB"]);
     assert!(ok && e.contains("re-queued"), "{e}");
     assert_eq!(std::fs::read(out.join("vm.img")).unwrap(), b, "round 2 exact");
     let _ = rx.kill();
@@ -586,17 +574,7 @@ fn a_round_from_a_dirty_log_reaches_the_receiver_exactly() {
     std::fs::write(&log_c, bitmap(8, [600 / 512, 3000 / 512])).unwrap();
     let port = free_port();
     let mut rx = receiver(&key, port, out.to_str().unwrap(), &[]);
-    let send = |src: &Path, extra: &[&str]| {
-        let o = Command::new(bin())
-            .arg("send")
-            .arg(src)
-            .args(["--name", "vm.img", "--json", "--to", &format!("127.0.0.1:{port}"), "--key-file"])
-            .arg(&key)
-            .args(extra)
-            .output()
-            .unwrap();
-        (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
-    };
+    let send = |src: &Path, extra: &[&str]| send_image(port, &key, src, extra);
     let (ok, _, e) = send(&pa, &["--hde", "on", "--compress", "3"]);
     assert!(ok, "{e}");
     let (ok, j, e) = send(&pb, &["--dirty", log_b.to_str().unwrap(), "--compress", "3"]);
