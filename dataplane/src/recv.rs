@@ -866,6 +866,8 @@ struct HdeImage {
     /// The file was created for this session (preallocated, all zeros): zero pages need no write.
     fresh: bool,
     chunk: u32,
+    /// The session's object size: the last chunk's span ends there.
+    size: u64,
 }
 
 /// What decoding one chunk's frame did.
@@ -886,7 +888,7 @@ impl HdeImage {
             return Err(format!("HDE frame at offset {offset} is not at the start of a {chunk}-byte chunk"));
         }
         let Some(claim) = self.image.claim(offset / chunk) else { return Ok(None) };
-        let span = chunk.min((self.image.len() as u64).saturating_sub(offset)) as u32;
+        let span = chunk.min(self.size.saturating_sub(offset)) as u32;
         let first = offset / crate::hde::PAGE as u64;
         let mut store = ClaimStore { claim, base: self.base.as_deref(), fresh: self.fresh };
         Ok(Some(match dec.decode(frame, &mut store) {
@@ -1184,7 +1186,7 @@ impl Coordinator {
                     } else {
                         None
                     };
-                    let img = Arc::new(HdeImage { image, base, fresh, chunk: chunk_size });
+                    let img = Arc::new(HdeImage { image, base, fresh, chunk: chunk_size, size: size.unwrap_or(0) });
                     sess.out = Out::Hde(img.clone());
                     sess.hde = Some(Box::new(HdeRx { img, file, dec, deferred: Vec::new(), rejected: Vec::new(), pages: 0, waiting: BTreeMap::new() }));
                 } else {
