@@ -252,7 +252,7 @@ fn decode_and_check(dir: &Path, prefix: &Path) -> (f64, f64) {
             }
             deferred.extend(r.deferred);
         }
-        let r = dec.retry(&deferred, img);
+        let r = Decoder::retry(&deferred, img);
         if let Some((no, why)) = r.rejected.first() {
             die(&format!("page {no} refused: {why}"));
         }

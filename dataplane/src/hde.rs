@@ -1227,7 +1227,7 @@ impl Decoder {
                 Some(Kind::Dup) => match get_leb(e.inline) {
                     Some((src, [])) => {
                         let d = Deferred { no: e.no, src, sum: e.sum };
-                        if !self.apply_dup(d, store) {
+                        if !Self::apply_dup(d, store) {
                             rep.deferred.push(d);
                         } else {
                             rep.applied += 1;
@@ -1249,7 +1249,7 @@ impl Decoder {
         Ok(rep)
     }
 
-    fn apply_dup(&mut self, d: Deferred, store: &mut dyn PageStore) -> bool {
+    fn apply_dup(d: Deferred, store: &mut dyn PageStore) -> bool {
         let Some(src) = store.get(d.src) else { return false };
         if page_sum(d.no, src) != d.sum {
             return false;
@@ -1260,15 +1260,15 @@ impl Decoder {
     }
 
     /// Retries deferred duplicates (at the end of a round); those that still do not verify are
-    /// refused for re-sending.
-    pub fn retry(&mut self, deferred: &[Deferred], store: &mut dyn PageStore) -> DecodeReport {
+    /// refused for re-sending. A copy and a checksum each: no decoder state is needed.
+    pub fn retry(deferred: &[Deferred], store: &mut dyn PageStore) -> DecodeReport {
         let mut rep = DecodeReport::default();
         // A duplicate may depend on another deferred one: retry until nothing changes.
         let mut left: Vec<Deferred> = deferred.to_vec();
         loop {
             let before = left.len();
             left.retain(|d| {
-                let ok = self.apply_dup(*d, store);
+                let ok = Self::apply_dup(*d, store);
                 rep.applied += u64::from(ok);
                 !ok
             });
@@ -1402,7 +1402,7 @@ mod tests {
             let f = enc.encode_with_refs(&refs, &old, &stable, &mut stats);
             let r = dec.decode(&f, &mut rx).unwrap();
             assert!(r.rejected.is_empty(), "{:?}", r.rejected);
-            let r = dec.retry(&r.deferred, &mut rx);
+            let r = Decoder::retry(&r.deferred, &mut rx);
             assert!(r.rejected.is_empty(), "{:?}", r.rejected);
             for (n, p) in round {
                 assert_eq!(rx.0.get(n), Some(p), "page {n}");
@@ -1525,7 +1525,7 @@ mod tests {
         assert_eq!((r2.applied, r2.deferred.len()), (0, 1));
         assert!(!rx.0.contains_key(&8));
         dec.decode(&f1, &mut rx).unwrap();
-        let r = dec.retry(&r2.deferred, &mut rx);
+        let r = Decoder::retry(&r2.deferred, &mut rx);
         assert_eq!((r.applied, r.rejected.len()), (1, 0));
         assert_eq!(rx.0[&8], a);
         // Next round: page 3 is dirty, so it is no longer a source for duplicates.
@@ -1686,7 +1686,7 @@ mod tests {
         let r = dec.decode(&f, &mut rx).unwrap();
         assert_eq!(r.applied, 0);
         assert!(r.rejected.is_empty() && r.deferred.len() == 1, "{r:?}");
-        let r = dec.retry(&r.deferred, &mut rx);
+        let r = Decoder::retry(&r.deferred, &mut rx);
         assert_eq!(r.rejected, vec![(6, "duplicate whose source never matched its checksum")]);
         assert!(!rx.0.contains_key(&6), "nothing wrong written");
     }

@@ -750,25 +750,23 @@ impl RxShard {
                             // Decoded here, from the receive buffer, into the shared output:
                             // the session's chunks decode on every shard at once.
                             let dec = match &mut s.hde_dec {
-                                Some(d) => d,
-                                None => match crate::hde::Decoder::new(None) {
-                                    Ok(d) => s.hde_dec.insert(d),
-                                    Err(e) => {
-                                        self.ring.free(buf);
-                                        return self.fail(key, ErrorCode::Internal, &format!("HDE decoder: {e}"));
-                                    }
-                                },
+                                Some(d) => Ok(d),
+                                None => crate::hde::Decoder::new(None).map(|d| s.hde_dec.insert(d)).map_err(|e| (ErrorCode::Internal, format!("HDE decoder: {e}"))),
                             };
-                            let msg = match img.decode(dec, h.offset, plain) {
-                                Ok(Some(done)) => ToCoord::HdeDone { session: s.sess.id, offset: h.offset, done, sum: h.checksum, from },
-                                Ok(None) => ToCoord::HdeAgain { session: s.sess.id, offset: h.offset, from },
-                                Err(why) => {
-                                    self.ring.free(buf);
-                                    return self.fail(key, ErrorCode::Protocol, &why);
-                                }
-                            };
-                            let _ = self.coord.send(msg);
+                            let decoded = dec.and_then(|dec| {
+                                let r = img.decode(dec, h.offset, plain).map_err(|why| (ErrorCode::Protocol, why))?;
+                                Ok(match r {
+                                    Some(done) => ToCoord::HdeDone { session: s.sess.id, offset: h.offset, done, sum: h.checksum, from },
+                                    None => ToCoord::HdeAgain { session: s.sess.id, offset: h.offset, from },
+                                })
+                            });
                             self.ring.free(buf);
+                            match decoded {
+                                Ok(msg) => {
+                                    let _ = self.coord.send(msg);
+                                }
+                                Err((code, why)) => self.fail(key, code, &why),
+                            }
                         }
                     },
                 }
@@ -913,8 +911,6 @@ fn frame_error(e: &crate::hde::HdeError) -> &'static str {
 struct HdeRx {
     img: Arc<HdeImage>,
     file: File,
-    /// For the duplicates retried at commit.
-    dec: crate::hde::Decoder,
     deferred: Vec<crate::hde::Deferred>,
     rejected: Vec<(u64, &'static str)>,
     pages: u64,
@@ -936,19 +932,16 @@ impl crate::hde::PageStore for ClaimStore<'_> {
         // A page nobody wrote in this round yet is as the round began (a delta round's output
         // starts as a copy of the previous round): a duplicate of a page that does change in
         // this round then fails its checksum and is retried at commit.
-        self.claim.own(no).or_else(|| self.claim.published(no)).or_else(|| page_of(self.base?, no))
+        self.claim.get(no).or_else(|| page_of(self.base?, no))
     }
     fn base(&self, no: u64) -> Option<&[u8]> {
         match self.base {
             Some(b) => page_of(b, no),
-            None => self.claim.own(no).or_else(|| self.claim.published(no)),
+            None => self.claim.get(no),
         }
     }
     fn put(&mut self, no: u64, page: &[u8]) {
-        // A zero page into a file created for this session is not written: its preallocated,
-        // unwritten extent stays so and is never flushed (half of a guest image's pages, often).
-        let bytes = (!(self.fresh && crate::hde::is_zero(page))).then_some(page);
-        self.claim.put(no, bytes);
+        self.claim.put(no, needs_write(self.fresh, page).then_some(page));
     }
     fn owns(&self, no: u64) -> bool {
         self.claim.owns(no)
@@ -959,6 +952,13 @@ impl crate::hde::PageStore for ClaimStore<'_> {
 /// with a delta round's starting image, and whether the output was created for this session
 /// (all zeros).
 struct MapStore<'a>(&'a mut [u8], Option<&'a [u8]>, bool);
+
+/// Whether a decoded page must be written into the output: a zero page into a file created for
+/// this session is not (its preallocated, unwritten extent stays so and is never flushed; half
+/// of a guest image's pages, often).
+fn needs_write(fresh: bool, page: &[u8]) -> bool {
+    !(fresh && crate::hde::is_zero(page))
+}
 
 /// Page `no` of a mapped image, if the image holds it.
 fn page_of(image: &[u8], no: u64) -> Option<&[u8]> {
@@ -974,9 +974,7 @@ impl crate::hde::PageStore for MapStore<'_> {
         page_of(self.1.unwrap_or(self.0), no)
     }
     fn put(&mut self, no: u64, page: &[u8]) {
-        // A zero page into a file created for this session is not written: its preallocated,
-        // unwritten extent stays so and is never flushed (half of a guest image's pages, often).
-        if self.2 && crate::hde::is_zero(page) {
+        if !needs_write(self.2, page) {
             return;
         }
         let at = no as usize * crate::hde::PAGE;
@@ -1178,7 +1176,6 @@ impl Coordinator {
                 sess.journal = Some(Journal { file: jf, pending: Vec::new() });
                 if hde {
                     let image = crate::sys::image::SharedImage::new(&f, chunk_size).map_err(|e| storage("mapping", &part, e))?;
-                    let dec = crate::hde::Decoder::new(None).map_err(|e| (ErrorCode::Internal, e.to_string()))?;
                     let file = f.try_clone().map_err(|e| storage("opening", &part, e))?;
                     let base = if round {
                         let prev = File::open(&fin).map_err(|e| storage("opening the previous round", &fin, e))?;
@@ -1188,7 +1185,7 @@ impl Coordinator {
                     };
                     let img = Arc::new(HdeImage { image, base, fresh, chunk: chunk_size, size: size.unwrap_or(0) });
                     sess.out = Out::Hde(img.clone());
-                    sess.hde = Some(Box::new(HdeRx { img, file, dec, deferred: Vec::new(), rejected: Vec::new(), pages: 0, waiting: BTreeMap::new() }));
+                    sess.hde = Some(Box::new(HdeRx { img, file, deferred: Vec::new(), rejected: Vec::new(), pages: 0, waiting: BTreeMap::new() }));
                 } else {
                     sess.out = Out::File(Arc::new(f));
                 }
@@ -1402,7 +1399,7 @@ impl RxSession {
                 return Err((ErrorCode::Internal, "HDE chunks are still being decoded at commit".into()));
             };
             let deferred = std::mem::take(&mut h.deferred);
-            let r = h.dec.retry(&deferred, &mut MapStore(whole.bytes(), img.base.as_deref(), img.fresh));
+            let r = crate::hde::Decoder::retry(&deferred, &mut MapStore(whole.bytes(), img.base.as_deref(), img.fresh));
             h.pages += r.applied;
             h.rejected.extend(r.rejected);
             if let Some(&(no, why)) = h.rejected.first() {

@@ -136,6 +136,12 @@ impl Claim<'_> {
         self.owns(no).then(|| self.image.page(no))
     }
 
+    /// Page `no` as this claim may read it: its own chunk's as it stands, another's once
+    /// published.
+    pub fn get(&self, no: u64) -> Option<&[u8]> {
+        self.own(no).or_else(|| self.published(no))
+    }
+
     /// Page `no` of the image once its writer has published it.
     pub fn published(&self, no: u64) -> Option<&[u8]> {
         (no < self.image.pages && self.image.is_published(no)).then(|| self.image.page(no))
@@ -238,7 +244,7 @@ mod tests {
                             assert!(c.put(no, Some(&[no as u8; PAGE])));
                         }
                         // A page of another chunk, once published, holds what its writer put.
-                        if let Some(p) = c.published((no_of(chunk) + 100) % 256) {
+                        if let Some(p) = c.published((chunk * 8 + 100) % 256) {
                             assert!(p.iter().all(|&b| b == p[0]));
                         }
                     }
@@ -249,9 +255,5 @@ mod tests {
         for (no, page) in ex.bytes().chunks(PAGE).enumerate() {
             assert!(page.iter().all(|&b| b == no as u8), "page {no}");
         }
-    }
-
-    fn no_of(chunk: u64) -> u64 {
-        chunk * 8
     }
 }
