@@ -1,6 +1,9 @@
 //! The receiving side: an acceptor, a handshake thread per new connection, pinned io_uring shards
 //! that read frames straight into registered buffers and write chunks at their offsets, and one
-//! coordinator thread that owns every session's state (journal, digest, publishing).
+//! coordinator thread that owns every session's state (journal, acknowledgements, digest). What
+//! takes a session's file I/O (preparing its output at open; verifying, syncing and publishing it
+//! at commit) runs on storage workers, so one session's disk never stalls another's
+//! acknowledgements.
 //!
 //! A bad peer only ever ends its own stream or session; the process keeps serving the others.
 
@@ -293,7 +296,10 @@ pub fn start(opts: RecvOptions) -> Result<ReceiverHandle, RecvError> {
         let (sink, shard_txs, stop) = (opts.sink.clone(), shard_txs.clone(), stop.clone());
         std::thread::Builder::new()
             .name("dwcp-coordinator".into())
-            .spawn(move || Coordinator { sink, sessions: HashMap::new(), shards: shard_txs, outcomes: out_tx, epoch }.run(coord_rx, &stop))
+            .spawn(move || {
+                let storage = Storage::start(nshards.max(2));
+                Coordinator { sink, sessions: HashMap::new(), busy: HashMap::new(), shards: shard_txs, outcomes: out_tx, epoch, storage }.run(coord_rx, &stop)
+            })
             .expect("spawn coordinator");
     }
     let (ref_tx, ref_rx) = crossbeam_channel::bounded(1024);
@@ -985,21 +991,85 @@ impl crate::hde::PageStore for MapStore<'_> {
 struct Coordinator {
     sink: Sink,
     sessions: HashMap<[u8; 16], RxSession>,
+    /// Sessions whose output a storage worker is preparing or publishing: out of `sessions`
+    /// meanwhile, their names held.
+    busy: HashMap<[u8; 16], Busy>,
     shards: Vec<Sender<ToShard>>,
     outcomes: Sender<SessionOutcome>,
     epoch: Instant,
+    storage: Storage,
+}
+
+/// A session at a storage worker.
+struct Busy {
+    name: String,
+    /// Its streams that ended meanwhile.
+    downs: usize,
+    /// Kept fresh while the worker runs, so the shards' idle timeout does not fail the streams
+    /// of a session whose commit is syncing a large file.
+    activity: Option<Arc<AtomicU64>>,
+}
+
+/// What a storage worker hands back to the coordinator.
+enum Stored {
+    Opened { id: [u8; 16], sess: Box<RxSession>, hde: bool, r: Result<(), (ErrorCode, String)>, reply: Reply<(Welcome, SessionRef)> },
+    Committed { id: [u8; 16], sess: Box<RxSession>, commit: wire::Commit, r: Result<[u8; 32], (ErrorCode, String)>, from: StreamAddr, data_wall: Duration },
+}
+
+type Job = Box<dyn FnOnce() -> Stored + Send>;
+
+/// Threads that run the sessions' file I/O off the coordinator: preparing an output (a delta
+/// round's copy of the previous round, a resume's re-check of the journaled chunks) and
+/// publishing it (whole-image digest, sync, rename). Several, so that one session's large commit
+/// does not hold up another's open.
+struct Storage {
+    jobs: Sender<Job>,
+    done: Receiver<Stored>,
+}
+
+impl Storage {
+    fn start(workers: usize) -> Storage {
+        let (jobs, job_rx) = crossbeam_channel::unbounded::<Job>();
+        let (done_tx, done) = crossbeam_channel::unbounded();
+        for k in 0..workers {
+            let (job_rx, done_tx) = (job_rx.clone(), done_tx.clone());
+            std::thread::Builder::new()
+                .name(format!("dwcp-storage{k}"))
+                .spawn(move || {
+                    for job in job_rx {
+                        if done_tx.send(job()).is_err() {
+                            return;
+                        }
+                    }
+                })
+                .expect("spawn storage worker");
+        }
+        Storage { jobs, done }
+    }
 }
 
 impl Coordinator {
     fn run(&mut self, rx: Receiver<ToCoord>, stop: &AtomicBool) {
         let tick = crossbeam_channel::tick(Duration::from_millis(200));
+        let done = self.storage.done.clone();
         while !stop.load(Relaxed) {
             select! {
                 recv(rx) -> m => match m {
                     Ok(m) => self.handle(m),
                     Err(_) => return,
                 },
-                recv(tick) -> _ => self.flush_journals(),
+                recv(done) -> m => match m {
+                    Ok(Stored::Opened { id, sess, hde, r, reply }) => self.opened(id, *sess, hde, r, &reply),
+                    Ok(Stored::Committed { id, sess, commit, r, from, data_wall }) => self.committed(id, *sess, commit, r, from, data_wall),
+                    Err(_) => return,
+                },
+                recv(tick) -> _ => {
+                    self.flush_journals();
+                    let now = millis(self.epoch);
+                    for a in self.busy.values().filter_map(|b| b.activity.as_ref()) {
+                        a.store(now, Relaxed);
+                    }
+                }
             }
         }
     }
@@ -1007,8 +1077,9 @@ impl Coordinator {
     fn handle(&mut self, m: ToCoord) {
         match m {
             ToCoord::Open { hello, peer, reply } => {
-                let r = self.open(hello, peer);
-                let _ = reply.send(r);
+                if let Err(e) = self.open(hello, peer, &reply) {
+                    let _ = reply.send(Err(e));
+                }
             }
             ToCoord::Join { session, reply } => {
                 let r = match self.sessions.get_mut(&session) {
@@ -1033,6 +1104,13 @@ impl Coordinator {
             ToCoord::HdeAgain { session, offset, from } => self.hde_again(session, offset, from),
             ToCoord::Commit { session, commit, from } => self.commit(session, commit, from),
             ToCoord::Down { session, why } => {
+                if let Some(b) = self.busy.get_mut(&session) {
+                    b.downs += 1;
+                    if let Some(w) = &why {
+                        warn!(session = %hex(&session), name = %b.name, "stream ended: {w}");
+                    }
+                    return;
+                }
                 let Some(s) = self.sessions.get_mut(&session) else { return };
                 s.streams_up = s.streams_up.saturating_sub(1);
                 if let Some(w) = &why {
@@ -1051,12 +1129,13 @@ impl Coordinator {
         }
     }
 
-    fn open(&mut self, hello: Hello, peer: Option<std::net::IpAddr>) -> Result<(Welcome, SessionRef), (ErrorCode, String)> {
+    /// Opens a session: answered here, or by a storage worker once the output is prepared.
+    fn open(&mut self, hello: Hello, peer: Option<std::net::IpAddr>, reply: &Reply<(Welcome, SessionRef)>) -> Result<(), (ErrorCode, String)> {
         let Hello::Open { caps: Caps { codecs, .. }, chunk_size, object_size, object_id, resume, name, .. } = hello else {
             return Err((ErrorCode::Protocol, "expected an open".into()));
         };
         let size = (object_size != wire::SIZE_UNKNOWN).then_some(object_size);
-        if self.sessions.values().any(|s| s.name == name && !s.finished) {
+        if self.sessions.values().any(|s| s.name == name && !s.finished) || self.busy.values().any(|b| b.name == name) {
             return Err((ErrorCode::Refused, format!("an object named {name:?} is already being received")));
         }
         let mut id = [0u8; 16];
@@ -1100,7 +1179,6 @@ impl Coordinator {
         if round && let Some(why) = why_not_hde {
             return Err((ErrorCode::Refused, format!("a delta round cannot be received here: {why}")));
         }
-        let storage = |what: &str, p: &PathBuf, e: std::io::Error| (ErrorCode::Storage, format!("{what} {}: {e}", p.display()));
         match &self.sink {
             Sink::Discard => {}
             Sink::Stdout => {
@@ -1117,83 +1195,29 @@ impl Coordinator {
                 }
             }
             Sink::Dir(dir) => {
-                let fin = dir.join(&name);
-                let part = dir.join(format!("{name}.part"));
-                let jpath = dir.join(format!("{name}.dwcp-journal"));
-                let jh = JournalHeader { object_size, object_id, chunk_size };
-                let mut file = None;
-                if resume
-                    && let Ok(bytes) = std::fs::read(&jpath)
-                    && let Some((h, recs)) = parse_journal(&bytes)
-                    && h == jh
-                    && let Ok(f) = OpenOptions::new().read(true).write(true).open(&part)
-                {
-                    // Trust nothing unverified: each journaled chunk is re-checked against the data.
-                    let mut buf = Vec::new();
-                    for r in recs {
-                        buf.resize(r.len as usize, 0);
-                        if f.read_exact_at(&mut buf, r.offset).is_ok() && wire::checksum(&buf) == r.sum {
-                            sess.records.insert(r.offset, (r.len, r.sum));
-                            sess.have.insert(r.offset, r.offset + u64::from(r.len));
-                        }
-                    }
-                    sess.resumed = sess.have.covered();
-                    file = Some(f);
-                }
-                let fresh = file.is_none() && !round;
-                let f = match file {
-                    Some(f) => f,
-                    None => {
-                        // A later round starts from the previous round's published image.
-                        let prev = if round {
-                            let meta = std::fs::metadata(&fin).map_err(|e| (ErrorCode::Refused, format!("a delta round needs the previous round's {}: {e}", fin.display())))?;
-                            if Some(meta.len()) != size {
-                                return Err((ErrorCode::Refused, format!("a delta round of {} bytes against a {}-byte {}", size.unwrap_or(0), meta.len(), fin.display())));
-                            }
-                            Some((File::open(&fin).map_err(|e| storage("opening the previous round", &fin, e))?, meta.len()))
-                        } else {
-                            None
-                        };
-                        let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&part).map_err(|e| storage("creating", &part, e))?;
-                        let filled = match &prev {
-                            Some((prev, len)) => crate::sys::copy_data(prev, &f, *len).map(drop).map_err(|e| ("copying the previous round into", e)),
-                            None => size.map_or(Ok(()), |sz| crate::sys::preallocate(&f, sz)).map_err(|e| ("preallocating", e)),
-                        };
-                        if let Err((what, e)) = filled {
-                            let _ = std::fs::remove_file(&part);
-                            return Err(storage(what, &part, e));
-                        }
-                        f
-                    }
-                };
-                // A fresh journal holding only the verified records.
-                let mut jf = File::create(&jpath).map_err(|e| storage("creating journal", &jpath, e))?;
-                let mut bytes = jh.encode().to_vec();
-                for (&offset, &(len, sum)) in &sess.records {
-                    bytes.extend_from_slice(&JournalRecord { offset, len, sum }.encode());
-                }
-                jf.write_all(&bytes).map_err(|e| storage("writing journal", &jpath, e))?;
-                sess.journal = Some(Journal { file: jf, pending: Vec::new() });
-                if hde {
-                    let image = crate::sys::image::SharedImage::new(&f, chunk_size).map_err(|e| storage("mapping", &part, e))?;
-                    let file = f.try_clone().map_err(|e| storage("opening", &part, e))?;
-                    let base = if round {
-                        let prev = File::open(&fin).map_err(|e| storage("opening the previous round", &fin, e))?;
-                        Some(crate::sys::map_readonly(&prev).map_err(|e| storage("mapping the previous round", &fin, e))?)
-                    } else {
-                        None
-                    };
-                    let img = Arc::new(HdeImage { image, base, fresh, chunk: chunk_size, size: size.unwrap_or(0) });
-                    sess.out = Out::Hde(img.clone());
-                    sess.hde = Some(Box::new(HdeRx { img, file, deferred: Vec::new(), rejected: Vec::new(), pages: 0, waiting: BTreeMap::new() }));
-                } else {
-                    sess.out = Out::File(Arc::new(f));
-                }
-                sess.part = Some(part);
-                sess.fin = Some(fin);
-                sess.journal_path = Some(jpath);
+                let (dir, prep) = (dir.clone(), Prepare { jh: JournalHeader { object_size, object_id, chunk_size }, resume, round, hde });
+                self.busy.insert(id, Busy { name, downs: 0, activity: None });
+                let reply = reply.clone();
+                let _ = self.storage.jobs.send(Box::new(move || {
+                    let mut sess = Box::new(sess);
+                    let r = prepare(&dir, &mut sess, &prep);
+                    Stored::Opened { id, sess, hde, r, reply }
+                }));
+                return Ok(());
             }
         }
+        let _ = reply.send(Ok(self.admit_session(id, sess, hde)));
+        Ok(())
+    }
+
+    /// A storage worker prepared a session's output (or failed to).
+    fn opened(&mut self, id: [u8; 16], sess: RxSession, hde: bool, r: Result<(), (ErrorCode, String)>, reply: &Reply<(Welcome, SessionRef)>) {
+        self.busy.remove(&id);
+        let _ = reply.send(r.map(|()| self.admit_session(id, sess, hde)));
+    }
+
+    /// The session is open: the Welcome the sender gets, and the handle its streams use.
+    fn admit_session(&mut self, id: [u8; 16], sess: RxSession, hde: bool) -> (Welcome, SessionRef) {
         let welcome = Welcome {
             session: id,
             caps: Caps {
@@ -1204,10 +1228,10 @@ impl Coordinator {
             },
             have: sess.have.ranges(),
         };
-        let r = SessionRef { id, size, out: sess.out.clone(), activity };
-        info!(session = %hex(&id), %name, size = ?size, resumed = sess.resumed, "session opened");
+        let r = SessionRef { id, size: sess.size, out: sess.out.clone(), activity: sess.activity.clone() };
+        info!(session = %hex(&id), name = %sess.name, size = ?sess.size, resumed = sess.resumed, "session opened");
         self.sessions.insert(id, sess);
-        Ok((welcome, r))
+        (welcome, r)
     }
 
     /// A shard decoded the chunk at `offset` into the session's output (every page was
@@ -1279,15 +1303,32 @@ impl Coordinator {
         }
     }
 
+    /// The sender committed: verified and published by a storage worker when there is a file to
+    /// check and sync, here otherwise.
     fn commit(&mut self, session: [u8; 16], commit: wire::Commit, from: StreamAddr) {
-        let reply = |shards: &[Sender<ToShard>], kind, payload| {
-            let _ = shards[from.0].send(ToShard::Reply { key: from.1, kind, payload });
-        };
         let Some(s) = self.sessions.get_mut(&session) else { return };
         s.activity.store(millis(self.epoch), Relaxed);
         let data_wall = s.started.elapsed();
-        s.flush_journal();
-        let r = s.verify_and_publish(commit);
+        if s.part.is_none() {
+            let r = s.verify_and_publish(commit);
+            let s = self.sessions.remove(&session).expect("present");
+            return self.committed(session, s, commit, r, from, data_wall);
+        }
+        let mut s = Box::new(self.sessions.remove(&session).expect("present"));
+        self.busy.insert(session, Busy { name: s.name.clone(), downs: 0, activity: Some(s.activity.clone()) });
+        let _ = self.storage.jobs.send(Box::new(move || {
+            s.flush_journal();
+            let r = s.verify_and_publish(commit);
+            Stored::Committed { id: session, sess: s, commit, r, from, data_wall }
+        }));
+    }
+
+    /// A commit's verdict: the reply to the sender, and the outcome reported once its streams close.
+    fn committed(&mut self, session: [u8; 16], mut s: RxSession, commit: wire::Commit, r: Result<[u8; 32], (ErrorCode, String)>, from: StreamAddr, data_wall: Duration) {
+        let reply = |shards: &[Sender<ToShard>], kind, payload| {
+            let _ = shards[from.0].send(ToShard::Reply { key: from.1, kind, payload });
+        };
+        let downs = self.busy.remove(&session).map_or(0, |b| b.downs);
         s.finished = true;
         match &r {
             Ok(d) => {
@@ -1311,6 +1352,13 @@ impl Coordinator {
             path: s.fin.clone().filter(|_| r.is_ok()),
             result: r.map_err(|(_, m)| m),
         });
+        s.streams_up = s.streams_up.saturating_sub(downs);
+        if s.streams_up == 0 {
+            // Every stream ended while the worker ran (the sender gone before the verdict).
+            let _ = self.outcomes.send(s.outcome.take().expect("set above"));
+        } else {
+            self.sessions.insert(session, s);
+        }
     }
 
     fn interrupted(&mut self, mut s: RxSession, why: String) {
@@ -1349,6 +1397,98 @@ impl Coordinator {
             s.flush_journal();
         }
     }
+}
+
+/// What preparing a directory session's output needs from its open.
+struct Prepare {
+    jh: JournalHeader,
+    resume: bool,
+    round: bool,
+    hde: bool,
+}
+
+/// Prepares a session's output in `dir` (run by a storage worker): a resume's partial file with
+/// its journaled chunks re-checked, a delta round's copy of the previous round, or a fresh
+/// preallocated file; then the journal, and for HDE the shared mapping the shards decode into.
+fn prepare(dir: &std::path::Path, sess: &mut RxSession, p: &Prepare) -> Result<(), (ErrorCode, String)> {
+    let &Prepare { jh, resume, round, hde } = p;
+    let (chunk_size, size, name) = (jh.chunk_size, sess.size, sess.name.clone());
+    let storage = |what: &str, p: &PathBuf, e: std::io::Error| (ErrorCode::Storage, format!("{what} {}: {e}", p.display()));
+    let fin = dir.join(&name);
+    let part = dir.join(format!("{name}.part"));
+    let jpath = dir.join(format!("{name}.dwcp-journal"));
+    let mut file = None;
+    if resume
+        && let Ok(bytes) = std::fs::read(&jpath)
+        && let Some((h, recs)) = parse_journal(&bytes)
+        && h == jh
+        && let Ok(f) = OpenOptions::new().read(true).write(true).open(&part)
+    {
+        // Trust nothing unverified: each journaled chunk is re-checked against the data.
+        let mut buf = Vec::new();
+        for r in recs {
+            buf.resize(r.len as usize, 0);
+            if f.read_exact_at(&mut buf, r.offset).is_ok() && wire::checksum(&buf) == r.sum {
+                sess.records.insert(r.offset, (r.len, r.sum));
+                sess.have.insert(r.offset, r.offset + u64::from(r.len));
+            }
+        }
+        sess.resumed = sess.have.covered();
+        file = Some(f);
+    }
+    let fresh = file.is_none() && !round;
+    let f = match file {
+        Some(f) => f,
+        None => {
+            // A later round starts from the previous round's published image.
+            let prev = if round {
+                let meta = std::fs::metadata(&fin).map_err(|e| (ErrorCode::Refused, format!("a delta round needs the previous round's {}: {e}", fin.display())))?;
+                if Some(meta.len()) != size {
+                    return Err((ErrorCode::Refused, format!("a delta round of {} bytes against a {}-byte {}", size.unwrap_or(0), meta.len(), fin.display())));
+                }
+                Some((File::open(&fin).map_err(|e| storage("opening the previous round", &fin, e))?, meta.len()))
+            } else {
+                None
+            };
+            let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&part).map_err(|e| storage("creating", &part, e))?;
+            let filled = match &prev {
+                Some((prev, len)) => crate::sys::copy_data(prev, &f, *len).map(drop).map_err(|e| ("copying the previous round into", e)),
+                None => size.map_or(Ok(()), |sz| crate::sys::preallocate(&f, sz)).map_err(|e| ("preallocating", e)),
+            };
+            if let Err((what, e)) = filled {
+                let _ = std::fs::remove_file(&part);
+                return Err(storage(what, &part, e));
+            }
+            f
+        }
+    };
+    // A fresh journal holding only the verified records.
+    let mut jf = File::create(&jpath).map_err(|e| storage("creating journal", &jpath, e))?;
+    let mut bytes = jh.encode().to_vec();
+    for (&offset, &(len, sum)) in &sess.records {
+        bytes.extend_from_slice(&JournalRecord { offset, len, sum }.encode());
+    }
+    jf.write_all(&bytes).map_err(|e| storage("writing journal", &jpath, e))?;
+    sess.journal = Some(Journal { file: jf, pending: Vec::new() });
+    if hde {
+        let image = crate::sys::image::SharedImage::new(&f, chunk_size).map_err(|e| storage("mapping", &part, e))?;
+        let file = f.try_clone().map_err(|e| storage("opening", &part, e))?;
+        let base = if round {
+            let prev = File::open(&fin).map_err(|e| storage("opening the previous round", &fin, e))?;
+            Some(crate::sys::map_readonly(&prev).map_err(|e| storage("mapping the previous round", &fin, e))?)
+        } else {
+            None
+        };
+        let img = Arc::new(HdeImage { image, base, fresh, chunk: chunk_size, size: size.unwrap_or(0) });
+        sess.out = Out::Hde(img.clone());
+        sess.hde = Some(Box::new(HdeRx { img, file, deferred: Vec::new(), rejected: Vec::new(), pages: 0, waiting: BTreeMap::new() }));
+    } else {
+        sess.out = Out::File(Arc::new(f));
+    }
+    sess.part = Some(part);
+    sess.fin = Some(fin);
+    sess.journal_path = Some(jpath);
+    Ok(())
 }
 
 impl RxSession {

@@ -246,6 +246,72 @@ fn bad_checksum_and_out_of_range_chunks_are_named_and_nothing_is_published() {
     rig.still_serves();
 }
 
+/// A session's storage work (here a resume reading a journal that is a FIFO nobody writes, as a
+/// hung disk would) runs off the coordinator: other sessions open, transfer and commit meanwhile.
+#[test]
+fn a_session_whose_storage_hangs_does_not_hold_up_the_others() {
+    let rig = rig(false, Duration::from_secs(10));
+    let journal = rig.out.path().join("slow.img.dwcp-journal");
+    let made = std::process::Command::new("mkfifo").arg(&journal).status().unwrap();
+    assert!(made.success());
+    let mut o = rig.opts(1, true);
+    o.resume = true;
+    let slow = std::thread::spawn(move || send::send(Source::Generated { size: 4 << 20, seed: 8, name: "slow.img".into() }, &o, Arc::default()));
+    // The receiver's open of the journal is waiting on the FIFO: a writer that does not block
+    // gets in only once a reader is there. Held open, the reader's read then waits for it.
+    let t = std::time::Instant::now();
+    let writer = loop {
+        use std::os::unix::fs::OpenOptionsExt;
+        if let Ok(w) = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&journal) {
+            break w;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "the resume never opened its journal");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    rig.still_serves();
+    rig.still_serves();
+    assert!(!slow.is_finished(), "the slow session cannot finish before its journal is read");
+    // Its storage comes back: an empty journal (the FIFO gone, so that the fresh journal the
+    // receiver then writes is a file), and the whole object is sent.
+    std::fs::remove_file(&journal).unwrap();
+    drop(writer);
+    let r = slow.join().unwrap().expect("the slow session completes once its storage answers");
+    assert!(r.verified);
+    assert!(rig.outcome().result.is_ok());
+    let mut expect = vec![0u8; 4 << 20];
+    source::generate(8, 0, &mut expect);
+    assert_eq!(std::fs::read(rig.out.path().join("slow.img")).unwrap(), expect);
+}
+
+/// The sender's streams close while its commit is still being verified and synced: the outcome
+/// is still reported and the object published.
+#[test]
+fn a_commit_whose_streams_close_before_its_verdict_still_publishes() {
+    let rig = rig(true, Duration::from_secs(5));
+    let size = 8u64 << 20;
+    let mut c = raw_session(&rig, size, "early.img");
+    let mut m = wire::ManifestDigest::default();
+    let payload = vec![0x5au8; 1 << 16];
+    for k in 0..size >> 16 {
+        let h = FrameHeader::for_payload(FrameType::Chunk, 0, k << 16, &payload);
+        c.sock.write_all(&c.codec.encode_frame(&h, &payload)).unwrap();
+        m.add(k << 16, 1 << 16, wire::checksum(&payload));
+    }
+    // Every chunk acknowledged (hence placed) before the commit, as a sender does.
+    let mut acked = 0;
+    while acked < size >> 16 {
+        let (h, p) = c.read_frame("acks").unwrap();
+        assert_eq!(h.kind, FrameType::Ack);
+        acked += wire::decode_ack(&p).unwrap().len() as u64;
+    }
+    c.write_frame(FrameType::Commit, 0, &wire::Commit { size, digest: m.finish(size).unwrap() }.encode()).unwrap();
+    drop(c);
+    let o = rig.outcome();
+    assert!(o.result.is_ok(), "{:?}", o.result);
+    assert_eq!(std::fs::read(rig.out.path().join("early.img")).unwrap(), vec![0x5au8; size as usize]);
+    rig.still_serves();
+}
+
 #[test]
 fn stalled_peers_are_ended_and_named() {
     let rig = rig(true, Duration::from_millis(800));
