@@ -474,6 +474,9 @@ struct RxStream {
 const T_RECV: u64 = 0;
 const T_WRITE: u64 = 1;
 const T_SEND: u64 = 2;
+/// A writeback started for a placed chunk: its completion only ends the operation (a failure
+/// shows at the commit's sync).
+const T_WRITEBACK: u64 = 3;
 
 struct RxShard {
     k: usize,
@@ -624,6 +627,7 @@ impl RxShard {
                     self.down(key, Some(why));
                 }
             }
+            T_WRITEBACK => {}
             T_WRITE => {
                 let Returned::Buf(buf) = c.returned else { return };
                 let hl = s.conn.codec.header_wire_len();
@@ -650,6 +654,10 @@ impl RxShard {
                 let s = &mut self.streams[key];
                 let _ = self.coord.send(ToCoord::Placed { session: s.sess.id, offset: h.offset, len: h.len, sum: h.checksum });
                 s.acks.push(h.offset);
+                if let Out::File(f) = &s.sess.out {
+                    s.in_flight += 1;
+                    self.ring.start_writeback(f.as_raw_fd(), h.offset, h.len, (key as u64) << 2 | T_WRITEBACK);
+                }
             }
             _ => {
                 s.reading = false;
@@ -769,6 +777,11 @@ impl RxShard {
                             self.ring.free(buf);
                             match decoded {
                                 Ok(msg) => {
+                                    if let ToCoord::HdeDone { done, .. } = &msg {
+                                        s.in_flight += 1;
+                                        let tag = (key as u64) << 2 | T_WRITEBACK;
+                                        self.ring.start_writeback(img.file.as_raw_fd(), h.offset, done.span, tag);
+                                    }
                                     let _ = self.coord.send(msg);
                                 }
                                 Err((code, why)) => self.fail(key, code, &why),
@@ -869,6 +882,8 @@ struct HdeImage {
     base: Option<memmap2::Mmap>,
     /// The file was created for this session (preallocated, all zeros): zero pages need no write.
     fresh: bool,
+    /// The output file (the shards start each decoded chunk's writeback on it).
+    file: File,
     chunk: u32,
     /// The session's object size: the last chunk's span ends there.
     size: u64,
@@ -1200,7 +1215,9 @@ impl Coordinator {
                 let reply = reply.clone();
                 let _ = self.storage.jobs.send(Box::new(move || {
                     let mut sess = Box::new(sess);
+                    let t = Instant::now();
                     let r = prepare(&dir, &mut sess, &prep);
+                    debug!(name = %sess.name, took_ms = t.elapsed().as_millis() as u64, "output prepared");
                     Stored::Opened { id, sess, hde, r, reply }
                 }));
                 return Ok(());
@@ -1318,7 +1335,9 @@ impl Coordinator {
         self.busy.insert(session, Busy { name: s.name.clone(), downs: 0, activity: Some(s.activity.clone()) });
         let _ = self.storage.jobs.send(Box::new(move || {
             s.flush_journal();
+            let t = Instant::now();
             let r = s.verify_and_publish(commit);
+            debug!(name = %s.name, took_ms = t.elapsed().as_millis() as u64, "commit verified, synced and published");
             Stored::Committed { id: session, sess: s, commit, r, from, data_wall }
         }));
     }
@@ -1479,7 +1498,8 @@ fn prepare(dir: &std::path::Path, sess: &mut RxSession, p: &Prepare) -> Result<(
         } else {
             None
         };
-        let img = Arc::new(HdeImage { image, base, fresh, chunk: chunk_size, size: size.unwrap_or(0) });
+        let wb = f.try_clone().map_err(|e| storage("opening", &part, e))?;
+        let img = Arc::new(HdeImage { image, base, fresh, file: wb, chunk: chunk_size, size: size.unwrap_or(0) });
         sess.out = Out::Hde(img.clone());
         sess.hde = Some(Box::new(HdeRx { img, file, deferred: Vec::new(), rejected: Vec::new(), pages: 0, waiting: BTreeMap::new() }));
     } else {
