@@ -62,29 +62,17 @@ impl Qmp {
 
 /// When to tell QEMU to stop the VM and send the rest. QEMU decides that itself from its own
 /// estimate of the bandwidth, the bytes it wrote in the last 100 ms; writing into dwcp, which
-/// reads in bursts as its windows open and compresses, that estimate swings and runs high: the
-/// migration can go on for round after round with a few MiB left, or stop the VM with more
-/// left than the link carries in the downtime limit. dwcp knows better: over the last two
-/// seconds QEMU's stream drained at the link's pace (compression included), so the rest takes
-/// `remaining / rate`. So `dwcp migrate` holds QEMU's own limit at [`HOLD_LIMIT_MS`] and, once
-/// the rest fits in the user's limit (after the first full pass), lifts it so QEMU completes at
-/// its next check. A guest that never fits (it dirties faster than the link drains) gets the
-/// decision back to QEMU, with the user's limit, after [`GIVE_BACK_ROUND`] rounds. Free of I/O.
+/// reads in bursts as its windows open, that estimate swings, and the migration can go on for
+/// round after round with a few MiB left. dwcp knows better: over the last two seconds QEMU's
+/// stream drained at the link's pace (compression included), so the rest takes `remaining /
+/// rate`. Once that fits in QEMU's downtime limit (after the first full pass), dwcp lifts the
+/// limit so QEMU completes at its next check. Free of I/O.
 #[derive(Debug)]
 pub struct Converge {
     target: Duration,
     samples: std::collections::VecDeque<(Duration, u64)>,
     fired: bool,
-    given_back: bool,
 }
-
-/// QEMU's downtime limit while dwcp decides when to complete: QEMU completes on its own only
-/// when next to nothing remains (its threshold is its bandwidth estimate times this).
-pub const HOLD_LIMIT_MS: u64 = 1;
-
-/// The dirty-sync round from which QEMU decides again, with the user's limit, if the rest never
-/// fitted in it at the link's pace.
-pub const GIVE_BACK_ROUND: u64 = 30;
 
 /// The rate window.
 const RATE_WINDOW: Duration = Duration::from_secs(2);
@@ -92,17 +80,7 @@ const RATE_WINDOW: Duration = Duration::from_secs(2);
 impl Converge {
     /// Completes once the rest fits in `target` (QEMU's `downtime-limit`).
     pub fn new(target: Duration) -> Self {
-        Self { target, samples: Default::default(), fired: false, given_back: false }
-    }
-
-    /// Whether to give the decision back to QEMU now (once): round `round` has come and the
-    /// rest never fitted.
-    pub fn give_back(&mut self, round: u64) -> bool {
-        if self.fired || self.given_back || round < GIVE_BACK_ROUND {
-            return false;
-        }
-        self.given_back = true;
-        true
+        Self { target, samples: Default::default(), fired: false }
     }
 
     /// A `query-migrate` sample at `t`: `transferred` and `remaining` bytes, `round` (QEMU's
@@ -114,7 +92,7 @@ impl Converge {
         }
         let (t0, b0) = *self.samples.front()?;
         let span = t.saturating_sub(t0);
-        if self.fired || self.given_back || round < 2 || span < RATE_WINDOW / 2 {
+        if self.fired || round < 2 || span < RATE_WINDOW / 2 {
             return None;
         }
         let rate = transferred.saturating_sub(b0) as f64 / span.as_secs_f64();
@@ -195,9 +173,6 @@ pub fn run(a: &MigrateArgs) -> Result<()> {
     let limit_ms = params["downtime-limit"].as_u64().unwrap_or(300);
     let mut converge = Converge::new(Duration::from_millis(limit_ms));
     let mut pushed: Option<(u64, Duration)> = None;
-    // dwcp decides when the rest fits in the user's limit (`Converge`); QEMU's own estimate of it
-    // runs high through dwcp's pipe.
-    let held = q.cmd("migrate-set-parameters", Some(json!({ "downtime-limit": HOLD_LIMIT_MS }))).map_err(|e| tracing::warn!("QEMU decides when to complete: {e}")).is_ok();
     let t0 = Instant::now();
     q.cmd("migrate", Some(json!({ "uri": format!("exec:{cmd}") })))?;
     let mut last_print = Instant::now();
@@ -214,10 +189,6 @@ pub fn run(a: &MigrateArgs) -> Result<()> {
             q.cmd("migrate-set-parameters", Some(json!({ "downtime-limit": 60_000 })))?;
             tracing::info!(round, expected_ms = expected.as_millis() as u64, "the rest fits in the downtime limit at the link's pace: QEMU may stop the VM");
             pushed = Some((round, expected));
-        }
-        if held && s == "active" && converge.give_back(round) {
-            q.cmd("migrate-set-parameters", Some(json!({ "downtime-limit": limit_ms })))?;
-            tracing::warn!(round, "the rest never fitted in the downtime limit at the link's pace: QEMU decides when to complete, with its own estimate");
         }
         if last_print.elapsed() > Duration::from_millis(500) {
             last_print = Instant::now();
@@ -239,8 +210,7 @@ pub fn run(a: &MigrateArgs) -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     };
     let wall = t0.elapsed();
-    // The user's limit back, for whatever migration comes next.
-    if held || pushed.is_some() {
+    if pushed.is_some() {
         let _ = q.cmd("migrate-set-parameters", Some(json!({ "downtime-limit": limit_ms })));
     }
     let rc = log.with_extension("log.rc");
@@ -350,28 +320,6 @@ mod tests {
         assert!(e > ms(150) && e < ms(250), "{e:?}");
         // Once only.
         assert_eq!(c.observe(ms(2200), 55_000_000, 1, 4), None);
-    }
-
-    #[test]
-    fn a_guest_that_never_fits_gets_the_decision_back_to_qemu_once() {
-        let mut c = Converge::new(ms(300));
-        let mut given = 0;
-        for round in 2..40u64 {
-            // 25 MB/s drained, 100 MB always left: 4 s, never within the limit.
-            assert_eq!(c.observe(ms(round * 1000), round * 25_000_000, 100_000_000, round), None);
-            if c.give_back(round) {
-                assert_eq!(round, GIVE_BACK_ROUND);
-                given += 1;
-            }
-        }
-        assert_eq!(given, 1);
-        // Given back, dwcp no longer completes it, even when the rest would fit.
-        assert_eq!(c.observe(ms(41_000), 1_025_000_000, 1, 41), None);
-        // One that completed is not given back.
-        let mut c = Converge::new(ms(300));
-        c.observe(ms(0), 0, 1, 2);
-        assert!(c.observe(ms(1500), 37_500_000, 1_000_000, 2).is_some());
-        assert!(!c.give_back(GIVE_BACK_ROUND));
     }
 
     #[test]
