@@ -882,7 +882,8 @@ struct HdeImage {
     base: Option<memmap2::Mmap>,
     /// The file was created for this session (preallocated, all zeros): zero pages need no write.
     fresh: bool,
-    /// The output file (the shards start each decoded chunk's writeback on it).
+    /// The output file: the shards start each decoded chunk's writeback on it, and the commit
+    /// sizes and syncs it.
     file: File,
     chunk: u32,
     /// The session's object size: the last chunk's span ends there.
@@ -931,7 +932,6 @@ fn frame_error(e: &crate::hde::HdeError) -> &'static str {
 /// The coordinator's part of an HDE session.
 struct HdeRx {
     img: Arc<HdeImage>,
-    file: File,
     deferred: Vec<crate::hde::Deferred>,
     rejected: Vec<(u64, &'static str)>,
     pages: u64,
@@ -1491,17 +1491,15 @@ fn prepare(dir: &std::path::Path, sess: &mut RxSession, p: &Prepare) -> Result<(
     sess.journal = Some(Journal { file: jf, pending: Vec::new() });
     if hde {
         let image = crate::sys::image::SharedImage::new(&f, chunk_size).map_err(|e| storage("mapping", &part, e))?;
-        let file = f.try_clone().map_err(|e| storage("opening", &part, e))?;
         let base = if round {
             let prev = File::open(&fin).map_err(|e| storage("opening the previous round", &fin, e))?;
             Some(crate::sys::map_readonly(&prev).map_err(|e| storage("mapping the previous round", &fin, e))?)
         } else {
             None
         };
-        let wb = f.try_clone().map_err(|e| storage("opening", &part, e))?;
-        let img = Arc::new(HdeImage { image, base, fresh, file: wb, chunk: chunk_size, size: size.unwrap_or(0) });
+        let img = Arc::new(HdeImage { image, base, fresh, file: f, chunk: chunk_size, size: size.unwrap_or(0) });
         sess.out = Out::Hde(img.clone());
-        sess.hde = Some(Box::new(HdeRx { img, file, deferred: Vec::new(), rejected: Vec::new(), pages: 0, waiting: BTreeMap::new() }));
+        sess.hde = Some(Box::new(HdeRx { img, deferred: Vec::new(), rejected: Vec::new(), pages: 0, waiting: BTreeMap::new() }));
     } else {
         sess.out = Out::File(Arc::new(f));
     }
@@ -1588,9 +1586,9 @@ impl RxSession {
             }
             return Err((ErrorCode::DigestMismatch, "the whole-object digest does not match: output not published".into()));
         }
-        let file = match (&self.out, &self.hde) {
-            (Out::File(f), _) => Some(&**f),
-            (Out::Hde(_), Some(h)) => Some(&h.file),
+        let file = match &self.out {
+            Out::File(f) => Some(&**f),
+            Out::Hde(img) => Some(&img.file),
             _ => None,
         };
         if let (Some(f), Some(part), Some(fin)) = (file, &self.part, &self.fin) {
