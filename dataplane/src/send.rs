@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_queue::SegQueue;
 use thiserror::Error;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::crypto::Psk;
 use crate::handshake::{self, Conn, HandshakeError};
@@ -258,6 +258,8 @@ pub struct SendReport {
     pub wall: Duration,
     /// Streams used.
     pub streams: u16,
+    /// The session's chunk size, and whether PBA cut it from the base for a startup-bound object.
+    pub chunk_size: (u32, bool),
     /// Whether the stream count was chosen automatically.
     pub streams_auto: bool,
     /// Handshake RTT of stream 0.
@@ -940,6 +942,27 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
         None => handshake::connect(&opts.to, &opts.psk, opts.encrypt, 0, opts.idle_timeout).map_err(|e| setup(0, e))?,
     };
     let streams = opts.streams.unwrap_or_else(|| default_streams(cores, rtt)).max(1);
+    // PBA cuts a startup-bound object into smaller chunks, so that it reaches every active stream
+    // (not with --resume: the receiver keeps its journal only for the chunk size it was written
+    // with; not over RDMA, or for a QEMU stream, whose size is not known).
+    let (cut_opts, base_chunk);
+    base_chunk = opts.chunk_size;
+    let opts = if opts.control.cut_chunks && !opts.resume && !want_rdma && opts.qemu.is_none() {
+        let active = match progress.active.load(Relaxed) {
+            0 => streams,
+            a => a.min(streams),
+        };
+        let c = crate::control::pba::chunk_size(source.size(), active, opts.control.link_bps, rtt, opts.chunk_size);
+        if c != opts.chunk_size {
+            debug!(chunk = c, base = opts.chunk_size, active, "PBA cuts a startup-bound object into smaller chunks");
+            cut_opts = SendOptions { chunk_size: c, ..opts.clone() };
+            &cut_opts
+        } else {
+            opts
+        }
+    } else {
+        opts
+    };
     let hello = hello_open(&source, opts, streams, want_rdma);
     c0.write_frame(FrameType::Hello, 0, &hello.encode()).map_err(|e| setup(0, e))?;
     let (_, p) = c0.expect(FrameType::Welcome, "waiting for the receiver's welcome").map_err(|e| setup(0, e))?;
@@ -1259,6 +1282,7 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
         skipped,
         wall: t0.elapsed(),
         streams,
+        chunk_size: (opts.chunk_size, opts.chunk_size != base_chunk),
         streams_auto: opts.streams.is_none(),
         rtt,
         streams_lost: shared.lost.load(Relaxed) as u32,

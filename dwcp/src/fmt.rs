@@ -90,6 +90,9 @@ pub fn send_table(r: &SendReport, extra: &[(&str, String)]) -> String {
     } else {
         row(&mut s, "streams", format!("{}{auto} on {} pinned shard(s)", r.streams, r.shards));
     }
+    if r.chunk_size.1 {
+        row(&mut s, "chunks", format!("{} (PBA: a startup-bound object, cut to reach every stream)", bytes(u64::from(r.chunk_size.0))));
+    }
     row(&mut s, "on the wire", format!("{} payload and framing", bytes(r.sent)));
     row(&mut s, "re-sent", format!("{} chunks ({} streams lost)", r.resent_chunks, r.streams_lost));
     row(&mut s, "encryption", if r.encrypted { "AES-256-GCM, Noise NNpsk0 keys".into() } else { "off (authenticated only)".into() });
@@ -199,6 +202,7 @@ fn control_json(c: &dataplane::send::ControlReport) -> serde_json::Value {
         "initial_window_degraded": c.initial_window_degraded,
         "probe_retransmit_events": c.probe_events.0, "probe_cong_state_events": c.probe_events.1,
         "bbr_restarts": c.bbr_restarts,
+        "stream_trials": {"kept": c.stream_trials.0, "given_back": c.stream_trials.1},
         "probe_cost": c.probe_cost.iter().map(|p| json!({"program": p.name, "runs": p.runs, "run_ns": p.run_ns})).collect::<Vec<_>>(),
     })
 }
@@ -210,7 +214,7 @@ pub fn send_json(r: &SendReport, mode: Option<serde_json::Value>) -> String {
         "mode": mode,
         "name": r.name, "size": r.size, "skipped": r.skipped, "sent_bytes": r.sent,
         "wall_s": r.wall.as_secs_f64(), "goodput_gbps": gbps(moved, r.wall),
-        "streams": r.streams, "streams_auto": r.streams_auto, "rtt_us": r.rtt.as_micros() as u64,
+        "streams": r.streams, "streams_auto": r.streams_auto, "chunk_size": r.chunk_size.0, "chunk_cut": r.chunk_size.1, "rtt_us": r.rtt.as_micros() as u64,
         "shards": r.shards, "resent_chunks": r.resent_chunks, "streams_lost": r.streams_lost,
         "encrypted": r.encrypted, "send_zc": r.send_zc, "cpu_s": r.cpu.as_secs_f64(),
         "transport": r.transport, "rdma_fallback": r.rdma_fallback, "rdma_qps": r.rdma_qps,

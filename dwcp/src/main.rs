@@ -212,9 +212,10 @@ struct SendArgs {
     /// Send only what the receiver does not already hold from an earlier, interrupted transfer.
     #[arg(long)]
     resume: bool,
-    /// Chunk size (e.g. 1MiB).
-    #[arg(long, default_value = "1MiB", value_parser = fmt::parse_size)]
-    chunk_size: u64,
+    /// Chunk size (e.g. 1MiB). Default: 1 MiB, cut by PBA for an object too small to give every
+    /// active stream four chunks on a path where it takes few round trips (not with --resume).
+    #[arg(long, value_parser = fmt::parse_size)]
+    chunk_size: Option<u64>,
     /// Unacknowledged chunks allowed per stream (default 32). It must cover the socket buffers
     /// on both ends plus the bandwidth-delay product, or the stream idles waiting for
     /// acknowledgements. With --qemu the default is sized from the probe instead: QEMU paces its
@@ -412,7 +413,7 @@ fn cmd_send(a: SendArgs) -> Result<()> {
     let stream0 = early0.and_then(|h| h.join().ok()?.ok()).filter(|_| plan.encrypt);
     let mut opts = SendOptions::new(a.to.clone(), psk);
     opts.streams = Some(plan.opened);
-    opts.chunk_size = u32::try_from(a.chunk_size).context("chunk size too large")?;
+    opts.chunk_size = u32::try_from(a.chunk_size.unwrap_or(1 << 20)).context("chunk size too large")?;
     opts.encrypt = plan.encrypt;
     opts.resume = a.resume;
     opts.window = a.window.unwrap_or(32);
@@ -512,6 +513,9 @@ fn cmd_send(a: SendArgs) -> Result<()> {
         },
         cc: a.cc.clone(),
         monitor: if a.monitor == "poll" { ebpf::Want::Poll } else { ebpf::Want::Auto },
+        grow_streams: a.streams.is_none(),
+        cut_chunks: a.chunk_size.is_none(),
+        link_bps: Some(plan.report.probe.bw_bps).filter(|b| b.is_finite() && *b > 0.0),
         ..Default::default()
     };
     opts.control.initial_window = match a.initial_window.as_str() {

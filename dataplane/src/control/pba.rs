@@ -3,6 +3,9 @@
 //! parameters fitted by grid search on training traces, scored by one-step-ahead MAPE on
 //! held-out ones (`make bench-pba`). The sender feeds its choice with each interval's goodput;
 //! the prediction sets HDE's effort and is recorded in `--trace-out`.
+//!
+//! What PBA sizes from it: the session's chunk size at the open ([`chunk_size`]), the active
+//! stream count while it runs ([`StreamTrials`]), and HDE's effort (`hde::Effort`).
 
 /// The EWMA smoothing the sender's PBA runs with: what `make bench-pba` fitted on the recorded
 /// traces at the 100 ms interval (it held out three of six traces).
@@ -159,6 +162,111 @@ impl Predictor for HoltWinters {
     }
 }
 
+/// The chunk size PBA cuts a session into when the user gave none: the base size (1 MiB, the best
+/// measured on loopback: 128 KiB chunks cost 28-40% of the goodput at 20-32 Gbit/s, 2 MiB gained
+/// nothing) unless the transfer is startup-bound. A transfer is startup-bound when it lasts fewer
+/// than [`STARTUP_RTTS`] round trips at the predicted rate (or no rate is predicted yet, as on a
+/// long path, where the opening probe sends no burst) and the object is too small to give every
+/// stream [`CHUNKS_PER_STREAM`] chunks of the base size. A session's chunks are the unit its
+/// streams take, so a 4 MiB object in 1 MiB chunks uses 4 of 8 streams, and on a long path each
+/// idle stream is a first window (64 KiB under ACP) that carries nothing in the first round
+/// trips. Such an object is cut so that each stream gets that many chunks, in a power of two of
+/// at least [`MIN_CHUNK`]. Objects of unknown size (standard input) keep the base.
+pub fn chunk_size(object: Option<u64>, streams: u16, predicted_bps: Option<f64>, rtt: std::time::Duration, base: u32) -> u32 {
+    let Some(size) = object else { return base };
+    let want = u64::from(streams.max(1)) * CHUNKS_PER_STREAM;
+    if size >= want * u64::from(base) {
+        return base;
+    }
+    if let Some(bps) = predicted_bps.filter(|b| b.is_finite() && *b > 0.0) {
+        let rtts = size as f64 * 8.0 / bps / rtt.as_secs_f64().max(1e-6);
+        if rtts >= STARTUP_RTTS {
+            return base;
+        }
+    }
+    let per = (size / want).max(1);
+    // The largest power of two at or below `per`, within [MIN_CHUNK, base].
+    let pow = 1u64 << (63 - per.leading_zeros());
+    pow.clamp(u64::from(MIN_CHUNK).min(u64::from(base)), u64::from(base)) as u32
+}
+
+/// Chunks each stream gets of a startup-bound object ([`chunk_size`]).
+pub const CHUNKS_PER_STREAM: u64 = 4;
+/// The smallest chunk [`chunk_size`] cuts (a whole number of 4 KiB pages, for HDE).
+pub const MIN_CHUNK: u32 = 64 << 10;
+/// Round trips at the predicted rate below which a transfer is startup-bound ([`chunk_size`]).
+pub const STARTUP_RTTS: f64 = 20.0;
+
+/// PBA's stream count while a send runs: when the streams' own buffers hold them back (the
+/// receiver's advertised window or the sender's send buffer, per the kernel's chronographs) more
+/// than half their busy time for [`StreamTrials::AFTER`] intervals in a row, another parked
+/// stream is activated for a trial. After [`StreamTrials::TRIAL`] intervals the prediction is
+/// compared with the one the trial started from: it is kept if the predicted bandwidth rose by at
+/// least half a stream's share, and otherwise the stream is parked again and no trial starts for
+/// [`StreamTrials::BACKOFF`] intervals. On a long fat path a stream holds at most its send buffer
+/// in flight (`tcp_wmem`'s 4 MiB by default: 170 Mbit/s at 150 ms), so more streams carry more;
+/// on loopback a receiver that cannot keep up also shows as the receiver's window, and there the
+/// trial finds no gain and gives the stream back. ACP's own rule (the pace not reached with no
+/// queue) adds streams for the path's windows; this one for the hosts' buffers.
+#[derive(Debug, Clone, Default)]
+pub struct StreamTrials {
+    /// Intervals in a row the buffers held the streams back.
+    limited: u32,
+    /// The running trial: the prediction before it, the active count before it, its intervals.
+    trial: Option<(f64, u16, u32)>,
+    /// Intervals left before another trial may start.
+    backoff: u32,
+    /// Trials kept and given back.
+    pub kept: u32,
+    /// See `kept`.
+    pub given_back: u32,
+}
+
+impl StreamTrials {
+    /// Intervals in a row the buffers must limit before a trial.
+    pub const AFTER: u32 = 3;
+    /// Intervals a trial runs (a new stream's slow start on a long path takes several round trips).
+    pub const TRIAL: u32 = 15;
+    /// Intervals without a trial after one that gained nothing.
+    pub const BACKOFF: u32 = 100;
+
+    /// One interval: `predicted_bps` is PBA's prediction after it, `buffer_limited` the share of
+    /// the active streams' busy time their buffers held them back (0..=1), `active` and `opened`
+    /// the streams taking chunks and connected. Returns the active count to set, if it changes.
+    pub fn on_interval(&mut self, predicted_bps: f64, buffer_limited: f64, active: u16, opened: u16) -> Option<u16> {
+        if let Some((before, was, n)) = self.trial.as_mut() {
+            *n += 1;
+            if *n < Self::TRIAL {
+                return None;
+            }
+            let (before, was) = (*before, *was);
+            self.trial = None;
+            self.limited = 0;
+            if predicted_bps >= before * (1.0 + 0.5 / f64::from(was.max(1))) {
+                self.kept += 1;
+                return None;
+            }
+            self.given_back += 1;
+            self.backoff = Self::BACKOFF;
+            return (active > was).then_some(was);
+        }
+        if self.backoff > 0 {
+            self.backoff -= 1;
+            return None;
+        }
+        if buffer_limited <= 0.5 || predicted_bps <= 0.0 {
+            self.limited = 0;
+            return None;
+        }
+        self.limited += 1;
+        if self.limited < Self::AFTER || active == 0 || active >= opened {
+            return None;
+        }
+        self.trial = Some((predicted_bps, active, 0));
+        Some(active + 1)
+    }
+}
+
 /// One-step-ahead mean absolute percentage error of `p` (fresh) over `series`, in percent;
 /// intervals with a zero measurement are skipped (their percentage is undefined).
 pub fn mape(p: &dyn Predictor, series: &[f64]) -> f64 {
@@ -261,6 +369,62 @@ mod tests {
         let hw = mape(&HoltWinters::new(0.1, 0.05, 0.5, 20), &s);
         let last = mape(&Last::default(), &s);
         assert!(hw < last / 2.0, "holt-winters {hw} vs last {last}");
+    }
+
+    #[test]
+    fn a_startup_bound_object_is_cut_to_reach_every_stream_and_a_long_one_is_not() {
+        use std::time::Duration;
+        const MIB: u64 = 1 << 20;
+        let (base, ms150) = (1 << 20, Duration::from_millis(150));
+        // 16 MiB over 8 streams, no rate predicted (a long path): 512 KiB, 4 chunks a stream.
+        assert_eq!(chunk_size(Some(16 * MIB), 8, None, ms150, base), 512 << 10);
+        // Large enough for 4 chunks of 1 MiB on every stream: the base.
+        assert_eq!(chunk_size(Some(32 * MIB), 8, None, ms150, base), base);
+        // Small but long at the predicted rate (100 ms on a 50 µs path): the base.
+        assert_eq!(chunk_size(Some(16 * MIB), 8, Some(1.3e9), Duration::from_micros(50), base), base);
+        // Small and short at the predicted rate (16 MiB at 1 Gbit/s is under one 150 ms trip).
+        assert_eq!(chunk_size(Some(16 * MIB), 8, Some(1e9), ms150, base), 512 << 10);
+        // Tiny objects stop at the floor; a smaller base than the floor is kept; stdin keeps it.
+        assert_eq!(chunk_size(Some(100_000), 8, None, ms150, base), MIN_CHUNK);
+        assert_eq!(chunk_size(Some(100_000), 8, None, ms150, 4096), 4096);
+        assert_eq!(chunk_size(None, 8, None, ms150, base), base);
+        // Always a power of two (a whole number of pages): 24 MiB / 32 = 768 KiB -> 512 KiB.
+        assert_eq!(chunk_size(Some(24 * MIB), 8, None, ms150, base), 512 << 10);
+    }
+
+    #[test]
+    fn a_stream_trial_is_kept_when_the_prediction_rises_and_given_back_when_not() {
+        let mut t = StreamTrials::default();
+        // Buffer-limited three intervals in a row at 4 of 8 streams: a fifth is tried.
+        assert_eq!(t.on_interval(4e8, 0.9, 4, 8), None);
+        assert_eq!(t.on_interval(4e8, 0.9, 4, 8), None);
+        assert_eq!(t.on_interval(4e8, 0.9, 4, 8), Some(5));
+        // The trial's intervals decide nothing until it ends; a rise of a stream's share keeps it.
+        for _ in 1..StreamTrials::TRIAL {
+            assert_eq!(t.on_interval(5e8, 0.9, 5, 8), None);
+        }
+        assert_eq!(t.on_interval(5e8, 0.9, 5, 8), None);
+        assert_eq!((t.kept, t.given_back), (1, 0));
+        // The next trial gains nothing (a receiver that cannot keep up): the stream goes back.
+        for _ in 0..2 {
+            assert_eq!(t.on_interval(5e8, 0.9, 5, 8), None);
+        }
+        assert_eq!(t.on_interval(5e8, 0.9, 5, 8), Some(6));
+        for _ in 1..StreamTrials::TRIAL {
+            assert_eq!(t.on_interval(5.1e8, 0.9, 6, 8), None);
+        }
+        assert_eq!(t.on_interval(5.1e8, 0.9, 6, 8), Some(5));
+        assert_eq!((t.kept, t.given_back), (1, 1));
+        // Then it waits out its backoff however limited the streams are.
+        for _ in 0..StreamTrials::BACKOFF {
+            assert_eq!(t.on_interval(5e8, 1.0, 5, 8), None);
+        }
+        // Not limited, or no parked stream left: nothing.
+        let mut t = StreamTrials::default();
+        for _ in 0..10 {
+            assert_eq!(t.on_interval(5e8, 0.3, 4, 8), None);
+            assert_eq!(t.on_interval(5e8, 1.0, 8, 8), None);
+        }
     }
 
     #[test]

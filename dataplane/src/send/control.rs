@@ -12,7 +12,7 @@ use tracing::{debug, info, warn};
 
 use super::Shared;
 use crate::control::acp::AcpKind;
-use crate::control::pba::{Ewma, Predictor};
+use crate::control::pba::{Ewma, Predictor, StreamTrials};
 use crate::control::{Observation, StreamSample};
 
 /// Path control of a send.
@@ -32,6 +32,14 @@ pub struct ControlOptions {
     /// The streams' first congestion window, bytes (None: the kernel's ten segments). Set by an
     /// eBPF sockops program before they connect ([`FIRST_WINDOW`] under ACP by default).
     pub initial_window: Option<u32>,
+    /// PBA activates parked streams while the streams' buffers hold them back
+    /// ([`crate::control::pba::StreamTrials`]); off when the user fixed the stream count.
+    pub grow_streams: bool,
+    /// PBA cuts the chunk size of a startup-bound object ([`crate::control::pba::chunk_size`]);
+    /// off when the user gave one.
+    pub cut_chunks: bool,
+    /// The opening probe's bandwidth estimate, bit/s: PBA's prediction before any interval.
+    pub link_bps: Option<f64>,
 }
 
 /// The first window `--initial-window auto` gives the streams under ACP: 64 KiB, the most a
@@ -42,7 +50,17 @@ pub const FIRST_WINDOW: u32 = 64 * 1024;
 
 impl Default for ControlOptions {
     fn default() -> Self {
-        Self { acp: AcpKind::Off, cc: None, monitor: ebpf::Want::Auto, interval: Duration::from_millis(100), trace: None, initial_window: None }
+        Self {
+            acp: AcpKind::Off,
+            cc: None,
+            monitor: ebpf::Want::Auto,
+            interval: Duration::from_millis(100),
+            trace: None,
+            initial_window: None,
+            grow_streams: false,
+            cut_chunks: false,
+            link_bps: None,
+        }
     }
 }
 
@@ -133,6 +151,8 @@ pub struct ControlReport {
     pub bbr_restarts: u64,
     /// The probe programs' runs and run time (nonzero only while BPF statistics are on).
     pub probe_cost: Vec<ebpf::ProgCost>,
+    /// PBA's stream trials: kept, given back ([`crate::control::pba::StreamTrials`]).
+    pub stream_trials: (u32, u32),
     /// What the first-window program did (None when it was not asked for or could not load).
     pub initial_window: Option<ebpf::WindowReport>,
     /// Why the streams kept the kernel's first window although another was asked for.
@@ -252,6 +272,7 @@ pub(super) fn run(socks: Vec<OwnedFd>, opts: &ControlOptions, shared: &Shared, c
     let idx: Vec<usize> = socks.iter().map(|s| mon.watch(s.as_fd())).collect();
     let mut acp = opts.acp.build(socks.len() as u16);
     let mut pba = Ewma::new(crate::control::pba::SEND_ALPHA);
+    let mut trials = opts.grow_streams.then(StreamTrials::default);
     let mut report = ControlReport {
         backend: mon.backend(),
         degraded: mon.degraded().map(str::to_string),
@@ -308,7 +329,9 @@ pub(super) fn run(socks: Vec<OwnedFd>, opts: &ControlOptions, shared: &Shared, c
         // time their windows or pace held them, as against the receiver's window, their send
         // buffers or nothing to send (a receiver writing to a slow disk stalls a loopback
         // transfer; that says nothing of the path).
-        let (mut watched, mut path) = (0u64, 0u64);
+        // And how much of their busy time their own buffers held them back (the receiver's
+        // window or the send buffer): what PBA's stream trials go by.
+        let (mut watched, mut path, mut busy, mut buffers) = (0u64, 0u64, 0u64, 0u64);
         for (k, t) in times.into_iter().enumerate() {
             let Some(now_t) = t else { continue };
             if let Some(p) = last_time[k].replace(now_t)
@@ -316,8 +339,11 @@ pub(super) fn run(socks: Vec<OwnedFd>, opts: &ControlOptions, shared: &Shared, c
             {
                 watched += (dt * 1e6) as u64;
                 path += now_t.path_limited_us().saturating_sub(p.path_limited_us()).min((dt * 1e6) as u64);
+                busy += now_t.busy_us.saturating_sub(p.busy_us);
+                buffers += (now_t.rwnd_limited_us + now_t.sndbuf_limited_us).saturating_sub(p.rwnd_limited_us + p.sndbuf_limited_us);
             }
         }
+        let buffer_limited = if busy > 0 { (buffers as f64 / busy as f64).min(1.0) } else { 0.0 };
         shared.progress.watched_us.fetch_add(watched, Relaxed);
         shared.progress.path_limited_us.fetch_add(path, Relaxed);
         mon.drain(&mut events);
@@ -350,9 +376,20 @@ pub(super) fn run(socks: Vec<OwnedFd>, opts: &ControlOptions, shared: &Shared, c
         let predicted = pba.predict().unwrap_or(0.0);
         shared.progress.predicted_bps.store(predicted as u64, Relaxed);
         let mut pacing = 0.0;
+        if let Some(t) = trials.as_mut()
+            && let Some(n) = t.on_interval(predicted, buffer_limited, o.active() as u16, socks.len() as u16)
+        {
+            debug!(streams = n, buffer_limited, predicted_bps = predicted, "PBA sets the active streams");
+            shared.progress.active.store(n, Relaxed);
+        }
         if let Some(c) = acp.as_mut() {
             let d = c.on_interval(&o);
-            if let Some(n) = d.streams {
+            // PBA may have activated as many this interval (0: all are active already).
+            let now_active = shared.progress.active.load(Relaxed);
+            if let Some(n) = d.streams
+                && now_active != 0
+                && n > now_active
+            {
                 debug!(streams = n, "ACP activates another stream");
                 shared.progress.active.store(n, Relaxed);
             }
@@ -384,6 +421,7 @@ pub(super) fn run(socks: Vec<OwnedFd>, opts: &ControlOptions, shared: &Shared, c
     }
     report.probe_cost = mon.cost();
     report.bbr_restarts = restarts.map_or(0, |r| r.done);
+    report.stream_trials = trials.map_or((0, 0), |t| (t.kept, t.given_back));
     report.min_rtt_us = if min_rtt.is_finite() { min_rtt } else { 0.0 };
     report.mean_srtt_us = if srtt_n > 0 { srtt_sum / f64::from(srtt_n) } else { 0.0 };
     report
