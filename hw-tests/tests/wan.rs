@@ -434,3 +434,40 @@ fn probes_and_acp_on_a_lossy_link() {
         assert!(rows.iter().all(|r| r[2] >= 0.0 && r[2] < 400e6), "goodput above the 200 Mbit/s link: {}", t.display());
     }
 }
+
+/// PBA's stream trials on a path where the sender's buffers, not the link, hold the streams
+/// back: 1 Gbit/s and 50 ms with the sender's `tcp_wmem` capped at 512 KiB (per namespace: what a
+/// 10 Gbit/s path is to Linux's default 4 MiB, scaled to the rig's rate), so each stream carries
+/// at most about 60 Mbit/s. ACP is off, so PBA alone adds streams; the trace must show more
+/// active streams than the transfer started with, trials kept, and the transfer verified.
+#[test]
+fn pba_activates_streams_while_the_send_buffers_limit_them() {
+    let _g = RIG.lock().unwrap_or_else(|e| e.into_inner());
+    require();
+    let (dwcp, dir, key) = dwcp_dir_and_key();
+    let _w = Wan::up(&["--rtt", "50ms", "--rate", "1gbit", "--loss", "0%", "--queue", "1bdp"]);
+    let st = ns("dwcp-a", &["sysctl", "-w", "net.ipv4.tcp_wmem=4096 16384 524288"]).stdout(Stdio::null()).status().unwrap();
+    assert!(st.success(), "sysctl tcp_wmem in dwcp-a");
+    let (d, k) = (dwcp.to_str().unwrap(), key.to_str().unwrap());
+    let mut rx = ns("dwcp-b", &[d, "recv", "--listen", "10.77.0.2:7470", "--discard", "--no-encrypt", "--key-file", k]).stderr(Stdio::null()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let trace = dir.join("pba.csv");
+    let args =
+        [d, "send", "gen:400M", "--name", "pba", "--json", "--to", "10.77.0.2:7470", "--key-file", k, "--no-encrypt", "--hde", "off", "--acp", "off", "--trace-out", trace.to_str().unwrap()];
+    let out = ns("dwcp-a", &args).output().unwrap();
+    let _ = rx.kill();
+    let _ = rx.wait();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let j: Value = serde_json::from_slice(&out.stdout).expect("send --json");
+    assert_eq!(j["verified"], true, "{j}");
+    let (m, c) = (&j["mode"], &j["control"]);
+    eprintln!("mode: {m}\ncontrol: {c}\nwall {} s", j["wall_s"]);
+    let (opened, active) = (m["opened"].as_u64().unwrap(), m["active"].as_u64().unwrap());
+    assert!(opened > active, "a 50 ms path opens room for PBA's trials: {m}");
+    let kept = c["stream_trials"]["kept"].as_u64().unwrap();
+    assert!(kept >= 1, "the send buffers held the streams back, and another stream carried more: {c}");
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let most = text.lines().skip(1).filter_map(|l| l.split(',').nth(7)?.parse::<u64>().ok()).max().unwrap();
+    assert!(most > active, "the trace shows {most} active streams at most, started with {active}");
+    record("pba_stream_trials", serde_json::json!({"wall_s": j["wall_s"], "opened": opened, "started": active, "most_active": most, "trials": c["stream_trials"]}));
+}
