@@ -13,7 +13,15 @@
 //! dwcp's goodput is taken over its data phase (its `--trace-out` intervals), as iperf3's is
 //! over its `-t` seconds: neither counts connection setup.
 //!
-//!   bench-wan [--secs 15] [--streams 8] [--profiles 1g_50ms,200m_150ms,clean_1g_50ms] [--alone-only]
+//! A fourth section, `pba`, measures what PBA sizes, each against the fixed choice in the same
+//! run: the active stream count on 1 Gbit/s, 50 ms, no loss with the sender's `tcp_wmem` capped
+//! at 512 KiB (what a 10 Gbit/s path is to Linux's default 4 MiB, at the rig's rate), where each
+//! stream carries at most about 60 Mbit/s: `dwcp` with PBA's stream trials (auto stream count,
+//! ACP off, and with ACP) against `--streams 7` (the count auto starts with) and `iperf3 -P 7`
+//! with bbr; and the chunk size of small objects (4 and 16 MiB) at 200 Mbit/s, 150 ms, 1% loss:
+//! PBA's cut against `--chunk-size 1MiB`, five runs each, median wall time.
+//!
+//!   bench-wan [--secs 15] [--streams 8] [--profiles 1g_50ms,200m_150ms,clean_1g_50ms,pba] [--alone-only]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -180,6 +188,123 @@ fn run_case(env: &Env, p: &Profile, case: &str, compete: bool) -> Run {
     run
 }
 
+/// Brings the rig up with `args`, and a discarding receiver; both go with the guard.
+fn rig(env: &Env, args: &[&str]) -> (Proc, Down) {
+    let up = Command::new(env.root.join("hw-tests/wan")).arg("up").args(args).output().expect("hw-tests/wan up");
+    if !up.status.success() {
+        die(&format!("hw-tests/wan up: {}", String::from_utf8_lossy(&up.stderr)));
+    }
+    let rx = Proc(
+        in_ns(B, &env.dwcp)
+            .args(["recv", "--listen", &format!("{ADDR_B}:7470"), "--discard", "--no-encrypt", "--key-file"])
+            .arg(&env.key)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dwcp recv"),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    (rx, Down(env.root.clone()))
+}
+
+/// Takes the rig down when dropped.
+struct Down(PathBuf);
+
+impl Drop for Down {
+    fn drop(&mut self) {
+        let _ = Command::new(self.0.join("hw-tests/wan")).arg("down").status();
+    }
+}
+
+/// One `dwcp send` to the rig's receiver with `extra` arguments, run to its end: its `--json`.
+fn dwcp_send(env: &Env, object: &str, name: &str, extra: &[&str], trace: Option<&Path>) -> Value {
+    let mut c = in_ns(A, &env.dwcp);
+    c.args(["send", object, "--name", name, "--to", &format!("{ADDR_B}:7470"), "--key-file"]).arg(&env.key);
+    c.args(["--no-encrypt", "--hde", "off", "--json"]).args(extra);
+    if let Some(t) = trace {
+        let _ = std::fs::remove_file(t);
+        c.arg("--trace-out").arg(t);
+    }
+    let out = c.output().expect("dwcp send");
+    if !out.status.success() {
+        die(&format!("dwcp send {name}: {}", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")));
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| die(&format!("dwcp send {name} --json: {e}")));
+    if v["verified"] != true {
+        die(&format!("dwcp send {name}: not verified"));
+    }
+    v
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
+}
+
+/// The `pba` section (see the top of this file): its figures go into `figures`, its table is returned.
+fn pba_sizing(env: &Env, figures: &mut serde_json::Map<String, Value>) -> Vec<String> {
+    let mut lines = vec!["".to_string(), "PBA sizing, each against the fixed choice in the same run:".to_string()];
+    // Streams: the sender's buffers limit each stream.
+    {
+        let (_rx, _down) = rig(env, &["--rtt", "50ms", "--rate", "1000mbit", "--loss", "0%", "--queue", "1bdp"]);
+        let st = in_ns(A, Path::new("sysctl")).args(["-w", "net.ipv4.tcp_wmem=4096 16384 524288"]).stdout(Stdio::null()).status().expect("sysctl");
+        if !st.success() {
+            die("sysctl net.ipv4.tcp_wmem in dwcp-a");
+        }
+        let size = format!("gen:{}", (1e9 / 8.0 * env.secs as f64 * 0.6) as u64);
+        let mut utils = serde_json::Map::new();
+        lines.push("  streams, 1 Gbit/s, 50 ms, no loss, sender's tcp_wmem max 512 KiB:".into());
+        let cases: [(&str, &[&str]); 3] =
+            [("fixed 7 streams, ACP off", &["--streams", "7", "--acp", "off"]), ("PBA trials, ACP off", &["--acp", "off"]), ("PBA trials with ACP", &[])];
+        for (k, (label, extra)) in cases.iter().enumerate() {
+            let trace = env.tmp.join(format!("pba-streams-{k}.csv"));
+            let v = dwcp_send(env, &size, &format!("pba-streams-{k}"), extra, Some(&trace));
+            let t = Trace::read(&trace);
+            let most = std::fs::read_to_string(&trace).unwrap_or_default().lines().filter_map(dataplane::send::TraceRow::parse).map(|r| r.active).max().unwrap_or(0);
+            let util = t.goodput_bps / 1e9;
+            let trials = &v["control"]["stream_trials"];
+            lines.push(format!("    {label:<26} util {util:.3}  wall {:>6.2} s  streams at most {most:>2}  trials kept {} given back {}", v["wall_s"].as_f64().unwrap_or(0.0), trials["kept"], trials["given_back"]));
+            utils.insert(["fixed", "trials", "trials_acp"][k].into(), json!({"util": util, "wall_s": v["wall_s"], "most_active": most, "trials": trials}));
+        }
+        let out = iperf3_client(env, 5201, 7, "bbr", env.secs);
+        let server = Proc(in_ns(B, Path::new("iperf3")).args(["-s", "-p", "5201"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("iperf3 -s"));
+        std::thread::sleep(Duration::from_millis(300));
+        let mut out = out;
+        let r = parse_iperf3(&out.output().expect("iperf3"));
+        drop(server);
+        let peer = r.as_ref().map(|r| r.0 / 1e9).unwrap_or(0.0);
+        lines.push(format!("    {:<26} util {peer:.3}", "iperf3 -P 7 -C bbr"));
+        utils.insert("iperf3_bbr_7".into(), json!(peer));
+        let u = |k: &str| utils.get(k).and_then(|v| v["util"].as_f64()).unwrap_or(0.0);
+        figures.insert("pba_streams_speedup".into(), json!(u("trials") / u("fixed").max(1e-9)));
+        figures.insert("pba_streams_util_trials".into(), json!(u("trials")));
+        figures.insert("pba_streams_util_fixed".into(), json!(u("fixed")));
+        figures.insert("pba_streams_util_iperf3_bbr_7".into(), json!(peer));
+        figures.insert("pba_streams".into(), Value::Object(utils));
+    }
+    // Chunks: small objects on a long lossy path.
+    {
+        let (_rx, _down) = rig(env, &["--rtt", "150ms", "--rate", "200mbit", "--loss", "1%", "--queue", "1bdp"]);
+        lines.push("  chunks, 200 Mbit/s, 150 ms, 1% loss, 8 streams, median of 5 wall times:".into());
+        for size in ["4MiB", "16MiB"] {
+            let (mut cut, mut fixed, mut chunk) = (Vec::new(), Vec::new(), 0);
+            for k in 0..5 {
+                let v = dwcp_send(env, &format!("gen:{size}"), &format!("pba-chunk-{size}-{k}"), &["--mode", "internet", "--streams", "8"], None);
+                cut.push(v["wall_s"].as_f64().unwrap_or(0.0));
+                chunk = v["chunk_size"].as_u64().unwrap_or(0);
+                let v = dwcp_send(env, &format!("gen:{size}"), &format!("pba-chunk-{size}-{k}-1m"), &["--mode", "internet", "--streams", "8", "--chunk-size", "1MiB"], None);
+                fixed.push(v["wall_s"].as_f64().unwrap_or(0.0));
+            }
+            let (c, f) = (median(cut.clone()), median(fixed.clone()));
+            lines.push(format!("    {size:<6} PBA's {} KiB chunks {c:.3} s, 1 MiB chunks {f:.3} s: {:.2}x", chunk >> 10, f / c.max(1e-9)));
+            let key = size.to_lowercase().replace("mib", "m");
+            figures.insert(format!("pba_chunk_speedup_{key}"), json!(f / c.max(1e-9)));
+            figures.insert(format!("pba_chunk_{key}"), json!({"chunk": chunk, "cut_s": cut, "fixed_1mib_s": fixed}));
+        }
+    }
+    lines
+}
+
 /// What a `--trace-out` file says about a run.
 struct Trace {
     rows: usize,
@@ -219,14 +344,14 @@ const CASES: [&str; 8] = ["dwcp-acp-delay", "dwcp-acp-delay-iw10", "dwcp-acp-bbr
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let (mut secs, mut streams, mut profiles, mut alone_only) = (15u64, 8u16, "1g_50ms,200m_150ms,clean_1g_50ms".to_string(), false);
+    let (mut secs, mut streams, mut profiles, mut alone_only) = (15u64, 8u16, "1g_50ms,200m_150ms,clean_1g_50ms,pba".to_string(), false);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--secs" => secs = args.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| die("--secs N")),
             "--streams" => streams = args.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| die("--streams N")),
             "--profiles" => profiles = args.next().unwrap_or_else(|| die("--profiles LIST")),
             "--alone-only" => alone_only = true,
-            _ => die(&format!("unknown argument {a}; usage: bench-wan [--secs 15] [--streams 8] [--profiles 1g_50ms,200m_150ms,clean_1g_50ms] [--alone-only]")),
+            _ => die(&format!("unknown argument {a}; usage: bench-wan [--secs 15] [--streams 8] [--profiles 1g_50ms,200m_150ms,clean_1g_50ms,pba] [--alone-only]")),
         }
     }
     if !ebpf::sys::is_root() {
@@ -353,6 +478,7 @@ fn main() {
             figures.insert(format!("acp_share_vs_cubic_{name}"), json!(v));
         }
     }
+    let pba_lines = if profiles.split(',').any(|n| n == "pba") { pba_sizing(&env, &mut figures) } else { Vec::new() };
     figures.insert("secs".into(), json!(secs));
     figures.insert("streams".into(), json!(streams));
 
@@ -365,6 +491,9 @@ fn main() {
             j.map_or("-".into(), |v| format!("{v:.3}")),
             sh.map_or("-".into(), |v| format!("{v:.2}"))
         );
+    }
+    for l in &pba_lines {
+        println!("{l}");
     }
     let out = Value::Object(figures).to_string();
     std::fs::write(env.root.join("target/bench/wan.json"), &out).expect("target/bench/wan.json");
