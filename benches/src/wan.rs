@@ -263,7 +263,12 @@ fn pba_sizing(env: &Env, figures: &mut serde_json::Map<String, Value>) -> Vec<St
             let most = std::fs::read_to_string(&trace).unwrap_or_default().lines().filter_map(dataplane::send::TraceRow::parse).map(|r| r.active).max().unwrap_or(0);
             let util = t.goodput_bps / 1e9;
             let trials = &v["control"]["stream_trials"];
-            lines.push(format!("    {label:<26} util {util:.3}  wall {:>6.2} s  streams at most {most:>2}  trials kept {} given back {}", v["wall_s"].as_f64().unwrap_or(0.0), trials["kept"], trials["given_back"]));
+            lines.push(format!(
+                "    {label:<26} util {util:.3}  wall {:>6.2} s  streams at most {most:>2}  trials kept {} given back {}",
+                v["wall_s"].as_f64().unwrap_or(0.0),
+                trials["kept"],
+                trials["given_back"]
+            ));
             utils.insert(["fixed", "trials", "trials_acp"][k].into(), json!({"util": util, "wall_s": v["wall_s"], "most_active": most, "trials": trials}));
         }
         let out = iperf3_client(env, 5201, 7, "bbr", env.secs);

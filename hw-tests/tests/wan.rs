@@ -452,8 +452,25 @@ fn pba_activates_streams_while_the_send_buffers_limit_them() {
     let mut rx = ns("dwcp-b", &[d, "recv", "--listen", "10.77.0.2:7470", "--discard", "--no-encrypt", "--key-file", k]).stderr(Stdio::null()).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let trace = dir.join("pba.csv");
-    let args =
-        [d, "send", "gen:400M", "--name", "pba", "--json", "--to", "10.77.0.2:7470", "--key-file", k, "--no-encrypt", "--hde", "off", "--acp", "off", "--trace-out", trace.to_str().unwrap()];
+    let args = [
+        d,
+        "send",
+        "gen:400M",
+        "--name",
+        "pba",
+        "--json",
+        "--to",
+        "10.77.0.2:7470",
+        "--key-file",
+        k,
+        "--no-encrypt",
+        "--hde",
+        "off",
+        "--acp",
+        "off",
+        "--trace-out",
+        trace.to_str().unwrap(),
+    ];
     let out = ns("dwcp-a", &args).output().unwrap();
     let _ = rx.kill();
     let _ = rx.wait();
