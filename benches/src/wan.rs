@@ -11,7 +11,9 @@
 //! (dwcp: its monitor; iperf3: its mean_rtt / min_rtt), Jain fairness against the competitor.
 //!
 //! dwcp's goodput is taken over its data phase (its `--trace-out` intervals), as iperf3's is
-//! over its `-t` seconds: neither counts connection setup.
+//! over its `-t` seconds: neither counts connection setup. Every link runs the same number of
+//! round trips (`--secs` per 50 ms of RTT: 15 s at 50 ms, 45 s at 150 ms), so startup weighs
+//! the same on each.
 //!
 //! A fourth section, `pba`, measures what PBA sizes, each against the fixed choice in the same
 //! run: the active stream count on 1 Gbit/s, 50 ms, no loss with the sender's `tcp_wmem` capped
@@ -40,6 +42,17 @@ struct Profile {
     rate_bps: f64,
     rtt: &'static str,
     loss: &'static str,
+}
+
+impl Profile {
+    /// A run's length: `base` seconds per 50 ms of RTT (at least `base`), so that every profile
+    /// runs the same number of round trips (300 at the default 15 s) and startup, which lasts a
+    /// number of round trips, weighs the same in each: 15 s on the 50 ms links, 45 s on the
+    /// 150 ms one, where 15 s gave startup three times the weight.
+    fn secs(&self, base: u64) -> u64 {
+        let ms: u64 = self.rtt.trim_end_matches("ms").parse().unwrap_or(50);
+        base * ms.div_ceil(50).max(1)
+    }
 }
 
 const PROFILES: [Profile; 3] = [
@@ -92,8 +105,9 @@ fn parse_iperf3(out: &std::process::Output) -> Result<(f64, u64, f64), String> {
 
 /// Runs a case, with the competing flow if `compete`.
 fn run_case(env: &Env, p: &Profile, case: &str, compete: bool) -> Run {
+    let secs = p.secs(env.secs);
     let competitor = compete.then(|| {
-        let mut c = iperf3_client(env, 5202, 1, "cubic", env.secs);
+        let mut c = iperf3_client(env, 5202, 1, "cubic", secs);
         c.stdout(Stdio::piped()).stderr(Stdio::piped());
         c.spawn().unwrap_or_else(|e| die(&format!("iperf3: {e}")))
     });
@@ -104,7 +118,7 @@ fn run_case(env: &Env, p: &Profile, case: &str, compete: bool) -> Run {
                 "iperf3-bbr" => (env.streams, "bbr"),
                 _ => (1, "cubic"),
             };
-            let out = iperf3_client(env, 5201, n, cc, env.secs).output().expect("iperf3");
+            let out = iperf3_client(env, 5201, n, cc, secs).output().expect("iperf3");
             match parse_iperf3(&out) {
                 Ok((bps, retrans, inflation)) => Run { goodput_bps: bps, retrans, inflation, ..Default::default() },
                 Err(e) => Run { note: e, ..Default::default() },
@@ -119,7 +133,7 @@ fn run_case(env: &Env, p: &Profile, case: &str, compete: bool) -> Run {
                 _ => ("off", Some("cubic")),
             };
             // Enough bytes for the run at link rate; the run ends at `secs` either way.
-            let size = (p.rate_bps / 8.0 * env.secs as f64) as u64;
+            let size = (p.rate_bps / 8.0 * secs as f64) as u64;
             let trace = env.tmp.join(format!("{}-{case}-{compete}.csv", p.name));
             let mut c = in_ns(A, &env.dwcp);
             // Each run its own name: a stopped run's session lingers at the receiver until it times out.
@@ -138,7 +152,7 @@ fn run_case(env: &Env, p: &Profile, case: &str, compete: bool) -> Run {
             let child = Proc(c.spawn().expect("dwcp send"));
             let pid = child.0.id();
             // Stop it at `secs` of data (plus setup); a transfer that finishes earlier just ends.
-            let limit = Duration::from_secs(env.secs + 3);
+            let limit = Duration::from_secs(secs + 3);
             let t = std::time::Instant::now();
             let mut child = child;
             let status = loop {
@@ -459,6 +473,13 @@ fn main() {
         if let (Some(a), Some(c)) = (acp.first(), cubic.first()) {
             retrans_ratio = retrans_ratio.max(a.4 as f64 / (c.4 as f64).max(1.0));
             inflation = inflation.max(a.5);
+            // Per link, and per byte delivered: under random loss every sender retransmits about
+            // the link's loss rate of what it sends, so the raw count follows the goodput; only
+            // on the clean link is every retransmit the sender's own doing.
+            figures.insert(format!("retrans_ratio_vs_iperf3_{}", p.name), json!(a.4 as f64 / (c.4 as f64).max(1.0)));
+            let per_gb = |util: f64, retrans: u64| retrans as f64 / (util * p.rate_bps / 8.0 * p.secs(secs) as f64 / 1e9).max(1e-9);
+            figures.insert(format!("retrans_per_gb_acp_{}", p.name), json!(per_gb(a.3, a.4)));
+            figures.insert(format!("retrans_per_gb_iperf3_cubic_{}", p.name), json!(per_gb(c.3, c.4)));
         }
         if let Some(v) = pick(&|r| r.0 == p.name && r.1 && r.2 == "dwcp-acp-delay").first().and_then(|r| r.7) {
             share_dev = share_dev.max((v / 0.5 - 1.0).abs());
@@ -485,9 +506,15 @@ fn main() {
     }
     let pba_lines = if profiles.split(',').any(|n| n == "pba") { pba_sizing(&env, &mut figures) } else { Vec::new() };
     figures.insert("secs".into(), json!(secs));
+    for p in PROFILES.iter().filter(|p| profiles.split(',').any(|n| n == p.name)) {
+        figures.insert(format!("secs_{}", p.name), json!(p.secs(secs)));
+    }
     figures.insert("streams".into(), json!(streams));
 
-    println!("bench-wan: {} streams each, {} s per run, queue of one BDP; util = goodput / link rate (payload ceiling about 0.956)", streams, secs);
+    println!(
+        "bench-wan: {} streams each, {} s per run per 50 ms of RTT (the same round trips on every link), queue of one BDP; util = goodput / link rate (payload ceiling about 0.956)",
+        streams, secs
+    );
     println!("{:<11} {:<9} {:<19} {:>6} {:>9} {:>9} {:>6} {:>6}", "link", "case", "sender", "util", "retrans", "srtt/min", "jain", "share");
     for (p, c, case, u, rt, inf, j, sh) in &table {
         println!(
