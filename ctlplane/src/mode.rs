@@ -229,16 +229,17 @@ pub fn defaults(mode: Mode, rdma_present: bool, cores: usize, rtt: Option<Durati
 /// defaults (the internet count taken at 50 ms or the measured RTT, whichever is longer), so a
 /// switch only parks or unparks streams and never reconnects.
 ///
-/// On a long path it also opens room for PBA's stream trials (`dataplane::control::pba::
-/// StreamTrials`): twice the internet count at the measured RTT, up to 32. A stream holds at most
+/// With `trials`, on a long path it also opens room for PBA's stream trials (`dataplane::control::
+/// pba::StreamTrials`): twice the internet count at the measured RTT, up to 32. A stream holds at most
 /// its send buffer in flight, so on a fat long path the RTT's count can be too few, and what
 /// carries more then is another stream already connected (on a 150 ms path connecting one costs
-/// two round trips).
-pub fn streams_to_open(rdma_present: bool, cores: usize, rtt: Duration) -> u16 {
+/// two round trips). Not for a producer-paced stream (standard input, a QEMU migration), whose
+/// pace the stream count does not set.
+pub fn streams_to_open(rdma_present: bool, cores: usize, rtt: Duration, trials: bool) -> u16 {
     let dc = defaults(Mode::Datacenter, rdma_present, cores, Some(rtt)).streams;
     let inet = defaults(Mode::Internet, rdma_present, cores, Some(rtt.max(Duration::from_millis(50)))).streams;
-    let trials = defaults(Mode::Internet, rdma_present, cores, Some(rtt)).streams.saturating_mul(2).min(32);
-    dc.max(inet).max(trials)
+    let room = if trials { defaults(Mode::Internet, rdma_present, cores, Some(rtt)).streams.saturating_mul(2).min(32) } else { 0 };
+    dc.max(inet).max(room)
 }
 
 /// What the live controller decided.
@@ -409,11 +410,14 @@ mod tests {
     fn live_controller_switches_a_running_transfer_once() {
         // A transfer opens 7 streams on 2 cores at 0.1 ms in datacenter mode (4 active); after
         // 5 s the path turns into a 40 ms, 400 Mbit/s one.
-        let opened = streams_to_open(false, 2, Duration::from_micros(100));
+        let opened = streams_to_open(false, 2, Duration::from_micros(100), true);
         assert_eq!(opened, 7);
         // Room for PBA's trials on long paths: 2 x 7 at 50 ms, and at most 32.
-        assert_eq!(streams_to_open(false, 2, Duration::from_millis(50)), 14);
-        assert_eq!(streams_to_open(false, 2, Duration::from_millis(150)), 32);
+        assert_eq!(streams_to_open(false, 2, Duration::from_millis(50), true), 14);
+        assert_eq!(streams_to_open(false, 2, Duration::from_millis(150), true), 32);
+        // Without trials (a producer-paced stream), either mode's count only.
+        assert_eq!(streams_to_open(false, 2, Duration::from_millis(50), false), 7);
+        assert_eq!(streams_to_open(false, 2, Duration::from_millis(150), false), 17);
         let mut live = Live::new(Thresholds::default(), Mode::Datacenter, false, 2, opened);
         assert_eq!(live.active_for(Mode::Datacenter, Duration::from_micros(100)), 4);
         let (mut acked, mut decisions) = (0u64, Vec::new());

@@ -75,7 +75,8 @@ fn name(m: Mode) -> &'static str {
 }
 
 /// Probes the receiver and decides. `forced`: `--mode datacenter|internet` (no live switching);
-/// `streams`: `--streams` (fixed, never parked); `encrypt`: `--encrypt`/`--no-encrypt`.
+/// `streams`: `--streams` (fixed, never parked); `encrypt`: `--encrypt`/`--no-encrypt`;
+/// `trials`: open room for PBA's stream trials (`mode::streams_to_open`).
 #[allow(clippy::too_many_arguments)]
 pub fn plan(
     to: &str,
@@ -86,6 +87,7 @@ pub fn plan(
     encrypt: Option<bool>,
     cores: usize,
     rdma_here: bool,
+    trials: bool,
 ) -> anyhow::Result<Plan> {
     // Three RTT samples (the key exchange, the Welcome, which also says whether plaintext is
     // allowed, and one ping), up to five more pings while none was within the datacenter
@@ -107,7 +109,7 @@ pub fn plan(
     let (opened, active) = match (streams, forced) {
         (Some(n), _) => (n.max(1), n.max(1)),
         (None, Some(_)) => (d.streams, d.streams),
-        (None, None) => (mode::streams_to_open(false, cores, est.rtt_min), d.streams),
+        (None, None) => (mode::streams_to_open(false, cores, est.rtt_min, trials), d.streams),
     };
     let (enc, why) = match encrypt {
         Some(e) => (e, if e { "on (--encrypt)" } else { "off (--no-encrypt, or --transport rdma)" }.to_string()),

@@ -409,7 +409,10 @@ fn cmd_send(a: SendArgs) -> Result<()> {
         let (to, psk, idle) = (a.to.clone(), psk.clone(), a.idle_timeout);
         std::thread::spawn(move || dataplane::handshake::connect(&to, &psk, true, 0, idle))
     });
-    let mut plan = live::plan(&a.to, &psk, thresholds, forced, a.streams, encrypt, cores, rdma_here).with_context(|| format!("probing {}", a.to))?;
+    // PBA's stream trials, for a file or generated image (a producer on standard input, QEMU
+    // among them, sets its own pace): room for them among the streams opened.
+    let trials = a.streams.is_none() && !matches!(source, Source::Stdin { .. });
+    let mut plan = live::plan(&a.to, &psk, thresholds, forced, a.streams, encrypt, cores, rdma_here, trials).with_context(|| format!("probing {}", a.to))?;
     let stream0 = early0.and_then(|h| h.join().ok()?.ok()).filter(|_| plan.encrypt);
     let mut opts = SendOptions::new(a.to.clone(), psk);
     opts.streams = Some(plan.opened);
@@ -513,7 +516,7 @@ fn cmd_send(a: SendArgs) -> Result<()> {
         },
         cc: a.cc.clone(),
         monitor: if a.monitor == "poll" { ebpf::Want::Poll } else { ebpf::Want::Auto },
-        grow_streams: a.streams.is_none(),
+        grow_streams: trials,
         cut_chunks: a.chunk_size.is_none(),
         link_bps: Some(plan.report.probe.bw_bps).filter(|b| b.is_finite() && *b > 0.0),
         ..Default::default()
