@@ -388,24 +388,10 @@ fn main() {
     let mut figures = serde_json::Map::new();
     let mut table: Vec<Row> = Vec::new();
     for p in PROFILES.iter().filter(|p| profiles.split(',').any(|n| n == p.name)) {
-        let up = Command::new(env.root.join("hw-tests/wan"))
-            .args(["up", "--rtt", p.rtt, "--rate", &format!("{}mbit", p.rate_bps / 1e6), "--loss", p.loss, "--queue", "1bdp"])
-            .output()
-            .expect("hw-tests/wan up");
-        if !up.status.success() {
-            die(&format!("hw-tests/wan up: {}", String::from_utf8_lossy(&up.stderr)));
-        }
+        let rate = format!("{}mbit", p.rate_bps / 1e6);
+        let (_rx, down) = rig(&env, &["--rtt", p.rtt, "--rate", &rate, "--loss", p.loss, "--queue", "1bdp"]);
         let _servers = [5201u16, 5202]
             .map(|port| Proc(in_ns(B, Path::new("iperf3")).args(["-s", "-p", &port.to_string()]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("iperf3 -s")));
-        let _rx = Proc(
-            in_ns(B, &env.dwcp)
-                .args(["recv", "--listen", &format!("{ADDR_B}:7470"), "--discard", "--no-encrypt", "--key-file"])
-                .arg(&env.key)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("dwcp recv"),
-        );
         std::thread::sleep(Duration::from_millis(500));
         let mut results = serde_json::Map::new();
         for compete in [false, true] {
@@ -434,7 +420,7 @@ fn main() {
                 );
             }
         }
-        let _ = Command::new(env.root.join("hw-tests/wan")).arg("down").status();
+        drop(down);
         // Jain's index cannot be fair to a flow that could not use its half alone (one cubic
         // stream under random loss): what the competitor got, against what it gets alone, says
         // whether a sender harmed it.

@@ -177,6 +177,10 @@ pub fn send_table(r: &SendReport, extra: &[(&str, String)]) -> String {
             (None, None) => {}
         }
         row(&mut s, "path", format!("{}, {} segments retransmitted", rtt_line(c.mean_srtt_us, c.min_rtt_us), c.retrans));
+        if c.stream_trials != (0, 0) {
+            let (kept, back) = c.stream_trials;
+            row(&mut s, "stream trials", format!("{kept} kept, {back} given back (PBA: the streams' buffers held them back)"));
+        }
     }
     for (k, v) in extra {
         row(&mut s, k, v.clone());
