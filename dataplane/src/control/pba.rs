@@ -163,8 +163,8 @@ impl Predictor for HoltWinters {
 }
 
 /// The chunk size PBA cuts a session into when the user gave none: the base size (1 MiB, the best
-/// measured on loopback: 128 KiB chunks cost 28-40% of the goodput at 20-32 Gbit/s, 2 MiB gained
-/// nothing) unless the transfer is startup-bound. A transfer is startup-bound when it lasts fewer
+/// measured on loopback: 128 KiB chunks cost 28-36% of the goodput at 32 Gbit/s plaintext and
+/// 23-44% at 19 Gbit/s encrypted, 2 MiB gained nothing) unless the transfer is startup-bound. A transfer is startup-bound when it lasts fewer
 /// than [`STARTUP_RTTS`] round trips at the predicted rate (or no rate is predicted yet, as on a
 /// long path, where the opening probe sends no burst) and the object is too small to give every
 /// stream [`CHUNKS_PER_STREAM`] chunks of the base size. A session's chunks are the unit its
