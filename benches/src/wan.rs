@@ -274,7 +274,7 @@ fn pba_sizing(env: &Env, figures: &mut serde_json::Map<String, Value>) -> Vec<St
             let trace = env.tmp.join(format!("pba-streams-{k}.csv"));
             let v = dwcp_send(env, &size, &format!("pba-streams-{k}"), extra, Some(&trace));
             let t = Trace::read(&trace);
-            let most = std::fs::read_to_string(&trace).unwrap_or_default().lines().filter_map(dataplane::send::TraceRow::parse).map(|r| r.active).max().unwrap_or(0);
+            let most = t.most_active;
             let util = t.goodput_bps / 1e9;
             let trials = &v["control"]["stream_trials"];
             lines.push(format!(
@@ -285,11 +285,9 @@ fn pba_sizing(env: &Env, figures: &mut serde_json::Map<String, Value>) -> Vec<St
             ));
             utils.insert(["fixed", "trials", "trials_acp"][k].into(), json!({"util": util, "wall_s": v["wall_s"], "most_active": most, "trials": trials}));
         }
-        let out = iperf3_client(env, 5201, 7, "bbr", env.secs);
         let server = Proc(in_ns(B, Path::new("iperf3")).args(["-s", "-p", "5201"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("iperf3 -s"));
         std::thread::sleep(Duration::from_millis(300));
-        let mut out = out;
-        let r = parse_iperf3(&out.output().expect("iperf3"));
+        let r = parse_iperf3(&iperf3_client(env, 5201, 7, "bbr", env.secs).output().expect("iperf3"));
         drop(server);
         let peer = r.as_ref().map(|r| r.0 / 1e9).unwrap_or(0.0);
         lines.push(format!("    {:<26} util {peer:.3}", "iperf3 -P 7 -C bbr"));
@@ -332,6 +330,8 @@ struct Trace {
     retrans: u64,
     /// Mean srtt of the intervals with data over the least RTT seen.
     inflation: f64,
+    /// The most streams active in any interval.
+    most_active: u16,
 }
 
 impl Trace {
@@ -348,6 +348,7 @@ impl Trace {
             goodput_bps: if secs > 0.0 { bits / secs } else { 0.0 },
             retrans: rows.iter().map(|r| r.retrans).sum(),
             inflation: if srtts.is_empty() || !min.is_finite() { 0.0 } else { srtts.iter().sum::<f64>() / srtts.len() as f64 / min },
+            most_active: rows.iter().map(|r| r.active).max().unwrap_or(0),
         }
     }
 }

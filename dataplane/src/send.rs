@@ -945,8 +945,8 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
     // PBA cuts a startup-bound object into smaller chunks, so that it reaches every active stream
     // (not with --resume: the receiver keeps its journal only for the chunk size it was written
     // with; not over RDMA, or for a QEMU stream, whose size is not known).
-    let (cut_opts, base_chunk);
-    base_chunk = opts.chunk_size;
+    let base_chunk = opts.chunk_size;
+    let cut_opts;
     let opts = if opts.control.cut_chunks && !opts.resume && !want_rdma && opts.qemu.is_none() {
         let active = match progress.active.load(Relaxed) {
             0 => streams,

@@ -484,7 +484,7 @@ fn pba_activates_streams_while_the_send_buffers_limit_them() {
     let kept = c["stream_trials"]["kept"].as_u64().unwrap();
     assert!(kept >= 1, "the send buffers held the streams back, and another stream carried more: {c}");
     let text = std::fs::read_to_string(&trace).unwrap();
-    let most = text.lines().skip(1).filter_map(|l| l.split(',').nth(7)?.parse::<u64>().ok()).max().unwrap();
+    let most = text.lines().filter_map(dataplane::send::TraceRow::parse).map(|r| u64::from(r.active)).max().unwrap();
     assert!(most > active, "the trace shows {most} active streams at most, started with {active}");
     record("pba_stream_trials", serde_json::json!({"wall_s": j["wall_s"], "opened": opened, "started": active, "most_active": most, "trials": c["stream_trials"]}));
 }
