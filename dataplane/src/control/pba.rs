@@ -200,9 +200,11 @@ pub const STARTUP_RTTS: f64 = 20.0;
 /// PBA's stream count while a send runs: when the streams' own buffers hold them back (the
 /// receiver's advertised window or the sender's send buffer, per the kernel's chronographs) more
 /// than half their busy time for [`StreamTrials::AFTER`] intervals in a row, another parked
-/// stream is activated for a trial. After [`StreamTrials::TRIAL`] intervals the prediction is
-/// compared with the one the trial started from: it is kept if the predicted bandwidth rose by at
-/// least half a stream's share, and otherwise the stream is parked again and no trial starts for
+/// stream is activated for a trial. After [`StreamTrials::TRIAL`] intervals the prediction,
+/// averaged over the trial's last [`StreamTrials::MEAN_OF`] intervals, is compared with its
+/// average over the ones before the trial (one 100 ms interval's goodput moves by 15% on its
+/// own, more than the half stream's share a trial must show): it is kept if the predicted
+/// bandwidth rose by at least half a stream's share, and otherwise the stream is parked again and no trial starts for
 /// [`StreamTrials::BACKOFF`] intervals. On a long fat path a stream holds at most its send buffer
 /// in flight (`tcp_wmem`'s 4 MiB by default: 170 Mbit/s at 150 ms), so more streams carry more;
 /// on loopback a receiver that cannot keep up also shows as the receiver's window, and there the
@@ -214,6 +216,8 @@ pub struct StreamTrials {
     limited: u32,
     /// The running trial: the prediction before it, the active count before it, its intervals.
     trial: Option<(f64, u16, u32)>,
+    /// The last [`Self::MEAN_OF`] predictions.
+    recent: std::collections::VecDeque<f64>,
     /// Intervals left before another trial may start.
     backoff: u32,
     /// Trials kept and given back.
@@ -229,11 +233,18 @@ impl StreamTrials {
     pub const TRIAL: u32 = 15;
     /// Intervals without a trial after one that gained nothing.
     pub const BACKOFF: u32 = 100;
+    /// Intervals the predictions compared are averaged over.
+    pub const MEAN_OF: usize = 5;
 
     /// One interval: `predicted_bps` is PBA's prediction after it, `buffer_limited` the share of
     /// the active streams' busy time their buffers held them back (0..=1), `active` and `opened`
     /// the streams taking chunks and connected. Returns the active count to set, if it changes.
     pub fn on_interval(&mut self, predicted_bps: f64, buffer_limited: f64, active: u16, opened: u16) -> Option<u16> {
+        if self.recent.len() == Self::MEAN_OF {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(predicted_bps);
+        let mean = self.recent.iter().sum::<f64>() / self.recent.len() as f64;
         if let Some((before, was, n)) = self.trial.as_mut() {
             *n += 1;
             if *n < Self::TRIAL {
@@ -242,7 +253,7 @@ impl StreamTrials {
             let (before, was) = (*before, *was);
             self.trial = None;
             self.limited = 0;
-            if predicted_bps >= before * (1.0 + 0.5 / f64::from(was.max(1))) {
+            if mean >= before * (1.0 + 0.5 / f64::from(was.max(1))) {
                 self.kept += 1;
                 return None;
             }
@@ -262,7 +273,7 @@ impl StreamTrials {
         if self.limited < Self::AFTER || active == 0 || active >= opened {
             return None;
         }
-        self.trial = Some((predicted_bps, active, 0));
+        self.trial = Some((mean, active, 0));
         Some(active + 1)
     }
 }
@@ -419,6 +430,28 @@ mod tests {
         for _ in 0..StreamTrials::BACKOFF {
             assert_eq!(t.on_interval(5e8, 1.0, 5, 8), None);
         }
+        // One low interval at the trial's end does not give back a stream that carried more
+        // (the means of the last five decide), nor does one high interval keep one that did not.
+        let mut t = StreamTrials::default();
+        for _ in 0..2 {
+            t.on_interval(4e8, 0.9, 4, 8);
+        }
+        assert_eq!(t.on_interval(4e8, 0.9, 4, 8), Some(5));
+        for _ in 1..StreamTrials::TRIAL {
+            assert_eq!(t.on_interval(5e8, 0.9, 5, 8), None);
+        }
+        assert_eq!(t.on_interval(4e8, 0.9, 5, 8), None);
+        assert_eq!((t.kept, t.given_back), (1, 0));
+        for _ in 0..2 {
+            t.on_interval(5e8, 0.9, 5, 8);
+        }
+        assert_eq!(t.on_interval(5e8, 0.9, 5, 8), Some(6));
+        for _ in 1..StreamTrials::TRIAL {
+            assert_eq!(t.on_interval(5e8, 0.9, 6, 8), None);
+        }
+        // Before: the mean of 5, 4, 5, 5, 5 (x 1e8); after: of 5, 5, 5, 5, 6, short of 1.1x.
+        assert_eq!(t.on_interval(6e8, 0.9, 6, 8), Some(5));
+        assert_eq!((t.kept, t.given_back), (1, 1));
         // Not limited, or no parked stream left: nothing.
         let mut t = StreamTrials::default();
         for _ in 0..10 {
