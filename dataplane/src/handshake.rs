@@ -80,6 +80,17 @@ pub enum HandshakeError {
         /// The peer's message.
         message: String,
     },
+    /// The receiver had no room for another handshake (its caps on handshakes in progress, in
+    /// all or from this address), after retrying for `secs`.
+    #[error(
+        "{addr} is busy: it refused new connections for {secs:.1}s (too many handshakes in progress, from all peers or from this address); try again later, or raise the receiver's limits"
+    )]
+    Busy {
+        /// The receiver.
+        addr: String,
+        /// Seconds spent retrying.
+        secs: f64,
+    },
     /// A frame of the wrong type.
     #[error("{during}: expected a {expected} frame, got {got}")]
     Unexpected {
@@ -169,8 +180,41 @@ impl Conn {
     }
 }
 
+/// What a receiver writes, in place of its handshake reply's length, to a connection it has no
+/// room for (it never names a Noise message: those are at most 1024 bytes).
+pub const BUSY: [u8; 2] = [0xff, 0xff];
+
+/// Turns away a connection the receiver has no room for: writes [`BUSY`] without blocking and
+/// closes. Whatever the peer already sent is read first, so the close is a FIN (which lets the
+/// peer read the marker), not a reset.
+pub fn refuse_busy(sock: TcpStream) {
+    let _ = sock.set_nonblocking(true);
+    let mut junk = [0u8; 512];
+    let _ = (&sock).read(&mut junk);
+    let _ = (&sock).write(&BUSY);
+    let _ = sock.shutdown(std::net::Shutdown::Write);
+}
+
 /// Connects, authenticates with `psk`, and returns the stream with the measured handshake RTT.
+/// A receiver that answers busy is tried again with growing pauses, for up to `timeout`.
 pub fn connect(addr: &str, psk: &Psk, encrypt: bool, stream: u16, timeout: Duration) -> Result<(Conn, Duration), HandshakeError> {
+    let t0 = Instant::now();
+    let mut pause = Duration::from_millis(20);
+    loop {
+        match connect_once(addr, psk, encrypt, stream, timeout) {
+            Err(HandshakeError::Busy { .. }) if t0.elapsed() + pause < timeout => {
+                let mut j = [0u8; 1];
+                let _ = getrandom::fill(&mut j);
+                std::thread::sleep(pause + pause * u32::from(j[0]) / 512);
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            Err(HandshakeError::Busy { addr, .. }) => return Err(HandshakeError::Busy { addr, secs: t0.elapsed().as_secs_f64() }),
+            r => return r,
+        }
+    }
+}
+
+fn connect_once(addr: &str, psk: &Psk, encrypt: bool, stream: u16, timeout: Duration) -> Result<(Conn, Duration), HandshakeError> {
     let cerr = |source| HandshakeError::Connect { addr: addr.to_owned(), source };
     let sa = addr.to_socket_addrs().map_err(cerr)?.next().ok_or_else(|| cerr(io::Error::new(io::ErrorKind::NotFound, "address resolves to nothing")))?;
     let mut sock = TcpStream::connect_timeout(&sa, timeout).map_err(cerr)?;
@@ -185,7 +229,10 @@ pub fn connect(addr: &str, psk: &Psk, encrypt: bool, stream: u16, timeout: Durat
     let t0 = Instant::now();
     sock.write_all(&out).map_err(|source| HandshakeError::Io { during: "sending the handshake", source })?;
     let hint = ": wrong key, protocol version mismatch or not a dwcp receiver (the receiver's log names which)";
-    let msg2 = read_noise(&mut sock, "reading the handshake reply", timeout, hint)?;
+    let msg2 = match read_noise(&mut sock, "reading the handshake reply", timeout, hint) {
+        Err(HandshakeError::Wire { source: WireError::Malformed { what: "busy", .. }, .. }) => return Err(HandshakeError::Busy { addr: addr.to_owned(), secs: 0.0 }),
+        r => r?,
+    };
     let rtt = t0.elapsed();
     let keys = init.finish(&msg2)?;
     let codec = FrameCodec::new(stream, if encrypt { Some(&keys) } else { None });
@@ -195,6 +242,9 @@ pub fn connect(addr: &str, psk: &Psk, encrypt: bool, stream: u16, timeout: Durat
 fn read_noise(sock: &mut TcpStream, during: &'static str, timeout: Duration, hint: &'static str) -> Result<Vec<u8>, HandshakeError> {
     let mut l = [0u8; 2];
     sock.read_exact(&mut l).map_err(io_err(during, timeout, hint))?;
+    if l == BUSY {
+        return Err(HandshakeError::Wire { during, source: WireError::Malformed { what: "busy", why: "the receiver is busy".into() } });
+    }
     let n = u16::from_be_bytes(l) as usize;
     if n == 0 || n > MAX_NOISE_MSG {
         return Err(HandshakeError::Wire { during, source: WireError::Malformed { what: "handshake message", why: format!("length {n}") } });

@@ -8,14 +8,14 @@
 //! A bad peer only ever ends its own stream or session; the process keeps serving the others.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, select};
@@ -27,7 +27,10 @@ use crate::handshake::{self, Conn, HandshakeError};
 use crate::session::{JournalHeader, JournalRecord, RangeSet, parse_journal};
 use crate::transport::uring::sys::{BufId, Completion, Returned, Ring};
 use crate::wire::{self, CODEC_RAW, Caps, ErrorCode, FrameType, Hello, ManifestDigest, TRANSPORT_TCP, Welcome};
+use outdir::{Kind, OutDir};
 
+mod admission;
+pub mod outdir;
 #[cfg(feature = "rdma")]
 mod rdma;
 mod reorder;
@@ -62,6 +65,20 @@ pub struct RecvOptions {
     pub max_chunk: u32,
     /// Cores to pin shards to, one shard each (None: all cores).
     pub cores: Option<Vec<usize>>,
+    /// Permission bits of published objects (and of their temporaries).
+    pub file_mode: u32,
+    /// How long an interrupted session's partial output is kept for a resume.
+    pub keep_partial: Duration,
+    /// Largest object a sender may declare (None: only the free space bounds it).
+    pub max_object_size: Option<u64>,
+    /// Time a new connection has for its whole handshake (preamble to Welcome).
+    pub handshake_timeout: Duration,
+    /// Handshakes in progress at once, from all addresses.
+    pub max_handshakes: usize,
+    /// Handshakes in progress at once from one address.
+    pub max_handshakes_per_addr: usize,
+    /// Streams one session may join.
+    pub max_streams_per_session: usize,
     /// Grant RDMA to senders that ask for it (plaintext sessions to a file or discard sink,
     /// when a device opens); None refuses it.
     #[cfg(feature = "rdma")]
@@ -79,6 +96,13 @@ impl RecvOptions {
             idle_timeout: Duration::from_secs(30),
             max_chunk: 2 << 20,
             cores: None,
+            file_mode: 0o600,
+            keep_partial: Duration::from_secs(24 * 3600),
+            max_object_size: None,
+            handshake_timeout: Duration::from_secs(10),
+            max_handshakes: 256,
+            max_handshakes_per_addr: 16,
+            max_streams_per_session: 64,
             #[cfg(feature = "rdma")]
             rdma: Some(RdmaRecvOptions::default()),
         }
@@ -165,6 +189,57 @@ struct SessionRef {
     size: Option<u64>,
     out: Out,
     activity: Arc<AtomicU64>,
+    gate: Arc<WriteGate>,
+}
+
+/// Closes a session's output to writes at its commit: shards enter before each chunk write and
+/// leave when it completes; the commit seals the gate, then waits for the writes inside to
+/// finish before it verifies, so no byte lands in the output after the digest was checked.
+#[derive(Debug, Default)]
+struct WriteGate {
+    sealed: AtomicBool,
+    writes: AtomicUsize,
+}
+
+/// A write inside the gate: leaves it when dropped.
+struct GateGuard(Arc<WriteGate>);
+
+impl Drop for GateGuard {
+    fn drop(&mut self) {
+        self.0.leave();
+    }
+}
+
+impl WriteGate {
+    /// A shard is about to write: false once sealed.
+    fn enter(&self) -> bool {
+        self.writes.fetch_add(1, SeqCst);
+        if self.sealed.load(SeqCst) {
+            self.writes.fetch_sub(1, SeqCst);
+            return false;
+        }
+        true
+    }
+
+    fn leave(&self) {
+        self.writes.fetch_sub(1, SeqCst);
+    }
+
+    fn seal(&self) {
+        self.sealed.store(true, SeqCst);
+    }
+
+    /// Waits (up to `limit`) for the writes that entered before the seal: true once none is left.
+    fn drain(&self, limit: Duration) -> bool {
+        let t = Instant::now();
+        while self.writes.load(SeqCst) > 0 {
+            if t.elapsed() > limit {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -178,9 +253,6 @@ enum Out {
 
 /// Registered buffers per receiver shard: one per stream being read plus writes in flight.
 const POOL_BUFFERS: u16 = 16;
-
-/// Handshakes allowed in progress at once (each holds a thread until done or timed out).
-const MAX_PENDING_HANDSHAKES: usize = 256;
 
 type Reply<T> = Sender<Result<T, (ErrorCode, String)>>;
 type StreamAddr = (usize, usize);
@@ -246,9 +318,10 @@ fn millis(epoch: Instant) -> u64 {
 
 /// Starts a receiver: binds, then runs acceptor, coordinator and shards on their own threads.
 pub fn start(opts: RecvOptions) -> Result<ReceiverHandle, RecvError> {
-    if let Sink::Dir(d) = &opts.sink {
-        std::fs::create_dir_all(d).map_err(|source| RecvError::OutDir { path: d.display().to_string(), source })?;
-    }
+    let outdir = match &opts.sink {
+        Sink::Dir(d) => Some(Arc::new(OutDir::open(d, opts.file_mode).map_err(|source| RecvError::OutDir { path: d.display().to_string(), source })?)),
+        _ => None,
+    };
     let listener = TcpListener::bind(&opts.listen).map_err(|source| RecvError::Listen { addr: opts.listen.clone(), source })?;
     let local_addr = listener.local_addr().map_err(|source| RecvError::Listen { addr: opts.listen.clone(), source })?;
     let cores = crate::placement::shard_cores(opts.cores.as_deref()).map_err(RecvError::Cores)?;
@@ -293,12 +366,13 @@ pub fn start(opts: RecvOptions) -> Result<ReceiverHandle, RecvError> {
         }
     }
     {
-        let (sink, shard_txs, stop) = (opts.sink.clone(), shard_txs.clone(), stop.clone());
+        let (sink, shard_txs, stop, opts_c) = (opts.sink.clone(), shard_txs.clone(), stop.clone(), opts.clone());
         std::thread::Builder::new()
             .name("dwcp-coordinator".into())
             .spawn(move || {
                 let storage = Storage::start(nshards.max(2));
-                Coordinator { sink, sessions: HashMap::new(), busy: HashMap::new(), shards: shard_txs, outcomes: out_tx, epoch, storage }.run(coord_rx, &stop)
+                let limits = Limits { keep_partial: opts_c.keep_partial, max_object_size: opts_c.max_object_size, max_streams: opts_c.max_streams_per_session };
+                Coordinator { sink, outdir, limits, sessions: HashMap::new(), busy: HashMap::new(), shards: shard_txs, outcomes: out_tx, epoch, storage }.run(coord_rx, &stop)
             })
             .expect("spawn coordinator");
     }
@@ -306,41 +380,67 @@ pub fn start(opts: RecvOptions) -> Result<ReceiverHandle, RecvError> {
     {
         let stop = stop.clone();
         let next = Arc::new(AtomicUsize::new(0));
-        let pending = Arc::new(AtomicUsize::new(0));
+        let caps = admission::Admission::new(opts.max_handshakes, opts.max_handshakes_per_addr);
+        let watchdog = admission::Watchdog::start(opts.handshake_timeout);
         std::thread::Builder::new()
             .name("dwcp-accept".into())
             .spawn(move || {
+                let mut last_warn: Option<Instant> = None;
                 for sock in listener.incoming() {
                     if stop.load(Relaxed) {
                         break;
                     }
-                    let Ok(sock) = sock else { continue };
-                    let peer = sock.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-                    // Unauthenticated peers cost a thread each until they finish or time out: cap them.
-                    if pending.fetch_add(1, Relaxed) >= MAX_PENDING_HANDSHAKES {
-                        pending.fetch_sub(1, Relaxed);
-                        let why = format!("more than {MAX_PENDING_HANDSHAKES} handshakes in progress");
-                        warn!(%peer, "connection refused: {why}");
-                        let _ = ref_tx.try_send((peer, why));
-                        continue;
-                    }
-                    let (opts, coord, shards, next, refused, pending, stop_h) =
-                        (opts.clone(), coord_tx.clone(), shard_txs.clone(), next.clone(), ref_tx.clone(), pending.clone(), stop.clone());
+                    let sock = match sock {
+                        Ok(s) => s,
+                        // Out of descriptors or memory: nothing can be accepted until some close.
+                        // Back off instead of spinning on the error.
+                        Err(e) => {
+                            if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                                warn!("accepting a connection failed: {e}; backing off");
+                                last_warn = Some(Instant::now());
+                            }
+                            std::thread::sleep(Duration::from_millis(50));
+                            continue;
+                        }
+                    };
+                    let Ok(peer_addr) = sock.peer_addr() else { continue };
+                    let peer = peer_addr.to_string();
+                    // Unauthenticated peers cost a thread each until they finish or their deadline
+                    // passes: capped in all and per address; a refused one is told the receiver is busy.
+                    let ticket = match caps.admit(peer_addr.ip()) {
+                        Ok(t) => t,
+                        Err(why) => {
+                            handshake::refuse_busy(sock);
+                            debug!(%peer, "connection refused: {why}");
+                            let _ = ref_tx.try_send((peer, why));
+                            continue;
+                        }
+                    };
+                    let deadline = match watchdog.watch(&sock) {
+                        Ok(d) => d,
+                        Err(e) => {
+                            warn!(%peer, "connection refused: {e}");
+                            continue;
+                        }
+                    };
+                    let (opts, coord, shards, next, refused, stop_h, limit) =
+                        (opts.clone(), coord_tx.clone(), shard_txs.clone(), next.clone(), ref_tx.clone(), stop.clone(), watchdog.limit());
                     let _ = std::thread::Builder::new().name("dwcp-handshake".into()).spawn(move || {
-                        match admit(sock, &opts, &coord, &shards, &next, &stop_h, epoch) {
+                        let _ticket = ticket;
+                        match admit(sock, &opts, &coord, &shards, &next, &stop_h, epoch, &deadline) {
                             // Closed before a byte: a reachability probe (mode detection), not an error;
                             // closed after the key exchange: a sender's stream it did not need after all
                             // (connected while it probed the path, or a join too late).
-                            Err(HandshakeError::Closed { during: during @ ("reading the preamble" | "reading the hello"), .. }) => {
+                            Err(HandshakeError::Closed { during: during @ ("reading the preamble" | "reading the hello"), .. }) if !deadline.expired() => {
                                 tracing::debug!(%peer, "connection closed {during}");
                             }
                             Err(e) => {
+                                let e = if deadline.expired() { format!("handshake not finished within {:.1}s ({e})", limit.as_secs_f64()) } else { e.to_string() };
                                 warn!(%peer, "connection refused: {e}");
-                                let _ = refused.try_send((peer, e.to_string()));
+                                let _ = refused.try_send((peer, e));
                             }
                             Ok(()) => {}
                         }
-                        pending.fetch_sub(1, Relaxed);
                     });
                 }
             })
@@ -359,8 +459,18 @@ fn admit(
     next: &AtomicUsize,
     stop: &Arc<AtomicBool>,
     epoch: Instant,
+    deadline: &admission::Deadline,
 ) -> Result<(), HandshakeError> {
     let _ = (stop, epoch);
+    // Past the deadline the watchdog has shut the socket; a handshake that finished in time is
+    // no longer its business.
+    let in_time = |conn: &mut Conn| -> Result<(), HandshakeError> {
+        if deadline.finish() {
+            return Ok(());
+        }
+        let _ = conn.sock.shutdown(Shutdown::Both);
+        Err(HandshakeError::Closed { during: "the handshake", hint: ": its deadline passed" })
+    };
     let (mut conn, encrypted) = handshake::accept(sock, &opts.psk, opts.idle_timeout)?;
     let (h, p) = conn.expect(FrameType::Hello, "reading the hello")?;
     let hello = Hello::decode(&p).map_err(|source| {
@@ -383,6 +493,7 @@ fn admit(
             let caps = Caps { max_streams: 256, max_chunk: opts.max_chunk, codecs: CODEC_RAW, transports: TRANSPORT_TCP | plain };
             conn.codec.set_stream(h.stream);
             conn.write_frame(FrameType::Welcome, 0, &Welcome { session: [0; 16], caps, have: Vec::new() }.encode())?;
+            in_time(&mut conn)?;
             return crate::probe::serve(&mut conn, opts.allow_plaintext);
         }
         Hello::Open { chunk_size, .. } if chunk_size > opts.max_chunk => {
@@ -427,7 +538,12 @@ fn admit(
         }
     };
     conn.codec.set_stream(h.stream);
-    conn.write_frame(FrameType::Welcome, 0, &welcome.encode())?;
+    // The session counts this stream from its open or join: a stream that ends here is counted
+    // down again, or the session would wait for it forever.
+    if let Err(e) = conn.write_frame(FrameType::Welcome, 0, &welcome.encode()).and_then(|()| in_time(&mut conn)) {
+        let _ = coord.send(ToCoord::Down { session: session.id, why: Some(format!("a stream's handshake failed: {e}")) });
+        return Err(e);
+    }
     #[cfg(feature = "rdma")]
     if let Some((g, ro)) = granted {
         // The data path counts as one of the session's streams.
@@ -629,6 +745,8 @@ impl RxShard {
             }
             T_WRITEBACK => {}
             T_WRITE => {
+                // This write entered the session's gate (`advance`): it leaves however this ends.
+                let entered = GateGuard(s.sess.gate.clone());
                 let Returned::Buf(buf) = c.returned else { return };
                 let hl = s.conn.codec.header_wire_len();
                 let b = self.ring.buf_mut(buf);
@@ -647,6 +765,7 @@ impl RxShard {
                     }
                 }
                 self.ring.free(buf);
+                drop(entered);
                 if let Err(e) = result {
                     self.fail(key, ErrorCode::Storage, &format!("writing {} bytes at offset {}: {e}", h.len, h.offset));
                     return;
@@ -743,6 +862,10 @@ impl RxShard {
                         }
                     }
                     _ => match &s.sess.out {
+                        Out::File(_) if !s.sess.gate.enter() => {
+                            self.ring.free(buf);
+                            self.fail(key, ErrorCode::Protocol, &format!("chunk at offset {} arrived after the session's commit", h.offset));
+                        }
                         Out::File(f) => {
                             let fd = f.as_raw_fd();
                             s.in_flight += 1;
@@ -845,9 +968,11 @@ struct RxSession {
     peer: Option<std::net::IpAddr>,
     size: Option<u64>,
     out: Out,
-    part: Option<PathBuf>,
+    /// The output directory of a directory sink, once the output is prepared: the session's
+    /// partial output and journal live in its state directory (`outdir.rs`).
+    dir: Option<Arc<OutDir>>,
+    /// Where the object is published.
     fin: Option<PathBuf>,
-    journal_path: Option<PathBuf>,
     journal: Option<Journal>,
     records: BTreeMap<u64, (u32, u64)>,
     have: RangeSet,
@@ -857,6 +982,7 @@ struct RxSession {
     finished: bool,
     started: Instant,
     activity: Arc<AtomicU64>,
+    gate: Arc<WriteGate>,
     /// HDE sessions: the mapped output, the decoder, and what did not apply yet.
     hde: Option<Box<HdeRx>>,
     /// Page-aware QEMU streams: the decoder rebuilding QEMU's bytes.
@@ -867,6 +993,9 @@ struct RxSession {
     reorder: reorder::Reorder<StreamAddr>,
     outcome: Option<SessionOutcome>,
 }
+
+/// How often the state directory is swept for expired partial outputs.
+const EXPIRY_SWEEP: Duration = Duration::from_secs(60);
 
 /// Bytes of standard-output chunks held ahead of a gap and acknowledged early.
 const REORDER_CAP: usize = 64 << 20;
@@ -1003,8 +1132,18 @@ impl crate::hde::PageStore for MapStore<'_> {
     }
 }
 
+/// What the coordinator bounds per session.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    keep_partial: Duration,
+    max_object_size: Option<u64>,
+    max_streams: usize,
+}
+
 struct Coordinator {
     sink: Sink,
+    outdir: Option<Arc<OutDir>>,
+    limits: Limits,
     sessions: HashMap<[u8; 16], RxSession>,
     /// Sessions whose output a storage worker is preparing or publishing: out of `sessions`
     /// meanwhile, their names held.
@@ -1067,7 +1206,12 @@ impl Coordinator {
     fn run(&mut self, rx: Receiver<ToCoord>, stop: &AtomicBool) {
         let tick = crossbeam_channel::tick(Duration::from_millis(200));
         let done = self.storage.done.clone();
+        let mut swept: Option<Instant> = None;
         while !stop.load(Relaxed) {
+            if swept.is_none_or(|t| t.elapsed() >= EXPIRY_SWEEP) {
+                swept = Some(Instant::now());
+                self.expire_partials();
+            }
             select! {
                 recv(rx) -> m => match m {
                     Ok(m) => self.handle(m),
@@ -1098,9 +1242,12 @@ impl Coordinator {
             }
             ToCoord::Join { session, reply } => {
                 let r = match self.sessions.get_mut(&session) {
+                    Some(s) if !s.finished && s.streams_up >= self.limits.max_streams => {
+                        Err((ErrorCode::Refused, format!("a session may have at most {} streams", self.limits.max_streams)))
+                    }
                     Some(s) if !s.finished => {
                         s.streams_up += 1;
-                        Ok(SessionRef { id: session, size: s.size, out: s.out.clone(), activity: s.activity.clone() })
+                        Ok(SessionRef { id: session, size: s.size, out: s.out.clone(), activity: s.activity.clone(), gate: s.gate.clone() })
                     }
                     _ => Err((ErrorCode::UnknownSession, "no open session with that id".into())),
                 };
@@ -1150,6 +1297,23 @@ impl Coordinator {
             return Err((ErrorCode::Protocol, "expected an open".into()));
         };
         let size = (object_size != wire::SIZE_UNKNOWN).then_some(object_size);
+        if let Some(d) = &self.outdir {
+            d.check_name(&name).map_err(|why| (ErrorCode::Refused, format!("object name {name:?} refused: {why}")))?;
+        }
+        if let (Some(sz), Some(max)) = (size, self.limits.max_object_size)
+            && sz > max
+        {
+            return Err((ErrorCode::Refused, format!("an object of {sz} bytes exceeds this receiver's --max-object-size of {max} bytes")));
+        }
+        if let (Some(sz), Some(d), false) = (size, &self.outdir, resume || codecs & wire::CODEC_HDE_ROUND != 0) {
+            // Space promised to sessions still filling their preallocated outputs is already
+            // taken from the free space, so this only checks the new object.
+            if let Ok(free) = d.free_space()
+                && sz > free
+            {
+                return Err((ErrorCode::Storage, format!("{name:?} ({sz} bytes) does not fit: {free} bytes free in {}; free space or choose another --out", d.path().display())));
+            }
+        }
         if self.sessions.values().any(|s| s.name == name && !s.finished) || self.busy.values().any(|b| b.name == name) {
             return Err((ErrorCode::Refused, format!("an object named {name:?} is already being received")));
         }
@@ -1161,9 +1325,8 @@ impl Coordinator {
             peer,
             size,
             out: Out::Discard,
-            part: None,
+            dir: None,
             fin: None,
-            journal_path: None,
             journal: None,
             records: BTreeMap::new(),
             have: RangeSet::default(),
@@ -1173,6 +1336,7 @@ impl Coordinator {
             finished: false,
             started: Instant::now(),
             activity: activity.clone(),
+            gate: Arc::default(),
             hde: None,
             qemu: None,
             out_failed: None,
@@ -1209,8 +1373,9 @@ impl Coordinator {
                     sess.qemu = Some(Box::new(dec));
                 }
             }
-            Sink::Dir(dir) => {
-                let (dir, prep) = (dir.clone(), Prepare { jh: JournalHeader { object_size, object_id, chunk_size }, resume, round, hde });
+            Sink::Dir(_) => {
+                let (dir, prep) =
+                    (self.outdir.clone().expect("a directory sink has its OutDir"), Prepare { jh: JournalHeader { object_size, object_id, chunk_size }, resume, round, hde });
                 self.busy.insert(id, Busy { name, downs: 0, activity: None });
                 let reply = reply.clone();
                 let _ = self.storage.jobs.send(Box::new(move || {
@@ -1245,7 +1410,7 @@ impl Coordinator {
             },
             have: sess.have.ranges(),
         };
-        let r = SessionRef { id, size: sess.size, out: sess.out.clone(), activity: sess.activity.clone() };
+        let r = SessionRef { id, size: sess.size, out: sess.out.clone(), activity: sess.activity.clone(), gate: sess.gate.clone() };
         info!(session = %hex(&id), name = %sess.name, size = ?sess.size, resumed = sess.resumed, "session opened");
         self.sessions.insert(id, sess);
         (welcome, r)
@@ -1326,17 +1491,22 @@ impl Coordinator {
         let Some(s) = self.sessions.get_mut(&session) else { return };
         s.activity.store(millis(self.epoch), Relaxed);
         let data_wall = s.started.elapsed();
-        if s.part.is_none() {
+        if s.dir.is_none() {
             let r = s.verify_and_publish(commit);
             let s = self.sessions.remove(&session).expect("present");
             return self.committed(session, s, commit, r, from, data_wall);
         }
         let mut s = Box::new(self.sessions.remove(&session).expect("present"));
+        s.gate.seal();
         self.busy.insert(session, Busy { name: s.name.clone(), downs: 0, activity: Some(s.activity.clone()) });
         let _ = self.storage.jobs.send(Box::new(move || {
-            s.flush_journal();
             let t = Instant::now();
-            let r = s.verify_and_publish(commit);
+            let r = if s.gate.drain(Duration::from_secs(60)) {
+                s.flush_journal();
+                s.verify_and_publish(commit)
+            } else {
+                Err((ErrorCode::Storage, "chunk writes did not finish within 60 s of the commit: output not published".into()))
+            };
             debug!(name = %s.name, took_ms = t.elapsed().as_millis() as u64, "commit verified, synced and published");
             Stored::Committed { id: session, sess: s, commit, r, from, data_wall }
         }));
@@ -1383,11 +1553,9 @@ impl Coordinator {
     fn interrupted(&mut self, mut s: RxSession, why: String) {
         s.flush_journal();
         // A stream of unknown size (a pipe) cannot be resumed: its partial output only takes space.
-        let keep = s.part.is_some() && s.size.is_some();
+        let keep = s.dir.is_some() && s.size.is_some() && !self.limits.keep_partial.is_zero();
         if !keep {
-            for p in [&s.part, &s.journal_path].into_iter().flatten() {
-                let _ = std::fs::remove_file(p);
-            }
+            s.discard_output();
         }
         let wall = s.started.elapsed();
         let msg = format!(
@@ -1411,6 +1579,16 @@ impl Coordinator {
         });
     }
 
+    /// Removes partial outputs no session resumed within `keep_partial` (held names spared).
+    fn expire_partials(&self) {
+        let Some(d) = &self.outdir else { return };
+        let live: std::collections::HashSet<String> = self.sessions.values().map(|s| s.name.as_str()).chain(self.busy.values().map(|b| b.name.as_str())).map(outdir::key).collect();
+        let n = d.expire(self.limits.keep_partial, &|k| live.contains(k));
+        if n > 0 {
+            info!(files = n, keep_s = self.limits.keep_partial.as_secs(), "expired partial outputs nobody resumed");
+        }
+    }
+
     fn flush_journals(&mut self) {
         for s in self.sessions.values_mut() {
             s.flush_journal();
@@ -1429,23 +1607,39 @@ struct Prepare {
 /// Prepares a session's output in `dir` (run by a storage worker): a resume's partial file with
 /// its journaled chunks re-checked, a delta round's copy of the previous round, or a fresh
 /// preallocated file; then the journal, and for HDE the shared mapping the shards decode into.
-fn prepare(dir: &std::path::Path, sess: &mut RxSession, p: &Prepare) -> Result<(), (ErrorCode, String)> {
+/// Whatever it created is removed again if it fails.
+fn prepare(dir: &Arc<OutDir>, sess: &mut RxSession, p: &Prepare) -> Result<(), (ErrorCode, String)> {
+    let r = prepare_files(dir, sess, p);
+    if r.is_err() {
+        sess.journal = None;
+        sess.out = Out::Discard;
+        dir.remove(&sess.name, Kind::Part);
+        dir.remove(&sess.name, Kind::Journal);
+    }
+    r
+}
+
+fn prepare_files(dir: &Arc<OutDir>, sess: &mut RxSession, p: &Prepare) -> Result<(), (ErrorCode, String)> {
     let &Prepare { jh, resume, round, hde } = p;
     let (chunk_size, size, name) = (jh.chunk_size, sess.size, sess.name.clone());
+    let part = dir.temp_path(&name, Kind::Part);
+    let jpath = dir.temp_path(&name, Kind::Journal);
     let storage = |what: &str, p: &PathBuf, e: std::io::Error| (ErrorCode::Storage, format!("{what} {}: {e}", p.display()));
-    let fin = dir.join(&name);
-    let part = dir.join(format!("{name}.part"));
-    let jpath = dir.join(format!("{name}.dwcp-journal"));
+    let fin = dir.final_path(&name);
     let mut file = None;
     if resume
-        && let Ok(bytes) = std::fs::read(&jpath)
+        && let Ok(mut jf) = dir.open_existing(&name, Kind::Journal)
+        && let Ok(bytes) = read_bounded(&mut jf, JOURNAL_MAX)
         && let Some((h, recs)) = parse_journal(&bytes)
         && h == jh
-        && let Ok(f) = OpenOptions::new().read(true).write(true).open(&part)
+        && let Ok(f) = dir.open_existing(&name, Kind::Part)
     {
         // Trust nothing unverified: each journaled chunk is re-checked against the data.
         let mut buf = Vec::new();
         for r in recs {
+            if r.len > chunk_size || size.is_none_or(|sz| r.offset.checked_add(u64::from(r.len)).is_none_or(|end| end > sz)) {
+                continue;
+            }
             buf.resize(r.len as usize, 0);
             if f.read_exact_at(&mut buf, r.offset).is_ok() && wire::checksum(&buf) == r.sum {
                 sess.records.insert(r.offset, (r.len, r.sum));
@@ -1455,34 +1649,47 @@ fn prepare(dir: &std::path::Path, sess: &mut RxSession, p: &Prepare) -> Result<(
         sess.resumed = sess.have.covered();
         file = Some(f);
     }
+    // A later round starts from the previous round's published image, which another process
+    // could truncate under a mapping (SIGBUS): its bytes are copied into an anonymous file of
+    // the state directory first, which nobody else can reach, and the round decodes against that.
+    let mut base = None;
     let fresh = file.is_none() && !round;
     let f = match file {
         Some(f) => f,
         None => {
-            // A later round starts from the previous round's published image.
             let prev = if round {
-                let meta = std::fs::metadata(&fin).map_err(|e| (ErrorCode::Refused, format!("a delta round needs the previous round's {}: {e}", fin.display())))?;
-                if Some(meta.len()) != size {
-                    return Err((ErrorCode::Refused, format!("a delta round of {} bytes against a {}-byte {}", size.unwrap_or(0), meta.len(), fin.display())));
+                let prev = dir.open_published(&name).map_err(|e| (ErrorCode::Refused, format!("a delta round needs the previous round's {}: {e}", fin.display())))?;
+                let len = prev.metadata().map_err(|e| storage("reading the previous round", &fin, e))?.len();
+                if Some(len) != size {
+                    return Err((ErrorCode::Refused, format!("a delta round of {} bytes against a {len}-byte {}", size.unwrap_or(0), fin.display())));
                 }
-                Some((File::open(&fin).map_err(|e| storage("opening the previous round", &fin, e))?, meta.len()))
+                Some((prev, len))
             } else {
                 None
             };
-            let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&part).map_err(|e| storage("creating", &part, e))?;
+            let f = dir.create(&name, Kind::Part).map_err(|e| storage("creating", &part, e))?;
             let filled = match &prev {
-                Some((prev, len)) => crate::sys::copy_data(prev, &f, *len).map(drop).map_err(|e| ("copying the previous round into", e)),
+                Some((prev, len)) => (|| {
+                    let copy = dir.anonymous()?;
+                    let n = crate::sys::copy_data(prev, &copy, *len)?;
+                    if n != *len || copy.metadata()?.len() != *len {
+                        return Err(std::io::Error::other(format!("the previous round changed while it was read ({n} of {len} bytes)")));
+                    }
+                    crate::sys::copy_data(&copy, &f, *len)?;
+                    base = Some(copy);
+                    Ok(())
+                })()
+                .map_err(|e| ("copying the previous round into", e)),
                 None => size.map_or(Ok(()), |sz| crate::sys::preallocate(&f, sz)).map_err(|e| ("preallocating", e)),
             };
             if let Err((what, e)) = filled {
-                let _ = std::fs::remove_file(&part);
                 return Err(storage(what, &part, e));
             }
             f
         }
     };
     // A fresh journal holding only the verified records.
-    let mut jf = File::create(&jpath).map_err(|e| storage("creating journal", &jpath, e))?;
+    let mut jf = dir.create(&name, Kind::Journal).map_err(|e| storage("creating journal", &jpath, e))?;
     let mut bytes = jh.encode().to_vec();
     for (&offset, &(len, sum)) in &sess.records {
         bytes.extend_from_slice(&JournalRecord { offset, len, sum }.encode());
@@ -1491,11 +1698,9 @@ fn prepare(dir: &std::path::Path, sess: &mut RxSession, p: &Prepare) -> Result<(
     sess.journal = Some(Journal { file: jf, pending: Vec::new() });
     if hde {
         let image = crate::sys::image::SharedImage::new(&f, chunk_size).map_err(|e| storage("mapping", &part, e))?;
-        let base = if round {
-            let prev = File::open(&fin).map_err(|e| storage("opening the previous round", &fin, e))?;
-            Some(crate::sys::map_readonly(&prev).map_err(|e| storage("mapping the previous round", &fin, e))?)
-        } else {
-            None
+        let base = match &base {
+            Some(copy) => Some(crate::sys::map_readonly(copy).map_err(|e| storage("mapping the previous round", &fin, e))?),
+            None => None,
         };
         let img = Arc::new(HdeImage { image, base, fresh, file: f, chunk: chunk_size, size: size.unwrap_or(0) });
         sess.out = Out::Hde(img.clone());
@@ -1503,13 +1708,37 @@ fn prepare(dir: &std::path::Path, sess: &mut RxSession, p: &Prepare) -> Result<(
     } else {
         sess.out = Out::File(Arc::new(f));
     }
-    sess.part = Some(part);
+    sess.dir = Some(dir.clone());
     sess.fin = Some(fin);
-    sess.journal_path = Some(jpath);
     Ok(())
 }
 
+/// The largest resume journal read: one record per chunk of the largest object at the smallest
+/// chunk, far beyond any real one (a journal of 64 KiB chunks of a 1 TiB image is 384 MiB; of
+/// 1 MiB chunks, 24 MiB).
+const JOURNAL_MAX: u64 = 512 << 20;
+
+/// Reads a whole file of at most `max` bytes.
+fn read_bounded(f: &mut File, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut v = Vec::new();
+    f.take(max + 1).read_to_end(&mut v)?;
+    if v.len() as u64 > max {
+        return Err(std::io::Error::other("journal too large"));
+    }
+    Ok(v)
+}
+
 impl RxSession {
+    /// Removes the session's partial output and journal: nothing of it can be resumed.
+    fn discard_output(&mut self) {
+        self.journal = None;
+        if let Some(dir) = &self.dir {
+            dir.remove(&self.name, Kind::Part);
+            dir.remove(&self.name, Kind::Journal);
+        }
+    }
+
     fn place(&mut self, offset: u64, len: u32, sum: u64) {
         if self.records.insert(offset, (len, sum)).is_none() {
             self.received += u64::from(len);
@@ -1581,9 +1810,7 @@ impl RxSession {
             whole.flush().map_err(|e| (ErrorCode::Storage, format!("flushing the decoded pages: {e}")))?;
         }
         if digest != commit.digest {
-            if let Some(j) = &self.journal_path {
-                let _ = std::fs::remove_file(j);
-            }
+            self.discard_output();
             return Err((ErrorCode::DigestMismatch, "the whole-object digest does not match: output not published".into()));
         }
         let file = match &self.out {
@@ -1591,14 +1818,13 @@ impl RxSession {
             Out::Hde(img) => Some(&img.file),
             _ => None,
         };
-        if let (Some(f), Some(part), Some(fin)) = (file, &self.part, &self.fin) {
+        if let (Some(f), Some(dir)) = (file, &self.dir) {
+            let part = dir.temp_path(&self.name, Kind::Part);
             let storage = |what: &str, e: std::io::Error| (ErrorCode::Storage, format!("{what} {}: {e}", part.display()));
             f.set_len(commit.size).map_err(|e| storage("truncating", e))?;
             f.sync_data().map_err(|e| storage("syncing", e))?;
-            std::fs::rename(part, fin).map_err(|e| storage("renaming", e))?;
-            if let Some(j) = &self.journal_path {
-                let _ = std::fs::remove_file(j);
-            }
+            dir.publish(&self.name).map_err(|e| storage("publishing", e))?;
+            dir.remove(&self.name, Kind::Journal);
             self.journal = None;
         }
         if matches!(self.out, Out::Stdout) {

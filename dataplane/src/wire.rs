@@ -390,14 +390,20 @@ impl Caps {
     }
 }
 
-/// Checks an object name: non-empty, at most [`MAX_NAME`] bytes, no path separators, not `.`/`..`.
+/// Checks an object name. Accepted: 1 to [`MAX_NAME`] bytes of UTF-8 with no `/`, no control
+/// character (U+0000 to U+001F, U+007F to U+009F: a name is printed in logs and on terminals),
+/// and not `.` or `..`. A directory receiver further refuses its state directory's name
+/// (`.dwcp-state`) and names longer than its file system takes (`recv::outdir`).
 pub fn check_name(name: &str) -> Result<(), WireError> {
     let bad = |why: &str| Err(WireError::Malformed { what: "object name", why: format!("{why}: {name:?}") });
     if name.is_empty() || name.len() > MAX_NAME {
         return bad("must be 1 to 255 bytes");
     }
-    if name.contains('/') || name.contains('\0') || name == "." || name == ".." {
-        return bad("must not contain '/' or NUL, nor be '.' or '..'");
+    if name.contains('/') || name == "." || name == ".." {
+        return bad("must not contain '/', nor be '.' or '..'");
+    }
+    if name.chars().any(char::is_control) {
+        return bad("must not contain control characters");
     }
     Ok(())
 }
@@ -898,7 +904,8 @@ mod tests {
     #[test]
     fn names_are_checked() {
         assert!(check_name("disk.qcow2").is_ok());
-        for bad in ["", "..", "a/b", "x\0"] {
+        assert!(check_name("vm.img.part").is_ok() && check_name(&"é".repeat(127)).is_ok());
+        for bad in ["", "..", ".", "a/b", "x\0", "a\nb", "\x1b[31mred", "x\u{9b}"] {
             assert!(check_name(bad).is_err(), "{bad:?}");
         }
     }

@@ -43,11 +43,17 @@ struct Rig {
 }
 
 fn rig(plain: bool, idle: Duration) -> Rig {
+    rig_with(plain, idle, |_| {})
+}
+
+/// A receiver with options of the test's.
+fn rig_with(plain: bool, idle: Duration, f: impl FnOnce(&mut RecvOptions)) -> Rig {
     let psk = Psk::generate();
     let out = tempfile::tempdir().unwrap();
     let mut o = RecvOptions::new("127.0.0.1:0", Sink::Dir(out.path().to_owned()), psk.clone());
     o.allow_plaintext = plain;
     o.idle_timeout = idle;
+    f(&mut o);
     Rig { rx: recv::start(o).unwrap(), psk, out }
 }
 
@@ -106,8 +112,8 @@ fn file_roundtrip_encrypted_and_plain_many_streams() {
         assert!(o.result.is_ok(), "{:?}", o.result);
         assert!(!o.data_wall.is_zero() && o.data_wall <= o.wall, "{:?} of {:?}", o.data_wall, o.wall);
         assert_eq!(sha256_file(&p), sha256_file(&rig.out.path().join(&name)), "{name} byte-exact");
-        assert!(!rig.out.path().join(format!("{name}.part")).exists());
-        assert!(!rig.out.path().join(format!("{name}.dwcp-journal")).exists());
+        assert!(!rig.out.path().join(".dwcp-state").join(format!("{}.part", dataplane::recv::outdir::key(&name))).exists());
+        assert!(!rig.out.path().join(".dwcp-state").join(format!("{}.journal", dataplane::recv::outdir::key(&name))).exists());
     }
 }
 
@@ -246,41 +252,27 @@ fn bad_checksum_and_out_of_range_chunks_are_named_and_nothing_is_published() {
     rig.still_serves();
 }
 
-/// A session's storage work (here a resume reading a journal that is a FIFO nobody writes, as a
-/// hung disk would) runs off the coordinator: other sessions open, transfer and commit meanwhile.
+/// Files planted in the output directory where the receiver expects its own (a FIFO as the
+/// journal, as the partial output, or as a delta round's previous round) are never waited on:
+/// the open does not block, the session goes on (or is refused at once), and the others are served.
 #[test]
-fn a_session_whose_storage_hangs_does_not_hold_up_the_others() {
+fn planted_fifos_neither_hang_a_session_nor_the_receiver() {
     let rig = rig(false, Duration::from_secs(10));
-    let journal = rig.out.path().join("slow.img.dwcp-journal");
-    let made = std::process::Command::new("mkfifo").arg(&journal).status().unwrap();
-    assert!(made.success());
+    let key = dataplane::recv::outdir::key("slow.img");
+    for f in [format!("{key}.journal"), format!("{key}.part")] {
+        let made = std::process::Command::new("mkfifo").arg(rig.out.path().join(".dwcp-state").join(f)).status().unwrap();
+        assert!(made.success());
+    }
     let mut o = rig.opts(1, true);
     o.resume = true;
-    let slow = std::thread::spawn(move || send::send(Source::Generated { size: 4 << 20, seed: 8, name: "slow.img".into() }, &o, Arc::default()));
-    // The receiver's open of the journal is waiting on the FIFO: a writer that does not block
-    // gets in only once a reader is there. Held open, the reader's read then waits for it.
     let t = std::time::Instant::now();
-    let writer = loop {
-        use std::os::unix::fs::OpenOptionsExt;
-        if let Ok(w) = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&journal) {
-            break w;
-        }
-        assert!(t.elapsed() < Duration::from_secs(10), "the resume never opened its journal");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    rig.still_serves();
-    rig.still_serves();
-    assert!(!slow.is_finished(), "the slow session cannot finish before its journal is read");
-    // Its storage comes back: an empty journal (the FIFO gone, so that the fresh journal the
-    // receiver then writes is a file), and the whole object is sent.
-    std::fs::remove_file(&journal).unwrap();
-    drop(writer);
-    let r = slow.join().unwrap().expect("the slow session completes once its storage answers");
-    assert!(r.verified);
+    let r = send::send(Source::Generated { size: 4 << 20, seed: 8, name: "slow.img".into() }, &o, Arc::default()).expect("FIFOs in place of its temporaries do not stop a session");
+    assert!(r.verified && t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
     assert!(rig.outcome().result.is_ok());
     let mut expect = vec![0u8; 4 << 20];
     source::generate(8, 0, &mut expect);
     assert_eq!(std::fs::read(rig.out.path().join("slow.img")).unwrap(), expect);
+    rig.still_serves();
 }
 
 /// The sender's streams close while its commit is still being verified and synced: the outcome
@@ -298,12 +290,7 @@ fn a_commit_whose_streams_close_before_its_verdict_still_publishes() {
         m.add(k << 16, 1 << 16, wire::checksum(&payload));
     }
     // Every chunk acknowledged (hence placed) before the commit, as a sender does.
-    let mut acked = 0;
-    while acked < size >> 16 {
-        let (h, p) = c.read_frame("acks").unwrap();
-        assert_eq!(h.kind, FrameType::Ack);
-        acked += wire::decode_ack(&p).unwrap().len() as u64;
-    }
+    await_acks(&mut c, size >> 16);
     c.write_frame(FrameType::Commit, 0, &wire::Commit { size, digest: m.finish(size).unwrap() }.encode()).unwrap();
     drop(c);
     let o = rig.outcome();
@@ -405,4 +392,207 @@ fn all_streams_lost_names_resume() {
     let mut expect = vec![0u8; 32 << 20];
     source::generate(2, 0, &mut expect);
     assert_eq!(std::fs::read(rig.out.path().join("lost.img")).unwrap(), expect);
+}
+
+// ------------------------------------------------------------- hostile and careless peers
+
+/// A whole plaintext raw session over one stream: chunks of 64 KiB of `fill`, then the commit.
+fn raw_chunks(c: &mut handshake::Conn, size: u64, fill: u8, m: &mut wire::ManifestDigest, from: u64, to: u64) {
+    let payload = vec![fill; 1 << 16];
+    for k in from..to.min(size >> 16) {
+        let h = FrameHeader::for_payload(FrameType::Chunk, 0, k << 16, &payload);
+        c.sock.write_all(&c.codec.encode_frame(&h, &payload)).unwrap();
+        m.add(k << 16, 1 << 16, wire::checksum(&payload));
+    }
+}
+
+/// Reads acknowledgements until `n` chunks are acknowledged (hence placed).
+fn await_acks(c: &mut handshake::Conn, n: u64) {
+    let mut acked = 0;
+    while acked < n {
+        let (h, p) = c.read_frame("acks").unwrap();
+        assert_eq!(h.kind, FrameType::Ack);
+        acked += wire::decode_ack(&p).unwrap().len() as u64;
+    }
+}
+
+/// Reads frames until `Verified` (acks skipped).
+fn expect_verified(c: &mut handshake::Conn) {
+    loop {
+        match c.read_frame("commit reply") {
+            Ok((h, _)) if h.kind == FrameType::Ack => continue,
+            Ok((h, _)) if h.kind == FrameType::Verified => return,
+            other => panic!("expected Verified, got {other:?}"),
+        }
+    }
+}
+
+/// Finding 1 of the integrity issue: an object named like another session's temporary
+/// (`vm.img.part`) published while `vm.img` was in flight, and the first session then
+/// published the second's bytes. Temporaries now live apart, named by hash.
+#[test]
+fn a_name_like_a_temporary_cannot_publish_foreign_bytes() {
+    let rig = rig(true, Duration::from_secs(10));
+    let size = 1u64 << 20;
+    let mut c = raw_session(&rig, size, "vm.img");
+    let mut m = wire::ManifestDigest::default();
+    raw_chunks(&mut c, size, 0xa5, &mut m, 0, 8);
+    // While vm.img is in flight, another sender publishes a 5-byte vm.img.part.
+    let src = tempfile::tempdir().unwrap();
+    let e = src.path().join("vm.img.part");
+    std::fs::write(&e, b"12345").unwrap();
+    let r = send::send(Source::file(&e).unwrap(), &rig.opts(1, false), Arc::default()).unwrap();
+    assert!(r.verified);
+    assert!(rig.outcome().result.is_ok());
+    raw_chunks(&mut c, size, 0xa5, &mut m, 8, 16);
+    await_acks(&mut c, 16);
+    c.write_frame(FrameType::Commit, 0, &wire::Commit { size, digest: m.finish(size).unwrap() }.encode()).unwrap();
+    expect_verified(&mut c);
+    drop(c);
+    assert!(rig.outcome().result.is_ok());
+    assert_eq!(std::fs::read(rig.out.path().join("vm.img")).unwrap(), vec![0xa5; size as usize], "vm.img holds its own bytes");
+    assert_eq!(std::fs::read(rig.out.path().join("vm.img.part")).unwrap(), b"12345");
+}
+
+/// Finding 2: sending `x` removed `x.part` and `x.dwcp-journal`, objects published before.
+/// Finding 3: links in the output directory were followed, and outputs were 0644.
+#[test]
+fn sending_x_touches_no_other_object_and_follows_no_link() {
+    let rig = rig(true, Duration::from_secs(10));
+    let out = rig.out.path();
+    for n in ["x.part", "x.dwcp-journal", "x.journal"] {
+        std::fs::write(out.join(n), n).unwrap();
+    }
+    let outside = tempfile::tempdir().unwrap();
+    let victim = outside.path().join("victim");
+    std::fs::write(&victim, b"precious").unwrap();
+    std::os::unix::fs::symlink(&victim, out.join("y.part")).unwrap();
+    std::os::unix::fs::symlink(&victim, out.join("y")).unwrap();
+    for name in ["x", "y"] {
+        let r = send::send(Source::Generated { size: 1 << 20, seed: 3, name: name.into() }, &rig.opts(2, false), Arc::default()).unwrap();
+        assert!(r.verified);
+        assert!(rig.outcome().result.is_ok());
+    }
+    for n in ["x.part", "x.dwcp-journal", "x.journal"] {
+        assert_eq!(std::fs::read(out.join(n)).unwrap(), n.as_bytes(), "{n} untouched");
+    }
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious", "nothing written through a link");
+    let md = std::fs::symlink_metadata(out.join("y")).unwrap();
+    assert!(md.file_type().is_file(), "the link itself was replaced by the object");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(md.permissions().mode() & 0o777, 0o600, "objects are private by default");
+    assert!(std::fs::symlink_metadata(out.join("y.part")).unwrap().file_type().is_symlink());
+}
+
+/// Finding 4: names of 243-250 bytes failed at the journal and left 64 MiB reservations
+/// behind; 251-255 passed the name check and could not be created. Every name the check
+/// accepts now publishes, and a refused session leaves nothing in the state directory.
+#[test]
+fn long_names_publish_and_failures_leave_nothing_behind() {
+    let rig = rig(true, Duration::from_secs(10));
+    for len in [243, 250, 255] {
+        let name = "n".repeat(len);
+        let r = send::send(Source::Generated { size: 64 << 10, seed: 1, name: name.clone() }, &rig.opts(1, false), Arc::default()).unwrap();
+        assert!(r.verified, "{len}");
+        assert!(rig.outcome().result.is_ok());
+        assert!(rig.out.path().join(&name).is_file());
+    }
+    // A delta round with no previous round is refused; its open created nothing that stays.
+    let mut c = handshake::connect(&rig.addr(), &rig.psk, false, 0, Duration::from_secs(5)).unwrap().0;
+    let hello = Hello::Open {
+        caps: Caps { max_streams: 1, max_chunk: 1 << 20, codecs: wire::CODEC_RAW | wire::CODEC_HDE | wire::CODEC_HDE_ROUND, transports: 1 },
+        chunk_size: 1 << 16,
+        streams: 1,
+        object_size: 1 << 20,
+        object_id: 1,
+        resume: false,
+        name: "nothing-before.img".into(),
+    };
+    c.write_frame(FrameType::Hello, 0, &hello.encode()).unwrap();
+    assert!(c.expect(FrameType::Welcome, "welcome").is_err());
+    let left: Vec<_> = std::fs::read_dir(rig.out.path().join(".dwcp-state")).unwrap().flatten().map(|e| e.file_name()).filter(|n| n != "lock").collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    // The receiver's own state directory is not a name a sender can use.
+    let e = send::send(Source::Generated { size: 4096, seed: 1, name: ".dwcp-state".into() }, &rig.opts(1, false), Arc::default()).unwrap_err();
+    assert!(e.to_string().contains("state directory"), "{e}");
+}
+
+/// A chunk that arrives after the commit was verified must not change the published object
+/// (it was written into the published file through the session's still-open descriptor).
+#[test]
+fn a_chunk_after_the_commit_does_not_change_the_published_object() {
+    let rig = rig(true, Duration::from_secs(10));
+    let size = 1u64 << 20;
+    let mut c = raw_session(&rig, size, "sealed.img");
+    let mut m = wire::ManifestDigest::default();
+    raw_chunks(&mut c, size, 0x11, &mut m, 0, 16);
+    await_acks(&mut c, 16);
+    c.write_frame(FrameType::Commit, 0, &wire::Commit { size, digest: m.finish(size).unwrap() }.encode()).unwrap();
+    expect_verified(&mut c);
+    let evil = vec![0xeeu8; 1 << 16];
+    let h = FrameHeader::for_payload(FrameType::Chunk, 0, 0, &evil);
+    c.sock.write_all(&c.codec.encode_frame(&h, &evil)).unwrap();
+    expect_error(&mut c, ErrorCode::Protocol, "after the session's commit");
+    drop(c);
+    assert!(rig.outcome().result.is_ok());
+    assert_eq!(std::fs::read(rig.out.path().join("sealed.img")).unwrap(), vec![0x11; size as usize]);
+}
+
+/// A connection from `from` to `to` that sends one byte and then nothing.
+fn silent(from: &str, to: std::net::SocketAddr) -> std::net::TcpStream {
+    use rustix::net::{AddressFamily, SocketType, bind, connect, socket};
+    let fd = socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
+    bind(&fd, &std::net::SocketAddr::new(from.parse().unwrap(), 0)).unwrap();
+    connect(&fd, &to).unwrap();
+    let mut s = std::net::TcpStream::from(fd);
+    let _ = s.write_all(&[1]);
+    s
+}
+
+/// Finding 5: 260 connections that sent one byte and then nothing locked every real sender
+/// out (a global cap of 256 and a per-read timeout that one byte every 29 s renews). Now each
+/// handshake has a deadline for the whole of it, and one address holds at most 16 slots.
+#[test]
+fn silent_connections_do_not_lock_out_a_real_sender() {
+    let deadline = Duration::from_secs(2);
+    let rig = rig_with(true, Duration::from_secs(30), |o| o.handshake_timeout = deadline);
+    let to = rig.rx.local_addr;
+    let usual = {
+        let t = std::time::Instant::now();
+        assert!(send::send(Source::Generated { size: 4 << 20, seed: 5, name: "usual.img".into() }, &rig.opts(2, true), Arc::default()).unwrap().verified);
+        rig.outcome();
+        t.elapsed()
+    };
+    // From another address: the sender is not held up at all.
+    let held: Vec<_> = (0..300).map(|_| silent("127.0.0.2", to)).collect();
+    let t = std::time::Instant::now();
+    assert!(send::send(Source::Generated { size: 4 << 20, seed: 5, name: "a.img".into() }, &rig.opts(2, true), Arc::default()).unwrap().verified);
+    let other_addr = t.elapsed();
+    assert!(rig.outcome().result.is_ok());
+    drop(held);
+    // From the sender's own address: it is told the receiver is busy and retries, and gets in
+    // once the silent ones' deadline has passed.
+    let held: Vec<_> = (0..300).map(|_| silent("127.0.0.1", to)).collect();
+    let t = std::time::Instant::now();
+    assert!(send::send(Source::Generated { size: 4 << 20, seed: 5, name: "b.img".into() }, &rig.opts(2, true), Arc::default()).unwrap().verified);
+    let same_addr = t.elapsed();
+    assert!(rig.outcome().result.is_ok());
+    eprintln!("usual {usual:?}; with 300 silent connections from another address {other_addr:?}, from the same {same_addr:?}");
+    assert!(other_addr < usual + Duration::from_secs(1), "{other_addr:?} against {usual:?}");
+    assert!(same_addr < usual + deadline + Duration::from_secs(2), "{same_addr:?} against {usual:?}");
+    // Each silent connection was either told the receiver is busy or shut at its deadline.
+    let (mut busy, mut shut) = (0, 0);
+    for mut s in held {
+        s.set_read_timeout(Some(deadline + Duration::from_secs(1))).unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).expect("closed by the receiver, not left open");
+        match got.as_slice() {
+            b if b == handshake::BUSY => busy += 1,
+            [] => shut += 1,
+            other => panic!("unexpected bytes {other:?}"),
+        }
+    }
+    assert_eq!(shut, 16, "one address holds at most 16 handshakes");
+    assert_eq!(busy, 300 - 16);
+    rig.still_serves();
 }

@@ -177,7 +177,7 @@ fn killed_receiver_then_resume_sends_only_what_is_missing() {
         .spawn()
         .unwrap();
     // Kill the receiver once its journal holds some placed chunks.
-    let journal = out.join("vm.img.dwcp-journal");
+    let journal = temp(&out, "vm.img", "journal");
     let t = Instant::now();
     while std::fs::metadata(&journal).map(|m| m.len()).unwrap_or(0) < 32 + 24 * 20 {
         assert!(t.elapsed() < Duration::from_secs(60), "journal never grew");
@@ -204,7 +204,7 @@ fn killed_receiver_then_resume_sends_only_what_is_missing() {
     assert_eq!(outcome["verified"], true);
     assert!(rx.wait().unwrap().success());
     assert_eq!(sha256_file(&src), sha256_file(&out.join("vm.img")), "sha256 of the output equals the source's");
-    assert!(!out.join("vm.img.dwcp-journal").exists());
+    assert!(!temp(&out, "vm.img", "journal").exists());
 }
 
 #[test]
@@ -343,7 +343,7 @@ fn full_disk_is_named_and_the_receiver_keeps_serving() {
     let o = Command::new(bin()).args(["send", "gen:16M", "--name", "big.img", "--to", &to, "--key-file"]).arg(&key).output().unwrap();
     assert!(!o.status.success());
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(e.contains("No space left on device") && e.contains("big.img.part"), "{e}");
+    assert!(e.contains("does not fit") && e.contains("big.img"), "{e}");
     // Unknown size (a pipe): the disk fills mid-transfer; the error names the write that failed.
     let src = d.path().join("pipe.bin");
     write_image(&src, 16 << 20);
@@ -354,7 +354,7 @@ fn full_disk_is_named_and_the_receiver_keeps_serving() {
     assert!(!out.join("piped.img").exists(), "no partial output presented as complete");
     // A pipe cannot be resumed, so its partial output is removed once the session's streams close.
     let t = Instant::now();
-    while out.join("piped.img.part").exists() {
+    while temp(&out, "piped.img", "part").exists() {
         assert!(t.elapsed() < Duration::from_secs(10), "the unresumable partial output was not removed");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -609,4 +609,9 @@ fn a_round_from_a_dirty_log_reaches_the_receiver_exactly() {
     assert!(!ok);
     assert!(e.contains("--dirty") && e.contains("needs 512"), "{e}");
     assert!(rx.try_wait().unwrap().is_none(), "the receiver keeps serving");
+}
+
+/// Where the receiver keeps an object's partial output or journal.
+fn temp(out: &std::path::Path, name: &str, ext: &str) -> std::path::PathBuf {
+    out.join(".dwcp-state").join(format!("{}.{ext}", dataplane::recv::outdir::key(name)))
 }

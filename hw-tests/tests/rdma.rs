@@ -80,14 +80,14 @@ fn a_killed_receiver_is_named_and_resume_completes() {
     // resume from.
     let body = "rx; RX=$!; sleep 0.5; \
         ( tx /tmp/src.img > /tmp/s1.json 2>/tmp/s1.err; echo $? > /tmp/s1.rc ) & \
-        for i in $(seq 300); do [ $(stat -c %s /tmp/o/src.img.dwcp-journal 2>/dev/null || echo 0) -gt 4096 ] && break; sleep 0.1; done; kill -9 $RX; T0=$(date +%s%N); \
+        for i in $(seq 300); do [ $(cat /tmp/o/.dwcp-state/*.journal 2>/dev/null | wc -c) -gt 4096 ] && break; sleep 0.1; done; kill -9 $RX; T0=$(date +%s%N); \
         for i in $(seq 300); do [ -f /tmp/s1.rc ] && break; sleep 0.1; done; \
         echo \"S1RC=$(cat /tmp/s1.rc 2>/dev/null || echo hung)\"; echo \"S1MS=$(( ($(date +%s%N) - T0) / 1000000 ))\"; \
         echo \"S1ERR=$(tail -1 /tmp/s1.err)\"; \
         rx; sleep 0.5; echo '#S2'; tx /tmp/src.img --resume 2>/tmp/s2.err; echo \"S2RC=$?\"; \
         echo \"SRC=$(sha256sum < /tmp/src.img | cut -c1-64)\"; echo \"DST=$(sha256sum < /tmp/o/src.img | cut -c1-64)\"; \
         $D send gen:256M --name victim.img --to $A --key-file $K --transport rdma > /dev/null 2>&1 & TX=$!; \
-        for i in $(seq 300); do [ $(stat -c %s /tmp/o/victim.img.dwcp-journal 2>/dev/null || echo 0) -gt 4096 ] && break; sleep 0.1; done; kill -9 $TX; sleep 2; \
+        for i in $(seq 300); do [ $(cat /tmp/o/.dwcp-state/*.journal 2>/dev/null | wc -c) -gt 4096 ] && break; sleep 0.1; done; kill -9 $TX; sleep 2; \
         echo \"RXSAW=$(grep -c 'victim.img FAILED' /tmp/rx.out)\"; echo \"RXWHY=$(grep 'RDMA data path ended' /tmp/rx.out | tail -1 | sed 's/.*ended: //')\"; echo '#RXLOG'; tail -4 /tmp/rx.out; \
         tx gen:8M --name after.img > /dev/null 2>&1; echo \"S3RC=$?\"";
     let (rc, out) = hw_tests::in_guest(&script(body), 2048, 400);
