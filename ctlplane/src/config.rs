@@ -296,6 +296,20 @@ impl Config {
             }
         }
         let m = &self.mode;
+        // Every duration and rate must be a finite number in a sane range before it is turned
+        // into a `Duration` (which panics on infinity, NaN or a negative value).
+        for (key, v, lo, hi, unit) in [
+            ("mode.dc_max_rtt_ms", m.dc_max_rtt_ms, 0.0, 3.6e6, "milliseconds"),
+            ("mode.inet_min_rtt_ms", m.inet_min_rtt_ms, 0.0, 3.6e6, "milliseconds"),
+            ("mode.min_dwell_s", m.min_dwell_s, 0.0, 86_400.0, "seconds"),
+            ("mode.probe_interval_s", m.probe_interval_s, 0.0, 86_400.0, "seconds"),
+            ("mode.dc_min_bw_gbps", m.dc_min_bw_gbps, 0.0, 1e6, "Gbit/s"),
+            ("mode.inet_max_bw_gbps", m.inet_max_bw_gbps, 0.0, 1e6, "Gbit/s"),
+        ] {
+            if !(v.is_finite() && (lo..=hi).contains(&v)) {
+                return bad(key, format!("is {v}; expected {unit} from {lo} to {hi}"));
+            }
+        }
         if !(m.dc_max_rtt_ms > 0.0 && m.dc_max_rtt_ms < m.inet_min_rtt_ms) {
             return bad("mode.dc_max_rtt_ms", format!("is {}; expected a positive value below mode.inet_min_rtt_ms ({})", m.dc_max_rtt_ms, m.inet_min_rtt_ms));
         }
@@ -384,5 +398,13 @@ addr = "dr.example.net:7470"
         let e = Config::load(Some(&f), vec![("DWCP_NODE_LISTEN".to_string(), "bad".to_string())], &[]).unwrap_err().to_string();
         assert!(e.starts_with("environment variable DWCP_NODE_LISTEN:"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn infinite_nan_and_negative_durations_are_named_not_panicked_on() {
+        for (key, v) in [("probe_interval_s", "inf"), ("min_dwell_s", "-1.0"), ("min_dwell_s", "nan"), ("inet_min_rtt_ms", "inf"), ("dc_min_bw_gbps", "inf")] {
+            let e = Config::parse(&format!("[mode]\n{key} = {v}\n"), "test.toml").map(|c| c.thresholds()).expect_err(&format!("{key} = {v}"));
+            assert!(e.to_string().contains(&format!("mode.{key}")), "{e}");
+        }
     }
 }

@@ -33,6 +33,14 @@ pub enum CryptoError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The key file can be read by other users.
+    #[error("key file {path} has mode {mode:04o}: other users can read it; run `chmod 600 {path}`")]
+    KeyFileMode {
+        /// Path given.
+        path: String,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// The key file did not hold 64 hex digits.
     #[error("key file {path} must hold 64 hex digits (32 bytes); create one with `dwcp keygen {path}`")]
     KeyFileFormat {
@@ -82,7 +90,12 @@ impl Psk {
     }
     /// Reads a key file.
     pub fn from_file(path: &Path) -> Result<Self, CryptoError> {
+        use std::os::unix::fs::PermissionsExt;
         let p = path.display().to_string();
+        let mode = std::fs::metadata(path).map_err(|source| CryptoError::KeyFileRead { path: p.clone(), source })?.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Err(CryptoError::KeyFileMode { path: p, mode: mode & 0o777 });
+        }
         let s = std::fs::read_to_string(path).map_err(|source| CryptoError::KeyFileRead { path: p.clone(), source })?;
         Self::from_hex(&s).ok_or(CryptoError::KeyFileFormat { path: p })
     }
@@ -318,5 +331,18 @@ mod tests {
         assert_eq!(Psk::from_hex(&format!("{}\n", k.to_hex())).unwrap().0, k.0);
         assert!(Psk::from_hex("abc").is_none());
         assert!(Psk::from_hex(&"zz".repeat(32)).is_none());
+    }
+
+    #[test]
+    fn a_key_file_others_can_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("k");
+        std::fs::write(&p, "ab".repeat(32)).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = Psk::from_file(&p).unwrap_err().to_string();
+        assert!(e.contains("chmod 600") && e.contains("0644"), "{e}");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(Psk::from_file(&p).is_ok());
     }
 }

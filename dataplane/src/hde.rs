@@ -1052,7 +1052,7 @@ struct Parsed<'f> {
 /// A parsed frame: its reference pages, entries, literal block and delta block.
 type Frame<'f> = (Vec<u64>, Vec<Parsed<'f>>, &'f [u8], &'f [u8]);
 
-fn parse(frame: &[u8]) -> Result<Frame<'_>, HdeError> {
+fn parse(frame: &[u8], max_pages: usize) -> Result<Frame<'_>, HdeError> {
     if frame.len() < HEADER || &frame[..4] != MAGIC {
         return Err(HdeError::BadMagic);
     }
@@ -1061,7 +1061,7 @@ fn parse(frame: &[u8]) -> Result<Frame<'_>, HdeError> {
     if nrefs > REFS_MAX {
         return Err(HdeError::TooManyRefs { count: nrefs as u32 });
     }
-    if count > PAGES_MAX {
+    if count > PAGES_MAX.min(max_pages) {
         return Err(HdeError::TooManyPages { count: count as u32 });
     }
     let mut d = &frame[HEADER..];
@@ -1134,7 +1134,14 @@ impl Decoder {
     /// checksum before it is written; nothing of the frame is written before all of its delta
     /// pages are decoded (their old copies are the block's prefix).
     pub fn decode(&mut self, frame: &[u8], store: &mut dyn PageStore) -> Result<DecodeReport, HdeError> {
-        let (refs, entries, lit, delta) = parse(frame)?;
+        self.decode_bounded(frame, store, PAGES_MAX)
+    }
+
+    /// [`Decoder::decode`] of a frame that may list at most `max_pages` pages (a chunk's): what
+    /// it allocates (entries, decoded blocks, the report) is bounded by that, whatever the
+    /// frame's header claims.
+    pub fn decode_bounded(&mut self, frame: &[u8], store: &mut dyn PageStore, max_pages: usize) -> Result<DecodeReport, HdeError> {
+        let (refs, entries, lit, delta) = parse(frame, max_pages)?;
         let mut rep = DecodeReport::default();
         let count = |k: Kind| entries.iter().filter(|e| e.kind == Some(k)).count();
         let (nlit, ndelta) = (count(Kind::Literal), count(Kind::ZstdDelta) + count(Kind::RefLiteral));
@@ -1822,7 +1829,7 @@ mod tests {
         // And a frame listing more references than any encoder writes is refused whole.
         let mut bad = f.clone();
         bad[16..20].copy_from_slice(&(REFS_MAX as u32 + 1).to_le_bytes());
-        assert_eq!(parse(&bad).err(), Some(HdeError::TooManyRefs { count: REFS_MAX as u32 + 1 }));
+        assert_eq!(parse(&bad, PAGES_MAX).err(), Some(HdeError::TooManyRefs { count: REFS_MAX as u32 + 1 }));
     }
 
     #[test]
@@ -1921,10 +1928,14 @@ mod tests {
             f
         };
         let same_run = Kind::Same as u8 | RUN;
-        assert_eq!(parse(&frame(3, &[0, same_run, 2])).map(|f| f.1.len()), Ok(3));
-        assert_eq!(parse(&frame(3, &[0, same_run, 3])).err(), Some(HdeError::Truncated { index: 0 }));
-        assert_eq!(parse(&frame(2, &[0, Kind::Literal as u8 | RUN, 1])).map(|f| f.1[0].kind), Ok(None));
-        assert_eq!(parse(&frame(PAGES_MAX as u32 + 1, &[0, same_run, 100])).err(), Some(HdeError::TooManyPages { count: PAGES_MAX as u32 + 1 }));
+        assert_eq!(parse(&frame(3, &[0, same_run, 2]), PAGES_MAX).map(|f| f.1.len()), Ok(3));
+        assert_eq!(parse(&frame(3, &[0, same_run, 3]), PAGES_MAX).err(), Some(HdeError::Truncated { index: 0 }));
+        assert_eq!(parse(&frame(2, &[0, Kind::Literal as u8 | RUN, 1]), PAGES_MAX).map(|f| f.1[0].kind), Ok(None));
+        assert_eq!(parse(&frame(PAGES_MAX as u32 + 1, &[0, same_run, 100]), PAGES_MAX).err(), Some(HdeError::TooManyPages { count: PAGES_MAX as u32 + 1 }));
+        // A frame of one chunk lists at most the chunk's pages: a header claiming more (an
+        // 80-byte frame whose run would make 2^18 entries) is refused before anything is made.
+        assert_eq!(parse(&frame(129, &[0, same_run, 100]), 128).err(), Some(HdeError::TooManyPages { count: 129 }));
+        assert!(parse(&frame(128, &[0, same_run, 127]), 128).is_ok());
     }
 
     proptest! {

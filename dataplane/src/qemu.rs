@@ -72,6 +72,11 @@ const MAX_RAW: usize = 1 << 20;
 const MAX_RECORD: usize = 8 << 20;
 /// Opaque bytes that close a batch on their own.
 const BATCH_OPAQUE: usize = 1 << 20;
+/// The most a batch can rebuild: its opaque bytes (up to the record's size, as the item that
+/// closes a batch may be one long run) and 256 pages, each with its header and block name.
+const BATCH_OUT_MAX: usize = MAX_RECORD + BATCH_PAGES * (8 + 1 + 255 + PAGE);
+/// RAM blocks a stream may define (QEMU defines a handful: RAM, ROMs, VGA, ...).
+const BLOCKS_MAX: usize = 1024;
 
 fn flag_names(f: u64) -> String {
     let names = [
@@ -747,6 +752,8 @@ pub struct Decoder {
     ended: bool,
     records: u64,
     ram: Ram,
+    /// The most guest RAM this decoder maps for its copy.
+    ram_limit: u64,
     hde: hde::Decoder,
     whole: Xxh3,
     report: DecodeReport,
@@ -760,14 +767,22 @@ impl std::fmt::Debug for Decoder {
 }
 
 impl Decoder {
-    /// A decoder.
+    /// A decoder whose copy of the guest's RAM may span at most the host's physical memory (the
+    /// destination QEMU needs as much, so a stream that defines more is not a guest this host
+    /// can run).
     pub fn new() -> std::io::Result<Self> {
+        Self::with_ram_limit(crate::sys::physical_memory().unwrap_or(1 << 40))
+    }
+
+    /// A decoder whose copy of the guest's RAM may span at most `ram_limit` bytes.
+    pub fn with_ram_limit(ram_limit: u64) -> std::io::Result<Self> {
         Ok(Self {
             buf: Vec::new(),
             started: false,
             ended: false,
             records: 0,
             ram: Ram::default(),
+            ram_limit,
             hde: hde::Decoder::new(None)?,
             whole: Xxh3::new(),
             report: DecodeReport::default(),
@@ -885,6 +900,9 @@ impl Decoder {
             return Err(bad("shorter than its header"));
         }
         let out_len = u32::from_le_bytes(body[..4].try_into().expect("4")) as usize;
+        if out_len > BATCH_OUT_MAX {
+            return Err(bad(&format!("declares {out_len} bytes, more than a batch can rebuild")));
+        }
         let sum = u64::from_le_bytes(body[4..12].try_into().expect("8"));
         let skel_len = u32::from_le_bytes(body[12..16].try_into().expect("4")) as usize;
         let skel_z = body.get(16..16 + skel_len).ok_or_else(|| bad("skeleton runs past the record"))?;
@@ -929,6 +947,12 @@ impl Decoder {
                     if pages == 0 || pages > (1 << 36) {
                         return Err(bad("RAM block size out of range"));
                     }
+                    if self.ram.blocks.len() >= BLOCKS_MAX {
+                        return Err(bad(&format!("more than {BLOCKS_MAX} RAM blocks")));
+                    }
+                    if self.report.ram_bytes.saturating_add(pages * PAGE as u64) > self.ram_limit {
+                        return Err(bad(&format!("RAM blocks of more than {} bytes, this receiver's limit (its physical memory)", self.ram_limit)));
+                    }
                     let map = memmap2::MmapOptions::new().len(pages as usize * PAGE).map_anon().map_err(|e| bad(&format!("mapping {pages} pages for RAM block {name}: {e}")))?;
                     let base = self.ram.blocks.last().map_or(0, |b| b.base + b.pages);
                     self.report.ram_bytes += pages * PAGE as u64;
@@ -938,7 +962,7 @@ impl Decoder {
             }
         }
         // Pages first (HDE checks each against its checksum), then the bytes in stream order.
-        let rep = self.hde.decode(frame, &mut self.ram).map_err(|e| bad(&e.to_string()))?;
+        let rep = self.hde.decode_bounded(frame, &mut self.ram, BATCH_PAGES).map_err(|e| bad(&e.to_string()))?;
         let name_of = |ram: &Ram, no: u64| ram.locate(no).map_or((String::from("?"), no), |(i, at)| (ram.blocks[i].name.clone(), (at / PAGE) as u64));
         if let Some(&(no, why)) = rep.rejected.first() {
             let (block, page) = name_of(&self.ram, no);

@@ -1040,7 +1040,7 @@ impl HdeImage {
         let span = chunk.min(self.size.saturating_sub(offset)) as u32;
         let first = offset / crate::hde::PAGE as u64;
         let mut store = ClaimStore { claim, base: self.base.as_deref(), fresh: self.fresh };
-        Ok(Some(match dec.decode(frame, &mut store) {
+        Ok(Some(match dec.decode_bounded(frame, &mut store, (span as usize).div_ceil(crate::hde::PAGE)) {
             Ok(r) => HdeDone { span, applied: r.applied, deferred: r.deferred, rejected: r.rejected },
             Err(e) => HdeDone { span, applied: 0, deferred: Vec::new(), rejected: vec![(first, frame_error(&e))] },
         }))
@@ -1058,15 +1058,31 @@ fn frame_error(e: &crate::hde::HdeError) -> &'static str {
     }
 }
 
+/// Duplicates a session may hold unresolved until its commit (32 bytes each): far more than an
+/// encoder leaves (it refers to pages it sent before), bounded so that a peer cannot grow the
+/// coordinator's memory with them.
+const HDE_DEFERRED_MAX: usize = 1 << 20;
+
 /// The coordinator's part of an HDE session.
 struct HdeRx {
     img: Arc<HdeImage>,
     deferred: Vec<crate::hde::Deferred>,
+    /// Pages that did not apply: the first few (for the error), and how many.
     rejected: Vec<(u64, &'static str)>,
+    rejected_count: u64,
     pages: u64,
     /// Streams a chunk arrived on again while its first arrival was decoding: acknowledged
     /// once that is placed.
     waiting: BTreeMap<u64, Vec<StreamAddr>>,
+}
+
+impl HdeRx {
+    /// Counts pages that did not apply, keeping the first few for the error.
+    fn note_rejected(&mut self, r: &[(u64, &'static str)]) {
+        self.rejected_count += r.len() as u64;
+        let room = 8usize.saturating_sub(self.rejected.len());
+        self.rejected.extend(r.iter().take(room));
+    }
 }
 
 /// A shard's view of the output while it decodes one chunk: that chunk's pages to write, the
@@ -1422,8 +1438,16 @@ impl Coordinator {
         let Some(s) = self.sessions.get_mut(&session) else { return };
         let Some(h) = s.hde.as_mut() else { return };
         h.pages += done.applied;
-        h.deferred.extend(done.deferred);
-        h.rejected.extend(done.rejected);
+        h.note_rejected(&done.rejected);
+        if h.deferred.len() + done.deferred.len() > HDE_DEFERRED_MAX {
+            // Counted as rejected: the commit then fails the session with the reason.
+            h.rejected_count += done.deferred.len() as u64;
+            if h.rejected.len() < 8 {
+                h.rejected.extend(done.deferred.iter().take(1).map(|d| (d.no, "more unresolved duplicates than a session may hold")));
+            }
+        } else {
+            h.deferred.extend(done.deferred);
+        }
         let waiting = h.waiting.remove(&offset).unwrap_or_default();
         s.place(offset, done.span, sum);
         for to in std::iter::once(from).chain(waiting) {
@@ -1451,6 +1475,13 @@ impl Coordinator {
                 let _ = self.shards[from.0].send(ToShard::Ack { key: from.1, offset });
             }
             reorder::Arrival::AckOnWrite => {}
+            reorder::Arrival::Full => {
+                let msg = format!("chunk at offset {offset} is too far ahead of the next in order ({}): the reorder buffer is full", s.reorder_next());
+                warn!(session = %hex(&session), name = %s.name, "{msg}");
+                let _ = self.shards[from.0].send(ToShard::Reply { key: from.1, kind: FrameType::Error, payload: wire::encode_error(ErrorCode::OutOfRange, &msg) });
+                s.out_failed = Some(msg);
+                return;
+            }
         }
         let mut out = std::io::stdout().lock();
         while let Some((off, reorder::Held { data: d, sum, ack })) = s.reorder.pop() {
@@ -1704,7 +1735,7 @@ fn prepare_files(dir: &Arc<OutDir>, sess: &mut RxSession, p: &Prepare) -> Result
         };
         let img = Arc::new(HdeImage { image, base, fresh, file: f, chunk: chunk_size, size: size.unwrap_or(0) });
         sess.out = Out::Hde(img.clone());
-        sess.hde = Some(Box::new(HdeRx { img, deferred: Vec::new(), rejected: Vec::new(), pages: 0, waiting: BTreeMap::new() }));
+        sess.hde = Some(Box::new(HdeRx { img, deferred: Vec::new(), rejected: Vec::new(), rejected_count: 0, pages: 0, waiting: BTreeMap::new() }));
     } else {
         sess.out = Out::File(Arc::new(f));
     }
@@ -1730,6 +1761,10 @@ fn read_bounded(f: &mut File, max: u64) -> std::io::Result<Vec<u8>> {
 }
 
 impl RxSession {
+    fn reorder_next(&self) -> u64 {
+        self.reorder.next()
+    }
+
     /// Removes the session's partial output and journal: nothing of it can be resumed.
     fn discard_output(&mut self) {
         self.journal = None;
@@ -1788,13 +1823,13 @@ impl RxSession {
             let deferred = std::mem::take(&mut h.deferred);
             let r = crate::hde::Decoder::retry(&deferred, &mut MapStore(whole.bytes(), img.base.as_deref(), img.fresh));
             h.pages += r.applied;
-            h.rejected.extend(r.rejected);
+            h.note_rejected(&r.rejected);
             if let Some(&(no, why)) = h.rejected.first() {
                 return Err((
                     ErrorCode::DigestMismatch,
                     format!(
                         "{} HDE pages did not apply (first: page {no}, {why}); output not published. A delta round needs the receiver to hold exactly the previous round",
-                        h.rejected.len()
+                        h.rejected_count
                     ),
                 ));
             }

@@ -18,6 +18,13 @@ pub fn map_readonly(f: &File) -> std::io::Result<Mmap> {
     unsafe { Mmap::map(f) }
 }
 
+/// The host's physical memory in bytes, if the system says.
+pub fn physical_memory() -> Option<u64> {
+    // SAFETY: sysconf only reads system configuration.
+    let (pages, size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    (pages > 0 && size > 0).then(|| pages as u64 * size as u64)
+}
+
 /// CPU time (user + system) this process has used so far.
 pub fn process_cpu_time() -> Duration {
     // SAFETY: all-zero is a valid `rusage`; getrusage only writes into it.

@@ -824,7 +824,10 @@ pub fn encode_error(code: ErrorCode, msg: &str) -> Vec<u8> {
 /// Decodes an Error payload.
 pub fn decode_error(b: &[u8]) -> Result<(ErrorCode, String), WireError> {
     need("error", b, 2)?;
-    Ok((ErrorCode::from_u16(u16_at(b, 0)), String::from_utf8_lossy(&b[2..]).into_owned()))
+    // The peer's words end up on a terminal or in a log: control characters (escape sequences,
+    // line breaks that forge log lines) become U+FFFD, and at most 1 KiB of it is kept.
+    let text = String::from_utf8_lossy(&b[2..b.len().min(2 + 1024)]).chars().map(|c| if c.is_control() { '\u{fffd}' } else { c }).collect();
+    Ok((ErrorCode::from_u16(u16_at(b, 0)), text))
 }
 
 /// The whole-object digest: BLAKE3 over the chunk manifest in offset order, each entry being

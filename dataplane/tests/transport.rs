@@ -596,3 +596,81 @@ fn silent_connections_do_not_lock_out_a_real_sender() {
     assert_eq!(busy, 300 - 16);
     rig.still_serves();
 }
+
+/// This process's resident memory, in bytes.
+fn rss() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/statm").unwrap();
+    s.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 4096
+}
+
+/// An HDE frame listing `pages` literal pages (one after the other from page 0) whose literal
+/// block is a zstd frame of `pages` zero pages: about 10 bytes a page on the wire.
+fn hde_bomb(pages: u32) -> Vec<u8> {
+    let mut lit = zstd::stream::Encoder::new(Vec::new(), 1).unwrap();
+    std::io::copy(&mut std::io::repeat(0).take(u64::from(pages) * 4096), &mut lit).unwrap();
+    let lit = lit.finish().unwrap();
+    let mut f = b"HDE5".to_vec();
+    for v in [pages, lit.len() as u32, 0, 0] {
+        f.extend_from_slice(&v.to_le_bytes());
+    }
+    for _ in 0..pages {
+        f.extend_from_slice(&[0, 4]);
+        f.extend_from_slice(&[0; 8]);
+    }
+    let sum = dataplane::hde::list_sum(&f);
+    f.extend_from_slice(&sum.to_le_bytes());
+    f.extend_from_slice(&lit);
+    f
+}
+
+/// An HDE frame of a chunk may list only that chunk's pages: one of 1.3 MB that listed 2^17
+/// literal pages made the receiver decode a 512 MiB block (a zstd bomb) per frame. Now it ends
+/// its own session (the commit names the page), the receiver's memory stays flat, and it serves
+/// the next session.
+#[test]
+fn an_hde_bomb_ends_its_session_and_the_memory_stays_flat() {
+    let rig = rig_with(true, Duration::from_secs(10), |o| o.max_chunk = 2 << 20);
+    let size = 4u64 << 20;
+    let (mut c, _) = handshake::connect(&rig.addr(), &rig.psk, false, 0, Duration::from_secs(5)).unwrap();
+    let hello = Hello::Open {
+        caps: Caps { max_streams: 1, max_chunk: 2 << 20, codecs: wire::CODEC_RAW | wire::CODEC_HDE, transports: 1 },
+        chunk_size: 1 << 20,
+        streams: 1,
+        object_size: size,
+        object_id: 1,
+        resume: false,
+        name: "bomb.img".into(),
+    };
+    c.write_frame(FrameType::Hello, 0, &hello.encode()).unwrap();
+    let (_, w) = c.expect(FrameType::Welcome, "welcome").unwrap();
+    assert!(wire::Welcome::decode(&w).unwrap().caps.codecs & wire::CODEC_HDE != 0, "HDE granted");
+    let bomb = hde_bomb(1 << 17);
+    assert!(bomb.len() < 2 << 20);
+    let before = rss();
+    let mut m = wire::ManifestDigest::default();
+    for k in 0..size >> 20 {
+        let h = FrameHeader::for_payload(FrameType::Chunk, 0, k << 20, &bomb);
+        c.sock.write_all(&c.codec.encode_frame(&h, &bomb)).unwrap();
+        m.add(k << 20, 1 << 20, wire::checksum(&bomb));
+    }
+    await_acks(&mut c, size >> 20);
+    let grew = rss().saturating_sub(before);
+    c.write_frame(FrameType::Commit, 0, &wire::Commit { size, digest: m.finish(size).unwrap() }.encode()).unwrap();
+    loop {
+        match c.read_frame("commit reply") {
+            Ok((h, _)) if h.kind == FrameType::Ack => continue,
+            Err(handshake::HandshakeError::Refused { code, message }) => {
+                assert_eq!(code, ErrorCode::DigestMismatch, "{message}");
+                assert!(message.contains("HDE pages did not apply") && message.contains("more pages than a frame does"), "{message}");
+                break;
+            }
+            other => panic!("expected the commit refused, got {other:?}"),
+        }
+    }
+    drop(c);
+    assert!(rig.outcome().result.is_err());
+    assert!(!rig.out.path().join("bomb.img").exists());
+    eprintln!("resident memory grew by {} MiB over 4 bomb frames", grew >> 20);
+    assert!(grew < 64 << 20, "grew by {} MiB", grew >> 20);
+    rig.still_serves();
+}

@@ -35,6 +35,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         (n, 1.0)
     } else if let Some(n) = t.strip_suffix('m') {
         (n, 60.0)
+    } else if let Some(n) = t.strip_suffix('h') {
+        (n, 3600.0)
+    } else if let Some(n) = t.strip_suffix('d') {
+        (n, 86_400.0)
     } else {
         (t, 1.0)
     };
@@ -42,7 +46,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if !(v.is_finite() && v > 0.0) {
         return Err(bad());
     }
-    Ok(Duration::from_secs_f64(v * mult))
+    // At most a year: longer is a typo, and a `Duration` of 1e300 s does not exist.
+    match Duration::try_from_secs_f64(v * mult) {
+        Ok(d) if d <= Duration::from_secs(366 * 86_400) => Ok(d),
+        _ => Err(format!("{s:?} is longer than a year; give a duration like 30s, 10m or 24h")),
+    }
 }
 
 /// `1.50 GiB`.
@@ -281,6 +289,10 @@ mod tests {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert!(parse_duration("soon").is_err());
+        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86_400));
+        for bad in ["1e300s", "inf", "nan", "-1s", "400d"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -293,6 +293,30 @@ struct RecvArgs {
     /// RDMA completions: busy or event.
     #[arg(long, default_value = "busy", value_parser = ["busy", "event"])]
     rdma_poll: String,
+    /// Permission bits of received objects (octal).
+    #[arg(long, default_value = "600", value_parser = parse_octal_mode)]
+    file_mode: u32,
+    /// Keep an interrupted session's partial output this long for `send --resume`.
+    #[arg(long, default_value = "24h", value_parser = fmt::parse_duration)]
+    keep_partial: Duration,
+    /// Refuse objects declared larger than this (e.g. 2TiB); objects are always refused when
+    /// they do not fit in the free space.
+    #[arg(long, value_parser = fmt::parse_size)]
+    max_object_size: Option<u64>,
+    /// Time a new connection has for its whole handshake.
+    #[arg(long, default_value = "10s", value_parser = fmt::parse_duration)]
+    handshake_timeout: Duration,
+    /// Handshakes in progress at once from one address (256 in all).
+    #[arg(long, default_value_t = 16)]
+    max_handshakes_per_addr: usize,
+}
+
+/// `600`, `0640`: permission bits, at most 0777.
+fn parse_octal_mode(s: &str) -> Result<u32, String> {
+    match u32::from_str_radix(s.trim_start_matches("0o"), 8) {
+        Ok(m) if m <= 0o777 => Ok(m),
+        _ => Err(format!("{s:?} is not a file mode (octal, like 600 or 640)")),
+    }
 }
 
 fn main() {
@@ -635,6 +659,11 @@ fn cmd_recv(a: RecvArgs) -> Result<()> {
     opts.idle_timeout = a.idle_timeout;
     opts.max_chunk = u32::try_from(a.max_chunk).context("--max-chunk too large")?;
     opts.cores = a.cores.clone();
+    opts.file_mode = a.file_mode;
+    opts.keep_partial = a.keep_partial;
+    opts.max_object_size = a.max_object_size;
+    opts.handshake_timeout = a.handshake_timeout;
+    opts.max_handshakes_per_addr = a.max_handshakes_per_addr;
     #[cfg(feature = "rdma")]
     {
         opts.rdma = (a.rdma == "on").then(|| recv::RdmaRecvOptions {

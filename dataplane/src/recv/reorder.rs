@@ -35,7 +35,14 @@ pub(crate) enum Arrival {
     AckedNow,
     /// Held; acknowledged once written.
     AckOnWrite,
+    /// Not held: the buffer holds its hard limit (a peer sending ever further ahead of a gap it
+    /// never fills). The session fails.
+    Full,
 }
+
+/// Bytes held beyond the cap, not acknowledged, before arrivals are refused: more than the
+/// streams' windows can put in flight (64 streams of 8 chunks of 1 MiB... and then some).
+const OVER_CAP: usize = 1 << 30;
 
 impl<A> Reorder<A> {
     /// An empty buffer expecting offset 0, holding up to `cap` bytes acknowledged early.
@@ -47,6 +54,9 @@ impl<A> Reorder<A> {
     pub fn arrive(&mut self, offset: u64, data: Vec<u8>, sum: u64, from: A) -> Arrival {
         if offset < self.next {
             return Arrival::Stale;
+        }
+        if self.bytes + data.len() > self.cap.saturating_add(OVER_CAP.min(self.cap.saturating_mul(4))) && offset != self.next {
+            return Arrival::Full;
         }
         // The next chunk in order is written at once: acknowledged then.
         let early = offset > self.next && self.bytes + data.len() <= self.cap;
@@ -68,6 +78,11 @@ impl<A> Reorder<A> {
         self.bytes -= h.data.len();
         self.next += h.data.len() as u64;
         Some((off, h))
+    }
+
+    /// The offset written next.
+    pub fn next(&self) -> u64 {
+        self.next
     }
 
     /// Bytes held.
@@ -119,5 +134,22 @@ mod tests {
         assert_eq!(r.bytes(), 10);
         r.arrive(0, chunk(0, 10), 0, 0);
         assert_eq!(std::iter::from_fn(|| r.pop()).count(), 2);
+    }
+
+    #[test]
+    fn a_gap_never_filled_does_not_grow_the_buffer_past_its_hard_limit() {
+        let mut r = Reorder::new(100);
+        let mut held = 0;
+        for k in 1..1000u64 {
+            match r.arrive(k * 10, chunk(1, 10), 1, 1) {
+                Arrival::Full => break,
+                _ => held += 1,
+            }
+        }
+        assert_eq!(held, 50, "cap 100 plus four times it, in 10-byte chunks");
+        assert!(r.bytes() <= 500);
+        // The next chunk in order is still taken: it drains the buffer.
+        assert_eq!(r.arrive(0, chunk(0, 10), 0, 0), Arrival::AckOnWrite);
+        assert_eq!(std::iter::from_fn(|| r.pop()).count(), 51);
     }
 }
