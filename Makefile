@@ -10,7 +10,7 @@ RIG_PKGS := qemu-system-x86 busybox-static rdma-core ibverbs-utils perftest libi
             librdmacm-dev libclang-dev clang pkg-config cpio kmod iproute2 gzip \
             iputils-ping ethtool iperf3 python3 openssl xdelta3
 
-.PHONY: all deps bench-deps vm-deps build demo test fuzz-smoke bench-transport bench-boot bench-hde bench-rdma bench-migrate bench-wan bench-pba bench-probes corpus clean
+.PHONY: all deps bench-deps vm-deps build demo test fuzz fuzz-seeds fuzz-smoke bench-transport bench-boot bench-hde bench-rdma bench-migrate bench-wan bench-pba bench-probes corpus clean
 
 all: build
 
@@ -55,15 +55,29 @@ demo: build
 # root (CI has it) and the packages of vm-deps, and run last, one test at a time, printing the
 # figures they measure.
 test: vm-deps
-	$(MAKE) --no-print-directory fuzz-smoke
-	$(CARGO) test --release --workspace --exclude hw-tests
-	$(CARGO) test --release -p hw-tests -- --nocapture --test-threads=1
+	@t=$$(date +%s); $(MAKE) --no-print-directory fuzz-smoke; rc=$$?; echo "== stage fuzz-smoke: $$(( $$(date +%s) - t )) s"; exit $$rc
+	@t=$$(date +%s); $(CARGO) test --release --workspace --exclude hw-tests; rc=$$?; echo "== stage unit+integration: $$(( $$(date +%s) - t )) s"; exit $$rc
+	@t=$$(date +%s); $(CARGO) test --release -p hw-tests -- --nocapture --test-threads=1; rc=$$?; echo "== stage rigs: $$(( $$(date +%s) - t )) s"; exit $$rc
 
-# A 20-second run of the fuzz target over every decoder of peer bytes (installs cargo-fuzz from
-# crates.io when missing; RUSTC_BOOTSTRAP lets the stable toolchain take its sanitizer flags).
+# A short run of every fuzz target (FUZZ_SMOKE_SECS each, over the committed seeds in
+# dataplane/fuzz/seeds): installs cargo-fuzz from crates.io when missing; RUSTC_BOOTSTRAP lets the
+# stable toolchain take its sanitizer flags.
+FUZZ_SMOKE_SECS ?= 5
 fuzz-smoke:
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
-	set -o pipefail; cd dataplane && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run frame_decoder -- -max_total_time=20 2>&1 | tail -n 3
+	dataplane/fuzz/run.sh $(FUZZ_SMOKE_SECS)
+
+# The fuzz campaign: every target until 10 million executions or FUZZ_SECS seconds; the table of
+# executions goes to docs/fuzz-campaign.md (see docs/security.md).
+FUZZ_SECS ?= 1800
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	dataplane/fuzz/run.sh $(FUZZ_SECS) 10000000 $(CURDIR)/docs/fuzz-campaign.md
+
+# Rewrites the committed seed corpus from the encoders (valid frames, journals, HDE frames, a
+# QEMU migration's start and its encoding).
+fuzz-seeds:
+	DWCP_FUZZ_SEEDS=$(CURDIR)/dataplane/fuzz/seeds $(CARGO) test --release -p dataplane --lib write_fuzz_seeds -- --ignored
 
 bench-transport: build bench-deps
 	./target/release/bench-transport

@@ -1998,4 +1998,26 @@ mod tests {
             }
         }
     }
+
+    /// Writes the HDE decoder's fuzz seeds (frames of each page kind, a first and a later
+    /// round) under `$DWCP_FUZZ_SEEDS` (`make fuzz-seeds`).
+    #[test]
+    #[ignore = "writes the fuzz seed corpus; run by make fuzz-seeds"]
+    fn write_fuzz_seeds() {
+        let Some(dir) = std::env::var_os("DWCP_FUZZ_SEEDS") else { return };
+        let d = std::path::PathBuf::from(dir).join("hde_decoder");
+        std::fs::create_dir_all(&d).unwrap();
+        let mut enc = Encoder::new(3, None).unwrap();
+        let pages: Vec<Vec<u8>> = (0..8u64).map(|k| if k % 3 == 0 { vec![0u8; PAGE] } else { page_of(k as u8 % 4, k) }).collect();
+        let list: Vec<(u64, &[u8])> = pages.iter().enumerate().map(|(k, p)| (k as u64, p.as_slice())).collect();
+        let first = enc.encode(&list, &|_| None, &mut EncodeStats::default());
+        let mut changed = pages.clone();
+        changed[1][100] ^= 1;
+        changed[2] = changed[4].clone();
+        let list2: Vec<(u64, &[u8])> = changed.iter().enumerate().map(|(k, p)| (k as u64, p.as_slice())).collect();
+        let second = enc.encode(&list2, &|no| pages.get(no as usize).map(Vec::as_slice), &mut EncodeStats::default());
+        // The target takes a first byte (the store's pages) before the frame.
+        std::fs::write(d.join("first"), [&[0u8][..], &first].concat()).unwrap();
+        std::fs::write(d.join("second"), [&[1u8][..], &second].concat()).unwrap();
+    }
 }

@@ -33,7 +33,8 @@ mod admission;
 pub mod outdir;
 #[cfg(feature = "rdma")]
 mod rdma;
-mod reorder;
+#[doc(hidden)]
+pub mod reorder;
 #[cfg(feature = "rdma")]
 pub use rdma::RdmaRecvOptions;
 

@@ -1011,4 +1011,39 @@ mod tests {
             prop_assert!(bad);
         }
     }
+
+    /// Writes seeds for the wire, frame and journal fuzz targets under `$DWCP_FUZZ_SEEDS`
+    /// (`make fuzz-seeds`).
+    #[test]
+    #[ignore = "writes the fuzz seed corpus; run by make fuzz-seeds"]
+    fn write_fuzz_seeds() {
+        let Some(dir) = std::env::var_os("DWCP_FUZZ_SEEDS") else { return };
+        let dir = std::path::PathBuf::from(dir);
+        let put = |target: &str, name: &str, b: &[u8]| {
+            let d = dir.join(target);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join(name), b).unwrap();
+        };
+        let caps = Caps { max_streams: 8, max_chunk: 1 << 20, codecs: CODEC_RAW | CODEC_HDE, transports: TRANSPORT_TCP };
+        let hello = Hello::Open { caps, chunk_size: 1 << 20, streams: 4, object_size: 1 << 30, object_id: 7, resume: true, name: "vm.img".into() };
+        put("wire_payloads", "hello", &hello.encode());
+        put("wire_payloads", "join", &Hello::Join { session: [3; 16], index: 2 }.encode());
+        put("wire_payloads", "welcome", &Welcome { session: [1; 16], caps, have: vec![(0, 4096), (8192, 1 << 20)] }.encode());
+        put("wire_payloads", "commit", &Commit { size: 1 << 30, digest: [2; 32] }.encode());
+        put("wire_payloads", "ack", &encode_ack(&[0, 1 << 20, 2 << 20]));
+        put("wire_payloads", "error", &encode_error(ErrorCode::Refused, "busy"));
+        let mut codec = crate::crypto::FrameCodec::new(0, None);
+        let mut frames = vec![40u8];
+        for (k, p) in [(FrameType::Hello, hello.encode()), (FrameType::Chunk, vec![9u8; 100]), (FrameType::Commit, Commit { size: 100, digest: [0; 32] }.encode())] {
+            frames.extend(codec.encode_frame(&FrameHeader::for_payload(k, 0, 0, &p), &p));
+        }
+        put("frame_decoder", "three", &frames);
+        let mut j = crate::session::JournalHeader { object_size: 1 << 22, object_id: 7, chunk_size: 1 << 20 }.encode().to_vec();
+        for k in 0..3u64 {
+            j.extend_from_slice(&crate::session::JournalRecord { offset: k << 20, len: 1 << 20, sum: k }.encode());
+        }
+        put("journal", "three", &j);
+        put("reorder", "gap", &[1, 0, 8, 2, 0, 8, 0, 0, 8, 3, 0, 8]);
+        put("config", "good", b"[node]\nname = \"rack1-a\"\nlisten = \"0.0.0.0:7470\"\nout = \"/srv/images\"\n\n[mode]\ndc_max_rtt_ms = 1.5\nprobe_interval_s = 30\n\n[[peers]]\nname = \"dr\"\naddr = \"dr.example.net:7470\"\n");
+    }
 }

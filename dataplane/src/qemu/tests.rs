@@ -330,3 +330,23 @@ fn the_effort_may_change_between_batches() {
     let levels = &e.report().levels;
     assert!(["off", "zstd-1", "zstd-3", "zstd-9"].iter().all(|l| levels.get(*l).is_some_and(|&n| n > 0)), "{levels:?}");
 }
+
+/// Writes the fuzz targets' seeds for the QEMU parser and decoder (a small migration stream and
+/// its encoding) under `$DWCP_FUZZ_SEEDS` (`make fuzz-seeds`).
+#[test]
+#[ignore = "writes the fuzz seed corpus; run by make fuzz-seeds"]
+fn write_fuzz_seeds() {
+    let Some(dir) = std::env::var_os("DWCP_FUZZ_SEEDS") else { return };
+    let dir = std::path::PathBuf::from(dir);
+    // The start of a migration (header, RAM setup, the first pages): big enough to reach
+    // every record kind, small enough for the fuzzer to mutate quickly.
+    let (input, _) = migration(7);
+    let input = input[..48 << 10].to_vec();
+    let (enc, _, _) = encode(&input, &[4096, 20_000]);
+    for (target, name, bytes) in [("qemu_parser", "migration", &input), ("qemu_decoder", "encoded", &enc)] {
+        let d = dir.join(target);
+        std::fs::create_dir_all(&d).unwrap();
+        // The targets take a first byte (the size of the pieces they feed) before the stream.
+        std::fs::write(d.join(name), [&[16u8][..], bytes].concat()).unwrap();
+    }
+}

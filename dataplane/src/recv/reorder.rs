@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 /// Chunks held in offset order until the gap before them is filled.
 #[derive(Debug)]
-pub(crate) struct Reorder<A> {
+pub struct Reorder<A> {
     next: u64,
     held: BTreeMap<u64, Held<A>>,
     bytes: usize,
@@ -20,7 +20,7 @@ pub(crate) struct Reorder<A> {
 
 /// A chunk ready to be written: the acknowledgement is still owed to `ack` if it is `Some`.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) struct Held<A> {
+pub struct Held<A> {
     pub data: Vec<u8>,
     pub sum: u64,
     pub ack: Option<A>,
@@ -28,7 +28,7 @@ pub(crate) struct Held<A> {
 
 /// What to do with a chunk that arrived.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Arrival {
+pub enum Arrival {
     /// Behind what was already written (a re-sent chunk): acknowledge it, nothing else.
     Stale,
     /// Held and acknowledged now.
@@ -86,8 +86,7 @@ impl<A> Reorder<A> {
     }
 
     /// Bytes held.
-    #[cfg(test)]
-    pub fn bytes(&self) -> usize {
+    pub fn held_bytes(&self) -> usize {
         self.bytes
     }
 }
@@ -110,7 +109,7 @@ mod tests {
         assert_eq!(r.arrive(0, chunk(0, 10), 0, 0), Arrival::AckOnWrite);
         let out: Vec<(u64, u8, Option<i32>)> = std::iter::from_fn(|| r.pop()).map(|(o, h)| (o, h.data[0], h.ack)).collect();
         assert_eq!(out, vec![(0, 0, Some(0)), (10, 1, None), (20, 2, None)]);
-        assert_eq!(r.bytes(), 0);
+        assert_eq!(r.held_bytes(), 0);
         assert_eq!(r.arrive(5, chunk(9, 5), 9, 3), Arrival::Stale);
     }
 
@@ -131,7 +130,7 @@ mod tests {
         let mut r = Reorder::new(1 << 20);
         r.arrive(10, chunk(1, 10), 1, 1);
         r.arrive(10, chunk(1, 10), 1, 2);
-        assert_eq!(r.bytes(), 10);
+        assert_eq!(r.held_bytes(), 10);
         r.arrive(0, chunk(0, 10), 0, 0);
         assert_eq!(std::iter::from_fn(|| r.pop()).count(), 2);
     }
@@ -147,7 +146,7 @@ mod tests {
             }
         }
         assert_eq!(held, 50, "cap 100 plus four times it, in 10-byte chunks");
-        assert!(r.bytes() <= 500);
+        assert!(r.held_bytes() <= 500);
         // The next chunk in order is still taken: it drains the buffer.
         assert_eq!(r.arrive(0, chunk(0, 10), 0, 0), Arrival::AckOnWrite);
         assert_eq!(std::iter::from_fn(|| r.pop()).count(), 51);
