@@ -195,14 +195,20 @@ pub fn refuse_busy(sock: TcpStream) {
     let _ = sock.shutdown(std::net::Shutdown::Write);
 }
 
+/// How long a sender keeps trying a receiver that answers busy (at least; longer if its
+/// connect timeout is): a receiver's handshake deadline, three times over.
+pub const BUSY_RETRY: Duration = Duration::from_secs(30);
+
 /// Connects, authenticates with `psk`, and returns the stream with the measured handshake RTT.
-/// A receiver that answers busy is tried again with growing pauses, for up to `timeout`.
+/// A receiver that answers busy is tried again with growing pauses, for up to [`BUSY_RETRY`]
+/// or `timeout`, whichever is longer.
 pub fn connect(addr: &str, psk: &Psk, encrypt: bool, stream: u16, timeout: Duration) -> Result<(Conn, Duration), HandshakeError> {
     let t0 = Instant::now();
     let mut pause = Duration::from_millis(20);
+    let budget = timeout.max(BUSY_RETRY);
     loop {
         match connect_once(addr, psk, encrypt, stream, timeout) {
-            Err(HandshakeError::Busy { .. }) if t0.elapsed() + pause < timeout => {
+            Err(HandshakeError::Busy { .. }) if t0.elapsed() + pause < budget => {
                 let mut j = [0u8; 1];
                 let _ = getrandom::fill(&mut j);
                 std::thread::sleep(pause + pause * u32::from(j[0]) / 512);

@@ -102,7 +102,7 @@ impl RecvOptions {
             max_object_size: None,
             handshake_timeout: Duration::from_secs(10),
             max_handshakes: 256,
-            max_handshakes_per_addr: 16,
+            max_handshakes_per_addr: 64,
             max_streams_per_session: 64,
             #[cfg(feature = "rdma")]
             rdma: Some(RdmaRecvOptions::default()),
@@ -356,7 +356,7 @@ pub fn start(opts: RecvOptions) -> Result<ReceiverHandle, RecvError> {
                     }
                 };
                 let _ = ready.send(Ok(()));
-                RxShard { k, ring, rx, coord, streams: slab::Slab::new(), idle, epoch }.run(&stop);
+                RxShard { k, ring, rx, coord, streams: slab::Slab::new(), waiting: Default::default(), idle, epoch }.run(&stop);
             })
             .expect("spawn shard");
     }
@@ -564,7 +564,9 @@ fn admit(
 // ------------------------------------------------------------------------------------ shards
 
 enum RxState {
-    /// Waiting for a pool buffer to read the next header into.
+    /// Nothing to read yet: a readiness poll is posted (or about to be), no buffer held.
+    Idle,
+    /// Readable: waiting its turn for a pool buffer to read the next header into.
     NeedBuf,
     /// Reading a header into `buf[..hl]`.
     Header { buf: BufId, filled: usize },
@@ -578,6 +580,10 @@ struct RxStream {
     conn: Conn,
     sess: SessionRef,
     state: RxState,
+    /// A readiness poll is in flight.
+    polling: bool,
+    /// In the shard's queue of streams waiting for a buffer.
+    queued: bool,
     reading: bool,
     sending: bool,
     acks: Vec<u64>,
@@ -594,6 +600,10 @@ const T_SEND: u64 = 2;
 /// A writeback started for a placed chunk: its completion only ends the operation (a failure
 /// shows at the commit's sync).
 const T_WRITEBACK: u64 = 3;
+/// The stream became readable.
+const T_POLL: u64 = 4;
+/// Low bits of an operation's tag that say which kind it is; the stream's key is above them.
+const TAG_BITS: u32 = 3;
 
 struct RxShard {
     k: usize,
@@ -601,6 +611,8 @@ struct RxShard {
     rx: Receiver<ToShard>,
     coord: Sender<ToCoord>,
     streams: slab::Slab<RxStream>,
+    /// Readable streams waiting for a pool buffer, served in turn (`grant`).
+    waiting: std::collections::VecDeque<usize>,
     idle: Duration,
     epoch: Instant,
 }
@@ -616,6 +628,7 @@ impl RxShard {
             for key in keys {
                 self.pump(key);
             }
+            self.grant();
             let wait = if self.streams.is_empty() { Duration::from_millis(20) } else { Duration::from_millis(2) };
             if self.streams.is_empty() {
                 // Nothing to drive: block on the command channel instead of spinning the ring.
@@ -643,7 +656,9 @@ impl RxShard {
                 let _ = self.streams.insert(RxStream {
                     conn,
                     sess,
-                    state: RxState::NeedBuf,
+                    state: RxState::Idle,
+                    polling: false,
+                    queued: false,
                     reading: false,
                     sending: false,
                     acks: Vec::new(),
@@ -663,6 +678,51 @@ impl RxShard {
                     s.replies.push((kind, payload));
                 }
             }
+        }
+    }
+
+    /// Gives free pool buffers to readable streams in the order they became readable, each
+    /// session at most its share of the pool while others wait, so that no session's streams
+    /// (many idle ones, or many busy ones) can keep another's from being read.
+    fn grant(&mut self) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        let mut held: HashMap<[u8; 16], usize> = HashMap::new();
+        for (_, s) in self.streams.iter() {
+            match s.state {
+                RxState::Header { .. } | RxState::Payload { .. } => *held.entry(s.sess.id).or_default() += 1,
+                RxState::NeedBuf => {
+                    held.entry(s.sess.id).or_default();
+                }
+                _ => {}
+            }
+        }
+        let share = (usize::from(POOL_BUFFERS) / held.len().max(1)).max(1);
+        let mut skipped = Vec::new();
+        while let Some(key) = self.waiting.pop_front() {
+            let Some(s) = self.streams.get_mut(key) else { continue };
+            if !matches!(s.state, RxState::NeedBuf) {
+                s.queued = false;
+                continue;
+            }
+            let h = held.entry(s.sess.id).or_default();
+            if *h >= share {
+                skipped.push(key);
+                continue;
+            }
+            let Some(buf) = self.ring.alloc() else {
+                self.waiting.push_front(key);
+                break;
+            };
+            *h += 1;
+            s.queued = false;
+            s.state = RxState::Header { buf, filled: 0 };
+            self.pump(key);
+        }
+        // Those over their share keep their place at the front for the next round.
+        for key in skipped.into_iter().rev() {
+            self.waiting.push_front(key);
         }
     }
 
@@ -699,7 +759,7 @@ impl RxShard {
             }
             s.sending = true;
             s.in_flight += 1;
-            self.ring.send_heap(fd, out, (key as u64) << 2 | T_SEND);
+            self.ring.send_heap(fd, out, (key as u64) << TAG_BITS | T_SEND);
         }
         let s = &mut self.streams[key];
         if s.close_after_send && !s.sending && s.in_flight == 0 {
@@ -709,11 +769,22 @@ impl RxShard {
         if s.reading {
             return;
         }
-        if let RxState::NeedBuf = s.state {
-            match self.ring.alloc() {
-                Some(buf) => s.state = RxState::Header { buf, filled: 0 },
-                None => return,
+        match s.state {
+            RxState::Idle if !s.polling => {
+                s.polling = true;
+                s.in_flight += 1;
+                self.ring.poll_readable(fd, (key as u64) << TAG_BITS | T_POLL);
+                return;
             }
+            RxState::Idle => return,
+            RxState::NeedBuf => {
+                if !s.queued {
+                    s.queued = true;
+                    self.waiting.push_back(key);
+                }
+                return;
+            }
+            _ => {}
         }
         let hl = s.conn.codec.header_wire_len();
         let (buf, start, end) = match s.state {
@@ -723,12 +794,12 @@ impl RxShard {
         };
         s.reading = true;
         s.in_flight += 1;
-        self.ring.recv_buf(fd, buf, start, end, (key as u64) << 2 | T_RECV);
+        self.ring.recv_buf(fd, buf, start, end, (key as u64) << TAG_BITS | T_RECV);
     }
 
     fn complete(&mut self, c: Completion) {
-        let key = (c.tag >> 2) as usize;
-        let kind = c.tag & 3;
+        let key = (c.tag >> TAG_BITS) as usize;
+        let kind = c.tag & ((1 << TAG_BITS) - 1);
         let Some(s) = self.streams.get_mut(key) else {
             if let Returned::Buf(b) = c.returned {
                 self.ring.free(b);
@@ -745,6 +816,15 @@ impl RxShard {
                 }
             }
             T_WRITEBACK => {}
+            T_POLL => {
+                s.polling = false;
+                if matches!(s.state, RxState::Idle) {
+                    // Bytes (or the end) arrived: the sender is not stalled, whatever the wait
+                    // for a buffer that follows.
+                    s.sess.activity.store(millis(self.epoch), Relaxed);
+                    s.state = RxState::NeedBuf;
+                }
+            }
             T_WRITE => {
                 // This write entered the session's gate (`advance`): it leaves however this ends.
                 let entered = GateGuard(s.sess.gate.clone());
@@ -776,7 +856,7 @@ impl RxShard {
                 s.acks.push(h.offset);
                 if let Out::File(f) = &s.sess.out {
                     s.in_flight += 1;
-                    self.ring.start_writeback(f.as_raw_fd(), h.offset, h.len, (key as u64) << 2 | T_WRITEBACK);
+                    self.ring.start_writeback(f.as_raw_fd(), h.offset, h.len, (key as u64) << TAG_BITS | T_WRITEBACK);
                 }
             }
             _ => {
@@ -849,7 +929,8 @@ impl RxShard {
                 if let Err(e) = h.verify(plain) {
                     return self.fail(key, ErrorCode::Checksum, &e.to_string());
                 }
-                s.state = RxState::NeedBuf;
+                // The next frame is read once bytes of it are there (`pump`).
+                s.state = RxState::Idle;
                 let from = (self.k, key);
                 match h.kind {
                     FrameType::Commit => {
@@ -872,7 +953,7 @@ impl RxShard {
                             s.in_flight += 1;
                             // The plaintext sits after the header slot; when encrypted it is still in
                             // place at `hl`, since AES-GCM opens in place.
-                            self.ring.write_buf_at(fd, buf, hl, hl + h.len as usize, h.offset, (key as u64) << 2 | T_WRITE);
+                            self.ring.write_buf_at(fd, buf, hl, hl + h.len as usize, h.offset, (key as u64) << TAG_BITS | T_WRITE);
                         }
                         Out::Discard => {
                             let _ = self.coord.send(ToCoord::Placed { session: s.sess.id, offset: h.offset, len: h.len, sum: h.checksum });
@@ -903,7 +984,7 @@ impl RxShard {
                                 Ok(msg) => {
                                     if let ToCoord::HdeDone { done, .. } = &msg {
                                         s.in_flight += 1;
-                                        let tag = (key as u64) << 2 | T_WRITEBACK;
+                                        let tag = (key as u64) << TAG_BITS | T_WRITEBACK;
                                         self.ring.start_writeback(img.file.as_raw_fd(), h.offset, done.span, tag);
                                     }
                                     let _ = self.coord.send(msg);

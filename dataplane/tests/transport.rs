@@ -551,11 +551,15 @@ fn silent(from: &str, to: std::net::SocketAddr) -> std::net::TcpStream {
 
 /// Finding 5: 260 connections that sent one byte and then nothing locked every real sender
 /// out (a global cap of 256 and a per-read timeout that one byte every 29 s renews). Now each
-/// handshake has a deadline for the whole of it, and one address holds at most 16 slots.
+/// handshake has a deadline for the whole of it, and one address holds at most its cap of slots
+/// (16 here; 64 by default).
 #[test]
 fn silent_connections_do_not_lock_out_a_real_sender() {
     let deadline = Duration::from_secs(2);
-    let rig = rig_with(true, Duration::from_secs(30), |o| o.handshake_timeout = deadline);
+    let rig = rig_with(true, Duration::from_secs(30), |o| {
+        o.handshake_timeout = deadline;
+        o.max_handshakes_per_addr = 16;
+    });
     let to = rig.rx.local_addr;
     let usual = {
         let t = std::time::Instant::now();
@@ -673,4 +677,51 @@ fn an_hde_bomb_ends_its_session_and_the_memory_stays_flat() {
     eprintln!("resident memory grew by {} MiB over 4 bomb frames", grew >> 20);
     assert!(grew < 64 << 20, "grew by {} MiB", grew >> 20);
     rig.still_serves();
+}
+
+/// One session whose 64 streams sit idle (a careless sender, or a hostile one with the key) held
+/// every pool buffer of the receiver's shards, each waiting for a header that never came, and
+/// another session's streams could not be read at all. Now an idle stream holds no buffer.
+#[test]
+fn a_session_with_64_idle_streams_does_not_stall_another() {
+    let rig = rig(true, Duration::from_secs(30));
+    let usual = {
+        let t = std::time::Instant::now();
+        assert!(send::send(Source::Generated { size: 16 << 20, seed: 5, name: "usual.img".into() }, &rig.opts(4, false), Arc::default()).unwrap().verified);
+        rig.outcome();
+        t.elapsed()
+    };
+    let c = raw_session(&rig, 1 << 30, "idle.img");
+    let session = {
+        // The Welcome's session id is what joins name; raw_session read it already, so open
+        // another to learn one.
+        let (mut c2, _) = handshake::connect(&rig.addr(), &rig.psk, false, 0, Duration::from_secs(5)).unwrap();
+        let hello = Hello::Open {
+            caps: Caps { max_streams: 64, max_chunk: 1 << 20, codecs: 1, transports: 1 },
+            chunk_size: 1 << 16,
+            streams: 64,
+            object_size: 1 << 30,
+            object_id: 2,
+            resume: false,
+            name: "idle2.img".into(),
+        };
+        c2.write_frame(FrameType::Hello, 0, &hello.encode()).unwrap();
+        let (_, w) = c2.expect(FrameType::Welcome, "welcome").unwrap();
+        (c2, wire::Welcome::decode(&w).unwrap().session)
+    };
+    let mut idle = vec![c, session.0];
+    for index in 1..64u16 {
+        let (mut j, _) = handshake::connect(&rig.addr(), &rig.psk, false, index, Duration::from_secs(5)).unwrap();
+        j.write_frame(FrameType::Hello, 0, &Hello::Join { session: session.1, index }.encode()).unwrap();
+        j.expect(FrameType::Welcome, "welcome").unwrap();
+        idle.push(j);
+    }
+    let t = std::time::Instant::now();
+    let r = send::send(Source::Generated { size: 16 << 20, seed: 6, name: "busy.img".into() }, &rig.opts(4, false), Arc::default()).unwrap();
+    let took = t.elapsed();
+    assert!(r.verified);
+    assert!(rig.outcome().result.is_ok());
+    eprintln!("16 MiB over 4 streams: {usual:?} alone, {took:?} beside 64 idle streams");
+    assert!(took < usual * 4 + Duration::from_secs(2), "{took:?} against {usual:?}");
+    drop(idle);
 }

@@ -307,7 +307,7 @@ struct RecvArgs {
     #[arg(long, default_value = "10s", value_parser = fmt::parse_duration)]
     handshake_timeout: Duration,
     /// Handshakes in progress at once from one address (256 in all).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 64)]
     max_handshakes_per_addr: usize,
 }
 

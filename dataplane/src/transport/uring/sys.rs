@@ -284,6 +284,12 @@ impl Ring {
         self.push(e, tag, Res::Buf(id));
     }
 
+    /// Waits until `fd` is readable (or closed): a stream with nothing to read holds no buffer.
+    pub fn poll_readable(&mut self, fd: RawFd, tag: u64) {
+        let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build();
+        self.push(e, tag, Res::None);
+    }
+
     /// Starts writeback of `[offset, offset + len)` of `fd` without waiting for it
     /// (`sync_file_range` with `SYNC_FILE_RANGE_WRITE`): data written during a transfer goes to
     /// the disk meanwhile, so the sync at its end has little left to do. It makes nothing
