@@ -30,7 +30,7 @@ fn max(v: &[f64]) -> f64 {
 
 fn config(dir: &std::path::Path) -> Config {
     let key = dir.join("key");
-    std::fs::write(&key, dataplane::crypto::Psk::generate().to_hex()).expect("key");
+    dataplane::crypto::Psk::generate().save(&key).expect("key");
     let src = format!(
         "[node]\nlisten = \"127.0.0.1:0\"\nout = \"{}\"\nkey_file = \"{}\"\n[api]\nlisten = \"127.0.0.1:0\"\n[log]\nlevel = \"warn\"\n",
         dir.join("out").display(),

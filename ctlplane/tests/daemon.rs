@@ -13,7 +13,7 @@ use dataplane::crypto::Psk;
 fn config(dir: &Path, extra: &str) -> Config {
     let key = dir.join("key");
     if !key.exists() {
-        std::fs::write(&key, Psk::generate().to_hex()).unwrap();
+        Psk::generate().save(&key).unwrap();
     }
     let src = format!(
         "[node]\nname = \"t\"\nlisten = \"127.0.0.1:0\"\nout = \"{}\"\nkey_file = \"{}\"\n[api]\nlisten = \"127.0.0.1:0\"\n{extra}",

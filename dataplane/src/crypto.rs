@@ -8,8 +8,12 @@
 //! Noise transport messages are capped at 64 KiB, too small for megabyte chunks, so (as WireGuard
 //! does) the split keys of the finished handshake drive the bulk AEAD directly: AES-256-GCM from
 //! `ring`, sealed and opened in place, one nonce per sealed part, counting up per direction. With
-//! `--no-encrypt` the handshake still authenticates both ends; frames then travel in plaintext,
-//! protected against accidents by the header check and the per-chunk checksum.
+//! `--no-encrypt` frames travel in plaintext but every part still carries a 16-byte tag: AES-GCM
+//! over an empty message with the part as associated data (GMAC) under the same per-stream keys,
+//! so a plaintext stream is as authenticated as an encrypted one: an on-path host cannot change
+//! a byte, and a recorded handshake replayed later derives other keys (the responder's ephemeral
+//! is fresh) and fails at its first frame. The preamble (version, encryption choice) is the Noise
+//! prologue, so a changed preamble fails the handshake.
 
 use std::path::Path;
 
@@ -88,6 +92,15 @@ impl Psk {
         }
         Some(Self(k))
     }
+    /// Writes the key to `path` as a key file (hex, mode 0600, replacing what was there).
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        writeln!(f, "{}", self.to_hex())
+    }
+
     /// Reads a key file.
     pub fn from_file(path: &Path) -> Result<Self, CryptoError> {
         use std::os::unix::fs::PermissionsExt;
@@ -101,8 +114,8 @@ impl Psk {
     }
 }
 
-fn builder(psk: &Psk) -> snow::Builder<'_> {
-    snow::Builder::new(NOISE_PATTERN.parse().expect("valid noise pattern")).psk(0, &psk.0).expect("psk location 0 exists in NNpsk0")
+fn builder<'a>(psk: &'a Psk, prologue: &'a [u8]) -> snow::Builder<'a> {
+    snow::Builder::new(NOISE_PATTERN.parse().expect("valid noise pattern")).psk(0, &psk.0).expect("psk location 0 exists in NNpsk0").prologue(prologue).expect("one prologue")
 }
 
 /// The two directions' keys of a finished handshake.
@@ -125,7 +138,12 @@ pub struct Initiator(snow::HandshakeState);
 impl Initiator {
     /// Starts a handshake; returns the state and the first message to send.
     pub fn start(psk: &Psk) -> Result<(Self, Vec<u8>), CryptoError> {
-        let mut hs = builder(psk).build_initiator().map_err(|e| CryptoError::Handshake(e.to_string()))?;
+        Self::start_bound(psk, &[])
+    }
+    /// Starts a handshake bound to `prologue` (the bytes sent before it: the responder must
+    /// see the same, or the handshake fails).
+    pub fn start_bound(psk: &Psk, prologue: &[u8]) -> Result<(Self, Vec<u8>), CryptoError> {
+        let mut hs = builder(psk, prologue).build_initiator().map_err(|e| CryptoError::Handshake(e.to_string()))?;
         let mut buf = vec![0u8; 256];
         let n = hs.write_message(&[], &mut buf).map_err(|e| CryptoError::Handshake(e.to_string()))?;
         buf.truncate(n);
@@ -148,7 +166,11 @@ impl Responder {
     /// Verifies the initiator's first message under `psk`; on success returns the reply to send
     /// and the keys. On failure nothing must be written to the peer.
     pub fn accept(psk: &Psk, msg1: &[u8]) -> Result<(Vec<u8>, SessionKeys), CryptoError> {
-        let mut hs = builder(psk).build_responder().map_err(|e| CryptoError::Handshake(e.to_string()))?;
+        Self::accept_bound(psk, &[], msg1)
+    }
+    /// [`Responder::accept`] of a handshake bound to `prologue` (what the initiator sent before it).
+    pub fn accept_bound(psk: &Psk, prologue: &[u8], msg1: &[u8]) -> Result<(Vec<u8>, SessionKeys), CryptoError> {
+        let mut hs = builder(psk, prologue).build_responder().map_err(|e| CryptoError::Handshake(e.to_string()))?;
         let mut out = [0u8; 256];
         hs.read_message(msg1, &mut out).map_err(|_| CryptoError::BadKey)?;
         let mut reply = vec![0u8; 256];
@@ -177,11 +199,14 @@ impl Aead {
 }
 
 /// Per-stream frame codec: seals outgoing and opens incoming headers and payloads, in place.
-/// In plaintext mode it only checks; in encrypted mode every part carries a 16-byte tag.
+/// Without keys it only checks (before a handshake, and in tests); with keys every part carries a
+/// 16-byte tag, over the ciphertext (encrypted) or over the plaintext as associated data
+/// (authenticated plaintext).
 pub struct FrameCodec {
     stream: u16,
     seal: Option<Aead>,
     open: Option<Aead>,
+    encrypt: bool,
 }
 
 impl std::fmt::Debug for FrameCodec {
@@ -193,10 +218,18 @@ impl std::fmt::Debug for FrameCodec {
 impl FrameCodec {
     /// A codec for `stream`; `keys` = None means plaintext.
     pub fn new(stream: u16, keys: Option<&SessionKeys>) -> Self {
-        Self { stream, seal: keys.map(|k| Aead::new(&k.send)), open: keys.map(|k| Aead::new(&k.recv)) }
+        Self { stream, seal: keys.map(|k| Aead::new(&k.send)), open: keys.map(|k| Aead::new(&k.recv)), encrypt: keys.is_some() }
     }
-    /// Whether parts carry AEAD tags.
+    /// A codec for `stream` whose parts travel in plaintext, each with a tag under `keys`.
+    pub fn authenticated(stream: u16, keys: &SessionKeys) -> Self {
+        Self { stream, seal: Some(Aead::new(&keys.send)), open: Some(Aead::new(&keys.recv)), encrypt: false }
+    }
+    /// Whether parts are encrypted.
     pub fn encrypted(&self) -> bool {
+        self.encrypt
+    }
+    /// Whether parts carry tags (encrypted or authenticated plaintext).
+    pub fn tagged(&self) -> bool {
         self.seal.is_some()
     }
     /// Sets the stream index (known once the Hello is read).
@@ -209,11 +242,11 @@ impl FrameCodec {
     }
     /// Bytes a header takes on the wire.
     pub fn header_wire_len(&self) -> usize {
-        wire::header_wire_len(self.encrypted())
+        wire::header_wire_len(self.tagged())
     }
     /// Bytes a payload of `len` takes on the wire.
     pub fn payload_wire_len(&self, len: u32) -> usize {
-        wire::payload_wire_len(len, self.encrypted())
+        wire::payload_wire_len(len, self.tagged())
     }
 
     /// Writes the sealed header into `out[..header_wire_len()]`.
@@ -231,12 +264,28 @@ impl FrameCodec {
     }
 
     fn seal_part(&mut self, buf: &mut [u8], len: usize) {
+        let encrypt = self.encrypt;
         if let Some(a) = &mut self.seal {
             let nonce = a.next_nonce();
             let (data, rest) = buf.split_at_mut(len);
-            let tag = a.key.seal_in_place_separate_tag(nonce, Aad::empty(), data).expect("AES-GCM seal");
+            let tag = if encrypt {
+                a.key.seal_in_place_separate_tag(nonce, Aad::empty(), data).expect("AES-GCM seal")
+            } else {
+                a.key.seal_in_place_separate_tag(nonce, Aad::from(&*data), &mut []).expect("GMAC")
+            };
             rest[..TAG_LEN].copy_from_slice(tag.as_ref());
         }
+    }
+
+    /// The tag of a plaintext payload that is sent from where it lies (a mapped file), not
+    /// from a buffer the codec can append to: it goes on the wire right after the payload.
+    /// Authenticated plaintext only; empty payloads have none.
+    pub fn payload_tag(&mut self, payload: &[u8]) -> Option<[u8; TAG_LEN]> {
+        debug_assert!(!self.encrypt, "an encrypted payload is sealed in place");
+        let a = self.seal.as_mut().filter(|_| !payload.is_empty())?;
+        let nonce = a.next_nonce();
+        let tag = a.key.seal_in_place_separate_tag(nonce, Aad::from(payload), &mut []).expect("GMAC");
+        Some(tag.as_ref().try_into().expect("16"))
     }
 
     /// Opens and decodes a header from `wire[..header_wire_len()]`.
@@ -257,12 +306,19 @@ impl FrameCodec {
     }
 
     fn open_part<'a>(&mut self, wire: &'a mut [u8]) -> Result<&'a mut [u8], WireError> {
+        let (stream, encrypt) = (self.stream, self.encrypt);
         match &mut self.open {
             None => Ok(wire),
+            Some(a) if encrypt => {
+                let nonce = a.next_nonce();
+                a.key.open_in_place(nonce, Aad::empty(), wire).map_err(|_| WireError::Decrypt { stream })
+            }
             Some(a) => {
                 let nonce = a.next_nonce();
-                let stream = self.stream;
-                a.key.open_in_place(nonce, Aad::empty(), wire).map_err(|_| WireError::Decrypt { stream })
+                let at = wire.len().checked_sub(TAG_LEN).ok_or(WireError::Decrypt { stream })?;
+                let (data, tag) = wire.split_at_mut(at);
+                a.key.open_in_place(nonce, Aad::from(&*data), tag).map_err(|_| WireError::Decrypt { stream })?;
+                Ok(data)
             }
         }
     }
@@ -288,7 +344,7 @@ mod tests {
         let (init, m1) = Initiator::start(&psk).unwrap();
         let (m2, rk) = Responder::accept(&psk, &m1).unwrap();
         let ik = init.finish(&m2).unwrap();
-        if encrypt { (FrameCodec::new(0, Some(&ik)), FrameCodec::new(0, Some(&rk))) } else { (FrameCodec::new(0, None), FrameCodec::new(0, None)) }
+        if encrypt { (FrameCodec::new(0, Some(&ik)), FrameCodec::new(0, Some(&rk))) } else { (FrameCodec::authenticated(0, &ik), FrameCodec::authenticated(0, &rk)) }
     }
 
     #[test]
@@ -312,7 +368,8 @@ mod tests {
                 let p = rx.open_payload(&mut w[hl..], got.len).unwrap();
                 got.verify(p).unwrap();
             }
-            if enc {
+            {
+                // A changed byte fails the tag, encrypted or not.
                 let payload = [5u8; 64];
                 let h = FrameHeader::for_payload(FrameType::Chunk, 0, 0, &payload);
                 let mut w = tx.encode_frame(&h, &payload);
@@ -344,5 +401,34 @@ mod tests {
         assert!(e.contains("chmod 600") && e.contains("0644"), "{e}");
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert!(Psk::from_file(&p).is_ok());
+    }
+
+    #[test]
+    fn plaintext_parts_travel_in_clear_with_a_tag_and_a_changed_prologue_fails() {
+        let psk = Psk::generate();
+        let (init, m1) = Initiator::start_bound(&psk, b"pre").unwrap();
+        assert!(matches!(Responder::accept_bound(&psk, b"prf", &m1), Err(CryptoError::BadKey)), "the prologue is bound");
+        let (m2, rk) = Responder::accept_bound(&psk, b"pre", &m1).unwrap();
+        let ik = init.finish(&m2).unwrap();
+        let (mut tx, mut rx) = (FrameCodec::authenticated(0, &ik), FrameCodec::authenticated(0, &rk));
+        let payload = b"in the clear".to_vec();
+        let h = FrameHeader::for_payload(FrameType::Chunk, 0, 0, &payload);
+        let w = tx.encode_frame(&h, &payload);
+        let hl = rx.header_wire_len();
+        assert_eq!(w.len(), hl + payload.len() + TAG_LEN);
+        assert_eq!(&w[hl..hl + payload.len()], payload, "plaintext on the wire");
+        // A detached tag (a payload sent from a mapping) matches the in-place one.
+        let mut tx2 = FrameCodec::authenticated(0, &ik);
+        let mut hdr = vec![0u8; hl];
+        tx2.seal_header(&h, &mut hdr);
+        let tag = tx2.payload_tag(&payload).unwrap();
+        assert_eq!(&w[hl + payload.len()..], tag);
+        let mut w2 = w.clone();
+        rx.open_header(&mut w2[..hl]).unwrap();
+        assert_eq!(rx.open_payload(&mut w2[hl..], payload.len() as u32).unwrap(), payload);
+        // A codec of other keys (a replayed handshake derives other keys) refuses the header.
+        let (_, other) = Responder::accept_bound(&psk, b"pre", &m1).unwrap();
+        let mut w3 = w.clone();
+        assert!(FrameCodec::authenticated(0, &other).open_header(&mut w3[..hl]).is_err());
     }
 }

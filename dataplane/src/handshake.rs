@@ -228,7 +228,7 @@ fn connect_once(addr: &str, psk: &Psk, encrypt: bool, stream: u16, timeout: Dura
     let _ = sock.set_read_timeout(Some(timeout));
     let _ = sock.set_write_timeout(Some(timeout));
     let pre = Preamble { version: VERSION.into(), flags: if encrypt { PREAMBLE_ENCRYPT } else { 0 } };
-    let (init, msg1) = Initiator::start(psk)?;
+    let (init, msg1) = Initiator::start_bound(psk, &pre.encode())?;
     let mut out = pre.encode().to_vec();
     out.extend_from_slice(&(msg1.len() as u16).to_be_bytes());
     out.extend_from_slice(&msg1);
@@ -241,7 +241,7 @@ fn connect_once(addr: &str, psk: &Psk, encrypt: bool, stream: u16, timeout: Dura
     };
     let rtt = t0.elapsed();
     let keys = init.finish(&msg2)?;
-    let codec = FrameCodec::new(stream, if encrypt { Some(&keys) } else { None });
+    let codec = if encrypt { FrameCodec::new(stream, Some(&keys)) } else { FrameCodec::authenticated(stream, &keys) };
     Ok((Conn { sock, codec, reader: FrameReader::default(), timeout }, rtt))
 }
 
@@ -270,13 +270,14 @@ pub fn accept(mut sock: TcpStream, psk: &Psk, timeout: Duration) -> Result<(Conn
     let mut pre = [0u8; PREAMBLE_LEN];
     let during = "reading the preamble";
     sock.read_exact(&mut pre).map_err(io_err(during, timeout, ""))?;
+    let pre_bytes = pre;
     let pre = Preamble::decode(&pre).map_err(|source| HandshakeError::Wire { during, source })?;
     let msg1 = read_noise(&mut sock, "reading the handshake", timeout, "")?;
-    let (msg2, keys) = Responder::accept(psk, &msg1)?;
+    let (msg2, keys) = Responder::accept_bound(psk, &pre_bytes, &msg1)?;
     let mut out = (msg2.len() as u16).to_be_bytes().to_vec();
     out.extend_from_slice(&msg2);
     sock.write_all(&out).map_err(|source| HandshakeError::Io { during: "sending the handshake reply", source })?;
     let enc = pre.encrypted();
-    let codec = FrameCodec::new(0, if enc { Some(&keys) } else { None });
+    let codec = if enc { FrameCodec::new(0, Some(&keys)) } else { FrameCodec::authenticated(0, &keys) };
     Ok((Conn { sock, codec, reader: FrameReader::default(), timeout }, enc))
 }

@@ -173,13 +173,19 @@ pub struct ReceiverHandle {
     /// Connections refused before a session began: peer address and why (newest 1024 kept).
     pub refused: Receiver<(String, String)>,
     stop: Arc<AtomicBool>,
+    coordinator: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl ReceiverHandle {
-    /// Asks every thread to stop.
+    /// Asks every thread to stop, and waits for the coordinator (which owns the sessions and
+    /// the output directory's lock) to end: a receiver started next on the same directory
+    /// finds it free.
     pub fn stop(&self) {
         self.stop.store(true, Relaxed);
         let _ = TcpStream::connect(self.local_addr);
+        if let Some(h) = self.coordinator.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = h.join();
+        }
     }
 }
 
@@ -366,7 +372,7 @@ pub fn start(opts: RecvOptions) -> Result<ReceiverHandle, RecvError> {
             return Err(RecvError::Ring(e));
         }
     }
-    {
+    let coordinator = {
         let (sink, shard_txs, stop, opts_c) = (opts.sink.clone(), shard_txs.clone(), stop.clone(), opts.clone());
         std::thread::Builder::new()
             .name("dwcp-coordinator".into())
@@ -375,8 +381,8 @@ pub fn start(opts: RecvOptions) -> Result<ReceiverHandle, RecvError> {
                 let limits = Limits { keep_partial: opts_c.keep_partial, max_object_size: opts_c.max_object_size, max_streams: opts_c.max_streams_per_session };
                 Coordinator { sink, outdir, limits, sessions: HashMap::new(), busy: HashMap::new(), shards: shard_txs, outcomes: out_tx, epoch, storage }.run(coord_rx, &stop)
             })
-            .expect("spawn coordinator");
-    }
+            .expect("spawn coordinator")
+    };
     let (ref_tx, ref_rx) = crossbeam_channel::bounded(1024);
     {
         let stop = stop.clone();
@@ -448,7 +454,7 @@ pub fn start(opts: RecvOptions) -> Result<ReceiverHandle, RecvError> {
             .expect("spawn acceptor");
     }
     info!(%local_addr, shards = nshards, "receiver listening");
-    Ok(ReceiverHandle { local_addr, outcomes: out_rx, refused: ref_rx, stop })
+    Ok(ReceiverHandle { local_addr, outcomes: out_rx, refused: ref_rx, stop, coordinator: std::sync::Mutex::new(Some(coordinator)) })
 }
 
 /// Handshake, Hello, session lookup, Welcome; then hands the stream to a shard.

@@ -15,8 +15,9 @@ use xxhash_rust::xxh3::xxh3_64;
 pub const PREAMBLE_MAGIC: [u8; 4] = *b"DWCP";
 /// Magic at the start of every frame header.
 pub const FRAME_MAGIC: u16 = 0xD7C9;
-/// The protocol version this build speaks.
-pub const VERSION: u8 = 1;
+/// The protocol version this build speaks (2: plaintext parts carry tags; the preamble is the
+/// handshake's prologue).
+pub const VERSION: u8 = 2;
 /// Length of the plaintext preamble.
 pub const PREAMBLE_LEN: usize = 8;
 /// Length of a frame header in plaintext.
@@ -100,8 +101,8 @@ pub enum WireError {
         /// Why it is malformed.
         why: String,
     },
-    /// An encrypted part failed authentication.
-    #[error("decryption failed on stream {stream}: wrong key, tampered or corrupted bytes")]
+    /// A part failed authentication (its tag, encrypted or plaintext).
+    #[error("authentication failed on stream {stream}: wrong key, tampered, replayed or corrupted bytes")]
     Decrypt {
         /// Stream id.
         stream: u16,
@@ -893,7 +894,7 @@ mod tests {
         let mut p = Preamble { version: 1, flags: 0 }.encode();
         p[4..6].copy_from_slice(&99u16.to_be_bytes());
         let e = Preamble::decode(&p).unwrap_err();
-        assert_eq!(e, WireError::UnsupportedVersion { found: 99, supported: 1 });
+        assert_eq!(e, WireError::UnsupportedVersion { found: 99, supported: VERSION.into() });
         assert!(e.to_string().contains("99"));
     }
 

@@ -142,7 +142,7 @@ fn wrong_key_is_refused_before_a_byte_is_written() {
     // Raw: a Noise first message under another key; the receiver must answer nothing.
     let (_, msg1) = dataplane::crypto::Initiator::start(&Psk::generate()).unwrap();
     let mut s = TcpStream::connect(rig.addr()).unwrap();
-    s.write_all(&Preamble { version: 1, flags: 1 }.encode()).unwrap();
+    s.write_all(&Preamble { version: wire::VERSION.into(), flags: 1 }.encode()).unwrap();
     s.write_all(&(msg1.len() as u16).to_be_bytes()).unwrap();
     s.write_all(&msg1).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -164,7 +164,7 @@ fn garbage_truncated_and_version_99_are_named() {
     let cases: [(&[u8], &str); 3] = [
         (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "not a dwcp endpoint"),
         (&[b'D', b'W', b'C', b'P', 0, 99, 0, 1], "unsupported protocol version 99"),
-        (&[b'D', b'W', b'C', b'P', 0, 1, 0, 1, 0, 48, 1, 2, 3], "closed the connection"),
+        (&[b'D', b'W', b'C', b'P', 0, wire::VERSION, 0, 1, 0, 48, 1, 2, 3], "closed the connection"),
     ];
     for (bytes, want) in cases {
         let mut s = TcpStream::connect(rig.addr()).unwrap();
@@ -724,4 +724,71 @@ fn a_session_with_64_idle_streams_does_not_stall_another() {
     eprintln!("16 MiB over 4 streams: {usual:?} alone, {took:?} beside 64 idle streams");
     assert!(took < usual * 4 + Duration::from_secs(2), "{took:?} against {usual:?}");
     drop(idle);
+}
+
+/// A TCP proxy to `to` that records what each connection's client sent.
+fn recording_proxy(to: std::net::SocketAddr) -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let rec = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let r = rec.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            let mut s = TcpStream::connect(to).unwrap();
+            let (mut c2, mut s2) = (c.try_clone().unwrap(), s.try_clone().unwrap());
+            let at = {
+                let mut v = r.lock().unwrap();
+                v.push(Vec::new());
+                v.len() - 1
+            };
+            let r = r.clone();
+            std::thread::spawn(move || {
+                let mut b = vec![0u8; 1 << 16];
+                while let Ok(n @ 1..) = c.read(&mut b) {
+                    r.lock().unwrap()[at].extend_from_slice(&b[..n]);
+                    if s.write_all(&b[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = s.shutdown(std::net::Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut s2, &mut c2);
+                let _ = c2.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    (addr, rec)
+}
+
+/// A plaintext session carried no per-frame authentication: anyone who recorded one could
+/// replay its bytes to publish under any name. Now every plaintext frame carries a tag under the
+/// keys of that handshake, and a replayed handshake derives other keys (the receiver's ephemeral
+/// is fresh): the replay's first frame fails and nothing is published.
+#[test]
+fn a_replayed_plaintext_session_publishes_nothing() {
+    let rig = rig(true, Duration::from_secs(5));
+    let (proxy, rec) = recording_proxy(rig.rx.local_addr);
+    let mut o = rig.opts(1, false);
+    o.to = proxy.to_string();
+    let r = send::send(Source::Generated { size: 1 << 20, seed: 4, name: "replayed.img".into() }, &o, Arc::default()).unwrap();
+    assert!(r.verified && !r.encrypted);
+    assert!(rig.outcome().result.is_ok());
+    let published = rig.out.path().join("replayed.img");
+    std::fs::remove_file(&published).unwrap();
+    let recorded = rec.lock().unwrap().clone();
+    assert!(recorded.iter().any(|b| b.windows(12).any(|w| w == b"replayed.img")), "the name travelled in the clear");
+    for bytes in recorded {
+        let mut c = TcpStream::connect(rig.rx.local_addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = c.write_all(&bytes);
+        let mut sink = Vec::new();
+        let _ = c.read_to_end(&mut sink);
+    }
+    let why = rig.refusal();
+    assert!(why.contains("stream 0") || why.contains("authentication") || why.contains("decrypt"), "{why}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!published.exists(), "the replay published the object again");
+    assert!(rig.rx.outcomes.try_recv().is_err(), "no session opened from the replay");
 }

@@ -216,6 +216,11 @@ fn errors_say_what_to_do() {
 
     let bad = d.path().join("bad.key");
     std::fs::write(&bad, "not a key").unwrap();
+    // Readable by others: refused first, with the command that fixes it.
+    let o = Command::new(bin()).args(["send", "gen:1M", "--to", "127.0.0.1:1", "--key-file"]).arg(&bad).output().unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("chmod 600"), "{}", String::from_utf8_lossy(&o.stderr));
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o600)).unwrap();
     let o = Command::new(bin()).args(["send", "gen:1M", "--to", "127.0.0.1:1", "--key-file"]).arg(&bad).output().unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).contains("64 hex digits"));
 

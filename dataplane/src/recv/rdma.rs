@@ -212,12 +212,23 @@ fn place(slot: u32, qi: usize, nqps: usize, region: &Mr, ss: usize, sess: &Sessi
     {
         return Err((ErrorCode::OutOfRange, format!("chunk at offset {} of {} bytes lies past the declared object size {size}", h.offset, h.len)));
     }
-    let payload = region.read(base + HEADER_LEN, h.len as usize);
-    h.verify(payload).map_err(|e| (ErrorCode::Checksum, e.to_string()))?;
-    match &sess.out {
-        Out::File(f) => f.write_all_at(payload, h.offset).map_err(|e| (ErrorCode::Storage, format!("writing at offset {}: {e}", h.offset)))?,
-        Out::Discard => {}
-        Out::Stdout | Out::Hde(_) => return Err((ErrorCode::Refused, "RDMA is not granted to a stdout sink or an HDE session".into())),
-    }
-    Ok((h.offset, h.len, h.checksum))
+    // The region stays writable by the peer's NIC: the payload is copied out first, then the
+    // copy is verified and written, so what is written is what was verified.
+    thread_local!(static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) });
+    SCRATCH.with_borrow_mut(|payload| {
+        payload.clear();
+        payload.extend_from_slice(region.read(base + HEADER_LEN, h.len as usize));
+        h.verify(payload).map_err(|e| (ErrorCode::Checksum, e.to_string()))?;
+        match &sess.out {
+            Out::File(_) if !sess.gate.enter() => return Err((ErrorCode::Protocol, format!("chunk at offset {} arrived after the session's commit", h.offset))),
+            Out::File(f) => {
+                let r = f.write_all_at(payload, h.offset);
+                sess.gate.leave();
+                r.map_err(|e| (ErrorCode::Storage, format!("writing at offset {}: {e}", h.offset)))?
+            }
+            Out::Discard => {}
+            Out::Stdout | Out::Hde(_) => return Err((ErrorCode::Refused, "RDMA is not granted to a stdout sink or an HDE session".into())),
+        }
+        Ok((h.offset, h.len, h.checksum))
+    })
 }

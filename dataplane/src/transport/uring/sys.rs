@@ -71,7 +71,7 @@ pub struct Completion {
 enum Res {
     Buf(BufId),
     Heap(Vec<u8>),
-    Msg { hdr: Vec<u8>, payload: Payload, _iov: Box<[libc::iovec; 2]>, _msg: Box<libc::msghdr> },
+    Msg { hdr: Vec<u8>, payload: Payload, _iov: Box<[libc::iovec; 3]>, _msg: Box<libc::msghdr> },
     None,
 }
 
@@ -252,17 +252,20 @@ impl Ring {
         self.push(e, tag, Res::Heap(v));
     }
 
-    /// Sends `hdr` then `payload` in one `sendmsg` (zero-copy when enabled).
-    pub fn send_msg(&mut self, fd: RawFd, hdr: Vec<u8>, payload: Payload, tag: u64) {
+    /// Sends `hdr[..head]`, then `payload`, then `hdr[head..]` (a trailer, such as the payload's
+    /// tag) in one `sendmsg` (zero-copy when enabled).
+    pub fn send_msg(&mut self, fd: RawFd, hdr: Vec<u8>, head: usize, payload: Payload, tag: u64) {
         let body = payload.as_slice();
+        let (h, t) = hdr.split_at(head);
         let mut iov = Box::new([
-            libc::iovec { iov_base: hdr.as_ptr() as *mut libc::c_void, iov_len: hdr.len() },
+            libc::iovec { iov_base: h.as_ptr() as *mut libc::c_void, iov_len: h.len() },
             libc::iovec { iov_base: body.as_ptr() as *mut libc::c_void, iov_len: body.len() },
+            libc::iovec { iov_base: t.as_ptr() as *mut libc::c_void, iov_len: t.len() },
         ]);
         // SAFETY: msghdr is a plain C struct for which all-zero is a valid (empty) value.
         let mut msg: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
         msg.msg_iov = iov.as_mut_ptr();
-        msg.msg_iovlen = 2;
+        msg.msg_iovlen = if t.is_empty() { 2 } else { 3 };
         let e = if self.send_zc {
             opcode::SendMsgZc::new(types::Fd(fd), &*msg).flags(libc::MSG_WAITALL as u32).build()
         } else {
