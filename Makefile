@@ -10,7 +10,7 @@ RIG_PKGS := qemu-system-x86 busybox-static rdma-core ibverbs-utils perftest libi
             librdmacm-dev libclang-dev clang pkg-config cpio kmod iproute2 gzip \
             iputils-ping ethtool iperf3 python3 openssl xdelta3
 
-.PHONY: all deps bench-deps vm-deps build demo test fuzz fuzz-seeds fuzz-smoke bench-transport bench-boot bench-hde bench-rdma bench-migrate bench-wan bench-pba bench-probes corpus clean
+.PHONY: all deps bench-deps vm-deps build demo test fuzz fuzz-seeds fuzz-smoke bench-base bench-transport bench-boot bench-hde bench-rdma bench-migrate bench-wan bench-pba bench-probes corpus clean
 
 all: build
 
@@ -79,8 +79,15 @@ fuzz:
 fuzz-seeds:
 	DWCP_FUZZ_SEEDS=$(CURDIR)/dataplane/fuzz/seeds $(CARGO) test --release -p dataplane --lib write_fuzz_seeds -- --ignored
 
+# BASE=REV also runs the plaintext 8-stream cases with REV's dwcp (built once, under
+# target/bench-base/REV), in the same run.
 bench-transport: build bench-deps
-	./target/release/bench-transport
+	$(if $(BASE),$(MAKE) --no-print-directory bench-base BASE=$(BASE) &&) \
+	$(if $(BASE),BENCH_BASE=$(CURDIR)/target/bench-base/$(BASE)/release/dwcp) ./target/release/bench-transport
+
+bench-base:
+	@d=$(CURDIR)/target/bench-base/src-$(BASE); [ -d $$d ] || git worktree add -f --detach $$d $(BASE); \
+	CARGO_TARGET_DIR=$(CURDIR)/target/bench-base/$(BASE) $(CARGO) build --release -p dwcp --manifest-path $$d/Cargo.toml
 
 bench-boot: build
 	./target/release/bench-boot

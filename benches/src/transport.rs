@@ -5,6 +5,9 @@
 //! the same counts. Each case runs `BENCH_REPS` times (default 3) and the median is reported.
 //! CPU seconds per GB add up both ends of each tool (from getrusage-backed figures: dwcp's own
 //! report and /proc for its receiver, iperf3's `cpu_utilization_percent` for both of its ends).
+//! With `BENCH_BASE=PATH` (`make bench-transport BASE=REV` builds REV for it) the plaintext
+//! 8-stream cases also run with that build's dwcp at both ends, in the same run: what a change
+//! between the two costs (the per-frame MAC of plaintext sessions, measured so).
 //! Prints a table, then one JSON line, also written to `target/bench/transport.json`.
 
 #![forbid(unsafe_code)]
@@ -50,8 +53,8 @@ struct Receiver {
     lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
 }
 
-fn start_receiver(key: &Path, port: u16, sink: &[&str]) -> Receiver {
-    let mut child = Command::new(dwcp_bin())
+fn start_receiver(bin: &Path, key: &Path, port: u16, sink: &[&str]) -> Receiver {
+    let mut child = Command::new(bin)
         .args(["recv", "--listen", &format!("127.0.0.1:{port}"), "--no-encrypt", "--json", "--key-file"])
         .arg(key)
         .args(sink)
@@ -65,8 +68,13 @@ fn start_receiver(key: &Path, port: u16, sink: &[&str]) -> Receiver {
 }
 
 fn dwcp_run(key: &Path, port: u16, src: &str, streams: u16, encrypt: bool, sink: &[&str], size: u64) -> (f64, f64) {
-    let mut rx = start_receiver(key, port, sink);
-    let mut cmd = Command::new(dwcp_bin());
+    dwcp_run_with(&dwcp_bin(), key, port, src, streams, encrypt, sink, size)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn dwcp_run_with(bin: &Path, key: &Path, port: u16, src: &str, streams: u16, encrypt: bool, sink: &[&str], size: u64) -> (f64, f64) {
+    let mut rx = start_receiver(bin, key, port, sink);
+    let mut cmd = Command::new(bin);
     cmd.args(["send", src, "--to", &format!("127.0.0.1:{port}"), "--json", "--streams", &streams.to_string(), "--key-file"]).arg(key);
     // Explicit both ways: `--mode auto` would pick plaintext on loopback (datacenter) anyway.
     cmd.arg(if encrypt { "--encrypt" } else { "--no-encrypt" });
@@ -146,6 +154,16 @@ fn main() {
             dwcp_run(&key, port, &src, n, false, &["--out", &out], size)
         });
     }
+    let base = std::env::var_os("BENCH_BASE").map(PathBuf::from);
+    if let Some(b) = &base {
+        let out = out_dir.to_string_lossy().into_owned();
+        let src = src_file.to_string_lossy().into_owned();
+        bench("base mem->mem 8 streams".into(), &mut |port| dwcp_run_with(b, &key, port, &gen_src, 8, false, &["--discard"], size));
+        bench("base file->file 8 streams".into(), &mut |port| {
+            let _ = std::fs::remove_dir_all(&out_dir);
+            dwcp_run_with(b, &key, port, &src, 8, false, &["--out", &out], size)
+        });
+    }
     let _ = std::fs::remove_dir_all(&out_dir);
     let get = |l: &str| cases.iter().find(|c| c.label == l).unwrap_or_else(|| panic!("case {l}"));
     let d8 = get("dwcp mem->mem 8 streams");
@@ -165,6 +183,12 @@ fn main() {
     println!("ratio_8 (dwcp mem / iperf3, 8 streams)         {:.2}  (target >= 1.0)", d8.gbps / i8.gbps);
     println!("ratio_8_encrypted (dwcp enc / iperf3 plain)    {:.2}  (target >= 0.7)", e8.gbps / i8.gbps);
     println!("ratio_1 (1 stream)                             {:.2}", d1.gbps / i1.gbps);
+    let against_base = base.as_ref().map(|b| {
+        let (bm, bf) = (get("base mem->mem 8 streams"), get("base file->file 8 streams"));
+        println!("against {}: plaintext mem 8 streams {:.2}, file 8 streams {:.2} (this build / base)", b.display(), d8.gbps / bm.gbps, f8.gbps / bf.gbps);
+        json!({"base": b.display().to_string(), "mem_8_ratio": d8.gbps / bm.gbps, "file_8_ratio": f8.gbps / bf.gbps, "base_mem_8_gbps": bm.gbps, "base_file_8_gbps": bf.gbps,
+               "cpu_s_per_gb_mem_8": d8.cpu_s_per_gb, "base_cpu_s_per_gb_mem_8": bm.cpu_s_per_gb})
+    });
     let mut all = serde_json::Map::new();
     for c in &cases {
         let k = c.label.replace([' ', '-', '>'], "_").replace("__", "_");
@@ -187,6 +211,7 @@ fn main() {
         "iperf3_cpu_s_per_gb_8": i8.cpu_s_per_gb,
         "dwcp_cpu_s_per_gb_8_encrypted": e8.cpu_s_per_gb,
         "cases": all,
+        "against_base": against_base,
     });
     let line = j.to_string();
     std::fs::write(dir.join("transport.json"), format!("{line}\n")).expect("write transport.json");
@@ -197,7 +222,7 @@ fn main() {
 fn write_generated(key: &Path, path: &Path, size: u64) {
     let dir = path.parent().expect("parent").join("transport-gen");
     let _ = std::fs::remove_dir_all(&dir);
-    let mut rx = start_receiver(key, 7599, &["--out", &dir.to_string_lossy()]);
+    let mut rx = start_receiver(&dwcp_bin(), key, 7599, &["--out", &dir.to_string_lossy()]);
     let st = Command::new(dwcp_bin())
         .args(["send", &format!("gen:{size}"), "--to", "127.0.0.1:7599", "--no-encrypt", "--json", "--name", "img", "--key-file"])
         .arg(key)

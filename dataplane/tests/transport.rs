@@ -792,3 +792,46 @@ fn a_replayed_plaintext_session_publishes_nothing() {
     assert!(!published.exists(), "the replay published the object again");
     assert!(rig.rx.outcomes.try_recv().is_err(), "no session opened from the replay");
 }
+
+/// A delta round decoded against the previous round's published file through a mapping: a
+/// local user (or another session) truncating that file made the next read of it a SIGBUS that
+/// killed the whole receiver. The round now decodes against a private copy made at its open,
+/// so truncating the published file changes nothing for it, and the receiver goes on.
+#[test]
+fn truncating_a_delta_rounds_previous_file_does_not_kill_the_receiver() {
+    let rig = rig(true, Duration::from_secs(10));
+    let size = 1u64 << 20;
+    assert!(send::send(Source::Generated { size, seed: 9, name: "r.img".into() }, &rig.opts(1, false), Arc::default()).unwrap().verified);
+    assert!(rig.outcome().result.is_ok());
+    let mut prev = vec![0u8; size as usize];
+    source::generate(9, 0, &mut prev);
+    let (mut c, _) = handshake::connect(&rig.addr(), &rig.psk, false, 0, Duration::from_secs(5)).unwrap();
+    let hello = Hello::Open {
+        caps: Caps { max_streams: 1, max_chunk: 1 << 20, codecs: wire::CODEC_RAW | wire::CODEC_HDE | wire::CODEC_HDE_ROUND, transports: 1 },
+        chunk_size: 64 << 10,
+        streams: 1,
+        object_size: size,
+        object_id: 3,
+        resume: false,
+        name: "r.img".into(),
+    };
+    c.write_frame(FrameType::Hello, 0, &hello.encode()).unwrap();
+    let (_, w) = c.expect(FrameType::Welcome, "welcome").unwrap();
+    assert!(wire::Welcome::decode(&w).unwrap().caps.codecs & wire::CODEC_HDE != 0);
+    // The round is open (its output prepared): now the published previous round is cut to nothing.
+    std::fs::OpenOptions::new().write(true).open(rig.out.path().join("r.img")).unwrap().set_len(0).unwrap();
+    // Every chunk's pages, unchanged: the frames refer to the previous round for each of them.
+    let mut enc = dataplane::hde::Encoder::new(3, None).unwrap();
+    for k in 0..size / (64 << 10) {
+        let first = k * 16;
+        let pages: Vec<(u64, &[u8])> = (first..first + 16).map(|no| (no, &prev[no as usize * 4096..(no as usize + 1) * 4096])).collect();
+        let frame = enc.encode(&pages, &|no| prev.get(no as usize * 4096..(no as usize + 1) * 4096), &mut Default::default());
+        let h = FrameHeader::for_payload(FrameType::Chunk, 0, k << 16, &frame);
+        c.sock.write_all(&c.codec.encode_frame(&h, &frame)).unwrap();
+    }
+    await_acks(&mut c, size >> 16);
+    drop(c);
+    let o = rig.outcome();
+    assert!(o.result.is_err(), "no commit came");
+    rig.still_serves();
+}
