@@ -835,3 +835,38 @@ fn truncating_a_delta_rounds_previous_file_does_not_kill_the_receiver() {
     assert!(o.result.is_err(), "no commit came");
     rig.still_serves();
 }
+
+/// 256 honest sessions at once on one receiver (one stream each, from one address, so the
+/// per-address handshake cap turns some away for a while): every one verifies, and Jain's index
+/// of their goodputs is printed.
+#[test]
+fn two_hundred_fifty_six_sessions_at_once_all_verify() {
+    let rig = rig(true, Duration::from_secs(30));
+    let n = 256;
+    let t = std::time::Instant::now();
+    let threads: Vec<_> = (0..n)
+        .map(|k| {
+            let mut o = rig.opts(1, false);
+            o.window = 4;
+            std::thread::spawn(move || {
+                let t = std::time::Instant::now();
+                let r = send::send(Source::Generated { size: 2 << 20, seed: k, name: format!("s{k}.img") }, &o, Arc::default());
+                (r.map(|r| r.verified), t.elapsed())
+            })
+        })
+        .collect();
+    let mut rates = Vec::new();
+    let mut failed = Vec::new();
+    for (k, h) in threads.into_iter().enumerate() {
+        match h.join().unwrap() {
+            (Ok(true), took) => rates.push((2u64 << 20) as f64 * 8.0 / took.as_secs_f64() / 1e9),
+            (r, _) => failed.push(format!("s{k}: {r:?}")),
+        }
+    }
+    let (s, q) = rates.iter().fold((0.0, 0.0), |(s, q), v| (s + v, q + v * v));
+    eprintln!("{n} sessions of 2 MiB: {} verified in {:.1?}; Jain's index of their goodputs {:.3}", rates.len(), t.elapsed(), s * s / (rates.len() as f64 * q));
+    assert!(failed.is_empty(), "{} failed: {:?}", failed.len(), &failed[..failed.len().min(5)]);
+    for _ in 0..n {
+        assert!(rig.outcome().result.is_ok());
+    }
+}
