@@ -350,3 +350,28 @@ fn write_fuzz_seeds() {
         std::fs::write(d.join(name), [&[16u8][..], bytes].concat()).unwrap();
     }
 }
+
+/// A page-aware stream whose batch declares 4 GiB of output and carries a skeleton that
+/// decompresses to 256 MiB (a zstd bomb of 30 KiB): the decoder sized its buffer from the
+/// declared length and filled it. Now the declared length is bounded by what a batch can rebuild,
+/// the record is refused, and the memory stays flat.
+#[test]
+fn a_batch_declaring_gigabytes_is_refused_before_it_decompresses() {
+    let mut skel = zstd::stream::Encoder::new(Vec::new(), 1).unwrap();
+    std::io::copy(&mut std::io::Read::take(std::io::repeat(0), 256 << 20), &mut skel).unwrap();
+    let skel = skel.finish().unwrap();
+    let mut body = u32::MAX.to_le_bytes().to_vec();
+    body.extend_from_slice(&0u64.to_le_bytes());
+    body.extend_from_slice(&(skel.len() as u32).to_le_bytes());
+    body.extend_from_slice(&skel);
+    let mut stream = Vec::new();
+    record(&mut stream, b'H', &[MAGIC]);
+    record(&mut stream, b'F', &[&body]);
+    let rss = || std::fs::read_to_string("/proc/self/statm").unwrap().split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 4096;
+    let before = rss();
+    let mut d = Decoder::new().unwrap();
+    let e = d.push(&stream, &mut Vec::new()).unwrap_err();
+    let grew = rss().saturating_sub(before);
+    assert!(grew < 64 << 20, "grew by {} MiB ({e})", grew >> 20);
+    assert!(e.to_string().contains("more than a batch can rebuild"), "{e}");
+}
