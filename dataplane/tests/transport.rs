@@ -14,6 +14,14 @@ use dataplane::source::{self, Source};
 use dataplane::wire::{self, Caps, ErrorCode, FrameHeader, FrameType, Hello, Preamble};
 use sha2::{Digest, Sha256};
 
+/// Held by the tests that measure this process's memory or time against a deadline, or that load
+/// it heavily: the test harness runs tests in parallel, in one process.
+static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn heavy() -> std::sync::MutexGuard<'static, ()> {
+    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn sha256_file(p: &Path) -> [u8; 32] {
     let mut f = std::fs::File::open(p).unwrap();
     let mut h = Sha256::new();
@@ -555,6 +563,7 @@ fn silent(from: &str, to: std::net::SocketAddr) -> std::net::TcpStream {
 /// (16 here; 64 by default).
 #[test]
 fn silent_connections_do_not_lock_out_a_real_sender() {
+    let _heavy = heavy();
     let deadline = Duration::from_secs(2);
     let rig = rig_with(true, Duration::from_secs(30), |o| {
         o.handshake_timeout = deadline;
@@ -633,6 +642,7 @@ fn hde_bomb(pages: u32) -> Vec<u8> {
 /// the next session.
 #[test]
 fn an_hde_bomb_ends_its_session_and_the_memory_stays_flat() {
+    let _heavy = heavy();
     let rig = rig_with(true, Duration::from_secs(10), |o| o.max_chunk = 2 << 20);
     let size = 4u64 << 20;
     let (mut c, _) = handshake::connect(&rig.addr(), &rig.psk, false, 0, Duration::from_secs(5)).unwrap();
@@ -684,6 +694,7 @@ fn an_hde_bomb_ends_its_session_and_the_memory_stays_flat() {
 /// another session's streams could not be read at all. Now an idle stream holds no buffer.
 #[test]
 fn a_session_with_64_idle_streams_does_not_stall_another() {
+    let _heavy = heavy();
     let rig = rig(true, Duration::from_secs(30));
     let usual = {
         let t = std::time::Instant::now();
@@ -841,6 +852,7 @@ fn truncating_a_delta_rounds_previous_file_does_not_kill_the_receiver() {
 /// of their goodputs is printed.
 #[test]
 fn two_hundred_fifty_six_sessions_at_once_all_verify() {
+    let _heavy = heavy();
     let rig = rig(true, Duration::from_secs(30));
     let n = 256;
     let t = std::time::Instant::now();

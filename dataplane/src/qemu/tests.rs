@@ -354,7 +354,7 @@ fn write_fuzz_seeds() {
 /// A page-aware stream whose batch declares 4 GiB of output and carries a skeleton that
 /// decompresses to 256 MiB (a zstd bomb of 30 KiB): the decoder sized its buffer from the
 /// declared length and filled it. Now the declared length is bounded by what a batch can rebuild,
-/// the record is refused, and the memory stays flat.
+/// the record is refused before anything is decompressed.
 #[test]
 fn a_batch_declaring_gigabytes_is_refused_before_it_decompresses() {
     let mut skel = zstd::stream::Encoder::new(Vec::new(), 1).unwrap();
@@ -367,11 +367,10 @@ fn a_batch_declaring_gigabytes_is_refused_before_it_decompresses() {
     let mut stream = Vec::new();
     record(&mut stream, b'H', &[MAGIC]);
     record(&mut stream, b'F', &[&body]);
-    let rss = || std::fs::read_to_string("/proc/self/statm").unwrap().split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 4096;
-    let before = rss();
+    // Refused by the bound, before the skeleton is decompressed (without it, the 256 MiB are
+    // decompressed and the record fails later, at its HDE frame). Memory is not asserted here:
+    // unit tests run in parallel in one process.
     let mut d = Decoder::new().unwrap();
     let e = d.push(&stream, &mut Vec::new()).unwrap_err();
-    let grew = rss().saturating_sub(before);
-    assert!(grew < 64 << 20, "grew by {} MiB ({e})", grew >> 20);
     assert!(e.to_string().contains("more than a batch can rebuild"), "{e}");
 }
