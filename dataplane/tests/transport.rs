@@ -14,12 +14,17 @@ use dataplane::source::{self, Source};
 use dataplane::wire::{self, Caps, ErrorCode, FrameHeader, FrameType, Hello, Preamble};
 use sha2::{Digest, Sha256};
 
-/// Held by the tests that measure this process's memory or time against a deadline, or that load
-/// it heavily: the test harness runs tests in parallel, in one process.
-static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// The tests that load the machine (many senders or connections at once) or measure this
+/// process's memory run alone (`heavy`); every other test holds `light`, so that its timings and
+/// mode decisions are not those of a loaded machine. The harness runs tests in parallel.
+static LOAD: std::sync::RwLock<()> = std::sync::RwLock::new(());
 
-fn heavy() -> std::sync::MutexGuard<'static, ()> {
-    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+fn heavy() -> std::sync::RwLockWriteGuard<'static, ()> {
+    LOAD.write().unwrap_or_else(|e| e.into_inner())
+}
+
+fn light() -> std::sync::RwLockReadGuard<'static, ()> {
+    LOAD.read().unwrap_or_else(|e| e.into_inner())
 }
 
 fn sha256_file(p: &Path) -> [u8; 32] {
@@ -96,6 +101,7 @@ impl Rig {
 
 #[test]
 fn file_roundtrip_encrypted_and_plain_many_streams() {
+    let _load = light();
     let rig = rig(true, Duration::from_secs(10));
     let src = tempfile::tempdir().unwrap();
     // Not a multiple of the chunk size, to cover the short last chunk.
@@ -127,6 +133,7 @@ fn file_roundtrip_encrypted_and_plain_many_streams() {
 
 #[test]
 fn generated_and_empty_sources() {
+    let _load = light();
     let rig = rig(false, Duration::from_secs(10));
     let r = send::send(Source::Generated { size: 9 << 20, seed: 5, name: "gen.img".into() }, &rig.opts(4, true), Arc::default()).unwrap();
     assert!(r.verified);
@@ -146,6 +153,7 @@ fn generated_and_empty_sources() {
 
 #[test]
 fn wrong_key_is_refused_before_a_byte_is_written() {
+    let _load = light();
     let rig = rig(false, Duration::from_secs(5));
     // Raw: a Noise first message under another key; the receiver must answer nothing.
     let (_, msg1) = dataplane::crypto::Initiator::start(&Psk::generate()).unwrap();
@@ -168,6 +176,7 @@ fn wrong_key_is_refused_before_a_byte_is_written() {
 
 #[test]
 fn garbage_truncated_and_version_99_are_named() {
+    let _load = light();
     let rig = rig(false, Duration::from_secs(2));
     let cases: [(&[u8], &str); 3] = [
         (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "not a dwcp endpoint"),
@@ -216,6 +225,7 @@ fn expect_error(c: &mut handshake::Conn, code: ErrorCode, want: &str) {
 
 #[test]
 fn bad_checksum_and_out_of_range_chunks_are_named_and_nothing_is_published() {
+    let _load = light();
     let rig = rig(true, Duration::from_secs(5));
     let mut c = raw_session(&rig, 1 << 16, "bad.img");
     let payload = vec![7u8; 1 << 16];
@@ -265,6 +275,7 @@ fn bad_checksum_and_out_of_range_chunks_are_named_and_nothing_is_published() {
 /// the open does not block, the session goes on (or is refused at once), and the others are served.
 #[test]
 fn planted_fifos_neither_hang_a_session_nor_the_receiver() {
+    let _load = light();
     let rig = rig(false, Duration::from_secs(10));
     let key = dataplane::recv::outdir::key("slow.img");
     for f in [format!("{key}.journal"), format!("{key}.part")] {
@@ -287,6 +298,7 @@ fn planted_fifos_neither_hang_a_session_nor_the_receiver() {
 /// is still reported and the object published.
 #[test]
 fn a_commit_whose_streams_close_before_its_verdict_still_publishes() {
+    let _load = light();
     let rig = rig(true, Duration::from_secs(5));
     let size = 8u64 << 20;
     let mut c = raw_session(&rig, size, "early.img");
@@ -309,6 +321,7 @@ fn a_commit_whose_streams_close_before_its_verdict_still_publishes() {
 
 #[test]
 fn stalled_peers_are_ended_and_named() {
+    let _load = light();
     let rig = rig(true, Duration::from_millis(800));
     // Stalls in the handshake.
     let _s = TcpStream::connect(rig.addr()).unwrap();
@@ -324,6 +337,7 @@ fn stalled_peers_are_ended_and_named() {
 
 #[test]
 fn plaintext_refused_unless_allowed() {
+    let _load = light();
     let rig = rig(false, Duration::from_secs(5));
     let e = send::send(Source::Generated { size: 1 << 20, seed: 1, name: "p".into() }, &rig.opts(1, false), Arc::default()).unwrap_err();
     assert!(e.to_string().contains("--no-encrypt"), "{e}");
@@ -332,6 +346,7 @@ fn plaintext_refused_unless_allowed() {
 
 #[test]
 fn the_probe_learns_whether_plaintext_is_allowed_from_the_welcome_or_its_pings() {
+    let _load = light();
     use dataplane::probe::{self, ProbeOptions};
     // A "long path" of at least 0 s: no ping is sent, whatever rtt_samples says.
     for (plain, long) in [(true, true), (false, true), (true, false), (false, false)] {
@@ -346,6 +361,7 @@ fn the_probe_learns_whether_plaintext_is_allowed_from_the_welcome_or_its_pings()
 
 #[test]
 fn the_probe_pings_again_while_no_sample_is_under_the_recheck_threshold() {
+    let _load = light();
     use dataplane::probe::{self, ProbeOptions};
     let rig = rig(true, Duration::from_secs(5));
     let base = ProbeOptions { rtt_samples: 3, bulk_bytes: 0, extra_pings: 4, ..ProbeOptions::default() };
@@ -361,6 +377,7 @@ fn the_probe_pings_again_while_no_sample_is_under_the_recheck_threshold() {
 
 #[test]
 fn a_killed_stream_has_its_chunks_resent_on_the_others() {
+    let _load = light();
     let rig = rig(false, Duration::from_secs(10));
     let src = tempfile::tempdir().unwrap();
     let p = write_image(src.path(), "kill.img", 48 << 20, 3);
@@ -379,6 +396,7 @@ fn a_killed_stream_has_its_chunks_resent_on_the_others() {
 
 #[test]
 fn all_streams_lost_names_resume() {
+    let _load = light();
     let rig = rig(false, Duration::from_secs(10));
     let mut o = rig.opts(1, true);
     // With a 2 MiB window, 8 MiB sent means at least 6 MiB acknowledged, hence placed and journaled.
@@ -440,6 +458,7 @@ fn expect_verified(c: &mut handshake::Conn) {
 /// published the second's bytes. Temporaries now live apart, named by hash.
 #[test]
 fn a_name_like_a_temporary_cannot_publish_foreign_bytes() {
+    let _load = light();
     let rig = rig(true, Duration::from_secs(10));
     let size = 1u64 << 20;
     let mut c = raw_session(&rig, size, "vm.img");
@@ -466,6 +485,7 @@ fn a_name_like_a_temporary_cannot_publish_foreign_bytes() {
 /// Finding 3: links in the output directory were followed, and outputs were 0644.
 #[test]
 fn sending_x_touches_no_other_object_and_follows_no_link() {
+    let _load = light();
     let rig = rig(true, Duration::from_secs(10));
     let out = rig.out.path();
     for n in ["x.part", "x.dwcp-journal", "x.journal"] {
@@ -497,6 +517,7 @@ fn sending_x_touches_no_other_object_and_follows_no_link() {
 /// accepts now publishes, and a refused session leaves nothing in the state directory.
 #[test]
 fn long_names_publish_and_failures_leave_nothing_behind() {
+    let _load = light();
     let rig = rig(true, Duration::from_secs(10));
     for len in [243, 250, 255] {
         let name = "n".repeat(len);
@@ -529,6 +550,7 @@ fn long_names_publish_and_failures_leave_nothing_behind() {
 /// (it was written into the published file through the session's still-open descriptor).
 #[test]
 fn a_chunk_after_the_commit_does_not_change_the_published_object() {
+    let _load = light();
     let rig = rig(true, Duration::from_secs(10));
     let size = 1u64 << 20;
     let mut c = raw_session(&rig, size, "sealed.img");
@@ -563,7 +585,7 @@ fn silent(from: &str, to: std::net::SocketAddr) -> std::net::TcpStream {
 /// (16 here; 64 by default).
 #[test]
 fn silent_connections_do_not_lock_out_a_real_sender() {
-    let _heavy = heavy();
+    let _load = heavy();
     let deadline = Duration::from_secs(2);
     let rig = rig_with(true, Duration::from_secs(30), |o| {
         o.handshake_timeout = deadline;
@@ -642,7 +664,7 @@ fn hde_bomb(pages: u32) -> Vec<u8> {
 /// the next session.
 #[test]
 fn an_hde_bomb_ends_its_session_and_the_memory_stays_flat() {
-    let _heavy = heavy();
+    let _load = heavy();
     let rig = rig_with(true, Duration::from_secs(10), |o| o.max_chunk = 2 << 20);
     let size = 4u64 << 20;
     let (mut c, _) = handshake::connect(&rig.addr(), &rig.psk, false, 0, Duration::from_secs(5)).unwrap();
@@ -694,7 +716,7 @@ fn an_hde_bomb_ends_its_session_and_the_memory_stays_flat() {
 /// another session's streams could not be read at all. Now an idle stream holds no buffer.
 #[test]
 fn a_session_with_64_idle_streams_does_not_stall_another() {
-    let _heavy = heavy();
+    let _load = heavy();
     let rig = rig(true, Duration::from_secs(30));
     let usual = {
         let t = std::time::Instant::now();
@@ -779,6 +801,7 @@ fn recording_proxy(to: std::net::SocketAddr) -> (std::net::SocketAddr, Arc<std::
 /// is fresh): the replay's first frame fails and nothing is published.
 #[test]
 fn a_replayed_plaintext_session_publishes_nothing() {
+    let _load = light();
     let rig = rig(true, Duration::from_secs(5));
     let (proxy, rec) = recording_proxy(rig.rx.local_addr);
     let mut o = rig.opts(1, false);
@@ -810,6 +833,7 @@ fn a_replayed_plaintext_session_publishes_nothing() {
 /// so truncating the published file changes nothing for it, and the receiver goes on.
 #[test]
 fn truncating_a_delta_rounds_previous_file_does_not_kill_the_receiver() {
+    let _load = light();
     let rig = rig(true, Duration::from_secs(10));
     let size = 1u64 << 20;
     assert!(send::send(Source::Generated { size, seed: 9, name: "r.img".into() }, &rig.opts(1, false), Arc::default()).unwrap().verified);
@@ -852,7 +876,7 @@ fn truncating_a_delta_rounds_previous_file_does_not_kill_the_receiver() {
 /// of their goodputs is printed.
 #[test]
 fn two_hundred_fifty_six_sessions_at_once_all_verify() {
-    let _heavy = heavy();
+    let _load = heavy();
     let rig = rig(true, Duration::from_secs(30));
     let n = 256;
     let t = std::time::Instant::now();

@@ -7,6 +7,19 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+/// The tests that load the machine (many senders or connections at once) or measure this
+/// process's memory run alone (`heavy`); every other test holds `light`, so that its timings and
+/// mode decisions are not those of a loaded machine. The harness runs tests in parallel.
+static LOAD: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn heavy() -> std::sync::RwLockWriteGuard<'static, ()> {
+    LOAD.write().unwrap_or_else(|e| e.into_inner())
+}
+
+fn light() -> std::sync::RwLockReadGuard<'static, ()> {
+    LOAD.read().unwrap_or_else(|e| e.into_inner())
+}
+
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_dwcp")
 }
@@ -93,6 +106,7 @@ fn receiver(key: &Path, port: u16, out: &str, extra: &[&str]) -> Rx {
 
 #[test]
 fn stdin_to_stdout_pipe_is_byte_exact_and_ordered() {
+    let _load = light();
     let d = tempfile::tempdir().unwrap();
     let key = keygen(d.path());
     let src = d.path().join("src.bin");
@@ -125,6 +139,7 @@ fn stdin_to_stdout_pipe_is_byte_exact_and_ordered() {
 /// byte after the last newline (a migration's final bytes are what the destination waits for).
 #[test]
 fn piped_bytes_reach_the_reader_before_the_stream_ends() {
+    let _load = light();
     let d = tempfile::tempdir().unwrap();
     let key = keygen(d.path());
     let port = free_port();
@@ -161,6 +176,7 @@ fn piped_bytes_reach_the_reader_before_the_stream_ends() {
 
 #[test]
 fn killed_receiver_then_resume_sends_only_what_is_missing() {
+    let _load = light();
     let d = tempfile::tempdir().unwrap();
     let key = keygen(d.path());
     let src = d.path().join("vm.img");
@@ -209,6 +225,7 @@ fn killed_receiver_then_resume_sends_only_what_is_missing() {
 
 #[test]
 fn errors_say_what_to_do() {
+    let _load = light();
     let d = tempfile::tempdir().unwrap();
     let o = Command::new(bin()).args(["send", "gen:1M", "--to", "127.0.0.1:1"]).env_remove("DWCP_KEY_FILE").output().unwrap();
     assert!(!o.status.success());
@@ -238,6 +255,7 @@ fn errors_say_what_to_do() {
 
 #[test]
 fn table_and_json_summaries() {
+    let _load = light();
     let d = tempfile::tempdir().unwrap();
     let key = keygen(d.path());
     let port = free_port();
@@ -261,6 +279,7 @@ fn table_and_json_summaries() {
 /// the transfer stays in datacenter mode (it used to switch to internet during the wait).
 #[test]
 fn a_receiver_bound_loopback_transfer_stays_in_datacenter_mode() {
+    let _load = light();
     let d = tempfile::tempdir().unwrap();
     let key = keygen(d.path());
     let port = free_port();
@@ -277,6 +296,7 @@ fn a_receiver_bound_loopback_transfer_stays_in_datacenter_mode() {
 
 #[test]
 fn mode_sets_streams_and_encryption() {
+    let _load = light();
     let d = tempfile::tempdir().unwrap();
     let key = keygen(d.path());
     let port = free_port();
@@ -337,6 +357,7 @@ impl Drop for SmallDisk {
 
 #[test]
 fn full_disk_is_named_and_the_receiver_keeps_serving() {
+    let _load = light();
     let d = tempfile::tempdir().unwrap();
     let key = keygen(d.path());
     let out = d.path().join("small");
@@ -382,6 +403,7 @@ fn full_disk_is_named_and_the_receiver_keeps_serving() {
 
 #[test]
 fn concurrent_sessions_on_one_receiver() {
+    let _load = light();
     let d = tempfile::tempdir().unwrap();
     let key = keygen(d.path());
     let out = d.path().join("out");
@@ -446,6 +468,7 @@ fn image(seed: u64) -> Vec<u8> {
 
 #[test]
 fn hde_rounds_reach_the_receiver_exactly() {
+    let _load = light();
     let d = tempfile::tempdir().unwrap();
     let key = keygen(d.path());
     let out = d.path().join("out");
@@ -502,6 +525,7 @@ fn hde_rounds_reach_the_receiver_exactly() {
 
 #[test]
 fn an_hde_session_survives_a_dropped_stream() {
+    let _load = light();
     // A stream shut down mid-send: its unacknowledged chunks go again on the other streams. The
     // receiver decoded some of them already (the chunk arrives twice), and some only partly
     // (the frame was cut off); both rounds must still land exactly. Stream 0, the first up,
@@ -562,6 +586,7 @@ fn bitmap(bits: usize, units: impl IntoIterator<Item = usize>) -> Vec<u8> {
 
 #[test]
 fn a_round_from_a_dirty_log_reaches_the_receiver_exactly() {
+    let _load = light();
     let d = tempfile::tempdir().unwrap();
     let key = keygen(d.path());
     let out = d.path().join("out");
@@ -641,6 +666,7 @@ fn jain(x: &[f64]) -> f64 {
 /// receiver's memory bounded.
 #[test]
 fn sixty_four_senders_at_once_all_verify_with_bounded_memory() {
+    let _load = heavy();
     let d = tempfile::tempdir().unwrap();
     let key = keygen(d.path());
     let port = free_port();
