@@ -235,21 +235,21 @@ fn connect_once(addr: &str, psk: &Psk, encrypt: bool, stream: u16, timeout: Dura
     let t0 = Instant::now();
     sock.write_all(&out).map_err(|source| HandshakeError::Io { during: "sending the handshake", source })?;
     let hint = ": wrong key, protocol version mismatch or not a dwcp receiver (the receiver's log names which)";
-    let msg2 = match read_noise(&mut sock, "reading the handshake reply", timeout, hint) {
-        Err(HandshakeError::Wire { source: WireError::Malformed { what: "busy", .. }, .. }) => return Err(HandshakeError::Busy { addr: addr.to_owned(), secs: 0.0 }),
-        r => r?,
-    };
+    let msg2 = read_noise(&mut sock, "reading the handshake reply", timeout, hint, Some(addr))?;
     let rtt = t0.elapsed();
     let keys = init.finish(&msg2)?;
     let codec = if encrypt { FrameCodec::new(stream, Some(&keys)) } else { FrameCodec::authenticated(stream, &keys) };
     Ok((Conn { sock, codec, reader: FrameReader::default(), timeout }, rtt))
 }
 
-fn read_noise(sock: &mut TcpStream, during: &'static str, timeout: Duration, hint: &'static str) -> Result<Vec<u8>, HandshakeError> {
+/// Reads one length-prefixed Noise message. `receiver` is the address of the receiver whose
+/// reply this is (the initiator's side), where [`BUSY`] in place of the length means busy; from
+/// an initiator it is just a length too long.
+fn read_noise(sock: &mut TcpStream, during: &'static str, timeout: Duration, hint: &'static str, receiver: Option<&str>) -> Result<Vec<u8>, HandshakeError> {
     let mut l = [0u8; 2];
     sock.read_exact(&mut l).map_err(io_err(during, timeout, hint))?;
-    if l == BUSY {
-        return Err(HandshakeError::Wire { during, source: WireError::Malformed { what: "busy", why: "the receiver is busy".into() } });
+    if let (true, Some(addr)) = (l == BUSY, receiver) {
+        return Err(HandshakeError::Busy { addr: addr.to_owned(), secs: 0.0 });
     }
     let n = u16::from_be_bytes(l) as usize;
     if n == 0 || n > MAX_NOISE_MSG {
@@ -272,7 +272,7 @@ pub fn accept(mut sock: TcpStream, psk: &Psk, timeout: Duration) -> Result<(Conn
     sock.read_exact(&mut pre).map_err(io_err(during, timeout, ""))?;
     let pre_bytes = pre;
     let pre = Preamble::decode(&pre).map_err(|source| HandshakeError::Wire { during, source })?;
-    let msg1 = read_noise(&mut sock, "reading the handshake", timeout, "")?;
+    let msg1 = read_noise(&mut sock, "reading the handshake", timeout, "", None)?;
     let (msg2, keys) = Responder::accept_bound(psk, &pre_bytes, &msg1)?;
     let mut out = (msg2.len() as u16).to_be_bytes().to_vec();
     out.extend_from_slice(&msg2);

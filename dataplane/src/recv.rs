@@ -373,12 +373,12 @@ pub fn start(opts: RecvOptions) -> Result<ReceiverHandle, RecvError> {
         }
     }
     let coordinator = {
-        let (sink, shard_txs, stop, opts_c) = (opts.sink.clone(), shard_txs.clone(), stop.clone(), opts.clone());
+        let (sink, shard_txs, stop) = (opts.sink.clone(), shard_txs.clone(), stop.clone());
+        let limits = Limits { keep_partial: opts.keep_partial, max_object_size: opts.max_object_size, max_streams: opts.max_streams_per_session };
         std::thread::Builder::new()
             .name("dwcp-coordinator".into())
             .spawn(move || {
                 let storage = Storage::start(nshards.max(2));
-                let limits = Limits { keep_partial: opts_c.keep_partial, max_object_size: opts_c.max_object_size, max_streams: opts_c.max_streams_per_session };
                 Coordinator { sink, outdir, limits, sessions: HashMap::new(), busy: HashMap::new(), shards: shard_txs, outcomes: out_tx, epoch, storage }.run(coord_rx, &stop)
             })
             .expect("spawn coordinator")
@@ -1564,7 +1564,7 @@ impl Coordinator {
             }
             reorder::Arrival::AckOnWrite => {}
             reorder::Arrival::Full => {
-                let msg = format!("chunk at offset {offset} is too far ahead of the next in order ({}): the reorder buffer is full", s.reorder_next());
+                let msg = format!("chunk at offset {offset} is too far ahead of the next in order ({}): the reorder buffer is full", s.reorder.next());
                 warn!(session = %hex(&session), name = %s.name, "{msg}");
                 let _ = self.shards[from.0].send(ToShard::Reply { key: from.1, kind: FrameType::Error, payload: wire::encode_error(ErrorCode::OutOfRange, &msg) });
                 s.out_failed = Some(msg);
@@ -1849,10 +1849,6 @@ fn read_bounded(f: &mut File, max: u64) -> std::io::Result<Vec<u8>> {
 }
 
 impl RxSession {
-    fn reorder_next(&self) -> u64 {
-        self.reorder.next()
-    }
-
     /// Removes the session's partial output and journal: nothing of it can be resumed.
     fn discard_output(&mut self) {
         self.journal = None;

@@ -91,6 +91,11 @@ impl Drop for Rx {
     }
 }
 
+/// Starts `dwcp send ARGS --json --key-file KEY` with its output piped.
+fn spawn_send(key: &Path, args: &[&str]) -> Child {
+    Command::new(bin()).arg("send").args(args).args(["--json", "--key-file"]).arg(key).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+}
+
 fn receiver(key: &Path, port: u16, out: &str, extra: &[&str]) -> Rx {
     let c = Command::new(bin())
         .args(["recv", "--listen", &format!("127.0.0.1:{port}"), "--out", out, "--key-file"])
@@ -410,17 +415,7 @@ fn concurrent_sessions_on_one_receiver() {
     let port = free_port();
     let mut rx = receiver(&key, port, out.to_str().unwrap(), &[]);
     let to = format!("127.0.0.1:{port}");
-    let senders: Vec<_> = (0..3)
-        .map(|i| {
-            Command::new(bin())
-                .args(["send", &format!("gen:24M:{i}"), "--name", &format!("vm{i}.img"), "--to", &to, "--streams", "3", "--json", "--key-file"])
-                .arg(&key)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let senders: Vec<_> = (0..3).map(|i| spawn_send(&key, &[&format!("gen:24M:{i}"), "--name", &format!("vm{i}.img"), "--to", &to, "--streams", "3"])).collect();
     for (i, s) in senders.into_iter().enumerate() {
         let o = s.wait_with_output().unwrap();
         assert!(o.status.success(), "sender {i}: {}", String::from_utf8_lossy(&o.stderr));
@@ -680,17 +675,7 @@ fn sixty_four_senders_at_once_all_verify_with_bounded_memory() {
     wait_listening(port);
     let n = 64;
     let t = Instant::now();
-    let kids: Vec<Child> = (0..n)
-        .map(|k| {
-            Command::new(bin())
-                .args(["send", &format!("gen:32MiB:{k}"), "--name", &format!("s{k}.img"), "--to", &format!("127.0.0.1:{port}"), "--json", "--key-file"])
-                .arg(&key)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let kids: Vec<Child> = (0..n).map(|k| spawn_send(&key, &[&format!("gen:32MiB:{k}"), "--name", &format!("s{k}.img"), "--to", &format!("127.0.0.1:{port}")])).collect();
     let mut rates = Vec::new();
     let mut failed = Vec::new();
     for (k, c) in kids.into_iter().enumerate() {

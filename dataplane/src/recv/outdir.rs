@@ -52,6 +52,11 @@ pub struct OutDir {
     _lock: OwnedFd,
 }
 
+/// The file name of `name`'s temporary of `kind` in the state directory.
+fn temp_name(name: &str, kind: Kind) -> String {
+    format!("{}.{}", key(name), kind.ext())
+}
+
 /// The fixed-length key of an object name in the state directory.
 pub fn key(name: &str) -> String {
     let h = blake3::hash(name.as_bytes());
@@ -94,7 +99,7 @@ impl OutDir {
 
     /// Where a temporary file lives (for messages).
     pub fn temp_path(&self, name: &str, kind: Kind) -> PathBuf {
-        self.path.join(STATE_DIR).join(format!("{}.{}", key(name), kind.ext()))
+        self.path.join(STATE_DIR).join(temp_name(name, kind))
     }
 
     /// Checks that the receiver can publish `name` here (beyond `wire::check_name`, which the
@@ -120,7 +125,7 @@ impl OutDir {
     /// through a link, with the receiver's file mode, locked against a second receiver process
     /// on the same directory.
     pub fn create(&self, name: &str, kind: Kind) -> io::Result<File> {
-        let file = format!("{}.{}", key(name), kind.ext());
+        let file = temp_name(name, kind);
         match rustix::fs::unlinkat(&self.state, &file, AtFlags::empty()) {
             Ok(()) | Err(rustix::io::Errno::NOENT) => {}
             Err(e) => return Err(e.into()),
@@ -132,7 +137,7 @@ impl OutDir {
 
     /// Opens `name`'s existing temporary of `kind` (a resume), if it is a regular file.
     pub fn open_existing(&self, name: &str, kind: Kind) -> io::Result<File> {
-        let file = format!("{}.{}", key(name), kind.ext());
+        let file = temp_name(name, kind);
         let fd = rustix::fs::openat(&self.state, &file, OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())?;
         regular(&fd)?;
         Ok(File::from(fd))
@@ -140,7 +145,7 @@ impl OutDir {
 
     /// Removes `name`'s temporary of `kind`, if any.
     pub fn remove(&self, name: &str, kind: Kind) {
-        let _ = rustix::fs::unlinkat(&self.state, format!("{}.{}", key(name), kind.ext()), AtFlags::empty());
+        let _ = rustix::fs::unlinkat(&self.state, temp_name(name, kind), AtFlags::empty());
     }
 
     /// Opens the published object `name` for reading (a delta round's previous round): a
@@ -173,7 +178,7 @@ impl OutDir {
     /// that name, a link included, never following it), then the directories are synced so the
     /// new name survives a crash.
     pub fn publish(&self, name: &str) -> io::Result<()> {
-        let file = format!("{}.{}", key(name), Kind::Part.ext());
+        let file = temp_name(name, Kind::Part);
         rustix::fs::renameat_with(&self.state, &file, &self.dir, name, RenameFlags::empty())?;
         rustix::fs::fsync(&self.dir)?;
         rustix::fs::fsync(&self.state)?;

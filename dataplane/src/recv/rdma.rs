@@ -222,9 +222,8 @@ fn place(slot: u32, qi: usize, nqps: usize, region: &Mr, ss: usize, sess: &Sessi
         match &sess.out {
             Out::File(_) if !sess.gate.enter() => return Err((ErrorCode::Protocol, format!("chunk at offset {} arrived after the session's commit", h.offset))),
             Out::File(f) => {
-                let r = f.write_all_at(payload, h.offset);
-                sess.gate.leave();
-                r.map_err(|e| (ErrorCode::Storage, format!("writing at offset {}: {e}", h.offset)))?
+                let _entered = super::GateGuard(sess.gate.clone());
+                f.write_all_at(payload, h.offset).map_err(|e| (ErrorCode::Storage, format!("writing at offset {}: {e}", h.offset)))?
             }
             Out::Discard => {}
             Out::Stdout | Out::Hde(_) => return Err((ErrorCode::Refused, "RDMA is not granted to a stdout sink or an HDE session".into())),
