@@ -637,9 +637,11 @@ impl Shard<'_> {
             if let Some(after) = s.kill_after
                 && s.sent >= after
             {
+                // Lost here rather than when its socket next fails: a stream whose last frame
+                // was acknowledged before this completion arrived would otherwise end the
+                // transfer without the loss ever being handled.
                 s.kill_after = None;
-                warn!(stream = s.conn.codec.stream(), "fault injection: shutting the stream's socket down");
-                let _ = s.conn.sock.shutdown(Shutdown::Both);
+                self.kill(i, "fault injection: the stream's socket shut down");
             }
         }
     }
