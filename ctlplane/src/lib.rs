@@ -1,5 +1,6 @@
 //! dwcp control plane: the four-phase boot graph ([`boot`]), host detection ([`host`]),
-//! configuration ([`config`]), I/O-free mode detection ([`mode`]), and the daemon ([`daemon`])
+//! configuration ([`config`]), I/O-free mode detection ([`mode`]), the transfer engine every
+//! caller drives ([`engine`]), and the daemon ([`daemon`])
 //! with its HTTP endpoint ([`api`]).
 #![forbid(unsafe_code)]
 
@@ -7,5 +8,6 @@ pub mod api;
 pub mod boot;
 pub mod config;
 pub mod daemon;
+pub mod engine;
 pub mod host;
 pub mod mode;

@@ -303,11 +303,14 @@ pub struct Encoder {
 pub struct RefIndex(FxHashMap<u64, u64>, Filter);
 
 /// A bit per slot of hashes the index holds (2 MiB): most positions looked up hold no indexed
-/// block, and this answers them from cache instead of a miss into the map.
+/// block, and this answers them from cache instead of a miss into the map. Built once the
+/// index holds [`FILTER_FROM`] blocks; a smaller map answers from cache itself, and an encoder
+/// that indexes a few pages does not zero 2 MiB.
 #[derive(Debug, Default)]
 struct Filter(Vec<u64>);
 
 const FILTER_BITS: u32 = 24;
+const FILTER_FROM: usize = 4096;
 
 impl Filter {
     fn slot(h: u64) -> usize {
@@ -315,15 +318,12 @@ impl Filter {
         ((h >> SAMPLE.trailing_zeros()) & ((1 << FILTER_BITS) - 1)) as usize
     }
     fn set(&mut self, h: u64) {
-        if self.0.is_empty() {
-            self.0 = vec![0; 1 << (FILTER_BITS - 6)];
-        }
         let i = Self::slot(h);
         self.0[i / 64] |= 1 << (i % 64);
     }
     fn may_hold(&self, h: u64) -> bool {
         let i = Self::slot(h);
-        self.0.get(i / 64).is_some_and(|w| w >> (i % 64) & 1 == 1)
+        self.0[i / 64] >> (i % 64) & 1 == 1
     }
 }
 
@@ -337,14 +337,26 @@ impl RefIndex {
             let h = block_hash(b);
             if sampled(h) {
                 self.0.entry(h).or_insert(no << 12 | (k as u64 * 16));
-                self.1.set(h);
+                if !self.1.0.is_empty() {
+                    self.1.set(h);
+                } else if self.0.len() >= FILTER_FROM {
+                    self.1.0 = vec![0; 1 << (FILTER_BITS - 6)];
+                    for &h in self.0.keys() {
+                        self.1.set(h);
+                    }
+                }
             }
         }
     }
 
+    /// Whether the index may hold a block with hash `h` (no false negatives).
+    fn may_hold(&self, h: u64) -> bool {
+        if self.1.0.is_empty() { self.0.contains_key(&h) } else { self.1.may_hold(h) }
+    }
+
     /// The page and offset of the first block seen with hash `h`.
     fn get(&self, h: u64) -> Option<(u64, usize)> {
-        if self.1.may_hold(h) { self.0.get(&h).map(|&v| (v >> 12, (v & 0xfff) as usize)) } else { None }
+        if self.may_hold(h) { self.0.get(&h).map(|&v| (v >> 12, (v & 0xfff) as usize)) } else { None }
     }
 
     /// The index of a whole image (page `i` at byte `i * PAGE`), or `None` once `stop` is set.
@@ -658,7 +670,7 @@ impl Encoder {
                         }
                         at += step;
                     }
-                    cand.retain(|&(_, h)| self.shared.as_ref().is_some_and(|s| s.1.may_hold(h)) || self.index.1.may_hold(h));
+                    cand.retain(|&(_, h)| self.shared.as_ref().is_some_and(|s| s.may_hold(h)) || self.index.may_hold(h));
                     let mut past = 0;
                     for &(pos, h) in &cand {
                         // The receiver's image before the session first: what this session sent
@@ -1360,6 +1372,21 @@ impl PageCache {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn the_reference_index_finds_every_block_before_and_after_its_filter_is_built() {
+        let mut img = vec![0u8; 512 * PAGE];
+        crate::source::generate(9, 0, &mut img);
+        let mut ix = RefIndex::default();
+        let mut added = Vec::new();
+        for (no, p) in img.chunks_exact(PAGE).enumerate() {
+            ix.add(no as u64, p);
+            added.extend(p.chunks_exact(16).map(block_hash).filter(|&h| sampled(h)));
+            assert_eq!(ix.1.0.is_empty(), ix.0.len() < FILTER_FROM, "filter built at {FILTER_FROM} blocks, not before");
+            assert!(added.iter().all(|&h| ix.get(h).is_some()), "a block indexed is found (page {no})");
+        }
+        assert!(!ix.1.0.is_empty(), "the image indexes more than {FILTER_FROM} blocks");
+    }
 
     /// A receiver image in memory.
     struct Mem(HashMap<u64, Vec<u8>>);

@@ -204,6 +204,12 @@ pub enum SendError {
     /// The RDMA data path failed (named by the verbs status).
     #[error("RDMA: {0}")]
     Rdma(String),
+    /// The caller cancelled the send ([`Progress::cancel`]); the receiver published nothing.
+    #[error("cancelled with {acked} bytes acknowledged; nothing was published (send again with --resume to finish it)")]
+    Cancelled {
+        /// Bytes acknowledged when it ended.
+        acked: u64,
+    },
     /// Local I/O failure.
     #[error("{during}: {source}")]
     Io {
@@ -241,6 +247,10 @@ pub struct Progress {
     pub watched_us: AtomicU64,
     /// See `watched_us`.
     pub path_limited_us: AtomicU64,
+    /// Set by the caller to end the send: the streams close without a commit, so the receiver
+    /// publishes nothing (it keeps what arrived for `--resume`), and the send returns
+    /// [`SendError::Cancelled`].
+    pub cancel: AtomicBool,
 }
 
 /// What a finished send reports.
@@ -346,6 +356,10 @@ struct Shared {
 }
 
 impl Shared {
+    /// The send ends: a stream's fatal error, the end of the transfer, or the caller's cancel.
+    fn stopped(&self) -> bool {
+        self.stop.load(Relaxed) || self.progress.cancel.load(Relaxed)
+    }
     fn done(&self) -> bool {
         self.acked_chunks.load(Relaxed) >= self.total_chunks.load(Relaxed)
     }
@@ -467,7 +481,7 @@ impl Shard<'_> {
     fn run(&mut self) {
         let mut done = Vec::new();
         loop {
-            if self.shared.stop.load(Relaxed) || self.shared.done() || !self.streams.iter().any(|s| s.alive) {
+            if self.shared.stopped() || self.shared.done() || !self.streams.iter().any(|s| s.alive) {
                 break;
             }
             for i in 0..self.streams.len() {
@@ -1228,6 +1242,9 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
         return Err(SendError::Receiver { code, message });
     }
     let acked_bytes = progress.acked.load(Relaxed);
+    if progress.cancel.load(Relaxed) {
+        return Err(SendError::Cancelled { acked: acked_bytes + skipped });
+    }
     if !shared.done() || alive.is_empty() {
         return Err(SendError::AllStreamsLost {
             streams,
@@ -1383,7 +1400,7 @@ fn read_stdin(tx: crossbeam_channel::Sender<Chunk>, chunk: usize, shared: &Share
         loop {
             match tx.send_timeout(c, Duration::from_millis(50)) {
                 Ok(()) => break,
-                Err(crossbeam_channel::SendTimeoutError::Timeout(back)) if !shared.stop.load(Relaxed) => c = back,
+                Err(crossbeam_channel::SendTimeoutError::Timeout(back)) if !shared.stopped() => c = back,
                 Err(_) => return,
             }
         }

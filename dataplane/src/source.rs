@@ -220,6 +220,44 @@ pub fn generate(seed: u64, offset: u64, out: &mut [u8]) {
     }
 }
 
+/// Parses `123`, `4k`, `1M`, `2GiB`, `1.5G` (binary multiples).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a size (examples: 4096, 64k, 1MiB, 2GiB)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        u => return Err(format!("unknown size unit {u:?} in {s:?} (use k, M, G or T)")),
+    };
+    Ok((n * mult as f64) as u64)
+}
+
+/// The source a caller names: `-` (standard input), `gen:SIZE[:SEED]` (a generated VM-like
+/// image) or a file; `name` is the name at the receiver (default: the file's name, `stdin` or
+/// `generated.img`).
+pub fn parse(spec: &str, name: Option<String>) -> Result<Source, String> {
+    if spec == "-" {
+        return Ok(Source::Stdin { name: name.unwrap_or_else(|| "stdin".into()) });
+    }
+    if let Some(g) = spec.strip_prefix("gen:") {
+        let (size, seed) = match g.split_once(':') {
+            Some((s, seed)) => (s, seed.parse::<u64>().map_err(|_| "the seed in gen:SIZE:SEED must be a number".to_string())?),
+            None => (g, 1),
+        };
+        return Ok(Source::Generated { size: parse_size(size)?, seed, name: name.unwrap_or_else(|| "generated.img".into()) });
+    }
+    let mut s = Source::file(Path::new(spec)).map_err(|e| format!("cannot read source {spec}: {e}"))?;
+    if let (Some(n), Source::File { name, .. }) = (name, &mut s) {
+        *name = n;
+    }
+    Ok(s)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

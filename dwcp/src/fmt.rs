@@ -8,22 +8,7 @@ use dataplane::send::{QemuOutcome, SendReport};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
-/// Parses `123`, `4k`, `1M`, `2GiB`, `1.5G` (binary multiples).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a size (examples: 4096, 64k, 1MiB, 2GiB)"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        "t" | "tb" | "tib" => 1 << 40,
-        u => return Err(format!("unknown size unit {u:?} in {s:?} (use k, M, G or T)")),
-    };
-    Ok((n * mult as f64) as u64)
-}
+pub use dataplane::source::parse_size;
 
 /// Parses `30s`, `500ms`, `2m`, or plain seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -206,47 +191,6 @@ fn rtt_line(srtt_us: f64, min_us: f64) -> String {
 }
 
 /// The path control's report as JSON (`control` of the send summary).
-fn control_json(c: &dataplane::send::ControlReport) -> serde_json::Value {
-    json!({
-        "monitor": c.backend, "monitor_degraded": c.degraded, "acp": c.acp, "cc": c.cc, "cc_error": c.cc_error,
-        "retrans": c.retrans, "min_rtt_us": c.min_rtt_us, "mean_srtt_us": c.mean_srtt_us,
-        "initial_window": c.initial_window.map(|w| json!({"bytes": w.bytes, "segments": w.segments, "applied": w.applied, "refused": w.refused})),
-        "initial_window_degraded": c.initial_window_degraded,
-        "probe_retransmit_events": c.probe_events.0, "probe_cong_state_events": c.probe_events.1,
-        "bbr_restarts": c.bbr_restarts,
-        "stream_trials": {"kept": c.stream_trials.0, "given_back": c.stream_trials.1},
-        "probe_cost": c.probe_cost.iter().map(|p| json!({"program": p.name, "runs": p.runs, "run_ns": p.run_ns})).collect::<Vec<_>>(),
-    })
-}
-
-/// The send summary as JSON.
-pub fn send_json(r: &SendReport, mode: Option<serde_json::Value>) -> String {
-    let moved = r.size - r.skipped;
-    json!({
-        "mode": mode,
-        "name": r.name, "size": r.size, "skipped": r.skipped, "sent_bytes": r.sent,
-        "wall_s": r.wall.as_secs_f64(), "goodput_gbps": gbps(moved, r.wall),
-        "streams": r.streams, "streams_auto": r.streams_auto, "chunk_size": r.chunk_size.0, "chunk_cut": r.chunk_size.1, "rtt_us": r.rtt.as_micros() as u64,
-        "shards": r.shards, "resent_chunks": r.resent_chunks, "streams_lost": r.streams_lost,
-        "encrypted": r.encrypted, "send_zc": r.send_zc, "cpu_s": r.cpu.as_secs_f64(),
-        "transport": r.transport, "rdma_fallback": r.rdma_fallback, "rdma_qps": r.rdma_qps,
-        "hde": r.hde.as_ref().map(|h| json!({"input": h.input, "output": h.output, "encode_s": h.encode_s, "pages": h.pages, "refs": h.refs, "levels": h.levels})),
-        "hde_fallback": r.hde_fallback,
-        "qemu": match &r.qemu {
-            Some(QemuOutcome::Encoded(q)) => json!({
-                "mode": "pages", "input": q.input, "output": q.output, "pages": q.pages, "zero_pages": q.zero_pages,
-                "resent_pages": q.resent_pages, "cache_hits": q.cache_hits, "batches": q.batches, "levels": q.levels, "passthrough": q.passthrough,
-                "fallback": q.fallback, "kinds": q.hde.pages.iter().map(|(k, v)| (format!("{k:?}"), *v)).collect::<std::collections::BTreeMap<_, _>>(),
-            }),
-            Some(QemuOutcome::Tunnel(why)) => json!({"mode": "tunnel", "why": why}),
-            None => serde_json::Value::Null,
-        },
-        "control": r.control.as_ref().map(control_json),
-        "digest": hex(&r.digest), "verified": r.verified,
-    })
-    .to_string()
-}
-
 /// One receiver session result for a person.
 pub fn outcome_line(o: &SessionOutcome) -> String {
     match &o.result {

@@ -3,22 +3,24 @@
 
 mod daemon;
 mod fmt;
-mod live;
 mod migrate;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use dataplane::control::acp::AcpKind;
+use ctlplane::engine::{
+    self, Request,
+    plan::{AcpChoice, Choice, ModeChoice, TransportChoice},
+};
 use dataplane::crypto::Psk;
 use dataplane::recv::{self, RecvOptions, Sink};
-use dataplane::send::{self, KillStream, Progress, SendOptions, ZeroCopy};
-use dataplane::source::Source;
+use dataplane::send::KillStream;
+#[cfg(feature = "rdma")]
+use dataplane::send;
 
 #[derive(Parser, Debug)]
 #[command(name = "dwcp", version, about = "Move VM images and byte streams between hosts at line rate, verified end to end")]
@@ -379,270 +381,130 @@ fn cmd_keygen(file: &PathBuf, force: bool) -> Result<()> {
     Ok(())
 }
 
-fn parse_source(src: &str, name: Option<String>) -> Result<Source> {
-    if src == "-" {
-        return Ok(Source::Stdin { name: name.unwrap_or_else(|| "stdin".into()) });
-    }
-    if let Some(spec) = src.strip_prefix("gen:") {
-        let (size, seed) = match spec.split_once(':') {
-            Some((s, seed)) => (s, seed.parse::<u64>().context("the seed in gen:SIZE:SEED must be a number")?),
-            None => (spec, 1),
-        };
-        let size = fmt::parse_size(size).map_err(anyhow::Error::msg)?;
-        return Ok(Source::Generated { size, seed, name: name.unwrap_or_else(|| "generated.img".into()) });
-    }
-    let mut s = Source::file(std::path::Path::new(src)).with_context(|| format!("cannot read source {src}"))?;
-    if let (Some(n), Source::File { name, .. }) = (name, &mut s) {
-        *name = n;
-    }
-    Ok(s)
+fn request(a: &SendArgs) -> Result<Request> {
+    let choice = |s: &str| match s {
+        "on" => Choice::On,
+        "off" => Choice::Off,
+        _ => Choice::Auto,
+    };
+    Ok(Request {
+        to: a.to.clone(),
+        source: a.src.clone(),
+        name: a.name.clone(),
+        mode: match a.mode.as_str() {
+            "datacenter" => ModeChoice::Datacenter,
+            "internet" => ModeChoice::Internet,
+            _ => ModeChoice::Auto,
+        },
+        streams: a.streams,
+        chunk_size: a.chunk_size.map(u32::try_from).transpose().context("chunk size too large")?,
+        encrypt: match (a.encrypt, a.no_encrypt) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        },
+        transport: match a.transport.as_str() {
+            "rdma" => TransportChoice::Rdma,
+            "tcp" => TransportChoice::Tcp,
+            _ => TransportChoice::Auto,
+        },
+        resume: a.resume,
+        window: a.window,
+        read_ahead: a.read_ahead,
+        notsent_lowat: a.notsent_lowat.map(|b| u32::try_from(b).unwrap_or(u32::MAX)),
+        zerocopy: choice(&a.zerocopy),
+        idle_timeout_ms: Some(a.idle_timeout.as_millis() as u64),
+        cores: a.cores.clone(),
+        hde: choice(&a.hde),
+        round_of: a.round_of.clone(),
+        dirty: a.dirty.clone(),
+        dirty_unit: Some(fmt::parse_size(&a.dirty_unit).map_err(anyhow::Error::msg).context("--dirty-unit")?),
+        compress: a.compress.parse().map_err(|_| anyhow::anyhow!("--compress takes auto, off or a zstd level 1-19"))?,
+        qemu: a.qemu,
+        hde_cache: Some(fmt::parse_size(&a.hde_cache).map_err(anyhow::Error::msg).context("--hde-cache")?),
+        acp: match a.acp.as_str() {
+            "off" => AcpChoice::Off,
+            "delay" => AcpChoice::Delay,
+            "bbr-model" => AcpChoice::BbrModel,
+            _ => AcpChoice::Auto,
+        },
+        cc: a.cc.clone(),
+        monitor_poll: a.monitor == "poll",
+        initial_window: match a.initial_window.as_str() {
+            "auto" => None,
+            "off" => Some(0),
+            size => Some(
+                fmt::parse_size(size).ok().and_then(|b| u32::try_from(b).ok()).filter(|&b| b > 0).context("--initial-window takes auto, off or a size below 4 GiB (e.g. 64KiB)")?,
+            ),
+        },
+        trace_out: a.trace_out.clone(),
+        rdma_device: a.rdma_device.clone(),
+        rdma_qps: a.rdma_qps,
+        rdma_event: a.rdma_poll == "event",
+    })
 }
 
 fn cmd_send(a: SendArgs) -> Result<()> {
     let psk = load_key(a.key_file.as_ref())?;
-    let source = parse_source(&a.src, a.name.clone())?;
-    let later_round = a.round_of.is_some() || a.dirty.is_some();
-    if later_round && a.name.is_none() && !matches!(source, Source::File { .. }) {
-        bail!("--round-of and --dirty send a later round of an object the receiver holds by name: pass --name");
-    }
-    let forced = match a.mode.as_str() {
-        "datacenter" => Some(ctlplane::mode::Mode::Datacenter),
-        "internet" => Some(ctlplane::mode::Mode::Internet),
-        _ => None,
-    };
-    let encrypt = match (a.encrypt, a.no_encrypt) {
-        (true, _) => Some(true),
-        (_, true) => Some(false),
-        _ => None,
-    };
-    let cores = dataplane::placement::shard_cores(a.cores.as_deref()).map_err(anyhow::Error::msg)?.len();
+    let req = request(&a)?;
     let thresholds = match &a.config {
         Some(p) => ctlplane::config::Config::load(Some(p), std::env::vars(), &[])?.thresholds(),
         None => ctlplane::mode::Thresholds::default(),
     };
-    #[cfg(feature = "rdma")]
-    let rdma_here = dataplane::transport::rdma::available();
-    #[cfg(not(feature = "rdma"))]
-    let rdma_here = false;
-    // Forcing RDMA implies plaintext (the RDMA path does not encrypt) unless --encrypt says otherwise.
-    let encrypt = if a.transport == "rdma" { encrypt.or(Some(false)) } else { encrypt };
-    // Stream 0 connects (encrypted, as every mode but a datacenter one with a receiver that
-    // allows plaintext wants) while the probe runs: on a long path that saves the two round
-    // trips of its connection and key exchange. Unused, it is closed before its Hello.
-    let early0 = (encrypt != Some(false)).then(|| {
-        let (to, psk, idle) = (a.to.clone(), psk.clone(), a.idle_timeout);
-        std::thread::spawn(move || dataplane::handshake::connect(&to, &psk, true, 0, idle))
-    });
-    // PBA's stream trials, for a file or generated image (a producer on standard input, QEMU
-    // among them, sets its own pace): room for them among the streams opened.
-    let trials = a.streams.is_none() && !matches!(source, Source::Stdin { .. });
-    let mut plan = live::plan(&a.to, &psk, thresholds, forced, a.streams, encrypt, cores, rdma_here, trials).with_context(|| format!("probing {}", a.to))?;
-    let stream0 = early0.and_then(|h| h.join().ok()?.ok()).filter(|_| plan.encrypt);
-    let mut opts = SendOptions::new(a.to.clone(), psk);
-    opts.streams = Some(plan.opened);
-    opts.chunk_size = u32::try_from(a.chunk_size.unwrap_or(1 << 20)).context("chunk size too large")?;
-    opts.encrypt = plan.encrypt;
-    opts.resume = a.resume;
-    opts.window = a.window.unwrap_or(32);
-    opts.read_ahead = a.read_ahead;
-    opts.notsent_lowat = a.notsent_lowat.map(|b| u32::try_from(b).unwrap_or(u32::MAX));
-    opts.zerocopy = match a.zerocopy.as_str() {
-        "on" => ZeroCopy::On,
-        "off" => ZeroCopy::Off,
-        _ => ZeroCopy::Auto,
-    };
-    opts.idle_timeout = a.idle_timeout;
-    opts.cores = a.cores.clone();
-    #[cfg_attr(not(feature = "rdma"), allow(unused_variables))]
-    let want_rdma = match a.transport.as_str() {
-        "rdma" => true,
-        "tcp" => false,
-        _ => plan.defaults.transport == ctlplane::mode::Transport::Rdma,
-    };
-    #[cfg(not(feature = "rdma"))]
-    if a.transport == "rdma" {
-        bail!("this dwcp was built without the RDMA transport (the rdma feature, which needs libibverbs); use --transport tcp");
-    }
-    #[cfg(feature = "rdma")]
-    if want_rdma {
-        opts.rdma = Some(send::RdmaOptions {
-            device: a.rdma_device.clone(),
-            qps: a.rdma_qps,
-            poll: if a.rdma_poll == "event" { dataplane::transport::rdma::Poll::Event } else { dataplane::transport::rdma::Poll::Busy },
-            fault: match a.fault_rdma.as_deref() {
-                Some("wrong-rkey") => Some(send::RdmaFault::WrongRkey),
-                Some("past-region") => Some(send::RdmaFault::PastRegion),
-                Some(other) => bail!("--fault-rdma takes wrong-rkey or past-region, not {other}"),
-                None => None,
-            },
-        });
-    }
-    let image = matches!(&source, Source::File { size, .. } | Source::Generated { size, .. } if size % 4096 == 0 && *size > 0);
-    let hde_on = match a.hde.as_str() {
-        "on" => true,
-        "off" => false,
-        // RDMA sessions carry raw chunks (the receiver decodes HDE on its TCP path only).
-        _ => later_round || (image && plan.defaults.adaptive_compression && !a.resume && a.transport != "rdma"),
-    };
-    if later_round && a.hde == "off" {
-        bail!("--round-of and --dirty send a delta round, which is HDE: drop --hde off");
-    }
-    if hde_on {
-        let compress = match a.compress.as_str() {
-            "auto" => send::Compress::Auto,
-            "off" => send::Compress::Off,
-            l => send::Compress::Level(zstd_level(l)?),
-        };
-        let round_of = match &a.round_of {
-            Some(p) => {
-                let f = std::fs::File::open(p).with_context(|| format!("cannot read the previous round {}", p.display()))?;
-                Some(Arc::new(dataplane::sys::map_readonly(&f).with_context(|| format!("mapping {}", p.display()))?))
-            }
-            None => None,
-        };
-        let dirty = match &a.dirty {
-            Some(p) => {
-                let unit = fmt::parse_size(&a.dirty_unit).map_err(anyhow::Error::msg).context("--dirty-unit")?;
-                let bits = std::fs::read(p).with_context(|| format!("cannot read the dirty log {}", p.display()))?;
-                let log = dataplane::hde::DirtyLog::new(bits, unit, source.size().unwrap_or(0)).map_err(anyhow::Error::msg).with_context(|| format!("--dirty {}", p.display()))?;
-                Some(Arc::new(log))
-            }
-            None => None,
-        };
-        opts.hde = Some(send::HdeSend { compress, round_of, dirty, link_bps: plan.report.probe.bw_bps });
-    }
-    if a.qemu {
-        if !matches!(source, Source::Stdin { .. }) {
-            bail!("--qemu reads QEMU's migration stream from standard input: pass - as the source");
-        }
-        let level = match a.compress.as_str() {
-            // Adaptive effort for page-aware streams is not wired: followed batch by batch on the
-            // rig it swung between none, 1 and 9, and every guest and link took longer than at
-            // zstd 3 (mix at 200 Mbit/s: 4.22 s against 3.17 s; docs/operations.md). zstd 3
-            // serves links up to a few Gbit/s on one core.
-            "auto" => Some(3),
-            "off" => None,
-            l => Some(zstd_level(l)?),
-        };
-        let cache_bytes = fmt::parse_size(&a.hde_cache).map_err(anyhow::Error::msg).context("--hde-cache")?;
-        opts.qemu = Some(send::QemuPages { level, cache_bytes });
-        if a.window.is_none() {
-            opts.window = qemu_window(&plan.report.probe, opts.chunk_size, plan.active);
-        }
-        opts.read_ahead = Some(a.read_ahead.unwrap_or(1));
-        opts.notsent_lowat = Some(opts.notsent_lowat.unwrap_or(NOTSENT_LOWAT));
-    }
-    opts.control = send::ControlOptions {
-        acp: match a.acp.as_str() {
-            "auto" if plan.defaults.acp => AcpKind::Delay,
-            "auto" => AcpKind::Off,
-            k => AcpKind::parse(k).context("--acp takes auto, off, delay or bbr-model")?,
-        },
-        cc: a.cc.clone(),
-        monitor: if a.monitor == "poll" { ebpf::Want::Poll } else { ebpf::Want::Auto },
-        grow_streams: trials,
-        cut_chunks: a.chunk_size.is_none(),
-        link_bps: Some(plan.report.probe.bw_bps).filter(|b| b.is_finite() && *b > 0.0),
-        ..Default::default()
-    };
-    opts.control.initial_window = match a.initial_window.as_str() {
-        "auto" => (opts.control.acp != AcpKind::Off).then_some(send::FIRST_WINDOW),
-        "off" => None,
-        size => {
-            Some(fmt::parse_size(size).ok().and_then(|b| u32::try_from(b).ok()).filter(|&b| b > 0).context("--initial-window takes auto, off or a size below 4 GiB (e.g. 64KiB)")?)
-        }
-    };
-    // The trace is written as intervals end, so an interrupted send leaves it too.
-    let trace_writer = match &a.trace_out {
-        Some(path) => {
-            use std::io::Write;
-            let f = std::fs::File::create(path).with_context(|| format!("creating the trace file {}", path.display()))?;
-            let mut w = std::io::LineWriter::new(f);
-            writeln!(w, "{}", send::TraceRow::HEADER)?;
-            let (tx, rx) = crossbeam_channel::unbounded::<send::TraceRow>();
-            opts.control.trace = Some(tx);
-            Some(std::thread::spawn(move || {
-                for row in rx {
-                    let _ = writeln!(w, "{}", row.csv());
-                }
-            }))
+    let host = engine::host(a.cores.as_deref())?;
+    // The hidden fault-injection flags of the tests reach the data plane's options here only.
+    let kill = match &a.fault_kill_stream {
+        Some(spec) => {
+            let (s, b) = spec.split_once(':').context("--fault-kill-stream takes IDX:BYTES")?;
+            Some(KillStream { stream: s.parse()?, after: fmt::parse_size(b).map_err(anyhow::Error::msg)? })
         }
         None => None,
     };
-    if let Some(spec) = &a.fault_kill_stream {
-        let (s, b) = spec.split_once(':').context("--fault-kill-stream takes IDX:BYTES")?;
-        opts.kill = Some(KillStream { stream: s.parse()?, after: fmt::parse_size(b).map_err(anyhow::Error::msg)? });
-    }
-    let progress = Arc::new(Progress::default());
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let controller = live::spawn(&mut plan, progress.clone(), stop.clone(), a.streams.is_some());
-    let bar = (!a.json && std::io::stderr().is_terminal()).then(|| fmt::progress_bar(source.size()));
+    #[cfg(feature = "rdma")]
+    let rdma_fault = match a.fault_rdma.as_deref() {
+        Some("wrong-rkey") => Some(send::RdmaFault::WrongRkey),
+        Some("past-region") => Some(send::RdmaFault::PastRegion),
+        Some(other) => bail!("--fault-rdma takes wrong-rkey or past-region, not {other}"),
+        None => None,
+    };
+    let t = engine::start(req, psk, host, thresholds, |o| {
+        o.kill = kill;
+        #[cfg(feature = "rdma")]
+        if let Some(r) = &mut o.rdma {
+            r.fault = rdma_fault;
+        }
+    })?;
+    let bar = (!a.json && std::io::stderr().is_terminal()).then(|| fmt::progress_bar(t.size()));
     let watcher = bar.clone().map(|bar| {
-        let p = progress.clone();
+        let p = t.progress().clone();
         std::thread::spawn(move || {
             while !bar.is_finished() {
-                let t = p.total.load(Relaxed);
-                if t > 0 {
-                    bar.set_length(t);
+                let total = p.total.load(Relaxed);
+                if total > 0 {
+                    bar.set_length(total);
                 }
                 bar.set_position(p.acked.load(Relaxed));
                 std::thread::sleep(Duration::from_millis(100));
             }
         })
     });
-    let r = send::send_with(source, &opts, progress, stream0);
-    // The options hold the trace channel's sender: dropping them ends the writer's loop.
-    drop(opts);
-    if let Some(w) = trace_writer {
-        let _ = w.join();
-    }
-    stop.store(true, Relaxed);
-    if let Some(c) = controller {
-        plan.report.switches = c.join().unwrap_or_default();
-    }
+    let r = t.wait();
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
     if let Some(w) = watcher {
         let _ = w.join();
     }
-    let rep = r.with_context(|| format!("sending {} to {}", a.src, a.to))?;
+    let out = r?;
     if a.json {
-        println!("{}", fmt::send_json(&rep, Some(live::json(&plan.report))));
+        println!("{}", out.json());
     } else {
-        print!("{}", fmt::send_table(&rep, &live::rows(&plan.report)));
+        print!("{}", fmt::send_table(&out.report, &engine::live::rows(&out.plan, &out.switches)));
     }
-    if !rep.verified {
+    if !out.report.verified {
         bail!("the receiver's digest did not match ours");
     }
     Ok(())
-}
-
-/// `--compress LEVEL`: a zstd level 1-19.
-fn zstd_level(l: &str) -> Result<i32> {
-    l.parse().ok().filter(|l| (1..=19).contains(l)).context("--compress takes auto, off or a zstd level 1-19")
-}
-
-/// Unsent bytes each stream of a QEMU migration may queue in the kernel. Unbounded, the
-/// kernel's autotuned socket buffers held what the window let through, still queued when QEMU
-/// stopped the VM: on the rig's 50 ms link the downtime was about 510 ms, with 128 KiB 415 ms,
-/// with 32 KiB 308 ms, for the same total time.
-const NOTSENT_LOWAT: u32 = 32 << 10;
-
-/// The window of a QEMU migration stream: QEMU decides when to stop the VM by how fast its
-/// stream drains, and what dwcp holds when it does still has to cross the link during the
-/// downtime; about two bandwidth-delay products over the active streams keep the link busy
-/// without more: at least 2 chunks per stream, and 4 on paths of 20 ms or more, where a stream
-/// recovering a loss holds its chunks a round trip longer (on the rig's 150 ms, 1% loss link,
-/// 2 per stream took 13.2-13.3 s, 3 took 11.3-12.0 s, 4 took 11.0-11.2 s; on its 2 ms link, 2
-/// per stream cut the downtime from about 800 to 500 ms); 4 when the probe measured no bandwidth.
-fn qemu_window(probe: &dataplane::probe::PathEstimate, chunk: u32, active: u16) -> usize {
-    if !probe.bw_bps.is_finite() || probe.bw_bps <= 0.0 {
-        return 4;
-    }
-    let bdp = probe.bw_bps / 8.0 * probe.rtt_min.as_secs_f64();
-    let least = if probe.rtt_min >= Duration::from_millis(20) { 4 } else { 2 };
-    ((2.0 * bdp / (f64::from(active.max(1)) * f64::from(chunk))).ceil() as usize).clamp(least, 32)
 }
 
 fn cmd_recv(a: RecvArgs) -> Result<()> {

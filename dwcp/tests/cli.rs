@@ -273,7 +273,7 @@ fn table_and_json_summaries() {
     for k in ["digest verified", "goodput", "streams", "re-sent", "wall time"] {
         assert!(table.contains(k), "summary shows {k}:\n{table}");
     }
-    assert!(table.contains("datacenter (auto)") && table.contains("probe") && table.contains("rtt"), "the mode and the probe behind it are printed:\n{table}");
+    assert!(table.contains("datacenter (auto, loopback)") && table.contains("probe") && table.contains("rtt"), "the mode and the probe behind it are printed:\n{table}");
     assert!(table.contains("requires encryption"), "datacenter mode says why it still encrypts:\n{table}");
     assert!(rx.wait().unwrap().success());
 }
@@ -650,6 +650,77 @@ fn peak_rss(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let kb: u64 = s.lines().find_map(|l| l.strip_prefix("VmHWM:")).unwrap().trim().trim_end_matches(" kB").trim().parse().unwrap();
     kb * 1024
+}
+
+/// A page-aware stream (the destination of a migration, `dwcp recv --out -`) whose batch record
+/// declares 4 GiB of output and carries a skeleton of 30 KiB that decompresses to 256 MiB, sent
+/// by a peer that holds the key: the receiver process must stay under its budget, end only that
+/// session with an error naming the record, and serve the next sender. Without the batch bound
+/// the decoder sized its buffer from the declared length and decompressed the skeleton.
+#[test]
+fn a_qemu_stream_bomb_ends_its_session_and_the_receiver_stays_small() {
+    use dataplane::{crypto::Psk, handshake, wire};
+    let _load = heavy();
+    let d = tempfile::tempdir().unwrap();
+    let key = keygen(d.path());
+    let port = free_port();
+    let mut rx = Rx(Command::new(bin())
+        .args(["recv", "--listen", &format!("127.0.0.1:{port}"), "--out", "-", "--key-file"])
+        .arg(&key)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap());
+    wait_listening(port);
+    // The stream: a header record, then a batch record (tag, u32 length, body) whose body is
+    // the declared output length, its checksum, the skeleton's length and the skeleton.
+    let mut skel = zstd::stream::Encoder::new(Vec::new(), 1).unwrap();
+    std::io::copy(&mut std::io::repeat(0).take(256 << 20), &mut skel).unwrap();
+    let skel = skel.finish().unwrap();
+    let mut body = u32::MAX.to_le_bytes().to_vec();
+    body.extend_from_slice(&0u64.to_le_bytes());
+    body.extend_from_slice(&(skel.len() as u32).to_le_bytes());
+    body.extend_from_slice(&skel);
+    let mut stream = Vec::new();
+    for (tag, b) in [(b'H', &b"DWQ1"[..]), (b'F', &body)] {
+        stream.push(tag);
+        stream.extend_from_slice(&(b.len() as u32).to_le_bytes());
+        stream.extend_from_slice(b);
+    }
+    let psk = Psk::from_file(&key).unwrap();
+    let (mut c, _) = handshake::connect(&format!("127.0.0.1:{port}"), &psk, true, 0, Duration::from_secs(5)).unwrap();
+    let hello = wire::Hello::Open {
+        caps: wire::Caps { max_streams: 1, max_chunk: 1 << 20, codecs: wire::CODEC_RAW | wire::CODEC_QEMU, transports: 1 },
+        chunk_size: 1 << 20,
+        streams: 1,
+        object_size: wire::SIZE_UNKNOWN,
+        object_id: 1,
+        resume: false,
+        name: "vm.migration".into(),
+    };
+    c.write_frame(wire::FrameType::Hello, 0, &hello.encode()).unwrap();
+    let (_, w) = c.expect(wire::FrameType::Welcome, "welcome").unwrap();
+    assert!(wire::Welcome::decode(&w).unwrap().caps.codecs & wire::CODEC_QEMU != 0, "page-aware mode granted");
+    let before = peak_rss(rx.id());
+    c.write_frame(wire::FrameType::Chunk, 0, &stream).unwrap();
+    let refusal = loop {
+        match c.read_frame("the receiver's answer to the bomb") {
+            Ok((h, _)) if h.kind == wire::FrameType::Ack => continue,
+            Err(handshake::HandshakeError::Refused { message, .. }) => break message,
+            other => panic!("expected the session ended with an error, got {other:?}"),
+        }
+    };
+    assert!(refusal.contains("more than a batch can rebuild"), "{refusal}");
+    drop(c);
+    let peak = peak_rss(rx.id());
+    eprintln!("receiver peak RSS {} MiB before the bomb, {} MiB after", before >> 20, peak >> 20);
+    assert!(peak < before + (64 << 20), "peak RSS grew from {} to {} MiB", before >> 20, peak >> 20);
+    // The next sender is served.
+    let next = d.path().join("next.img");
+    write_image(&next, 1 << 20);
+    let (ok, _, e) = send_image(port, &key, &next, &[]);
+    assert!(ok, "{e}");
+    assert!(rx.try_wait().unwrap().is_none(), "the receiver keeps serving");
 }
 
 /// Jain's fairness index of `x`: 1 when all are equal, 1/n when one has everything.

@@ -233,7 +233,7 @@ fn shard(
         None => {}
     }
     loop {
-        if shared.stop.load(Relaxed) {
+        if shared.stopped() {
             break;
         }
         let idle_qps = qps.iter().all(|q| q.inflight.is_empty());
@@ -322,7 +322,7 @@ fn shard(
     }
     // Tell the receiver's data path we are through (it stops waiting for chunks).
     if let Some(q) = qps.first_mut()
-        && !shared.stop.load(Relaxed)
+        && !shared.stopped()
     {
         let bye = RdmaCredit { slot: u32::MAX, code: 0, offset: 0 }.encode();
         // Header slot 0 is free: every write has been credited.

@@ -1,0 +1,23 @@
+//! The transfer engine every caller drives: [`plan`] decides (no I/O), [`transfer`] runs a send
+//! (probe, plan, data plane, live mode control) and lets the caller watch, cancel and collect
+//! it, [`live`] is the mode controller it runs, [`report`] the outcome's one JSON shape. `dwcp
+//! send`, the daemon's `/transfers` and the C ABI call these; nothing else decides a knob.
+
+pub mod live;
+pub mod plan;
+pub mod report;
+pub mod transfer;
+
+pub use plan::{Host, Plan, PlanError, Request, decide};
+pub use transfer::{EngineError, Outcome, Transfer, start};
+
+/// This host, detected once: the cores the shards may use (all, or `cores`) and whether an
+/// RDMA device opens (and this build has the transport).
+pub fn host(cores: Option<&[usize]>) -> Result<Host, PlanError> {
+    let cores = dataplane::placement::shard_cores(cores).map_err(PlanError::Invalid)?.len();
+    #[cfg(feature = "rdma")]
+    let rdma = dataplane::transport::rdma::available();
+    #[cfg(not(feature = "rdma"))]
+    let rdma = false;
+    Ok(Host { cores, rdma })
+}

@@ -1,0 +1,276 @@
+//! Starting, watching, cancelling and finishing one send: the probe, [`super::plan::decide`],
+//! the options the data plane takes, the live mode controller and the trace writer, for every
+//! caller alike (`dwcp send`, the daemon's jobs, the C ABI, the tuning sweeps).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use dataplane::crypto::Psk;
+use dataplane::handshake::{self, Conn, HandshakeError};
+use dataplane::probe::{self, PathEstimate, ProbeOptions};
+use dataplane::send::{self, Progress, SendError, SendOptions, SendReport, ZeroCopy};
+use dataplane::source::Source;
+
+use super::live::{self, SwitchRecord};
+use super::plan::{self, Choice, Effort, Host, Plan, PlanError, Request, SourceFacts};
+use crate::mode::{Live, Thresholds, Transport};
+
+/// Why a send could not start or did not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The request cannot be met.
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// The source cannot be read.
+    #[error("{0}")]
+    Source(String),
+    /// The opening probe failed (no receiver, a wrong key, a closed port).
+    #[error("probing {to}: {source}")]
+    Probe {
+        /// The receiver.
+        to: String,
+        /// Cause.
+        source: HandshakeError,
+    },
+    /// A file the request names (a previous round, a dirty log, the trace) failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done, and to which file.
+        what: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The send failed.
+    #[error("sending {name} to {to}: {source}")]
+    Send {
+        /// The object.
+        name: String,
+        /// The receiver.
+        to: String,
+        /// Cause.
+        source: SendError,
+    },
+}
+
+/// A finished send: what was planned, what happened, and the live switches.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The plan it ran.
+    pub plan: Plan,
+    /// The data plane's report.
+    pub report: SendReport,
+    /// Live mode switches.
+    pub switches: Vec<SwitchRecord>,
+}
+
+impl Outcome {
+    /// The whole outcome as one JSON object (`dwcp send --json`, a job's result).
+    pub fn json(&self) -> serde_json::Value {
+        let mut j = super::report::json(&self.report, Some(live::json(&self.plan, &self.switches)));
+        j["plan"] = serde_json::to_value(&self.plan).unwrap_or_default();
+        j
+    }
+}
+
+/// A running send.
+#[derive(Debug)]
+pub struct Transfer {
+    plan: Plan,
+    name: String,
+    size: Option<u64>,
+    progress: Arc<Progress>,
+    stop: Arc<AtomicBool>,
+    send: JoinHandle<Result<SendReport, SendError>>,
+    controller: Option<JoinHandle<Vec<SwitchRecord>>>,
+    to: String,
+}
+
+/// The probe a send opens with: three RTT samples (the key exchange, the Welcome, which also
+/// says whether plaintext is allowed, and one ping), up to five more pings while none was
+/// within the datacenter threshold (a busy host delays samples by milliseconds), and on a long
+/// path (both handshake samples at or above the internet threshold) neither the ping nor the
+/// bulk burst: there each round trip of the probe delays the transfer (a migration's first
+/// byte), and live goodput measures the path anyway.
+fn probe_options(req: &Request, t: Thresholds) -> ProbeOptions {
+    ProbeOptions {
+        rtt_samples: 3,
+        extra_pings: 5,
+        recheck_above: Some(t.dc_max_rtt),
+        bulk_bytes: plan::probe_needs(req).bulk_bytes,
+        long_path_rtt: Some(t.inet_min_rtt),
+        ..ProbeOptions::default()
+    }
+}
+
+/// The data plane's options for `plan` (the files a delta round names are mapped here).
+pub fn send_options(req: &Request, plan: &Plan, probe: &PathEstimate, psk: Psk, size: Option<u64>) -> Result<SendOptions, EngineError> {
+    let mut o = SendOptions::new(req.to.clone(), psk);
+    o.streams = Some(plan.streams);
+    o.chunk_size = plan.chunk_size;
+    o.encrypt = plan.encrypt;
+    o.resume = req.resume;
+    o.window = plan.window;
+    o.read_ahead = plan.read_ahead;
+    o.notsent_lowat = plan.notsent_lowat;
+    o.zerocopy = match plan.zerocopy {
+        Choice::On => ZeroCopy::On,
+        Choice::Off => ZeroCopy::Off,
+        Choice::Auto => ZeroCopy::Auto,
+    };
+    o.idle_timeout = Duration::from_millis(req.idle_timeout_ms.unwrap_or(30_000));
+    o.cores = req.cores.clone();
+    #[cfg(feature = "rdma")]
+    if plan.transport == Transport::Rdma {
+        o.rdma = Some(send::RdmaOptions {
+            device: req.rdma_device.clone(),
+            qps: req.rdma_qps,
+            poll: if req.rdma_event { dataplane::transport::rdma::Poll::Event } else { dataplane::transport::rdma::Poll::Busy },
+            fault: None,
+        });
+    }
+    #[cfg(not(feature = "rdma"))]
+    let _ = Transport::Rdma;
+    if let Some(h) = plan.hde {
+        let round_of = match &req.round_of {
+            Some(p) => {
+                let f = std::fs::File::open(p).map_err(|source| EngineError::Io { what: format!("cannot read the previous round {}", p.display()), source })?;
+                Some(Arc::new(dataplane::sys::map_readonly(&f).map_err(|source| EngineError::Io { what: format!("mapping {}", p.display()), source })?))
+            }
+            None => None,
+        };
+        let dirty = match &req.dirty {
+            Some(p) => {
+                let bits = std::fs::read(p).map_err(|source| EngineError::Io { what: format!("cannot read the dirty log {}", p.display()), source })?;
+                let log = dataplane::hde::DirtyLog::new(bits, req.dirty_unit.unwrap_or(4096), size.unwrap_or(0))
+                    .map_err(|e| PlanError::Invalid(format!("--dirty {}: {e}", p.display())))?;
+                Some(Arc::new(log))
+            }
+            None => None,
+        };
+        let compress = match h.compress {
+            Effort::Auto => send::Compress::Auto,
+            Effort::Off => send::Compress::Off,
+            Effort::Level(l) => send::Compress::Level(l),
+        };
+        o.hde = Some(send::HdeSend { compress, round_of, dirty, link_bps: probe.bw_bps });
+    }
+    o.qemu = plan.qemu.map(|q| send::QemuPages { level: q.level, cache_bytes: q.cache_bytes });
+    o.control = send::ControlOptions {
+        acp: plan.acp_kind(),
+        cc: req.cc.clone(),
+        monitor: if req.monitor_poll { ebpf::Want::Poll } else { ebpf::Want::Auto },
+        grow_streams: plan.stream_trials,
+        cut_chunks: plan.cut_chunks,
+        link_bps: Some(probe.bw_bps).filter(|b| b.is_finite() && *b > 0.0),
+        initial_window: plan.initial_window,
+        ..Default::default()
+    };
+    Ok(o)
+}
+
+/// Starts a send: parses the source, probes the receiver (stream 0 connecting meanwhile),
+/// plans, and runs the transfer on its own threads. `tweak` adjusts the data plane's options
+/// last (the CLI's hidden fault-injection flags; `|_| {}` otherwise).
+pub fn start(req: Request, psk: Psk, host: Host, t: Thresholds, tweak: impl FnOnce(&mut SendOptions)) -> Result<Transfer, EngineError> {
+    let source = dataplane::source::parse(&req.source, req.name.clone()).map_err(EngineError::Source)?;
+    let later_round = req.round_of.is_some() || req.dirty.is_some();
+    if later_round && req.name.is_none() && !matches!(source, Source::File { .. }) {
+        return Err(PlanError::Invalid("--round-of and --dirty send a later round of an object the receiver holds by name: pass --name".into()).into());
+    }
+    let addrs: Vec<_> = std::net::ToSocketAddrs::to_socket_addrs(req.to.as_str()).map(Iterator::collect).unwrap_or_default();
+    let loopback = !addrs.is_empty() && addrs.iter().all(|a: &std::net::SocketAddr| a.ip().is_loopback());
+    let facts = SourceFacts { stdin: matches!(source, Source::Stdin { .. }), size: source.size(), loopback };
+    // Stream 0 connects, encrypted, while the probe runs: on a long path that saves the two
+    // round trips of its connection and key exchange. Unused, it is closed before its Hello.
+    let early0 = plan::early_stream_zero(&req).then(|| {
+        let (to, psk, idle) = (req.to.clone(), psk.clone(), Duration::from_millis(req.idle_timeout_ms.unwrap_or(30_000)));
+        std::thread::spawn(move || handshake::connect(&to, &psk, true, 0, idle))
+    });
+    let est = probe::measure(&req.to, &psk, probe_options(&req, t)).map_err(|source| EngineError::Probe { to: req.to.clone(), source })?;
+    let plan = plan::decide(&req, host, facts, &est, t)?;
+    let stream0: Option<(Conn, Duration)> = early0.and_then(|h| h.join().ok()?.ok()).filter(|_| plan.encrypt);
+    let mut opts = send_options(&req, &plan, &est, psk, facts.size)?;
+    // The trace is written as intervals end, so an interrupted send leaves it too.
+    let trace = match &req.trace_out {
+        Some(path) => {
+            use std::io::Write;
+            let f = std::fs::File::create(path).map_err(|source| EngineError::Io { what: format!("creating the trace file {}", path.display()), source })?;
+            let mut w = std::io::LineWriter::new(f);
+            writeln!(w, "{}", send::TraceRow::HEADER).map_err(|source| EngineError::Io { what: format!("writing {}", path.display()), source })?;
+            let (tx, rx) = crossbeam_channel::unbounded::<send::TraceRow>();
+            opts.control.trace = Some(tx);
+            Some(std::thread::spawn(move || {
+                for row in rx {
+                    let _ = writeln!(w, "{}", row.csv());
+                }
+            }))
+        }
+        None => None,
+    };
+    tweak(&mut opts);
+    let progress = Arc::new(Progress::default());
+    progress.active.store(plan.active, Relaxed);
+    let stop = Arc::new(AtomicBool::new(false));
+    let controller = plan.live.then(|| live::spawn(Live::new(t, plan.mode, host.rdma, host.cores, plan.streams), progress.clone(), stop.clone(), plan.streams_fixed));
+    let (name, size) = (source.name().to_owned(), source.size());
+    let p = progress.clone();
+    let send = std::thread::Builder::new()
+        .name("dwcp-send".into())
+        .spawn(move || {
+            let r = send::send_with(source, &opts, p, stream0);
+            // The options hold the trace channel's sender: dropping them ends the writer's loop.
+            drop(opts);
+            if let Some(w) = trace {
+                let _ = w.join();
+            }
+            r
+        })
+        .map_err(|source| EngineError::Io { what: "starting the send thread".into(), source })?;
+    Ok(Transfer { plan, name, size, progress, stop, send, controller, to: req.to })
+}
+
+impl Transfer {
+    /// What it runs.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// The object's name at the receiver.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The object's size, when known before it is read.
+    pub fn size(&self) -> Option<u64> {
+        self.size
+    }
+
+    /// Its live counters (bytes acknowledged, total, streams active, RTT).
+    pub fn progress(&self) -> &Arc<Progress> {
+        &self.progress
+    }
+
+    /// Ends it without a commit: the receiver publishes nothing. [`Transfer::wait`] then
+    /// returns [`SendError::Cancelled`].
+    pub fn cancel(&self) {
+        self.progress.cancel.store(true, Relaxed);
+    }
+
+    /// Whether it has ended (the result is ready).
+    pub fn is_finished(&self) -> bool {
+        self.send.is_finished()
+    }
+
+    /// Waits for the end (the plan stays readable from [`Transfer::plan`] before it).
+    pub fn wait(self) -> Result<Outcome, EngineError> {
+        let r = self.send.join().unwrap_or_else(|_| Err(SendError::Invalid("the send thread panicked".into())));
+        self.stop.store(true, Relaxed);
+        let switches = self.controller.map(|c| c.join().unwrap_or_default()).unwrap_or_default();
+        match r {
+            Ok(report) => Ok(Outcome { plan: self.plan, report, switches }),
+            Err(source) => Err(EngineError::Send { name: self.name, to: self.to, source }),
+        }
+    }
+}
