@@ -71,6 +71,10 @@ pub struct Api {
     /// HTTP endpoint for /healthz, /readyz, /metrics, /status.
     #[serde(default = "default_api")]
     pub listen: String,
+    /// Unix socket for transfers the daemon runs (`POST /transfers`), created mode 0600 (who
+    /// may open it may make this host send). Unset: the daemon runs no transfers.
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
 }
 
 /// `[mode]` thresholds.
@@ -189,7 +193,7 @@ fn default_node() -> Node {
     Node { name: default_name(), listen: default_listen(), out: default_out(), key_file: None, allow_plaintext: false }
 }
 fn default_api_table() -> Api {
-    Api { listen: default_api() }
+    Api { listen: default_api(), socket: None }
 }
 fn default_mode() -> ModeCfg {
     ModeCfg {

@@ -128,6 +128,8 @@ pub struct State {
     pub peer_status: Mutex<Vec<PeerStatus>>,
     /// Metrics.
     pub metrics: Metrics,
+    /// Transfers it runs (with `api.socket`).
+    pub jobs: OnceLock<Arc<crate::jobs::Jobs>>,
     stop: AtomicBool,
     epoch: Instant,
 }
@@ -162,12 +164,14 @@ component!(RdmaC);
 component!(BpfC);
 component!(SessionsC);
 component!(ApiC);
+component!(JobsC);
 component!(ModeC);
 component!(PeersC);
 component!(ReadyC);
 
 struct Listener(Mutex<Option<ReceiverHandle>>);
 struct ApiServer(Arc<tiny_http::Server>);
+struct JobsServer(Arc<tiny_http::Server>, std::path::PathBuf);
 
 impl Component for HostC {
     fn spec(&self) -> Spec {
@@ -340,6 +344,56 @@ impl Component for ApiC {
     }
 }
 
+/// Binds the jobs socket at `path`, mode 0600 from its first instant: bound in a private
+/// directory beside it and renamed into place (a stale socket there is replaced; any other
+/// file is left alone and named).
+fn bind_private(path: &std::path::Path) -> Result<std::os::unix::net::UnixListener, String> {
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        if !m.file_type().is_socket() {
+            return Err(format!("api.socket {} exists and is not a socket; remove it or choose another path", path.display()));
+        }
+    }
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let tmp = dir.join(format!(".dwcp-sock-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::DirBuilder::new().mode(0o700).create(&tmp).map_err(|e| format!("api.socket: creating {}: {e}", tmp.display()))?;
+    let inner = tmp.join("s");
+    let r = (|| {
+        let l = std::os::unix::net::UnixListener::bind(&inner).map_err(|e| format!("api.socket {}: {e}", path.display()))?;
+        std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o600)).map_err(|e| format!("api.socket {}: {e}", path.display()))?;
+        std::fs::rename(&inner, path).map_err(|e| format!("api.socket {}: {e}", path.display()))?;
+        Ok(l)
+    })();
+    let _ = std::fs::remove_dir_all(&tmp);
+    r
+}
+
+impl Component for JobsC {
+    fn spec(&self) -> Spec {
+        Spec::new("jobs", Phase::Service).after(&["keys", "host", "config"])
+    }
+    fn start(&self, ctx: &Ctx) -> Result<(), String> {
+        let Some(path) = &self.0.config.api.socket else { return Ok(()) };
+        let psk = ctx.get::<Psk>().ok_or("keys missing")?;
+        let host = crate::engine::host(None).map_err(|e| e.to_string())?;
+        let jobs = crate::jobs::Jobs::new((*psk).clone(), host, self.0.config.thresholds());
+        let listener = bind_private(path)?;
+        let server = Arc::new(tiny_http::Server::from_listener(listener, None).map_err(|e| format!("api.socket {}: {e}", path.display()))?);
+        let _ = self.0.jobs.set(jobs.clone());
+        let srv = server.clone();
+        std::thread::Builder::new().name("dwcp-jobs".into()).spawn(move || jobs.serve(&srv)).map_err(|e| e.to_string())?;
+        ctx.put(JobsServer(server, path.clone()));
+        Ok(())
+    }
+    fn stop(&self, ctx: &Ctx) {
+        if let Some(s) = ctx.get::<JobsServer>() {
+            s.0.unblock();
+            let _ = std::fs::remove_file(&s.1);
+        }
+    }
+}
+
 /// A finished transfer from a configured peer refreshes its mode with the goodput it reached
 /// (with the last probed RTT): a live measurement, not only the probe's. It is reckoned over the
 /// data phase: the verification and sync after it are the receiver's, not the path's.
@@ -488,6 +542,7 @@ pub fn graph(state: &Arc<State>) -> Graph {
         Arc::new(BpfC(s())),
         Arc::new(SessionsC(s())),
         Arc::new(ApiC(s())),
+        Arc::new(JobsC(s())),
         Arc::new(PeersC(s())),
         Arc::new(ModeC(s())),
         Arc::new(ReadyC(s())),
@@ -509,6 +564,7 @@ pub fn run(config: Config, parallel: bool) -> Result<Daemon, BootError> {
         peers: Mutex::new(Peers::default()),
         peer_status: Mutex::new(Vec::new()),
         metrics: Metrics::new(),
+        jobs: OnceLock::new(),
         stop: AtomicBool::new(false),
         epoch: Instant::now(),
     });

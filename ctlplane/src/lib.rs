@@ -10,4 +10,5 @@ pub mod config;
 pub mod daemon;
 pub mod engine;
 pub mod host;
+pub mod jobs;
 pub mod mode;

@@ -104,3 +104,80 @@ fn a_hundred_boots_in_a_row() {
     }
     eprintln!("100 boots, slowest {worst:.1} ms");
 }
+
+/// One HTTP/1.0 request on a Unix socket: status code and JSON body.
+fn unix_http(sock: &Path, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    write!(s, "{method} {path} HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, serde_json::from_str(out.split_once("\r\n\r\n").map_or("", |x| x.1)).unwrap())
+}
+
+/// Polls transfer `id` until `until` holds of it (30 s at most).
+fn watch(sock: &Path, id: u64, until: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let t = Instant::now();
+    loop {
+        let (code, j) = unix_http(sock, "GET", &format!("/transfers/{id}"), "");
+        assert_eq!(code, 200, "{j}");
+        if until(&j) {
+            return j;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "transfer {id} never got there: {j}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The daemon starts a transfer through the same engine as `dwcp send` (here to its own
+/// listener): planned, watched while it runs, verified and published byte-exact; a cancelled
+/// one publishes nothing; a request with a misspelt field is refused by name; the socket is
+/// the owner's only.
+#[test]
+fn the_daemon_runs_transfers_through_the_engine() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().unwrap();
+    let sock = d.path().join("dwcp.sock");
+    let cfg = config(d.path(), "");
+    let mut cfg = cfg;
+    cfg.api.socket = Some(sock.clone());
+    let dm = daemon::run(cfg, true).expect("boot");
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the jobs socket is the owner's only");
+    let to = dm.state.listener.get().unwrap().to_string();
+
+    let (code, j) = unix_http(&sock, "POST", "/transfers", &format!(r#"{{"to":"{to}","source":"gen:8MiB:7","name":"job.img","streams":2}}"#));
+    assert_eq!(code, 202, "{j}");
+    let id = j["id"].as_u64().unwrap();
+    let j = watch(&sock, id, |j| j["state"] != "starting" && j["state"] != "running");
+    assert_eq!(j["state"], "verified", "{j}");
+    assert_eq!(j["result"]["plan"]["streams"], 2, "the plan the engine made: {j}");
+    assert_eq!(j["result"]["mode"]["initial"], "datacenter", "{j}");
+    let mut want = vec![0u8; 8 << 20];
+    dataplane::source::generate(7, 0, &mut want);
+    assert!(std::fs::read(d.path().join("out/job.img")).unwrap() == want, "published byte-exact");
+
+    // Cancelled while it runs: nothing published, and the job says so.
+    let (code, j) = unix_http(&sock, "POST", "/transfers", &format!(r#"{{"to":"{to}","source":"gen:4GiB","name":"big.img","streams":1}}"#));
+    assert_eq!(code, 202, "{j}");
+    let id = j["id"].as_u64().unwrap();
+    watch(&sock, id, |j| j["state"] == "running" && j["acked_bytes"].as_u64().unwrap_or(0) > 0);
+    assert_eq!(unix_http(&sock, "DELETE", &format!("/transfers/{id}"), "").0, 202);
+    let j = watch(&sock, id, |j| j["state"] != "running");
+    assert_eq!(j["state"], "cancelled", "{j}");
+    assert!(j["result"]["error"].as_str().unwrap().contains("nothing was published"), "{j}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!d.path().join("out/big.img").exists(), "a cancelled transfer publishes nothing");
+
+    // Bad requests are named.
+    let (code, j) = unix_http(&sock, "POST", "/transfers", r#"{"to":"x:1","source":"gen:1MiB","stream":2}"#);
+    assert_eq!(code, 400);
+    assert!(j["error"].as_str().unwrap().contains("unknown field `stream`"), "{j}");
+    let (code, j) = unix_http(&sock, "POST", "/transfers", &format!(r#"{{"to":"{to}","source":"-"}}"#));
+    assert_eq!(code, 400);
+    assert!(j["error"].as_str().unwrap().contains("no standard input"), "{j}");
+    let (_, list) = unix_http(&sock, "GET", "/transfers", "");
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+    dm.shutdown();
+    assert!(!sock.exists(), "the socket goes with the daemon");
+}

@@ -1,0 +1,222 @@
+//! Transfers the daemon runs for local callers, through the same engine as `dwcp send`. They
+//! are asked for on a Unix socket (`api.socket`, created mode 0600: whoever may open it may
+//! make this host send): `POST /transfers` with an engine [`Request`] as JSON starts one,
+//! `GET /transfers` lists them, `GET /transfers/ID` shows one (its plan, bytes acknowledged,
+//! and at the end its result), `DELETE /transfers/ID` cancels one (nothing is published).
+//! At most [`MAX_RUNNING`] run at once; the latest [`KEEP`] are remembered.
+
+use std::collections::VecDeque;
+use std::io::Read;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use dataplane::crypto::Psk;
+use dataplane::send::Progress;
+use serde_json::{Value, json};
+
+use crate::engine::{self, Host, Request};
+use crate::mode::Thresholds;
+
+/// Transfers running at once; a request beyond gets 503 with the reason.
+pub const MAX_RUNNING: usize = 16;
+/// Finished transfers remembered.
+pub const KEEP: usize = 100;
+/// Largest request body, bytes.
+const MAX_BODY: u64 = 64 << 10;
+
+/// Where a transfer is.
+#[derive(Debug, Clone)]
+enum Phase {
+    /// Probing and planning.
+    Starting,
+    /// Moving bytes.
+    Running { plan: Value, progress: Arc<Progress> },
+    /// Ended: verified, failed or cancelled, with the outcome's JSON or the error.
+    Ended { state: &'static str, result: Value },
+}
+
+#[derive(Debug)]
+struct Job {
+    id: u64,
+    name: String,
+    to: String,
+    started: Instant,
+    phase: Phase,
+    cancel: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Job {
+    fn json(&self) -> Value {
+        let mut j = json!({"id": self.id, "name": self.name, "to": self.to, "elapsed_s": self.started.elapsed().as_secs_f64()});
+        match &self.phase {
+            Phase::Starting => j["state"] = "starting".into(),
+            Phase::Running { plan, progress } => {
+                j["state"] = "running".into();
+                j["plan"] = plan.clone();
+                j["acked_bytes"] = progress.acked.load(Relaxed).into();
+                j["total_bytes"] = progress.total.load(Relaxed).into();
+            }
+            Phase::Ended { state, result } => {
+                j["state"] = (*state).into();
+                j["result"] = result.clone();
+            }
+        }
+        j
+    }
+}
+
+/// The daemon's transfers.
+#[derive(Debug)]
+pub struct Jobs {
+    psk: Psk,
+    host: Host,
+    thresholds: Thresholds,
+    list: Mutex<(u64, VecDeque<Job>)>,
+}
+
+/// A reply: status code and JSON body.
+type Reply = (u16, Value);
+
+fn error(code: u16, msg: impl Into<String>) -> Reply {
+    (code, json!({"error": msg.into()}))
+}
+
+impl Jobs {
+    /// Transfers sent with `psk` from `host`, planned with `thresholds`.
+    pub fn new(psk: Psk, host: Host, thresholds: Thresholds) -> Arc<Self> {
+        Arc::new(Self { psk, host, thresholds, list: Mutex::new((0, VecDeque::new())) })
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut (u64, VecDeque<Job>)) -> R) -> R {
+        f(&mut self.list.lock().expect("jobs lock"))
+    }
+
+    /// Starts a transfer for `body` (a JSON [`Request`]).
+    pub fn submit(self: &Arc<Self>, body: &[u8]) -> Reply {
+        let req: Request = match serde_json::from_slice(body) {
+            Ok(r) => r,
+            Err(e) => return error(400, format!("not a transfer request: {e}")),
+        };
+        if req.source == "-" {
+            return error(400, "the daemon has no standard input: give a file or gen:SIZE as the source");
+        }
+        if req.to.is_empty() || req.source.is_empty() {
+            return error(400, "a transfer needs \"to\" (HOST:PORT) and \"source\" (a file or gen:SIZE)");
+        }
+        let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let id = self.with(|(next, list)| {
+            let running = list.iter().filter(|j| !matches!(j.phase, Phase::Ended { .. })).count();
+            if running >= MAX_RUNNING {
+                return None;
+            }
+            *next += 1;
+            list.push_back(Job { id: *next, name: req.name.clone().unwrap_or_default(), to: req.to.clone(), started: Instant::now(), phase: Phase::Starting, cancel: cancel.clone() });
+            while list.len() > KEEP {
+                match list.iter().position(|j| matches!(j.phase, Phase::Ended { .. })) {
+                    Some(i) => drop(list.remove(i)),
+                    None => break,
+                }
+            }
+            Some(*next)
+        });
+        let Some(id) = id else {
+            return error(503, format!("{MAX_RUNNING} transfers are running; try again when one ends"));
+        };
+        let me = self.clone();
+        let spawned = std::thread::Builder::new().name(format!("dwcp-job-{id}")).spawn(move || me.run(id, req, cancel));
+        if let Err(e) = spawned {
+            self.end(id, "failed", json!({"error": format!("starting its thread: {e}")}));
+            return error(500, format!("starting the transfer's thread: {e}"));
+        }
+        (202, json!({"id": id, "href": format!("/transfers/{id}")}))
+    }
+
+    fn end(&self, id: u64, state: &'static str, result: Value) {
+        self.with(|(_, list)| {
+            if let Some(j) = list.iter_mut().find(|j| j.id == id) {
+                j.phase = Phase::Ended { state, result };
+            }
+        });
+    }
+
+    fn run(&self, id: u64, req: Request, cancel: Arc<std::sync::atomic::AtomicBool>) {
+        let t = match engine::start(req, self.psk.clone(), self.host, self.thresholds, |_| {}) {
+            Ok(t) => t,
+            Err(e) => return self.end(id, "failed", json!({"error": e.to_string()})),
+        };
+        let plan = serde_json::to_value(t.plan()).unwrap_or_default();
+        let progress = t.progress().clone();
+        self.with(|(_, list)| {
+            if let Some(j) = list.iter_mut().find(|j| j.id == id) {
+                j.name = t.name().to_owned();
+                j.phase = Phase::Running { plan, progress: progress.clone() };
+            }
+        });
+        // A cancel asked for while it was starting takes effect now.
+        if cancel.load(Relaxed) {
+            t.cancel();
+        }
+        match t.wait() {
+            Ok(out) => {
+                let state = if out.report.verified { "verified" } else { "failed" };
+                self.end(id, state, out.json());
+            }
+            Err(e) if progress.cancel.load(Relaxed) => self.end(id, "cancelled", json!({"error": e.to_string()})),
+            Err(e) => self.end(id, "failed", json!({"error": e.to_string()})),
+        }
+    }
+
+    /// Every transfer remembered.
+    pub fn list(&self) -> Value {
+        self.with(|(_, list)| Value::Array(list.iter().map(Job::json).collect()))
+    }
+
+    fn get(&self, id: u64) -> Reply {
+        self.with(|(_, list)| list.iter().find(|j| j.id == id).map_or_else(|| error(404, format!("no transfer {id}")), |j| (200, j.json())))
+    }
+
+    fn cancel(&self, id: u64) -> Reply {
+        self.with(|(_, list)| match list.iter().find(|j| j.id == id) {
+            None => error(404, format!("no transfer {id}")),
+            Some(j) => {
+                j.cancel.store(true, Relaxed);
+                if let Phase::Running { progress, .. } = &j.phase {
+                    progress.cancel.store(true, Relaxed);
+                }
+                (202, j.json())
+            }
+        })
+    }
+
+    /// Answers one request of the jobs socket.
+    pub fn handle(self: &Arc<Self>, method: &str, path: &str, body: &[u8]) -> Reply {
+        let id = path.strip_prefix("/transfers/").map(|s| s.parse::<u64>());
+        match (method, path, id) {
+            ("POST", "/transfers", _) => self.submit(body),
+            ("GET", "/transfers", _) => (200, self.list()),
+            ("GET", _, Some(Ok(id))) => self.get(id),
+            ("DELETE", _, Some(Ok(id))) => self.cancel(id),
+            (_, _, Some(Err(_))) => error(404, "a transfer's id is a number: /transfers/ID"),
+            _ => error(404, "try POST /transfers, GET /transfers, GET or DELETE /transfers/ID"),
+        }
+    }
+
+    /// Serves `server` (the jobs socket) until it is unblocked.
+    pub fn serve(self: &Arc<Self>, server: &tiny_http::Server) {
+        for mut req in server.incoming_requests() {
+            let mut body = Vec::new();
+            let read = req.as_reader().take(MAX_BODY + 1).read_to_end(&mut body);
+            let (code, v) = match read {
+                Err(e) => error(400, format!("reading the request: {e}")),
+                Ok(_) if body.len() as u64 > MAX_BODY => error(413, format!("a request is at most {MAX_BODY} bytes")),
+                Ok(_) => {
+                    let path = req.url().split('?').next().unwrap_or("").to_owned();
+                    self.handle(req.method().as_str(), &path, &body)
+                }
+            };
+            let h = tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..]).expect("header");
+            let _ = req.respond(tiny_http::Response::from_string(format!("{v}\n")).with_status_code(code).with_header(h));
+        }
+    }
+}
