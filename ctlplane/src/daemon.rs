@@ -349,10 +349,10 @@ impl Component for ApiC {
 /// file is left alone and named).
 fn bind_private(path: &std::path::Path) -> Result<std::os::unix::net::UnixListener, String> {
     use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
-    if let Ok(m) = std::fs::symlink_metadata(path) {
-        if !m.file_type().is_socket() {
-            return Err(format!("api.socket {} exists and is not a socket; remove it or choose another path", path.display()));
-        }
+    if let Ok(m) = std::fs::symlink_metadata(path)
+        && !m.file_type().is_socket()
+    {
+        return Err(format!("api.socket {} exists and is not a socket; remove it or choose another path", path.display()));
     }
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
     let tmp = dir.join(format!(".dwcp-sock-{}", std::process::id()));

@@ -458,6 +458,7 @@ pub fn start(opts: RecvOptions) -> Result<ReceiverHandle, RecvError> {
 }
 
 /// Handshake, Hello, session lookup, Welcome; then hands the stream to a shard.
+#[allow(clippy::too_many_arguments)] // the RDMA path needs `stop` and `epoch` too
 fn admit(
     sock: TcpStream,
     opts: &RecvOptions,
