@@ -433,6 +433,16 @@ impl Encoder {
         Ok(Self { level, compress: true, dict, literal, known: FxHashMap::default(), held: FxHashMap::default(), index: RefIndex::default(), shared: None, indexing: true })
     }
 
+    /// Forgets every page it sent (a new session with the same settings), keeping its zstd
+    /// context: a caller encoding many short sessions does not pay for a context each.
+    pub fn reset(&mut self) {
+        self.known.clear();
+        self.held.clear();
+        self.index = RefIndex::default();
+        self.shared = None;
+        self.indexing = true;
+    }
+
     /// Stops adding the pages it sends to its reference index: for a caller whose receiver may
     /// apply frames in any order, so that a page sent in this session is never a stable
     /// reference (`dwcp send`'s shards); saves the index's time and memory.
@@ -1315,6 +1325,10 @@ impl PageCache {
     /// A cache of at most `cap_bytes`.
     pub fn new(cap_bytes: u64) -> Self {
         Self { cap_pages: (cap_bytes / PAGE as u64) as usize, pages: HashMap::new(), order: std::collections::VecDeque::new(), hits: 0.into(), misses: 0.into() }
+    }
+    /// Empties it, same capacity.
+    pub fn clear(&mut self) {
+        *self = Self { cap_pages: self.cap_pages, ..Self::new(0) };
     }
     /// Records what was sent for page `no` (zero pages need no copy: they are cached as absent
     /// and compared against zero by the caller).

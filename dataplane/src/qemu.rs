@@ -369,6 +369,9 @@ pub struct Encoder {
     /// `None` while page-aware; `Some(reason)` once passing through.
     pass: Option<Option<String>>,
     hde: hde::Encoder,
+    /// zstd for the skeleton and the carried bytes, one context for the stream (a context per
+    /// call cost a `ZSTD_createCCtx` and its tables each batch), at the level it was last set to.
+    carried: (zstd::bulk::Compressor<'static>, i32),
     /// Pages as last sent, for deltas (bounded, FIFO).
     cache: hde::PageCache,
     /// Every page sent so far (to count re-sends).
@@ -435,6 +438,7 @@ impl Encoder {
             pos: 0,
             pass: None,
             hde,
+            carried: (zstd::bulk::Compressor::new(level.unwrap_or(1))?, level.unwrap_or(1)),
             cache: hde::PageCache::new(cache_bytes),
             seen: HashSet::new(),
             bases: Vec::new(),
@@ -452,6 +456,30 @@ impl Encoder {
         })
     }
 
+    /// Begins a new stream at the effort in force, forgetting everything of the last one but
+    /// its zstd contexts (whose tables cost more to build than a short stream to encode).
+    pub fn restart(&mut self) {
+        self.parser = Parser::new();
+        self.buf.clear();
+        self.pos = 0;
+        self.pass = None;
+        self.hde.reset();
+        self.cache.clear();
+        self.seen.clear();
+        self.bases.clear();
+        self.skel.clear();
+        self.pages.clear();
+        self.in_batch.clear();
+        self.opaque_in_batch = 0;
+        self.batch_sum = Xxh3::new();
+        self.batch_len = 0;
+        self.whole = Xxh3::new();
+        self.out.clear();
+        record(&mut self.out, b'H', &[MAGIC]);
+        self.report = EncodeReport::default();
+        self.ended = false;
+    }
+
     /// Sets the effort from the next batch on: a zstd level, or `None` for no zstd on pages
     /// (the skeleton and carried bytes then take level 1).
     pub fn set_level(&mut self, level: Option<i32>) -> std::io::Result<()> {
@@ -463,6 +491,16 @@ impl Encoder {
     /// The level of the skeletons and carried bytes.
     fn carried_level(&self) -> i32 {
         self.level.unwrap_or(1)
+    }
+
+    /// `b` through the stream's zstd context at the carried level.
+    fn squeeze(&mut self, b: &[u8]) -> std::io::Result<Vec<u8>> {
+        let level = self.carried_level();
+        if self.carried.1 != level {
+            self.carried.0.set_compression_level(level)?;
+            self.carried.1 = level;
+        }
+        self.carried.0.compress(b)
     }
 
     /// What was done so far.
@@ -517,7 +555,7 @@ impl Encoder {
         self.report.passthrough += b.len() as u64;
         for b in b.chunks(MAX_RAW) {
             let sum = xxh3_64(b).to_le_bytes();
-            match zstd::bulk::compress(b, self.carried_level()) {
+            match self.squeeze(b) {
                 Ok(z) if z.len() < b.len() => record(&mut self.out, b'R', &[&sum, &[1], &z]),
                 _ => record(&mut self.out, b'R', &[&sum, &[0], b]),
             }
@@ -615,7 +653,10 @@ impl Encoder {
         }
         self.report.hde.input += st.input;
         self.report.hde.output += st.output;
-        let skel = zstd::bulk::compress(&self.skel, self.carried_level()).expect("zstd compresses to a Vec");
+        let skel = std::mem::take(&mut self.skel);
+        let packed = self.squeeze(&skel).expect("zstd compresses to a Vec");
+        self.skel = skel;
+        let skel = packed;
         *self.report.levels.entry(hde::level_name(self.level)).or_default() += 1;
         let sum = std::mem::replace(&mut self.batch_sum, Xxh3::new()).digest();
         record(&mut self.out, b'F', &[&(self.batch_len as u32).to_le_bytes(), &sum.to_le_bytes(), &(skel.len() as u32).to_le_bytes(), &skel, &frame]);
@@ -788,6 +829,17 @@ impl Decoder {
             report: DecodeReport::default(),
             zstd: zstd::bulk::Decompressor::new()?,
         })
+    }
+
+    /// Begins a new stream under the same RAM limit, keeping its zstd context.
+    pub fn restart(&mut self) {
+        self.buf.clear();
+        self.started = false;
+        self.ended = false;
+        self.records = 0;
+        self.ram = Ram::default();
+        self.whole = Xxh3::new();
+        self.report = DecodeReport::default();
     }
 
     /// What was done so far.
