@@ -253,8 +253,13 @@ fn a_transfer_killed_mid_migration_leaves_exactly_the_source_running() {
         let st = qmp(&rig.dir.join("dst.qmp"), "query-status", Value::Null);
         assert_ne!(st["return"]["status"], "running", "two running copies: {st}");
     }
+    // The guest checks its data once a second plus the time a check takes, which in TCG on a
+    // loaded host was more than 3 s: wait for the next one (30 s at most).
     let before = rig.checks("src").last().map_or(0, |c| c.1);
-    std::thread::sleep(Duration::from_secs(3));
+    let t = Instant::now();
+    while rig.checks("src").last().map_or(0, |c| c.1) <= before && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(250));
+    }
     let src = rig.checks("src");
     assert!(src.iter().all(|c| c.0) && src.last().map_or(0, |c| c.1) > before, "the source guest runs on and checks out: {src:?}");
     let recv_log = std::fs::read_to_string(rig.dir.join("recv.log")).unwrap_or_default();
