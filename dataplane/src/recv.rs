@@ -24,12 +24,14 @@ use tracing::{debug, info, warn};
 
 use crate::crypto::Psk;
 use crate::handshake::{self, Conn, HandshakeError};
-use crate::session::{JournalHeader, JournalRecord, RangeSet, parse_journal};
+use crate::session::{JournalHeader, parse_journal};
 use crate::transport::uring::sys::{BufId, Completion, Returned, Ring};
-use crate::wire::{self, CODEC_RAW, Caps, ErrorCode, FrameType, Hello, ManifestDigest, TRANSPORT_TCP, Welcome};
+use crate::wire::{self, CODEC_RAW, Caps, ErrorCode, FrameType, Hello, TRANSPORT_TCP, Welcome};
+use ledger::Ledger;
 use outdir::{Kind, OutDir};
 
 mod admission;
+pub mod ledger;
 pub mod outdir;
 #[cfg(feature = "rdma")]
 mod rdma;
@@ -1049,7 +1051,6 @@ impl RxShard {
 
 struct Journal {
     file: File,
-    pending: Vec<u8>,
 }
 
 struct RxSession {
@@ -1063,10 +1064,8 @@ struct RxSession {
     /// Where the object is published.
     fin: Option<PathBuf>,
     journal: Option<Journal>,
-    records: BTreeMap<u64, (u32, u64)>,
-    have: RangeSet,
-    resumed: u64,
-    received: u64,
+    /// The chunks placed and a commit's verdict (I/O-free).
+    ledger: Ledger,
     streams_up: usize,
     finished: bool,
     started: Instant,
@@ -1360,8 +1359,8 @@ impl Coordinator {
             }
             ToCoord::Placed { session, offset, len, sum } => {
                 if let Some(s) = self.sessions.get_mut(&session) {
-                    s.place(offset, len, sum);
-                    if s.journal.as_ref().is_some_and(|j| j.pending.len() >= 256 * 24) {
+                    s.ledger.place(offset, len, sum);
+                    if s.ledger.pending_journal() >= 256 * 24 {
                         s.flush_journal();
                     }
                 }
@@ -1433,10 +1432,7 @@ impl Coordinator {
             dir: None,
             fin: None,
             journal: None,
-            records: BTreeMap::new(),
-            have: RangeSet::default(),
-            resumed: 0,
-            received: 0,
+            ledger: Ledger::new(size),
             streams_up: 1,
             finished: false,
             started: Instant::now(),
@@ -1513,10 +1509,10 @@ impl Coordinator {
                 codecs: CODEC_RAW | if hde { wire::CODEC_HDE } else { 0 } | if sess.qemu.is_some() { wire::CODEC_QEMU } else { 0 },
                 transports: TRANSPORT_TCP,
             },
-            have: sess.have.ranges(),
+            have: sess.ledger.have().ranges(),
         };
         let r = SessionRef { id, size: sess.size, out: sess.out.clone(), activity: sess.activity.clone(), gate: sess.gate.clone() };
-        info!(session = %hex(&id), name = %sess.name, size = ?sess.size, resumed = sess.resumed, "session opened");
+        info!(session = %hex(&id), name = %sess.name, size = ?sess.size, resumed = sess.ledger.resumed(), "session opened");
         self.sessions.insert(id, sess);
         (welcome, r)
     }
@@ -1538,7 +1534,7 @@ impl Coordinator {
             h.deferred.extend(done.deferred);
         }
         let waiting = h.waiting.remove(&offset).unwrap_or_default();
-        s.place(offset, done.span, sum);
+        s.ledger.place(offset, done.span, sum);
         for to in std::iter::once(from).chain(waiting) {
             let _ = self.shards[to.0].send(ToShard::Ack { key: to.1, offset });
         }
@@ -1550,7 +1546,7 @@ impl Coordinator {
         let Some(s) = self.sessions.get_mut(&session) else { return };
         let Some(h) = s.hde.as_mut() else { return };
         debug!(session = %hex(&session), offset, "HDE chunk arrived again; decoded from its first arrival");
-        if s.records.contains_key(&offset) {
+        if s.ledger.placed(offset) {
             let _ = self.shards[from.0].send(ToShard::Ack { key: from.1, offset });
         } else {
             h.waiting.entry(offset).or_default().push(from);
@@ -1598,7 +1594,7 @@ impl Coordinator {
                 s.out_failed = Some(msg);
                 return;
             }
-            s.place(off, d.len() as u32, sum);
+            s.ledger.place(off, d.len() as u32, sum);
             if let Some(to) = ack {
                 let _ = self.shards[to.0].send(ToShard::Ack { key: to.1, offset: off });
             }
@@ -1654,8 +1650,8 @@ impl Coordinator {
             name: s.name.clone(),
             peer: s.peer,
             size: commit.size,
-            received: s.received,
-            resumed: s.resumed,
+            received: s.ledger.received(),
+            resumed: s.ledger.resumed(),
             wall: s.started.elapsed(),
             data_wall,
             path: s.fin.clone().filter(|_| r.is_ok()),
@@ -1680,7 +1676,7 @@ impl Coordinator {
         let wall = s.started.elapsed();
         let msg = format!(
             "interrupted: {why}; {} of {} bytes placed{}",
-            s.have.covered(),
+            s.ledger.have().covered(),
             s.size.map_or("?".into(), |v| v.to_string()),
             if keep { ", partial output kept for --resume" } else { "" }
         );
@@ -1689,8 +1685,8 @@ impl Coordinator {
             name: s.name.clone(),
             peer: s.peer,
             size: s.size.unwrap_or(0),
-            received: s.received,
-            resumed: s.resumed,
+            received: s.ledger.received(),
+            resumed: s.ledger.resumed(),
             // Interrupted: no commit came, so the data phase is all of it.
             wall,
             data_wall: wall,
@@ -1755,18 +1751,10 @@ fn prepare_files(dir: &Arc<OutDir>, sess: &mut RxSession, p: &Prepare) -> Result
         && let Ok(f) = dir.open_existing(&name, Kind::Part)
     {
         // Trust nothing unverified: each journaled chunk is re-checked against the data.
-        let mut buf = Vec::new();
-        for r in recs {
-            if r.len > chunk_size || size.is_none_or(|sz| r.offset.checked_add(u64::from(r.len)).is_none_or(|end| end > sz)) {
-                continue;
-            }
-            buf.resize(r.len as usize, 0);
-            if f.read_exact_at(&mut buf, r.offset).is_ok() && wire::checksum(&buf) == r.sum {
-                sess.records.insert(r.offset, (r.len, r.sum));
-                sess.have.insert(r.offset, r.offset + u64::from(r.len));
-            }
-        }
-        sess.resumed = sess.have.covered();
+        sess.ledger.restore(recs, chunk_size, |offset, len| {
+            let mut buf = vec![0; len as usize];
+            f.read_exact_at(&mut buf, offset).ok().map(|()| buf)
+        });
         file = Some(f);
     }
     // A later round starts from the previous round's published image, which another process
@@ -1811,11 +1799,12 @@ fn prepare_files(dir: &Arc<OutDir>, sess: &mut RxSession, p: &Prepare) -> Result
     // A fresh journal holding only the verified records.
     let mut jf = dir.create(&name, Kind::Journal).map_err(|e| storage("creating journal", &jpath, e))?;
     let mut bytes = jh.encode().to_vec();
-    for (&offset, &(len, sum)) in &sess.records {
-        bytes.extend_from_slice(&JournalRecord { offset, len, sum }.encode());
+    for r in sess.ledger.journal() {
+        bytes.extend_from_slice(&r.encode());
     }
     jf.write_all(&bytes).map_err(|e| storage("writing journal", &jpath, e))?;
-    sess.journal = Some(Journal { file: jf, pending: Vec::new() });
+    sess.journal = Some(Journal { file: jf });
+    sess.ledger.start_journal();
     if hde {
         let image = crate::sys::image::SharedImage::new(&f, chunk_size).map_err(|e| storage("mapping", &part, e))?;
         let base = match &base {
@@ -1859,24 +1848,13 @@ impl RxSession {
         }
     }
 
-    fn place(&mut self, offset: u64, len: u32, sum: u64) {
-        if self.records.insert(offset, (len, sum)).is_none() {
-            self.received += u64::from(len);
-        }
-        self.have.insert(offset, offset + u64::from(len));
-        if let Some(j) = &mut self.journal {
-            j.pending.extend_from_slice(&JournalRecord { offset, len, sum }.encode());
-        }
-    }
-
     fn flush_journal(&mut self) {
+        let pending = self.ledger.take_journal();
         if let Some(j) = &mut self.journal
-            && !j.pending.is_empty()
+            && !pending.is_empty()
+            && let Err(e) = j.file.write_all(&pending)
         {
-            if let Err(e) = j.file.write_all(&j.pending) {
-                warn!(name = %self.name, "journal write failed ({e}); a resume will re-send more");
-            }
-            j.pending.clear();
+            warn!(name = %self.name, "journal write failed ({e}); a resume will re-send more");
         }
     }
 
@@ -1893,13 +1871,9 @@ impl RxSession {
             let r = dec.finish().map_err(|e| (ErrorCode::DigestMismatch, e.to_string()))?;
             info!(name = %self.name, qemu_bytes = r.output, pages = r.pages, fallback = ?r.fallback, "page-aware stream rebuilt and verified");
         }
-        let mut m = ManifestDigest::default();
-        for (&o, &(l, s)) in &self.records {
-            m.add(o, l, s);
-        }
         // Complete means every chunk was placed, and an HDE chunk is placed once its shard has
         // decoded it: no shard writes the output any more.
-        let mut digest = m.finish(commit.size).map_err(|e| (ErrorCode::DigestMismatch, format!("commit before the object is complete: {e}")))?;
+        let mut digest = self.ledger.verdict(&commit)?;
         if let Some(h) = self.hde.as_mut() {
             let img = h.img.clone();
             let Some(mut whole) = img.image.exclusive() else {
