@@ -94,3 +94,130 @@ pub fn check(file: &std::path::Path) -> Result<()> {
     println!("{}: ok", file.display());
     Ok(())
 }
+
+/// One HTTP/1.0 request on the daemon's jobs socket: status and JSON body.
+fn job_http(sock: &std::path::Path, method: &str, path: &str, body: &str) -> Result<(u16, serde_json::Value)> {
+    let mut s = std::os::unix::net::UnixStream::connect(sock)
+        .with_context(|| format!("no dwcp daemon answers on {} (is it running with api.socket set? may you open the socket?)", sock.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(s, "{method} {path} HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let v = serde_json::from_str(out.split_once("\r\n\r\n").map_or("", |(_, b)| b)).with_context(|| format!("{method} {path}: not JSON"))?;
+    Ok((code, v))
+}
+
+fn job_ok(code: u16, v: &serde_json::Value, what: &str) -> Result<()> {
+    if (200..300).contains(&code) {
+        return Ok(());
+    }
+    bail!("{what}: the daemon answered {code}: {}", v["error"].as_str().unwrap_or("(no reason given)"))
+}
+
+/// A transfer's line for a person.
+fn job_line(j: &serde_json::Value) -> String {
+    let done = j["acked_bytes"].as_u64().or_else(|| j["result"]["size"].as_u64()).unwrap_or(0);
+    let total = j["total_bytes"].as_u64().or_else(|| j["result"]["size"].as_u64()).unwrap_or(0);
+    let mut l = format!(
+        "{:>4}  {:<10} {:<24} -> {:<21} {:>10} of {:<10} {:>7.1} s",
+        j["id"],
+        j["state"].as_str().unwrap_or("?"),
+        j["name"].as_str().unwrap_or(""),
+        j["to"].as_str().unwrap_or(""),
+        crate::fmt::bytes(done),
+        crate::fmt::bytes(total),
+        j["elapsed_s"].as_f64().unwrap_or(0.0)
+    );
+    if let Some(e) = j["result"]["error"].as_str() {
+        l.push_str(&format!("\n      {e}"));
+    }
+    l
+}
+
+/// `dwcp job list`.
+pub fn job_list(sock: &std::path::Path, json: bool) -> Result<()> {
+    let (code, v) = job_http(sock, "GET", "/transfers", "")?;
+    job_ok(code, &v, "listing transfers")?;
+    if json {
+        println!("{v}");
+        return Ok(());
+    }
+    let list = v.as_array().cloned().unwrap_or_default();
+    if list.is_empty() {
+        println!("no transfers");
+    }
+    for j in &list {
+        println!("{}", job_line(j));
+    }
+    Ok(())
+}
+
+/// `dwcp job cancel ID`.
+pub fn job_cancel(sock: &std::path::Path, id: u64, json: bool) -> Result<()> {
+    let (code, v) = job_http(sock, "DELETE", &format!("/transfers/{id}"), "")?;
+    job_ok(code, &v, &format!("cancelling transfer {id}"))?;
+    if json {
+        println!("{v}");
+    } else {
+        println!("transfer {id}: cancel asked; `dwcp job watch {id}` shows when it has ended");
+    }
+    Ok(())
+}
+
+/// `dwcp send --via-daemon SOCK ...`: submits, then watches.
+pub fn job_submit(sock: &std::path::Path, req: &ctlplane::engine::Request, json: bool) -> Result<()> {
+    let (code, v) = job_http(sock, "POST", "/transfers", &serde_json::to_string(req)?)?;
+    job_ok(code, &v, "submitting the transfer")?;
+    let id = v["id"].as_u64().context("the daemon gave no transfer id")?;
+    if !json {
+        eprintln!("transfer {id} submitted to the daemon on {}; `dwcp job cancel {id}` cancels it", sock.display());
+    }
+    job_watch(sock, id, json)
+}
+
+/// `dwcp job watch ID`: a progress bar until it ends, then the summary; fails unless verified.
+pub fn job_watch(sock: &std::path::Path, id: u64, json: bool) -> Result<()> {
+    use std::io::IsTerminal;
+    let bar = (!json && std::io::stderr().is_terminal()).then(|| crate::fmt::progress_bar(None));
+    let end = loop {
+        let (code, j) = job_http(sock, "GET", &format!("/transfers/{id}"), "")?;
+        job_ok(code, &j, &format!("watching transfer {id}"))?;
+        match j["state"].as_str() {
+            Some("starting" | "running") => {
+                if let Some(b) = &bar {
+                    if let Some(t) = j["total_bytes"].as_u64().filter(|&t| t > 0) {
+                        b.set_length(t);
+                    }
+                    b.set_position(j["acked_bytes"].as_u64().unwrap_or(0));
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            _ => break j,
+        }
+    };
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    if json {
+        println!("{end}");
+    } else {
+        let r = &end["result"];
+        if end["state"] == "verified" {
+            println!("{}", job_line(&end));
+        }
+        if end["state"] == "verified" {
+            println!(
+                "      {:.2} Gbit/s, {} streams, {} mode, digest {} verified by the receiver",
+                r["goodput_gbps"].as_f64().unwrap_or(0.0),
+                r["streams"],
+                r["mode"]["initial"].as_str().unwrap_or("?"),
+                r["digest"].as_str().unwrap_or("?")
+            );
+        }
+    }
+    if end["state"] != "verified" {
+        bail!("transfer {id} {}: {}", end["state"].as_str().unwrap_or("ended"), end["result"]["error"].as_str().unwrap_or("the receiver's digest did not match ours"));
+    }
+    Ok(())
+}

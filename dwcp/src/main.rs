@@ -78,6 +78,18 @@ enum Cmd {
         #[arg(last = true)]
         send_flags: Vec<String>,
     },
+    /// Transfers run by a daemon (its `api.socket`): list, watch, cancel. `dwcp send
+    /// --via-daemon` submits one.
+    Job {
+        /// The daemon's jobs socket.
+        #[arg(long, env = "DWCP_API_SOCKET", default_value = "/run/dwcp/api.sock", global = true)]
+        socket: PathBuf,
+        /// Print JSON.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        cmd: JobCmd,
+    },
     /// Show a running daemon's status for a person.
     Status {
         /// The daemon's HTTP endpoint.
@@ -108,6 +120,22 @@ enum ConfigCmd {
     Check {
         /// The file.
         file: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum JobCmd {
+    /// Every transfer the daemon remembers.
+    List,
+    /// Follow one until it ends, with a progress bar; the summary at the end.
+    Watch {
+        /// Its id.
+        id: u64,
+    },
+    /// Cancel one: nothing is published (the receiver keeps what arrived for --resume).
+    Cancel {
+        /// Its id.
+        id: u64,
     },
 }
 
@@ -252,6 +280,10 @@ struct SendArgs {
     /// Fault injection for tests: shut stream IDX's socket down after BYTES sent (IDX:BYTES).
     #[arg(long, hide = true)]
     fault_kill_stream: Option<String>,
+    /// Have the daemon listening on this jobs socket (`api.socket`) send it, with its key,
+    /// and follow it here (the transfer goes on if this command is interrupted).
+    #[arg(long, value_name = "SOCKET", conflicts_with_all = ["key_file", "fault_kill_stream", "fault_rdma"])]
+    via_daemon: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -339,6 +371,11 @@ fn main() {
         Cmd::Keygen { file, force } => cmd_keygen(&file, force),
         Cmd::Daemon { config, listen, api } => daemon::run(config, listen, api, (cli.verbose > 0).then_some(level)),
         Cmd::Status { api, json } => daemon::status(&api, json),
+        Cmd::Job { socket, json, cmd } => match cmd {
+            JobCmd::List => daemon::job_list(&socket, json),
+            JobCmd::Watch { id } => daemon::job_watch(&socket, id, json),
+            JobCmd::Cancel { id } => daemon::job_cancel(&socket, id, json),
+        },
         Cmd::Migrate { qmp, to, key_file, name, json, mode, send_flags } => {
             migrate::run(&migrate::MigrateArgs { qmp, to, key_file, name, pages: mode == "pages", send_flags, json })
         }
@@ -445,6 +482,17 @@ fn request(a: &SendArgs) -> Result<Request> {
 }
 
 fn cmd_send(a: SendArgs) -> Result<()> {
+    if let Some(sock) = &a.via_daemon {
+        let mut req = request(&a)?;
+        if req.source == "-" {
+            bail!("the daemon has no standard input: give a file or gen:SIZE, or send without --via-daemon");
+        }
+        // The daemon reads the file from its own working directory: name it absolutely.
+        if !req.source.starts_with("gen:") {
+            req.source = std::path::absolute(&req.source).with_context(|| format!("cannot name {} absolutely", req.source))?.display().to_string();
+        }
+        return daemon::job_submit(sock, &req, a.json);
+    }
     let psk = load_key(a.key_file.as_ref())?;
     let req = request(&a)?;
     let thresholds = match &a.config {

@@ -776,3 +776,53 @@ fn sixty_four_senders_at_once_all_verify_with_bounded_memory() {
     assert!(failed.is_empty(), "{} of {n} failed: {failed:?}", failed.len());
     assert!(peak < 512 << 20, "receiver peak RSS {} MiB", peak >> 20);
 }
+
+/// `dwcp send --via-daemon`: the daemon sends the file with its own key through the same engine
+/// (here to its own listener), the CLI follows it and prints the daemon's summary; `dwcp job
+/// list` shows it; a bad request is refused with the daemon's reason and a missing daemon is
+/// named.
+#[test]
+fn a_send_through_the_daemon_is_planned_sent_and_listed() {
+    let _load = light();
+    let d = tempfile::tempdir().unwrap();
+    let key = keygen(d.path());
+    let (port, api) = (free_port(), free_port());
+    let sock = d.path().join("api.sock");
+    let cfg = d.path().join("dwcp.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[node]\nname = \"t\"\nlisten = \"127.0.0.1:{port}\"\nout = \"{}\"\nkey_file = \"{}\"\n[api]\nlisten = \"127.0.0.1:{api}\"\nsocket = \"{}\"\n",
+            d.path().join("out").display(),
+            key.display(),
+            sock.display()
+        ),
+    )
+    .unwrap();
+    let _daemon = Rx(Command::new(bin()).args(["daemon", "--config"]).arg(&cfg).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+    wait_listening(api);
+    let src = d.path().join("disk.img");
+    write_image(&src, 3 << 20);
+    // A relative source: the CLI names it absolutely for the daemon.
+    let o = Command::new(bin())
+        .current_dir(d.path())
+        .args(["send", "disk.img", "--to", &format!("127.0.0.1:{port}"), "--streams", "2", "--json", "--via-daemon"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["state"], "verified", "{j}");
+    assert_eq!(j["result"]["plan"]["streams"], 2, "{j}");
+    assert!(std::fs::read(d.path().join("out/disk.img")).unwrap() == std::fs::read(&src).unwrap(), "published byte-exact");
+    let o = Command::new(bin()).args(["job", "list", "--json", "--socket"]).arg(&sock).output().unwrap();
+    let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(list[0]["name"], "disk.img", "{list}");
+    // Refused by the daemon, with its reason.
+    let o = Command::new(bin()).args(["send", "/nonexistent/x.img", "--to", "127.0.0.1:1", "--via-daemon"]).arg(&sock).output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("failed") && e.contains("/nonexistent/x.img"), "{e}");
+    let o = Command::new(bin()).args(["job", "list", "--socket"]).arg(d.path().join("nope.sock")).output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("no dwcp daemon answers on"), "{e}");
+}
