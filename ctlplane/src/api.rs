@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use prometheus::Encoder;
 use serde_json::json;
 
-use crate::daemon::State;
+use crate::state::State;
 
 fn respond(req: tiny_http::Request, code: u16, ctype: &str, body: String) {
     let h = tiny_http::Header::from_bytes(&b"Content-Type"[..], ctype.as_bytes()).expect("header");

@@ -1,153 +1,18 @@
-//! The daemon: the boot graph of real components, and the state the HTTP API reports.
+//! The daemon: the boot graph of its real components (the state they fill is `state.rs`).
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::ToSocketAddrs;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use dataplane::crypto::Psk;
 use dataplane::recv::{self, ReceiverHandle, RecvOptions, Sink};
-use prometheus::{GaugeVec, IntCounterVec, Opts, Registry};
-use serde::Serialize;
 
-use crate::boot::{BootError, Booted, Component, Ctx, Graph, Phase, Record, Spec};
+use crate::boot::{BootError, Booted, Component, Ctx, Graph, Phase, Spec};
 use crate::config::Config;
-use crate::host::{self, HostCaps};
+use crate::host;
 use crate::mode::{Mode, Peers, Sample};
-
-/// A finished session, as `/status` lists it.
-#[derive(Debug, Clone, Serialize)]
-pub struct SessionSummary {
-    /// Object name.
-    pub name: String,
-    /// Size.
-    pub size: u64,
-    /// Bytes received.
-    pub received: u64,
-    /// Wall seconds.
-    pub wall_s: f64,
-    /// Verified, or the error.
-    pub result: Result<String, String>,
-}
-
-/// A peer as `/status` shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct PeerStatus {
-    /// Name.
-    pub name: String,
-    /// Address.
-    pub addr: String,
-    /// Current mode.
-    pub mode: String,
-    /// Last measured RTT (ms), or why it could not be measured.
-    pub last_rtt_ms: Result<f64, String>,
-    /// Delivery rate of the last probe burst (Gbit/s; a lower bound on long paths).
-    pub last_probe_gbps: Option<f64>,
-    /// Last goodput of a transfer from this peer (Gbit/s).
-    pub last_goodput_gbps: Option<f64>,
-    /// What the current mode sets for transfers to this peer.
-    pub defaults: crate::mode::TransferDefaults,
-    #[serde(skip)]
-    ips: Vec<std::net::IpAddr>,
-}
-
-/// Metrics, in a registry of their own (Prometheus text format on `/metrics`).
-pub struct Metrics {
-    /// The registry.
-    pub registry: Registry,
-    /// Component start durations.
-    pub component_seconds: GaugeVec,
-    /// 1 for each degraded component.
-    pub degraded: GaugeVec,
-    /// Sessions by result.
-    pub sessions: IntCounterVec,
-    /// Bytes received.
-    pub bytes: IntCounterVec,
-    /// Per-peer RTT.
-    pub peer_rtt: GaugeVec,
-    /// Per-peer mode (1 for the current one).
-    pub peer_mode: GaugeVec,
-    /// Per-peer probe delivery rate.
-    pub peer_probe_bw: GaugeVec,
-}
-
-impl Metrics {
-    fn new() -> Self {
-        let registry = Registry::new();
-        let g = |n: &str, h: &str, l: &[&str]| {
-            let v = GaugeVec::new(Opts::new(n, h), l).expect("metric");
-            registry.register(Box::new(v.clone())).expect("register");
-            v
-        };
-        let c = |n: &str, h: &str, l: &[&str]| {
-            let v = IntCounterVec::new(Opts::new(n, h), l).expect("metric");
-            registry.register(Box::new(v.clone())).expect("register");
-            v
-        };
-        Self {
-            component_seconds: g("dwcp_boot_component_seconds", "Time each boot component took to start", &["component", "phase", "outcome"]),
-            degraded: g("dwcp_degraded", "1 for each component running degraded", &["component"]),
-            sessions: c("dwcp_sessions_total", "Receive sessions by result", &["result"]),
-            bytes: c("dwcp_received_bytes_total", "Bytes received and placed", &[]),
-            peer_rtt: g("dwcp_peer_rtt_seconds", "Last measured RTT to each peer", &["peer"]),
-            peer_mode: g("dwcp_peer_mode", "1 for each peer's current mode", &["peer", "mode"]),
-            peer_probe_bw: g("dwcp_peer_probe_bits_per_second", "Delivery rate of the last probe burst to each peer", &["peer"]),
-            registry,
-        }
-    }
-}
-
-impl std::fmt::Debug for Metrics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Metrics")
-    }
-}
-
-/// Everything the API reports.
-#[derive(Debug)]
-pub struct State {
-    /// Configuration in force.
-    pub config: Config,
-    /// Host capabilities.
-    pub host: OnceLock<HostCaps>,
-    /// Transfer listener address.
-    pub listener: OnceLock<SocketAddr>,
-    /// API address.
-    pub api: OnceLock<SocketAddr>,
-    /// Ready to serve.
-    pub ready: AtomicBool,
-    /// Boot records.
-    pub boot: Mutex<Vec<Record>>,
-    /// Boot-to-ready time.
-    pub boot_ms: Mutex<f64>,
-    /// Finished sessions (latest 100).
-    pub sessions: Mutex<Vec<SessionSummary>>,
-    /// Mode detectors.
-    pub peers: Mutex<Peers>,
-    /// Peer status.
-    pub peer_status: Mutex<Vec<PeerStatus>>,
-    /// Metrics.
-    pub metrics: Metrics,
-    /// Transfers it runs (with `api.socket`).
-    pub jobs: OnceLock<Arc<crate::jobs::Jobs>>,
-    stop: AtomicBool,
-    epoch: Instant,
-}
-
-impl State {
-    /// Components running degraded, with why.
-    pub fn degraded(&self) -> Vec<(String, String)> {
-        self.boot
-            .lock()
-            .expect("boot lock")
-            .iter()
-            .filter_map(|r| match &r.outcome {
-                crate::boot::Outcome::Degraded(w) => Some((r.name.clone(), w.clone())),
-                _ => None,
-            })
-            .collect()
-    }
-}
+pub use crate::state::{Metrics, PeerStatus, SessionSummary, State};
 
 macro_rules! component {
     ($name:ident) => {

@@ -12,3 +12,4 @@ pub mod engine;
 pub mod host;
 pub mod jobs;
 pub mod mode;
+pub mod state;
