@@ -657,7 +657,7 @@ impl Encoder {
         let packed = self.squeeze(&skel).expect("zstd compresses to a Vec");
         self.skel = skel;
         let skel = packed;
-        *self.report.levels.entry(hde::level_name(self.level)).or_default() += 1;
+        *self.report.levels.entry(crate::control::effort::level_name(self.level)).or_default() += 1;
         let sum = std::mem::replace(&mut self.batch_sum, Xxh3::new()).digest();
         record(&mut self.out, b'F', &[&(self.batch_len as u32).to_le_bytes(), &sum.to_le_bytes(), &(skel.len() as u32).to_le_bytes(), &skel, &frame]);
         self.report.batches += 1;

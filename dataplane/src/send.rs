@@ -410,7 +410,7 @@ struct HdeShard<'a> {
     /// without `--round-of`.
     ref_index: Option<&'a OnceLock<Arc<crate::hde::RefIndex>>>,
     /// The effort (`--compress auto` re-chooses it), against `t0`'s clock.
-    effort: crate::hde::Effort,
+    effort: crate::control::effort::Effort,
     t0: Instant,
     stats: crate::hde::EncodeStats,
     report: HdeReport,
@@ -418,7 +418,7 @@ struct HdeShard<'a> {
 }
 
 impl HdeShard<'_> {
-    /// `--compress auto`: re-chooses the effort every 250 ms ([`crate::hde::Effort::choose`]).
+    /// `--compress auto`: re-chooses the effort every 250 ms ([`crate::control::effort::Effort::choose`]).
     fn adapt(&mut self, sent_bytes: u64, predicted_bps: f64) {
         if self.opts.compress != Compress::Auto {
             return;
@@ -471,7 +471,7 @@ impl HdeShard<'_> {
         let dt = t.elapsed().as_secs_f64();
         let (di, dout) = ((self.stats.zstd_pages() - before.0) * P as u64, self.stats.output - before.1);
         self.report.encode_s += dt;
-        *self.report.levels.entry(crate::hde::level_name(self.effort.level())).or_default() += 1;
+        *self.report.levels.entry(crate::control::effort::level_name(self.effort.level())).or_default() += 1;
         self.effort.observe(di, dout, dt);
         frame
     }
@@ -1163,7 +1163,7 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
                         .collect();
                     let hde = match hde_opts {
                         Some(h) => {
-                            let mut effort = crate::hde::Effort::new(h.link_bps, nshards);
+                            let mut effort = crate::control::effort::Effort::new(h.link_bps, nshards);
                             match h.compress {
                                 Compress::Off => effort.set(None),
                                 Compress::Level(l) => effort.set(Some(l)),

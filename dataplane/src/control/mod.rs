@@ -1,9 +1,11 @@
-//! The sender's path controllers, free of I/O (time and measurements passed in): [`acp`]
+//! The sender's controllers, free of I/O (time and measurements passed in): [`acp`]
 //! (adaptive congestion prevention: per-stream pacing and stream count from per-stream path
-//! state) and [`pba`] (predictive bandwidth allocation: the next interval's bandwidth from
-//! history). `send` runs them on a monitor thread fed by the eBPF probes or `TCP_INFO`.
+//! state), [`pba`] (predictive bandwidth allocation: the next interval's bandwidth from
+//! history) and [`effort`] (HDE's compression level for the link as measured). `send` runs the
+//! first two on a monitor thread fed by the eBPF probes or `TCP_INFO`, the third in its shards.
 
 pub mod acp;
+pub mod effort;
 pub mod pba;
 
 /// One stream over one control interval.

@@ -5,7 +5,7 @@
 //! the prediction sets HDE's effort and is recorded in `--trace-out`.
 //!
 //! What PBA sizes from it: the session's chunk size at the open ([`chunk_size`]), the active
-//! stream count while it runs ([`StreamTrials`]), and HDE's effort (`hde::Effort`).
+//! stream count while it runs ([`StreamTrials`]), and HDE's effort (`control::effort::Effort`).
 
 /// The EWMA smoothing the sender's PBA runs with: what `make bench-pba` fitted on the recorded
 /// traces at the 100 ms interval (it held out three of six traces).
