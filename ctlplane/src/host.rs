@@ -67,7 +67,7 @@ pub fn detect() -> HostCaps {
             (n, n, Vec::new())
         }
     };
-    let (io_uring_ops, io_uring_error) = match dataplane::transport::uring::sys::probe_ops() {
+    let (io_uring_ops, io_uring_error) = match dataplane::transport::uring::probe_ops() {
         Ok(ops) => (ops.into_iter().map(|(n, b)| (n.to_owned(), b)).collect::<Vec<_>>(), None),
         Err(e) => (Vec::new(), Some(e)),
     };
@@ -80,7 +80,7 @@ pub fn detect() -> HostCaps {
         io_uring_ops,
         io_uring_error,
         send_zc,
-        bpf_denied: ebpf::sys::probe_bpf().err().map(|e| e.to_string()),
+        bpf_denied: ebpf::probe_bpf().err().map(|e| e.to_string()),
         rdma_devices: rdma_devices(Path::new("/sys/class/infiniband")),
     }
 }

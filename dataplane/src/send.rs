@@ -21,10 +21,10 @@ use crate::source::Source;
 use crate::transport::uring::sys::{Completion, Payload, Returned, Ring, probe_send_zc};
 use crate::wire::{self, CODEC_RAW, Caps, ErrorCode, FrameHeader, FrameType, Hello, ManifestDigest, TRANSPORT_RDMA, TRANSPORT_TCP, Welcome};
 
-mod control;
+mod monitor;
 #[cfg(feature = "rdma")]
 mod rdma;
-pub use control::{ControlOptions, ControlReport, FIRST_WINDOW, TraceRow};
+pub use monitor::{ControlOptions, ControlReport, FIRST_WINDOW, TraceRow};
 #[cfg(feature = "rdma")]
 pub use rdma::{RdmaFault, RdmaOptions};
 
@@ -946,7 +946,7 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
     #[cfg(not(feature = "rdma"))]
     let want_rdma = false;
     // The streams' first window is set as they connect (TCP only; RDMA uses stream 0 alone).
-    let first_window = opts.control.initial_window.filter(|_| !want_rdma).map(|b| control::FirstWindow::open(&opts.to, b));
+    let first_window = opts.control.initial_window.filter(|_| !want_rdma).map(|b| monitor::FirstWindow::open(&opts.to, b));
     // With the stream count known up front (and no RDMA, which uses stream 0 alone), the other
     // streams connect and exchange keys while stream 0 opens the session: on a long path that
     // saves two round trips before the first byte (a migration's downtime does not change, its
@@ -1013,7 +1013,7 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
     let mut conns: Vec<Conn> = vec![c0];
     conns.extend(early.unwrap_or_else(|| Joins::start(opts, 1..streams)).finish(welcome.session, rtt, opts.idle_timeout)?);
     let streams = conns.len() as u16;
-    let first_window = first_window.map(control::FirstWindow::finish);
+    let first_window = first_window.map(monitor::FirstWindow::finish);
 
     // Plan: what the receiver lacks.
     let mut have = RangeSet::default();
@@ -1064,7 +1064,7 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
             .map(|c| c.sock.as_fd().try_clone_to_owned())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|source| SendError::Io { during: "duplicating a stream socket for the monitor", source })?;
-        let cc_error = control::set_cc(&socks, &opts.control);
+        let cc_error = monitor::set_cc(&socks, &opts.control);
         if let Some(b) = opts.notsent_lowat {
             for s in &socks {
                 if let Err(e) = crate::sys::set_notsent_lowat(s.as_raw_fd(), b) {
@@ -1139,7 +1139,7 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
         // The monitor watches duplicates of the sockets (a stream that dies closes only its own).
         let ctl = control_socks.take().map(|(socks, cc_error)| {
             let shared = &shared;
-            sc.spawn(move || control::run(socks, &opts.control, shared, cc_error))
+            sc.spawn(move || monitor::run(socks, &opts.control, shared, cc_error))
         });
         let handles: Vec<_> = per_shard
             .into_iter()

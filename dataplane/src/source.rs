@@ -220,6 +220,12 @@ pub fn generate(seed: u64, offset: u64, out: &mut [u8]) {
     }
 }
 
+/// The file at `path` mapped read-only: a delta round's previous image (`--round-of`), under
+/// the same rules as a file source (it must not be truncated while it is sent).
+pub fn map_image(path: &Path) -> std::io::Result<Mmap> {
+    crate::sys::map_readonly(&File::open(path)?)
+}
+
 /// Parses `123`, `4k`, `1M`, `2GiB`, `1.5G` (binary multiples).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();

@@ -1,7 +1,7 @@
 //! `dwcp`: move VM images and byte streams between hosts over many authenticated, encrypted
 //! io_uring TCP streams, verified end to end.
 
-mod daemon;
+mod appliance;
 mod fmt;
 mod migrate;
 
@@ -369,17 +369,17 @@ fn main() {
         Cmd::Send(a) => cmd_send(*a),
         Cmd::Recv(a) => cmd_recv(a),
         Cmd::Keygen { file, force } => cmd_keygen(&file, force),
-        Cmd::Daemon { config, listen, api } => daemon::run(config, listen, api, (cli.verbose > 0).then_some(level)),
-        Cmd::Status { api, json } => daemon::status(&api, json),
+        Cmd::Daemon { config, listen, api } => appliance::run(config, listen, api, (cli.verbose > 0).then_some(level)),
+        Cmd::Status { api, json } => appliance::status(&api, json),
         Cmd::Job { socket, json, cmd } => match cmd {
-            JobCmd::List => daemon::job_list(&socket, json),
-            JobCmd::Watch { id } => daemon::job_watch(&socket, id, json),
-            JobCmd::Cancel { id } => daemon::job_cancel(&socket, id, json),
+            JobCmd::List => appliance::job_list(&socket, json),
+            JobCmd::Watch { id } => appliance::job_watch(&socket, id, json),
+            JobCmd::Cancel { id } => appliance::job_cancel(&socket, id, json),
         },
         Cmd::Migrate { qmp, to, key_file, name, json, mode, send_flags } => {
             migrate::run(&migrate::MigrateArgs { qmp, to, key_file, name, pages: mode == "pages", send_flags, json })
         }
-        Cmd::Config { cmd: ConfigCmd::Check { file } } => daemon::check(&file),
+        Cmd::Config { cmd: ConfigCmd::Check { file } } => appliance::check(&file),
     };
     if let Err(e) = r {
         // Our error types already print their causes; add only what a layer did not say.
@@ -491,7 +491,7 @@ fn cmd_send(a: SendArgs) -> Result<()> {
         if !req.source.starts_with("gen:") {
             req.source = std::path::absolute(&req.source).with_context(|| format!("cannot name {} absolutely", req.source))?.display().to_string();
         }
-        return daemon::job_submit(sock, &req, a.json);
+        return appliance::job_submit(sock, &req, a.json);
     }
     let psk = load_key(a.key_file.as_ref())?;
     let req = request(&a)?;

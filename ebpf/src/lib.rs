@@ -19,6 +19,7 @@ pub use initwin::{InitialWindow, WindowReport};
 pub use monitor::{Monitor, Want};
 #[cfg(not(dwcp_no_bpf))]
 pub use probes::Probes;
+pub use sys::probe_bpf;
 
 /// One socket's path state, from the probes or from `TCP_INFO`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -134,10 +134,9 @@ pub fn send_options(req: &Request, plan: &Plan, probe: &PathEstimate, psk: Psk, 
     let _ = Transport::Rdma;
     if let Some(h) = plan.hde {
         let round_of = match &req.round_of {
-            Some(p) => {
-                let f = std::fs::File::open(p).map_err(|source| EngineError::Io { what: format!("cannot read the previous round {}", p.display()), source })?;
-                Some(Arc::new(dataplane::sys::map_readonly(&f).map_err(|source| EngineError::Io { what: format!("mapping {}", p.display()), source })?))
-            }
+            Some(p) => Some(Arc::new(
+                dataplane::source::map_image(p).map_err(|source| EngineError::Io { what: format!("cannot map the previous round {}", p.display()), source })?,
+            )),
             None => None,
         };
         let dirty = match &req.dirty {

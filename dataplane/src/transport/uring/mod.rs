@@ -2,3 +2,5 @@
 //! `IORING_OP_SEND_ZC` where the kernel has it. All `unsafe` is in [`sys`].
 
 pub mod sys;
+
+pub use sys::probe_ops;

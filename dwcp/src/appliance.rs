@@ -1,4 +1,5 @@
-//! `dwcp daemon`, `dwcp status`, `dwcp config check`.
+//! The commands that run or talk to the appliance: `dwcp daemon`, `dwcp status`, `dwcp config
+//! check`, `dwcp job`, `dwcp send --via-daemon`.
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
