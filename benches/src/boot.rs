@@ -19,10 +19,6 @@ use serde_json::json;
 
 const RUNS: usize = 20;
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
-    v[v.len() / 2]
-}
 
 fn max(v: &[f64]) -> f64 {
     v.iter().copied().fold(0.0, f64::max)
@@ -107,26 +103,24 @@ fn main() {
         sp.push(g.boot(true).expect("boot").took.as_secs_f64());
         ss.push(g.boot(false).expect("boot").took.as_secs_f64());
     }
-    let synth = median(ss) / median(sp);
+    let synth = benches::median(&ss) / benches::median(&sp);
 
-    let (pm, sm) = (median(par.clone()), median(seq.clone()));
+    let (pm, sm) = (benches::median(&par), benches::median(&seq));
     println!("| measure | median ms | max ms |");
     println!("|---|---:|---:|");
     println!("| daemon boot to ready, level-parallel | {pm:.2} | {:.2} |", max(&par));
     println!("| daemon boot to ready, sequential | {sm:.2} | {:.2} |", max(&seq));
-    println!("| `dwcp daemon` spawn to /readyz 200 | {:.2} | {:.2} |", median(proc_ms.clone()), max(&proc_ms));
+    println!("| `dwcp daemon` spawn to /readyz 200 | {:.2} | {:.2} |", benches::median(&proc_ms), max(&proc_ms));
     println!();
-    println!("parallel_speedup (real graph)      {:.2}  (the graph allows at most {:.2})", sm / pm, median(bound.clone()));
+    println!("parallel_speedup (real graph)      {:.2}  (the graph allows at most {:.2})", sm / pm, benches::median(&bound));
     println!("synthetic wide graph speedup       {synth:.2}  (bound 6.00)");
     let j = json!({
         "bench": "boot", "runs": RUNS,
         "boot_ready_ms_median": pm, "boot_ready_ms_max": max(&par),
         "boot_sequential_ms_median": sm,
-        "parallel_speedup": sm / pm, "parallel_speedup_bound": median(bound),
-        "process_ready_ms_median": median(proc_ms.clone()), "process_ready_ms_max": max(&proc_ms),
+        "parallel_speedup": sm / pm, "parallel_speedup_bound": benches::median(&bound),
+        "process_ready_ms_median": benches::median(&proc_ms), "process_ready_ms_max": max(&proc_ms),
         "synthetic_parallel_speedup": synth, "synthetic_bound": 6.0,
     });
-    let line = j.to_string();
-    std::fs::write("target/bench/boot.json", format!("{line}\n")).expect("write boot.json");
-    println!("{line}");
+    benches::emit(std::path::Path::new("target/bench/boot.json"), j);
 }

@@ -575,15 +575,12 @@ fn main() {
         "e2e": e2e_fig,
         "images": per_image,
     });
-    let line = j.to_string();
-    std::fs::create_dir_all(root.join("target/bench")).expect("target/bench");
     // A run narrowed by --images or --e2e leaves the last full run's figures where they are.
     let name = if partial { "hde-partial.json" } else { "hde.json" };
     if name != "hde.json" {
         println!("a partial run: its figures go to target/bench/{name} (hde.json keeps the last full run's)");
     }
-    std::fs::write(root.join("target/bench").join(name), &line).expect("bench json");
-    println!("{line}");
+    benches::emit(&root.join("target/bench").join(name), j);
 }
 
 /// The WAN rig's link for the end-to-end runs.

@@ -38,3 +38,78 @@ pub fn in_ns(ns: &str, prog: impl AsRef<std::ffi::OsStr>) -> Command {
     c.args(["netns", "exec", ns]).arg(prog);
     c
 }
+
+/// The median of `v` (the upper one of an even count; NaN when empty).
+pub fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// One figure measured over several runs: its median, least and most, and every run, so a
+/// reader sees the spread behind a median.
+#[derive(Debug, Clone, Default)]
+pub struct Figure {
+    /// Every run's value, in order.
+    pub runs: Vec<f64>,
+}
+
+impl Figure {
+    /// A figure of `runs`.
+    pub fn new(runs: Vec<f64>) -> Self {
+        Self { runs }
+    }
+    /// Median.
+    pub fn median(&self) -> f64 {
+        median(&self.runs)
+    }
+    /// Least run.
+    pub fn min(&self) -> f64 {
+        self.runs.iter().copied().fold(f64::NAN, f64::min)
+    }
+    /// Most run.
+    pub fn max(&self) -> f64 {
+        self.runs.iter().copied().fold(f64::NAN, f64::max)
+    }
+    /// (max - min) / median: how far apart the runs were.
+    pub fn spread(&self) -> f64 {
+        (self.max() - self.min()) / self.median()
+    }
+    /// `{"median", "min", "max", "spread", "runs"}`.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({"median": self.median(), "min": self.min(), "max": self.max(), "spread": self.spread(), "runs": self.runs})
+    }
+}
+
+fn command_line(prog: &str, args: &[&str]) -> Option<String> {
+    let o = Command::new(prog).args(args).output().ok().filter(|o| o.status.success())?;
+    Some(String::from_utf8_lossy(&o.stdout).trim().to_owned())
+}
+
+/// Where and when a bench ran: the commit (and whether the tree had changes), the kernel, the
+/// CPU model and count, and the date (UTC).
+pub fn machine() -> serde_json::Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| s.lines().find_map(|l| l.strip_prefix("model name").map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())));
+    serde_json::json!({
+        "commit": command_line("git", &["rev-parse", "--short", "HEAD"]),
+        "dirty": command_line("git", &["status", "--porcelain", "--untracked-files=no"]).map(|s| !s.is_empty()),
+        "kernel": command_line("uname", &["-r"]),
+        "cpu": cpu,
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).ok(),
+        "date": command_line("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
+    })
+}
+
+/// Ends a bench: adds [`machine`] to its figures `j`, writes them as one line to `path`
+/// (`target/bench/NAME.json`) and prints that line last.
+pub fn emit(path: &std::path::Path, mut j: serde_json::Value) {
+    if let Some(o) = j.as_object_mut() {
+        o.insert("machine".into(), machine());
+    }
+    let line = j.to_string();
+    if let Some(d) = path.parent() {
+        let _ = std::fs::create_dir_all(d);
+    }
+    std::fs::write(path, format!("{line}\n")).unwrap_or_else(|e| die(&format!("writing {}: {e}", path.display())));
+    println!("{line}");
+}

@@ -487,7 +487,5 @@ fn main() {
     j.insert("methods".into(), json!(methods));
     j.insert("workloads".into(), json!(workloads));
     j.insert("runs".into(), Value::Object(all));
-    let line = Value::Object(j).to_string();
-    std::fs::write(root.join("target/bench/migrate.json"), &line).expect("migrate.json");
-    println!("{line}");
+    benches::emit(&root.join("target/bench/migrate.json"), Value::Object(j));
 }

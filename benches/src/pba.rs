@@ -174,8 +174,5 @@ fn main() {
     for (label, name, tr, m, w) in &table {
         println!("{label:<7} {name:<40} {tr:>10.2}% {m:>13.2}% {w:>13.2}%");
     }
-    let out = Value::Object(figures).to_string();
-    let _ = std::fs::create_dir_all(root.join("target/bench"));
-    std::fs::write(root.join("target/bench/pba.json"), &out).expect("target/bench/pba.json");
-    println!("{out}");
+    benches::emit(&root.join("target/bench/pba.json"), Value::Object(figures));
 }

@@ -14,10 +14,6 @@ use serde_json::{Value, json};
 
 use benches::die;
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
-}
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -72,11 +68,11 @@ fn main() {
     let cost = |v: &Value| -> (u64, u64) {
         v["control"]["probe_cost"].as_array().map_or((0, 0), |a| a.iter().fold((0, 0), |(r, n), p| (r + p["runs"].as_u64().unwrap_or(0), n + p["run_ns"].as_u64().unwrap_or(0))))
     };
-    let ns_per_event = median(auto.iter().map(&cost).filter(|c| c.0 > 0).map(|(r, n)| n as f64 / r as f64).collect());
-    let events = median(auto.iter().map(|v| cost(v).0 as f64).collect());
-    let share = median(auto.iter().map(|v| cost(v).1 as f64 / 1e9 / v["wall_s"].as_f64().unwrap_or(1.0)).collect());
-    let gbps = |vs: &Vec<Value>| median(vs.iter().map(|v| v["goodput_gbps"].as_f64().unwrap_or(0.0)).collect());
-    let cpu_gb = |vs: &Vec<Value>| median(vs.iter().map(|v| v["cpu_s"].as_f64().unwrap_or(0.0) / (v["size"].as_f64().unwrap_or(1.0) / 1e9)).collect());
+    let ns_per_event = benches::median(&auto.iter().map(&cost).filter(|c| c.0 > 0).map(|(r, n)| n as f64 / r as f64).collect::<Vec<_>>());
+    let events = benches::median(&auto.iter().map(|v| cost(v).0 as f64).collect::<Vec<_>>());
+    let share = benches::median(&auto.iter().map(|v| cost(v).1 as f64 / 1e9 / v["wall_s"].as_f64().unwrap_or(1.0)).collect::<Vec<_>>());
+    let gbps = |vs: &Vec<Value>| benches::median(&vs.iter().map(|v| v["goodput_gbps"].as_f64().unwrap_or(0.0)).collect::<Vec<_>>());
+    let cpu_gb = |vs: &Vec<Value>| benches::median(&vs.iter().map(|v| v["cpu_s"].as_f64().unwrap_or(0.0) / (v["size"].as_f64().unwrap_or(1.0) / 1e9)).collect::<Vec<_>>());
     let figures = json!({
         "ns_per_event": ns_per_event,
         "events_per_transfer": events,
@@ -96,7 +92,5 @@ fn main() {
     println!("  {:<28} {:>12.0} {:>12}", "probe events per transfer", events, "-");
     println!("  {:<28} {:>12.0} {:>12}", "ns per event (kernel stats)", ns_per_event, "-");
     println!("  {:<28} {:>11.3}% {:>12}", "probe CPU (share of a core)", share * 100.0, "-");
-    let out = figures.to_string();
-    std::fs::write(dir.join("probes.json"), &out).expect("target/bench/probes.json");
-    println!("{out}");
+    benches::emit(&dir.join("probes.json"), figures);
 }

@@ -44,10 +44,6 @@ fn sections(out: &str, name: &str) -> Vec<String> {
     v
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
-}
 
 fn main() {
     let (mut qps, mut size_mib, mut reps) = (2u32, 512u32, 3u32);
@@ -114,7 +110,7 @@ fn main() {
         .first()
         .and_then(|s| s.lines().find(|l| l.starts_with('{')).and_then(|l| serde_json::from_str(l).ok()))
         .unwrap_or_else(|| die(&format!("no rdma-lat result:\n{text}")));
-    let (ib_mbps, dwcp_mbps) = (median(ibw.clone()), median(ours.clone()));
+    let (ib_mbps, dwcp_mbps) = (benches::median(&ibw), benches::median(&ours));
     let (ib_p50, ib_p99) = (lat[4], lat[7]);
     let (p50, p99) = (our_lat["p50_us"].as_f64().unwrap_or(f64::NAN), our_lat["p99_us"].as_f64().unwrap_or(f64::NAN));
     println!("soft-RoCE guest (rxe0, TCG), {qps} queue pairs, {} KiB messages, {size_mib} MiB per run, {reps} runs each", msg >> 10);
@@ -128,8 +124,5 @@ fn main() {
         "p50_us": p50, "p99_us": p99, "ib_send_lat_p50_us": ib_p50, "ib_send_lat_p99_us": ib_p99,
         "qps": qps, "msg_bytes": msg, "size_mib": size_mib, "dwcp_runs_mbps": ours, "ib_write_bw_runs_mbps": ibw,
     });
-    let line = j.to_string();
-    std::fs::create_dir_all(root.join("target/bench")).expect("target/bench");
-    std::fs::write(root.join("target/bench/rdma.json"), &line).expect("rdma.json");
-    println!("{line}");
+    benches::emit(&root.join("target/bench/rdma.json"), j);
 }

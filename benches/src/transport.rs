@@ -21,8 +21,11 @@ use serde_json::{Value, json};
 
 struct Case {
     label: String,
+    /// Medians.
     gbps: f64,
     cpu_s_per_gb: f64,
+    /// Every run.
+    runs: (benches::Figure, benches::Figure),
 }
 
 fn dwcp_bin() -> PathBuf {
@@ -43,10 +46,6 @@ fn proc_cpu_s(pid: u32) -> f64 {
     (t(11) + t(12)) / 100.0
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
-    v[v.len() / 2]
-}
 
 struct Receiver {
     child: Child,
@@ -135,8 +134,9 @@ fn main() {
             g.push(gbps);
             c.push(cpu);
         }
-        let case = Case { label, gbps: median(g), cpu_s_per_gb: median(c) };
-        eprintln!("  {:<34} {:>7.2} Gbit/s  {:>5.2} CPU s/GB", case.label, case.gbps, case.cpu_s_per_gb);
+        let (g, c) = (benches::Figure::new(g), benches::Figure::new(c));
+        let case = Case { label, gbps: g.median(), cpu_s_per_gb: c.median(), runs: (g, c) };
+        eprintln!("  {:<34} {:>7.2} Gbit/s ({:.2}-{:.2})  {:>5.2} CPU s/GB", case.label, case.gbps, case.runs.0.min(), case.runs.0.max(), case.cpu_s_per_gb);
         cases.push(case);
     };
     eprintln!("bench-transport: {} per run, {reps} runs per case, median", size);
@@ -174,10 +174,10 @@ fn main() {
     let f8 = get("dwcp file->file 8 streams");
 
     println!();
-    println!("| case | Gbit/s | CPU s/GB (both ends) |");
-    println!("|---|---:|---:|");
+    println!("| case | Gbit/s (median) | least-most of {reps} | CPU s/GB (both ends) |");
+    println!("|---|---:|---:|---:|");
     for c in &cases {
-        println!("| {} | {:.2} | {:.2} |", c.label, c.gbps, c.cpu_s_per_gb);
+        println!("| {} | {:.2} | {:.2}-{:.2} | {:.2} |", c.label, c.gbps, c.runs.0.min(), c.runs.0.max(), c.cpu_s_per_gb);
     }
     println!();
     println!("ratio_8 (dwcp mem / iperf3, 8 streams)         {:.2}  (target >= 1.0)", d8.gbps / i8.gbps);
@@ -193,6 +193,7 @@ fn main() {
     for c in &cases {
         let k = c.label.replace([' ', '-', '>'], "_").replace("__", "_");
         all.insert(format!("{k}_gbps"), json!(c.gbps));
+        all.insert(k, json!({"gbps": c.runs.0.json(), "cpu_s_per_gb": c.runs.1.json()}));
     }
     let j = json!({
         "bench": "transport",
@@ -213,9 +214,7 @@ fn main() {
         "cases": all,
         "against_base": against_base,
     });
-    let line = j.to_string();
-    std::fs::write(dir.join("transport.json"), format!("{line}\n")).expect("write transport.json");
-    println!("{line}");
+    benches::emit(&dir.join("transport.json"), j);
 }
 
 /// Writes the generated image to `path` by receiving it from dwcp itself (verified on the way).

@@ -250,10 +250,6 @@ fn dwcp_send(env: &Env, object: &str, name: &str, extra: &[&str], trace: Option<
     v
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
-}
 
 /// The `pba` section (see the top of this file): its figures go into `figures`, its table is returned.
 fn pba_sizing(env: &Env, figures: &mut serde_json::Map<String, Value>) -> Vec<String> {
@@ -312,7 +308,7 @@ fn pba_sizing(env: &Env, figures: &mut serde_json::Map<String, Value>) -> Vec<St
                 let v = dwcp_send(env, &format!("gen:{size}"), &format!("pba-chunk-{size}-{k}-1m"), &["--mode", "internet", "--streams", "8", "--chunk-size", "1MiB"], None);
                 fixed.push(v["wall_s"].as_f64().unwrap_or(0.0));
             }
-            let (c, f) = (median(cut.clone()), median(fixed.clone()));
+            let (c, f) = (benches::median(&cut), benches::median(&fixed));
             lines.push(format!("    {size:<6} PBA's {} KiB chunks {c:.3} s, 1 MiB chunks {f:.3} s: {:.2}x", chunk >> 10, f / c.max(1e-9)));
             let key = size.to_lowercase().replace("mib", "m");
             figures.insert(format!("pba_chunk_speedup_{key}"), json!(f / c.max(1e-9)));
@@ -514,7 +510,5 @@ fn main() {
     for l in &pba_lines {
         println!("{l}");
     }
-    let out = Value::Object(figures).to_string();
-    std::fs::write(env.root.join("target/bench/wan.json"), &out).expect("target/bench/wan.json");
-    println!("{out}");
+    benches::emit(&env.root.join("target/bench/wan.json"), Value::Object(figures));
 }
