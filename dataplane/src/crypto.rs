@@ -216,6 +216,41 @@ impl Aead {
     }
 }
 
+/// The tag of an RDMA chunk: keyed BLAKE3 over its encoded frame header (kind, offset, length,
+/// checksum) and payload, truncated to 16 bytes. The key is derived from the control stream's
+/// plaintext-tag key of the sender's direction, so it is the session's and the direction's: a
+/// chunk forged on the fabric (with a queue pair number, sequence and rkey seen on the wire)
+/// is refused before anything of it is written. A chunk replayed within its session carries
+/// its own offset and bytes.
+#[derive(Clone)]
+pub struct ChunkTag([u8; 32]);
+
+impl std::fmt::Debug for ChunkTag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChunkTag")
+    }
+}
+
+impl ChunkTag {
+    fn derive(mac: &[u8; 32]) -> Self {
+        Self(blake3::derive_key("dwcp 2026 rdma chunk tag", mac))
+    }
+    /// The tag of `header` and `payload`.
+    pub fn tag(&self, header: &[u8; HEADER_LEN], payload: &[u8]) -> [u8; TAG_LEN] {
+        let mut h = blake3::Hasher::new_keyed(&self.0);
+        h.update(header);
+        h.update(payload);
+        let mut t = [0u8; TAG_LEN];
+        t.copy_from_slice(&h.finalize().as_bytes()[..TAG_LEN]);
+        t
+    }
+    /// Whether `tag` is theirs (every byte compared, whatever the first difference).
+    pub fn verify(&self, header: &[u8; HEADER_LEN], payload: &[u8], tag: &[u8]) -> bool {
+        let want = self.tag(header, payload);
+        tag.len() == TAG_LEN && want.iter().zip(tag.iter()).fold(0u8, |acc, (x, y)| acc | std::hint::black_box(x ^ y)) == 0
+    }
+}
+
 /// Per-stream frame codec: seals outgoing and opens incoming headers and payloads, in place.
 /// Without keys it only checks (before a handshake, and in tests); with keys every part carries a
 /// 16-byte tag, over the ciphertext (encrypted) or over the plaintext as associated data
@@ -249,6 +284,14 @@ impl FrameCodec {
     /// Whether parts carry tags (encrypted or authenticated plaintext).
     pub fn tagged(&self) -> bool {
         self.seal.is_some()
+    }
+    /// The tag of the RDMA chunks this side sends in its session (`None` without keys).
+    pub fn chunk_tag_to_send(&self) -> Option<ChunkTag> {
+        self.seal.as_ref().map(|a| ChunkTag::derive(&a.mac))
+    }
+    /// The tag of the RDMA chunks the peer sends in its session (`None` without keys).
+    pub fn chunk_tag_to_check(&self) -> Option<ChunkTag> {
+        self.open.as_ref().map(|a| ChunkTag::derive(&a.mac))
     }
     /// Sets the stream index (known once the Hello is read).
     pub fn set_stream(&mut self, stream: u16) {
@@ -358,6 +401,25 @@ impl FrameCodec {
 mod tests {
     use super::*;
     use crate::wire::FrameType;
+
+    #[test]
+    fn an_rdma_chunk_tag_binds_its_header_payload_session_and_direction() {
+        let (a, b) = pair(false);
+        let (send, check) = (a.chunk_tag_to_send().unwrap(), b.chunk_tag_to_check().unwrap());
+        let h = FrameHeader { kind: wire::FrameType::Chunk, stream: 0, flags: 0, offset: 1 << 20, len: 5, checksum: wire::checksum(b"hello") }.encode();
+        let t = send.tag(&h, b"hello");
+        assert!(check.verify(&h, b"hello", &t));
+        assert!(!check.verify(&h, b"hellp", &t), "a payload byte");
+        let mut moved = h;
+        moved[9] ^= 1;
+        assert!(!check.verify(&moved, b"hello", &t), "a header byte (the offset)");
+        assert!(!check.verify(&h, b"hello", &t[..15]), "a short tag");
+        // The other direction's key, and another session's, do not verify it.
+        assert!(!b.chunk_tag_to_send().unwrap().verify(&h, b"hello", &t));
+        let (_, other) = pair(false);
+        assert!(!other.chunk_tag_to_check().unwrap().verify(&h, b"hello", &t));
+        assert!(FrameCodec::new(0, None).chunk_tag_to_send().is_none(), "no keys, no tag");
+    }
 
     fn pair(encrypt: bool) -> (FrameCodec, FrameCodec) {
         let psk = Psk::generate();

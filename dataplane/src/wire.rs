@@ -17,13 +17,16 @@ pub const PREAMBLE_MAGIC: [u8; 4] = *b"DWCP";
 pub const FRAME_MAGIC: u16 = 0xD7C9;
 /// The protocol version this build speaks (2: plaintext parts carry tags; the preamble is the
 /// handshake's prologue).
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 /// Length of the plaintext preamble.
 pub const PREAMBLE_LEN: usize = 8;
 /// Length of a frame header in plaintext.
 pub const HEADER_LEN: usize = 32;
 /// AEAD tag length added to each sealed part (header and payload) on an encrypted stream.
 pub const TAG_LEN: usize = 16;
+/// What precedes an RDMA chunk's payload in its slot: its frame header and the chunk's tag
+/// ([`crate::crypto::ChunkTag`]).
+pub const RDMA_SLOT_HEADER: usize = HEADER_LEN + TAG_LEN;
 /// Largest payload a frame may declare (chunks are at most this big).
 pub const MAX_PAYLOAD: u32 = 16 << 20;
 /// Largest payload a control frame (anything but a chunk) may declare.

@@ -180,7 +180,7 @@ struct SendArgs {
     /// RDMA completions: `busy` polling (lowest latency) or `event` (sleeps on the completion channel).
     #[arg(long, default_value = "busy", value_parser = ["busy", "event"])]
     rdma_poll: String,
-    /// Fault injection for tests: wrong-rkey or past-region.
+    /// Fault injection for tests: wrong-rkey, past-region or bad-tag.
     #[arg(long, hide = true)]
     fault_rdma: Option<String>,
     /// HDE page encoding of memory images (zero and duplicate pages elided, deltas, zstd):
@@ -512,7 +512,8 @@ fn cmd_send(a: SendArgs) -> Result<()> {
     let rdma_fault = match a.fault_rdma.as_deref() {
         Some("wrong-rkey") => Some(send::RdmaFault::WrongRkey),
         Some("past-region") => Some(send::RdmaFault::PastRegion),
-        Some(other) => bail!("--fault-rdma takes wrong-rkey or past-region, not {other}"),
+        Some("bad-tag") => Some(send::RdmaFault::BadTag),
+        Some(other) => bail!("--fault-rdma takes wrong-rkey, past-region or bad-tag, not {other}"),
         None => None,
     };
     let t = engine::start(req, psk, host, thresholds, |o| {

@@ -46,6 +46,7 @@ fn rdma_moves_256_mib_exactly_and_names_bad_keys_and_regions() {
         echo \"SRC=$(sha256sum < /tmp/src.img | cut -c1-64)\"; echo \"DST=$(sha256sum < /tmp/o/src.img | cut -c1-64)\"; \
         tx gen:8M --name bad1.img --fault-rdma wrong-rkey > /dev/null 2>/tmp/s2.err; echo \"S2RC=$?\"; echo \"S2ERR=$(tail -1 /tmp/s2.err)\"; \
         tx gen:8M --name bad2.img --fault-rdma past-region > /dev/null 2>/tmp/s3.err; echo \"S3RC=$?\"; echo \"S3ERR=$(tail -1 /tmp/s3.err)\"; \
+        tx gen:8M --name bad3.img --fault-rdma bad-tag > /dev/null 2>/tmp/s5.err; echo \"S5RC=$?\"; echo \"S5ERR=$(tail -1 /tmp/s5.err)\"; \
         echo '#S4'; tx gen:8M --name good.img --rdma-poll event 2>/dev/null; echo \"S4RC=$?\"; \
         ls /tmp/o; echo '#RX'; cat /tmp/rx.out";
     let (rc, out) = hw_tests::in_guest(&script(body), 2048, 400);
@@ -61,13 +62,17 @@ fn rdma_moves_256_mib_exactly_and_names_bad_keys_and_regions() {
     assert!(field(&out, "S2ERR").contains("remote access error (wrong rkey"), "{out}");
     assert_ne!(field(&out, "S3RC"), "0");
     assert!(field(&out, "S3ERR").contains("RDMA WRITE of a chunk failed: remote"), "{out}");
+    // A chunk whose tag does not match (a forgery on the fabric) is refused before it is written.
+    assert_ne!(field(&out, "S5RC"), "0");
+    assert!(field(&out, "S5ERR").contains("refused the chunk") && field(&out, "S5ERR").contains("Checksum"), "{out}");
+    assert!(out.contains("its tag does not match"), "the receiver names the forgery: {out}");
     // The receiver served the next session after both (this one waiting on the completion
     // channel instead of spinning).
     assert_eq!(field(&out, "S4RC"), "0", "{out}");
     assert_eq!(json_after(&out, "#S4")["verified"], true);
     let listing: Vec<&str> = out.lines().skip_while(|l| !l.starts_with("S4RC=")).skip(1).take_while(|l| *l != "#RX").collect();
     assert!(listing.contains(&"good.img") && listing.contains(&"src.img"), "{listing:?}");
-    assert!(!listing.contains(&"bad1.img") && !listing.contains(&"bad2.img"), "nothing published from a failed session: {listing:?}");
+    assert!(!listing.iter().any(|f| f.starts_with("bad")), "nothing published from a failed session: {listing:?}");
 }
 
 #[test]

@@ -13,10 +13,11 @@ use crossbeam_channel::Sender;
 use tracing::{info, warn};
 
 use super::{Out, SessionRef, ToCoord, millis};
+use crate::crypto::ChunkTag;
 use crate::handshake::{Conn, HandshakeError};
 use crate::transport::rdma::sys::{Cq, Device, Mr, Pd, Qp, Rts, VerbsError, Wc};
 use crate::transport::rdma::{self, Poll, SLOTS_PER_QP};
-use crate::wire::{ErrorCode, FrameHeader, FrameType, HEADER_LEN, RdmaAccept, RdmaConnect, RdmaCredit};
+use crate::wire::{ErrorCode, FrameHeader, FrameType, HEADER_LEN, RDMA_SLOT_HEADER, RdmaAccept, RdmaConnect, RdmaCredit, TAG_LEN};
 
 /// RDMA options of a receiver.
 #[derive(Debug, Clone, Default)]
@@ -62,7 +63,11 @@ pub(super) fn accept(
     let c = RdmaConnect::decode(&p).map_err(|source| HandshakeError::Wire { during: "reading the RDMA connect", source })?;
     let nqps = c.qps.len();
     let slots = nqps as u32 * SLOTS_PER_QP;
-    let slot_size = (HEADER_LEN as u32 + max_chunk).next_multiple_of(64);
+    let slot_size = (RDMA_SLOT_HEADER as u32 + max_chunk).next_multiple_of(64);
+    let tag = conn.codec.chunk_tag_to_check().ok_or_else(|| HandshakeError::Wire {
+        during: "setting up RDMA",
+        source: crate::wire::WireError::Malformed { what: "RDMA session", why: "the control stream has no keys to check chunk tags with".into() },
+    })?;
     let cq = Cq::new(&g.dev, (4 * slots) as i32 + 16, o.poll == Poll::Event).map_err(verbs)?;
     let region = Arc::new(Mr::alloc(&g.pd, slots as usize * slot_size as usize, true).map_err(verbs)?);
     let inbox = Arc::new(Mr::alloc(&g.pd, slots as usize * RdmaCredit::LEN, false).map_err(verbs)?);
@@ -93,7 +98,7 @@ pub(super) fn accept(
         .name("dwcp-rx-rdma".into())
         .spawn(move || {
             let id = sess.id;
-            let why = serve(&cq, &mut qps, &region, &inbox, &outbox, slot_size, &sess, &coord, idle, epoch, &stop, poll, &ctl);
+            let why = serve(&cq, &mut qps, &region, &inbox, &outbox, slot_size, &tag, &sess, &coord, idle, epoch, &stop, poll, &ctl);
             if let Some(w) = &why {
                 warn!("RDMA data path ended: {w}");
             }
@@ -113,6 +118,7 @@ fn serve(
     inbox: &Mr,
     outbox: &Mr,
     slot_size: u32,
+    tag: &ChunkTag,
     sess: &SessionRef,
     coord: &Sender<ToCoord>,
     idle: Duration,
@@ -171,7 +177,7 @@ fn serve(
                     _ => Some("unexpected message from the sender".into()),
                 };
             };
-            let placed = place(slot, qi, nqps, region, ss, sess).map(|(offset, len, sum)| {
+            let placed = place(slot, qi, nqps, region, ss, tag, sess).map(|(offset, len, sum)| {
                 let _ = coord.send(ToCoord::Placed { session: sess.id, offset, len, sum });
                 offset
             });
@@ -196,15 +202,18 @@ fn serve(
 }
 
 /// Verifies slot `slot`'s frame and writes its payload to the session's output.
-fn place(slot: u32, qi: usize, nqps: usize, region: &Mr, ss: usize, sess: &SessionRef) -> Result<(u64, u32, u64), (ErrorCode, String)> {
+fn place(slot: u32, qi: usize, nqps: usize, region: &Mr, ss: usize, tag: &ChunkTag, sess: &SessionRef) -> Result<(u64, u32, u64), (ErrorCode, String)> {
     let slots = region.len() / ss;
     if slot as usize >= slots || slot as usize % nqps != qi {
         return Err((ErrorCode::Protocol, format!("write into slot {slot}, which queue pair {qi} does not own")));
     }
     let base = slot as usize * ss;
-    let hb: &[u8; HEADER_LEN] = region.read(base, HEADER_LEN).try_into().expect("header length");
-    let h = FrameHeader::decode(hb).map_err(|e| (ErrorCode::Protocol, format!("slot {slot}: {e}")))?;
-    if h.kind != FrameType::Chunk || HEADER_LEN + h.len as usize > ss {
+    // Header and tag are copied out of the peer-writable region before they are read.
+    let hb: [u8; HEADER_LEN] = region.read(base, HEADER_LEN).try_into().expect("header length");
+    let mut t = [0u8; TAG_LEN];
+    t.copy_from_slice(region.read(base + HEADER_LEN, TAG_LEN));
+    let h = FrameHeader::decode(&hb).map_err(|e| (ErrorCode::Protocol, format!("slot {slot}: {e}")))?;
+    if h.kind != FrameType::Chunk || RDMA_SLOT_HEADER + h.len as usize > ss {
         return Err((ErrorCode::Protocol, format!("slot {slot}: a {} frame of {} bytes does not fit a slot", h.kind, h.len)));
     }
     if let Some(size) = sess.size
@@ -217,7 +226,10 @@ fn place(slot: u32, qi: usize, nqps: usize, region: &Mr, ss: usize, sess: &Sessi
     thread_local!(static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) });
     SCRATCH.with_borrow_mut(|payload| {
         payload.clear();
-        payload.extend_from_slice(region.read(base + HEADER_LEN, h.len as usize));
+        payload.extend_from_slice(region.read(base + RDMA_SLOT_HEADER, h.len as usize));
+        if !tag.verify(&hb, payload, &t) {
+            return Err((ErrorCode::Checksum, format!("chunk at offset {} in slot {slot}: its tag does not match (forged or corrupted on the fabric); nothing of it was written", h.offset)));
+        }
         h.verify(payload).map_err(|e| (ErrorCode::Checksum, e.to_string()))?;
         match &sess.out {
             Out::File(_) if !sess.gate.enter() => return Err((ErrorCode::Protocol, format!("chunk at offset {} arrived after the session's commit", h.offset))),

@@ -17,7 +17,8 @@ use crate::handshake::{Conn, HandshakeError};
 use crate::source::Source;
 use crate::transport::rdma::sys::{Cq, Mr, Qp, Rts, Wc};
 use crate::transport::rdma::{self, Local, Poll};
-use crate::wire::{self, FrameHeader, FrameType, HEADER_LEN, RdmaAccept, RdmaConnect, RdmaCredit};
+use crate::crypto::ChunkTag;
+use crate::wire::{self, FrameHeader, FrameType, HEADER_LEN, RDMA_SLOT_HEADER, RdmaAccept, RdmaConnect, RdmaCredit};
 
 /// Fault injection for tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +27,8 @@ pub enum RdmaFault {
     WrongRkey,
     /// Write past the end of the receiver's region.
     PastRegion,
+    /// Chunks whose tag does not match (a forgery on the fabric, as the receiver sees it).
+    BadTag,
 }
 
 /// RDMA options of a send.
@@ -49,6 +52,8 @@ pub(super) struct Connected {
     /// The control stream, watched by the shards while they wait: the receiver's end closing
     /// (it stopped or died) ends the send at once instead of after the idle timeout.
     ctl: std::net::TcpStream,
+    /// Each chunk's tag, under the session's key.
+    tag: ChunkTag,
 }
 
 fn setup_err(e: impl std::fmt::Display) -> SendError {
@@ -65,6 +70,7 @@ impl Connected {
 /// Sends our queue pairs, reads the receiver's, connects.
 pub(super) fn connect(c0: &mut Conn, mut local: Local, opts: &SendOptions) -> Result<Connected, SendError> {
     let during = |e| SendError::Setup { stream: 0, source: e };
+    let tag = c0.codec.chunk_tag_to_send().ok_or_else(|| SendError::Rdma("the control stream has no keys to tag chunks with".into()))?;
     c0.write_frame(FrameType::RdmaConnect, 0, &RdmaConnect { qps: local.endpoints() }.encode()).map_err(during)?;
     let (_, p) = c0.expect(FrameType::RdmaAccept, "waiting for the receiver's RDMA queue pairs").map_err(during)?;
     let accept = RdmaAccept::decode(&p).map_err(|e| during(HandshakeError::Wire { during: "reading the RDMA accept", source: e }))?;
@@ -72,13 +78,13 @@ pub(super) fn connect(c0: &mut Conn, mut local: Local, opts: &SendOptions) -> Re
     if accept.qps.len() != ours {
         return Err(SendError::Rdma(format!("the receiver answered with {} queue pairs for our {ours}", accept.qps.len())));
     }
-    let need = HEADER_LEN as u64 + u64::from(opts.chunk_size);
+    let need = RDMA_SLOT_HEADER as u64 + u64::from(opts.chunk_size);
     if u64::from(accept.slot_size) < need {
         return Err(SendError::Rdma(format!(
-            "the receiver's RDMA region is too small: slots of {} bytes cannot hold a {}-byte chunk and its header (use --chunk-size {} or less)",
+            "the receiver's RDMA region is too small: slots of {} bytes cannot hold a {}-byte chunk, its header and tag (use --chunk-size {} or less)",
             accept.slot_size,
             opts.chunk_size,
-            accept.slot_size as usize - HEADER_LEN
+            (accept.slot_size as usize).saturating_sub(RDMA_SLOT_HEADER)
         )));
     }
     let mut remote = accept.qps.iter();
@@ -93,7 +99,7 @@ pub(super) fn connect(c0: &mut Conn, mut local: Local, opts: &SendOptions) -> Re
     }
     info!(qps = ours, slots = accept.slots, slot_size = accept.slot_size, device = %local.dev.name, "RDMA queue pairs connected");
     let ctl = c0.sock.try_clone().map_err(|source| SendError::Io { during: "watching the control stream", source })?;
-    Ok(Connected { local, qps, accept, ctl })
+    Ok(Connected { local, qps, accept, ctl, tag })
 }
 
 /// Per-slot state of a queue pair at the sender.
@@ -118,7 +124,7 @@ pub(super) fn run(
     rdma: &RdmaOptions,
     cores: &[core_affinity::CoreId],
 ) -> Result<Vec<(u64, u32, u64)>, SendError> {
-    let Connected { local, qps, accept, ctl } = c;
+    let Connected { local, qps, accept, ctl, tag } = c;
     let ctl = ctl.as_raw_fd();
     let nqps = accept.qps.len() as u32;
     // The source mapping, registered once, is the payload of every write (no copy). Kernels
@@ -153,13 +159,13 @@ pub(super) fn run(
             .into_iter()
             .enumerate()
             .map(|(k, (cq, states))| {
-                let (pd, src_mr, accept) = (pd.clone(), src_mr.clone(), &accept);
+                let (pd, src_mr, accept, tag) = (pd.clone(), src_mr.clone(), &accept, &tag);
                 let core = cores.get(k % cores.len().max(1)).copied();
                 sc.spawn(move || {
                     if let Some(c) = core {
                         core_affinity::set_for_current(c);
                     }
-                    let r = shard(&pd, &cq, states, src_mr, accept, ctl, shared, source, opts, rdma);
+                    let r = shard(&pd, &cq, states, src_mr, accept, tag, ctl, shared, source, opts, rdma);
                     if r.is_err() {
                         shared.stop.store(true, Relaxed);
                     }
@@ -190,6 +196,7 @@ fn shard(
     mut qps: Vec<QpState>,
     src_mr: Option<Arc<Mr>>,
     accept: &RdmaAccept,
+    tag: &ChunkTag,
     ctl: std::os::fd::RawFd,
     shared: &Shared,
     source: &Source,
@@ -200,7 +207,7 @@ fn shard(
     let chunk = opts.chunk_size as usize;
     // Headers for every slot, credits landing per slot, and (for sources that are not a
     // mapping) a staging area per slot.
-    let hdr = Arc::new(Mr::alloc(pd, slots * HEADER_LEN, false).map_err(setup_err)?);
+    let hdr = Arc::new(Mr::alloc(pd, slots * RDMA_SLOT_HEADER, false).map_err(setup_err)?);
     let credits = Arc::new(Mr::alloc(pd, slots * RdmaCredit::LEN, false).map_err(setup_err)?);
     let staging = match &src_mr {
         Some(_) => None,
@@ -230,7 +237,7 @@ fn shard(
     match ro.fault {
         Some(RdmaFault::WrongRkey) => rkey ^= 0x5a5a,
         Some(RdmaFault::PastRegion) => past = u64::from(accept.slots) * u64::from(accept.slot_size),
-        None => {}
+        Some(RdmaFault::BadTag) | None => {}
     }
     loop {
         if shared.stopped() {
@@ -247,8 +254,8 @@ fn shard(
                 let Some(c) = stash.take().or_else(|| shared.next_chunk()) else { break };
                 let len = c.len as usize;
                 let s = slot as usize;
-                let (payload_addr, sum) = match (&src_mr, &c.data) {
-                    (Some(m), None) => (m.addr() + c.offset, wire::checksum(m.read(c.offset as usize, len))),
+                let (payload_addr, payload) = match (&src_mr, &c.data) {
+                    (Some(m), None) => (m.addr() + c.offset, m.read(c.offset as usize, len)),
                     _ => {
                         // Generated or piped bytes: into the slot's staging area (free, since
                         // the slot is: no write reads it now).
@@ -257,18 +264,24 @@ fn shard(
                             Some(d) => area.copy_from_slice(&d[..len]),
                             None => source.fill(c.offset, area),
                         });
-                        (st.addr() + (s * chunk) as u64, wire::checksum(st.read(s * chunk, len)))
+                        (st.addr() + (s * chunk) as u64, st.read(s * chunk, len))
                     }
                 };
-                let h = FrameHeader { kind: FrameType::Chunk, stream: 0, flags: 0, offset: c.offset, len: c.len, checksum: sum };
-                hdr.write_at(s * HEADER_LEN, &h.encode());
+                let sum = wire::checksum(payload);
+                let h = FrameHeader { kind: FrameType::Chunk, stream: 0, flags: 0, offset: c.offset, len: c.len, checksum: sum }.encode();
+                let mut t = tag.tag(&h, payload);
+                if matches!(ro.fault, Some(RdmaFault::BadTag)) {
+                    t[0] ^= 1;
+                }
+                hdr.write_at(s * RDMA_SLOT_HEADER, &h);
+                hdr.write_at(s * RDMA_SLOT_HEADER + HEADER_LEN, &t);
                 let remote = accept.addr + u64::from(slot) * u64::from(accept.slot_size) + past;
-                let pieces = [(hdr_base + (s * HEADER_LEN) as u64, HEADER_LEN as u32), (payload_addr, c.len)];
+                let pieces = [(hdr_base + (s * RDMA_SLOT_HEADER) as u64, RDMA_SLOT_HEADER as u32), (payload_addr, c.len)];
                 let n = if len == 0 { 1 } else { 2 };
                 q.qp.write_imm(WR_WRITE | u64::from(slot), &pieces[..n], remote, rkey, slot).map_err(setup_err)?;
                 q.free.pop();
                 manifest.push((c.offset, c.len, sum));
-                shared.sent_bytes.fetch_add((HEADER_LEN + len) as u64, Relaxed);
+                shared.sent_bytes.fetch_add((RDMA_SLOT_HEADER + len) as u64, Relaxed);
                 q.inflight.insert(slot, (c, Instant::now()));
                 posted = true;
             }
