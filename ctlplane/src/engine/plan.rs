@@ -372,9 +372,12 @@ pub fn decide(req: &Request, host: Host, src: SourceFacts, probe: &PathEstimate,
     // Streams: a fixed count is never parked; otherwise enough are opened for either mode (and
     // PBA's trials), and the mode's count is active.
     let trials = req.streams.is_none() && !src.stdin;
+    // A loopback path never switches, and PBA's trials there only gave their streams back.
+    let trials = trials && !src.loopback;
     let (streams, active) = match (req.streams, forced) {
         (Some(n), _) => (n, n),
         (None, Some(_)) => (d.streams, d.streams),
+        (None, None) if src.loopback => (d.streams, d.streams),
         (None, None) => (mode::streams_to_open(false, host.cores, probe.rtt_min, trials), d.streams),
     };
     why.insert(
@@ -548,6 +551,7 @@ mod tests {
         let p = decide(&req(|_| {}), HOST, lo, &probe(28, 0.80, false), Thresholds::default()).unwrap();
         assert_eq!((p.mode, p.live, p.forced), (Mode::Datacenter, false, false));
         assert!(p.why["mode"].contains("loopback"), "{}", p.why["mode"]);
+        assert_eq!((p.streams, p.active, p.stream_trials), (4, 4, false), "nothing parked for a switch that cannot come");
         // The same figures from another host: internet, switching live.
         let p = decide(&req(|_| {}), HOST, FILE, &probe(28, 0.80, false), Thresholds::default()).unwrap();
         assert_eq!((p.mode, p.live), (Mode::Internet, true));
