@@ -10,7 +10,7 @@ RIG_PKGS := qemu-system-x86 busybox-static rdma-core ibverbs-utils perftest libi
             librdmacm-dev libclang-dev clang pkg-config cpio kmod iproute2 gzip \
             iputils-ping ethtool iperf3 python3 openssl xdelta3
 
-.PHONY: all deps bench-deps vm-deps build demo test fuzz fuzz-seeds fuzz-smoke bench-base bench-transport bench-boot bench-hde bench-rdma bench-migrate bench-wan bench-pba bench-probes corpus clean
+.PHONY: all deps bench-deps vm-deps build demo test libdwcp fuzz fuzz-seeds fuzz-smoke bench-base bench-transport bench-boot bench-hde bench-rdma bench-migrate bench-wan bench-pba bench-probes corpus clean
 
 all: build
 
@@ -130,3 +130,15 @@ corpus: vm-deps
 
 clean:
 	$(CARGO) clean
+
+# libdwcp: the C library (libdwcp.so, libdwcp.a), its committed header and a pkg-config file in
+# target/libdwcp/ (PREFIX for the .pc file's paths; copy the three into PREFIX/lib, PREFIX/include
+# and PREFIX/lib/pkgconfig). The C example builds against it.
+PREFIX ?= /usr/local
+libdwcp:
+	$(CARGO) build --release -p ffi
+	@mkdir -p target/libdwcp
+	cp target/release/libdwcp.so target/release/libdwcp.a ffi/include/dwcp.h target/libdwcp/
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e "s|@VERSION@|$$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)|" ffi/dwcp.pc.in > target/libdwcp/dwcp.pc
+	cc -std=c11 -Wall -Wextra -Werror -D_DEFAULT_SOURCE -I ffi/include ffi/examples/send.c -L target/libdwcp -Wl,-rpath,$(CURDIR)/target/libdwcp -ldwcp -o target/libdwcp/send-example
+	@echo "libdwcp in target/libdwcp: libdwcp.so, libdwcp.a, dwcp.h, dwcp.pc, send-example"

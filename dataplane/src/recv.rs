@@ -434,9 +434,18 @@ pub fn start(opts: RecvOptions) -> Result<ReceiverHandle, RecvError> {
                     };
                     let (opts, coord, shards, next, refused, stop_h, limit) =
                         (opts.clone(), coord_tx.clone(), shard_txs.clone(), next.clone(), ref_tx.clone(), stop.clone(), watchdog.limit());
+                    // The watchdog holds a copy of the socket until the deadline: a handshake that
+                    // fails must shut the connection itself, or the peer waits for the deadline
+                    // (a wrong key then read as a stalled receiver, not as a closed connection).
+                    let shut = sock.try_clone().ok();
                     let _ = std::thread::Builder::new().name("dwcp-handshake".into()).spawn(move || {
                         let _ticket = ticket;
-                        match admit(sock, &opts, &coord, &shards, &next, &stop_h, epoch, &deadline) {
+                        let r = admit(sock, &opts, &coord, &shards, &next, &stop_h, epoch, &deadline);
+                        if let (Err(_), Some(s)) = (&r, &shut) {
+                            let _ = s.shutdown(Shutdown::Both);
+                        }
+                        drop(shut);
+                        match r {
                             // Closed before a byte: a reachability probe (mode detection), not an error;
                             // closed after the key exchange: a sender's stream it did not need after all
                             // (connected while it probed the path, or a join too late).

@@ -906,3 +906,18 @@ fn two_hundred_fifty_six_sessions_at_once_all_verify() {
         assert!(rig.outcome().result.is_ok());
     }
 }
+
+/// A sender with the wrong key is told at once (the connection closes), not left waiting for
+/// the handshake deadline and then told the receiver stalled: the deadline's watchdog holds a
+/// copy of the socket, so a failed handshake shuts the connection itself.
+#[test]
+fn a_wrong_key_is_told_at_once_not_at_the_deadline() {
+    let _load = light();
+    let rig = rig(false, Duration::from_secs(30));
+    let t = std::time::Instant::now();
+    let e = handshake::connect(&rig.addr(), &Psk::generate(), true, 0, Duration::from_secs(5)).unwrap_err();
+    assert!(matches!(e, handshake::HandshakeError::Closed { .. }), "{e}");
+    assert!(e.to_string().contains("wrong key"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(2), "told after {:?}", t.elapsed());
+    rig.still_serves();
+}
