@@ -30,6 +30,7 @@ pub fn status_json(st: &State) -> serde_json::Value {
         "cluster_mode": modes,
         "peers": *st.peer_status.lock().expect("peer status lock"),
         "sessions": *st.sessions.lock().expect("sessions lock"),
+        "transfers": st.jobs.get().map(|j| j.list()),
     })
 }
 

@@ -178,6 +178,9 @@ fn the_daemon_runs_transfers_through_the_engine() {
     assert!(j["error"].as_str().unwrap().contains("no standard input"), "{j}");
     let (_, list) = unix_http(&sock, "GET", "/transfers", "");
     assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+    let (_, status) = get(*dm.state.api.get().unwrap(), "/status");
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["transfers"].as_array().map(Vec::len), Some(2), "/status lists the daemon's transfers: {status}");
     dm.shutdown();
     assert!(!sock.exists(), "the socket goes with the daemon");
 }

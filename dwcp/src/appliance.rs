@@ -80,6 +80,10 @@ pub fn status(api: &str, json: bool) -> Result<()> {
         let rtt = p["last_rtt_ms"]["Ok"].as_f64().map_or_else(|| p["last_rtt_ms"]["Err"].as_str().unwrap_or("?").to_string(), |r| format!("rtt {r:.2} ms"));
         println!("  peer          {} ({}): {}, {}", p["name"].as_str().unwrap_or("?"), p["addr"].as_str().unwrap_or("?"), p["mode"].as_str().unwrap_or("?"), rtt);
     }
+    if let Some(t) = v["transfers"].as_array() {
+        let running = t.iter().filter(|j| j["state"] == "running" || j["state"] == "starting").count();
+        println!("  transfers     {} remembered, {running} running (dwcp job list)", t.len());
+    }
     let sessions = v["sessions"].as_array().cloned().unwrap_or_default();
     println!("  sessions      {} finished", sessions.len());
     for s in sessions.iter().rev().take(10) {
