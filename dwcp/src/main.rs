@@ -391,8 +391,37 @@ fn main() {
             }
         }
         eprintln!("dwcp: error: {msg}");
-        std::process::exit(1);
+        std::process::exit(exit_code(&e));
     }
+}
+
+/// The exit status of a failure, so a script can tell them apart (README, "Exit status"): 2 a
+/// usage error (also clap's), 3 a key file that cannot be used, 4 a handshake the receiver
+/// refused (wrong key), 5 a receiver not reached or gone, 6 a digest that did not match, 7 a
+/// session the receiver ended, 8 cancelled, 9 a local I/O error, 1 anything else.
+fn exit_code(e: &anyhow::Error) -> i32 {
+    use ctlplane::engine::{EngineError, Failure};
+    if let Some(f) = e.chain().find_map(|c| c.downcast_ref::<EngineError>()).map(EngineError::failure) {
+        return match f {
+            Failure::Invalid => 2,
+            Failure::Auth => 4,
+            Failure::Connect => 5,
+            Failure::Digest => 6,
+            Failure::Receiver => 7,
+            Failure::Cancelled => 8,
+            Failure::Io => 9,
+        };
+    }
+    if e.chain().any(|c| c.downcast_ref::<DigestMismatch>().is_some()) {
+        return 6;
+    }
+    if e.chain().any(|c| c.downcast_ref::<Usage>().is_some()) {
+        return 2;
+    }
+    if e.chain().any(|c| c.downcast_ref::<dataplane::crypto::CryptoError>().is_some()) {
+        return 3;
+    }
+    1
 }
 
 fn load_key(path: Option<&PathBuf>) -> Result<Psk> {
@@ -483,7 +512,7 @@ fn request(a: &SendArgs) -> Result<Request> {
 
 fn cmd_send(a: SendArgs) -> Result<()> {
     if let Some(sock) = &a.via_daemon {
-        let mut req = request(&a)?;
+        let mut req = request(&a).map_err(|e| Usage(format!("{e:#}")))?;
         if req.source == "-" {
             bail!("the daemon has no standard input: give a file or gen:SIZE, or send without --via-daemon");
         }
@@ -494,7 +523,7 @@ fn cmd_send(a: SendArgs) -> Result<()> {
         return appliance::job_submit(sock, &req, a.json);
     }
     let psk = load_key(a.key_file.as_ref())?;
-    let req = request(&a)?;
+    let req = request(&a).map_err(|e| Usage(format!("{e:#}")))?;
     let thresholds = match &a.config {
         Some(p) => ctlplane::config::Config::load(Some(p), std::env::vars(), &[])?.thresholds(),
         None => ctlplane::mode::Thresholds::default(),
@@ -551,10 +580,34 @@ fn cmd_send(a: SendArgs) -> Result<()> {
         print!("{}", fmt::send_table(&out.report, &engine::live::rows(&out.plan, &out.switches)));
     }
     if !out.report.verified {
-        bail!("the receiver's digest did not match ours");
+        return Err(DigestMismatch.into());
     }
     Ok(())
 }
+
+/// A flag's value that does not parse (exit status 2, as clap's own usage errors).
+#[derive(Debug)]
+struct Usage(String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+/// A send the receiver did not verify (exit status 6).
+#[derive(Debug)]
+struct DigestMismatch;
+
+impl std::fmt::Display for DigestMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the receiver's digest did not match ours")
+    }
+}
+
+impl std::error::Error for DigestMismatch {}
 
 fn cmd_recv(a: RecvArgs) -> Result<()> {
     let psk = load_key(a.key_file.as_ref())?;

@@ -826,3 +826,26 @@ fn a_send_through_the_daemon_is_planned_sent_and_listed() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("no dwcp daemon answers on"), "{e}");
 }
+
+/// Exit statuses a script can tell apart: a usage error, a key file that cannot be used, a
+/// wrong key, a receiver not reached, a source that cannot be read.
+#[test]
+fn exit_codes_tell_failures_apart() {
+    let _load = light();
+    let d = tempfile::tempdir().unwrap();
+    let key = keygen(d.path());
+    let other = d.path().join("other");
+    assert!(Command::new(bin()).arg("keygen").arg(&other).status().unwrap().success());
+    let port = free_port();
+    let mut rx = receiver(&key, port, d.path().join("out").to_str().unwrap(), &[]);
+    let to = format!("127.0.0.1:{port}");
+    let code = |args: &[&str], key: &Path| Command::new(bin()).arg("send").args(args).args(["--key-file"]).arg(key).output().unwrap().status.code();
+    assert_eq!(code(&["gen:1MiB", "--to", &to, "--compress", "99"], &key), Some(2), "usage");
+    assert_eq!(code(&["gen:1MiB", "--to", &to], &d.path().join("missing-key")), Some(3), "key file");
+    assert_eq!(code(&["gen:1MiB", "--to", &to], &other), Some(4), "wrong key");
+    assert_eq!(code(&["gen:1MiB", "--to", &format!("127.0.0.1:{}", free_port())], &key), Some(5), "nobody listening");
+    assert_eq!(code(&["/nonexistent/disk.img", "--to", &to], &key), Some(9), "unreadable source");
+    assert_eq!(code(&["gen:1MiB", "--to", &to], &key), Some(0));
+    let _ = rx.kill();
+    let _ = rx.wait();
+}

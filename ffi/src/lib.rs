@@ -23,12 +23,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ctlplane::engine::plan::ModeChoice;
-use ctlplane::engine::{self, EngineError, Request, Transfer};
+use ctlplane::engine::{self, EngineError, Failure, Request, Transfer};
 use dataplane::crypto::Psk;
-use dataplane::handshake::HandshakeError;
 use dataplane::recv::{self, ReceiverHandle, RecvOptions, Sink};
-use dataplane::send::{Progress, SendError};
-use dataplane::wire::ErrorCode;
+use dataplane::send::Progress;
 
 /// What a call returned.
 #[repr(C)]
@@ -82,29 +80,15 @@ fn guard(f: impl FnOnce() -> dwcp_status) -> dwcp_status {
     }
 }
 
-fn handshake_status(e: &HandshakeError) -> dwcp_status {
-    match e {
-        HandshakeError::Closed { .. } | HandshakeError::Crypto(_) => DWCP_E_AUTH,
-        HandshakeError::Connect { .. } | HandshakeError::Timeout { .. } | HandshakeError::Io { .. } => DWCP_E_CONNECT,
-        HandshakeError::Refused { code: ErrorCode::DigestMismatch | ErrorCode::Checksum, .. } => DWCP_E_DIGEST,
-        _ => DWCP_E_RECEIVER,
-    }
-}
-
 fn engine_status(e: &EngineError) -> dwcp_status {
-    match e {
-        EngineError::Plan(_) => DWCP_E_INVALID,
-        EngineError::Source(_) | EngineError::Io { .. } => DWCP_E_IO,
-        EngineError::Probe { source, .. } => handshake_status(source),
-        EngineError::Send { source, .. } => match source {
-            SendError::Cancelled { .. } => DWCP_E_CANCELLED,
-            SendError::Setup { source, .. } => handshake_status(source),
-            SendError::Receiver { code: ErrorCode::DigestMismatch | ErrorCode::Checksum, .. } => DWCP_E_DIGEST,
-            SendError::Receiver { .. } => DWCP_E_RECEIVER,
-            SendError::AllStreamsLost { .. } | SendError::Rdma(_) => DWCP_E_CONNECT,
-            SendError::Io { .. } => DWCP_E_IO,
-            _ => DWCP_E_INVALID,
-        },
+    match e.failure() {
+        Failure::Invalid => DWCP_E_INVALID,
+        Failure::Auth => DWCP_E_AUTH,
+        Failure::Connect => DWCP_E_CONNECT,
+        Failure::Digest => DWCP_E_DIGEST,
+        Failure::Receiver => DWCP_E_RECEIVER,
+        Failure::Cancelled => DWCP_E_CANCELLED,
+        Failure::Io => DWCP_E_IO,
     }
 }
 

@@ -9,7 +9,7 @@ pub mod report;
 pub mod transfer;
 
 pub use plan::{Host, Plan, PlanError, Request, decide};
-pub use transfer::{EngineError, Outcome, Transfer, start};
+pub use transfer::{EngineError, Failure, Outcome, Transfer, start};
 
 /// This host, detected once: the cores the shards may use (all, or `cores`) and whether an
 /// RDMA device opens (and this build has the transport).

@@ -54,6 +54,57 @@ pub enum EngineError {
     },
 }
 
+/// What kind of failure an [`EngineError`] is: what a caller tells apart (the CLI's exit code,
+/// the C ABI's status).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Bad or contradictory options: a usage error.
+    Invalid,
+    /// The receiver refused the handshake: a wrong key, another version, or not dwcp.
+    Auth,
+    /// The receiver cannot be reached or stopped answering.
+    Connect,
+    /// The receiver's digest did not match, or it refused the object's bytes.
+    Digest,
+    /// The receiver ended the session for another reason (busy, refused, out of space).
+    Receiver,
+    /// Cancelled by the caller; nothing was published.
+    Cancelled,
+    /// A local file or system call failed.
+    Io,
+}
+
+fn handshake_failure(e: &HandshakeError) -> Failure {
+    use dataplane::wire::ErrorCode;
+    match e {
+        HandshakeError::Closed { .. } | HandshakeError::Crypto(_) => Failure::Auth,
+        HandshakeError::Connect { .. } | HandshakeError::Timeout { .. } | HandshakeError::Io { .. } => Failure::Connect,
+        HandshakeError::Refused { code: ErrorCode::DigestMismatch | ErrorCode::Checksum, .. } => Failure::Digest,
+        _ => Failure::Receiver,
+    }
+}
+
+impl EngineError {
+    /// What kind of failure this is.
+    pub fn failure(&self) -> Failure {
+        use dataplane::wire::ErrorCode;
+        match self {
+            EngineError::Plan(_) => Failure::Invalid,
+            EngineError::Source(_) | EngineError::Io { .. } => Failure::Io,
+            EngineError::Probe { source, .. } => handshake_failure(source),
+            EngineError::Send { source, .. } => match source {
+                SendError::Cancelled { .. } => Failure::Cancelled,
+                SendError::Setup { source, .. } => handshake_failure(source),
+                SendError::Receiver { code: ErrorCode::DigestMismatch | ErrorCode::Checksum, .. } => Failure::Digest,
+                SendError::Receiver { .. } => Failure::Receiver,
+                SendError::AllStreamsLost { .. } | SendError::Rdma(_) => Failure::Connect,
+                SendError::Io { .. } => Failure::Io,
+                _ => Failure::Invalid,
+            },
+        }
+    }
+}
+
 /// A finished send: what was planned, what happened, and the live switches.
 #[derive(Debug)]
 pub struct Outcome {
