@@ -62,7 +62,7 @@ int main(int argc, char **argv) {
     printf("wrong key: %s\n", dwcp_last_error());
 
     /* 3. Cancelled mid-transfer: DWCP_E_CANCELLED, and the receiver publishes nothing. */
-    so = send_opts(to, "gen:8GiB", "cancelled.img", key);
+    so = send_opts(to, "gen:4GiB", "cancelled.img", key);
     so.streams = 1;
     CHECK(dwcp_send_start(&so, &t) == DWCP_OK, "send start (cancel)");
     for (int i = 0; i < 2000; i++) {
