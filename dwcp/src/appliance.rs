@@ -49,13 +49,18 @@ fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
 }
 
 /// Prints the daemon's status.
+/// Exits non-zero (1) when the daemon is not ready, so a script or a health check can use it.
 pub fn status(api: &str, json: bool) -> Result<()> {
     let (code, body) = http_get(api, "/status")?;
     if code != 200 {
         bail!("{api}/status answered {code}");
     }
+    let ready = serde_json::from_str::<serde_json::Value>(&body).is_ok_and(|v| v["ready"] == true);
     if json {
         println!("{body}");
+        if !ready {
+            bail!("the daemon on {api} is not ready");
+        }
         return Ok(());
     }
     let v: serde_json::Value = serde_json::from_str(&body).context("reading /status")?;
@@ -89,6 +94,9 @@ pub fn status(api: &str, json: bool) -> Result<()> {
     for s in sessions.iter().rev().take(10) {
         let ok = if s["result"]["Ok"].is_string() { "verified".to_string() } else { format!("FAILED: {}", s["result"]["Err"].as_str().unwrap_or("")) };
         println!("    {} {} bytes in {:.2} s: {ok}", s["name"].as_str().unwrap_or("?"), s["size"], s["wall_s"].as_f64().unwrap_or(0.0));
+    }
+    if !ready {
+        bail!("the daemon on {api} is not ready (see degraded and boot above)");
     }
     Ok(())
 }

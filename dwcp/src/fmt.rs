@@ -212,6 +212,7 @@ pub fn outcome_line(o: &SessionOutcome) -> String {
 /// One receiver session result as JSON.
 pub fn outcome_json(o: &SessionOutcome) -> String {
     json!({
+        "schema": ctlplane::engine::report::SCHEMA,
         "name": o.name, "size": o.size, "received": o.received, "resumed": o.resumed,
         "wall_s": o.wall.as_secs_f64(), "verified": o.result.is_ok(),
         "digest": o.result.as_ref().ok().map(|d| hex(d)), "error": o.result.as_ref().err(),

@@ -815,6 +815,9 @@ fn a_send_through_the_daemon_is_planned_sent_and_listed() {
     assert_eq!(j["state"], "verified", "{j}");
     assert_eq!(j["result"]["plan"]["streams"], 2, "{j}");
     assert!(std::fs::read(d.path().join("out/disk.img")).unwrap() == std::fs::read(&src).unwrap(), "published byte-exact");
+    assert_eq!(j["result"]["schema"], 1, "the JSON says its schema version: {j}");
+    let st = Command::new(bin()).args(["status", "--api", &format!("127.0.0.1:{api}")]).output().unwrap();
+    assert!(st.status.success() && String::from_utf8_lossy(&st.stdout).contains("ready"), "a ready daemon's status exits 0");
     let o = Command::new(bin()).args(["job", "list", "--json", "--socket"]).arg(&sock).output().unwrap();
     let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(list[0]["name"], "disk.img", "{list}");

@@ -24,10 +24,15 @@ fn control_json(c: &dataplane::send::ControlReport) -> serde_json::Value {
     })
 }
 
+/// The version of the JSON shapes `dwcp` prints (`send --json`, `recv --json` lines, job
+/// results): raised when a field changes meaning or goes away; new fields do not raise it.
+pub const SCHEMA: u32 = 1;
+
 /// The send summary as JSON.
 pub fn json(r: &SendReport, mode: Option<serde_json::Value>) -> serde_json::Value {
     let moved = r.size - r.skipped;
     json!({
+        "schema": SCHEMA,
         "mode": mode,
         "name": r.name, "size": r.size, "skipped": r.skipped, "sent_bytes": r.sent,
         "wall_s": r.wall.as_secs_f64(), "goodput_gbps": gbps(moved, r.wall),
