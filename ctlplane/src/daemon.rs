@@ -302,11 +302,11 @@ fn probe_peers(st: &State, psk: &Psk) {
         }
         let mode = peers.modes().into_iter().find(|(n, _)| *n == p.name).map(|(_, m)| m).unwrap_or(Mode::Internet);
         for m in [Mode::Datacenter, Mode::Internet] {
-            st.metrics.peer_mode.with_label_values(&[&p.name, &format!("{m:?}").to_lowercase()]).set(f64::from(u8::from(m == mode)));
+            st.metrics.peer_mode.with_label_values(&[&p.name, m.name()]).set(f64::from(u8::from(m == mode)));
         }
         let mut ps = st.peer_status.lock().expect("peer status lock");
         if let Some(e) = ps.iter_mut().find(|e| e.name == p.name) {
-            e.mode = format!("{mode:?}").to_lowercase();
+            e.mode = mode.name().to_owned();
             let h = st.host.get();
             e.defaults = crate::mode::defaults(mode, h.is_some_and(|h| !h.rdma_devices.is_empty()), h.map_or(1, |h| h.cores), r.as_ref().ok().copied());
             e.last_rtt_ms = r.map(|d| d.as_secs_f64() * 1e3);

@@ -98,11 +98,8 @@ impl Jobs {
             Ok(r) => r,
             Err(e) => return error(400, format!("not a transfer request: {e}")),
         };
-        if req.source == "-" {
-            return error(400, "the daemon has no standard input: give a file or gen:SIZE as the source");
-        }
-        if req.to.is_empty() || req.source.is_empty() {
-            return error(400, "a transfer needs \"to\" (HOST:PORT) and \"source\" (a file or gen:SIZE)");
+        if let Err(e) = req.check_detached("the daemon") {
+            return error(400, e.to_string());
         }
         let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let id = self.with(|(next, list)| {

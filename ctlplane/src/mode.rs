@@ -19,6 +19,16 @@ pub enum Mode {
     Internet,
 }
 
+impl Mode {
+    /// Its name in output and metrics: `datacenter` or `internet`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Datacenter => "datacenter",
+            Mode::Internet => "internet",
+        }
+    }
+}
+
 /// The cluster's mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClusterMode {

@@ -207,13 +207,26 @@ impl Aead {
     fn next_mac(&mut self, data: &[u8]) -> [u8; TAG_LEN] {
         let seq = self.counter;
         self.counter += 1;
-        let mut h = blake3::Hasher::new_keyed(&self.mac);
-        h.update(&seq.to_le_bytes());
-        h.update(data);
-        let mut t = [0u8; TAG_LEN];
-        t.copy_from_slice(&h.finalize().as_bytes()[..TAG_LEN]);
-        t
+        keyed_tag(&self.mac, &[&seq.to_le_bytes(), data])
     }
+}
+
+/// Keyed BLAKE3 over `parts` in order, truncated to [`TAG_LEN`] bytes: the tag of plaintext
+/// frame parts and of RDMA chunks.
+fn keyed_tag(key: &[u8; 32], parts: &[&[u8]]) -> [u8; TAG_LEN] {
+    let mut h = blake3::Hasher::new_keyed(key);
+    for p in parts {
+        h.update(p);
+    }
+    let mut t = [0u8; TAG_LEN];
+    t.copy_from_slice(&h.finalize().as_bytes()[..TAG_LEN]);
+    t
+}
+
+/// Whether a received tag is the expected one: every byte compared, whatever the first
+/// difference (no early exit).
+fn tag_matches(want: &[u8; TAG_LEN], got: &[u8]) -> bool {
+    got.len() == TAG_LEN && want.iter().zip(got).fold(0u8, |acc, (x, y)| acc | std::hint::black_box(x ^ y)) == 0
 }
 
 /// The tag of an RDMA chunk: keyed BLAKE3 over its encoded frame header (kind, offset, length,
@@ -237,17 +250,11 @@ impl ChunkTag {
     }
     /// The tag of `header` and `payload`.
     pub fn tag(&self, header: &[u8; HEADER_LEN], payload: &[u8]) -> [u8; TAG_LEN] {
-        let mut h = blake3::Hasher::new_keyed(&self.0);
-        h.update(header);
-        h.update(payload);
-        let mut t = [0u8; TAG_LEN];
-        t.copy_from_slice(&h.finalize().as_bytes()[..TAG_LEN]);
-        t
+        keyed_tag(&self.0, &[header, payload])
     }
     /// Whether `tag` is theirs (every byte compared, whatever the first difference).
     pub fn verify(&self, header: &[u8; HEADER_LEN], payload: &[u8], tag: &[u8]) -> bool {
-        let want = self.tag(header, payload);
-        tag.len() == TAG_LEN && want.iter().zip(tag.iter()).fold(0u8, |acc, (x, y)| acc | std::hint::black_box(x ^ y)) == 0
+        tag_matches(&self.tag(header, payload), tag)
     }
 }
 
@@ -375,10 +382,7 @@ impl FrameCodec {
             Some(a) => {
                 let at = wire.len().checked_sub(TAG_LEN).ok_or(WireError::Decrypt { stream })?;
                 let (data, tag) = wire.split_at_mut(at);
-                let want = a.next_mac(data);
-                // Every byte compared, whatever the first difference (no early exit).
-                let diff = want.iter().zip(tag.iter()).fold(0u8, |acc, (x, y)| acc | std::hint::black_box(x ^ y));
-                if diff != 0 {
+                if !tag_matches(&a.next_mac(data), tag) {
                     return Err(WireError::Decrypt { stream });
                 }
                 Ok(data)

@@ -1065,7 +1065,6 @@ struct Journal {
 struct RxSession {
     name: String,
     peer: Option<std::net::IpAddr>,
-    size: Option<u64>,
     out: Out,
     /// The output directory of a directory sink, once the output is prepared: the session's
     /// partial output and journal live in its state directory (`outdir.rs`).
@@ -1360,7 +1359,7 @@ impl Coordinator {
                     }
                     Some(s) if !s.finished => {
                         s.streams_up += 1;
-                        Ok(SessionRef { id: session, size: s.size, out: s.out.clone(), activity: s.activity.clone(), gate: s.gate.clone() })
+                        Ok(SessionRef { id: session, size: s.ledger.size(), out: s.out.clone(), activity: s.activity.clone(), gate: s.gate.clone() })
                     }
                     _ => Err((ErrorCode::UnknownSession, "no open session with that id".into())),
                 };
@@ -1436,7 +1435,6 @@ impl Coordinator {
         let mut sess = RxSession {
             name: name.clone(),
             peer,
-            size,
             out: Out::Discard,
             dir: None,
             fin: None,
@@ -1520,8 +1518,8 @@ impl Coordinator {
             },
             have: sess.ledger.have().ranges(),
         };
-        let r = SessionRef { id, size: sess.size, out: sess.out.clone(), activity: sess.activity.clone(), gate: sess.gate.clone() };
-        info!(session = %hex(&id), name = %sess.name, size = ?sess.size, resumed = sess.ledger.resumed(), "session opened");
+        let r = SessionRef { id, size: sess.ledger.size(), out: sess.out.clone(), activity: sess.activity.clone(), gate: sess.gate.clone() };
+        info!(session = %hex(&id), name = %sess.name, size = ?sess.ledger.size(), resumed = sess.ledger.resumed(), "session opened");
         self.sessions.insert(id, sess);
         (welcome, r)
     }
@@ -1678,7 +1676,7 @@ impl Coordinator {
     fn interrupted(&mut self, mut s: RxSession, why: String) {
         s.flush_journal();
         // A stream of unknown size (a pipe) cannot be resumed: its partial output only takes space.
-        let keep = s.dir.is_some() && s.size.is_some() && !self.limits.keep_partial.is_zero();
+        let keep = s.dir.is_some() && s.ledger.size().is_some() && !self.limits.keep_partial.is_zero();
         if !keep {
             s.discard_output();
         }
@@ -1686,14 +1684,14 @@ impl Coordinator {
         let msg = format!(
             "interrupted: {why}; {} of {} bytes placed{}",
             s.ledger.have().covered(),
-            s.size.map_or("?".into(), |v| v.to_string()),
+            s.ledger.size().map_or("?".into(), |v| v.to_string()),
             if keep { ", partial output kept for --resume" } else { "" }
         );
         warn!(name = %s.name, "{msg}");
         let _ = self.outcomes.send(SessionOutcome {
             name: s.name.clone(),
             peer: s.peer,
-            size: s.size.unwrap_or(0),
+            size: s.ledger.size().unwrap_or(0),
             received: s.ledger.received(),
             resumed: s.ledger.resumed(),
             // Interrupted: no commit came, so the data phase is all of it.
@@ -1746,7 +1744,7 @@ fn prepare(dir: &Arc<OutDir>, sess: &mut RxSession, p: &Prepare) -> Result<(), (
 
 fn prepare_files(dir: &Arc<OutDir>, sess: &mut RxSession, p: &Prepare) -> Result<(), (ErrorCode, String)> {
     let &Prepare { jh, resume, round, hde } = p;
-    let (chunk_size, size, name) = (jh.chunk_size, sess.size, sess.name.clone());
+    let (chunk_size, size, name) = (jh.chunk_size, sess.ledger.size(), sess.name.clone());
     let part = dir.temp_path(&name, Kind::Part);
     let jpath = dir.temp_path(&name, Kind::Journal);
     let storage = |what: &str, p: &PathBuf, e: std::io::Error| (ErrorCode::Storage, format!("{what} {}: {e}", p.display()));
@@ -1868,11 +1866,8 @@ impl RxSession {
     }
 
     fn verify_and_publish(&mut self, commit: wire::Commit) -> Result<[u8; 32], (ErrorCode, String)> {
-        if let Some(sz) = self.size
-            && sz != commit.size
-        {
-            return Err((ErrorCode::DigestMismatch, format!("commit declares {} bytes but the session opened with {sz}", commit.size)));
-        }
+        // The size first: a commit of another size is named as such, whatever else is wrong.
+        self.ledger.check_size(&commit)?;
         if let Some(why) = &self.out_failed {
             return Err((ErrorCode::Storage, why.clone()));
         }

@@ -37,15 +37,21 @@ pub fn run(config: Option<PathBuf>, listen: Option<String>, api: Option<String>,
     }
 }
 
-fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(addr).with_context(|| format!("no dwcp daemon answers on {addr} (is it running? is api.listen there?)"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+/// One HTTP/1.0 exchange on a connected stream: the request's head and body out, the status
+/// code and body back.
+fn exchange(mut s: impl Read + Write, head: &str, body: &str) -> Result<(u16, String)> {
+    write!(s, "{head}\r\n\r\n{body}")?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
     Ok((code, body))
+}
+
+fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
+    let s = std::net::TcpStream::connect(addr).with_context(|| format!("no dwcp daemon answers on {addr} (is it running? is api.listen there?)"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    exchange(s, &format!("GET {path} HTTP/1.0\r\nHost: {addr}"), "")
 }
 
 /// Prints the daemon's status.
@@ -110,14 +116,11 @@ pub fn check(file: &std::path::Path) -> Result<()> {
 
 /// One HTTP/1.0 request on the daemon's jobs socket: status and JSON body.
 fn job_http(sock: &std::path::Path, method: &str, path: &str, body: &str) -> Result<(u16, serde_json::Value)> {
-    let mut s = std::os::unix::net::UnixStream::connect(sock)
+    let s = std::os::unix::net::UnixStream::connect(sock)
         .with_context(|| format!("no dwcp daemon answers on {} (is it running with api.socket set? may you open the socket?)", sock.display()))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(s, "{method} {path} HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let v = serde_json::from_str(out.split_once("\r\n\r\n").map_or("", |(_, b)| b)).with_context(|| format!("{method} {path}: not JSON"))?;
+    let (code, out) = exchange(s, &format!("{method} {path} HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}", body.len()), body)?;
+    let v = serde_json::from_str(&out).with_context(|| format!("{method} {path}: not JSON"))?;
     Ok((code, v))
 }
 

@@ -513,9 +513,7 @@ fn request(a: &SendArgs) -> Result<Request> {
 fn cmd_send(a: SendArgs) -> Result<()> {
     if let Some(sock) = &a.via_daemon {
         let mut req = request(&a).map_err(|e| Usage(format!("{e:#}")))?;
-        if req.source == "-" {
-            bail!("the daemon has no standard input: give a file or gen:SIZE, or send without --via-daemon");
-        }
+        req.check_detached("the daemon").map_err(|e| anyhow::anyhow!("{e}, or send without --via-daemon"))?;
         // The daemon reads the file from its own working directory: name it absolutely.
         if !req.source.starts_with("gen:") {
             req.source = std::path::absolute(&req.source).with_context(|| format!("cannot name {} absolutely", req.source))?.display().to_string();

@@ -210,12 +210,7 @@ fn request(o: &dwcp_send_options) -> Result<(Request, String), String> {
     if o.chunk_size > 0 {
         r.chunk_size = Some(o.chunk_size);
     }
-    if r.to.is_empty() || r.source.is_empty() {
-        return Err("to and source are required".into());
-    }
-    if r.source == "-" {
-        return Err("libdwcp has no standard input to send: give a file or gen:SIZE".into());
-    }
+    r.check_detached("libdwcp").map_err(|e| e.to_string())?;
     Ok((r, key))
 }
 

@@ -34,14 +34,6 @@ pub struct SwitchRecord {
     pub gbps: f64,
 }
 
-/// The mode's name.
-pub fn name(m: Mode) -> &'static str {
-    match m {
-        Mode::Datacenter => "datacenter",
-        Mode::Internet => "internet",
-    }
-}
-
 /// Runs `live` over the transfer's `progress` until `stop` is set; returns the switches.
 pub fn spawn(mut live: Live, progress: Arc<Progress>, stop: Arc<AtomicBool>, fixed_streams: bool) -> JoinHandle<Vec<SwitchRecord>> {
     std::thread::spawn(move || {
@@ -70,7 +62,7 @@ pub fn spawn(mut live: Live, progress: Arc<Progress>, stop: Arc<AtomicBool>, fix
                     rtt_ms: d.sample.rtt.as_secs_f64() * 1e3,
                     gbps: d.sample.bw_bps / 1e9,
                 };
-                tracing::info!(from = name(r.from), to = name(r.to), active = r.active, rtt_ms = r.rtt_ms, gbps = r.gbps, "mode switch during the transfer");
+                tracing::info!(from = r.from.name(), to = r.to.name(), active = r.active, rtt_ms = r.rtt_ms, gbps = r.gbps, "mode switch during the transfer");
                 out.push(r);
             }
             let t = Instant::now();
@@ -91,13 +83,13 @@ pub fn spawn(mut live: Live, progress: Arc<Progress>, stop: Arc<AtomicBool>, fix
 pub fn rows(p: &Plan, switches: &[SwitchRecord]) -> Vec<(&'static str, String)> {
     let bw = p.probe_gbps.map_or("bandwidth not measured".to_string(), |g| format!("{g:.2} Gbit/s"));
     let mut v = vec![
-        ("mode", format!("{} ({})", name(p.mode), if p.forced { "--mode" } else if p.live { "auto" } else { "auto, loopback" })),
+        ("mode", format!("{} ({})", p.mode.name(), if p.forced { "--mode" } else if p.live { "auto" } else { "auto, loopback" })),
         ("probe", format!("rtt {:.3} ms, {bw}", p.probe_rtt_us as f64 / 1e3)),
         ("active", format!("{} of {} streams at the start (the rest parked for a switch)", p.active, p.streams)),
         ("why enc.", p.why.get("encrypt").cloned().unwrap_or_default()),
     ];
     for s in switches {
-        v.push(("switched", format!("{} -> {} at {:.1} s (rtt {:.2} ms, {:.2} Gbit/s): {} streams active", name(s.from), name(s.to), s.at_s, s.rtt_ms, s.gbps, s.active)));
+        v.push(("switched", format!("{} -> {} at {:.1} s (rtt {:.2} ms, {:.2} Gbit/s): {} streams active", s.from.name(), s.to.name(), s.at_s, s.rtt_ms, s.gbps, s.active)));
     }
     v
 }
@@ -105,13 +97,13 @@ pub fn rows(p: &Plan, switches: &[SwitchRecord]) -> Vec<(&'static str, String)> 
 /// The `mode` object of a send's JSON.
 pub fn json(p: &Plan, switches: &[SwitchRecord]) -> serde_json::Value {
     json!({
-        "how": if p.forced { format!("{} (--mode)", name(p.mode)) } else { "auto".to_string() },
+        "how": if p.forced { format!("{} (--mode)", p.mode.name()) } else { "auto".to_string() },
         "live": p.live,
-        "initial": name(p.mode),
+        "initial": p.mode.name(),
         "probe_rtt_us": p.probe_rtt_us,
         "probe_gbps": p.probe_gbps,
         "opened": p.streams, "active": p.active,
         "encryption": p.why.get("encrypt"),
-        "switches": switches.iter().map(|s| json!({"at_s": s.at_s, "from": name(s.from), "to": name(s.to), "active": s.active, "rtt_ms": s.rtt_ms, "gbps": s.gbps.is_finite().then_some(s.gbps)})).collect::<Vec<_>>(),
+        "switches": switches.iter().map(|s| json!({"at_s": s.at_s, "from": s.from.name(), "to": s.to.name(), "active": s.active, "rtt_ms": s.rtt_ms, "gbps": s.gbps.is_finite().then_some(s.gbps)})).collect::<Vec<_>>(),
     })
 }

@@ -142,7 +142,8 @@ pub struct Request {
     pub notsent_lowat: Option<u32>,
     /// Zero-copy sends.
     pub zerocopy: Choice,
-    /// A stream with no acknowledgement for this long is dead, milliseconds (default 30 s).
+    /// A stream with no acknowledgement for this long is dead, milliseconds (default 30 s; see
+    /// [`Request::idle_timeout`]).
     pub idle_timeout_ms: Option<u64>,
     /// Cores for the shard threads.
     pub cores: Option<Vec<usize>>,
@@ -176,6 +177,25 @@ pub struct Request {
     pub rdma_qps: u16,
     /// RDMA completions by events instead of busy polling.
     pub rdma_event: bool,
+}
+
+impl Request {
+    /// How long a stream may go without an acknowledgement.
+    pub fn idle_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.idle_timeout_ms.unwrap_or(30_000))
+    }
+
+    /// Checks a request made for someone with no terminal (`who`: the daemon, libdwcp): a
+    /// receiver and a source are given, and the source is not standard input.
+    pub fn check_detached(&self, who: &str) -> Result<(), PlanError> {
+        if self.source == "-" {
+            return Err(PlanError::Invalid(format!("{who} has no standard input: give a file or gen:SIZE as the source")));
+        }
+        if self.to.is_empty() || self.source.is_empty() {
+            return Err(PlanError::Invalid("a transfer needs \"to\" (HOST:PORT) and \"source\" (a file or gen:SIZE)".into()));
+        }
+        Ok(())
+    }
 }
 
 /// What the host has, detected once and passed down.
@@ -325,13 +345,6 @@ pub fn qemu_window(probe: &PathEstimate, chunk: u32, active: u16) -> usize {
     ((2.0 * bdp / (f64::from(active.max(1)) * f64::from(chunk))).ceil() as usize).clamp(least, 32)
 }
 
-fn mode_name(m: Mode) -> &'static str {
-    match m {
-        Mode::Datacenter => "datacenter",
-        Mode::Internet => "internet",
-    }
-}
-
 /// Decides every knob of a send from the request, the host, the source and the probe.
 pub fn decide(req: &Request, host: Host, src: SourceFacts, probe: &PathEstimate, t: Thresholds) -> Result<Plan, PlanError> {
     let mut why = BTreeMap::new();
@@ -371,9 +384,9 @@ pub fn decide(req: &Request, host: Host, src: SourceFacts, probe: &PathEstimate,
 
     // Streams: a fixed count is never parked; otherwise enough are opened for either mode (and
     // PBA's trials), and the mode's count is active.
-    let trials = req.streams.is_none() && !src.stdin;
-    // A loopback path never switches, and PBA's trials there only gave their streams back.
-    let trials = trials && !src.loopback;
+    // PBA's trials: not for a fixed count, a producer on standard input, or a loopback path
+    // (which never switches, and where the trials only gave their streams back).
+    let trials = req.streams.is_none() && !src.stdin && !src.loopback;
     let (streams, active) = match (req.streams, forced) {
         (Some(n), _) => (n, n),
         (None, Some(_)) => (d.streams, d.streams),
@@ -384,8 +397,8 @@ pub fn decide(req: &Request, host: Host, src: SourceFacts, probe: &PathEstimate,
         "streams",
         match req.streams {
             Some(_) => "fixed (--streams)".into(),
-            None if streams > active => format!("{active} active ({} mode, {} cores); {streams} opened so a mode switch or PBA's trials never reconnect", mode_name(mode), host.cores),
-            None => format!("{} mode, {} cores", mode_name(mode), host.cores),
+            None if streams > active => format!("{active} active ({} mode, {} cores); {streams} opened so a mode switch or PBA's trials never reconnect", mode.name(), host.cores),
+            None => format!("{} mode, {} cores", mode.name(), host.cores),
         },
     );
 
@@ -400,16 +413,16 @@ pub fn decide(req: &Request, host: Host, src: SourceFacts, probe: &PathEstimate,
         "transport",
         match req.transport {
             TransportChoice::Auto if transport == Transport::Rdma => "datacenter mode and an RDMA device here (TCP if the receiver has none)".into(),
-            TransportChoice::Auto => format!("{} mode{}", mode_name(mode), if host.rdma { "" } else { ", no RDMA device here" }),
+            TransportChoice::Auto => format!("{} mode{}", mode.name(), if host.rdma { "" } else { ", no RDMA device here" }),
             _ => "forced (--transport)".into(),
         },
     );
     let encrypt_asked = if req.transport == TransportChoice::Rdma { req.encrypt.or(Some(false)) } else { req.encrypt };
     let (encrypt, why_enc) = match encrypt_asked {
         Some(e) => (e, if e { "on (--encrypt)".to_string() } else { "off (--no-encrypt, or --transport rdma)".to_string() }),
-        None if d.encrypt => (true, format!("on ({} mode)", mode_name(mode))),
-        None if probe.plaintext_ok => (false, format!("off ({} mode; peers still authenticated, frames tagged)", mode_name(mode))),
-        None => (true, format!("on ({} mode would send plaintext, but the receiver requires encryption)", mode_name(mode))),
+        None if d.encrypt => (true, format!("on ({} mode)", mode.name())),
+        None if probe.plaintext_ok => (false, format!("off ({} mode; peers still authenticated, frames tagged)", mode.name())),
+        None => (true, format!("on ({} mode would send plaintext, but the receiver requires encryption)", mode.name())),
     };
     why.insert("encrypt", why_enc);
 
@@ -434,11 +447,11 @@ pub fn decide(req: &Request, host: Host, src: SourceFacts, probe: &PathEstimate,
         "hde",
         match (req.hde, hde_on) {
             (Choice::Auto, _) if later_round => "on: a delta round".into(),
-            (Choice::Auto, true) => format!("on: a whole-page image in {} mode", mode_name(mode)),
+            (Choice::Auto, true) => format!("on: a whole-page image in {} mode", mode.name()),
             (Choice::Auto, false) if !image => "off: not a whole-page image".into(),
             (Choice::Auto, false) if req.resume => "off: resuming".into(),
             (Choice::Auto, false) if transport == Transport::Rdma => "off: RDMA carries raw chunks".into(),
-            (Choice::Auto, false) => format!("off: {} mode does not compress", mode_name(mode)),
+            (Choice::Auto, false) => format!("off: {} mode does not compress", mode.name()),
             _ => "forced (--hde)".into(),
         },
     );
@@ -471,7 +484,7 @@ pub fn decide(req: &Request, host: Host, src: SourceFacts, probe: &PathEstimate,
         AcpChoice::Delay => "delay",
         AcpChoice::BbrModel => "bbr-model",
     };
-    why.insert("acp", if req.acp == AcpChoice::Auto { format!("{} mode", mode_name(mode)) } else { "forced (--acp)".into() });
+    why.insert("acp", if req.acp == AcpChoice::Auto { format!("{} mode", mode.name()) } else { "forced (--acp)".into() });
     let initial_window = match req.initial_window {
         None => (acp != "off").then_some(dataplane::send::FIRST_WINDOW),
         Some(0) => None,

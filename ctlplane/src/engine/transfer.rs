@@ -15,7 +15,7 @@ use dataplane::source::Source;
 
 use super::live::{self, SwitchRecord};
 use super::plan::{self, Choice, Effort, Host, Plan, PlanError, Request, SourceFacts};
-use crate::mode::{Live, Thresholds, Transport};
+use crate::mode::{Live, Thresholds};
 
 /// Why a send could not start or did not finish.
 #[derive(Debug, thiserror::Error)]
@@ -170,10 +170,10 @@ pub fn send_options(req: &Request, plan: &Plan, probe: &PathEstimate, psk: Psk, 
         Choice::Off => ZeroCopy::Off,
         Choice::Auto => ZeroCopy::Auto,
     };
-    o.idle_timeout = Duration::from_millis(req.idle_timeout_ms.unwrap_or(30_000));
+    o.idle_timeout = req.idle_timeout();
     o.cores = req.cores.clone();
     #[cfg(feature = "rdma")]
-    if plan.transport == Transport::Rdma {
+    if plan.transport == crate::mode::Transport::Rdma {
         o.rdma = Some(send::RdmaOptions {
             device: req.rdma_device.clone(),
             qps: req.rdma_qps,
@@ -181,8 +181,6 @@ pub fn send_options(req: &Request, plan: &Plan, probe: &PathEstimate, psk: Psk, 
             fault: None,
         });
     }
-    #[cfg(not(feature = "rdma"))]
-    let _ = Transport::Rdma;
     if let Some(h) = plan.hde {
         let round_of = match &req.round_of {
             Some(p) => Some(Arc::new(
@@ -235,7 +233,7 @@ pub fn start(req: Request, psk: Psk, host: Host, t: Thresholds, tweak: impl FnOn
     // Stream 0 connects, encrypted, while the probe runs: on a long path that saves the two
     // round trips of its connection and key exchange. Unused, it is closed before its Hello.
     let early0 = plan::early_stream_zero(&req).then(|| {
-        let (to, psk, idle) = (req.to.clone(), psk.clone(), Duration::from_millis(req.idle_timeout_ms.unwrap_or(30_000)));
+        let (to, psk, idle) = (req.to.clone(), psk.clone(), req.idle_timeout());
         std::thread::spawn(move || handshake::connect(&to, &psk, true, 0, idle))
     });
     let est = probe::measure(&req.to, &psk, probe_options(&req, t)).map_err(|source| EngineError::Probe { to: req.to.clone(), source })?;

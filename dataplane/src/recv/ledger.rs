@@ -110,6 +110,14 @@ impl Ledger {
         self.size
     }
 
+    /// Whether `commit` declares the size the session opened with (when it opened with one).
+    pub fn check_size(&self, commit: &Commit) -> Result<(), Refusal> {
+        match self.size {
+            Some(sz) if sz != commit.size => Err((ErrorCode::DigestMismatch, format!("commit declares {} bytes but the session opened with {sz}", commit.size))),
+            _ => Ok(()),
+        }
+    }
+
     /// The verdict on `commit` from what was placed: the whole-object digest over the placed
     /// chunks' checksums when every byte of the declared size is covered and the size is the
     /// one the session opened with; a refusal naming what is wrong otherwise. A ledger gives at
@@ -120,11 +128,7 @@ impl Ledger {
         if std::mem::replace(&mut self.committed, true) {
             return Err((ErrorCode::Refused, "this session already committed".into()));
         }
-        if let Some(sz) = self.size
-            && sz != commit.size
-        {
-            return Err((ErrorCode::DigestMismatch, format!("commit declares {} bytes but the session opened with {sz}", commit.size)));
-        }
+        self.check_size(commit)?;
         let mut m = ManifestDigest::default();
         for (&o, &(l, s)) in &self.records {
             m.add(o, l, s);
