@@ -24,8 +24,13 @@ define apt_install
 	fi
 endef
 
+# rust-toolchain.toml pins the toolchain; rustup installs it when missing (about 10 s: the
+# minimal profile with rustfmt and clippy).
+TOOLCHAIN := $(shell sed -n 's/^channel = "\(.*\)"/\1/p' rust-toolchain.toml)
 deps:
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
+	@if command -v rustup >/dev/null && ! rustup toolchain list | grep -q "^$(TOOLCHAIN)-"; then \
+	  rustup toolchain install $(TOOLCHAIN) --profile minimal --component rustfmt,clippy; fi
 	$(call apt_install,$(BUILD_PKGS))
 
 bench-deps: deps

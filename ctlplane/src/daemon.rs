@@ -302,7 +302,7 @@ fn probe_peers(st: &State, psk: &Psk) {
         }
         let mode = peers.modes().into_iter().find(|(n, _)| *n == p.name).map(|(_, m)| m).unwrap_or(Mode::Internet);
         for m in [Mode::Datacenter, Mode::Internet] {
-            st.metrics.peer_mode.with_label_values(&[&p.name, m.name()]).set(f64::from(u8::from(m == mode)));
+            st.metrics.peer_mode.with_label_values(&[p.name.as_str(), m.name()]).set(f64::from(u8::from(m == mode)));
         }
         let mut ps = st.peer_status.lock().expect("peer status lock");
         if let Some(e) = ps.iter_mut().find(|e| e.name == p.name) {
@@ -440,7 +440,7 @@ pub fn run(config: Config, parallel: bool) -> Result<Daemon, BootError> {
             crate::boot::Outcome::Degraded(_) => "degraded",
             _ => "other",
         };
-        state.metrics.component_seconds.with_label_values(&[&r.name, &format!("{:?}", r.phase), outcome]).set(r.took.as_secs_f64());
+        state.metrics.component_seconds.with_label_values(&[r.name.as_str(), &format!("{:?}", r.phase), outcome]).set(r.took.as_secs_f64());
         if outcome == "degraded" {
             state.metrics.degraded.with_label_values(&[&r.name]).set(1.0);
         }
