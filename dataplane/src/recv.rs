@@ -47,6 +47,10 @@ pub enum Sink {
     Dir(PathBuf),
     /// Standard output, in order (one session at a time).
     Stdout,
+    /// A Unix socket this receiver connects to when a session starts, written in order (one
+    /// session at a time): a destination QEMU's `-incoming unix:PATH`, or the socket libvirt's
+    /// `--listen-address` names.
+    Unix(PathBuf),
     /// Verified, then dropped (benchmarks).
     Discard,
 }
@@ -255,7 +259,9 @@ impl WriteGate {
 enum Out {
     File(Arc<File>),
     Discard,
-    Stdout,
+    /// An ordered stream (standard output or a Unix socket): chunks go to the coordinator, which
+    /// writes them in order.
+    Ordered,
     /// HDE frames: decoded by the shard that read them, into the shared mapped output.
     Hde(Arc<HdeImage>),
 }
@@ -381,7 +387,7 @@ pub fn start(opts: RecvOptions) -> Result<ReceiverHandle, RecvError> {
             .name("dwcp-coordinator".into())
             .spawn(move || {
                 let storage = Storage::start(nshards.max(2));
-                Coordinator { sink, outdir, limits, sessions: HashMap::new(), busy: HashMap::new(), shards: shard_txs, outcomes: out_tx, epoch, storage }.run(coord_rx, &stop)
+                Coordinator { sink, outdir, limits, ordered: None, sessions: HashMap::new(), busy: HashMap::new(), shards: shard_txs, outcomes: out_tx, epoch, storage }.run(coord_rx, &stop)
             })
             .expect("spawn coordinator")
     };
@@ -529,7 +535,7 @@ fn admit(
                 let why_not = match (&opts.rdma, encrypted, &s.out) {
                     (None, _, _) => Some("RDMA is off at this receiver".to_string()),
                     (_, true, _) => Some("the session is encrypted, and the RDMA path is plaintext".into()),
-                    (_, _, Out::Stdout) => Some("a stdout sink".into()),
+                    (_, _, Out::Ordered) => Some("a stream sink (standard output or a Unix socket)".into()),
                     (_, _, Out::Hde(_)) => Some("HDE frames are decoded by the receiver's shards, over TCP".into()),
                     (Some(ro), _, _) => match rdma::grant(ro) {
                         Ok(g) => {
@@ -978,7 +984,7 @@ impl RxShard {
                             s.acks.push(h.offset);
                             self.ring.free(buf);
                         }
-                        Out::Stdout => {
+                        Out::Ordered => {
                             let data = plain.to_vec();
                             let _ = self.coord.send(ToCoord::Deliver { session: s.sess.id, offset: h.offset, data, sum: h.checksum, from });
                             self.ring.free(buf);
@@ -1083,7 +1089,7 @@ struct RxSession {
     hde: Option<Box<HdeRx>>,
     /// Page-aware QEMU streams: the decoder rebuilding QEMU's bytes.
     qemu: Option<Box<crate::qemu::Decoder>>,
-    /// Why standard output gets nothing more (a stream that did not rebuild, a reader gone).
+    /// Why the ordered output gets nothing more (a stream that did not rebuild, a reader gone).
     out_failed: Option<String>,
     /// Standard output's chunks, put back in order.
     reorder: reorder::Reorder<StreamAddr>,
@@ -1264,6 +1270,37 @@ struct Coordinator {
     outcomes: Sender<SessionOutcome>,
     epoch: Instant,
     storage: Storage,
+    /// The ordered output of the one stream session that has it.
+    ordered: Option<Ordered>,
+}
+
+/// The ordered output (standard output or a connected Unix socket) and the session writing it.
+struct Ordered {
+    session: [u8; 16],
+    /// `standard output` or `unix:PATH`, for messages.
+    what: String,
+    to: OrderedTo,
+}
+
+enum OrderedTo {
+    Stdout,
+    Socket(std::os::unix::net::UnixStream),
+}
+
+impl Ordered {
+    /// Writes all of `b` and flushes: standard output is line-buffered, so the bytes after the
+    /// last newline would wait for the next write, and a migration's last bytes are what the
+    /// destination QEMU waits for to resume the guest.
+    fn write_now(&mut self, b: &[u8]) -> std::io::Result<()> {
+        match &mut self.to {
+            OrderedTo::Stdout => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(b)?;
+                out.flush()
+            }
+            OrderedTo::Socket(s) => s.write_all(b),
+        }
+    }
 }
 
 /// A session at a storage worker.
@@ -1460,7 +1497,7 @@ impl Coordinator {
             (Sink::Dir(_), Some(sz)) if sz % crate::hde::PAGE as u64 == 0 && (chunk_size as usize).is_multiple_of(crate::hde::PAGE) && !resume => None,
             (Sink::Dir(_), _) if resume => Some("HDE sessions cannot resume yet".into()),
             (Sink::Dir(_), _) => Some("HDE needs a known size and chunk size of whole 4 KiB pages".into()),
-            _ => Some("HDE decodes into a file, and this receiver writes to standard output or discards".into()),
+            _ => Some("HDE decodes into a file, and this receiver writes a stream or discards".into()),
         };
         let hde = why_not_hde.is_none();
         if round && let Some(why) = why_not_hde {
@@ -1468,14 +1505,25 @@ impl Coordinator {
         }
         match &self.sink {
             Sink::Discard => {}
-            Sink::Stdout => {
+            Sink::Stdout | Sink::Unix(_) => {
+                let what = match &self.sink {
+                    Sink::Unix(p) => format!("unix:{}", p.display()),
+                    _ => "standard output".into(),
+                };
                 if resume {
-                    return Err((ErrorCode::Refused, "this receiver writes to standard output and cannot resume".into()));
+                    return Err((ErrorCode::Refused, format!("this receiver writes to {what} and cannot resume")));
                 }
-                if self.sessions.values().any(|s| matches!(s.out, Out::Stdout) && !s.finished) {
-                    return Err((ErrorCode::Refused, "this receiver writes to standard output and is busy with another session".into()));
+                if self.sessions.values().any(|s| matches!(s.out, Out::Ordered) && !s.finished) {
+                    return Err((ErrorCode::Refused, format!("this receiver writes to {what} and is busy with another session")));
                 }
-                sess.out = Out::Stdout;
+                let to = match &self.sink {
+                    Sink::Unix(p) => OrderedTo::Socket(std::os::unix::net::UnixStream::connect(p).map_err(|e| {
+                        (ErrorCode::Storage, format!("cannot connect to {what}: {e} (start its reader first: QEMU with -incoming unix:{})", p.display()))
+                    })?),
+                    _ => OrderedTo::Stdout,
+                };
+                self.ordered = Some(Ordered { session: id, what, to });
+                sess.out = Out::Ordered;
                 if codecs & wire::CODEC_QEMU != 0 {
                     let dec = crate::qemu::Decoder::new().map_err(|e| (ErrorCode::Internal, e.to_string()))?;
                     sess.qemu = Some(Box::new(dec));
@@ -1575,17 +1623,16 @@ impl Coordinator {
                 return;
             }
         }
-        let mut out = std::io::stdout().lock();
+        let Some(out) = self.ordered.as_mut().filter(|o| o.session == session) else {
+            s.out_failed = Some("the session has no ordered output".into());
+            return;
+        };
         while let Some((off, reorder::Held { data: d, sum, ack })) = s.reorder.pop() {
             // A page-aware stream is rebuilt first; only verified bytes are written.
             let mut rebuilt = Vec::new();
             // A reader gone (a destination QEMU that exited) ends the session now, so the
             // sender fails at once instead of stalling on chunks nobody acknowledges.
-            let reader_gone = |e: std::io::Error| (ErrorCode::Storage, format!("writing standard output: {e} (the program reading it stopped)"));
-            // Standard output is line-buffered: the bytes after the last newline (up to 1 KiB)
-            // would wait for the next write or the session's end, and a migration's last bytes
-            // are what the destination QEMU waits for to resume the guest.
-            let mut write_now = |b: &[u8]| out.write_all(b).and_then(|()| out.flush()).map_err(reader_gone);
+            let mut write_now = |b: &[u8]| out.write_now(b).map_err(|e| (ErrorCode::Storage, format!("writing {}: {e} (the program reading it stopped)", out.what)));
             let written = match (&s.out_failed, s.qemu.as_deref_mut()) {
                 (Some(_), _) => Ok(()),
                 (None, None) => write_now(&d),
@@ -1616,6 +1663,10 @@ impl Coordinator {
         let data_wall = s.started.elapsed();
         if s.dir.is_none() {
             let r = s.verify_and_publish(commit);
+            // The stream is whole (or never will be): its reader sees the end now.
+            if self.ordered.as_ref().is_some_and(|o| o.session == session) {
+                self.ordered = None;
+            }
             let s = self.sessions.remove(&session).expect("present");
             return self.committed(session, s, commit, r, from, data_wall);
         }
@@ -1675,6 +1726,11 @@ impl Coordinator {
 
     fn interrupted(&mut self, mut s: RxSession, why: String) {
         s.flush_journal();
+        // An ordered output's reader sees the stream end (a destination QEMU fails its incoming
+        // migration) rather than wait for bytes that will not come.
+        if matches!(s.out, Out::Ordered) {
+            self.ordered = None;
+        }
         // A stream of unknown size (a pipe) cannot be resumed: its partial output only takes space.
         let keep = s.dir.is_some() && s.ledger.size().is_some() && !self.limits.keep_partial.is_zero();
         if !keep {
@@ -1924,9 +1980,6 @@ impl RxSession {
             dir.publish(&self.name).map_err(|e| storage("publishing", e))?;
             dir.remove(&self.name, Kind::Journal);
             self.journal = None;
-        }
-        if matches!(self.out, Out::Stdout) {
-            let _ = std::io::stdout().flush();
         }
         Ok(digest)
     }

@@ -1122,7 +1122,11 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
         if !source.seekable() {
             let shared = &shared;
             let chunk = opts.chunk_size as usize;
-            sc.spawn(move || read_stdin(stdin_tx, chunk, shared, qemu_enc));
+            let input = match &source {
+                Source::Stream { input, .. } => input.clone(),
+                _ => unreachable!("only a stream is not seekable"),
+            };
+            sc.spawn(move || read_stream(&input, stdin_tx, chunk, shared, qemu_enc));
         } else {
             drop(stdin_tx);
         }
@@ -1325,11 +1329,15 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
     })
 }
 
-/// Reads stdin into chunks; at end of input, fixes the chunk count. With a page-aware encoder,
-/// the chunks carry its output: QEMU's bytes go through it as they arrive, and a batch is closed
-/// whenever QEMU pauses, so nothing it wrote waits for more.
-fn read_stdin(tx: crossbeam_channel::Sender<Chunk>, chunk: usize, shared: &Shared, mut enc: Option<crate::qemu::Encoder>) {
-    let mut stdin = std::io::stdin().lock();
+/// Reads an ordered stream (stdin or a Unix socket) into chunks; at end of input, fixes the chunk
+/// count. With a page-aware encoder, the chunks carry its output: QEMU's bytes go through it as
+/// they arrive, and a batch is closed whenever QEMU pauses, so nothing it wrote waits for more.
+fn read_stream(input: &crate::source::Input, tx: crossbeam_channel::Sender<Chunk>, chunk: usize, shared: &Shared, mut enc: Option<crate::qemu::Encoder>) {
+    let mut stdin: Box<dyn Read> = match input {
+        crate::source::Input::Stdin => Box::new(std::io::stdin().lock()),
+        crate::source::Input::Socket(s) => Box::new(&**s),
+    };
+    let what = input.describe();
     let mut offset = 0u64;
     let mut n = 0u64;
     let mut pending: Vec<u8> = Vec::new();
@@ -1356,7 +1364,7 @@ fn read_stdin(tx: crossbeam_channel::Sender<Chunk>, chunk: usize, shared: &Share
                         }
                         Ok(k) => filled += k,
                         Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(err) => return fail(format!("reading standard input: {err}")),
+                        Err(err) => return fail(format!("reading {what}: {err}")),
                     }
                 }
                 buf.truncate(filled);
@@ -1367,7 +1375,7 @@ fn read_stdin(tx: crossbeam_channel::Sender<Chunk>, chunk: usize, shared: &Share
             let k = match stdin.read(&mut input) {
                 Ok(k) => k,
                 Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(err) => return fail(format!("reading standard input: {err}")),
+                Err(err) => return fail(format!("reading {what}: {err}")),
             };
             if k == 0 {
                 e.finish();

@@ -1,6 +1,8 @@
-//! What a sender reads from: a memory-mapped file, standard input, or a generated VM-like image.
+//! What a sender reads from: a memory-mapped file, an ordered stream (standard input, or a Unix
+//! socket a producer such as QEMU connects to), or a generated VM-like image.
 
 use std::fs::File;
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -9,6 +11,47 @@ use xxhash_rust::xxh3::xxh3_64;
 
 /// Page size the generator works in.
 pub const PAGE: usize = 4096;
+
+/// Where an ordered stream is read from.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// Standard input.
+    Stdin,
+    /// The one connection accepted on a Unix socket (`unix:PATH`): QEMU's `migrate unix:PATH`,
+    /// or libvirt's `--migrateuri unix://PATH`.
+    Socket(Arc<UnixStream>),
+}
+
+impl Input {
+    /// What it is, for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Input::Stdin => "standard input".into(),
+            Input::Socket(s) => match s.local_addr().ok().and_then(|a| a.as_pathname().map(|p| p.display().to_string())) {
+                Some(p) => format!("the connection on unix:{p}"),
+                None => "the Unix socket connection".into(),
+            },
+        }
+    }
+}
+
+/// Binds a Unix socket at `path` and accepts one connection on it; the socket file is removed
+/// once it is accepted (nobody else can join the stream). A stale socket left at `path` is
+/// replaced; any other file there is refused.
+pub fn accept_unix(path: &Path) -> std::io::Result<UnixStream> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(md) = std::fs::symlink_metadata(path) {
+        if !md.file_type().is_socket() {
+            return Err(std::io::Error::new(std::io::ErrorKind::AlreadyExists, format!("{} exists and is not a socket", path.display())));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let l = std::os::unix::net::UnixListener::bind(path)?;
+    tracing::info!(path = %path.display(), "waiting for the stream's producer to connect");
+    let accepted = l.accept();
+    let _ = std::fs::remove_file(path);
+    Ok(accepted?.0)
+}
 
 /// A sender's source of bytes.
 #[derive(Debug)]
@@ -24,10 +67,12 @@ pub enum Source {
         /// Identity: hash of name, size, mtime and inode.
         id: u64,
     },
-    /// Standard input, an ordered byte stream of unknown size.
-    Stdin {
+    /// An ordered byte stream of unknown size.
+    Stream {
         /// Object name.
         name: String,
+        /// Where it is read from.
+        input: Input,
     },
     /// A deterministic VM-like image (zero, duplicate, text-like and random pages).
     Generated {
@@ -66,13 +111,13 @@ impl Source {
     pub fn size(&self) -> Option<u64> {
         match self {
             Source::File { size, .. } | Source::Generated { size, .. } => Some(*size),
-            Source::Stdin { .. } => None,
+            Source::Stream { .. } => None,
         }
     }
     /// Object name.
     pub fn name(&self) -> &str {
         match self {
-            Source::File { name, .. } | Source::Stdin { name } | Source::Generated { name, .. } => name,
+            Source::File { name, .. } | Source::Stream { name, .. } | Source::Generated { name, .. } => name,
         }
     }
     /// Identity for resume.
@@ -80,7 +125,7 @@ impl Source {
         match self {
             Source::File { id, .. } => *id,
             Source::Generated { size, seed, .. } => xxh3_64(format!("gen|{size}|{seed}").as_bytes()),
-            Source::Stdin { .. } => {
+            Source::Stream { .. } => {
                 let mut b = [0u8; 8];
                 getrandom::fill(&mut b).expect("OS random source");
                 u64::from_le_bytes(b)
@@ -89,7 +134,7 @@ impl Source {
     }
     /// Whether chunks can be read again by offset (needed for `--resume`).
     pub fn seekable(&self) -> bool {
-        !matches!(self, Source::Stdin { .. })
+        !matches!(self, Source::Stream { .. })
     }
     /// Copies (file) or generates the bytes at `offset` into `out`.
     pub fn fill(&self, offset: u64, out: &mut [u8]) {
@@ -97,7 +142,7 @@ impl Source {
             Source::File { map: Some(m), .. } => out.copy_from_slice(&m[offset as usize..offset as usize + out.len()]),
             Source::File { map: None, .. } => assert!(out.is_empty(), "read past end of empty file"),
             Source::Generated { seed, .. } => generate(*seed, offset, out),
-            Source::Stdin { .. } => panic!("stdin chunks carry their own bytes"),
+            Source::Stream { .. } => panic!("stream chunks carry their own bytes"),
         }
     }
     /// XXH3-64 of `len` bytes at `offset`.
@@ -243,12 +288,18 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok((n * mult as f64) as u64)
 }
 
-/// The source a caller names: `-` (standard input), `gen:SIZE[:SEED]` (a generated VM-like
-/// image) or a file; `name` is the name at the receiver (default: the file's name, `stdin` or
-/// `generated.img`).
+/// The source a caller names: `-` (standard input), `unix:PATH` (the stream of the one producer
+/// that connects to a Unix socket bound at PATH: this waits for it), `gen:SIZE[:SEED]` (a
+/// generated VM-like image) or a file; `name` is the name at the receiver (default: the file's
+/// name, `stdin`, `stream` or `generated.img`).
 pub fn parse(spec: &str, name: Option<String>) -> Result<Source, String> {
     if spec == "-" {
-        return Ok(Source::Stdin { name: name.unwrap_or_else(|| "stdin".into()) });
+        return Ok(Source::Stream { name: name.unwrap_or_else(|| "stdin".into()), input: Input::Stdin });
+    }
+    if let Some(path) = spec.strip_prefix("unix:") {
+        let path = Path::new(path.strip_prefix("//").unwrap_or(path));
+        let conn = accept_unix(path).map_err(|e| format!("cannot take a stream on unix:{}: {e}", path.display()))?;
+        return Ok(Source::Stream { name: name.unwrap_or_else(|| "stream".into()), input: Input::Socket(Arc::new(conn)) });
     }
     if let Some(g) = spec.strip_prefix("gen:") {
         let (size, seed) = match g.split_once(':') {

@@ -34,7 +34,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Send a file, standard input (`-`) or a generated image (`gen:SIZE[:SEED]`) to a receiver.
+    /// Send a file, standard input (`-`), the stream of a producer connecting to a Unix socket
+    /// (`unix:PATH`) or a generated image (`gen:SIZE[:SEED]`) to a receiver.
     Send(Box<SendArgs>),
     /// Receive objects from senders, several sessions at once.
     Recv(RecvArgs),
@@ -141,7 +142,9 @@ enum JobCmd {
 
 #[derive(clap::Args, Debug)]
 struct SendArgs {
-    /// A file path, `-` for standard input, or `gen:SIZE[:SEED]` for a generated VM-like image.
+    /// A file path, `-` for standard input, `unix:PATH` for the stream of the one producer that
+    /// connects to a Unix socket dwcp binds at PATH (QEMU's `migrate unix:PATH`, libvirt's
+    /// `--migrateuri unix://PATH`), or `gen:SIZE[:SEED]` for a generated VM-like image.
     src: String,
     /// Receiver address, HOST:PORT.
     #[arg(long)]
@@ -291,7 +294,9 @@ struct RecvArgs {
     /// Address to listen on, HOST:PORT.
     #[arg(long, default_value = "0.0.0.0:7470")]
     listen: String,
-    /// Output directory (objects land there under their names), or `-` for standard output.
+    /// Output directory (objects land there under their names), `-` for standard output, or
+    /// `unix:PATH` for a Unix socket it connects to when a stream arrives (a destination QEMU's
+    /// `-incoming unix:PATH`; one stream at a time, like standard output).
     #[arg(long, required_unless_present = "discard")]
     out: Option<String>,
     /// Verify and drop what arrives (benchmarks).
@@ -612,8 +617,12 @@ fn cmd_recv(a: RecvArgs) -> Result<()> {
     let sink = match (a.discard, a.out.as_deref()) {
         (true, _) => Sink::Discard,
         (false, Some("-")) => Sink::Stdout,
+        (false, Some(u)) if u.starts_with("unix:") => {
+            let p = &u["unix:".len()..];
+            Sink::Unix(PathBuf::from(p.strip_prefix("//").unwrap_or(p)))
+        }
         (false, Some(d)) => Sink::Dir(PathBuf::from(d)),
-        (false, None) => bail!("pass --out DIR, --out - or --discard"),
+        (false, None) => bail!("pass --out DIR, --out -, --out unix:PATH or --discard"),
     };
     let to_stdout = matches!(sink, Sink::Stdout);
     let mut opts = RecvOptions::new(a.listen.clone(), sink, psk);

@@ -147,13 +147,12 @@ pub fn run(a: &MigrateArgs) -> Result<()> {
     );
     // Backpressure: QEMU paces its rounds (and decides when to stop the VM) by how fast the
     // pipe drains, so dwcp must not buffer much more than the link holds, or QEMU stops the
-    // VM while most of the stream still waits in dwcp's queues. Small chunks, and a window that
-    // `dwcp send --qemu` sizes from its probe (about two bandwidth-delay products), keep the
+    // VM while most of the stream still waits in dwcp's queues. Small chunks and a window that
+    // `dwcp send --qemu` plans from its probe (about two bandwidth-delay products) keep the
     // read-ahead small, unless the user's flags (after `--`) set them; one chunk is read ahead
     // of the windows, and each stream queues at most 32 KiB unsent in the kernel.
     // Tunnel mode keeps the fixed window it had (4 chunks per stream).
-    let fixed: &[(&str, &str)] =
-        if a.pages { &[("--chunk-size", "256KiB")] } else { &[("--chunk-size", "256KiB"), ("--window", "4"), ("--read-ahead", "1"), ("--notsent-lowat", "32KiB")] };
+    let fixed: &[(&str, &str)] = if a.pages { &[] } else { &[("--chunk-size", "256KiB"), ("--window", "4"), ("--read-ahead", "1"), ("--notsent-lowat", "32KiB")] };
     for &(flag, v) in fixed {
         if !a.send_flags.iter().any(|f| f == flag || f.starts_with(&format!("{flag}="))) {
             cmd.push_str(&format!(" {flag} {v}"));

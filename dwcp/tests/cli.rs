@@ -140,6 +140,72 @@ fn stdin_to_stdout_pipe_is_byte_exact_and_ordered() {
     assert_eq!(sha256_file(&src), sha256_file(&d.path().join("out.bin")));
 }
 
+/// Connects to the Unix socket at `path` once something listens there.
+fn connect_unix(path: &Path) -> std::os::unix::net::UnixStream {
+    let t = Instant::now();
+    loop {
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(s) => return s,
+            Err(e) => assert!(t.elapsed() < Duration::from_secs(10), "nothing listens at {}: {e}", path.display()),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The endpoints libvirt's unix-socket migration uses: the producer connects to `dwcp send
+/// unix:SRC`; the receiver connects to the reader listening at `--out unix:DST`. The bytes arrive
+/// whole and in order, the source socket is gone once taken, and the reader sees the end.
+#[test]
+fn a_stream_between_unix_sockets_is_byte_exact() {
+    let _load = light();
+    let d = tempfile::tempdir().unwrap();
+    let key = keygen(d.path());
+    let (src_sock, dst_sock) = (d.path().join("src.sock"), d.path().join("dst.sock"));
+    // The reader (a destination QEMU's -incoming unix:DST) listens first.
+    let reader = std::os::unix::net::UnixListener::bind(&dst_sock).unwrap();
+    let port = free_port();
+    let mut rx = receiver(&key, port, &format!("unix:{}", dst_sock.display()), &["--once"]);
+    let tx = spawn_send(&key, &[&format!("unix:{}", src_sock.display()), "--to", &format!("127.0.0.1:{port}"), "--streams", "3", "--chunk-size", "64k"]);
+    let data = image(7)[..(5 << 20) + 1234].to_vec();
+    let mut producer = connect_unix(&src_sock);
+    let read = std::thread::spawn(move || {
+        let (mut c, _) = reader.accept().unwrap();
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).unwrap();
+        got
+    });
+    producer.write_all(&data).unwrap();
+    drop(producer);
+    let out = tx.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rep: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rep["verified"], true, "{rep}");
+    assert_eq!(rep["size"], data.len(), "{rep}");
+    assert!(rx.wait().unwrap().success());
+    assert!(read.join().unwrap() == data, "the reader got other bytes");
+    assert!(!src_sock.exists(), "the source socket is removed once its producer is taken");
+}
+
+/// A receiver whose reader is not listening refuses the session, naming the socket and what
+/// to start, and the sender says so with the receiver's exit code (7).
+#[test]
+fn a_unix_sink_without_its_reader_is_named() {
+    let _load = light();
+    let d = tempfile::tempdir().unwrap();
+    let key = keygen(d.path());
+    let (src_sock, dst_sock) = (d.path().join("src.sock"), d.path().join("nobody.sock"));
+    let port = free_port();
+    let _rx = receiver(&key, port, &format!("unix:{}", dst_sock.display()), &[]);
+    let tx = spawn_send(&key, &[&format!("unix:{}", src_sock.display()), "--to", &format!("127.0.0.1:{port}")]);
+    let mut producer = connect_unix(&src_sock);
+    let _ = producer.write_all(&[7u8; 1 << 16]);
+    drop(producer);
+    let out = tx.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(7), "{err}");
+    assert!(err.contains(&format!("cannot connect to unix:{}", dst_sock.display())) && err.contains("-incoming unix:"), "{err}");
+}
+
 /// A live producer's bytes reach the reader while the producer is still running, to the last
 /// byte after the last newline (a migration's final bytes are what the destination waits for).
 #[test]

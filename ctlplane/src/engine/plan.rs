@@ -329,6 +329,9 @@ impl Plan {
 /// with 32 KiB 308 ms, for the same total time.
 pub const QEMU_NOTSENT_LOWAT: u32 = 32 << 10;
 
+/// A QEMU stream's chunk, unless the caller sets one.
+pub const QEMU_CHUNK: u32 = 256 << 10;
+
 /// The window of a QEMU migration stream: QEMU decides when to stop the VM by how fast its
 /// stream drains, and what dwcp holds when it does still has to cross the link during the
 /// downtime; about two bandwidth-delay products over the active streams keep the link busy
@@ -353,7 +356,7 @@ pub fn decide(req: &Request, host: Host, src: SourceFacts, probe: &PathEstimate,
         return Err(PlanError::Invalid("--round-of and --dirty send a delta round, which is HDE: drop --hde off".into()));
     }
     if req.qemu && !src.stdin {
-        return Err(PlanError::Invalid("--qemu reads QEMU's migration stream from standard input: pass - as the source".into()));
+        return Err(PlanError::Invalid("--qemu reads QEMU's migration stream from standard input or a Unix socket: pass - or unix:PATH as the source".into()));
     }
     if req.streams == Some(0) {
         return Err(PlanError::Invalid("streams must be at least 1".into()));
@@ -427,9 +430,18 @@ pub fn decide(req: &Request, host: Host, src: SourceFacts, probe: &PathEstimate,
     why.insert("encrypt", why_enc);
 
     // Chunks and windows.
-    let chunk_size = req.chunk_size.unwrap_or(1 << 20);
-    let cut_chunks = req.chunk_size.is_none();
-    why.insert("chunk_size", if cut_chunks { "1 MiB, cut by PBA for an object too small for four chunks per active stream".into() } else { "fixed (--chunk-size)".into() });
+    let chunk_size = req.chunk_size.unwrap_or(if req.qemu { QEMU_CHUNK } else { 1 << 20 });
+    let cut_chunks = req.chunk_size.is_none() && !req.qemu;
+    why.insert(
+        "chunk_size",
+        match (req.chunk_size, req.qemu) {
+            (Some(_), _) => "fixed (--chunk-size)".into(),
+            // QEMU paces its rounds by how fast its stream drains: small chunks keep what dwcp
+            // holds read ahead of the link small.
+            (None, true) => "256 KiB for a QEMU stream (small read-ahead: QEMU paces by the drain)".into(),
+            (None, false) => "1 MiB, cut by PBA for an object too small for four chunks per active stream".into(),
+        },
+    );
     let mut window = req.window.unwrap_or(32);
     let mut read_ahead = req.read_ahead;
     let mut notsent_lowat = req.notsent_lowat;
@@ -606,7 +618,8 @@ mod tests {
         // 200 Mbit/s, 50 ms: a BDP of 1.25 MB; two over 4 active streams of 1 MiB chunks.
         let p = decide(&r, HOST, PIPE, &probe(50_000, 0.2, true), Thresholds::default()).unwrap();
         assert_eq!(p.qemu, Some(QemuPlan { level: Some(3), cache_bytes: 256 << 20 }));
-        assert_eq!(p.window, qemu_window(&probe(50_000, 0.2, true), 1 << 20, p.active));
+        assert_eq!(p.chunk_size, QEMU_CHUNK);
+        assert_eq!(p.window, qemu_window(&probe(50_000, 0.2, true), QEMU_CHUNK, p.active));
         assert!(p.window >= 4, "{}", p.window);
         assert_eq!((p.read_ahead, p.notsent_lowat, p.stream_trials), (Some(1), Some(QEMU_NOTSENT_LOWAT), false));
         // Not from a pipe: refused, saying what to do.

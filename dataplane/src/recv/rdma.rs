@@ -238,7 +238,7 @@ fn place(slot: u32, qi: usize, nqps: usize, region: &Mr, ss: usize, tag: &ChunkT
                 f.write_all_at(payload, h.offset).map_err(|e| (ErrorCode::Storage, format!("writing at offset {}: {e}", h.offset)))?
             }
             Out::Discard => {}
-            Out::Stdout | Out::Hde(_) => return Err((ErrorCode::Refused, "RDMA is not granted to a stdout sink or an HDE session".into())),
+            Out::Ordered | Out::Hde(_) => return Err((ErrorCode::Refused, "RDMA is not granted to a stream sink or an HDE session".into())),
         }
         Ok((h.offset, h.len, h.checksum))
     })
