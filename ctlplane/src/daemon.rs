@@ -1,6 +1,6 @@
 //! The daemon: the boot graph of its real components (the state they fill is `state.rs`).
 
-use std::net::ToSocketAddrs;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -220,6 +220,11 @@ fn bind_private(path: &std::path::Path) -> Result<std::os::unix::net::UnixListen
         return Err(format!("api.socket {} exists and is not a socket; remove it or choose another path", path.display()));
     }
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    // A missing directory (such as /run/dwcp outside systemd's RuntimeDirectory=) is created,
+    // private to this user and its group.
+    if !dir.exists() {
+        std::fs::DirBuilder::new().recursive(true).mode(0o750).create(dir).map_err(|e| format!("api.socket: creating its directory {}: {e}", dir.display()))?;
+    }
     let tmp = dir.join(format!(".dwcp-sock-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::DirBuilder::new().mode(0o700).create(&tmp).map_err(|e| format!("api.socket: creating {}: {e}", tmp.display()))?;
@@ -374,8 +379,40 @@ impl Component for ReadyC {
         self.0.ready.store(true, Relaxed);
         // Tells systemd (Type=notify) we are ready; a no-op without NOTIFY_SOCKET.
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        // Under WatchdogSec=, the watchdog is fed only while the daemon's own HTTP endpoint
+        // answers /healthz: a daemon whose API thread hangs is restarted, not kept alive by a
+        // timer thread that outlived it.
+        if let (Some(every), Some(api)) = (sd_notify::watchdog_enabled(), self.0.api.get().copied()) {
+            let st = self.0.clone();
+            std::thread::Builder::new()
+                .name("dwcp-watchdog".into())
+                .spawn(move || {
+                    while !st.stop.load(Relaxed) {
+                        if healthy(api, every / 4) {
+                            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                        } else {
+                            tracing::warn!(%api, "the HTTP endpoint did not answer /healthz: the systemd watchdog is not fed");
+                        }
+                        std::thread::sleep(every / 2);
+                    }
+                })
+                .map_err(|e| e.to_string())?;
+        }
         Ok(())
     }
+}
+
+/// Whether the HTTP endpoint at `api` answers `GET /healthz` with 200 within `within`.
+fn healthy(api: SocketAddr, within: Duration) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut c) = std::net::TcpStream::connect_timeout(&api, within) else { return false };
+    let _ = c.set_read_timeout(Some(within));
+    let _ = c.set_write_timeout(Some(within));
+    if c.write_all(b"GET /healthz HTTP/1.0\r\nHost: dwcp\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    c.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.") && &head[9..12] == b"200"
 }
 
 /// A running daemon.

@@ -113,6 +113,14 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Write the man pages (OUT/man/*.1) and shell completions (OUT/completions: bash, zsh,
+    /// fish) generated from this command line; the package build runs it.
+    #[command(hide = true)]
+    Generate {
+        /// Directory to write into.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -385,6 +393,7 @@ fn main() {
             migrate::run(&migrate::MigrateArgs { qmp, to, key_file, name, pages: mode == "pages", send_flags, json })
         }
         Cmd::Config { cmd: ConfigCmd::Check { file } } => appliance::check(&file),
+        Cmd::Generate { out } => generate(&out),
     };
     if let Err(e) = r {
         // Our error types already print their causes; add only what a layer did not say.
@@ -611,6 +620,25 @@ impl std::fmt::Display for DigestMismatch {
 }
 
 impl std::error::Error for DigestMismatch {}
+
+/// Man pages and shell completions, from the same definitions the parser uses.
+fn generate(out: &std::path::Path) -> Result<()> {
+    use clap::CommandFactory;
+    let (man, comp) = (out.join("man"), out.join("completions"));
+    for d in [&man, &comp] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    // No `help` subcommands: they would each get a page of their own.
+    fn no_help(c: clap::Command) -> clap::Command {
+        c.disable_help_subcommand(true).mut_subcommands(no_help)
+    }
+    let mut cmd = no_help(Cli::command());
+    clap_mangen::generate_to(cmd.clone(), &man).with_context(|| format!("writing man pages to {}", man.display()))?;
+    for shell in [clap_complete::Shell::Bash, clap_complete::Shell::Zsh, clap_complete::Shell::Fish] {
+        clap_complete::generate_to(shell, &mut cmd, "dwcp", &comp).with_context(|| format!("writing {shell} completions to {}", comp.display()))?;
+    }
+    Ok(())
+}
 
 fn cmd_recv(a: RecvArgs) -> Result<()> {
     let psk = load_key(a.key_file.as_ref())?;

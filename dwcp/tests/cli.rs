@@ -847,6 +847,39 @@ fn sixty_four_senders_at_once_all_verify_with_bounded_memory() {
 /// (here to its own listener), the CLI follows it and prints the daemon's summary; `dwcp job
 /// list` shows it; a bad request is refused with the daemon's reason and a missing daemon is
 /// named.
+/// Under systemd (Type=notify, WatchdogSec=) the daemon says READY=1 once booted and then feeds
+/// the watchdog (it does so only while its HTTP endpoint answers /healthz).
+#[test]
+fn the_daemon_tells_systemd_it_is_ready_and_feeds_the_watchdog() {
+    let _load = light();
+    let d = tempfile::tempdir().unwrap();
+    let key = keygen(d.path());
+    let (port, api) = (free_port(), free_port());
+    let cfg = d.path().join("dwcp.toml");
+    let out = d.path().join("out");
+    std::fs::write(&cfg, format!("[node]\nlisten = \"127.0.0.1:{port}\"\nout = \"{}\"\nkey_file = \"{}\"\n[api]\nlisten = \"127.0.0.1:{api}\"\n", out.display(), key.display())).unwrap();
+    let notify = d.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let _daemon = Rx(Command::new(bin())
+        .args(["daemon", "--config"])
+        .arg(&cfg)
+        .env("NOTIFY_SOCKET", &notify)
+        .env("WATCHDOG_USEC", "400000")
+        .env_remove("WATCHDOG_PID")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap());
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 512];
+    while !(seen.iter().any(|m: &String| m.contains("READY=1")) && seen.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 2) {
+        let n = sock.recv(&mut buf).unwrap_or_else(|e| panic!("no more notifications ({e}); got {seen:?}"));
+        seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(seen[0].contains("READY=1"), "ready first: {seen:?}");
+}
+
 #[test]
 fn a_send_through_the_daemon_is_planned_sent_and_listed() {
     let _load = light();

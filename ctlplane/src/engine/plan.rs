@@ -191,6 +191,11 @@ impl Request {
         if self.source == "-" {
             return Err(PlanError::Invalid(format!("{who} has no standard input: give a file or gen:SIZE as the source")));
         }
+        // Waiting for a producer to connect cannot be cancelled yet: it would hold a job's slot
+        // for as long as nobody connects.
+        if self.source.starts_with("unix:") {
+            return Err(PlanError::Invalid(format!("{who} does not take unix: sources yet: run `dwcp send unix:PATH` for a migration endpoint")));
+        }
         if self.to.is_empty() || self.source.is_empty() {
             return Err(PlanError::Invalid("a transfer needs \"to\" (HOST:PORT) and \"source\" (a file or gen:SIZE)".into()));
         }
