@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::mode::Thresholds;
@@ -116,6 +116,35 @@ pub struct Log {
     pub format: String,
 }
 
+/// `[transfer]`: this host's defaults for every send (`dwcp send --config`, the daemon's jobs),
+/// under what the caller sets itself; unset, the plan decides. `dwcp tune` writes this section
+/// from measurements.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TransferDefaults {
+    /// Streams.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub streams: Option<u16>,
+    /// Chunk size, bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chunk_size: Option<u32>,
+    /// Unacknowledged chunks per stream.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window: Option<usize>,
+    /// Zero-copy sends: `auto`, `on` or `off`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zerocopy: Option<crate::engine::plan::Choice>,
+    /// ACP: `auto`, `off`, `delay` or `bbr-model`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acp: Option<crate::engine::plan::AcpChoice>,
+    /// Compression effort of HDE and page-aware mode: `"auto"`, `"off"` or a zstd level.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compress: Option<crate::engine::plan::Effort>,
+    /// Cores for the shard threads.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cores: Option<Vec<usize>>,
+}
+
 /// `[[peers]]`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -145,6 +174,9 @@ pub struct Config {
     /// Peers to measure.
     #[serde(default)]
     pub peers: Vec<Peer>,
+    /// Defaults for every send.
+    #[serde(default)]
+    pub transfer: TransferDefaults,
 }
 
 fn default_name() -> String {
@@ -209,7 +241,7 @@ fn default_mode() -> ModeCfg {
 
 impl Default for Config {
     fn default() -> Self {
-        Self { node: default_node(), api: default_api_table(), mode: default_mode(), log: default_log(), peers: Vec::new() }
+        Self { node: default_node(), api: default_api_table(), mode: default_mode(), log: default_log(), peers: Vec::new(), transfer: TransferDefaults::default() }
     }
 }
 
@@ -298,6 +330,19 @@ impl Config {
             if p.addr.rsplit_once(':').and_then(|(_, port)| port.parse::<u16>().ok()).is_none() {
                 return bad(&format!("peers[{i}].addr"), format!("is {:?}; expected HOST:PORT", p.addr));
             }
+        }
+        let t = &self.transfer;
+        for (key, v, lo, hi) in [
+            ("transfer.streams", t.streams.map(u64::from), 1, 256),
+            ("transfer.chunk_size", t.chunk_size.map(u64::from), 4096, 64 << 20),
+            ("transfer.window", t.window.map(|w| w as u64), 1, 4096),
+        ] {
+            if let Some(v) = v.filter(|v| !(lo..=hi).contains(v)) {
+                return bad(key, format!("is {v}; expected {lo} to {hi}"));
+            }
+        }
+        if t.cores.as_ref().is_some_and(Vec::is_empty) {
+            return bad("transfer.cores", "is empty; expected a list of core numbers, or leave it out".into());
         }
         let m = &self.mode;
         // Every duration and rate must be a finite number in a sane range before it is turned
@@ -410,5 +455,30 @@ addr = "dr.example.net:7470"
             let e = Config::parse(&format!("[mode]\n{key} = {v}\n"), "test.toml").map(|c| c.thresholds()).expect_err(&format!("{key} = {v}"));
             assert!(e.to_string().contains(&format!("mode.{key}")), "{e}");
         }
+    }
+
+    #[test]
+    fn transfer_defaults_fill_only_what_the_caller_left_unset() {
+        let c = Config::parse("[transfer]\nstreams = 4\nchunk_size = 262144\nzerocopy = \"off\"\nacp = \"delay\"\ncompress = \"3\"\n", "t.toml").unwrap();
+        let mut mine = crate::engine::Request { streams: Some(2), ..Default::default() };
+        mine.apply_defaults(&c.transfer);
+        assert_eq!(mine.streams, Some(2), "the caller's own choice stays");
+        assert_eq!(mine.chunk_size, Some(256 << 10));
+        assert_eq!(mine.zerocopy, crate::engine::plan::Choice::Off);
+        assert_eq!(mine.acp, crate::engine::plan::AcpChoice::Delay);
+        assert_eq!(mine.compress, crate::engine::plan::Effort::Level(3));
+        // What `dwcp tune` writes reads back the same.
+        let back = Config::parse(&format!("[transfer]\n{}", toml::to_string(&c.transfer).unwrap()), "t.toml").unwrap();
+        assert_eq!(back.transfer, c.transfer);
+    }
+
+    #[test]
+    fn transfer_defaults_out_of_range_are_named() {
+        for (line, key) in [("streams = 0", "transfer.streams"), ("chunk_size = 12", "transfer.chunk_size"), ("window = 0", "transfer.window"), ("cores = []", "transfer.cores")] {
+            let e = Config::parse(&format!("[transfer]\n{line}\n"), "t.toml").map(|_| ()).expect_err(line).to_string();
+            assert!(e.contains(key), "{line}: {e}");
+        }
+        let e = Config::parse("[transfer]\nstreamz = 4\n", "t.toml").map(|_| ()).unwrap_err().to_string();
+        assert!(e.contains("streamz"), "{e}");
     }
 }

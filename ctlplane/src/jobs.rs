@@ -72,6 +72,7 @@ pub struct Jobs {
     psk: Psk,
     host: Host,
     thresholds: Thresholds,
+    defaults: crate::config::TransferDefaults,
     list: Mutex<(u64, VecDeque<Job>)>,
 }
 
@@ -83,9 +84,10 @@ fn error(code: u16, msg: impl Into<String>) -> Reply {
 }
 
 impl Jobs {
-    /// Transfers sent with `psk` from `host`, planned with `thresholds`.
-    pub fn new(psk: Psk, host: Host, thresholds: Thresholds) -> Arc<Self> {
-        Arc::new(Self { psk, host, thresholds, list: Mutex::new((0, VecDeque::new())) })
+    /// Transfers sent with `psk` from `host`, planned with `thresholds`, what a request leaves
+    /// unset filled from `defaults` (the config's `[transfer]`).
+    pub fn new(psk: Psk, host: Host, thresholds: Thresholds, defaults: crate::config::TransferDefaults) -> Arc<Self> {
+        Arc::new(Self { psk, host, thresholds, defaults, list: Mutex::new((0, VecDeque::new())) })
     }
 
     fn with<R>(&self, f: impl FnOnce(&mut (u64, VecDeque<Job>)) -> R) -> R {
@@ -137,7 +139,8 @@ impl Jobs {
         });
     }
 
-    fn run(&self, id: u64, req: Request, cancel: Arc<std::sync::atomic::AtomicBool>) {
+    fn run(&self, id: u64, mut req: Request, cancel: Arc<std::sync::atomic::AtomicBool>) {
+        req.apply_defaults(&self.defaults);
         let t = match engine::start(req, self.psk.clone(), self.host, self.thresholds, |_| {}) {
             Ok(t) => t,
             Err(e) => return self.end(id, "failed", json!({"error": e.to_string()})),

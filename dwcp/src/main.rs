@@ -168,7 +168,8 @@ struct SendArgs {
     /// `datacenter` or `internet` force one.
     #[arg(long, default_value = "auto", value_parser = ["auto", "datacenter", "internet"])]
     mode: String,
-    /// Configuration file whose [mode] thresholds `--mode auto` uses (the daemon's file will do).
+    /// Configuration file whose [mode] thresholds `--mode auto` uses and whose [transfer] defaults
+    /// fill what these flags leave unset (the daemon's file will do; `dwcp tune` writes one).
     #[arg(long)]
     config: Option<PathBuf>,
     /// Send in plaintext (peers are still authenticated); for trusted datacenter links.
@@ -535,9 +536,13 @@ fn cmd_send(a: SendArgs) -> Result<()> {
         return appliance::job_submit(sock, &req, a.json);
     }
     let psk = load_key(a.key_file.as_ref())?;
-    let req = request(&a).map_err(|e| Usage(format!("{e:#}")))?;
+    let mut req = request(&a).map_err(|e| Usage(format!("{e:#}")))?;
     let thresholds = match &a.config {
-        Some(p) => ctlplane::config::Config::load(Some(p), std::env::vars(), &[])?.thresholds(),
+        Some(p) => {
+            let cfg = ctlplane::config::Config::load(Some(p), std::env::vars(), &[])?;
+            req.apply_defaults(&cfg.transfer);
+            cfg.thresholds()
+        }
         None => ctlplane::mode::Thresholds::default(),
     };
     let host = engine::host(a.cores.as_deref())?;

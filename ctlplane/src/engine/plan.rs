@@ -185,6 +185,25 @@ impl Request {
         std::time::Duration::from_millis(self.idle_timeout_ms.unwrap_or(30_000))
     }
 
+    /// Fills what the caller left to the plan with this host's `[transfer]` defaults.
+    pub fn apply_defaults(&mut self, d: &crate::config::TransferDefaults) {
+        self.streams = self.streams.or(d.streams);
+        self.chunk_size = self.chunk_size.or(d.chunk_size);
+        self.window = self.window.or(d.window);
+        if self.cores.is_none() {
+            self.cores.clone_from(&d.cores);
+        }
+        if let (Choice::Auto, Some(z)) = (self.zerocopy, d.zerocopy) {
+            self.zerocopy = z;
+        }
+        if let (AcpChoice::Auto, Some(a)) = (self.acp, d.acp) {
+            self.acp = a;
+        }
+        if let (Effort::Auto, Some(c)) = (self.compress, d.compress) {
+            self.compress = c;
+        }
+    }
+
     /// Checks a request made for someone with no terminal (`who`: the daemon, libdwcp): a
     /// receiver and a source are given, and the source is not standard input.
     pub fn check_detached(&self, who: &str) -> Result<(), PlanError> {
