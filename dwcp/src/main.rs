@@ -113,6 +113,19 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Sweep the plan's knobs on loopback or against a peer: every point repeated until its 95%
+    /// interval is narrow (or the budget is spent), a CSV of every run (--resume continues it),
+    /// plots, and a recommended [transfer] config with its measured gain over the defaults.
+    Tune(Box<tuning::tune::TuneArgs>),
+    /// Plot a `dwcp send --trace-out` CSV (goodput, PBA's prediction, RTT, pacing, streams
+    /// against time) as OUT.svg and OUT.png.
+    PlotTrace {
+        /// The CSV.
+        csv: PathBuf,
+        /// Output path without extension (default: beside the CSV).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Write the man pages (OUT/man/*.1) and shell completions (OUT/completions: bash, zsh,
     /// fish) generated from this command line; the package build runs it.
     #[command(hide = true)]
@@ -395,6 +408,11 @@ fn main() {
         }
         Cmd::Config { cmd: ConfigCmd::Check { file } } => appliance::check(&file),
         Cmd::Generate { out } => generate(&out),
+        Cmd::Tune(a) => tuning::tune::run(&a).map_err(anyhow::Error::msg),
+        Cmd::PlotTrace { csv, out } => {
+            let out = out.unwrap_or_else(|| csv.with_extension(""));
+            tuning::plot::trace(&csv, &out).map_err(anyhow::Error::msg).map(|()| println!("{} and {}", out.with_extension("svg").display(), out.with_extension("png").display()))
+        }
     };
     if let Err(e) = r {
         // Our error types already print their causes; add only what a layer did not say.
