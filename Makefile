@@ -4,7 +4,7 @@ CARGO ?= cargo
 # Debian packages, installed when missing by the targets that need them (as root; otherwise the
 # apt-get line to run is printed). The soft-RoCE rig and the rdma-sys build need the second set.
 BUILD_PKGS := pkg-config libhwloc-dev libudev-dev libibverbs-dev librdmacm-dev libclang-dev clang \
-              bpftool libelf-dev zlib1g-dev make
+              bpftool libelf-dev zlib1g-dev make fonts-dejavu-core
 BENCH_PKGS := iperf3 zstd xdelta3
 RIG_PKGS := qemu-system-x86 busybox-static rdma-core ibverbs-utils perftest libibverbs-dev \
             librdmacm-dev libclang-dev clang pkg-config cpio kmod iproute2 gzip \

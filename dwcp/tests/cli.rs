@@ -951,3 +951,87 @@ fn exit_codes_tell_failures_apart() {
     let _ = rx.kill();
     let _ = rx.wait();
 }
+
+/// A short sweep on loopback: its CSV has every run, its plots are images, its recommended
+/// config is one `dwcp config check` accepts, and --resume runs only what is missing.
+#[test]
+fn a_short_tune_sweep_writes_its_csv_plots_and_a_config_that_checks() {
+    let _load = heavy();
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("tune");
+    let tune = |extra: &[&str]| {
+        Command::new(bin())
+            .args(["tune", "--source", "gen:16MiB", "--knob", "streams=1,2", "--min-runs", "2", "--max-runs", "2", "--json", "--out"])
+            .arg(&out)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    // A budget that runs out: the first point's runs and no more.
+    let o = tune(&["--budget", "0.001s"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(o.stdout.split(|&b| b == b'\n').rfind(|l| !l.is_empty()).unwrap()).unwrap();
+    assert_eq!(j["outcome"]["budget_exhausted"], true, "{j}");
+    let first = j["outcome"]["new_runs"].as_u64().unwrap();
+    // Without --resume the CSV is not overwritten.
+    let o = tune(&["--budget", "5m"]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--resume"));
+    let o = tune(&["--budget", "5m", "--resume"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(o.stdout.split(|&b| b == b'\n').rfind(|l| !l.is_empty()).unwrap()).unwrap();
+    let outcome = &j["outcome"];
+    // Three points (defaults, streams=1, streams=2), two runs each: the first run's are kept.
+    assert_eq!(outcome["points"].as_array().unwrap().len(), 3, "{j}");
+    assert_eq!(outcome["new_runs"].as_u64().unwrap() + first, 6, "{j}");
+    let csv = std::fs::read_to_string(out.join("runs.csv")).unwrap();
+    assert!(csv.starts_with("point,run,goodput_gbps,cpu_s_per_gb,rtt_ms,wall_s,bytes\n"), "{csv}");
+    assert_eq!(csv.lines().count(), 1 + 6, "{csv}");
+    for f in ["streams.png"] {
+        let img = image::open(out.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+        assert!(img.width() > 400 && img.height() > 200);
+    }
+    assert!(std::fs::read_to_string(out.join("streams.svg")).unwrap().contains("<svg"));
+    let toml = out.join("recommended.toml");
+    assert!(std::fs::read_to_string(&toml).unwrap().contains("[transfer]"));
+    let c = Command::new(bin()).args(["config", "check"]).arg(&toml).output().unwrap();
+    assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
+}
+
+/// A --trace-out CSV becomes a plot (an image), its columns found by name.
+#[test]
+fn a_trace_becomes_a_plot() {
+    let _load = light();
+    let d = tempfile::tempdir().unwrap();
+    let key = keygen(d.path());
+    let port = free_port();
+    let _rx = Rx(Command::new(bin())
+        .args(["recv", "--listen", &format!("127.0.0.1:{port}"), "--discard", "--once", "--key-file"])
+        .arg(&key)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap());
+    wait_listening(port);
+    let trace = d.path().join("t.csv");
+    let o = Command::new(bin())
+        .args(["send", "gen:256MiB", "--to", &format!("127.0.0.1:{port}"), "--mode", "internet", "--key-file"])
+        .arg(&key)
+        .arg("--trace-out")
+        .arg(&trace)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Columns in another order are still found by their names.
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let mut lines = text.lines().map(|l| l.split(',').rev().collect::<Vec<_>>().join(","));
+    let reversed: String = lines.by_ref().map(|l| l + "\n").collect();
+    std::fs::write(d.path().join("r.csv"), reversed).unwrap();
+    for csv in ["t.csv", "r.csv"] {
+        let o = Command::new(bin()).arg("plot-trace").arg(d.path().join(csv)).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let img = image::open(d.path().join(csv).with_extension("png")).unwrap();
+        assert!(img.height() >= 600, "at least goodput, RTT and streams: {}", img.height());
+    }
+    let o = Command::new(bin()).arg("plot-trace").arg(d.path().join("nothing.csv")).output().unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("nothing.csv"));
+}

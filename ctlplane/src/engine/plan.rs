@@ -639,7 +639,7 @@ mod tests {
             r.source = "-".into();
             r.qemu = true;
         });
-        // 200 Mbit/s, 50 ms: a BDP of 1.25 MB; two over 4 active streams of 1 MiB chunks.
+        // 200 Mbit/s, 50 ms: a BDP of 1.25 MB; two over 4 active streams of 256 KiB chunks.
         let p = decide(&r, HOST, PIPE, &probe(50_000, 0.2, true), Thresholds::default()).unwrap();
         assert_eq!(p.qemu, Some(QemuPlan { level: Some(3), cache_bytes: 256 << 20 }));
         assert_eq!(p.chunk_size, QEMU_CHUNK);
@@ -648,7 +648,7 @@ mod tests {
         assert_eq!((p.read_ahead, p.notsent_lowat, p.stream_trials), (Some(1), Some(QEMU_NOTSENT_LOWAT), false));
         // Not from a pipe: refused, saying what to do.
         let e = decide(&req(|r| r.qemu = true), HOST, FILE, &probe(50_000, 0.2, true), Thresholds::default()).unwrap_err();
-        assert!(e.to_string().contains("pass - as the source"), "{e}");
+        assert!(e.to_string().contains("pass - or unix:PATH as the source"), "{e}");
     }
 
     #[test]
