@@ -10,7 +10,7 @@ RIG_PKGS := qemu-system-x86 busybox-static rdma-core ibverbs-utils perftest libi
             librdmacm-dev libclang-dev clang pkg-config cpio kmod iproute2 gzip \
             iputils-ping ethtool iperf3 python3 openssl xdelta3
 
-.PHONY: package package-test all deps bench-deps vm-deps build demo test libdwcp fuzz fuzz-seeds fuzz-smoke bench-base bench-transport bench-boot bench-hde bench-rdma bench-migrate bench-wan bench-pba bench-probes corpus clean
+.PHONY: package package-test bench-micro report tune all deps bench-deps vm-deps build demo test libdwcp fuzz fuzz-seeds fuzz-smoke bench-base bench-transport bench-boot bench-hde bench-rdma bench-migrate bench-wan bench-pba bench-probes corpus clean
 
 all: build
 
@@ -93,6 +93,21 @@ fuzz-seeds:
 bench-transport: build bench-deps
 	$(if $(BASE),$(MAKE) --no-print-directory bench-base BASE=$(BASE) &&) \
 	$(if $(BASE),BENCH_BASE=$(CURDIR)/target/bench-base/$(BASE)/release/dwcp) ./target/release/bench-transport
+
+# Microbenchmarks of the hot paths (criterion: frame header, XXH3, BLAKE3, AES-GCM, HDE per page
+# kind, reorder buffer); the table and target/bench/micro.json from criterion's estimates.
+bench-micro: build
+	$(CARGO) bench -p benches --bench micro -- --warm-up-time 1 --measurement-time 3
+	./target/release/dwcp report --micro-json
+
+# One page of every bench's JSON (target/bench), the microbenchmarks and the last sweep, with
+# plots: target/report/report.md.
+report: build
+	./target/release/dwcp report
+
+# A tuning sweep on loopback with the default knobs (TUNE_FLAGS for more: --to, --knob, --grid).
+tune: build
+	./target/release/dwcp tune $(TUNE_FLAGS)
 
 bench-base:
 	@d=$(CURDIR)/target/bench-base/src-$(BASE); [ -d $$d ] || git worktree add -f --detach $$d $(BASE); \

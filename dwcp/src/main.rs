@@ -126,6 +126,26 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Render the benches' JSON (target/bench), the microbenchmarks (target/criterion) and the
+    /// last sweep (target/tune) into one Markdown page with plots.
+    Report {
+        /// Bench JSON files.
+        #[arg(long, default_value = "target/bench")]
+        bench: PathBuf,
+        /// Criterion's output.
+        #[arg(long, default_value = "target/criterion")]
+        criterion: PathBuf,
+        /// A `dwcp tune` output directory.
+        #[arg(long, default_value = "target/tune")]
+        tune: PathBuf,
+        /// Where the page and its plots go.
+        #[arg(long, default_value = "target/report")]
+        out: PathBuf,
+        /// Only turn criterion's estimates into BENCH/micro.json, print their table and the
+        /// JSON line (what `make bench-micro` ends with).
+        #[arg(long)]
+        micro_json: bool,
+    },
     /// Write the man pages (OUT/man/*.1) and shell completions (OUT/completions: bash, zsh,
     /// fish) generated from this command line; the package build runs it.
     #[command(hide = true)]
@@ -409,6 +429,7 @@ fn main() {
         Cmd::Config { cmd: ConfigCmd::Check { file } } => appliance::check(&file),
         Cmd::Generate { out } => generate(&out),
         Cmd::Tune(a) => tuning::tune::run(&a).map_err(anyhow::Error::msg),
+        Cmd::Report { bench, criterion, tune, out, micro_json } => report(&bench, &criterion, &tune, &out, micro_json),
         Cmd::PlotTrace { csv, out } => {
             let out = out.unwrap_or_else(|| csv.with_extension(""));
             tuning::plot::trace(&csv, &out).map_err(anyhow::Error::msg).map(|()| println!("{} and {}", out.with_extension("svg").display(), out.with_extension("png").display()))
@@ -643,6 +664,24 @@ impl std::fmt::Display for DigestMismatch {
 }
 
 impl std::error::Error for DigestMismatch {}
+
+fn report(bench: &std::path::Path, criterion: &std::path::Path, tune: &std::path::Path, out: &std::path::Path, micro_json: bool) -> Result<()> {
+    if micro_json {
+        let ms = tuning::report::criterion(criterion);
+        if ms.is_empty() {
+            bail!("no criterion estimates under {}: run cargo bench -p benches --bench micro first", criterion.display());
+        }
+        print!("{}", tuning::report::micro_table(&ms));
+        let j = tuning::report::micro_json(&ms);
+        std::fs::create_dir_all(bench).with_context(|| format!("creating {}", bench.display()))?;
+        std::fs::write(bench.join("micro.json"), format!("{j}\n")).with_context(|| format!("writing {}/micro.json", bench.display()))?;
+        println!("{j}");
+        return Ok(());
+    }
+    let page = tuning::report::render(bench, criterion, tune, out).map_err(anyhow::Error::msg)?;
+    println!("{}", page.display());
+    Ok(())
+}
 
 /// Man pages and shell completions, from the same definitions the parser uses.
 fn generate(out: &std::path::Path) -> Result<()> {

@@ -13,7 +13,7 @@ use crate::sweep::{Measured, Slice};
 const FONTS: [&str; 2] = ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/dejavu/DejaVuSans.ttf"];
 
 /// Registers the font plotters draws text with, once.
-fn font() -> Result<(), String> {
+pub(crate) fn font() -> Result<(), String> {
     static DONE: OnceLock<Result<(), String>> = OnceLock::new();
     DONE.get_or_init(|| {
         let bytes = FONTS.iter().find_map(|p| std::fs::read(p).ok()).ok_or_else(|| format!("no font for plots at {} (Debian: apt-get install fonts-dejavu-core)", FONTS[0]))?;
