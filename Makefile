@@ -105,9 +105,11 @@ bench-micro: build
 report: build
 	./target/release/dwcp report
 
-# A tuning sweep on loopback with the default knobs (TUNE_FLAGS for more: --to, --knob, --grid).
+# A tuning sweep with the default knobs (TUNE_FLAGS for more: --knob, --grid, --budget): on
+# loopback, or over the WAN emulator with WAN's link flags (make tune WAN="--rtt 50ms --rate
+# 200mbit --loss 0.1%"; root).
 tune: build
-	./target/release/dwcp tune $(TUNE_FLAGS)
+	$(if $(WAN),$(CARGO) build --release -q -p hw-tests --bin dwcp-wan && tuning/tune-wan.sh "$(WAN)" $(TUNE_FLAGS),./target/release/dwcp tune $(TUNE_FLAGS))
 
 bench-base:
 	@d=$(CURDIR)/target/bench-base/src-$(BASE); [ -d $$d ] || git worktree add -f --detach $$d $(BASE); \

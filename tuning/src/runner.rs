@@ -36,7 +36,15 @@ impl EngineRunner {
     pub fn new(target: Target, mut base: Request, psk: Psk, thresholds: Thresholds) -> Result<EngineRunner, String> {
         let receiver = match target {
             Target::Loopback => {
-                let mut o = RecvOptions::new("127.0.0.1:0", Sink::Discard, psk.clone());
+                // HDE decodes into a file: a run with HDE needs a receiver that writes one.
+                let sink = if base.hde == ctlplane::engine::plan::Choice::On {
+                    let dir = std::env::temp_dir().join(format!("dwcp-tune-{}", std::process::id()));
+                    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+                    Sink::Dir(dir)
+                } else {
+                    Sink::Discard
+                };
+                let mut o = RecvOptions::new("127.0.0.1:0", sink, psk.clone());
                 o.allow_plaintext = true;
                 let rx = recv::start(o).map_err(|e| format!("starting the loopback receiver: {e}"))?;
                 base.to = rx.local_addr.to_string();

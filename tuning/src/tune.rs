@@ -52,7 +52,8 @@ pub struct TuneArgs {
     /// Time the runs may take in all (prior runs of a resumed sweep included): 90s, 20m, 2h.
     #[arg(long, default_value = "20m")]
     pub budget: String,
-    /// HDE on for every run (for sweeps of compress on a memory image).
+    /// HDE on for every run (for sweeps of compress on a memory image; on loopback the receiver
+    /// then writes into a temporary directory, as HDE decodes into a file). Off otherwise.
     #[arg(long)]
     pub hde: bool,
     /// Configuration file whose [mode] thresholds the runs use.
@@ -144,7 +145,8 @@ pub fn run(a: &TuneArgs) -> Result<(), String> {
     let base = Request {
         source: a.source.clone(),
         name: Some("dwcp-tune.img".into()),
-        hde: if a.hde { ctlplane::engine::plan::Choice::On } else { ctlplane::engine::plan::Choice::Auto },
+        // Without --hde the runs measure the transport (a discarding receiver cannot take HDE).
+        hde: if a.hde { ctlplane::engine::plan::Choice::On } else { ctlplane::engine::plan::Choice::Off },
         ..Default::default()
     };
     let target_name = match &target {
