@@ -143,6 +143,12 @@ pub struct TransferDefaults {
     /// Cores for the shard threads.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cores: Option<Vec<usize>>,
+    /// RDMA queue pairs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rdma_qps: Option<u16>,
+    /// RDMA completions: `busy` polling or `event`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rdma_poll: Option<String>,
 }
 
 /// `[[peers]]`.
@@ -340,6 +346,12 @@ impl Config {
             if let Some(v) = v.filter(|v| !(lo..=hi).contains(v)) {
                 return bad(key, format!("is {v}; expected {lo} to {hi}"));
             }
+        }
+        if let Some(n) = t.rdma_qps.filter(|n| !(1..=64).contains(n)) {
+            return bad("transfer.rdma_qps", format!("is {n}; expected 1 to 64"));
+        }
+        if let Some(p) = t.rdma_poll.as_deref().filter(|p| !matches!(*p, "busy" | "event")) {
+            return bad("transfer.rdma_poll", format!("is {p:?}; expected \"busy\" or \"event\""));
         }
         if t.cores.as_ref().is_some_and(Vec::is_empty) {
             return bad("transfer.cores", "is empty; expected a list of core numbers, or leave it out".into());

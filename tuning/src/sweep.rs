@@ -31,11 +31,16 @@ pub enum Knob {
     Compress,
     /// Cores of the shard threads (`0`, `0-1`, `0+2`).
     Cores,
+    /// RDMA queue pairs (over RDMA only: with `--transport rdma` or a datacenter path with a
+    /// device).
+    RdmaQps,
+    /// RDMA completions: `busy` polling or `event`.
+    RdmaPoll,
 }
 
 impl Knob {
     /// Every knob, in the order a search visits them.
-    pub const ALL: [Knob; 7] = [Knob::Streams, Knob::ChunkSize, Knob::Window, Knob::Zerocopy, Knob::Acp, Knob::Compress, Knob::Cores];
+    pub const ALL: [Knob; 9] = [Knob::Streams, Knob::ChunkSize, Knob::Window, Knob::Zerocopy, Knob::Acp, Knob::Compress, Knob::Cores, Knob::RdmaQps, Knob::RdmaPoll];
 
     /// Its name in flags, CSV and TOML.
     pub fn name(self) -> &'static str {
@@ -47,6 +52,8 @@ impl Knob {
             Knob::Acp => "acp",
             Knob::Compress => "compress",
             Knob::Cores => "cores",
+            Knob::RdmaQps => "rdma_qps",
+            Knob::RdmaPoll => "rdma_poll",
         }
     }
 
@@ -89,6 +96,19 @@ impl Knob {
             Knob::Cores => {
                 let cores = parse_cores(v).ok_or_else(|| bad("expected cores like 0, 0-3 or 0+2"))?;
                 (req.cores, d.cores) = (Some(cores.clone()), Some(cores));
+            }
+            Knob::RdmaQps => {
+                let n: u16 = v.parse().ok().filter(|n| (1..=64).contains(n)).ok_or_else(|| bad("expected 1 to 64 queue pairs"))?;
+                (req.rdma_qps, d.rdma_qps) = (n, Some(n));
+            }
+            Knob::RdmaPoll => {
+                let event = match v {
+                    "busy" => false,
+                    "event" => true,
+                    _ => return Err(bad("expected busy or event")),
+                };
+                req.rdma_event = event;
+                d.rdma_poll = Some(v.to_string());
             }
         }
         Ok(())

@@ -30,8 +30,8 @@ pub struct TuneArgs {
     pub source: String,
     /// A knob and its values, KNOB=V1,V2,... (repeat the flag): streams, chunk_size, window,
     /// zerocopy (on, off), acp (off, delay, bbr-model), compress (off, a level; with --hde),
-    /// cores (0, 0-3, 0+2). Default: streams=1,2,4,8 chunk_size=256KiB,1MiB,4MiB
-    /// window=8,32 zerocopy=off,on.
+    /// cores (0, 0-3, 0+2), rdma_qps (1-64) and rdma_poll (busy, event) over RDMA. Default:
+    /// streams=1,2,4,8 chunk_size=256KiB,1MiB,4MiB window=8,32 zerocopy=off,on.
     #[arg(long = "knob", value_name = "KNOB=V,...")]
     pub knobs: Vec<String>,
     /// Every combination of the knobs' values, instead of one knob at a time from the defaults.

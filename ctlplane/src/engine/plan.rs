@@ -202,6 +202,12 @@ impl Request {
         if let (Effort::Auto, Some(c)) = (self.compress, d.compress) {
             self.compress = c;
         }
+        if let (0, Some(n)) = (self.rdma_qps, d.rdma_qps) {
+            self.rdma_qps = n;
+        }
+        if !self.rdma_event && d.rdma_poll.as_deref() == Some("event") {
+            self.rdma_event = true;
+        }
     }
 
     /// Checks a request made for someone with no terminal (`who`: the daemon, libdwcp): a
