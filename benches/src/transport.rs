@@ -123,47 +123,56 @@ fn main() {
     }
     let out_dir = dir.join("transport-out");
     let gen_src = format!("gen:{size}");
-    let mut cases: Vec<Case> = Vec::new();
+    eprintln!("bench-transport: {size} bytes per run, {reps} rounds of every case in turn, medians and run-by-run ratios");
+    // Every case, run in turns: each round runs each case once, so a peer and dwcp see the same
+    // moment of this shared host, and the ratios are taken run by run (round r's dwcp over round
+    // r's iperf3) as well as of the medians.
+    let src = src_file.to_string_lossy().into_owned();
+    let out = out_dir.to_string_lossy().into_owned();
+    let fresh = |f: &dyn Fn() -> (f64, f64)| {
+        let _ = std::fs::remove_dir_all(&out_dir);
+        f()
+    };
+    type Run<'a> = Box<dyn Fn(u16) -> (f64, f64) + 'a>;
+    let base = std::env::var_os("BENCH_BASE").map(PathBuf::from);
+    let mut plan: Vec<(String, Run<'_>)> = Vec::new();
+    for n in [1u16, 4, 8] {
+        plan.push((format!("iperf3 -P {n}"), Box::new(move |port| iperf3_run(port, n, size))));
+        let (key, gen_src) = (&key, &gen_src);
+        plan.push((format!("dwcp mem->mem {n} streams"), Box::new(move |port| dwcp_run(key, port, gen_src, n, false, &["--discard"], size))));
+    }
+    plan.push(("dwcp mem->mem 8 streams encrypted".into(), Box::new(|port| dwcp_run(&key, port, &gen_src, 8, true, &["--discard"], size))));
+    plan.push(("dwcp mem->mem 1 stream encrypted".into(), Box::new(|port| dwcp_run(&key, port, &gen_src, 1, true, &["--discard"], size))));
+    for n in [1u16, 4, 8] {
+        let (key, src, out, fresh) = (&key, &src, &out, &fresh);
+        plan.push((format!("dwcp file->file {n} streams"), Box::new(move |port| fresh(&|| dwcp_run(key, port, src, n, false, &["--out", out], size)))));
+    }
+    if let Some(b) = &base {
+        plan.push(("base mem->mem 8 streams".into(), Box::new(|port| dwcp_run_with(b, &key, port, &gen_src, 8, false, &["--discard"], size))));
+        plan.push(("base file->file 8 streams".into(), Box::new(|port| fresh(&|| dwcp_run_with(b, &key, port, &src, 8, false, &["--out", &out], size)))));
+    }
+    let labels: Vec<String> = plan.iter().map(|(l, _)| l.clone()).collect();
+    let mut runs: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); plan.len()];
     let mut p = 0u16;
-    let mut bench = |label: String, f: &mut dyn FnMut(u16) -> (f64, f64)| {
-        let mut g = Vec::new();
-        let mut c = Vec::new();
-        for _ in 0..reps {
+    for round in 0..reps {
+        eprintln!("  round {} of {reps}", round + 1);
+        for ((label, f), (g, c)) in plan.iter().zip(runs.iter_mut()) {
             p += 1;
             let (gbps, cpu) = f(port(7600, p));
+            eprintln!("    {label:<34} {gbps:>7.2} Gbit/s  {cpu:>5.2} CPU s/GB");
             g.push(gbps);
             c.push(cpu);
         }
-        let (g, c) = (benches::Figure::new(g), benches::Figure::new(c));
-        let case = Case { label, gbps: g.median(), cpu_s_per_gb: c.median(), runs: (g, c) };
-        eprintln!("  {:<34} {:>7.2} Gbit/s ({:.2}-{:.2})  {:>5.2} CPU s/GB", case.label, case.gbps, case.runs.0.min(), case.runs.0.max(), case.cpu_s_per_gb);
-        cases.push(case);
-    };
-    eprintln!("bench-transport: {} per run, {reps} runs per case, median", size);
-    for n in [1u16, 4, 8] {
-        bench(format!("iperf3 -P {n}"), &mut |port| iperf3_run(port, n, size));
-        bench(format!("dwcp mem->mem {n} streams"), &mut |port| dwcp_run(&key, port, &gen_src, n, false, &["--discard"], size));
     }
-    bench("dwcp mem->mem 8 streams encrypted".into(), &mut |port| dwcp_run(&key, port, &gen_src, 8, true, &["--discard"], size));
-    bench("dwcp mem->mem 1 stream encrypted".into(), &mut |port| dwcp_run(&key, port, &gen_src, 1, true, &["--discard"], size));
-    for n in [1u16, 4, 8] {
-        let src = src_file.to_string_lossy().into_owned();
-        let out = out_dir.to_string_lossy().into_owned();
-        bench(format!("dwcp file->file {n} streams"), &mut |port| {
-            let _ = std::fs::remove_dir_all(&out_dir);
-            dwcp_run(&key, port, &src, n, false, &["--out", &out], size)
-        });
-    }
-    let base = std::env::var_os("BENCH_BASE").map(PathBuf::from);
-    if let Some(b) = &base {
-        let out = out_dir.to_string_lossy().into_owned();
-        let src = src_file.to_string_lossy().into_owned();
-        bench("base mem->mem 8 streams".into(), &mut |port| dwcp_run_with(b, &key, port, &gen_src, 8, false, &["--discard"], size));
-        bench("base file->file 8 streams".into(), &mut |port| {
-            let _ = std::fs::remove_dir_all(&out_dir);
-            dwcp_run_with(b, &key, port, &src, 8, false, &["--out", &out], size)
-        });
-    }
+    drop(plan);
+    let cases: Vec<Case> = runs
+        .into_iter()
+        .zip(labels)
+        .map(|((g, c), label)| {
+            let (g, c) = (benches::Figure::new(g), benches::Figure::new(c));
+            Case { label, gbps: g.median(), cpu_s_per_gb: c.median(), runs: (g, c) }
+        })
+        .collect();
     let _ = std::fs::remove_dir_all(&out_dir);
     let get = |l: &str| cases.iter().find(|c| c.label == l).unwrap_or_else(|| panic!("case {l}"));
     let d8 = get("dwcp mem->mem 8 streams");
@@ -179,10 +188,22 @@ fn main() {
     for c in &cases {
         println!("| {} | {:.2} | {:.2}-{:.2} | {:.2} |", c.label, c.gbps, c.runs.0.min(), c.runs.0.max(), c.cpu_s_per_gb);
     }
+    // Run-by-run ratios: round r of one case over round r of the other.
+    let paired = |a: &benches::Figure, b: &benches::Figure| benches::Figure::new(a.runs.iter().zip(&b.runs).map(|(x, y)| x / y).collect());
+    let r8 = paired(&d8.runs.0, &i8.runs.0);
+    let r1 = paired(&d1.runs.0, &i1.runs.0);
+    let re8 = paired(&e8.runs.0, &i8.runs.0);
+    let rc8 = paired(&d8.runs.1, &i8.runs.1);
     println!();
-    println!("ratio_8 (dwcp mem / iperf3, 8 streams)         {:.2}  (target >= 1.0)", d8.gbps / i8.gbps);
-    println!("ratio_8_encrypted (dwcp enc / iperf3 plain)    {:.2}  (target >= 0.7)", e8.gbps / i8.gbps);
-    println!("ratio_1 (1 stream)                             {:.2}", d1.gbps / i1.gbps);
+    println!("{:<52} {:>6} {:>14}", "ratio (run by run: median, least-most)", "median", "range");
+    for (name, f, target) in [
+        ("ratio_8 (dwcp mem / iperf3, 8 streams)", &r8, "target >= 1.0"),
+        ("ratio_8_encrypted_vs_plain_iperf3", &re8, "target >= 0.9"),
+        ("cpu_per_gb_vs_iperf3_8 (CPU s/GB, both ends)", &rc8, "target <= 1.0"),
+        ("ratio_1 (1 stream)", &r1, ""),
+    ] {
+        println!("{name:<52} {:>6.2} {:>6.2}-{:<6.2} {target}", f.median(), f.min(), f.max());
+    }
     let against_base = base.as_ref().map(|b| {
         let (bm, bf) = (get("base mem->mem 8 streams"), get("base file->file 8 streams"));
         println!("against {}: plaintext mem 8 streams {:.2}, file 8 streams {:.2} (this build / base)", b.display(), d8.gbps / bm.gbps, f8.gbps / bf.gbps);
@@ -202,6 +223,12 @@ fn main() {
         "dwcp_gbps_8": d8.gbps,
         "iperf3_gbps_8": i8.gbps,
         "ratio_8": d8.gbps / i8.gbps,
+        "ratio_8_runs": r8.json(),
+        "ratio_8_encrypted_vs_plain_iperf3": re8.median(),
+        "ratio_8_encrypted_vs_plain_iperf3_runs": re8.json(),
+        "cpu_per_gb_vs_iperf3_8": rc8.median(),
+        "cpu_per_gb_vs_iperf3_8_runs": rc8.json(),
+        "ratio_1_runs": r1.json(),
         "dwcp_gbps_8_encrypted": e8.gbps,
         "ratio_8_encrypted": e8.gbps / i8.gbps,
         "dwcp_gbps_1": d1.gbps,
