@@ -843,10 +843,6 @@ fn sixty_four_senders_at_once_all_verify_with_bounded_memory() {
     assert!(peak < 512 << 20, "receiver peak RSS {} MiB", peak >> 20);
 }
 
-/// `dwcp send --via-daemon`: the daemon sends the file with its own key through the same engine
-/// (here to its own listener), the CLI follows it and prints the daemon's summary; `dwcp job
-/// list` shows it; a bad request is refused with the daemon's reason and a missing daemon is
-/// named.
 /// Under systemd (Type=notify, WatchdogSec=) the daemon says READY=1 once booted and then feeds
 /// the watchdog (it does so only while its HTTP endpoint answers /healthz).
 #[test]
@@ -855,9 +851,7 @@ fn the_daemon_tells_systemd_it_is_ready_and_feeds_the_watchdog() {
     let d = tempfile::tempdir().unwrap();
     let key = keygen(d.path());
     let (port, api) = (free_port(), free_port());
-    let cfg = d.path().join("dwcp.toml");
-    let out = d.path().join("out");
-    std::fs::write(&cfg, format!("[node]\nlisten = \"127.0.0.1:{port}\"\nout = \"{}\"\nkey_file = \"{}\"\n[api]\nlisten = \"127.0.0.1:{api}\"\n", out.display(), key.display())).unwrap();
+    let cfg = daemon_config(d.path(), &key, port, api, None);
     let notify = d.path().join("notify.sock");
     let sock = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -880,6 +874,26 @@ fn the_daemon_tells_systemd_it_is_ready_and_feeds_the_watchdog() {
     assert!(seen[0].contains("READY=1"), "ready first: {seen:?}");
 }
 
+/// A daemon's config in `dir`: its listener on `port`, its HTTP endpoint on `api`, its jobs
+/// socket at `socket` if given.
+fn daemon_config(dir: &Path, key: &Path, port: u16, api: u16, socket: Option<&Path>) -> PathBuf {
+    let cfg = dir.join("dwcp.toml");
+    let mut t = format!(
+        "[node]\nname = \"t\"\nlisten = \"127.0.0.1:{port}\"\nout = \"{}\"\nkey_file = \"{}\"\n[api]\nlisten = \"127.0.0.1:{api}\"\n",
+        dir.join("out").display(),
+        key.display()
+    );
+    if let Some(s) = socket {
+        t.push_str(&format!("socket = \"{}\"\n", s.display()));
+    }
+    std::fs::write(&cfg, t).unwrap();
+    cfg
+}
+
+/// `dwcp send --via-daemon`: the daemon sends the file with its own key through the same engine
+/// (here to its own listener), the CLI follows it and prints the daemon's summary; `dwcp job
+/// list` shows it; a bad request is refused with the daemon's reason and a missing daemon is
+/// named.
 #[test]
 fn a_send_through_the_daemon_is_planned_sent_and_listed() {
     let _load = light();
@@ -887,17 +901,7 @@ fn a_send_through_the_daemon_is_planned_sent_and_listed() {
     let key = keygen(d.path());
     let (port, api) = (free_port(), free_port());
     let sock = d.path().join("api.sock");
-    let cfg = d.path().join("dwcp.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[node]\nname = \"t\"\nlisten = \"127.0.0.1:{port}\"\nout = \"{}\"\nkey_file = \"{}\"\n[api]\nlisten = \"127.0.0.1:{api}\"\nsocket = \"{}\"\n",
-            d.path().join("out").display(),
-            key.display(),
-            sock.display()
-        ),
-    )
-    .unwrap();
+    let cfg = daemon_config(d.path(), &key, port, api, Some(&sock));
     let _daemon = Rx(Command::new(bin()).args(["daemon", "--config"]).arg(&cfg).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
     wait_listening(api);
     let src = d.path().join("disk.img");

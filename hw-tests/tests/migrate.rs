@@ -139,6 +139,14 @@ impl Rig {
             })
             .collect()
     }
+    /// The guest `tag`'s checks once it has made two after check `after` (30 s at most).
+    fn checks_after(&self, tag: &str, after: u64) -> Vec<(bool, u64)> {
+        let t = Instant::now();
+        while self.checks(tag).iter().filter(|c| c.1 > after).count() < 2 && t.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        self.checks(tag)
+    }
 }
 
 fn free_port() -> u16 {
@@ -165,11 +173,7 @@ fn migrate_and_check(rig: &Rig) -> Value {
     assert_eq!(j["source_vm"], "postmigrate", "{j}");
     let last_src = rig.checks("src").last().map_or(0, |c| c.1);
     // Two more checks on the destination (one takes a few seconds in software emulation).
-    let t = Instant::now();
-    while rig.checks("dst").iter().filter(|c| c.1 > last_src).count() < 2 && t.elapsed() < Duration::from_secs(30) {
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    let dst = rig.checks("dst");
+    let dst = rig.checks_after("dst", last_src);
     assert!(dst.iter().all(|c| c.0), "the guest's data changed in flight: {dst:?}");
     assert!(dst.iter().filter(|c| c.1 > last_src).count() >= 2, "the destination guest runs on from check {last_src}: {dst:?}");
     let st = qmp(&rig.dir.join("dst.qmp"), "query-status", Value::Null);
@@ -305,11 +309,7 @@ fn a_stream_page_aware_mode_cannot_parse_falls_back_to_tunnel_mode() {
     let last_src = rig.checks("src").last().map_or(0, |c| c.1);
     // Two more checks on the destination, as in the first test (a fixed 4 s saw one on a busy
     // CI host).
-    let t = Instant::now();
-    while rig.checks("dst").iter().filter(|c| c.1 > last_src).count() < 2 && t.elapsed() < Duration::from_secs(30) {
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    let dst = rig.checks("dst");
+    let dst = rig.checks_after("dst", last_src);
     assert!(dst.iter().all(|c| c.0) && dst.iter().filter(|c| c.1 > last_src).count() >= 2, "the destination guest runs and checks out: {dst:?}");
     assert_eq!(std::fs::read(rig.dir.join("dst.img")).unwrap(), std::fs::read(rig.dir.join("src.img")).unwrap(), "the disk came along");
     eprintln!("fell back ({why}); migrated in {:.2} s, {} rounds", j["wall_s"].as_f64().unwrap_or(0.0), j["rounds"]);
@@ -376,11 +376,7 @@ fn a_vm_migrates_between_unix_socket_endpoints_without_qmp() {
     let st = qmp(&rig.dir.join("src.qmp"), "query-status", Value::Null);
     assert_eq!(st["return"]["status"], "postmigrate", "{st}");
     let last_src = rig.checks("src").last().map_or(0, |c| c.1);
-    let t = Instant::now();
-    while rig.checks("dst").iter().filter(|c| c.1 > last_src).count() < 2 && t.elapsed() < Duration::from_secs(30) {
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    let dst = rig.checks("dst");
+    let dst = rig.checks_after("dst", last_src);
     assert!(dst.iter().all(|c| c.0) && dst.iter().filter(|c| c.1 > last_src).count() >= 2, "the destination guest runs and checks out: {dst:?}");
     let st = qmp(&rig.dir.join("dst.qmp"), "query-status", Value::Null);
     assert_eq!(st["return"]["status"], "running", "{st}");
