@@ -46,6 +46,8 @@ impl EngineRunner {
                 };
                 let mut o = RecvOptions::new("127.0.0.1:0", sink, psk.clone());
                 o.allow_plaintext = true;
+                // Any chunk size the knobs may ask for (a peer's receiver keeps its own limit).
+                o.max_chunk = 64 << 20;
                 let rx = recv::start(o).map_err(|e| format!("starting the loopback receiver: {e}"))?;
                 base.to = rx.local_addr.to_string();
                 Some(rx)
