@@ -384,17 +384,30 @@ fn mode_sets_streams_and_encryption() {
         .unwrap());
     wait_listening(port);
     let send = |extra: &[&str]| {
-        let o = Command::new(bin()).args(["send", "gen:64M", "--json", "--to", &format!("127.0.0.1:{port}"), "--key-file"]).arg(&key).args(extra).output().unwrap();
+        // The source is gen:64M unless the first of `extra` is a path.
+        let (src, extra) = match extra.first() {
+            Some(f) if f.starts_with('/') => (*f, &extra[1..]),
+            _ => ("gen:64M", extra),
+        };
+        let o = Command::new(bin()).args(["send", src, "--json", "--to", &format!("127.0.0.1:{port}"), "--key-file"]).arg(&key).args(extra).output().unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
     };
-    let j = send(&[]);
+    // A mapped file goes out from its mapping in plaintext.
+    let file = d.path().join("img");
+    write_image(&file, 64 << 20);
+    let j = send(&[file.to_str().unwrap()]);
     let m = &j["mode"];
     assert_eq!(m["how"], "auto");
     assert_eq!(m["initial"], "datacenter", "{m}");
     assert!(m["probe_rtt_us"].as_u64().unwrap() < 2000, "{m}");
     assert!(m["probe_gbps"].as_f64().unwrap() > 0.0, "{m}");
-    assert_eq!(j["encrypted"], false, "datacenter mode, plaintext allowed: {j}");
+    assert_eq!(j["encrypted"], false, "datacenter mode, plaintext allowed, a mapped file: {j}");
+    // A generated source is copied anyway: encrypted exactly where sealing measured cheaper than
+    // the plaintext tag on this host, and the plan says so.
+    let g = send(&[]);
+    let why = g["plan"]["why"]["encrypt"].as_str().unwrap_or_default().to_string();
+    assert_eq!(g["encrypted"], why.contains("AES-GCM measured cheaper"), "{why}");
     assert!(m["opened"].as_u64().unwrap() >= m["active"].as_u64().unwrap(), "{m}");
     assert_eq!(j["streams"], m["opened"]);
     // Forced internet mode: encrypted, no bulk probe, every stream active.

@@ -229,7 +229,7 @@ pub fn start(req: Request, psk: Psk, host: Host, t: Thresholds, tweak: impl FnOn
     }
     let addrs: Vec<_> = std::net::ToSocketAddrs::to_socket_addrs(req.to.as_str()).map(Iterator::collect).unwrap_or_default();
     let loopback = !addrs.is_empty() && addrs.iter().all(|a: &std::net::SocketAddr| a.ip().is_loopback());
-    let facts = SourceFacts { stdin: matches!(source, Source::Stream { .. }), size: source.size(), loopback };
+    let facts = SourceFacts { stdin: matches!(source, Source::Stream { .. }), size: source.size(), loopback, mapped: matches!(source, Source::File { map: Some(_), .. }) };
     // Stream 0 connects, encrypted, while the probe runs: on a long path that saves the two
     // round trips of its connection and key exchange. Unused, it is closed before its Hello.
     let early0 = plan::early_stream_zero(&req).then(|| {
