@@ -25,12 +25,19 @@ define apt_install
 endef
 
 # rust-toolchain.toml pins the toolchain; rustup installs it when missing (about 10 s: the
-# minimal profile with rustfmt and clippy).
+# minimal profile with rustfmt and clippy). Where rustup cannot fetch it but its stable is that
+# very version, stable is linked under the pinned name (rustup refuses such names for
+# `toolchain link`, so the link is made in its toolchains directory).
 TOOLCHAIN := $(shell sed -n 's/^channel = "\(.*\)"/\1/p' rust-toolchain.toml)
 deps:
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
 	@if command -v rustup >/dev/null && ! rustup toolchain list | grep -q "^$(TOOLCHAIN)-"; then \
-	  rustup toolchain install $(TOOLCHAIN) --profile minimal --component rustfmt,clippy; fi
+	  rustup toolchain install $(TOOLCHAIN) --profile minimal --component rustfmt,clippy || { \
+	    host=$$(RUSTUP_TOOLCHAIN=stable rustc -vV | sed -n 's/^host: //p'); \
+	    if RUSTUP_TOOLCHAIN=stable rustc --version | grep -q "^rustc $(TOOLCHAIN) "; then \
+	      echo "rustup could not fetch $(TOOLCHAIN); its stable is that very version: using it under the pinned name"; \
+	      ln -sfn "$$(RUSTUP_TOOLCHAIN=stable rustc --print sysroot)" "$${RUSTUP_HOME:-$$HOME/.rustup}/toolchains/$(TOOLCHAIN)-$$host"; \
+	    else echo "cannot install toolchain $(TOOLCHAIN) (rust-toolchain.toml)" >&2; exit 1; fi; }; fi
 	$(call apt_install,$(BUILD_PKGS))
 
 bench-deps: deps
