@@ -96,6 +96,20 @@ fn spawn_send(key: &Path, args: &[&str]) -> Child {
     Command::new(bin()).arg("send").args(args).args(["--json", "--key-file"]).arg(key).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
 }
 
+/// A receiver that verifies and drops what it gets, its output discarded; started and listening.
+fn discarding(key: &Path, port: u16, extra: &[&str]) -> Rx {
+    let c = Command::new(bin())
+        .args(["recv", "--listen", &format!("127.0.0.1:{port}"), "--discard", "--key-file"])
+        .arg(key)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_listening(port);
+    Rx(c)
+}
+
 fn receiver(key: &Path, port: u16, out: &str, extra: &[&str]) -> Rx {
     let c = Command::new(bin())
         .args(["recv", "--listen", &format!("127.0.0.1:{port}"), "--out", out, "--key-file"])
@@ -1021,14 +1035,7 @@ fn a_trace_becomes_a_plot() {
     let d = tempfile::tempdir().unwrap();
     let key = keygen(d.path());
     let port = free_port();
-    let _rx = Rx(Command::new(bin())
-        .args(["recv", "--listen", &format!("127.0.0.1:{port}"), "--discard", "--once", "--key-file"])
-        .arg(&key)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap());
-    wait_listening(port);
+    let _rx = discarding(&key, port, &["--once"]);
     let trace = d.path().join("t.csv");
     let o = Command::new(bin())
         .args(["send", "gen:256MiB", "--to", &format!("127.0.0.1:{port}"), "--mode", "internet", "--key-file"])
