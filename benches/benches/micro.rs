@@ -7,7 +7,7 @@ use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use dataplane::crypto::{FrameCodec, Initiator, Psk, Responder};
-use dataplane::hde::{Decoder, EncodeStats, Encoder, PAGE, PageStore};
+use dataplane::hde::{Decoder, EncodeStats, Encoder, MemStore, PAGE};
 use dataplane::recv::reorder::Reorder;
 use dataplane::wire::{FrameHeader, FrameType};
 
@@ -69,16 +69,6 @@ fn aead(c: &mut Criterion) {
     g.finish();
 }
 
-struct Mem(HashMap<u64, Vec<u8>>);
-impl PageStore for Mem {
-    fn get(&self, no: u64) -> Option<&[u8]> {
-        self.0.get(&no).map(Vec::as_slice)
-    }
-    fn put(&mut self, no: u64, page: &[u8]) {
-        self.0.insert(no, page.to_vec());
-    }
-}
-
 /// 256 pages of one kind (1 MiB), and the old copies a delta is against.
 fn pages(kind: &str) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
     let text: Vec<u8> = b"INSERT INTO t VALUES (42, 'the quick brown fox jumps over the lazy dog');\n".iter().copied().cycle().take(PAGE).collect();
@@ -128,7 +118,7 @@ fn hde(c: &mut Criterion) {
         let mut d = Decoder::new(None).unwrap();
         g.bench_with_input(BenchmarkId::new("decode", kind), &frame, |b, frame| {
             b.iter(|| {
-                let mut store = Mem(start.clone());
+                let mut store = MemStore(start.clone());
                 black_box(d.decode(frame, &mut store).unwrap());
             })
         });

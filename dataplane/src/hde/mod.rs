@@ -101,6 +101,20 @@ const LOOKUP_BATCH: usize = 16;
 /// Entries in the reference index at most (about 24 bytes each); past it, no more are added.
 const INDEX_MAX: usize = 1 << 23;
 
+/// A receiver image held in memory, page number to page: the simplest [`PageStore`] (tests,
+/// benchmarks, tools).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MemStore(pub HashMap<u64, Vec<u8>>);
+
+impl PageStore for MemStore {
+    fn get(&self, no: u64) -> Option<&[u8]> {
+        self.0.get(&no).map(Vec::as_slice)
+    }
+    fn put(&mut self, no: u64, page: &[u8]) {
+        self.0.insert(no, page.to_vec());
+    }
+}
+
 /// How a page is encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]

@@ -17,16 +17,6 @@ fn the_reference_index_finds_every_block_before_and_after_its_filter_is_built() 
     assert!(!ix.1.0.is_empty(), "the image indexes more than {FILTER_FROM} blocks");
 }
 
-/// A receiver image in memory.
-struct Mem(HashMap<u64, Vec<u8>>);
-impl PageStore for Mem {
-    fn get(&self, no: u64) -> Option<&[u8]> {
-        self.0.get(&no).map(Vec::as_slice)
-    }
-    fn put(&mut self, no: u64, page: &[u8]) {
-        self.0.insert(no, page.to_vec());
-    }
-}
 
 fn page_of(kind: u8, seed: u64) -> Vec<u8> {
     let mut p = vec![0u8; PAGE];
@@ -54,7 +44,7 @@ fn page_of(kind: u8, seed: u64) -> Vec<u8> {
 fn roundtrip(round1: &[(u64, Vec<u8>)], round2: &[(u64, Vec<u8>)]) {
     let mut enc = Encoder::new(3, None).unwrap();
     let mut dec = Decoder::new(None).unwrap();
-    let mut rx = Mem(HashMap::new());
+    let mut rx = MemStore(HashMap::new());
     let mut stats = EncodeStats::default();
     for round in [round1, round2] {
         let refs: Vec<(u64, &[u8])> = round.iter().map(|(n, p)| (*n, p.as_slice())).collect();
@@ -74,7 +64,7 @@ fn roundtrip(round1: &[(u64, Vec<u8>)], round2: &[(u64, Vec<u8>)]) {
 }
 
 /// A receiver's shard decoding one chunk: it may write pages `[.0, .1)` only.
-struct Chunk(u64, u64, Mem);
+struct Chunk(u64, u64, MemStore);
 impl PageStore for Chunk {
     fn get(&self, no: u64) -> Option<&[u8]> {
         self.2.get(no)
@@ -97,7 +87,7 @@ fn a_page_outside_the_frames_chunk_is_refused_and_the_others_still_apply() {
     let pages: Vec<(u64, Vec<u8>)> = (0..8).map(|i| (i, page_of(i as u8 + 2, i))).collect();
     let refs: Vec<(u64, &[u8])> = pages.iter().map(|(n, p)| (*n, p.as_slice())).collect();
     let f = enc.encode(&refs, &|_| None, &mut stats);
-    let mut rx = Chunk(4, 8, Mem(HashMap::new()));
+    let mut rx = Chunk(4, 8, MemStore(HashMap::new()));
     let r = dec.decode(&f, &mut rx).unwrap();
     let refused: Vec<u64> = r.rejected.iter().map(|x| x.0).collect();
     assert_eq!(refused, vec![0, 1, 2, 3]);
@@ -182,7 +172,7 @@ fn duplicates_of_pages_later_in_the_round_are_deferred_then_applied() {
     // Frame 1 carries page 3; frame 2 carries page 8, a duplicate of page 3.
     let f1 = enc.encode(&[(3, &a)], &|_| None, &mut EncodeStats::default());
     let f2 = enc.encode(&[(8, &a)], &|_| None, &mut EncodeStats::default());
-    let mut rx = Mem(HashMap::new());
+    let mut rx = MemStore(HashMap::new());
     // Frame 2 arrives first (another stream was faster).
     let r2 = dec.decode(&f2, &mut rx).unwrap();
     assert_eq!((r2.applied, r2.deferred.len()), (0, 1));
@@ -218,7 +208,7 @@ fn a_block_that_decodes_short_is_refused() {
     let sum = list_sum(&bad[..listed]);
     bad[listed..].copy_from_slice(&sum.to_le_bytes());
     bad.extend_from_slice(&empty);
-    let mut rx = Mem(HashMap::new());
+    let mut rx = MemStore(HashMap::new());
     let r = Decoder::new(None).unwrap().decode(&bad, &mut rx).unwrap();
     assert_eq!(r.rejected, vec![(1, "literal block decodes to the wrong length")]);
     assert!(rx.0.is_empty());
@@ -237,7 +227,7 @@ fn a_zero_page_moved_by_a_flipped_bit_is_refused_with_its_frame() {
     assert_eq!((f[at], f[at + 1]), (0, Kind::Zero as u8), "page 2 follows page 1 as a zero page");
     let mut bad = f.clone();
     bad[at] ^= 4;
-    let mut rx = Mem(HashMap::new());
+    let mut rx = MemStore(HashMap::new());
     assert_eq!(Decoder::new(None).unwrap().decode(&bad, &mut rx).err(), Some(HdeError::Corrupt));
     assert!(rx.0.is_empty());
     assert_eq!(Decoder::new(None).unwrap().decode(&f, &mut rx).unwrap().applied, 2);
@@ -340,7 +330,7 @@ fn a_stale_duplicate_is_refused_not_written() {
     let mut enc = Encoder::new(3, None).unwrap();
     let mut dec = Decoder::new(None).unwrap();
     let a = page_of(1, 1);
-    let mut rx = Mem(HashMap::new());
+    let mut rx = MemStore(HashMap::new());
     let f = enc.encode(&[(5, &a)], &|_| None, &mut EncodeStats::default());
     dec.decode(&f, &mut rx).unwrap();
     // The receiver's page 5 changes behind the encoder's back; a dup of it must not apply.
@@ -356,7 +346,7 @@ fn a_stale_duplicate_is_refused_not_written() {
 
 /// Round 1 of pages 0..8 and 10 (random bytes), encoded and decoded; and a page made of half
 /// of page 3 and half of page 5, at other offsets (round 2 rewrites page 10 with it).
-fn after_round_one() -> (Encoder, Decoder, Mem, Vec<u8>) {
+fn after_round_one() -> (Encoder, Decoder, MemStore, Vec<u8>) {
     let mut r1: Vec<(u64, Vec<u8>)> = (0..8).map(|i| (i, page_of(3, i + 1))).collect();
     r1.push((10, page_of(3, 100)));
     let mut moved = vec![0u8; PAGE];
@@ -364,7 +354,7 @@ fn after_round_one() -> (Encoder, Decoder, Mem, Vec<u8>) {
     moved[2048..].copy_from_slice(&r1[5].1[..2048]);
     let mut enc = Encoder::new(3, None).unwrap();
     let mut dec = Decoder::new(None).unwrap();
-    let mut rx = Mem(HashMap::new());
+    let mut rx = MemStore(HashMap::new());
     let pages: Vec<(u64, &[u8])> = r1.iter().map(|(n, p)| (*n, p.as_slice())).collect();
     let f = enc.encode(&pages, &|_| None, &mut EncodeStats::default());
     assert!(dec.decode(&f, &mut rx).unwrap().rejected.is_empty());
@@ -396,7 +386,7 @@ fn data_moved_from_other_pages_is_sent_as_a_reference() {
 /// A receiver writing a round in place while it reads references from the image as the
 /// round began (`dwcp recv` of a delta round: the previous round's file).
 struct Round<'a> {
-    now: &'a mut Mem,
+    now: &'a mut MemStore,
     start: &'a HashMap<u64, Vec<u8>>,
 }
 impl PageStore for Round<'_> {
@@ -431,7 +421,7 @@ fn pages_that_trade_data_in_a_round_decode_in_any_order_against_its_starting_ima
     // Random bytes: only the other page's old copy makes them small.
     assert!(f3.len() < 300 && f5.len() < 300, "frames of {} and {} bytes for two moved pages", f3.len(), f5.len());
     for (first, second) in [(&f5, &f3), (&f3, &f5)] {
-        let mut now = Mem(start.clone());
+        let mut now = MemStore(start.clone());
         let mut dec = Decoder::new(None).unwrap();
         for f in [first, second] {
             let r = dec.decode(f, &mut Round { now: &mut now, start: &start }).unwrap();
@@ -442,7 +432,7 @@ fn pages_that_trade_data_in_a_round_decode_in_any_order_against_its_starting_ima
     }
     // A store that reads its current copy instead: the frame decoded second finds its
     // reference overwritten, and its page is refused, not written wrong.
-    let mut now = Mem(start.clone());
+    let mut now = MemStore(start.clone());
     let mut dec = Decoder::new(None).unwrap();
     assert!(dec.decode(&f5, &mut now).unwrap().rejected.is_empty());
     let r = dec.decode(&f3, &mut now).unwrap();
@@ -508,14 +498,14 @@ fn trained_dictionary_roundtrip() {
     let mut enc = Encoder::new(3, Some(dict.clone())).unwrap();
     let mut dec = Decoder::new(Some(&dict)).unwrap();
     let p = page_of(2, 777);
-    let mut rx = Mem(HashMap::new());
+    let mut rx = MemStore(HashMap::new());
     let f = enc.encode(&[(1, &p)], &|_| None, &mut EncodeStats::default());
     assert!(dec.decode(&f, &mut rx).unwrap().rejected.is_empty());
     assert_eq!(rx.0[&1], p);
 }
 
 /// Round 1 of one huge page's 512 pages (every third zero) through `enc` into `rx`.
-fn huge_page_round1(enc: &mut Encoder, dec: &mut Decoder, rx: &mut Mem) -> Vec<Vec<u8>> {
+fn huge_page_round1(enc: &mut Encoder, dec: &mut Decoder, rx: &mut MemStore) -> Vec<Vec<u8>> {
     let pages: Vec<Vec<u8>> = (0..512u64).map(|i| if i % 3 == 0 { vec![0; PAGE] } else { page_of(1 + (i % 3) as u8, i) }).collect();
     for half in pages.chunks(256).enumerate() {
         let refs: Vec<(u64, &[u8])> = half.1.iter().enumerate().map(|(i, p)| ((half.0 * 256 + i) as u64, p.as_slice())).collect();
@@ -529,8 +519,8 @@ fn huge_page_round1(enc: &mut Encoder, dec: &mut Decoder, rx: &mut Mem) -> Vec<V
 fn a_huge_page_sent_again_costs_what_its_changed_pages_cost() {
     // Two senders in the same state after round 1; in round 2 three pages changed. One is
     // given the huge page's dirty set (all 512 pages), the other the three pages alone.
-    let (mut enc, mut dec, mut rx) = (Encoder::new(3, None).unwrap(), Decoder::new(None).unwrap(), Mem(HashMap::new()));
-    let (mut twin, mut twin_dec, mut twin_rx) = (Encoder::new(3, None).unwrap(), Decoder::new(None).unwrap(), Mem(HashMap::new()));
+    let (mut enc, mut dec, mut rx) = (Encoder::new(3, None).unwrap(), Decoder::new(None).unwrap(), MemStore(HashMap::new()));
+    let (mut twin, mut twin_dec, mut twin_rx) = (Encoder::new(3, None).unwrap(), Decoder::new(None).unwrap(), MemStore(HashMap::new()));
     let r1 = huge_page_round1(&mut enc, &mut dec, &mut rx);
     huge_page_round1(&mut twin, &mut twin_dec, &mut twin_rx);
     let mut r2 = r1.clone();
@@ -567,7 +557,7 @@ fn a_page_sent_again_that_the_receiver_lacks_is_refused_and_runs_stay_in_the_fra
     let mut enc = Encoder::new(3, None).unwrap();
     let p = page_of(3, 9);
     let f = enc.encode(&[(4, &p), (5, &p)], &|_| Some(p.as_slice()), &mut EncodeStats::default());
-    let mut rx = Mem(HashMap::new());
+    let mut rx = MemStore(HashMap::new());
     let r = Decoder::new(None).unwrap().decode(&f, &mut rx).unwrap();
     assert_eq!(r.rejected, vec![(4, "unchanged page the receiver does not hold"), (5, "unchanged page the receiver does not hold")]);
     assert!(rx.0.is_empty());
@@ -617,7 +607,7 @@ proptest! {
 
     #[test]
     fn a_flipped_bit_in_a_round_of_runs_never_writes_a_wrong_page(bit in any::<usize>()) {
-        let (mut enc, mut dec, mut rx) = (Encoder::new(3, None).unwrap(), Decoder::new(None).unwrap(), Mem(HashMap::new()));
+        let (mut enc, mut dec, mut rx) = (Encoder::new(3, None).unwrap(), Decoder::new(None).unwrap(), MemStore(HashMap::new()));
         let r1 = huge_page_round1(&mut enc, &mut dec, &mut rx);
         let mut r2 = r1[..256].to_vec();
         r2[10][5] ^= 1;
@@ -643,7 +633,7 @@ proptest! {
         let mut f = enc.encode(&refs, &|_| None, &mut EncodeStats::default());
         let bit = bit % (f.len() * 8);
         f[bit / 8] ^= 1 << (bit % 8);
-        let mut rx = Mem(HashMap::new());
+        let mut rx = MemStore(HashMap::new());
         let mut dec = Decoder::new(None).unwrap();
         if let Ok(r) = dec.decode(&f, &mut rx) {
             for (no, p) in &rx.0 {
