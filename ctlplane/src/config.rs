@@ -151,6 +151,30 @@ pub struct TransferDefaults {
     pub rdma_poll: Option<String>,
 }
 
+impl TransferDefaults {
+    /// Every value in its range: the key (within `[transfer]`) and what is wrong otherwise. The
+    /// config's validation and `dwcp tune`'s knobs both check with this.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        for (key, v, lo, hi) in [
+            ("streams", self.streams.map(u64::from), 1, 256),
+            ("chunk_size", self.chunk_size.map(u64::from), 4096, 64 << 20),
+            ("window", self.window.map(|w| w as u64), 1, 4096),
+            ("rdma_qps", self.rdma_qps.map(u64::from), 1, 64),
+        ] {
+            if let Some(v) = v.filter(|v| !(lo..=hi).contains(v)) {
+                return Err((key, format!("is {v}; expected {lo} to {hi}")));
+            }
+        }
+        if let Some(p) = self.rdma_poll.as_deref().filter(|p| !matches!(*p, "busy" | "event")) {
+            return Err(("rdma_poll", format!("is {p:?}; expected \"busy\" or \"event\"")));
+        }
+        if self.cores.as_ref().is_some_and(Vec::is_empty) {
+            return Err(("cores", "is empty; expected a list of core numbers, or leave it out".into()));
+        }
+        Ok(())
+    }
+}
+
 /// `[[peers]]`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -337,24 +361,8 @@ impl Config {
                 return bad(&format!("peers[{i}].addr"), format!("is {:?}; expected HOST:PORT", p.addr));
             }
         }
-        let t = &self.transfer;
-        for (key, v, lo, hi) in [
-            ("transfer.streams", t.streams.map(u64::from), 1, 256),
-            ("transfer.chunk_size", t.chunk_size.map(u64::from), 4096, 64 << 20),
-            ("transfer.window", t.window.map(|w| w as u64), 1, 4096),
-        ] {
-            if let Some(v) = v.filter(|v| !(lo..=hi).contains(v)) {
-                return bad(key, format!("is {v}; expected {lo} to {hi}"));
-            }
-        }
-        if let Some(n) = t.rdma_qps.filter(|n| !(1..=64).contains(n)) {
-            return bad("transfer.rdma_qps", format!("is {n}; expected 1 to 64"));
-        }
-        if let Some(p) = t.rdma_poll.as_deref().filter(|p| !matches!(*p, "busy" | "event")) {
-            return bad("transfer.rdma_poll", format!("is {p:?}; expected \"busy\" or \"event\""));
-        }
-        if t.cores.as_ref().is_some_and(Vec::is_empty) {
-            return bad("transfer.cores", "is empty; expected a list of core numbers, or leave it out".into());
+        if let Err((key, problem)) = self.transfer.check() {
+            return bad(&format!("transfer.{key}"), problem);
         }
         let m = &self.mode;
         // Every duration and rate must be a finite number in a sane range before it is turned

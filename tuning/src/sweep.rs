@@ -64,54 +64,25 @@ impl Knob {
         })
     }
 
-    /// Checks a value and sets it in `req` (and in `defaults`, the TOML form).
-    fn set(self, v: &str, req: &mut Request, d: &mut TransferDefaults) -> Result<(), String> {
+    /// Checks a value and sets it in `d`, the `[transfer]` section: parsed here, bounded by the
+    /// config's own check of that section.
+    fn set(self, v: &str, d: &mut TransferDefaults) -> Result<(), String> {
         let bad = |why: &str| format!("{}={v}: {why}", self.name());
         match self {
-            Knob::Streams => {
-                let n: u16 = v.parse().ok().filter(|n| (1..=256).contains(n)).ok_or_else(|| bad("expected 1 to 256 streams"))?;
-                (req.streams, d.streams) = (Some(n), Some(n));
-            }
+            Knob::Streams => d.streams = Some(v.parse().map_err(|_| bad("expected a number of streams"))?),
             Knob::ChunkSize => {
-                let b = dataplane::source::parse_size(v).ok().and_then(|b| u32::try_from(b).ok()).filter(|b| (4096..=64 << 20).contains(b));
-                let b = b.ok_or_else(|| bad("expected a size from 4KiB to 64MiB"))?;
-                (req.chunk_size, d.chunk_size) = (Some(b), Some(b));
+                let b = dataplane::source::parse_size(v).ok().and_then(|b| u32::try_from(b).ok());
+                d.chunk_size = Some(b.ok_or_else(|| bad("expected a size such as 1MiB"))?);
             }
-            Knob::Window => {
-                let w: usize = v.parse().ok().filter(|w| (1..=4096).contains(w)).ok_or_else(|| bad("expected 1 to 4096 chunks"))?;
-                (req.window, d.window) = (Some(w), Some(w));
-            }
-            Knob::Zerocopy => {
-                let c = serde_json::from_value(serde_json::Value::String(v.into())).map_err(|_| bad("expected on or off"))?;
-                (req.zerocopy, d.zerocopy) = (c, Some(c));
-            }
-            Knob::Acp => {
-                let a = serde_json::from_value(serde_json::Value::String(v.into())).map_err(|_| bad("expected off, delay or bbr-model"))?;
-                (req.acp, d.acp) = (a, Some(a));
-            }
-            Knob::Compress => {
-                let e = v.parse().map_err(|_| bad("expected off or a zstd level 1-19"))?;
-                (req.compress, d.compress) = (e, Some(e));
-            }
-            Knob::Cores => {
-                let cores = parse_cores(v).ok_or_else(|| bad("expected cores like 0, 0-3 or 0+2"))?;
-                (req.cores, d.cores) = (Some(cores.clone()), Some(cores));
-            }
-            Knob::RdmaQps => {
-                let n: u16 = v.parse().ok().filter(|n| (1..=64).contains(n)).ok_or_else(|| bad("expected 1 to 64 queue pairs"))?;
-                (req.rdma_qps, d.rdma_qps) = (n, Some(n));
-            }
-            Knob::RdmaPoll => {
-                let event = match v {
-                    "busy" => false,
-                    "event" => true,
-                    _ => return Err(bad("expected busy or event")),
-                };
-                req.rdma_event = event;
-                d.rdma_poll = Some(v.to_string());
-            }
+            Knob::Window => d.window = Some(v.parse().map_err(|_| bad("expected a number of chunks"))?),
+            Knob::Zerocopy => d.zerocopy = Some(serde_json::from_value(serde_json::Value::String(v.into())).map_err(|_| bad("expected on or off"))?),
+            Knob::Acp => d.acp = Some(serde_json::from_value(serde_json::Value::String(v.into())).map_err(|_| bad("expected off, delay or bbr-model"))?),
+            Knob::Compress => d.compress = Some(v.parse().map_err(|_| bad("expected off or a zstd level 1-19"))?),
+            Knob::Cores => d.cores = Some(parse_cores(v).ok_or_else(|| bad("expected cores like 0, 0-3 or 0+2"))?),
+            Knob::RdmaQps => d.rdma_qps = Some(v.parse().map_err(|_| bad("expected a number of queue pairs"))?),
+            Knob::RdmaPoll => d.rdma_poll = Some(v.to_string()),
         }
-        Ok(())
+        d.check().map_err(|(key, problem)| bad(&format!("{key} {problem}")))
     }
 }
 
@@ -149,13 +120,14 @@ impl Point {
         self.0.get(&knob).map_or("auto", String::as_str)
     }
 
-    /// Sets its knobs in `req` over what `req` had; returns the `[transfer]` section that
-    /// gives the same.
+    /// Its knobs as the `[transfer]` section that gives them, which fills what `req` leaves
+    /// unset (every caller's base request leaves the knobs to the plan).
     pub fn apply(&self, req: &mut Request) -> Result<TransferDefaults, String> {
         let mut d = TransferDefaults::default();
         for (k, v) in &self.0 {
-            k.set(v, req, &mut d)?;
+            k.set(v, &mut d)?;
         }
+        req.apply_defaults(&d);
         Ok(d)
     }
 
