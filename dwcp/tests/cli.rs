@@ -96,31 +96,32 @@ fn spawn_send(key: &Path, args: &[&str]) -> Child {
     Command::new(bin()).arg("send").args(args).args(["--json", "--key-file"]).arg(key).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
 }
 
-/// A receiver that verifies and drops what it gets, its output discarded; started and listening.
-fn discarding(key: &Path, port: u16, extra: &[&str]) -> Rx {
+/// A receiver with `sink` (`--out X` or `--discard`) and `extra` flags, started and listening;
+/// its output piped for the test to read, or (`quiet`) discarded.
+fn spawn_recv(key: &Path, port: u16, sink: &[&str], extra: &[&str], quiet: bool) -> Rx {
+    let out = || if quiet { Stdio::null() } else { Stdio::piped() };
     let c = Command::new(bin())
-        .args(["recv", "--listen", &format!("127.0.0.1:{port}"), "--discard", "--key-file"])
+        .args(["recv", "--listen", &format!("127.0.0.1:{port}")])
+        .args(sink)
+        .arg("--key-file")
         .arg(key)
         .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stdout(out())
+        .stderr(out())
         .spawn()
         .unwrap();
     wait_listening(port);
     Rx(c)
 }
 
+/// A receiver that verifies and drops what it gets, its output discarded.
+fn discarding(key: &Path, port: u16, extra: &[&str]) -> Rx {
+    spawn_recv(key, port, &["--discard"], extra, true)
+}
+
+/// A receiver writing to `out`, its output piped.
 fn receiver(key: &Path, port: u16, out: &str, extra: &[&str]) -> Rx {
-    let c = Command::new(bin())
-        .args(["recv", "--listen", &format!("127.0.0.1:{port}"), "--out", out, "--key-file"])
-        .arg(key)
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_listening(port);
-    Rx(c)
+    spawn_recv(key, port, &["--out", out], extra, false)
 }
 
 #[test]
@@ -1017,10 +1018,8 @@ fn a_short_tune_sweep_writes_its_csv_plots_and_a_config_that_checks() {
     let csv = std::fs::read_to_string(out.join("runs.csv")).unwrap();
     assert!(csv.starts_with("point,run,goodput_gbps,cpu_s_per_gb,rtt_ms,wall_s,bytes\n"), "{csv}");
     assert_eq!(csv.lines().count(), 1 + 6, "{csv}");
-    for f in ["streams.png"] {
-        let img = image::open(out.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
-        assert!(img.width() > 400 && img.height() > 200);
-    }
+    let img = image::open(out.join("streams.png")).unwrap_or_else(|e| panic!("streams.png: {e}"));
+    assert!(img.width() > 400 && img.height() > 200);
     assert!(std::fs::read_to_string(out.join("streams.svg")).unwrap().contains("<svg"));
     let toml = out.join("recommended.toml");
     assert!(std::fs::read_to_string(&toml).unwrap().contains("[transfer]"));

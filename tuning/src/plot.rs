@@ -79,19 +79,17 @@ pub fn knob(slice: &Slice, points: &[Measured], path: &Path) -> Result<(), Strin
         return Err(format!("no point of {} was measured", slice.knob.name()));
     }
     let labels: Vec<String> = found.iter().map(|(v, _)| (*v).clone()).collect();
-    let panels = |_: ()| {
-        vec![
-            Panel { title: "goodput", unit: "Gbit/s", values: found.iter().map(|(_, m)| (m.goodput.mean, m.goodput.ci95)).collect() },
-            Panel { title: "CPU per GB", unit: "CPU s / GB", values: found.iter().map(|(_, m)| (m.cpu.mean, m.cpu.ci95)).collect() },
-            Panel { title: "RTT under load", unit: "ms", values: found.iter().map(|(_, m)| (m.rtt.mean, m.rtt.ci95)).collect() },
-        ]
-    };
+    let panels = [
+        Panel { title: "goodput", unit: "Gbit/s", values: found.iter().map(|(_, m)| (m.goodput.mean, m.goodput.ci95)).collect() },
+        Panel { title: "CPU per GB", unit: "CPU s / GB", values: found.iter().map(|(_, m)| (m.cpu.mean, m.cpu.ci95)).collect() },
+        Panel { title: "RTT under load", unit: "ms", values: found.iter().map(|(_, m)| (m.rtt.mean, m.rtt.ci95)).collect() },
+    ];
     let title = format!("{} (mean and 95% interval per value)", slice.knob.name());
     let size = (1200, 420);
     let svg = path.with_extension("svg");
-    draw_panels(&SVGBackend::new(&svg, size).into_drawing_area(), &title, &labels, &panels(()))?;
+    draw_panels(&SVGBackend::new(&svg, size).into_drawing_area(), &title, &labels, &panels)?;
     let png = path.with_extension("png");
-    draw_panels(&BitMapBackend::new(&png, size).into_drawing_area(), &title, &labels, &panels(()))?;
+    draw_panels(&BitMapBackend::new(&png, size).into_drawing_area(), &title, &labels, &panels)?;
     Ok(())
 }
 
@@ -104,7 +102,7 @@ pub fn trace(csv_path: &Path, path: &Path) -> Result<(), String> {
     let col = |names: &[&str]| names.iter().find_map(|n| header.iter().position(|h| h == *n));
     let t = col(&["t_s"]).ok_or_else(|| format!("{}: no time column (t_s) in the header {:?}", csv_path.display(), header.iter().collect::<Vec<_>>()))?;
     // (panel, unit, [(column, legend, scale to the unit)]): what `TraceRow::HEADER` names.
-    let wanted: [(&str, &str, Vec<(&str, &str, f64)>); 4] = [
+    let wanted = [
         ("goodput and PBA's prediction", "Gbit/s", vec![("goodput_bps", "goodput", 1e-9), ("predicted_bps", "PBA predicted", 1e-9)]),
         ("RTT", "ms", vec![("srtt_us", "smoothed", 1e-3), ("min_rtt_us", "minimum", 1e-3)]),
         ("pacing rate (ACP)", "Gbit/s", vec![("pacing_bps", "pace", 1e-9)]),

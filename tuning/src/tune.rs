@@ -204,8 +204,9 @@ pub fn run(a: &TuneArgs) -> Result<(), String> {
             Err(e) => eprintln!("dwcp tune: no plot of {}: {e}", s.knob.name()),
         }
     }
+    let machine = crate::machine::machine();
     let toml_path = a.out.join("recommended.toml");
-    std::fs::write(&toml_path, recommended_toml(&outcome, &sweep, &target_name)?).map_err(|e| format!("writing {}: {e}", toml_path.display()))?;
+    std::fs::write(&toml_path, recommended_toml(&outcome, &sweep, &target_name, &machine)?).map_err(|e| format!("writing {}: {e}", toml_path.display()))?;
     let summary = json!({
         "schema": 1,
         "target": target_name,
@@ -218,7 +219,7 @@ pub fn run(a: &TuneArgs) -> Result<(), String> {
         "csv": csv_path,
         "plots": plots,
         "recommended_toml": toml_path,
-        "machine": crate::machine::machine(),
+        "machine": machine,
     });
     std::fs::write(a.out.join("summary.json"), format!("{summary:#}\n")).map_err(|e| format!("writing summary.json: {e}"))?;
     if !a.json {
@@ -262,10 +263,9 @@ fn print_table(o: &Outcome, s: &Sweep, toml: &Path) {
 }
 
 /// The daemon's TOML: the recommended point's `[transfer]`, with how it was measured.
-fn recommended_toml(o: &Outcome, s: &Sweep, target: &str) -> Result<String, String> {
+fn recommended_toml(o: &Outcome, s: &Sweep, target: &str, m: &serde_json::Value) -> Result<String, String> {
     let p = Point::parse(&o.recommended)?;
     let d = p.apply(&mut Request::default())?;
-    let m = crate::machine::machine();
     let mut t = String::new();
     t.push_str(&format!(
         "# Written by dwcp tune ({} sweep, objective {:?}) against {target}\n# on {} ({} CPUs, kernel {}), commit {}, {}.\n",
