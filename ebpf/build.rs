@@ -9,7 +9,7 @@
 
 use std::path::PathBuf;
 
-const PROGS: [&str; 2] = ["tcpstats", "initwin"];
+const PROGS: [&str; 3] = ["tcpstats", "initwin", "ratecc"];
 
 fn main() {
     println!("cargo:rustc-check-cfg=cfg(dwcp_no_bpf)");

@@ -163,6 +163,19 @@ pub fn set_congestion(fd: std::os::fd::RawFd, name: &str) -> std::io::Result<()>
     if rc == 0 { Ok(()) } else { Err(std::io::Error::other(format!("congestion control {name:?}: {}", std::io::Error::last_os_error()))) }
 }
 
+/// The socket's congestion control (`TCP_CONGESTION`).
+pub fn congestion(fd: std::os::fd::RawFd) -> std::io::Result<String> {
+    let mut name = [0u8; 16];
+    let mut len = name.len() as libc::socklen_t;
+    // SAFETY: a writable buffer of `len` bytes, and `len` itself, which the kernel sets to what it wrote.
+    let rc = unsafe { libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_CONGESTION, name.as_mut_ptr().cast(), &raw mut len) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let n = name[..(len as usize).min(name.len())].iter().position(|&b| b == 0).unwrap_or(len as usize);
+    Ok(String::from_utf8_lossy(&name[..n]).into_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::FileExt;

@@ -154,6 +154,9 @@ pub fn send_table(r: &SendReport, extra: &[(&str, String)]) -> String {
         };
         let restarts = if c.bbr_restarts > 0 { format!(" ({} BBR restarts)", c.bbr_restarts) } else { String::new() };
         row(&mut s, "congestion", format!("ACP {}, streams on {cc}{restarts}", c.acp));
+        if let Some(r) = &c.rate_cc {
+            row(&mut s, "rate control", r.clone());
+        }
         match (&c.initial_window, &c.initial_window_degraded) {
             (Some(w), _) => row(
                 &mut s,

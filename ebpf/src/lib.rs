@@ -13,10 +13,12 @@ mod initwin;
 mod monitor;
 #[cfg(not(dwcp_no_bpf))]
 mod probes;
+mod ratecc;
 pub mod sys;
 
 pub use initwin::{InitialWindow, WindowReport};
 pub use monitor::{Monitor, Want};
+pub use ratecc::{RateCc, rate_cc_name};
 #[cfg(not(dwcp_no_bpf))]
 pub use probes::Probes;
 pub use sys::probe_bpf;

@@ -19,6 +19,7 @@ fn control_json(c: &dataplane::send::ControlReport) -> serde_json::Value {
         "initial_window_degraded": c.initial_window_degraded,
         "probe_retransmit_events": c.probe_events.0, "probe_cong_state_events": c.probe_events.1,
         "bbr_restarts": c.bbr_restarts,
+        "rate_cc": c.rate_cc,
         "stream_trials": {"kept": c.stream_trials.0, "given_back": c.stream_trials.1},
         "probe_cost": c.probe_cost.iter().map(|p| json!({"program": p.name, "runs": p.runs, "run_ns": p.run_ns})).collect::<Vec<_>>(),
     })

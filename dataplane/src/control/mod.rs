@@ -95,4 +95,7 @@ pub struct Decision {
     pub pacing_bps: Option<f64>,
     /// Streams to keep active (None: no change).
     pub streams: Option<u16>,
+    /// The kernel's least RTT is implausible ([`acp::RttBase`]): the streams' windows should
+    /// follow this pace (the rate congestion control) rather than their own RTT model.
+    pub pace_windows: bool,
 }

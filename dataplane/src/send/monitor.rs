@@ -157,6 +157,48 @@ pub struct ControlReport {
     pub initial_window: Option<ebpf::WindowReport>,
     /// Why the streams kept the kernel's first window although another was asked for.
     pub initial_window_degraded: Option<String>,
+    /// The streams were switched to the rate congestion control ([`RateSwitch`]): when and why,
+    /// or why they could not be.
+    pub rate_cc: Option<String>,
+}
+
+/// The switch of the streams to dwcp's rate congestion control (`ebpf::RateCc`, whose window
+/// follows ACP's pace) when ACP finds the kernel's least RTT implausible
+/// ([`crate::control::acp::RttBase`]): BBR's window is built on that minimum and collapses with
+/// it. Once per send; if the program cannot be registered the streams stay on their algorithm
+/// and the report says why.
+#[derive(Debug, Default)]
+struct RateSwitch {
+    cc: Option<ebpf::RateCc>,
+    tried: bool,
+}
+
+impl RateSwitch {
+    /// Switches `socks` (once); returns what the report says.
+    fn switch(&mut self, socks: &[OwnedFd], t: f64, min_rtt_us: f64, base_us: Option<f64>) -> String {
+        self.tried = true;
+        let why = format!(
+            "the kernel's least RTT ({:.2} ms) is under a quarter of the least smoothed RTT ({:.1} ms)",
+            min_rtt_us / 1e3,
+            base_us.unwrap_or(0.0) / 1e3
+        );
+        let cc = match ebpf::RateCc::register() {
+            Ok(cc) => cc,
+            Err(e) => {
+                warn!("{why}, but the rate congestion control is not available: {e}; the streams keep their algorithm");
+                return format!("not switched at {t:.1} s: {why}; {e}");
+            }
+        };
+        for (k, s) in socks.iter().enumerate() {
+            if let Err(e) = crate::sys::set_congestion(s.as_raw_fd(), cc.name()) {
+                warn!("stream {k}: {e}; it keeps its algorithm");
+            }
+        }
+        info!(cc = cc.name(), "{why}: the streams' windows now follow ACP's pace");
+        let name = cc.name().to_string();
+        self.cc = Some(cc);
+        format!("{name} from {t:.1} s: {why}")
+    }
 }
 
 /// The streams' first window, while they connect: the sockops program attached with the peer in
@@ -292,6 +334,7 @@ pub(super) fn run(socks: Vec<OwnedFd>, opts: &ControlOptions, shared: &Shared, c
     let mut min_rtt = f64::INFINITY;
     let lost_streams = || shared.lost.load(Relaxed).min(u64::from(u16::MAX)) as u16;
     let mut restarts = (acp.is_some() && opts.effective_cc() == Some("bbr") && report.cc_error.is_none()).then(|| BbrRestarts::new(socks.len()));
+    let mut rate = RateSwitch::default();
     while !shared.stop.load(Relaxed) && !shared.done() {
         std::thread::sleep(opts.interval);
         let now = Instant::now();
@@ -384,6 +427,14 @@ pub(super) fn run(socks: Vec<OwnedFd>, opts: &ControlOptions, shared: &Shared, c
         }
         if let Some(c) = acp.as_mut() {
             let d = c.on_interval(&o);
+            if d.pace_windows && !rate.tried {
+                report.rate_cc = Some(rate.switch(&socks, o.t, min_rtt, c.base_us()));
+                if rate.cc.is_some() {
+                    // BBR's restarts would put the streams back on BBR.
+                    restarts = None;
+                    pace_applied = None;
+                }
+            }
             // PBA may have activated as many this interval (0: all are active already).
             let now_active = shared.progress.active.load(Relaxed);
             if let Some(n) = d.streams

@@ -119,6 +119,9 @@ struct sock_common {
 
 struct sock {
 	struct sock_common __sk_common;
+	u32 sk_pacing_status;
+	unsigned long sk_pacing_rate;
+	unsigned long sk_max_pacing_rate;
 };
 
 struct sk_buff {
@@ -147,8 +150,23 @@ struct tcp_sock {
 	u64 bytes_acked;
 	u32 rate_interval_us;
 	u32 rate_delivered;
+	u32 snd_cwnd_clamp;
+};
+
+struct rate_sample {
+	int losses;
+	u32 acked_sacked;
 };
 
 #pragma clang attribute pop
+
+/* A struct_ops map's type: libbpf matches its members by name against the kernel's. */
+struct tcp_congestion_ops {
+	u32 (*ssthresh)(struct sock *sk);
+	void (*cong_control)(struct sock *sk, u32 ack, int flag, const struct rate_sample *rs);
+	u32 (*undo_cwnd)(struct sock *sk);
+	void (*init)(struct sock *sk);
+	char name[16];
+};
 
 #endif /* __VMLINUX_H__ */
