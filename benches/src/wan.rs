@@ -23,7 +23,15 @@
 //! with bbr; and the chunk size of small objects (4 and 16 MiB) at 200 Mbit/s, 150 ms, 1% loss:
 //! PBA's cut against `--chunk-size 1MiB`, five runs each, median wall time.
 //!
-//!   bench-wan [--secs 15] [--streams 8] [--profiles 1g_50ms,200m_150ms,clean_1g_50ms,pba] [--alone-only]
+//! A fifth section, `rough`, runs links that are not smooth, at 1 Gbit/s, 50 ms, 0.1% loss: with
+//! 5 ms of jitter (`jitter`), and with 5 ms of jitter and 1% of packets reordered (`reorder`: a
+//! reordered packet skips the delay, as netem's do, and hands TCP RTT samples of a fraction of
+//! the path's). In rounds (`--rounds`, 3 by default), each round in turns: dwcp with ACP (its
+//! defaults), dwcp without ACP on kernel BBR (`--acp off --cc bbr`) and `iperf3 -P N -C bbr`;
+//! `util_jitter_vs_best` and `util_reorder_vs_best` are the median over rounds of ACP's
+//! utilization over the better of the other two in that round.
+//!
+//!   bench-wan [--secs 15] [--streams 8] [--rounds 3] [--profiles 1g_50ms,200m_150ms,clean_1g_50ms,pba,rough] [--alone-only]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -318,6 +326,57 @@ fn pba_sizing(env: &Env, figures: &mut serde_json::Map<String, Value>) -> Vec<St
     lines
 }
 
+/// The `rough` section (see the top of this file): its figures go into `figures`, its table is
+/// returned.
+fn rough_links(env: &Env, rounds: usize, figures: &mut serde_json::Map<String, Value>) -> Vec<String> {
+    const CASES: [&str; 3] = ["dwcp-acp-delay", "dwcp-kernel-bbr", "iperf3-bbr"];
+    let mut lines = vec![
+        "".to_string(),
+        format!("Rough links, 1 Gbit/s, 50 ms, 0.1% loss, {rounds} rounds; util per run, and ACP over the better of the others in its round:"),
+    ];
+    for (name, extra) in [("jitter", &["--jitter", "5ms"][..]), ("reorder", &["--jitter", "5ms", "--reorder", "1%"][..])] {
+        let p = Profile { name, rate_bps: 1e9, rtt: "50ms", loss: "0.1%" };
+        let mut args = vec!["--rtt", "50ms", "--rate", "1000mbit", "--loss", "0.1%", "--queue", "1bdp"];
+        args.extend_from_slice(extra);
+        let (_rx, _down) = rig(env, &args);
+        let _server = Proc(in_ns(B, Path::new("iperf3")).args(["-s", "-p", "5201"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("iperf3 -s"));
+        std::thread::sleep(Duration::from_millis(500));
+        let mut utils: Vec<Vec<f64>> = vec![Vec::new(); CASES.len()];
+        let mut notes = Vec::new();
+        let mut ratios = Vec::new();
+        for round in 0..rounds {
+            let mut u = [0.0; 3];
+            for (k, case) in CASES.iter().enumerate() {
+                let r = run_case(env, &p, case, false);
+                u[k] = r.goodput_bps / p.rate_bps;
+                eprintln!("  {name:<8} round {round} {case:<17} util {:.3}  retrans {:>7}  {}", u[k], r.retrans, r.note);
+                if !r.note.is_empty() && !r.note.starts_with("stopped") {
+                    notes.push(format!("{case}: {}", r.note));
+                }
+                utils[k].push(u[k]);
+            }
+            ratios.push(u[0] / u[1].max(u[2]).max(1e-9));
+        }
+        let ratio = benches::Figure::new(ratios);
+        for (k, case) in CASES.iter().enumerate() {
+            let f = benches::Figure::new(utils[k].clone());
+            lines.push(format!("  {name:<8} {case:<17} util median {:.3}  runs {}", f.median(), f.runs.iter().map(|v| format!("{v:.3}")).collect::<Vec<_>>().join(" ")));
+            figures.insert(format!("util_{name}_{}", case.replace('-', "_")), f.json());
+        }
+        lines.push(format!(
+            "  {name:<8} ACP / best other       {:.2} (runs {})",
+            ratio.median(),
+            ratio.runs.iter().map(|v| format!("{v:.2}")).collect::<Vec<_>>().join(" ")
+        ));
+        for n in notes {
+            lines.push(format!("  {name:<8} note: {n}"));
+        }
+        figures.insert(format!("util_{name}_vs_best"), json!(ratio.median()));
+        figures.insert(format!("util_{name}_vs_best_runs"), ratio.json());
+    }
+    lines
+}
+
 /// What a `--trace-out` file says about a run.
 struct Trace {
     rows: usize,
@@ -360,14 +419,15 @@ const CASES: [&str; 8] = ["dwcp-acp-delay", "dwcp-acp-delay-iw10", "dwcp-acp-bbr
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let (mut secs, mut streams, mut profiles, mut alone_only) = (15u64, 8u16, "1g_50ms,200m_150ms,clean_1g_50ms,pba".to_string(), false);
+    let (mut secs, mut streams, mut profiles, mut alone_only, mut rounds) = (15u64, 8u16, "1g_50ms,200m_150ms,clean_1g_50ms,pba,rough".to_string(), false, 3usize);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--secs" => secs = args.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| die("--secs N")),
             "--streams" => streams = args.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| die("--streams N")),
             "--profiles" => profiles = args.next().unwrap_or_else(|| die("--profiles LIST")),
             "--alone-only" => alone_only = true,
-            _ => die(&format!("unknown argument {a}; usage: bench-wan [--secs 15] [--streams 8] [--profiles 1g_50ms,200m_150ms,clean_1g_50ms,pba] [--alone-only]")),
+            "--rounds" => rounds = args.next().and_then(|v| v.parse().ok()).filter(|&r| r > 0).unwrap_or_else(|| die("--rounds N (at least 1)")),
+            _ => die(&format!("unknown argument {a}; usage: bench-wan [--secs 15] [--streams 8] [--rounds 3] [--profiles 1g_50ms,200m_150ms,clean_1g_50ms,pba,rough] [--alone-only]")),
         }
     }
     if !ebpf::sys::is_root() {
@@ -488,6 +548,7 @@ fn main() {
         }
     }
     let pba_lines = if profiles.split(',').any(|n| n == "pba") { pba_sizing(&env, &mut figures) } else { Vec::new() };
+    let rough_lines = if profiles.split(',').any(|n| n == "rough") { rough_links(&env, rounds, &mut figures) } else { Vec::new() };
     figures.insert("secs".into(), json!(secs));
     for p in PROFILES.iter().filter(|p| profiles.split(',').any(|n| n == p.name)) {
         figures.insert(format!("secs_{}", p.name), json!(p.secs(secs)));
@@ -507,7 +568,7 @@ fn main() {
             sh.map_or("-".into(), |v| format!("{v:.2}"))
         );
     }
-    for l in &pba_lines {
+    for l in pba_lines.iter().chain(&rough_lines) {
         println!("{l}");
     }
     benches::emit(&env.root.join("target/bench/wan.json"), Value::Object(figures));

@@ -435,6 +435,48 @@ fn probes_and_acp_on_a_lossy_link() {
     }
 }
 
+/// A link that reorders (1%: a reordered packet skips the 50 ms delay, as netem's do) hands the
+/// kernel RTT samples of a fraction of the path's. ACP must find its least RTT implausible, move
+/// the streams to the rate congestion control (`ebpf::RateCc`, registered under the sender's own
+/// name) and pace them from then on; the object arrives verified. Functional: how fast is
+/// `make bench-wan`'s `rough` section.
+#[test]
+fn acp_hands_the_windows_to_its_pace_on_a_reordering_link() {
+    let _g = RIG.lock().unwrap_or_else(|e| e.into_inner());
+    require();
+    let (dwcp, dir, key) = dwcp_dir_and_key();
+    let _w = Wan::up(&["--rtt", "50ms", "--rate", "1000mbit", "--loss", "0.1%", "--reorder", "1%", "--queue", "1bdp"]);
+    let (d, k) = (dwcp.to_str().unwrap(), key.to_str().unwrap());
+    let mut rx = ns("dwcp-b", &[d, "recv", "--listen", "10.77.0.2:7470", "--discard", "--no-encrypt", "--key-file", k]).stderr(Stdio::null()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let trace = dir.join("reorder.csv");
+    let out = ns(
+        "dwcp-a",
+        &[d, "send", "gen:400M", "--name", "reorder", "--json", "--to", "10.77.0.2:7470", "--key-file", k, "--no-encrypt", "--hde", "off", "--mode", "internet", "--streams", "4", "--trace-out", trace.to_str().unwrap()],
+    )
+    .output()
+    .unwrap();
+    let _ = rx.kill();
+    let _ = rx.wait();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let j: Value = serde_json::from_slice(&out.stdout).expect("send --json");
+    assert_eq!(j["verified"], true, "{j}");
+    let c = &j["control"];
+    eprintln!("control: {c}");
+    record("acp_reorder", c.clone());
+    assert_eq!(c["acp"], "delay", "{c}");
+    let rate = c["rate_cc"].as_str().unwrap_or_else(|| panic!("the streams were not moved to the rate congestion control: {c}"));
+    assert!(rate.starts_with("dwcp_rate"), "the switch failed: {rate}");
+    assert!(c["min_rtt_us"].as_f64().unwrap() < 12_500.0, "the kernel's least RTT was not implausible here: {c}");
+    // Paced from the switch on: every interval after it carries a pace.
+    let at: f64 = rate.split(" from ").nth(1).and_then(|r| r.split(" s").next()).and_then(|v| v.parse().ok()).expect("switch time");
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let rows: Vec<Vec<f64>> = text.lines().skip(1).map(|l| l.split(',').map(|v| v.parse().unwrap()).collect()).collect();
+    let after: Vec<&Vec<f64>> = rows.iter().filter(|r| r[0] > at + 0.15).collect();
+    assert!(!after.is_empty(), "no interval after the switch at {at} s");
+    assert!(after.iter().all(|r| r[8] > 0.0), "an interval after the switch went unpaced");
+}
+
 /// PBA's stream trials on a path where the sender's buffers, not the link, hold the streams
 /// back: 1 Gbit/s and 50 ms with the sender's `tcp_wmem` capped at 512 KiB (per namespace: what a
 /// 10 Gbit/s path is to Linux's default 4 MiB, scaled to the rig's rate), so each stream carries

@@ -85,29 +85,36 @@ const MIN_RATE: f64 = 1e6;
 /// where the cumulative ACKs of a lossy path lag (at 1% loss they read 134 of 200 Mbit/s, and
 /// the pace set from them held the link half empty for half a second).
 ///
-/// The queue is judged against the least inflation startup saw: its first round trips, with
-/// windows far below the path's, queue nothing, so what inflation they show is the path's own
-/// (a few milliseconds of jitter on a 50 ms path read 1.25 there, and startup ended at its first
-/// round trip, a third of the link, until the queue was found to be another's seconds later).
-#[derive(Debug, Clone)]
+/// The queue is judged against the path's own inflation ([`Startup::noise`]; after startup too,
+/// by [`Delay`]): a few milliseconds of jitter on a 50 ms path read 1.22-1.25 against the least
+/// RTT, the jitter's low edge, before any queue; startup then ended at its first round trip and
+/// the pace hovered at its floor, 0.4 of the link, for seconds.
+#[derive(Debug, Clone, Default)]
 struct Startup {
     best: f64,
     stalls: u32,
     recent: VecDeque<f64>,
-    least: f64,
+    /// Each interval's delivery and inflation (the first [`NOISE_SAMPLES`]).
+    early: Vec<(f64, f64)>,
 }
 
-impl Default for Startup {
-    fn default() -> Self {
-        Self { best: 0.0, stalls: 0, recent: VecDeque::new(), least: f64::INFINITY }
-    }
-}
+/// Startup intervals kept to judge the path's noise by.
+const NOISE_SAMPLES: usize = 32;
 
 impl Startup {
+    /// The path's own inflation: the least over the intervals that delivered half the best so
+    /// far or less (the link was not full then, so nothing queued); 1 without such intervals.
+    /// At most [`MAX_NOISE`].
+    fn noise(&self) -> f64 {
+        let least = self.early.iter().filter(|e| e.0 <= 0.5 * self.best).map(|e| e.1).fold(f64::INFINITY, f64::min);
+        if least.is_finite() { least.clamp(1.0, MAX_NOISE) } else { 1.0 }
+    }
+
     /// Feeds an interval; returns the best recent rate once startup is over.
     fn step(&mut self, g: f64, delivery: Option<f64>, inflation: f64) -> Option<f64> {
-        self.least = self.least.min(inflation);
-        let inflation = inflation / self.least.max(1.0);
+        if self.early.len() < NOISE_SAMPLES {
+            self.early.push((g, inflation));
+        }
         self.recent.push_back(delivery.unwrap_or(g));
         if self.recent.len() > 4 {
             self.recent.pop_front();
@@ -118,7 +125,9 @@ impl Startup {
         } else {
             self.stalls += 1;
         }
-        (self.stalls >= 3 || inflation > TARGET_INFLATION).then(|| self.recent.iter().copied().fold(0.0, f64::max))
+        // The first interval has nothing to judge its inflation against.
+        let queue = self.early.len() > 1 && inflation / self.noise() > TARGET_INFLATION;
+        (self.stalls >= 3 || queue).then(|| self.recent.iter().copied().fold(0.0, f64::max))
     }
 }
 
@@ -272,7 +281,13 @@ pub struct Delay {
     /// The queue is not ours: it stood through [`COMPETE_AFTER`] round trips of backing off.
     /// Round trips spent so in the current cycle, and the cycle's length.
     competing: Option<(u32, u32)>,
+    /// The RTT's inflation with no queue, as startup measured it ([`Startup::noise`]: 1 on a
+    /// smooth path, 1.22-1.25 at 50 ms with 5 ms of jitter).
+    noise: f64,
 }
+
+/// The most of an RTT's inflation taken for the path's own noise rather than a queue.
+const MAX_NOISE: f64 = 1.5;
 
 /// Round trips between the first two tests of whether a standing queue is still another's.
 const COMPETE_CYCLE: u32 = 18;
@@ -295,6 +310,7 @@ impl Delay {
             queued: 0,
             peak: 0.0,
             competing: None,
+            noise: 1.0,
         }
     }
 }
@@ -332,6 +348,7 @@ impl Delay {
                 // Startup overshoots: drain what it queued, then pace at what got through.
                 Some(best) => {
                     self.rate = best.max(MIN_RATE);
+                    self.noise = s.noise();
                     self.startup = None;
                     self.drain = 3;
                 }
@@ -341,6 +358,8 @@ impl Delay {
                 None => return Decision::default(),
             }
         }
+        // From here the queue is judged against the inflation the path showed with none.
+        let q = q / self.noise;
         if self.drain > 0 {
             self.drain = if q <= TARGET_INFLATION { 0 } else { self.drain - 1 };
             if self.drain > 0 {
@@ -846,16 +865,24 @@ mod tests {
     #[test]
     fn jitter_from_the_first_round_trip_does_not_end_startup() {
         // 50 ms with 5 ms of jitter: the least RTT is the jitter's low edge (40 ms) and every
-        // smoothed RTT reads 1.25 of it before any queue. Startup goes on while the rate grows.
+        // smoothed RTT reads 1.27 of it before any queue. Startup goes on while the rate grows,
+        // and after it the pace is not held down by that inflation.
         let mut c = Delay::new(8);
         for (i, bps) in [0.1e9, 0.2e9, 0.4e9, 0.8e9].into_iter().enumerate() {
-            let s = [StreamSample { srtt_us: 50_000, min_rtt_us: 40_000, acked: (bps * 0.1 / 8.0) as u64, active: true, ..Default::default() }];
+            let s = [StreamSample { srtt_us: 51_000, min_rtt_us: 40_000, acked: (bps * 0.1 / 8.0) as u64, active: true, ..Default::default() }];
             let d = c.on_interval(&Observation { t: i as f64 * 0.1, dt: 0.1, streams: &s });
             assert_eq!(d.pacing_bps, None, "round trip {i}: startup ended at {bps:.1e}");
         }
         // A queue on top of the jitter ends it.
         let s = [StreamSample { srtt_us: 70_000, min_rtt_us: 40_000, acked: (1e9 * 0.1 / 8.0) as u64, active: true, ..Default::default() }];
         assert!(c.on_interval(&Observation { t: 0.4, dt: 0.1, streams: &s }).pacing_bps.is_some());
+        // With the queue drained back to the jitter alone, the pace probes upward.
+        let mut last = 0.0;
+        for i in 0..10 {
+            let s = [StreamSample { srtt_us: 51_000, min_rtt_us: 40_000, acked: (0.9e9 * 0.1 / 8.0) as u64, active: true, ..Default::default() }];
+            last = c.on_interval(&Observation { t: 0.5 + f64::from(i) * 0.1, dt: 0.1, streams: &s }).pacing_bps.expect("paced");
+        }
+        assert!(last > 0.9e9, "the pace stayed at {last:.3e} under the jitter's inflation");
     }
 
     #[test]
