@@ -31,7 +31,8 @@
 //! `util_jitter_vs_best` and `util_reorder_vs_best` are the median over rounds of ACP's
 //! utilization over the better of the other two in that round.
 //!
-//!   bench-wan [--secs 15] [--streams 8] [--rounds 3] [--profiles 1g_50ms,200m_150ms,clean_1g_50ms,pba,rough] [--alone-only]
+//!   bench-wan [--secs 15] [--streams 8] [--rounds 3] [--profiles 1g_50ms,200m_150ms,clean_1g_50ms,pba,rough]
+//!             [--cases dwcp-acp-delay,iperf3-cubic,...] [--alone-only]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -83,6 +84,9 @@ struct Run {
 struct Env {
     root: PathBuf,
     dwcp: PathBuf,
+    /// `DWCP_BASE`: another dwcp binary (an older commit's), run as the `dwcp-acp-delay-base`
+    /// case, so that a change is measured against it in the same run.
+    base: Option<PathBuf>,
     key: PathBuf,
     tmp: PathBuf,
     secs: u64,
@@ -134,7 +138,7 @@ fn run_case(env: &Env, p: &Profile, case: &str, compete: bool) -> Run {
         }
         _ => {
             let (acp, cc) = match case {
-                "dwcp-acp-delay" | "dwcp-acp-delay-iw10" => ("delay", None),
+                "dwcp-acp-delay" | "dwcp-acp-delay-iw10" | "dwcp-acp-delay-base" => ("delay", None),
                 "dwcp-acp-bbr-model" => ("bbr-model", None),
                 "dwcp-kernel-bbr" => ("off", Some("bbr")),
                 // Without ACP: Linux's default congestion control, cubic (this host may default to another).
@@ -143,7 +147,12 @@ fn run_case(env: &Env, p: &Profile, case: &str, compete: bool) -> Run {
             // Enough bytes for the run at link rate; the run ends at `secs` either way.
             let size = (p.rate_bps / 8.0 * secs as f64) as u64;
             let trace = env.tmp.join(format!("{}-{case}-{compete}.csv", p.name));
-            let mut c = in_ns(A, &env.dwcp);
+            let bin = match (case, &env.base) {
+                ("dwcp-acp-delay-base", Some(b)) => b,
+                ("dwcp-acp-delay-base", None) => die("the dwcp-acp-delay-base case needs DWCP_BASE=PATH (another dwcp binary)"),
+                _ => &env.dwcp,
+            };
+            let mut c = in_ns(A, bin);
             // Each run its own name: a stopped run's session lingers at the receiver until it times out.
             let name = format!("{}-{case}-{compete}.img", p.name);
             c.args(["send", &format!("gen:{size}"), "--name", &name, "--to", &format!("{ADDR_B}:7470"), "--key-file"]).arg(&env.key);
@@ -415,19 +424,29 @@ fn jain(a: f64, b: f64) -> f64 {
     if a + b <= 0.0 { 0.0 } else { (a + b).powi(2) / (2.0 * (a * a + b * b)) }
 }
 
-const CASES: [&str; 8] = ["dwcp-acp-delay", "dwcp-acp-delay-iw10", "dwcp-acp-bbr-model", "dwcp-no-acp", "dwcp-kernel-bbr", "iperf3-cubic", "iperf3-bbr", "tcp-1"];
+const CASES: [&str; 9] = ["dwcp-acp-delay", "dwcp-acp-delay-base", "dwcp-acp-delay-iw10", "dwcp-acp-bbr-model", "dwcp-no-acp", "dwcp-kernel-bbr", "iperf3-cubic", "iperf3-bbr", "tcp-1"];
 
 fn main() {
     let mut args = std::env::args().skip(1);
     let (mut secs, mut streams, mut profiles, mut alone_only, mut rounds) = (15u64, 8u16, "1g_50ms,200m_150ms,clean_1g_50ms,pba,rough".to_string(), false, 3usize);
+    let base = std::env::var_os("DWCP_BASE").map(PathBuf::from);
+    // Without a base binary its case is left out.
+    let mut cases: Vec<&str> = CASES.iter().copied().filter(|c| *c != "dwcp-acp-delay-base" || base.is_some()).collect();
     while let Some(a) = args.next() {
         match a.as_str() {
             "--secs" => secs = args.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| die("--secs N")),
             "--streams" => streams = args.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| die("--streams N")),
             "--profiles" => profiles = args.next().unwrap_or_else(|| die("--profiles LIST")),
             "--alone-only" => alone_only = true,
+            "--cases" => {
+                let list = args.next().unwrap_or_else(|| die("--cases LIST"));
+                cases = CASES.iter().copied().filter(|c| list.split(',').any(|n| n == *c)).collect();
+                if cases.is_empty() {
+                    die(&format!("--cases: none of {list} is one of {}", CASES.join(",")));
+                }
+            }
             "--rounds" => rounds = args.next().and_then(|v| v.parse().ok()).filter(|&r| r > 0).unwrap_or_else(|| die("--rounds N (at least 1)")),
-            _ => die(&format!("unknown argument {a}; usage: bench-wan [--secs 15] [--streams 8] [--rounds 3] [--profiles 1g_50ms,200m_150ms,clean_1g_50ms,pba,rough] [--alone-only]")),
+            _ => die(&format!("unknown argument {a}; usage: bench-wan [--secs 15] [--streams 8] [--rounds 3] [--profiles 1g_50ms,200m_150ms,clean_1g_50ms,pba,rough] [--cases LIST] [--alone-only]")),
         }
     }
     if !ebpf::sys::is_root() {
@@ -440,7 +459,7 @@ fn main() {
     let key = tmp.join("key");
     let st = Command::new(&dwcp).args(["keygen", "--force"]).arg(&key).stderr(Stdio::null()).status().expect("dwcp keygen");
     assert!(st.success(), "dwcp keygen failed");
-    let env = Env { root, dwcp, key, tmp, secs, streams };
+    let env = Env { root, dwcp, base, key, tmp, secs, streams };
 
     let mut figures = serde_json::Map::new();
     let mut table: Vec<Row> = Vec::new();
@@ -455,7 +474,7 @@ fn main() {
             if compete && alone_only {
                 continue;
             }
-            for case in CASES {
+            for &case in &cases {
                 let r = run_case(&env, p, case, compete);
                 let util = r.goodput_bps / p.rate_bps;
                 let fair = r.competitor_bps.map(|c| jain(r.goodput_bps, c));
@@ -496,6 +515,9 @@ fn main() {
         let util = |k: &str| results.get(k).and_then(|v| v["util"].as_f64()).unwrap_or(0.0);
         let best_peer = ["iperf3-cubic", "iperf3-bbr", "tcp-1"].iter().map(|k| util(k)).fold(0.0, f64::max);
         figures.insert(format!("util_{}", p.name), json!(util("dwcp-acp-delay")));
+        if results.contains_key("dwcp-acp-delay-base") {
+            figures.insert(format!("util_base_{}", p.name), json!(util("dwcp-acp-delay-base")));
+        }
         figures.insert(format!("util_iw10_{}", p.name), json!(util("dwcp-acp-delay-iw10")));
         figures.insert(format!("util_bbr_model_{}", p.name), json!(util("dwcp-acp-bbr-model")));
         figures.insert(format!("util_no_acp_{}", p.name), json!(util("dwcp-no-acp")));
