@@ -141,7 +141,7 @@ impl Jobs {
 
     fn run(&self, id: u64, mut req: Request, cancel: Arc<std::sync::atomic::AtomicBool>) {
         req.apply_defaults(&self.defaults);
-        let t = match engine::start(req, self.psk.clone(), self.host, self.thresholds, |_| {}) {
+        let t = match engine::start(req, self.psk.clone(), self.host, self.thresholds, dataplane::send::Faults::default()) {
             Ok(t) => t,
             Err(e) => return self.end(id, "failed", json!({"error": e.to_string()})),
         };

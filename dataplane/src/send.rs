@@ -21,12 +21,14 @@ use crate::source::Source;
 use crate::transport::uring::sys::{Completion, Payload, Returned, Ring, probe_send_zc};
 use crate::wire::{self, CODEC_RAW, Caps, ErrorCode, FrameHeader, FrameType, Hello, ManifestDigest, TRANSPORT_RDMA, TRANSPORT_TCP, Welcome};
 
+pub mod faults;
 mod monitor;
 #[cfg(feature = "rdma")]
 mod rdma;
+pub use faults::{Faults, KillStream, RdmaFault};
 pub use monitor::{ControlOptions, ControlReport, FIRST_WINDOW, TraceRow};
 #[cfg(feature = "rdma")]
-pub use rdma::{RdmaFault, RdmaOptions};
+pub use rdma::RdmaOptions;
 
 /// Zero-copy send policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,15 +39,6 @@ pub enum ZeroCopy {
     On,
     /// Never.
     Off,
-}
-
-/// Fault injection for tests: shut stream `stream`'s socket down after it has sent `after` bytes.
-#[derive(Debug, Clone, Copy)]
-pub struct KillStream {
-    /// Stream index.
-    pub stream: u16,
-    /// Bytes after which the socket is shut down.
-    pub after: u64,
 }
 
 /// HDE effort: `--compress`.
@@ -126,8 +119,6 @@ pub struct SendOptions {
     pub idle_timeout: Duration,
     /// Cores to pin shards to (None: all).
     pub cores: Option<Vec<usize>>,
-    /// Fault injection (tests).
-    pub kill: Option<KillStream>,
     /// Send the image HDE-encoded.
     pub hde: Option<HdeSend>,
     /// A QEMU migration stream on stdin: send it page-aware (the receiver rebuilds QEMU's bytes).
@@ -156,7 +147,6 @@ impl SendOptions {
             zerocopy: ZeroCopy::Auto,
             idle_timeout: Duration::from_secs(30),
             cores: None,
-            kill: None,
             hde: None,
             qemu: None,
             #[cfg(feature = "rdma")]
@@ -839,13 +829,14 @@ fn hello_open(source: &Source, opts: &SendOptions, streams: u16, rdma: bool) -> 
 
 /// Sends `source` to the receiver in `opts`, returning once the receiver has verified the digest.
 pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Result<SendReport, SendError> {
-    send_with(source, opts, progress, None)
+    send_with(source, opts, progress, None, Faults::default())
 }
 
 /// As [`send`], with stream 0 already connected and its keys exchanged (what
 /// [`handshake::connect`] returned: the stream and the RTT it measured), for instance while the
-/// path was being probed. Its encryption must be `opts.encrypt`.
-pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, stream0: Option<(Conn, Duration)>) -> Result<SendReport, SendError> {
+/// path was being probed (its encryption must be `opts.encrypt`), and with the faults a test
+/// injects ([`Faults::default`]: none).
+pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, stream0: Option<(Conn, Duration)>, faults: Faults) -> Result<SendReport, SendError> {
     if let Some(h) = &opts.hde {
         const P: u64 = crate::hde::PAGE as u64;
         let size = source.size().unwrap_or(1);
@@ -1135,7 +1126,7 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
             // Chunks go over the queue pairs; the control stream stays with this thread for
             // the Commit.
             let ro = opts.rdma.clone().unwrap_or_default();
-            let r = rdma::run(c, &shared, &source, opts, &ro, &core_ids);
+            let r = rdma::run(c, &shared, &source, opts, &ro, faults.rdma, &core_ids);
             shared.stop.store(true, Relaxed);
             let control = per_shard.pop().unwrap_or_default();
             return vec![r.map(|m| (control, m, None))];
@@ -1161,7 +1152,7 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
                     let streams = conns
                         .into_iter()
                         .map(|conn| {
-                            let kill_after = opts.kill.filter(|k| k.stream == conn.codec.stream()).map(|k| k.after);
+                            let kill_after = faults.kill.filter(|k| k.stream == conn.codec.stream()).map(|k| k.after);
                             TxStream { conn, unacked: VecDeque::new(), sending: false, reading: false, alive: true, last_ack: now, sent: 0, kill_after }
                         })
                         .collect();

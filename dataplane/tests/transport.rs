@@ -9,7 +9,7 @@ use std::time::Duration;
 use dataplane::crypto::Psk;
 use dataplane::handshake;
 use dataplane::recv::{self, ReceiverHandle, RecvOptions, SessionOutcome, Sink};
-use dataplane::send::{self, KillStream, SendError, SendOptions, ZeroCopy};
+use dataplane::send::{self, Faults, KillStream, SendError, SendOptions, ZeroCopy};
 use dataplane::source::{self, Source};
 use dataplane::wire::{self, Caps, ErrorCode, FrameHeader, FrameType, Hello, Preamble};
 use sha2::{Digest, Sha256};
@@ -387,8 +387,8 @@ fn a_killed_stream_has_its_chunks_resent_on_the_others() {
     // 1 MiB. (Stream 1 was killed here before; on a loaded machine it joined after the 48 MiB
     // had gone on the others and never sent a byte: seen once in make test.)
     o.window = 4;
-    o.kill = Some(KillStream { stream: 0, after: 1 << 20 });
-    let r = send::send(Source::file(&p).unwrap(), &o, Arc::default()).unwrap();
+    let kill = Faults { kill: Some(KillStream { stream: 0, after: 1 << 20 }), ..Faults::default() };
+    let r = send::send_with(Source::file(&p).unwrap(), &o, Arc::default(), None, kill).unwrap();
     assert!(r.verified);
     assert_eq!(r.streams_lost, 1);
     assert!(r.resent_chunks > 0, "in-flight chunks of the dead stream were re-sent");
@@ -403,8 +403,8 @@ fn all_streams_lost_names_resume() {
     let mut o = rig.opts(1, true);
     // With a 2 MiB window, 8 MiB sent means at least 6 MiB acknowledged, hence placed and journaled.
     o.window = 8;
-    o.kill = Some(KillStream { stream: 0, after: 8 << 20 });
-    let e = send::send(Source::Generated { size: 32 << 20, seed: 2, name: "lost.img".into() }, &o, Arc::default()).unwrap_err();
+    let kill = Faults { kill: Some(KillStream { stream: 0, after: 8 << 20 }), ..Faults::default() };
+    let e = send::send_with(Source::Generated { size: 32 << 20, seed: 2, name: "lost.img".into() }, &o, Arc::default(), None, kill).unwrap_err();
     assert!(matches!(e, SendError::AllStreamsLost { .. }), "{e}");
     assert!(e.to_string().contains("--resume"));
     let out = rig.outcome();

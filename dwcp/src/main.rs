@@ -585,7 +585,7 @@ fn cmd_send(a: SendArgs) -> Result<()> {
         None => ctlplane::mode::Thresholds::default(),
     };
     let host = engine::host(a.cores.as_deref())?;
-    // The hidden fault-injection flags of the tests reach the data plane's options here only.
+    // The hidden fault-injection flags of the tests: passed beside the options, never in them.
     let kill = match &a.fault_kill_stream {
         Some(spec) => {
             let (s, b) = spec.split_once(':').context("--fault-kill-stream takes IDX:BYTES")?;
@@ -593,7 +593,6 @@ fn cmd_send(a: SendArgs) -> Result<()> {
         }
         None => None,
     };
-    #[cfg(feature = "rdma")]
     let rdma_fault = match a.fault_rdma.as_deref() {
         Some("wrong-rkey") => Some(send::RdmaFault::WrongRkey),
         Some("past-region") => Some(send::RdmaFault::PastRegion),
@@ -601,13 +600,7 @@ fn cmd_send(a: SendArgs) -> Result<()> {
         Some(other) => bail!("--fault-rdma takes wrong-rkey, past-region or bad-tag, not {other}"),
         None => None,
     };
-    let t = engine::start(req, psk, host, thresholds, |o| {
-        o.kill = kill;
-        #[cfg(feature = "rdma")]
-        if let Some(r) = &mut o.rdma {
-            r.fault = rdma_fault;
-        }
-    })?;
+    let t = engine::start(req, psk, host, thresholds, send::Faults { kill, rdma: rdma_fault })?;
     let bar = (!a.json && std::io::stderr().is_terminal()).then(|| fmt::progress_bar(t.size()));
     let watcher = bar.clone().map(|bar| {
         let p = t.progress().clone();

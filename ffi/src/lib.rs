@@ -245,7 +245,7 @@ pub unsafe extern "C" fn dwcp_send_start(opts: *const dwcp_send_options, out: *m
             Ok(h) => h,
             Err(e) => return fail(DWCP_E_INVALID, e.to_string()),
         };
-        match engine::start(req, psk, host, ctlplane::mode::Thresholds::default(), |_| {}) {
+        match engine::start(req, psk, host, ctlplane::mode::Thresholds::default(), dataplane::send::Faults::default()) {
             Ok(t) => {
                 let h = Box::new(dwcp_transfer { progress: t.progress().clone(), run: Mutex::new(Some(t)), outcome: Mutex::new(None) });
                 // SAFETY: out is not NULL and writable (documented).

@@ -75,7 +75,7 @@ impl Runner for EngineRunner {
         point.apply(&mut req)?;
         let host = engine::host(req.cores.as_deref()).map_err(|e| e.to_string())?;
         let t0 = Instant::now();
-        let t = engine::start(req, self.psk.clone(), host, self.thresholds, |_| {}).map_err(|e| e.to_string())?;
+        let t = engine::start(req, self.psk.clone(), host, self.thresholds, dataplane::send::Faults::default()).map_err(|e| e.to_string())?;
         let out = t.wait().map_err(|e| e.to_string())?;
         let wall = t0.elapsed().as_secs_f64();
         let r = &out.report;

@@ -10,7 +10,7 @@ use std::time::Duration;
 use dataplane::crypto::Psk;
 use dataplane::handshake::{self, Conn, HandshakeError};
 use dataplane::probe::{self, PathEstimate, ProbeOptions};
-use dataplane::send::{self, Progress, SendError, SendOptions, SendReport, ZeroCopy};
+use dataplane::send::{self, Faults, Progress, SendError, SendOptions, SendReport, ZeroCopy};
 use dataplane::source::Source;
 
 use super::live::{self, SwitchRecord};
@@ -178,7 +178,6 @@ pub fn send_options(req: &Request, plan: &Plan, probe: &PathEstimate, psk: Psk, 
             device: req.rdma_device.clone(),
             qps: req.rdma_qps,
             poll: if req.rdma_event { dataplane::transport::rdma::Poll::Event } else { dataplane::transport::rdma::Poll::Busy },
-            fault: None,
         });
     }
     if let Some(h) = plan.hde {
@@ -219,9 +218,9 @@ pub fn send_options(req: &Request, plan: &Plan, probe: &PathEstimate, psk: Psk, 
 }
 
 /// Starts a send: parses the source, probes the receiver (stream 0 connecting meanwhile),
-/// plans, and runs the transfer on its own threads. `tweak` adjusts the data plane's options
-/// last (the CLI's hidden fault-injection flags; `|_| {}` otherwise).
-pub fn start(req: Request, psk: Psk, host: Host, t: Thresholds, tweak: impl FnOnce(&mut SendOptions)) -> Result<Transfer, EngineError> {
+/// plans, and runs the transfer on its own threads. `faults` are what a test injects (the CLI's
+/// hidden flags; [`Faults::default`] otherwise).
+pub fn start(req: Request, psk: Psk, host: Host, t: Thresholds, faults: Faults) -> Result<Transfer, EngineError> {
     let source = dataplane::source::parse(&req.source, req.name.clone()).map_err(EngineError::Source)?;
     let later_round = req.round_of.is_some() || req.dirty.is_some();
     if later_round && req.name.is_none() && !matches!(source, Source::File { .. }) {
@@ -257,7 +256,6 @@ pub fn start(req: Request, psk: Psk, host: Host, t: Thresholds, tweak: impl FnOn
         }
         None => None,
     };
-    tweak(&mut opts);
     let progress = Arc::new(Progress::default());
     progress.active.store(plan.active, Relaxed);
     let stop = Arc::new(AtomicBool::new(false));
@@ -267,7 +265,7 @@ pub fn start(req: Request, psk: Psk, host: Host, t: Thresholds, tweak: impl FnOn
     let send = std::thread::Builder::new()
         .name("dwcp-send".into())
         .spawn(move || {
-            let r = send::send_with(source, &opts, p, stream0);
+            let r = send::send_with(source, &opts, p, stream0, faults);
             // The options hold the trace channel's sender: dropping them ends the writer's loop.
             drop(opts);
             if let Some(w) = trace {

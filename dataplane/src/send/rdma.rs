@@ -12,24 +12,13 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use super::{Chunk, SendError, SendOptions, Shared};
+use super::{Chunk, RdmaFault, SendError, SendOptions, Shared};
 use crate::handshake::{Conn, HandshakeError};
 use crate::source::Source;
 use crate::transport::rdma::sys::{Cq, Mr, Qp, Rts, Wc};
 use crate::transport::rdma::{self, Local, Poll};
 use crate::crypto::ChunkTag;
 use crate::wire::{self, FrameHeader, FrameType, HEADER_LEN, RDMA_SLOT_HEADER, RdmaAccept, RdmaConnect, RdmaCredit};
-
-/// Fault injection for tests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RdmaFault {
-    /// Write with a wrong remote key.
-    WrongRkey,
-    /// Write past the end of the receiver's region.
-    PastRegion,
-    /// Chunks whose tag does not match (a forgery on the fabric, as the receiver sees it).
-    BadTag,
-}
 
 /// RDMA options of a send.
 #[derive(Debug, Clone, Default)]
@@ -40,8 +29,6 @@ pub struct RdmaOptions {
     pub qps: u16,
     /// Completion waiting.
     pub poll: Poll,
-    /// Fault injection (tests).
-    pub fault: Option<RdmaFault>,
 }
 
 /// The connected data path of one session.
@@ -122,6 +109,7 @@ pub(super) fn run(
     source: &Source,
     opts: &SendOptions,
     rdma: &RdmaOptions,
+    fault: Option<RdmaFault>,
     cores: &[core_affinity::CoreId],
 ) -> Result<Vec<(u64, u32, u64)>, SendError> {
     let Connected { local, qps, accept, ctl, tag } = c;
@@ -165,7 +153,7 @@ pub(super) fn run(
                     if let Some(c) = core {
                         core_affinity::set_for_current(c);
                     }
-                    let r = shard(&pd, &cq, states, src_mr, accept, tag, ctl, shared, source, opts, rdma);
+                    let r = shard(&pd, &cq, states, src_mr, accept, tag, ctl, shared, source, opts, rdma, fault);
                     if r.is_err() {
                         shared.stop.store(true, Relaxed);
                     }
@@ -202,6 +190,7 @@ fn shard(
     source: &Source,
     opts: &SendOptions,
     ro: &RdmaOptions,
+    fault: Option<RdmaFault>,
 ) -> Result<Vec<(u64, u32, u64)>, SendError> {
     let slots = accept.slots as usize;
     let chunk = opts.chunk_size as usize;
@@ -234,7 +223,7 @@ fn shard(
     let mut stash: Option<Chunk> = None;
     let (mut last_progress, mut last_watch) = (Instant::now(), Instant::now());
     let (mut rkey, mut past) = (accept.rkey, 0u64);
-    match ro.fault {
+    match fault {
         Some(RdmaFault::WrongRkey) => rkey ^= 0x5a5a,
         Some(RdmaFault::PastRegion) => past = u64::from(accept.slots) * u64::from(accept.slot_size),
         Some(RdmaFault::BadTag) | None => {}
@@ -270,7 +259,7 @@ fn shard(
                 let sum = wire::checksum(payload);
                 let h = FrameHeader { kind: FrameType::Chunk, stream: 0, flags: 0, offset: c.offset, len: c.len, checksum: sum }.encode();
                 let mut t = tag.tag(&h, payload);
-                if matches!(ro.fault, Some(RdmaFault::BadTag)) {
+                if matches!(fault, Some(RdmaFault::BadTag)) {
                     t[0] ^= 1;
                 }
                 hdr.write_at(s * RDMA_SLOT_HEADER, &h);
