@@ -53,6 +53,9 @@ pub fn serve(server: &tiny_http::Server, st: &State) {
                 }
             }
             "/metrics" => {
+                if let Some(j) = st.jobs.get() {
+                    j.export(&st.metrics);
+                }
                 let mut buf = Vec::new();
                 let enc = prometheus::TextEncoder::new();
                 let _ = enc.encode(&st.metrics.registry.gather(), &mut buf);

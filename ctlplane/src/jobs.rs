@@ -32,8 +32,9 @@ enum Phase {
     Starting,
     /// Moving bytes.
     Running { plan: Value, progress: Arc<Progress> },
-    /// Ended: verified, failed or cancelled, with the outcome's JSON or the error.
-    Ended { state: &'static str, result: Value },
+    /// Ended: verified, failed or cancelled, with the outcome's JSON or the error, and the bytes
+    /// acknowledged of how many.
+    Ended { state: &'static str, result: Value, acked: u64, total: u64 },
 }
 
 #[derive(Debug)]
@@ -57,12 +58,21 @@ impl Job {
                 j["acked_bytes"] = progress.acked.load(Relaxed).into();
                 j["total_bytes"] = progress.total.load(Relaxed).into();
             }
-            Phase::Ended { state, result } => {
+            Phase::Ended { state, result, .. } => {
                 j["state"] = (*state).into();
                 j["result"] = result.clone();
             }
         }
         j
+    }
+
+    /// Its state, and bytes acknowledged of how many.
+    fn bytes(&self) -> (&'static str, u64, u64) {
+        match &self.phase {
+            Phase::Starting => ("starting", 0, 0),
+            Phase::Running { progress, .. } => ("running", progress.acked.load(Relaxed), progress.total.load(Relaxed)),
+            Phase::Ended { state, acked, total, .. } => (state, *acked, *total),
+        }
     }
 }
 
@@ -134,7 +144,26 @@ impl Jobs {
     fn end(&self, id: u64, state: &'static str, result: Value) {
         self.with(|(_, list)| {
             if let Some(j) = list.iter_mut().find(|j| j.id == id) {
-                j.phase = Phase::Ended { state, result };
+                let (_, acked, total) = j.bytes();
+                j.phase = Phase::Ended { state, result, acked, total };
+            }
+        });
+    }
+
+    /// Sets the transfers' metrics (at each scrape of `/metrics`): bytes acknowledged and size
+    /// per remembered transfer, and how many are in each state.
+    pub fn export(&self, m: &crate::state::Metrics) {
+        m.transfer_acked.reset();
+        m.transfer_total.reset();
+        m.transfers.reset();
+        self.with(|(_, list)| {
+            for j in list.iter() {
+                let (state, acked, total) = j.bytes();
+                let id = j.id.to_string();
+                let labels = [id.as_str(), j.name.as_str(), j.to.as_str(), state];
+                m.transfer_acked.with_label_values(&labels).set(acked as f64);
+                m.transfer_total.with_label_values(&labels).set(total as f64);
+                m.transfers.with_label_values(&[state]).inc();
             }
         });
     }

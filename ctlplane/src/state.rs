@@ -68,6 +68,12 @@ pub struct Metrics {
     pub peer_mode: GaugeVec,
     /// Per-peer probe delivery rate.
     pub peer_probe_bw: GaugeVec,
+    /// Per transfer the daemon runs: bytes the receiver acknowledged so far (as they move).
+    pub transfer_acked: GaugeVec,
+    /// Per transfer: its size (0 while unknown).
+    pub transfer_total: GaugeVec,
+    /// Transfers remembered, by state.
+    pub transfers: GaugeVec,
 }
 
 impl Metrics {
@@ -91,6 +97,9 @@ impl Metrics {
             peer_rtt: g("dwcp_peer_rtt_seconds", "Last measured RTT to each peer", &["peer"]),
             peer_mode: g("dwcp_peer_mode", "1 for each peer's current mode", &["peer", "mode"]),
             peer_probe_bw: g("dwcp_peer_probe_bits_per_second", "Delivery rate of the last probe burst to each peer", &["peer"]),
+            transfer_acked: g("dwcp_transfer_acked_bytes", "Bytes of each transfer the daemon runs that the receiver acknowledged so far", &["id", "name", "to", "state"]),
+            transfer_total: g("dwcp_transfer_total_bytes", "Size of each transfer the daemon runs (0 while unknown)", &["id", "name", "to", "state"]),
+            transfers: g("dwcp_transfers", "Transfers the daemon remembers, by state", &["state"]),
             registry,
         }
     }

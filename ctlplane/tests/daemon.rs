@@ -156,12 +156,32 @@ fn the_daemon_runs_transfers_through_the_engine() {
     let mut want = vec![0u8; 8 << 20];
     dataplane::source::generate(7, 0, &mut want);
     assert!(std::fs::read(d.path().join("out/job.img")).unwrap() == want, "published byte-exact");
+    let api = *dm.state.api.get().unwrap();
+    let metric = |name: &str, id: u64| -> Option<(String, f64)> {
+        let (_, m) = get(api, "/metrics");
+        m.lines().filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(&format!("id=\"{id}\""))).find_map(|l| {
+            let (labels, v) = l.rsplit_once(' ')?;
+            Some((labels.to_owned(), v.parse().ok()?))
+        })
+    };
+    let (labels, acked) = metric("dwcp_transfer_acked_bytes", id).expect("a metric for the transfer");
+    assert!(labels.contains("name=\"job.img\"") && labels.contains("state=\"verified\""), "{labels}");
+    assert_eq!(acked, f64::from(8u32 << 20), "{labels}");
+    assert_eq!(metric("dwcp_transfer_total_bytes", id).map(|m| m.1), Some(f64::from(8u32 << 20)));
 
     // Cancelled while it runs: nothing published, and the job says so.
     let (code, j) = unix_http(&sock, "POST", "/transfers", &format!(r#"{{"to":"{to}","source":"gen:4GiB","name":"big.img","streams":1}}"#));
     assert_eq!(code, 202, "{j}");
     let id = j["id"].as_u64().unwrap();
     watch(&sock, id, |j| j["state"] == "running" && j["acked_bytes"].as_u64().unwrap_or(0) > 0);
+    // Its metric moves with the bytes, not only at the end.
+    let (labels, first) = metric("dwcp_transfer_acked_bytes", id).expect("a metric for the running transfer");
+    assert!(labels.contains("state=\"running\"") && first > 0.0, "{labels} {first}");
+    let t = Instant::now();
+    while metric("dwcp_transfer_acked_bytes", id).is_some_and(|m| m.1 <= first) {
+        assert!(t.elapsed() < Duration::from_secs(10), "the metric stayed at {first}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(unix_http(&sock, "DELETE", &format!("/transfers/{id}"), "").0, 202);
     let j = watch(&sock, id, |j| j["state"] != "running");
     assert_eq!(j["state"], "cancelled", "{j}");
@@ -181,6 +201,8 @@ fn the_daemon_runs_transfers_through_the_engine() {
     let (_, status) = get(*dm.state.api.get().unwrap(), "/status");
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(status["transfers"].as_array().map(Vec::len), Some(2), "/status lists the daemon's transfers: {status}");
+    let (_, m) = get(api, "/metrics");
+    assert!(m.contains("dwcp_transfers{state=\"verified\"} 1") && m.contains("dwcp_transfers{state=\"cancelled\"} 1"), "{m}");
     dm.shutdown();
     assert!(!sock.exists(), "the socket goes with the daemon");
 }
