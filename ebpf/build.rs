@@ -17,7 +17,11 @@ fn main() {
     println!("cargo:rerun-if-changed=src/bpf/vmlinux.h");
     for p in PROGS {
         println!("cargo:rerun-if-changed=src/bpf/{p}.bpf.c");
-        println!("cargo:rerun-if-changed=src/bpf/{p}.h");
+        // Only a header that exists: cargo takes a missing path as changed, on every build.
+        let h = format!("src/bpf/{p}.h");
+        if std::path::Path::new(&h).exists() {
+            println!("cargo:rerun-if-changed={h}");
+        }
     }
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR"));
     if std::env::var_os("DWCP_NO_BPF").is_some_and(|v| v != "0" && !v.is_empty()) {
