@@ -1,12 +1,18 @@
-//! `make bench-pba`: one-step-ahead MAPE of PBA's bandwidth predictors on recorded traces of
-//! real transfers (dwcp `--trace-out` over the WAN rig while cross traffic comes and goes and
+//! `make bench-pba`: one-step-ahead MAPE of PBA's bandwidth predictors, and the calibration of
+//! their 80% prediction intervals, on recorded traces of real transfers (dwcp `--trace-out` over the WAN rig while cross traffic comes and goes and
 //! the link's rate changes). Each family's parameters are fitted by grid search on the training
 //! traces; the figure is its MAPE on the held-out traces, at each prediction period (the 100 ms
 //! monitor interval, and 0.5 s and 1 s aggregates of it), from 2 s after each transfer's first
-//! data on (slow start is not predicted).
+//! data on (slow start is not predicted). Calibration: the interval (`pba::Calibrated`) around
+//! the family that fitted the training traces best, its window and step fitted there too; the
+//! figure is the share of held-out outcomes inside their interval at the 500 ms and 1 s
+//! periods, and the interval's mean width against the last-value predictor's, calibrated the
+//! same way.
 //!
-//!   bench-pba [--traces DIR]            evaluate (default benches/traces)
-//!   bench-pba --record [--traces DIR]   record the traces anew (root, WAN rig; about 4 minutes)
+//!   bench-pba [--traces DIR] [--swap]   evaluate (default benches/traces); --swap trains on
+//!                                       the traces held out otherwise and scores the others
+//!   bench-pba --record [--traces DIR]   record the traces DIR lacks (root, WAN rig; about 35 s
+//!                                       each; delete them to record anew)
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -19,8 +25,10 @@ use serde_json::{Value, json};
 use benches::{Proc, die, in_ns};
 
 /// Traces recorded; the first `TRAIN` train, the rest are held out.
-const TRACES: usize = 6;
-const TRAIN: usize = 3;
+const TRACES: usize = 12;
+const TRAIN: usize = 6;
+/// The prediction intervals' target coverage.
+const COVERAGE: f64 = 0.8;
 const SECS: u64 = 30;
 
 /// xorshift64*: the cross-traffic schedule is reproducible from the trace's seed.
@@ -48,6 +56,10 @@ fn record(root: &Path, dir: &Path) {
         die("dwcp keygen failed");
     }
     for k in 0..TRACES {
+        let trace = dir.join(format!("pba-{k}.csv"));
+        if trace.exists() {
+            continue;
+        }
         let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((k as u64 + 1) * 0x1000_0001));
         let rtt = [20, 50, 80][k % 3];
         let up = Command::new(&wan).args(["up", "--rtt", &format!("{rtt}ms"), "--rate", "1000mbit", "--loss", "0.01%", "--queue", "1bdp"]).output().expect("hw-tests/wan up");
@@ -67,7 +79,6 @@ fn record(root: &Path, dir: &Path) {
                 .expect("dwcp recv"),
         );
         std::thread::sleep(Duration::from_millis(500));
-        let trace = dir.join(format!("pba-{k}.csv"));
         let mut send = in_ns("dwcp-a", &dwcp);
         send.args(["send", &format!("gen:{}", 125_000_000 * SECS), "--name", &format!("pba-{k}.img"), "--to", "10.77.0.2:7470", "--key-file"]).arg(&key);
         send.args(["--mode", "internet", "--no-encrypt", "--hde", "off", "--streams", "8", "--acp", "delay", "--trace-out"]).arg(&trace);
@@ -126,12 +137,13 @@ fn series(rows: &[TraceRow], per: usize) -> Vec<f64> {
 fn main() {
     let mut args = std::env::args().skip(1);
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf();
-    let (mut dir, mut rec) = (root.join("benches/traces"), false);
+    let (mut dir, mut rec, mut swap) = (root.join("benches/traces"), false, false);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--record" => rec = true,
+            "--swap" => swap = true,
             "--traces" => dir = PathBuf::from(args.next().unwrap_or_else(|| die("--traces DIR"))),
-            _ => die(&format!("unknown argument {a}; usage: bench-pba [--record] [--traces DIR]")),
+            _ => die(&format!("unknown argument {a}; usage: bench-pba [--record] [--traces DIR] [--swap]")),
         }
     }
     if rec {
@@ -143,8 +155,14 @@ fn main() {
             let t = std::fs::read_to_string(&p).unwrap_or_else(|e| die(&format!("{}: {e} (record with: make bench-pba RECORD=1)", p.display())));
             t.lines().filter_map(TraceRow::parse).collect()
         })
-        .collect();
+        .collect::<Vec<_>>();
+    // The other half trains: whether the figures depend on which traces are held out.
+    let mut traces = traces;
+    if swap {
+        traces.rotate_left(TRAIN);
+    }
     let mut figures = serde_json::Map::new();
+    figures.insert("swapped".into(), json!(swap));
     let mut table = Vec::new();
     for (label, per) in [("100ms", 1usize), ("500ms", 5), ("1s", 10)] {
         let all: Vec<Vec<f64>> = traces.iter().map(|t| series(t, per)).collect();
@@ -165,6 +183,7 @@ fn main() {
         figures.insert(format!("best_mape_{label}"), json!(best.1));
         figures.insert(format!("best_{label}"), json!(best.0));
     }
+    let cal = calibration(&traces, &mut figures);
     let intervals: usize = traces.iter().map(Vec::len).sum();
     figures.insert("traces".into(), json!(TRACES));
     figures.insert("held_out".into(), json!(TRACES - TRAIN));
@@ -174,5 +193,53 @@ fn main() {
     for (label, name, tr, m, w) in &table {
         println!("{label:<7} {name:<40} {tr:>10.2}% {m:>13.2}% {w:>13.2}%");
     }
+    println!();
+    println!("{:.0}% prediction intervals on the held-out traces (coverage per trace in brackets)", COVERAGE * 100.0);
+    println!("{:<7} {:<52} {:>9} {:>22} {:>11}", "period", "calibrated predictor (fitted)", "coverage", "per trace", "width Mb/s");
+    for c in &cal {
+        let per: Vec<String> = c.per_trace.iter().map(|v| format!("{v:.2}")).collect();
+        println!("{:<7} {:<52} {:>8.1}% {:>22} {:>11.1}", c.label, c.name, c.coverage * 100.0, per.join(" "), c.width / 1e6);
+    }
     benches::emit(&root.join("target/bench/pba.json"), Value::Object(figures));
+}
+
+/// One calibrated predictor's result on the held-out traces.
+struct Cal {
+    label: &'static str,
+    name: String,
+    coverage: f64,
+    per_trace: Vec<f64>,
+    width: f64,
+}
+
+/// The 80% intervals at each period: the best-fitted family (least training MAPE) and the
+/// last-value baseline, each with its window and step fitted on the training traces and its
+/// prior from them; scored on each held-out trace from a fresh start.
+fn calibration(traces: &[Vec<TraceRow>], figures: &mut serde_json::Map<String, Value>) -> Vec<Cal> {
+    let mut out = Vec::new();
+    for (label, per) in [("100ms", 1usize), ("500ms", 5), ("1s", 10)] {
+        let all: Vec<Vec<f64>> = traces.iter().map(|t| series(t, per)).collect();
+        let (train, held) = all.split_at(TRAIN);
+        let best = pba::fit(train).into_iter().min_by(|a, b| pba::mean_mape(a.as_ref(), train).total_cmp(&pba::mean_mape(b.as_ref(), train))).expect("four families");
+        let mut widths = Vec::new();
+        for p in [best, Box::new(pba::Last::default()) as Box<dyn pba::Predictor>] {
+            let (w, g) = pba::fit_calibration(p.as_ref(), COVERAGE, train);
+            let prior = pba::ratios(p.as_ref(), train);
+            let per_trace: Vec<pba::Calibration> = held.iter().map(|h| pba::calibration(p.as_ref(), COVERAGE, w, g, &prior, h)).collect();
+            let total = per_trace.iter().fold(pba::Calibration::default(), |a, c| a + *c);
+            let fam = pba::family(&p.name()).replace('-', "_");
+            let covs: Vec<f64> = per_trace.iter().map(pba::Calibration::coverage).collect();
+            figures.insert(format!("coverage80_{fam}_{label}"), json!(total.coverage()));
+            figures.insert(format!("coverage80_{fam}_{label}_runs"), json!(covs));
+            widths.push(total.mean_width());
+            if widths.len() == 1 {
+                figures.insert(format!("coverage80_{label}"), json!(total.coverage()));
+                figures.insert(format!("coverage80_{label}_per_trace"), benches::Figure::new(covs.clone()).json());
+                figures.insert(format!("coverage80_{label}_intervals"), json!(total.n));
+            }
+            out.push(Cal { label, name: pba::Calibrated::new(p.as_ref(), COVERAGE, w, g, &[]).name(), coverage: total.coverage(), per_trace: covs, width: total.mean_width() });
+        }
+        figures.insert(format!("width80_vs_last_{label}"), json!(widths[0] / widths[1]));
+    }
+    out
 }
