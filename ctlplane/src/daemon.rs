@@ -247,7 +247,8 @@ impl Component for JobsC {
         let Some(path) = &self.0.config.api.socket else { return Ok(()) };
         let psk = ctx.get::<Psk>().ok_or("keys missing")?;
         let host = crate::engine::host(None).map_err(|e| e.to_string())?;
-        let jobs = crate::jobs::Jobs::new((*psk).clone(), host, self.0.config.thresholds(), self.0.config.transfer.clone());
+        let nodes = self.0.host.get().map(|h| h.numa.clone()).unwrap_or_default();
+        let jobs = crate::jobs::Jobs::new((*psk).clone(), host, nodes, self.0.config.thresholds(), self.0.config.transfer.clone());
         let listener = bind_private(path)?;
         let server = Arc::new(tiny_http::Server::from_listener(listener, None).map_err(|e| format!("api.socket {}: {e}", path.display()))?);
         let _ = self.0.jobs.set(jobs.clone());

@@ -52,15 +52,7 @@ pub fn detect() -> HostCaps {
         Ok(t) => {
             let cores = t.objects_with_type(ObjectType::Core).count();
             let pus = t.objects_with_type(ObjectType::PU).count();
-            let numa = t
-                .objects_with_type(ObjectType::NUMANode)
-                .map(|n| NumaNode {
-                    os_index: n.os_index().unwrap_or(0),
-                    cpus: n.cpuset().map(|c| c.iter_set().map(usize::from).collect()).unwrap_or_default(),
-                    memory_bytes: n.total_memory(),
-                })
-                .collect();
-            (cores, pus, numa)
+            (cores, pus, crate::itp::numa_nodes(&t))
         }
         Err(_) => {
             let n = std::thread::available_parallelism().map_or(1, |n| n.get());

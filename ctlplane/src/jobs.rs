@@ -3,9 +3,12 @@
 //! make this host send): `POST /transfers` with an engine [`Request`] as JSON starts one,
 //! `GET /transfers` lists them, `GET /transfers/ID` shows one (its plan, bytes acknowledged,
 //! and at the end its result), `DELETE /transfers/ID` cancels one (nothing is published).
-//! At most [`MAX_RUNNING`] run at once; the latest [`KEEP`] are remembered.
+//! At most [`MAX_RUNNING`] run at once; the latest [`KEEP`] are remembered. A transfer whose
+//! request names no cores is placed by ITP ([`crate::itp::place`]): next to the NIC its peer is
+//! routed through, on the cores the running transfers use least; its placement and the reason
+//! are part of its JSON.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::Read;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
@@ -16,6 +19,8 @@ use dataplane::send::Progress;
 use serde_json::{Value, json};
 
 use crate::engine::{self, Host, Request};
+use crate::host::NumaNode;
+use crate::itp::{self, Placement};
 use crate::mode::Thresholds;
 
 /// Transfers running at once; a request beyond gets 503 with the reason.
@@ -45,11 +50,18 @@ struct Job {
     started: Instant,
     phase: Phase,
     cancel: Arc<std::sync::atomic::AtomicBool>,
+    /// Where ITP put it (None: its request named the cores).
+    placement: Option<Placement>,
+    /// The cores its shards hold, counted in the book's load until it ends.
+    held: Vec<usize>,
 }
 
 impl Job {
     fn json(&self) -> Value {
         let mut j = json!({"id": self.id, "name": self.name, "to": self.to, "elapsed_s": self.started.elapsed().as_secs_f64()});
+        if let Some(p) = &self.placement {
+            j["placement"] = serde_json::to_value(p).unwrap_or_default();
+        }
         match &self.phase {
             Phase::Starting => j["state"] = "starting".into(),
             Phase::Running { plan, progress } => {
@@ -76,14 +88,30 @@ impl Job {
     }
 }
 
+/// The transfers remembered, and the shards the running ones hold per core.
+#[derive(Debug, Default)]
+struct Book {
+    next: u64,
+    list: VecDeque<Job>,
+    load: BTreeMap<usize, usize>,
+}
+
+impl Book {
+    fn job(&mut self, id: u64) -> Option<&mut Job> {
+        self.list.iter_mut().find(|j| j.id == id)
+    }
+}
+
 /// The daemon's transfers.
 #[derive(Debug)]
 pub struct Jobs {
     psk: Psk,
     host: Host,
+    /// The host's NUMA nodes (hwloc, at boot), for placement.
+    nodes: Vec<NumaNode>,
     thresholds: Thresholds,
     defaults: crate::config::TransferDefaults,
-    list: Mutex<(u64, VecDeque<Job>)>,
+    book: Mutex<Book>,
 }
 
 /// A reply: status code and JSON body.
@@ -94,14 +122,14 @@ fn error(code: u16, msg: impl Into<String>) -> Reply {
 }
 
 impl Jobs {
-    /// Transfers sent with `psk` from `host`, planned with `thresholds`, what a request leaves
-    /// unset filled from `defaults` (the config's `[transfer]`).
-    pub fn new(psk: Psk, host: Host, thresholds: Thresholds, defaults: crate::config::TransferDefaults) -> Arc<Self> {
-        Arc::new(Self { psk, host, thresholds, defaults, list: Mutex::new((0, VecDeque::new())) })
+    /// Transfers sent with `psk` from `host` (whose NUMA nodes are `nodes`), planned with
+    /// `thresholds`, what a request leaves unset filled from `defaults` (the config's `[transfer]`).
+    pub fn new(psk: Psk, host: Host, nodes: Vec<NumaNode>, thresholds: Thresholds, defaults: crate::config::TransferDefaults) -> Arc<Self> {
+        Arc::new(Self { psk, host, nodes, thresholds, defaults, book: Mutex::new(Book::default()) })
     }
 
-    fn with<R>(&self, f: impl FnOnce(&mut (u64, VecDeque<Job>)) -> R) -> R {
-        f(&mut self.list.lock().expect("jobs lock"))
+    fn with<R>(&self, f: impl FnOnce(&mut Book) -> R) -> R {
+        f(&mut self.book.lock().expect("jobs lock"))
     }
 
     /// Starts a transfer for `body` (a JSON [`Request`]).
@@ -114,20 +142,30 @@ impl Jobs {
             return error(400, e.to_string());
         }
         let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let id = self.with(|(next, list)| {
-            let running = list.iter().filter(|j| !matches!(j.phase, Phase::Ended { .. })).count();
+        let id = self.with(|b| {
+            let running = b.list.iter().filter(|j| !matches!(j.phase, Phase::Ended { .. })).count();
             if running >= MAX_RUNNING {
                 return None;
             }
-            *next += 1;
-            list.push_back(Job { id: *next, name: req.name.clone().unwrap_or_default(), to: req.to.clone(), started: Instant::now(), phase: Phase::Starting, cancel: cancel.clone() });
-            while list.len() > KEEP {
-                match list.iter().position(|j| matches!(j.phase, Phase::Ended { .. })) {
-                    Some(i) => drop(list.remove(i)),
+            b.next += 1;
+            let job = Job {
+                id: b.next,
+                name: req.name.clone().unwrap_or_default(),
+                to: req.to.clone(),
+                started: Instant::now(),
+                phase: Phase::Starting,
+                cancel: cancel.clone(),
+                placement: None,
+                held: Vec::new(),
+            };
+            b.list.push_back(job);
+            while b.list.len() > KEEP {
+                match b.list.iter().position(|j| matches!(j.phase, Phase::Ended { .. })) {
+                    Some(i) => drop(b.list.remove(i)),
                     None => break,
                 }
             }
-            Some(*next)
+            Some(b.next)
         });
         let Some(id) = id else {
             return error(503, format!("{MAX_RUNNING} transfers are running; try again when one ends"));
@@ -142,12 +180,54 @@ impl Jobs {
     }
 
     fn end(&self, id: u64, state: &'static str, result: Value) {
-        self.with(|(_, list)| {
-            if let Some(j) = list.iter_mut().find(|j| j.id == id) {
-                let (_, acked, total) = j.bytes();
-                j.phase = Phase::Ended { state, result, acked, total };
+        self.with(|b| {
+            let Some(j) = b.job(id) else { return };
+            let (_, acked, total) = j.bytes();
+            j.phase = Phase::Ended { state, result, acked, total };
+            let held = std::mem::take(&mut j.held);
+            release(&mut b.load, &held);
+        });
+    }
+
+    /// Places job `id` (its request names no cores): picks the cores, records the placement and
+    /// holds the first `shards` of them until it ends, under one lock so that two jobs starting
+    /// together see each other. `allowed`: the config's cores or the process's.
+    fn place(&self, id: u64, to: &str, allowed: &[usize], shards: usize) -> Placement {
+        // Resolved here, outside the lock (a name may take a DNS round trip).
+        let nic = std::net::ToSocketAddrs::to_socket_addrs(to).ok().and_then(|mut a| a.next()).and_then(|a| itp::nic_of(a.ip()));
+        self.with(|b| {
+            let p = itp::place(&self.nodes, allowed, nic.as_ref(), &b.load);
+            let held: Vec<usize> = p.cores.iter().copied().take(shards.max(1)).collect();
+            for c in &held {
+                *b.load.entry(*c).or_default() += 1;
+            }
+            if let Some(j) = b.job(id) {
+                j.placement = Some(p.clone());
+                j.held = held;
+            }
+            tracing::info!(id, cores = ?p.cores, node = ?p.node, why = %p.why, "transfer placed");
+            p
+        })
+    }
+
+    /// Once the plan is known: job `id` holds the first `shards` of its cores (it may open fewer
+    /// streams than the placement assumed).
+    fn hold(&self, id: u64, shards: usize) {
+        self.with(|b| {
+            let Some(j) = b.job(id) else { return };
+            let Some(p) = &j.placement else { return };
+            let now: Vec<usize> = p.cores.iter().copied().take(shards.max(1)).collect();
+            let before = std::mem::replace(&mut j.held, now.clone());
+            release(&mut b.load, &before);
+            for c in now {
+                *b.load.entry(c).or_default() += 1;
             }
         });
+    }
+
+    /// Shards held per core by the running transfers (for `/status` and tests).
+    pub fn load(&self) -> BTreeMap<usize, usize> {
+        self.with(|b| b.load.clone())
     }
 
     /// Sets the transfers' metrics (at each scrape of `/metrics`): bytes acknowledged and size
@@ -156,8 +236,8 @@ impl Jobs {
         m.transfer_acked.reset();
         m.transfer_total.reset();
         m.transfers.reset();
-        self.with(|(_, list)| {
-            for j in list.iter() {
+        self.with(|b| {
+            for j in &b.list {
                 let (state, acked, total) = j.bytes();
                 let id = j.id.to_string();
                 let labels = [id.as_str(), j.name.as_str(), j.to.as_str(), state];
@@ -169,15 +249,28 @@ impl Jobs {
     }
 
     fn run(&self, id: u64, mut req: Request, cancel: Arc<std::sync::atomic::AtomicBool>) {
+        let placed = req.cores.is_none();
         req.apply_defaults(&self.defaults);
-        let t = match engine::start(req, self.psk.clone(), self.host, self.thresholds, dataplane::send::Faults::default()) {
+        if placed {
+            let allowed = match dataplane::placement::shard_cores(req.cores.as_deref()) {
+                Ok(c) => c.into_iter().map(|c| c.id).collect::<Vec<_>>(),
+                Err(e) => return self.end(id, "failed", json!({"error": format!("[transfer] cores: {e}")})),
+            };
+            // Until the plan says, as many shards as the request's streams (or every core).
+            let shards = req.streams.map_or(allowed.len(), usize::from).min(allowed.len());
+            req.cores = Some(self.place(id, &req.to, &allowed, shards).cores);
+        }
+        // The plan sizes the transfer to the cores it may use, as `dwcp send --cores` does.
+        let host = Host { cores: req.cores.as_ref().map_or(self.host.cores, |c| c.len().max(1)), ..self.host };
+        let t = match engine::start(req, self.psk.clone(), host, self.thresholds, dataplane::send::Faults::default()) {
             Ok(t) => t,
             Err(e) => return self.end(id, "failed", json!({"error": e.to_string()})),
         };
         let plan = serde_json::to_value(t.plan()).unwrap_or_default();
         let progress = t.progress().clone();
-        self.with(|(_, list)| {
-            if let Some(j) = list.iter_mut().find(|j| j.id == id) {
+        self.hold(id, usize::from(t.plan().streams));
+        self.with(|b| {
+            if let Some(j) = b.job(id) {
                 j.name = t.name().to_owned();
                 j.phase = Phase::Running { plan, progress: progress.clone() };
             }
@@ -198,15 +291,15 @@ impl Jobs {
 
     /// Every transfer remembered.
     pub fn list(&self) -> Value {
-        self.with(|(_, list)| Value::Array(list.iter().map(Job::json).collect()))
+        self.with(|b| Value::Array(b.list.iter().map(Job::json).collect()))
     }
 
     fn get(&self, id: u64) -> Reply {
-        self.with(|(_, list)| list.iter().find(|j| j.id == id).map_or_else(|| error(404, format!("no transfer {id}")), |j| (200, j.json())))
+        self.with(|b| b.list.iter().find(|j| j.id == id).map_or_else(|| error(404, format!("no transfer {id}")), |j| (200, j.json())))
     }
 
     fn cancel(&self, id: u64) -> Reply {
-        self.with(|(_, list)| match list.iter().find(|j| j.id == id) {
+        self.with(|b| match b.list.iter().find(|j| j.id == id) {
             None => error(404, format!("no transfer {id}")),
             Some(j) => {
                 j.cancel.store(true, Relaxed);
@@ -246,6 +339,18 @@ impl Jobs {
             };
             let h = tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..]).expect("header");
             let _ = req.respond(tiny_http::Response::from_string(format!("{v}\n")).with_status_code(code).with_header(h));
+        }
+    }
+}
+
+/// Takes back the shards `held` from `load` (a core with none left leaves the map).
+fn release(load: &mut BTreeMap<usize, usize>, held: &[usize]) {
+    for c in held {
+        if let Some(n) = load.get_mut(c) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                load.remove(c);
+            }
         }
     }
 }

@@ -1,6 +1,6 @@
 //! dwcp control plane: the four-phase boot graph ([`boot`]), host detection ([`host`]),
 //! configuration ([`config`]), I/O-free mode detection ([`mode`]), the transfer engine every
-//! caller drives ([`engine`]), and the daemon ([`daemon`])
+//! caller drives ([`engine`]), where jobs run ([`itp`]), and the daemon ([`daemon`])
 //! with its HTTP endpoint ([`api`]).
 #![forbid(unsafe_code)]
 
@@ -10,6 +10,7 @@ pub mod config;
 pub mod daemon;
 pub mod engine;
 pub mod host;
+pub mod itp;
 pub mod jobs;
 pub mod mode;
 pub mod state;

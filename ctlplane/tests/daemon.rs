@@ -153,6 +153,13 @@ fn the_daemon_runs_transfers_through_the_engine() {
     assert_eq!(j["state"], "verified", "{j}");
     assert_eq!(j["result"]["plan"]["streams"], 2, "the plan the engine made: {j}");
     assert_eq!(j["result"]["mode"]["initial"], "datacenter", "{j}");
+    // ITP placed it: loopback has no NUMA node, so the least loaded node, every core of it.
+    let host = dm.state.host.get().unwrap();
+    let p = &j["placement"];
+    assert!(p["why"].as_str().unwrap().contains("lo has no NUMA node"), "{j}");
+    assert_eq!(p["node"].as_u64(), host.numa.first().map(|n| n.os_index as u64), "{j}");
+    let placed: Vec<u64> = p["cores"].as_array().unwrap().iter().map(|c| c.as_u64().unwrap()).collect();
+    assert_eq!(placed.len(), host.numa.first().map_or(0, |n| n.cpus.len()), "{j}");
     let mut want = vec![0u8; 8 << 20];
     dataplane::source::generate(7, 0, &mut want);
     assert!(std::fs::read(d.path().join("out/job.img")).unwrap() == want, "published byte-exact");
@@ -173,7 +180,17 @@ fn the_daemon_runs_transfers_through_the_engine() {
     let (code, j) = unix_http(&sock, "POST", "/transfers", &format!(r#"{{"to":"{to}","source":"gen:4GiB","name":"big.img","streams":1}}"#));
     assert_eq!(code, 202, "{j}");
     let id = j["id"].as_u64().unwrap();
-    watch(&sock, id, |j| j["state"] == "running" && j["acked_bytes"].as_u64().unwrap_or(0) > 0);
+    let running = watch(&sock, id, |j| j["state"] == "running" && j["acked_bytes"].as_u64().unwrap_or(0) > 0);
+    // Its one stream holds one core; a transfer placed meanwhile starts on another one.
+    let jobs = dm.state.jobs.get().unwrap();
+    let first_core = running["placement"]["cores"][0].as_u64().unwrap() as usize;
+    assert_eq!(jobs.load(), [(first_core, 1)].into_iter().collect(), "{running}");
+    let (_, j) = unix_http(&sock, "POST", "/transfers", &format!(r#"{{"to":"{to}","source":"gen:1MiB","name":"beside.img","streams":1}}"#));
+    let beside = watch(&sock, j["id"].as_u64().unwrap(), |j| j["state"] != "starting" && j["state"] != "running");
+    assert_eq!(beside["state"], "verified", "{beside}");
+    if placed.len() > 1 {
+        assert_ne!(beside["placement"]["cores"][0].as_u64().unwrap() as usize, first_core, "{beside}");
+    }
     // Its metric moves with the bytes, not only at the end.
     let (labels, first) = metric("dwcp_transfer_acked_bytes", id).expect("a metric for the running transfer");
     assert!(labels.contains("state=\"running\"") && first > 0.0, "{labels} {first}");
@@ -197,12 +214,13 @@ fn the_daemon_runs_transfers_through_the_engine() {
     assert_eq!(code, 400);
     assert!(j["error"].as_str().unwrap().contains("no standard input"), "{j}");
     let (_, list) = unix_http(&sock, "GET", "/transfers", "");
-    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+    assert_eq!(list.as_array().unwrap().len(), 3, "{list}");
     let (_, status) = get(*dm.state.api.get().unwrap(), "/status");
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
-    assert_eq!(status["transfers"].as_array().map(Vec::len), Some(2), "/status lists the daemon's transfers: {status}");
+    assert_eq!(status["transfers"].as_array().map(Vec::len), Some(3), "/status lists the daemon's transfers: {status}");
     let (_, m) = get(api, "/metrics");
-    assert!(m.contains("dwcp_transfers{state=\"verified\"} 1") && m.contains("dwcp_transfers{state=\"cancelled\"} 1"), "{m}");
+    assert!(m.contains("dwcp_transfers{state=\"verified\"} 2") && m.contains("dwcp_transfers{state=\"cancelled\"} 1"), "{m}");
+    assert!(dm.state.jobs.get().unwrap().load().is_empty(), "every ended transfer gave its cores back");
     dm.shutdown();
     assert!(!sock.exists(), "the socket goes with the daemon");
 }

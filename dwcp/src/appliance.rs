@@ -145,6 +145,11 @@ fn job_line(j: &serde_json::Value) -> String {
         crate::fmt::bytes(total),
         j["elapsed_s"].as_f64().unwrap_or(0.0)
     );
+    if let (Some(cores), Some(why)) = (j["placement"]["cores"].as_array(), j["placement"]["why"].as_str()) {
+        let cores: Vec<String> = cores.iter().map(ToString::to_string).collect();
+        let node = j["placement"]["node"].as_u64().map(|n| format!(" of node {n}")).unwrap_or_default();
+        l.push_str(&format!("\n      cores {}{node}: {why}", cores.join(",")));
+    }
     if let Some(e) = j["result"]["error"].as_str() {
         l.push_str(&format!("\n      {e}"));
     }

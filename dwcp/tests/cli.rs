@@ -952,6 +952,10 @@ fn a_send_through_the_daemon_is_planned_sent_and_listed() {
     let o = Command::new(bin()).args(["job", "list", "--json", "--socket"]).arg(&sock).output().unwrap();
     let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(list[0]["name"], "disk.img", "{list}");
+    // For a person: the line, and where ITP placed it and why.
+    let o = Command::new(bin()).args(["job", "list", "--socket"]).arg(&sock).output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("verified") && text.contains("disk.img") && text.contains("cores ") && text.contains("lo has no NUMA node"), "{text}");
     // Refused by the daemon, with its reason.
     let o = Command::new(bin()).args(["send", "/nonexistent/x.img", "--to", "127.0.0.1:1", "--via-daemon"]).arg(&sock).output().unwrap();
     let e = String::from_utf8_lossy(&o.stderr);

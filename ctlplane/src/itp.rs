@@ -1,0 +1,252 @@
+//! ITP, first part: which cores a daemon job's shards are pinned to. No I/O in [`place`]; the
+//! inputs are the host's NUMA nodes (hwloc, once at boot), the node of the NIC the kernel routes
+//! the peer through (`/proc/net/route` and sysfs, read per job by [`nic_of`]) and the shards the
+//! running jobs already hold on each core.
+//!
+//! The rules, from what the field does (UCX and DPDK pin next to the NIC; perftest's `-c` the
+//! same): a NIC's DMA lands in its node's memory and its interrupts on its node's cores, so the
+//! shards that touch every byte run there; the cores are handed least loaded first, so a job
+//! with fewer shards than the node has cores lands on idle ones instead of doubling up on the
+//! first; a job goes to another node only when every core of the NIC's node already carries at
+//! least [`SPILL_AT`] shards and the other node has an idle core (crossing the interconnect then
+//! costs less than time-sharing a core). A job never spans nodes: its shards share the chunk
+//! queue, and half of them remote would put that traffic on the interconnect.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::host::NumaNode;
+
+/// Shards per core on every core of the NIC's node at which a job goes to an idle node instead.
+pub const SPILL_AT: usize = 2;
+
+/// Where one job runs, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Placement {
+    /// The NUMA node (OS index), when the host has any.
+    pub node: Option<usize>,
+    /// The cores in the order the shards take them (least loaded first).
+    pub cores: Vec<usize>,
+    /// The reason, for `dwcp job list`, the log and `/transfers`.
+    pub why: String,
+}
+
+/// The NIC a job's traffic leaves through: its name, and its NUMA node when the kernel knows it
+/// (a virtual NIC, loopback, or a one-node host says -1, kept as `None`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Nic {
+    /// Interface name.
+    pub name: String,
+    /// NUMA node.
+    pub node: Option<usize>,
+}
+
+/// Places a job: the cores (among `allowed`, the process's or the config's) its shards take,
+/// given the host's `nodes`, the peer's `nic` and the shards running jobs hold per core (`load`).
+/// With no NUMA information at all, the allowed cores least loaded first.
+pub fn place(nodes: &[NumaNode], allowed: &[usize], nic: Option<&Nic>, load: &BTreeMap<usize, usize>) -> Placement {
+    let shards = |c: &usize| load.get(c).copied().unwrap_or(0);
+    let ordered = |mut v: Vec<usize>| {
+        v.sort_by_key(|c| (shards(c), *c));
+        v
+    };
+    // Each node with the allowed cores it holds.
+    let usable: Vec<(usize, Vec<usize>)> =
+        nodes.iter().map(|n| (n.os_index, n.cpus.iter().copied().filter(|c| allowed.contains(c)).collect::<Vec<_>>())).filter(|(_, c)| !c.is_empty()).collect();
+    if usable.is_empty() {
+        return Placement { node: None, cores: ordered(allowed.to_vec()), why: "no NUMA information: the allowed cores, least loaded first".into() };
+    }
+    let busiest_min = |cores: &[usize]| cores.iter().map(shards).min().unwrap_or(0);
+    let per_core = |cores: &[usize]| cores.iter().map(shards).sum::<usize>() as f64 / cores.len() as f64;
+    // The least loaded node (shards per core, then index): where a job goes without a NIC node.
+    let idlest = usable.iter().min_by(|a, b| per_core(&a.1).total_cmp(&per_core(&b.1)).then(a.0.cmp(&b.0))).expect("non-empty");
+    let local = nic.and_then(|n| n.node).and_then(|k| usable.iter().find(|(i, _)| *i == k));
+    let (node, why) = match (nic, local) {
+        (Some(n), Some(l)) if busiest_min(&l.1) >= SPILL_AT && busiest_min(&idlest.1) == 0 && idlest.0 != l.0 => {
+            (idlest, format!("{} is on node {}, whose every core already runs {SPILL_AT} or more shards; node {} has an idle core", n.name, l.0, idlest.0))
+        }
+        (Some(n), Some(l)) => (l, format!("next to {} on node {}", n.name, l.0)),
+        (Some(n), None) if n.node.is_some() => (idlest, format!("{}'s node {} has none of the allowed cores; the least loaded node", n.name, n.node.unwrap_or(0))),
+        (Some(n), None) => (idlest, format!("{} has no NUMA node (virtual or loopback); the least loaded node", n.name)),
+        (None, _) => (idlest, "route unknown; the least loaded node".into()),
+    };
+    Placement { node: Some(node.0), cores: ordered(node.1.clone()), why }
+}
+
+/// The host's NUMA nodes as hwloc sees them in `t` (a live topology or a synthetic one).
+pub fn numa_nodes(t: &hwlocality::Topology) -> Vec<NumaNode> {
+    use hwlocality::object::types::ObjectType;
+    t.objects_with_type(ObjectType::NUMANode)
+        .map(|n| NumaNode {
+            os_index: n.os_index().unwrap_or(0),
+            cpus: n.cpuset().map(|c| c.iter_set().map(usize::from).collect()).unwrap_or_default(),
+            memory_bytes: n.total_memory(),
+        })
+        .collect()
+}
+
+/// The NUMA nodes of an hwloc synthetic topology such as `"pack:2 numa:1 core:4 pu:1"` (two
+/// nodes of four cores), for tests and for planning a host one does not have.
+pub fn synthetic(description: &str) -> Result<Vec<NumaNode>, String> {
+    let t = hwlocality::Topology::builder()
+        .from_synthetic(description)
+        .map_err(|e| format!("hwloc synthetic topology {description:?}: {e}"))?
+        .build()
+        .map_err(|e| format!("hwloc synthetic topology {description:?}: {e}"))?;
+    Ok(numa_nodes(&t))
+}
+
+/// The interface the kernel routes `ip` through, from the text of `/proc/net/route` (IPv4,
+/// longest prefix, then least metric). Loopback addresses go through `lo`; IPv6 is not read
+/// (`None`: the job is placed as with an unknown route).
+pub fn route_iface(table: &str, ip: IpAddr) -> Option<String> {
+    let v4 = match ip {
+        IpAddr::V4(a) if a.is_loopback() => return Some("lo".into()),
+        IpAddr::V4(a) => a,
+        IpAddr::V6(a) if a.is_loopback() => return Some("lo".into()),
+        IpAddr::V6(_) => return None,
+    };
+    // Addresses in the table are the kernel's little-endian hex of the network-order bytes.
+    let hex = |s: &str| u32::from_str_radix(s, 16).ok().map(|v| Ipv4Addr::from(v.swap_bytes()));
+    let mut best: Option<(u32, u32, String)> = None;
+    for line in table.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 8 {
+            continue;
+        }
+        let (Some(dest), Some(mask), Ok(flags), Ok(metric)) = (hex(f[1]), hex(f[7]), u32::from_str_radix(f[3], 16), f[6].parse::<u32>()) else { continue };
+        // RTF_UP.
+        if flags & 1 == 0 || u32::from(v4) & u32::from(mask) != u32::from(dest) {
+            continue;
+        }
+        let prefix = u32::from(mask).count_ones();
+        if best.as_ref().is_none_or(|b| prefix > b.0 || (prefix == b.0 && metric < b.1)) {
+            best = Some((prefix, metric, f[0].to_owned()));
+        }
+    }
+    best.map(|b| b.2)
+}
+
+/// The NUMA node of interface `name` from sysfs under `sys_class_net` (`/sys/class/net`).
+pub fn iface_node(sys_class_net: &Path, name: &str) -> Option<usize> {
+    let s = std::fs::read_to_string(sys_class_net.join(name).join("device/numa_node")).ok()?;
+    s.trim().parse::<i64>().ok().and_then(|n| usize::try_from(n).ok())
+}
+
+/// The NIC this host sends to `ip` through, as the kernel has it now.
+pub fn nic_of(ip: IpAddr) -> Option<Nic> {
+    let table = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
+    let name = route_iface(&table, ip)?;
+    let node = iface_node(Path::new("/sys/class/net"), &name);
+    Some(Nic { name, node })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn two_nodes() -> Vec<NumaNode> {
+        // hwloc's own synthetic topology: two packages of one node of four single-PU cores.
+        let n = synthetic("pack:2 numa:1 core:4 pu:1").expect("synthetic topology");
+        assert_eq!(n.iter().map(|n| n.cpus.clone()).collect::<Vec<_>>(), vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7]]);
+        n
+    }
+
+    fn nic(node: Option<usize>) -> Nic {
+        Nic { name: "eth1".into(), node }
+    }
+
+    #[test]
+    fn a_job_goes_next_to_its_nic_and_the_next_one_onto_idle_cores_there() {
+        let nodes = two_nodes();
+        let all: Vec<usize> = (0..8).collect();
+        let mut load = BTreeMap::new();
+        let p = place(&nodes, &all, Some(&nic(Some(1))), &load);
+        assert_eq!((p.node, p.cores.clone()), (Some(1), vec![4, 5, 6, 7]), "{}", p.why);
+        assert!(p.why.contains("eth1") && p.why.contains("node 1"), "{}", p.why);
+        // A first job runs two shards (on 4 and 5): the second starts on 6 and 7.
+        load.insert(4, 1);
+        load.insert(5, 1);
+        let p = place(&nodes, &all, Some(&nic(Some(1))), &load);
+        assert_eq!(p.cores, vec![6, 7, 4, 5]);
+        // The NIC's node full (two shards on every core), the other idle: the job goes there.
+        for c in 4..8 {
+            load.insert(c, SPILL_AT);
+        }
+        let p = place(&nodes, &all, Some(&nic(Some(1))), &load);
+        assert_eq!(p.node, Some(0), "{}", p.why);
+        assert!(p.why.contains("idle"), "{}", p.why);
+        // ...but not when the other node is as busy: the NIC's node again.
+        for c in 0..4 {
+            load.insert(c, 1);
+        }
+        assert_eq!(place(&nodes, &all, Some(&nic(Some(1))), &load).node, Some(1));
+    }
+
+    #[test]
+    fn without_a_nic_node_the_least_loaded_node_and_only_allowed_cores() {
+        let nodes = two_nodes();
+        let all: Vec<usize> = (0..8).collect();
+        let mut load = BTreeMap::new();
+        load.insert(0, 3);
+        // A virtual NIC (no node): the least loaded node, 1.
+        let p = place(&nodes, &all, Some(&nic(None)), &load);
+        assert_eq!(p.node, Some(1));
+        assert!(p.why.contains("no NUMA node"), "{}", p.why);
+        // Unknown route, the same.
+        assert_eq!(place(&nodes, &all, None, &load).node, Some(1));
+        // Only cores 0-2 allowed (the config's `cores`): node 0, the busy core last.
+        let p = place(&nodes, &[0, 1, 2], Some(&nic(Some(1))), &load);
+        assert_eq!((p.node, p.cores), (Some(0), vec![1, 2, 0]));
+        // No NUMA information at all (hwloc failed): the allowed cores, least loaded first.
+        let p = place(&[], &[0, 1, 2], None, &load);
+        assert_eq!((p.node, p.cores), (None, vec![1, 2, 0]));
+    }
+
+    #[test]
+    fn a_larger_synthetic_host_keeps_jobs_on_their_nics_nodes() {
+        // Four nodes of eight cores, two PUs each: NICs on nodes 1 and 3.
+        let nodes = synthetic("pack:4 numa:1 core:8 pu:2").expect("synthetic topology");
+        assert_eq!(nodes.len(), 4);
+        let all: Vec<usize> = nodes.iter().flat_map(|n| n.cpus.clone()).collect();
+        let load = BTreeMap::new();
+        for k in [1, 3] {
+            let p = place(&nodes, &all, Some(&nic(Some(k))), &load);
+            assert_eq!(p.node, Some(k));
+            assert_eq!(p.cores.len(), 16);
+            assert!(p.cores.iter().all(|c| nodes[k].cpus.contains(c)));
+        }
+    }
+
+    #[test]
+    fn routes_are_matched_by_longest_prefix() {
+        let table = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+                     eth0\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+                     eth0\t000200C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+                     rdma0\t00004D0A\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n\
+                     down0\t00024D0A\t00000000\t0000\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
+        let r = |s: &str| route_iface(table, s.parse().expect("ip"));
+        assert_eq!(r("10.77.2.9").as_deref(), Some("rdma0"), "a route that is down is skipped");
+        assert_eq!(r("192.0.2.7").as_deref(), Some("eth0"));
+        assert_eq!(r("8.8.8.8").as_deref(), Some("eth0"));
+        assert_eq!(r("127.0.0.1").as_deref(), Some("lo"));
+        assert_eq!(r("::1").as_deref(), Some("lo"));
+        assert_eq!(r("2001:db8::1"), None);
+        assert_eq!(route_iface("Iface\n", "10.0.0.1".parse().expect("ip")), None);
+    }
+
+    #[test]
+    fn a_nics_node_is_read_from_sysfs_and_minus_one_is_none() {
+        let d = tempfile::tempdir().expect("tmp");
+        for (name, v) in [("a", "1\n"), ("b", "-1\n")] {
+            std::fs::create_dir_all(d.path().join(name).join("device")).expect("mkdir");
+            std::fs::write(d.path().join(name).join("device/numa_node"), v).expect("write");
+        }
+        assert_eq!(iface_node(d.path(), "a"), Some(1));
+        assert_eq!(iface_node(d.path(), "b"), None);
+        assert_eq!(iface_node(d.path(), "lo"), None);
+    }
+}
