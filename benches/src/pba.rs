@@ -119,19 +119,10 @@ fn record(root: &Path, dir: &Path) {
     }
 }
 
-/// Startup (slow start and ACP's drain) is not what PBA predicts: the first 2 s of data are left
-/// out of every series.
-const SKIP_INTERVALS: usize = 20;
-
-/// Goodput series of a trace from 2 s after its first data on, aggregated to `per` intervals
-/// (bit/s).
+/// Goodput series of a trace from 2 s after its first data on (startup is not what PBA
+/// predicts), aggregated to `per` intervals (bit/s).
 fn series(rows: &[TraceRow], per: usize) -> Vec<f64> {
-    let first = rows.iter().position(|r| r.goodput_bps > 0.0).unwrap_or(rows.len());
-    rows[(first + SKIP_INTERVALS).min(rows.len())..]
-        .chunks(per)
-        .filter(|c| c.len() == per)
-        .map(|c| c.iter().map(|r| r.goodput_bps * r.dt).sum::<f64>() / c.iter().map(|r| r.dt).sum::<f64>())
-        .collect()
+    pba::series(rows, per, pba::SKIP_INTERVALS)
 }
 
 fn main() {
@@ -184,6 +175,7 @@ fn main() {
         figures.insert(format!("best_{label}"), json!(best.0));
     }
     let cal = calibration(&traces, &mut figures);
+    let send = send_interval(&traces, swap, &mut figures);
     let intervals: usize = traces.iter().map(Vec::len).sum();
     figures.insert("traces".into(), json!(TRACES));
     figures.insert("held_out".into(), json!(TRACES - TRAIN));
@@ -200,7 +192,38 @@ fn main() {
         let per: Vec<String> = c.per_trace.iter().map(|v| format!("{v:.2}")).collect();
         println!("{:<7} {:<52} {:>8.1}% {:>22} {:>11.1}", c.label, c.name, c.coverage * 100.0, per.join(" "), c.width / 1e6);
     }
+    println!("{send}");
     benches::emit(&root.join("target/bench/pba.json"), Value::Object(figures));
+}
+
+/// The sender's own 1 s interval (`pba::SecondInterval`: EWMA of `SEND_ALPHA`, `SEND_WINDOW`,
+/// `SEND_GAMMA`, `SEND_PRIOR`) scored on the held-out traces; and whether those constants are
+/// still what the training traces give.
+fn send_interval(traces: &[Vec<TraceRow>], swap: bool, figures: &mut serde_json::Map<String, Value>) -> String {
+    let all: Vec<Vec<f64>> = traces.iter().map(|t| series(t, pba::SECOND_INTERVALS)).collect();
+    let (train, held) = all.split_at(TRAIN);
+    let ewma = pba::Ewma::new(pba::SEND_ALPHA);
+    let per: Vec<pba::Calibration> = held.iter().map(|h| pba::calibration(&ewma, COVERAGE, pba::SEND_WINDOW, pba::SEND_GAMMA, &pba::SEND_PRIOR, h)).collect();
+    let total = per.iter().fold(pba::Calibration::default(), |a, c| a + *c);
+    let covs: Vec<f64> = per.iter().map(pba::Calibration::coverage).collect();
+    figures.insert("coverage80_1s_send".into(), json!(total.coverage()));
+    figures.insert("coverage80_1s_send_per_trace".into(), benches::Figure::new(covs.clone()).json());
+    let per_s: Vec<String> = covs.iter().map(|c| format!("{c:.2}")).collect();
+    let mut out = format!(
+        "the sender's 1 s interval ({}, window {}, step {}): held-out coverage {:.1}% (per trace {}), width {:.1} Mb/s",
+        pba::Predictor::name(&ewma),
+        pba::SEND_WINDOW,
+        pba::SEND_GAMMA,
+        total.coverage() * 100.0,
+        per_s.join(" "),
+        total.mean_width() / 1e6
+    );
+    let fit = pba::fit_calibration(&ewma, COVERAGE, train);
+    let prior = pba::prior_quantiles(&pba::ratios(&ewma, train));
+    if !swap && (fit != (pba::SEND_WINDOW, pba::SEND_GAMMA) || prior != pba::SEND_PRIOR) {
+        out.push_str(&format!("\nthe training traces now give window {}, step {}, prior {prior:?}: update pba::SEND_*", fit.0, fit.1));
+    }
+    out
 }
 
 /// One calibrated predictor's result on the held-out traces.

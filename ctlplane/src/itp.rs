@@ -1,4 +1,5 @@
-//! ITP, first part: which cores a daemon job's shards are pinned to. No I/O in [`place`]; the
+//! ITP, first part: which cores a daemon job's shards are pinned to, and whether a job will
+//! meet its deadline. No I/O in [`place`]; the
 //! inputs are the host's NUMA nodes (hwloc, once at boot), the node of the NIC the kernel routes
 //! the peer through (`/proc/net/route` and sysfs, read per job by [`nic_of`]) and the shards the
 //! running jobs already hold on each core.
@@ -144,6 +145,46 @@ pub fn nic_of(ip: IpAddr) -> Option<Nic> {
     Some(Nic { name, node })
 }
 
+/// Where a transfer stands against its deadline.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Deadline {
+    /// Seconds left until it is due (negative: overdue).
+    pub due_in_s: f64,
+    /// When it would finish, seconds from now, at the top and the bottom of PBA's 80% interval
+    /// of the next second's goodput (None until PBA has an interval).
+    pub finish_s: Option<(f64, f64)>,
+    /// `met`, `missed`, `on track` (even at the interval's bottom), `at risk` (inside the
+    /// interval), `will miss` (even at its top), `not predicted yet`.
+    pub verdict: &'static str,
+}
+
+/// Judges a running transfer due `due_s` after its start, `elapsed_s` in, with `remaining`
+/// bytes to go (`None`: its size is not known) and PBA's 80% bounds of the next second's
+/// goodput in bit/s. The bounds are those of one second carried over the rest of the transfer,
+/// which overstates the spread of a long remainder's average: `at risk` is the cautious side.
+pub fn deadline(due_s: f64, elapsed_s: f64, remaining: Option<u64>, bounds: Option<(u64, u64)>) -> Deadline {
+    let due_in_s = due_s - elapsed_s;
+    let finish_s = remaining.zip(bounds).map(|(remaining, (lo, hi))| {
+        let bits = remaining as f64 * 8.0;
+        let at = |bps: u64| if bps == 0 { f64::INFINITY } else { bits / bps as f64 };
+        (at(hi), at(lo))
+    });
+    let verdict = match finish_s {
+        _ if due_in_s < 0.0 => "missed",
+        None => "not predicted yet",
+        Some((_, slow)) if slow <= due_in_s => "on track",
+        Some((fast, _)) if fast > due_in_s => "will miss",
+        Some(_) => "at risk",
+    };
+    Deadline { due_in_s, finish_s, verdict }
+}
+
+/// Judges a transfer that ended `at_s` after its start: met if it was verified in time.
+pub fn deadline_ended(due_s: f64, at_s: f64, verified: bool) -> Deadline {
+    let due_in_s = due_s - at_s;
+    Deadline { due_in_s, finish_s: None, verdict: if verified && due_in_s >= 0.0 { "met" } else { "missed" } }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,6 +260,26 @@ mod tests {
             assert_eq!(p.cores.len(), 16);
             assert!(p.cores.iter().all(|c| nodes[k].cpus.contains(c)));
         }
+    }
+
+    #[test]
+    fn a_deadline_is_judged_by_both_ends_of_the_interval() {
+        const GB: u64 = 125_000_000; // a gigabit, in bytes
+        let b = Some((500_000_000, 1_000_000_000)); // 0.5-1 Gbit/s
+        // 10 Gbit left, 30 s to go: 10-20 s at the bounds.
+        assert_eq!(deadline(40.0, 10.0, Some(10 * GB), b).verdict, "on track");
+        // 15 s to go: inside.
+        let d = deadline(40.0, 25.0, Some(10 * GB), b);
+        assert_eq!((d.verdict, d.finish_s), ("at risk", Some((10.0, 20.0))));
+        // 5 s to go: not even at the top.
+        assert_eq!(deadline(40.0, 35.0, Some(10 * GB), b).verdict, "will miss");
+        assert_eq!(deadline(40.0, 41.0, Some(10 * GB), b).verdict, "missed");
+        assert_eq!(deadline(40.0, 5.0, Some(10 * GB), None).verdict, "not predicted yet");
+        assert_eq!(deadline(40.0, 5.0, Some(GB), Some((0, 1))).finish_s.map(|f| f.1), Some(f64::INFINITY));
+        assert_eq!(deadline(40.0, 5.0, None, b).verdict, "not predicted yet", "size unknown");
+        assert_eq!(deadline_ended(40.0, 39.0, true).verdict, "met");
+        assert_eq!(deadline_ended(40.0, 41.0, true).verdict, "missed");
+        assert_eq!(deadline_ended(40.0, 39.0, false).verdict, "missed", "a failed transfer missed it");
     }
 
     #[test]

@@ -37,9 +37,9 @@ enum Phase {
     Starting,
     /// Moving bytes.
     Running { plan: Value, progress: Arc<Progress> },
-    /// Ended: verified, failed or cancelled, with the outcome's JSON or the error, and the bytes
-    /// acknowledged of how many.
-    Ended { state: &'static str, result: Value, acked: u64, total: u64 },
+    /// Ended: verified, failed or cancelled, with the outcome's JSON or the error, the bytes
+    /// acknowledged of how many, and when (seconds after submission).
+    Ended { state: &'static str, result: Value, acked: u64, total: u64, at_s: f64 },
 }
 
 #[derive(Debug)]
@@ -54,6 +54,8 @@ struct Job {
     placement: Option<Placement>,
     /// The cores its shards hold, counted in the book's load until it ends.
     held: Vec<usize>,
+    /// Seconds after submission by which it should be verified.
+    deadline_s: Option<f64>,
 }
 
 impl Job {
@@ -65,14 +67,26 @@ impl Job {
         match &self.phase {
             Phase::Starting => j["state"] = "starting".into(),
             Phase::Running { plan, progress } => {
+                let (acked, total) = (progress.acked.load(Relaxed), progress.total.load(Relaxed));
+                let bounds = progress.next_second_bps.load();
                 j["state"] = "running".into();
                 j["plan"] = plan.clone();
-                j["acked_bytes"] = progress.acked.load(Relaxed).into();
-                j["total_bytes"] = progress.total.load(Relaxed).into();
+                j["acked_bytes"] = acked.into();
+                j["total_bytes"] = total.into();
+                if let Some((lo, hi)) = bounds {
+                    j["next_second_bps"] = json!([lo, hi]);
+                }
+                if let Some(due) = self.deadline_s {
+                    let remaining = (total > 0).then(|| total.saturating_sub(acked));
+                    j["deadline"] = json!(itp::deadline(due, self.started.elapsed().as_secs_f64(), remaining, bounds));
+                }
             }
-            Phase::Ended { state, result, .. } => {
+            Phase::Ended { state, result, at_s, .. } => {
                 j["state"] = (*state).into();
                 j["result"] = result.clone();
+                if let Some(due) = self.deadline_s {
+                    j["deadline"] = json!(itp::deadline_ended(due, *at_s, *state == "verified"));
+                }
             }
         }
         j
@@ -157,6 +171,7 @@ impl Jobs {
                 cancel: cancel.clone(),
                 placement: None,
                 held: Vec::new(),
+                deadline_s: req.deadline_s,
             };
             b.list.push_back(job);
             while b.list.len() > KEEP {
@@ -183,7 +198,7 @@ impl Jobs {
         self.with(|b| {
             let Some(j) = b.job(id) else { return };
             let (_, acked, total) = j.bytes();
-            j.phase = Phase::Ended { state, result, acked, total };
+            j.phase = Phase::Ended { state, result, acked, total, at_s: j.started.elapsed().as_secs_f64() };
             let held = std::mem::take(&mut j.held);
             release(&mut b.load, &held);
         });

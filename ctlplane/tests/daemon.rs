@@ -210,6 +210,9 @@ fn the_daemon_runs_transfers_through_the_engine() {
     let (code, j) = unix_http(&sock, "POST", "/transfers", r#"{"to":"x:1","source":"gen:1MiB","stream":2}"#);
     assert_eq!(code, 400);
     assert!(j["error"].as_str().unwrap().contains("unknown field `stream`"), "{j}");
+    let (code, j) = unix_http(&sock, "POST", "/transfers", &format!(r#"{{"to":"{to}","source":"gen:1MiB","deadline_s":-1}}"#));
+    assert_eq!(code, 400);
+    assert!(j["error"].as_str().unwrap().contains("deadline_s is a number of seconds above 0"), "{j}");
     let (code, j) = unix_http(&sock, "POST", "/transfers", &format!(r#"{{"to":"{to}","source":"-"}}"#));
     assert_eq!(code, 400);
     assert!(j["error"].as_str().unwrap().contains("no standard input"), "{j}");

@@ -229,6 +229,9 @@ pub struct Progress {
     pub retrans: AtomicU64,
     /// PBA's prediction of the next interval's goodput, bit/s (0 until it has one).
     pub predicted_bps: AtomicU64,
+    /// PBA's 80% interval of the next second's goodput, bit/s (`None` until it has one: a
+    /// second after the startup's two): what a deadline or a time left is reckoned from.
+    pub next_second_bps: Bounds,
     /// Summed over the active TCP streams and the monitor's intervals: the time they were
     /// watched (µs), and of it the time the path limited them ([`ebpf::sys::SendTime`]), not
     /// the receiver's window, a send buffer or a sender with nothing to send. Over an interval,
@@ -241,6 +244,22 @@ pub struct Progress {
     /// publishes nothing (it keeps what arrived for `--resume`), and the send returns
     /// [`SendError::Cancelled`].
     pub cancel: AtomicBool,
+}
+
+/// A pair of bounds, both set together (bit/s; 0 and 0: none yet).
+#[derive(Debug, Default)]
+pub struct Bounds(std::sync::Mutex<(u64, u64)>);
+
+impl Bounds {
+    /// Sets both.
+    pub fn store(&self, lo: u64, hi: u64) {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = (lo, hi);
+    }
+    /// Both, if set.
+    pub fn load(&self) -> Option<(u64, u64)> {
+        let b = *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        (b.1 > 0).then_some(b)
+    }
 }
 
 /// What a finished send reports.

@@ -150,6 +150,14 @@ fn job_line(j: &serde_json::Value) -> String {
         let node = j["placement"]["node"].as_u64().map(|n| format!(" of node {n}")).unwrap_or_default();
         l.push_str(&format!("\n      cores {}{node}: {why}", cores.join(",")));
     }
+    let d = &j["deadline"];
+    if let Some(verdict) = d["verdict"].as_str() {
+        let left = d["due_in_s"].as_f64().unwrap_or(0.0);
+        let when = if left >= 0.0 { format!("due in {left:.1} s") } else { format!("{:.1} s overdue", -left) };
+        let finish = d["finish_s"].as_array().and_then(|f| Some((f.first()?.as_f64()?, f.get(1)?.as_f64()?)));
+        let finish = finish.map(|(a, b)| format!(", done in {a:.1}-{b:.1} s at PBA's 80% interval")).unwrap_or_default();
+        l.push_str(&format!("\n      deadline: {verdict} ({when}{finish})"));
+    }
     if let Some(e) = j["result"]["error"].as_str() {
         l.push_str(&format!("\n      {e}"));
     }

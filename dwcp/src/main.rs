@@ -18,9 +18,9 @@ use ctlplane::engine::{
 };
 use dataplane::crypto::Psk;
 use dataplane::recv::{self, RecvOptions, Sink};
-use dataplane::send::KillStream;
 #[cfg(feature = "rdma")]
 use dataplane::send;
+use dataplane::send::KillStream;
 
 #[derive(Parser, Debug)]
 #[command(name = "dwcp", version, about = "Move VM images and byte streams between hosts at line rate, verified end to end")]
@@ -284,6 +284,11 @@ struct SendArgs {
     /// as CSV.
     #[arg(long)]
     trace_out: Option<PathBuf>,
+    /// The transfer should be verified within this long (e.g. 90s). Through the daemon
+    /// (`--via-daemon`), the job says while it runs whether PBA predicts it will be (`dwcp job
+    /// list`); a send here says at the end whether it was. It changes nothing of how it is sent.
+    #[arg(long, value_parser = fmt::parse_duration)]
+    deadline: Option<Duration>,
     /// Send only what the receiver does not already hold from an earlier, interrupted transfer.
     #[arg(long)]
     resume: bool,
@@ -558,6 +563,7 @@ fn request(a: &SendArgs) -> Result<Request> {
             ),
         },
         trace_out: a.trace_out.clone(),
+        deadline_s: a.deadline.map(|d| d.as_secs_f64()),
         rdma_device: a.rdma_device.clone(),
         rdma_qps: a.rdma_qps,
         rdma_event: a.rdma_poll == "event",
@@ -600,6 +606,8 @@ fn cmd_send(a: SendArgs) -> Result<()> {
         Some(other) => bail!("--fault-rdma takes wrong-rkey, past-region or bad-tag, not {other}"),
         None => None,
     };
+    let started = std::time::Instant::now();
+    let deadline = req.deadline_s;
     let t = engine::start(req, psk, host, thresholds, send::Faults { kill, rdma: rdma_fault })?;
     let bar = (!a.json && std::io::stderr().is_terminal()).then(|| fmt::progress_bar(t.size()));
     let watcher = bar.clone().map(|bar| {
@@ -627,6 +635,11 @@ fn cmd_send(a: SendArgs) -> Result<()> {
         println!("{}", out.json());
     } else {
         print!("{}", fmt::send_table(&out.report, &engine::live::rows(&out.plan, &out.switches)));
+        if let Some(due) = deadline {
+            let at = started.elapsed().as_secs_f64();
+            let d = ctlplane::itp::deadline_ended(due, at, out.report.verified);
+            println!("deadline: {} ({at:.1} s of {due:.1} s)", d.verdict);
+        }
     }
     if !out.report.verified {
         return Err(DigestMismatch.into());

@@ -100,16 +100,8 @@ fn spawn_send(key: &Path, args: &[&str]) -> Child {
 /// its output piped for the test to read, or (`quiet`) discarded.
 fn spawn_recv(key: &Path, port: u16, sink: &[&str], extra: &[&str], quiet: bool) -> Rx {
     let out = || if quiet { Stdio::null() } else { Stdio::piped() };
-    let c = Command::new(bin())
-        .args(["recv", "--listen", &format!("127.0.0.1:{port}")])
-        .args(sink)
-        .arg("--key-file")
-        .arg(key)
-        .args(extra)
-        .stdout(out())
-        .stderr(out())
-        .spawn()
-        .unwrap();
+    let c =
+        Command::new(bin()).args(["recv", "--listen", &format!("127.0.0.1:{port}")]).args(sink).arg("--key-file").arg(key).args(extra).stdout(out()).stderr(out()).spawn().unwrap();
     wait_listening(port);
     Rx(c)
 }
@@ -963,6 +955,64 @@ fn a_send_through_the_daemon_is_planned_sent_and_listed() {
     let o = Command::new(bin()).args(["job", "list", "--socket"]).arg(d.path().join("nope.sock")).output().unwrap();
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("no dwcp daemon answers on"), "{e}");
+}
+
+/// A job with a deadline says, from PBA's 80% interval of the next second, whether it will be
+/// met: a 64 GiB send to a discarding receiver due in 2000 s is on track, one due in 6 s will
+/// miss (both cancelled once judged); a small one verified in time has met it.
+#[test]
+fn a_jobs_deadline_is_judged_from_pbas_interval() {
+    let _load = heavy();
+    let d = tempfile::tempdir().unwrap();
+    let key = keygen(d.path());
+    let (port, api, rx_port) = (free_port(), free_port(), free_port());
+    let sock = d.path().join("api.sock");
+    let cfg = daemon_config(d.path(), &key, port, api, Some(&sock));
+    let _daemon = Rx(Command::new(bin()).args(["daemon", "--config"]).arg(&cfg).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+    wait_listening(api);
+    let _rx = spawn_recv(&key, rx_port, &["--discard"], &[], true);
+    let jobs = || -> Vec<serde_json::Value> {
+        let o = Command::new(bin()).args(["job", "list", "--json", "--socket"]).arg(&sock).output().unwrap();
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap().as_array().cloned().unwrap_or_default()
+    };
+    for (due, name, want) in [("2000s", "far.img", "on track"), ("6s", "near.img", "will miss")] {
+        let mut send = Rx(Command::new(bin())
+            .args(["send", "gen:64GiB", "--name", name, "--to", &format!("127.0.0.1:{rx_port}"), "--streams", "1", "--deadline", due, "--json", "--via-daemon"])
+            .arg(&sock)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap());
+        let t = Instant::now();
+        let j = loop {
+            let j = jobs().into_iter().find(|j| j["name"] == name);
+            if let Some(j) = j.filter(|j| j["deadline"]["verdict"].as_str().is_some_and(|v| v != "not predicted yet")) {
+                break j;
+            }
+            assert!(t.elapsed() < Duration::from_secs(30), "no verdict for {name}: {:?}", jobs());
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert_eq!(j["deadline"]["verdict"], want, "{j}");
+        let bounds = j["next_second_bps"].as_array().expect("PBA's interval").iter().map(|b| b.as_f64().unwrap()).collect::<Vec<_>>();
+        assert!(bounds[0] > 0.0 && bounds[0] <= bounds[1], "{j}");
+        let o = Command::new(bin()).args(["job", "list", "--socket"]).arg(&sock).output().unwrap();
+        assert!(String::from_utf8_lossy(&o.stdout).contains(&format!("deadline: {want}")), "{}", String::from_utf8_lossy(&o.stdout));
+        let id = j["id"].as_u64().unwrap().to_string();
+        assert!(Command::new(bin()).args(["job", "cancel", &id, "--socket"]).arg(&sock).output().unwrap().status.success());
+        assert!(!send.0.wait().unwrap().success(), "a cancelled job's send does not succeed");
+    }
+    // A small one, verified well within its deadline.
+    let o = Command::new(bin())
+        .args(["send", "gen:4MiB", "--name", "small.img", "--to", &format!("127.0.0.1:{rx_port}"), "--deadline", "60s", "--json", "--via-daemon"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j = jobs().into_iter().find(|j| j["name"] == "small.img").unwrap();
+    assert_eq!(j["deadline"]["verdict"], "met", "{j}");
+    // A deadline that is not a duration is refused by name.
+    let o = Command::new(bin()).args(["send", "gen:4MiB", "--to", &format!("127.0.0.1:{rx_port}"), "--deadline", "soon", "--via-daemon"]).arg(&sock).output().unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--deadline"), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
 /// Exit statuses a script can tell apart: a usage error, a key file that cannot be used, a

@@ -171,6 +171,10 @@ pub struct Request {
     pub initial_window: Option<u32>,
     /// Each control interval written here as CSV.
     pub trace_out: Option<PathBuf>,
+    /// Seconds from its start (a daemon job: from its submission) by which the transfer should
+    /// be verified. It changes nothing of how it is sent; the transfer reports, from PBA's
+    /// interval, whether it will be ([`crate::itp::deadline`]).
+    pub deadline_s: Option<f64>,
     /// RDMA device (default: the first).
     pub rdma_device: Option<String>,
     /// RDMA queue pairs (0: one per shard core).
@@ -220,6 +224,11 @@ impl Request {
         // for as long as nobody connects.
         if self.source.starts_with("unix:") {
             return Err(PlanError::Invalid(format!("{who} does not take unix: sources yet: run `dwcp send unix:PATH` for a migration endpoint")));
+        }
+        if let Some(d) = self.deadline_s
+            && !(d.is_finite() && d > 0.0)
+        {
+            return Err(PlanError::Invalid(format!("deadline_s is a number of seconds above 0, not {d}")));
         }
         if self.to.is_empty() || self.source.is_empty() {
             return Err(PlanError::Invalid("a transfer needs \"to\" (HOST:PORT) and \"source\" (a file or gen:SIZE)".into()));
@@ -461,10 +470,9 @@ pub fn decide(req: &Request, host: Host, src: SourceFacts, probe: &PathEstimate,
         None if d.encrypt => (true, format!("on ({} mode)", mode.name())),
         // Plaintext is chosen to save CPU; where sealing costs less than the plaintext tag and
         // the payloads are copied anyway (no mapped file to send from), it saves nothing.
-        None if probe.plaintext_ok && host.seal_cheaper && !src.mapped && transport == Transport::Tcp => (
-            true,
-            format!("on ({} mode allows plaintext, but AES-GCM measured cheaper here than the plaintext tag, and this source is copied anyway)", mode.name()),
-        ),
+        None if probe.plaintext_ok && host.seal_cheaper && !src.mapped && transport == Transport::Tcp => {
+            (true, format!("on ({} mode allows plaintext, but AES-GCM measured cheaper here than the plaintext tag, and this source is copied anyway)", mode.name()))
+        }
         None if probe.plaintext_ok => (false, format!("off ({} mode; peers still authenticated, frames tagged)", mode.name())),
         None => (true, format!("on ({} mode would send plaintext, but the receiver requires encryption)", mode.name())),
     };

@@ -512,6 +512,112 @@ pub fn fit_calibration(p: &dyn Predictor, coverage: f64, train: &[Vec<f64>]) -> 
     best.map_or((50, 0.02), |b| b.0)
 }
 
+/// Control intervals (100 ms) per period of the sender's prediction interval: deadlines and the
+/// time left are reckoned a second at a time.
+pub const SECOND_INTERVALS: usize = 10;
+/// Data left out before the sender's interval starts, in control intervals: slow start and
+/// ACP's drain are not what it predicts (as in `make bench-pba`).
+pub const SKIP_INTERVALS: usize = 20;
+/// The window and step of the sender's 1 s interval around its EWMA: what
+/// [`fit_calibration`] gives on `make bench-pba`'s six training traces (a test checks it).
+pub const SEND_WINDOW: usize = 20;
+/// See [`SEND_WINDOW`].
+pub const SEND_GAMMA: f64 = 0.1;
+/// The prior the sender's interval starts from: the 5% to 95% quantiles (in steps of 5%) of the
+/// EWMA's 1 s outcome/prediction ratios on the training traces (a test checks them), so that a
+/// transfer has an interval from its first second of prediction on.
+pub const SEND_PRIOR: [f64; 19] = [
+    0.6086687893810007,
+    0.6430275719821663,
+    0.71076384969906,
+    0.772218058119743,
+    0.8320044832962499,
+    0.8874668062170119,
+    0.915874108398038,
+    0.932939696654641,
+    0.9556694287373477,
+    0.9831990130640311,
+    1.0082375062502755,
+    1.0351503824250463,
+    1.0703213999923646,
+    1.0947472549280284,
+    1.1261164703875284,
+    1.1615521806514537,
+    1.271876471258444,
+    1.3565449334185358,
+    1.4981087979272507,
+];
+
+/// The goodput series of a `--trace-out` trace from `skip` intervals after its first data,
+/// aggregated to `per` intervals (bit/s, weighted by each interval's length).
+pub fn series(rows: &[crate::send::TraceRow], per: usize, skip: usize) -> Vec<f64> {
+    let first = rows.iter().position(|r| r.goodput_bps > 0.0).unwrap_or(rows.len());
+    rows[(first + skip).min(rows.len())..]
+        .chunks(per)
+        .filter(|c| c.len() == per)
+        .map(|c| c.iter().map(|r| r.goodput_bps * r.dt).sum::<f64>() / c.iter().map(|r| r.dt).sum::<f64>())
+        .collect()
+}
+
+/// The 5% to 95% quantiles (steps of 5%) of `ratios`: a prior small enough for any window.
+pub fn prior_quantiles(ratios: &[f64]) -> [f64; 19] {
+    let mut r = ratios.to_vec();
+    r.sort_by(f64::total_cmp);
+    let mut q = [0.0; 19];
+    if r.is_empty() {
+        return q;
+    }
+    for (k, v) in q.iter_mut().enumerate() {
+        let i = (((k + 1) as f64 * 0.05) * (r.len() - 1) as f64).round() as usize;
+        *v = r[i];
+    }
+    q
+}
+
+/// The sender's 1 s prediction interval: its control intervals' goodput aggregated a second at
+/// a time (after [`SKIP_INTERVALS`] of data), an EWMA of [`SEND_ALPHA`] calibrated to 80%.
+#[derive(Debug)]
+pub struct SecondInterval {
+    seen_data: usize,
+    bits: f64,
+    secs: f64,
+    n: usize,
+    cal: Calibrated,
+}
+
+impl Default for SecondInterval {
+    fn default() -> Self {
+        Self { seen_data: 0, bits: 0.0, secs: 0.0, n: 0, cal: Calibrated::new(&Ewma::new(SEND_ALPHA), 0.8, SEND_WINDOW, SEND_GAMMA, &SEND_PRIOR) }
+    }
+}
+
+impl SecondInterval {
+    /// Feeds one control interval: `goodput_bps` over `dt` seconds.
+    pub fn on_interval(&mut self, goodput_bps: f64, dt: f64) {
+        if self.seen_data == 0 && goodput_bps <= 0.0 {
+            return;
+        }
+        self.seen_data += 1;
+        if self.seen_data <= SKIP_INTERVALS {
+            return;
+        }
+        self.bits += goodput_bps * dt;
+        self.secs += dt;
+        self.n += 1;
+        if self.n == SECOND_INTERVALS {
+            if self.secs > 0.0 {
+                self.cal.observe(self.bits / self.secs);
+            }
+            (self.bits, self.secs, self.n) = (0.0, 0.0, 0);
+        }
+    }
+
+    /// The next second's goodput with its 80% bounds, bit/s (None before the first second).
+    pub fn interval(&self) -> Option<Interval> {
+        self.cal.interval()
+    }
+}
+
 /// The candidates of each family, for fitting.
 pub fn candidates() -> Vec<Box<dyn Predictor>> {
     let mut c: Vec<Box<dyn Predictor>> = vec![Box::new(Last::default())];
@@ -694,6 +800,40 @@ mod tests {
         // A rising series: every ratio is above 1, so the interval lies above the prediction.
         let iv = c.interval().expect("an interval");
         assert!(iv.mid < iv.lo && iv.lo <= iv.hi, "{iv:?}");
+    }
+
+    #[test]
+    fn the_senders_interval_constants_are_what_the_training_traces_give() {
+        // make bench-pba's six training traces (pba-0 to pba-5).
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../benches/traces");
+        let train: Vec<Vec<f64>> = (0..6)
+            .map(|k| {
+                let text = std::fs::read_to_string(dir.join(format!("pba-{k}.csv"))).expect("benches/traces");
+                let rows: Vec<crate::send::TraceRow> = text.lines().filter_map(crate::send::TraceRow::parse).collect();
+                series(&rows, SECOND_INTERVALS, SKIP_INTERVALS)
+            })
+            .collect();
+        let ewma = Ewma::new(SEND_ALPHA);
+        assert_eq!(fit_calibration(&ewma, 0.8, &train), (SEND_WINDOW, SEND_GAMMA));
+        assert_eq!(prior_quantiles(&ratios(&ewma, &train)), SEND_PRIOR);
+    }
+
+    #[test]
+    fn the_senders_interval_skips_startup_and_speaks_a_second_at_a_time() {
+        let mut s = SecondInterval::default();
+        // Idle intervals before the first data, then the startup's, then nine of a second: none.
+        for _ in 0..5 {
+            s.on_interval(0.0, 0.1);
+        }
+        for _ in 0..SKIP_INTERVALS + SECOND_INTERVALS - 1 {
+            s.on_interval(8e8, 0.1);
+        }
+        assert_eq!(s.interval(), None);
+        // The tenth ends the second: the EWMA predicts 800 Mbit/s, the prior gives the bounds.
+        s.on_interval(8e8, 0.1);
+        let iv = s.interval().expect("an interval after one second");
+        assert!((iv.mid - 8e8).abs() < 1.0, "{iv:?}");
+        assert!(iv.lo < iv.mid && iv.mid < iv.hi && iv.lo > 0.4e8, "{iv:?}");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use tracing::{debug, info, warn};
 
 use super::Shared;
 use crate::control::acp::AcpKind;
-use crate::control::pba::{Ewma, Predictor, StreamTrials};
+use crate::control::pba::{Ewma, Predictor, SecondInterval, StreamTrials};
 use crate::control::{Observation, StreamSample};
 
 /// Path control of a send.
@@ -177,11 +177,7 @@ impl RateSwitch {
     /// Switches `socks` (once); returns what the report says.
     fn switch(&mut self, socks: &[OwnedFd], t: f64, min_rtt_us: f64, base_us: Option<f64>) -> String {
         self.tried = true;
-        let why = format!(
-            "the kernel's least RTT ({:.2} ms) is under a quarter of the least smoothed RTT ({:.1} ms)",
-            min_rtt_us / 1e3,
-            base_us.unwrap_or(0.0) / 1e3
-        );
+        let why = format!("the kernel's least RTT ({:.2} ms) is under a quarter of the least smoothed RTT ({:.1} ms)", min_rtt_us / 1e3, base_us.unwrap_or(0.0) / 1e3);
         let cc = match ebpf::RateCc::register() {
             Ok(cc) => cc,
             Err(e) => {
@@ -314,6 +310,7 @@ pub(super) fn run(socks: Vec<OwnedFd>, opts: &ControlOptions, shared: &Shared, c
     let idx: Vec<usize> = socks.iter().map(|s| mon.watch(s.as_fd())).collect();
     let mut acp = opts.acp.build(socks.len() as u16);
     let mut pba = Ewma::new(crate::control::pba::SEND_ALPHA);
+    let mut second = SecondInterval::default();
     let mut trials = opts.grow_streams.then(StreamTrials::default);
     let mut report = ControlReport {
         backend: mon.backend(),
@@ -418,6 +415,10 @@ pub(super) fn run(socks: Vec<OwnedFd>, opts: &ControlOptions, shared: &Shared, c
         pba.observe(g);
         let predicted = pba.predict().unwrap_or(0.0);
         shared.progress.predicted_bps.store(predicted as u64, Relaxed);
+        second.on_interval(g, dt);
+        if let Some(iv) = second.interval() {
+            shared.progress.next_second_bps.store(iv.lo as u64, iv.hi as u64);
+        }
         let mut pacing = 0.0;
         if let Some(t) = trials.as_mut()
             && let Some(n) = t.on_interval(predicted, buffer_limited, o.active() as u16, socks.len() as u16)

@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use super::{Chunk, RdmaFault, SendError, SendOptions, Shared};
+use crate::crypto::ChunkTag;
 use crate::handshake::{Conn, HandshakeError};
 use crate::source::Source;
 use crate::transport::rdma::sys::{Cq, Mr, Qp, Rts, Wc};
 use crate::transport::rdma::{self, Local, Poll};
-use crate::crypto::ChunkTag;
 use crate::wire::{self, FrameHeader, FrameType, HEADER_LEN, RDMA_SLOT_HEADER, RdmaAccept, RdmaConnect, RdmaCredit};
 
 /// RDMA options of a send.
