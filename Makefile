@@ -10,7 +10,7 @@ RIG_PKGS := qemu-system-x86 busybox-static rdma-core ibverbs-utils perftest libi
             librdmacm-dev libclang-dev clang pkg-config cpio kmod iproute2 gzip \
             iputils-ping ethtool iperf3 python3 openssl xdelta3
 
-.PHONY: package package-test bench-micro report tune all deps bench-deps vm-deps build demo test libdwcp fuzz fuzz-seeds fuzz-smoke bench-base bench-transport bench-boot bench-hde bench-rdma bench-migrate bench-wan bench-pba bench-probes corpus clean
+.PHONY: package package-test bench-micro report tune all deps bench-deps vm-deps build demo test libdwcp fuzz fuzz-seeds fuzz-smoke bench-base bench-transport bench-boot bench-hde bench-rdma bench-migrate bench-wan bench-pba bench-fleet bench-probes corpus clean
 
 all: build
 
@@ -143,6 +143,12 @@ bench-migrate: build vm-deps
 bench-wan: build bench-deps
 	$(CARGO) build --release -q -p hw-tests --bin dwcp-wan
 	./target/release/bench-wan
+
+# Jobs sharing one link through the daemon (WAN rig, about 5 minutes): ITP against
+# first-come-first-served and fair sharing, same run.
+bench-fleet: build bench-deps
+	$(CARGO) build --release -q -p hw-tests --bin dwcp-wan
+	./target/release/bench-fleet
 
 # PBA's predictors, fitted on recorded traces and scored on held-out ones (RECORD=1 records the
 # traces anew over the WAN rig with changing cross traffic).

@@ -56,11 +56,21 @@ struct Job {
     held: Vec<usize>,
     /// Seconds after submission by which it should be verified.
     deadline_s: Option<f64>,
+    /// The peer's address (the link it shares with the jobs to the same peer).
+    peer: Option<std::net::IpAddr>,
+    /// What ITP's sharing last set for it.
+    share: Option<itp::Cap>,
+    /// Bytes acknowledged at the last sharing tick.
+    tick_acked: u64,
 }
 
 impl Job {
     fn json(&self) -> Value {
-        let mut j = json!({"id": self.id, "name": self.name, "to": self.to, "elapsed_s": self.started.elapsed().as_secs_f64()});
+        let elapsed = match &self.phase {
+            Phase::Ended { at_s, .. } => *at_s,
+            _ => self.started.elapsed().as_secs_f64(),
+        };
+        let mut j = json!({"id": self.id, "name": self.name, "to": self.to, "elapsed_s": elapsed});
         if let Some(p) = &self.placement {
             j["placement"] = serde_json::to_value(p).unwrap_or_default();
         }
@@ -75,6 +85,9 @@ impl Job {
                 j["total_bytes"] = total.into();
                 if let Some((lo, hi)) = bounds {
                     j["next_second_bps"] = json!([lo, hi]);
+                }
+                if let Some(c) = &self.share {
+                    j["share"] = json!(c);
                 }
                 if let Some(due) = self.deadline_s {
                     let remaining = (total > 0).then(|| total.saturating_sub(acked));
@@ -102,12 +115,50 @@ impl Job {
     }
 }
 
-/// The transfers remembered, and the shards the running ones hold per core.
+/// The transfers remembered, the shards the running ones hold per core, and per link what its
+/// jobs carried lately.
 #[derive(Debug, Default)]
 struct Book {
     next: u64,
     list: VecDeque<Job>,
     load: BTreeMap<usize, usize>,
+    links: BTreeMap<std::net::IpAddr, Link>,
+}
+
+/// A link's measurements for sharing it: bits its jobs carried per tick, over [`CAPACITY_WINDOW`].
+#[derive(Debug, Default)]
+struct Link {
+    ticks: VecDeque<(Instant, f64)>,
+    /// One-second rates measured, over the window, with their time.
+    rates: VecDeque<(Instant, f64)>,
+}
+
+/// How often the links are shared anew.
+const TICK: std::time::Duration = std::time::Duration::from_millis(250);
+/// A link's capacity is the most its jobs carried in one second over this window.
+const CAPACITY_WINDOW: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Link {
+    /// Records `bits` carried in the tick ending `now`; the capacity (the most carried in one
+    /// second over the window), once half a second is measured.
+    fn record(&mut self, now: Instant, bits: f64) -> Option<f64> {
+        self.ticks.push_back((now, bits));
+        while self.ticks.front().is_some_and(|(t, _)| now.duration_since(*t) > std::time::Duration::from_secs(1)) {
+            self.ticks.pop_front();
+        }
+        let span = self.ticks.front().map_or(0.0, |(t, _)| now.duration_since(*t).as_secs_f64()) + TICK.as_secs_f64();
+        // Half a second measured is enough to start sharing: a deadline job is favoured from
+        // the start (the capacity is low then, so the others are held to their floor) rather
+        // than after a second in which everything shares equally.
+        if span >= 0.5 {
+            let rate = self.ticks.iter().map(|(_, b)| b).sum::<f64>() / span;
+            self.rates.push_back((now, rate));
+        }
+        while self.rates.front().is_some_and(|(t, _)| now.duration_since(*t) > CAPACITY_WINDOW) {
+            self.rates.pop_front();
+        }
+        self.rates.iter().map(|(_, r)| *r).reduce(f64::max)
+    }
 }
 
 impl Book {
@@ -138,8 +189,51 @@ fn error(code: u16, msg: impl Into<String>) -> Reply {
 impl Jobs {
     /// Transfers sent with `psk` from `host` (whose NUMA nodes are `nodes`), planned with
     /// `thresholds`, what a request leaves unset filled from `defaults` (the config's `[transfer]`).
+    /// A thread shares each link between its jobs every [`TICK`] until the last `Arc` is dropped.
     pub fn new(psk: Psk, host: Host, nodes: Vec<NumaNode>, thresholds: Thresholds, defaults: crate::config::TransferDefaults) -> Arc<Self> {
-        Arc::new(Self { psk, host, nodes, thresholds, defaults, book: Mutex::new(Book::default()) })
+        let me = Arc::new(Self { psk, host, nodes, thresholds, defaults, book: Mutex::new(Book::default()) });
+        let weak = Arc::downgrade(&me);
+        let _ = std::thread::Builder::new().name("dwcp-share".into()).spawn(move || {
+            while let Some(jobs) = weak.upgrade() {
+                jobs.share(Instant::now());
+                drop(jobs);
+                std::thread::sleep(TICK);
+            }
+        });
+        me
+    }
+
+    /// One sharing tick: per link (the jobs to one peer), what its jobs carried since the last
+    /// tick, its capacity (the most carried in a second lately), and [`itp::share`]'s caps set
+    /// on the jobs' streams. A link with no deadline on it is left uncapped.
+    fn share(&self, now: Instant) {
+        self.with(|b| {
+            let mut by_link: BTreeMap<std::net::IpAddr, Vec<(itp::LinkJob, Arc<Progress>)>> = BTreeMap::new();
+            let mut carried: BTreeMap<std::net::IpAddr, f64> = BTreeMap::new();
+            for j in b.list.iter_mut() {
+                let (Phase::Running { progress, .. }, Some(ip)) = (&j.phase, j.peer) else { continue };
+                let (acked, total) = (progress.acked.load(Relaxed), progress.total.load(Relaxed));
+                *carried.entry(ip).or_default() += acked.saturating_sub(j.tick_acked) as f64 * 8.0;
+                j.tick_acked = acked;
+                let due_in_s = j.deadline_s.map(|d| d - j.started.elapsed().as_secs_f64());
+                by_link.entry(ip).or_default().push((itp::LinkJob { id: j.id, remaining: total.saturating_sub(acked), due_in_s }, progress.clone()));
+            }
+            b.links.retain(|ip, _| by_link.contains_key(ip));
+            for (ip, jobs) in by_link {
+                let capacity = b.links.entry(ip).or_default().record(now, carried.get(&ip).copied().unwrap_or(0.0));
+                let any_deadline = jobs.iter().any(|(j, _)| j.due_in_s.is_some());
+                let caps = match capacity {
+                    Some(c) if any_deadline && c > 0.0 => itp::share(&jobs.iter().map(|(j, _)| *j).collect::<Vec<_>>(), c),
+                    _ => jobs.iter().map(|(j, _)| itp::Cap { id: j.id, cap_bps: None, why: "shares the link (no deadline on it, or its rate not measured yet)".into() }).collect(),
+                };
+                for ((_, progress), cap) in jobs.iter().zip(caps) {
+                    progress.rate_cap_bps.store(cap.cap_bps.map_or(0, |c| c as u64), Relaxed);
+                    if let Some(j) = b.job(cap.id) {
+                        j.share = Some(cap);
+                    }
+                }
+            }
+        });
     }
 
     fn with<R>(&self, f: impl FnOnce(&mut Book) -> R) -> R {
@@ -172,6 +266,9 @@ impl Jobs {
                 placement: None,
                 held: Vec::new(),
                 deadline_s: req.deadline_s,
+                peer: None,
+                share: None,
+                tick_acked: 0,
             };
             b.list.push_back(job);
             while b.list.len() > KEEP {
@@ -207,9 +304,8 @@ impl Jobs {
     /// Places job `id` (its request names no cores): picks the cores, records the placement and
     /// holds the first `shards` of them until it ends, under one lock so that two jobs starting
     /// together see each other. `allowed`: the config's cores or the process's.
-    fn place(&self, id: u64, to: &str, allowed: &[usize], shards: usize) -> Placement {
-        // Resolved here, outside the lock (a name may take a DNS round trip).
-        let nic = std::net::ToSocketAddrs::to_socket_addrs(to).ok().and_then(|mut a| a.next()).and_then(|a| itp::nic_of(a.ip()));
+    fn place(&self, id: u64, peer: Option<std::net::IpAddr>, allowed: &[usize], shards: usize) -> Placement {
+        let nic = peer.and_then(itp::nic_of);
         self.with(|b| {
             let p = itp::place(&self.nodes, allowed, nic.as_ref(), &b.load);
             let held: Vec<usize> = p.cores.iter().copied().take(shards.max(1)).collect();
@@ -264,6 +360,9 @@ impl Jobs {
     }
 
     fn run(&self, id: u64, mut req: Request, cancel: Arc<std::sync::atomic::AtomicBool>) {
+        // The peer's address: the link the job shares, and the NIC it leaves through. Resolved
+        // here, outside the lock (a name may take a DNS round trip).
+        let peer = std::net::ToSocketAddrs::to_socket_addrs(req.to.as_str()).ok().and_then(|mut a| a.next()).map(|a| a.ip());
         let placed = req.cores.is_none();
         req.apply_defaults(&self.defaults);
         if placed {
@@ -273,7 +372,7 @@ impl Jobs {
             };
             // Until the plan says, as many shards as the request's streams (or every core).
             let shards = req.streams.map_or(allowed.len(), usize::from).min(allowed.len());
-            req.cores = Some(self.place(id, &req.to, &allowed, shards).cores);
+            req.cores = Some(self.place(id, peer, &allowed, shards).cores);
         }
         // The plan sizes the transfer to the cores it may use, as `dwcp send --cores` does.
         let host = Host { cores: req.cores.as_ref().map_or(self.host.cores, |c| c.len().max(1)), ..self.host };
@@ -288,6 +387,7 @@ impl Jobs {
             if let Some(j) = b.job(id) {
                 j.name = t.name().to_owned();
                 j.phase = Phase::Running { plan, progress: progress.clone() };
+                j.peer = peer;
             }
         });
         // A cancel asked for while it was starting takes effect now.

@@ -240,6 +240,10 @@ pub struct Progress {
     pub watched_us: AtomicU64,
     /// See `watched_us`.
     pub path_limited_us: AtomicU64,
+    /// Set by the caller: the aggregate pace the streams may not exceed, bit/s (0: none). It
+    /// bounds ACP's pace, or paces alone without ACP; applied at the next control interval
+    /// (100 ms). The daemon's ITP sets it to share a link between jobs.
+    pub rate_cap_bps: AtomicU64,
     /// Set by the caller to end the send: the streams close without a commit, so the receiver
     /// publishes nothing (it keeps what arrived for `--resume`), and the send returns
     /// [`SendError::Cancelled`].

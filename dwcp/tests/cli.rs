@@ -1015,6 +1015,67 @@ fn a_jobs_deadline_is_judged_from_pbas_interval() {
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--deadline"), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
+/// Two jobs to one peer, one with a deadline it needs the whole link for: ITP caps the other
+/// (its share and the reason in its JSON) and the capped one's rate falls well below the
+/// deadline job's; once the deadline job is gone, the cap is lifted.
+#[test]
+fn a_deadline_job_is_favoured_on_a_shared_link() {
+    let _load = heavy();
+    let d = tempfile::tempdir().unwrap();
+    let key = keygen(d.path());
+    let (port, api, rx_port) = (free_port(), free_port(), free_port());
+    let sock = d.path().join("api.sock");
+    let cfg = daemon_config(d.path(), &key, port, api, Some(&sock));
+    let _daemon = Rx(Command::new(bin()).args(["daemon", "--config"]).arg(&cfg).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+    wait_listening(api);
+    let _rx = spawn_recv(&key, rx_port, &["--discard"], &[], true);
+    let jobs = || -> Vec<serde_json::Value> {
+        let o = Command::new(bin()).args(["job", "list", "--json", "--socket"]).arg(&sock).output().unwrap();
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap().as_array().cloned().unwrap_or_default()
+    };
+    let to = format!("127.0.0.1:{rx_port}");
+    let spawn = |name: &str, deadline: Option<&str>| {
+        let mut c = Command::new(bin());
+        c.args(["send", "gen:64GiB", "--name", name, "--to", &to, "--streams", "2", "--json"]);
+        if let Some(d) = deadline {
+            c.args(["--deadline", d]);
+        }
+        Rx(c.arg("--via-daemon").arg(&sock).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap())
+    };
+    let _copy = spawn("copy.img", None);
+    let _urgent = spawn("urgent.img", Some("20s"));
+    // 64 GiB in 20 s needs more than this link: the copy is held to its floor.
+    let t = Instant::now();
+    let capped = loop {
+        let j = jobs().into_iter().find(|j| j["name"] == "copy.img" && j["share"]["cap_bps"].as_f64().is_some());
+        if let Some(j) = j {
+            break j;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "the copy was never capped: {:?}", jobs());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(capped["share"]["why"].as_str().unwrap().contains("no deadline"), "{capped}");
+    let urgent = jobs().into_iter().find(|j| j["name"] == "urgent.img").unwrap();
+    assert!(urgent["share"]["why"].as_str().unwrap().contains("earliest deadline"), "{urgent}");
+    // Over two seconds under the cap, the copy moves a fraction of what the deadline job does.
+    std::thread::sleep(Duration::from_millis(500));
+    let acked = |name: &str| jobs().into_iter().find(|j| j["name"] == name).and_then(|j| j["acked_bytes"].as_u64()).unwrap_or(0);
+    let (c0, u0) = (acked("copy.img"), acked("urgent.img"));
+    std::thread::sleep(Duration::from_secs(2));
+    let (c1, u1) = (acked("copy.img"), acked("urgent.img"));
+    assert!((c1 - c0) * 4 < u1 - u0, "copy moved {} bytes, the deadline job {}", c1 - c0, u1 - u0);
+    // The deadline job cancelled: the copy's cap is lifted.
+    let id = urgent["id"].as_u64().unwrap().to_string();
+    assert!(Command::new(bin()).args(["job", "cancel", &id, "--socket"]).arg(&sock).output().unwrap().status.success());
+    let t = Instant::now();
+    while jobs().into_iter().find(|j| j["name"] == "copy.img").is_some_and(|j| j["share"]["cap_bps"].as_f64().is_some()) {
+        assert!(t.elapsed() < Duration::from_secs(10), "the copy stayed capped");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let id = jobs().into_iter().find(|j| j["name"] == "copy.img").unwrap()["id"].as_u64().unwrap().to_string();
+    assert!(Command::new(bin()).args(["job", "cancel", &id, "--socket"]).arg(&sock).output().unwrap().status.success());
+}
+
 /// Exit statuses a script can tell apart: a usage error, a key file that cannot be used, a
 /// wrong key, a receiver not reached, a source that cannot be read.
 #[test]

@@ -311,6 +311,7 @@ pub(super) fn run(socks: Vec<OwnedFd>, opts: &ControlOptions, shared: &Shared, c
     let mut acp = opts.acp.build(socks.len() as u16);
     let mut pba = Ewma::new(crate::control::pba::SEND_ALPHA);
     let mut second = SecondInterval::default();
+    let mut last_cap: Option<f64> = None;
     let mut trials = opts.grow_streams.then(StreamTrials::default);
     let mut report = ControlReport {
         backend: mon.backend(),
@@ -419,7 +420,7 @@ pub(super) fn run(socks: Vec<OwnedFd>, opts: &ControlOptions, shared: &Shared, c
         if let Some(iv) = second.interval() {
             shared.progress.next_second_bps.store(iv.lo as u64, iv.hi as u64);
         }
-        let mut pacing = 0.0;
+        let mut acp_pace = None;
         if let Some(t) = trials.as_mut()
             && let Some(n) = t.on_interval(predicted, buffer_limited, o.active() as u16, socks.len() as u16)
         {
@@ -445,17 +446,38 @@ pub(super) fn run(socks: Vec<OwnedFd>, opts: &ControlOptions, shared: &Shared, c
                 debug!(streams = n, "ACP activates another stream");
                 shared.progress.active.store(n, Relaxed);
             }
-            let active = o.active().max(1) as f64;
-            let per = d.pacing_bps.map(|r| (r / 8.0 / active) as u64);
-            if per != pace_applied {
-                for (k, s) in socks.iter().enumerate() {
-                    let rate = if samples[k].active { per.unwrap_or(u64::MAX) } else { u64::MAX };
-                    let _ = crate::sys::set_max_pacing_rate(s.as_raw_fd(), rate);
-                }
-                pace_applied = per;
-            }
-            pacing = d.pacing_bps.unwrap_or(0.0);
+            acp_pace = d.pacing_bps;
         }
+        // The caller's cap (the daemon sharing a link between jobs) bounds ACP's pace, or paces
+        // alone without ACP.
+        let cap = match shared.progress.rate_cap_bps.load(Relaxed) {
+            0 => None,
+            c => Some(c as f64),
+        };
+        // A cap lifted or more than doubled: what ACP learned under it (the rate it could
+        // deliver) no longer holds, and its gain cycles would take seconds to climb (1.25x per
+        // cycle); it starts anew, from its startup, which doubles per round trip.
+        if let (Some(before), Some(_)) = (last_cap, acp.as_ref())
+            && cap.is_none_or(|c| c > 2.0 * before)
+        {
+            debug!(before, now = ?cap, "the pace cap was lifted: ACP restarts");
+            acp = opts.acp.build(socks.len() as u16);
+        }
+        last_cap = cap;
+        let pace = match (acp_pace, cap) {
+            (Some(p), Some(c)) => Some(p.min(c)),
+            (p, c) => p.or(c),
+        };
+        let active = o.active().max(1) as f64;
+        let per = pace.map(|r| (r / 8.0 / active) as u64);
+        if per != pace_applied {
+            for (k, s) in socks.iter().enumerate() {
+                let rate = if samples[k].active { per.unwrap_or(u64::MAX) } else { u64::MAX };
+                let _ = crate::sys::set_max_pacing_rate(s.as_raw_fd(), rate);
+            }
+            pace_applied = per;
+        }
+        let pacing = pace.unwrap_or(0.0);
         if let Some(tx) = &opts.trace {
             let _ = tx.send(TraceRow {
                 t: o.t,
