@@ -957,24 +957,45 @@ fn a_send_through_the_daemon_is_planned_sent_and_listed() {
     assert!(!o.status.success() && e.contains("no dwcp daemon answers on"), "{e}");
 }
 
+/// A daemon with a jobs socket, and a discarding receiver for its jobs to send to.
+struct JobRig {
+    sock: PathBuf,
+    rx_port: u16,
+    _daemon: Rx,
+    _rx: Rx,
+    // Last: removed once the processes are gone.
+    _dir: tempfile::TempDir,
+}
+
+impl JobRig {
+    fn new() -> Self {
+        let d = tempfile::tempdir().unwrap();
+        let key = keygen(d.path());
+        let (port, api, rx_port) = (free_port(), free_port(), free_port());
+        let sock = d.path().join("api.sock");
+        let cfg = daemon_config(d.path(), &key, port, api, Some(&sock));
+        let daemon = Rx(Command::new(bin()).args(["daemon", "--config"]).arg(&cfg).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+        wait_listening(api);
+        let rx = spawn_recv(&key, rx_port, &["--discard"], &[], true);
+        Self { sock, rx_port, _daemon: daemon, _rx: rx, _dir: d }
+    }
+
+    /// `dwcp job list --json`.
+    fn jobs(&self) -> Vec<serde_json::Value> {
+        let o = Command::new(bin()).args(["job", "list", "--json", "--socket"]).arg(&self.sock).output().unwrap();
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap().as_array().cloned().unwrap_or_default()
+    }
+}
+
 /// A job with a deadline says, from PBA's 80% interval of the next second, whether it will be
 /// met: a 64 GiB send to a discarding receiver due in 2000 s is on track, one due in 6 s will
 /// miss (both cancelled once judged); a small one verified in time has met it.
 #[test]
 fn a_jobs_deadline_is_judged_from_pbas_interval() {
     let _load = heavy();
-    let d = tempfile::tempdir().unwrap();
-    let key = keygen(d.path());
-    let (port, api, rx_port) = (free_port(), free_port(), free_port());
-    let sock = d.path().join("api.sock");
-    let cfg = daemon_config(d.path(), &key, port, api, Some(&sock));
-    let _daemon = Rx(Command::new(bin()).args(["daemon", "--config"]).arg(&cfg).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
-    wait_listening(api);
-    let _rx = spawn_recv(&key, rx_port, &["--discard"], &[], true);
-    let jobs = || -> Vec<serde_json::Value> {
-        let o = Command::new(bin()).args(["job", "list", "--json", "--socket"]).arg(&sock).output().unwrap();
-        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap().as_array().cloned().unwrap_or_default()
-    };
+    let rig = JobRig::new();
+    let (sock, rx_port) = (rig.sock.clone(), rig.rx_port);
+    let jobs = || rig.jobs();
     for (due, name, want) in [("2000s", "far.img", "on track"), ("6s", "near.img", "will miss")] {
         let mut send = Rx(Command::new(bin())
             .args(["send", "gen:64GiB", "--name", name, "--to", &format!("127.0.0.1:{rx_port}"), "--streams", "1", "--deadline", due, "--json", "--via-daemon"])
@@ -1021,18 +1042,9 @@ fn a_jobs_deadline_is_judged_from_pbas_interval() {
 #[test]
 fn a_deadline_job_is_favoured_on_a_shared_link() {
     let _load = heavy();
-    let d = tempfile::tempdir().unwrap();
-    let key = keygen(d.path());
-    let (port, api, rx_port) = (free_port(), free_port(), free_port());
-    let sock = d.path().join("api.sock");
-    let cfg = daemon_config(d.path(), &key, port, api, Some(&sock));
-    let _daemon = Rx(Command::new(bin()).args(["daemon", "--config"]).arg(&cfg).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
-    wait_listening(api);
-    let _rx = spawn_recv(&key, rx_port, &["--discard"], &[], true);
-    let jobs = || -> Vec<serde_json::Value> {
-        let o = Command::new(bin()).args(["job", "list", "--json", "--socket"]).arg(&sock).output().unwrap();
-        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap().as_array().cloned().unwrap_or_default()
-    };
+    let rig = JobRig::new();
+    let (sock, rx_port) = (rig.sock.clone(), rig.rx_port);
+    let jobs = || rig.jobs();
     let to = format!("127.0.0.1:{rx_port}");
     let spawn = |name: &str, deadline: Option<&str>| {
         let mut c = Command::new(bin());
