@@ -765,15 +765,11 @@ mod tests {
 
     #[test]
     fn intervals_hold_their_coverage_on_noise_and_after_the_noise_grows() {
-        // A level with multiplicative noise from a fixed xorshift; at half-time the noise
-        // triples (cross traffic arrives). The prior is from the calm half only.
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        let mut noise = move || {
-            state ^= state >> 12;
-            state ^= state << 25;
-            state ^= state >> 27;
-            (state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64 - 0.5
-        };
+        // A level with multiplicative noise from a fixed seed; then the noise quadruples (cross
+        // traffic arrives). The prior is from the calm part only.
+        use proptest::prelude::RngExt;
+        let mut rng = proptest::test_runner::TestRng::deterministic_rng(proptest::test_runner::RngAlgorithm::ChaCha);
+        let mut noise = move || rng.random::<f64>() - 0.5;
         let calm: Vec<f64> = (0..400).map(|_| 5e8 * (1.0 + 0.2 * noise())).collect();
         let rough: Vec<f64> = (0..2000).map(|_| 5e8 * (1.0 + 0.8 * noise())).collect();
         let prior = ratios(&Ewma::new(0.1), std::slice::from_ref(&calm));
