@@ -100,9 +100,8 @@ pub fn synthetic(description: &str) -> Result<Vec<NumaNode>, String> {
     Ok(numa_nodes(&t))
 }
 
-/// The interface the kernel routes `ip` through, from the text of `/proc/net/route` (IPv4,
-/// longest prefix, then least metric). Loopback addresses go through `lo`; IPv6 is not read
-/// (`None`: the job is placed as with an unknown route).
+/// The interface the kernel routes IPv4 `ip` through, from the text of `/proc/net/route`
+/// (longest prefix, then least metric; loopback addresses go through `lo`).
 pub fn route_iface(table: &str, ip: IpAddr) -> Option<String> {
     let v4 = match ip {
         IpAddr::V4(a) if a.is_loopback() => return Some("lo".into()),
@@ -131,6 +130,37 @@ pub fn route_iface(table: &str, ip: IpAddr) -> Option<String> {
     best.map(|b| b.2)
 }
 
+/// The interface the kernel routes IPv6 `ip` through, from the text of `/proc/net/ipv6_route`
+/// (destination, prefix length, source, its length, next hop, metric, references, use, flags,
+/// interface; longest prefix, then least metric).
+pub fn route6_iface(table: &str, ip: std::net::Ipv6Addr) -> Option<String> {
+    if ip.is_loopback() {
+        return Some("lo".into());
+    }
+    let want = u128::from(ip);
+    let mut best: Option<(u32, u32, String)> = None;
+    for line in table.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 10 {
+            continue;
+        }
+        let (Ok(dest), Ok(plen), Ok(metric), Ok(flags)) =
+            (u128::from_str_radix(f[0], 16), u32::from_str_radix(f[1], 16), u32::from_str_radix(f[5], 16), u32::from_str_radix(f[8], 16))
+        else {
+            continue;
+        };
+        let mask = if plen == 0 { 0 } else { u128::MAX << (128 - plen.min(128)) };
+        // RTF_UP, and not a reject route (RTF_REJECT, 0x200: unreachable).
+        if flags & 1 == 0 || flags & 0x200 != 0 || want & mask != dest & mask {
+            continue;
+        }
+        if best.as_ref().is_none_or(|b| plen > b.0 || (plen == b.0 && metric < b.1)) {
+            best = Some((plen, metric, f[9].to_owned()));
+        }
+    }
+    best.map(|b| b.2)
+}
+
 /// The NUMA node of interface `name` from sysfs under `sys_class_net` (`/sys/class/net`).
 pub fn iface_node(sys_class_net: &Path, name: &str) -> Option<usize> {
     let s = std::fs::read_to_string(sys_class_net.join(name).join("device/numa_node")).ok()?;
@@ -139,8 +169,13 @@ pub fn iface_node(sys_class_net: &Path, name: &str) -> Option<usize> {
 
 /// The NIC this host sends to `ip` through, as the kernel has it now.
 pub fn nic_of(ip: IpAddr) -> Option<Nic> {
-    let table = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
-    let name = route_iface(&table, ip)?;
+    let name = match ip {
+        IpAddr::V6(a) if !a.is_loopback() => match a.to_ipv4_mapped() {
+            Some(v4) => route_iface(&std::fs::read_to_string("/proc/net/route").unwrap_or_default(), IpAddr::V4(v4))?,
+            None => route6_iface(&std::fs::read_to_string("/proc/net/ipv6_route").unwrap_or_default(), a)?,
+        },
+        _ => route_iface(&std::fs::read_to_string("/proc/net/route").unwrap_or_default(), ip)?,
+    };
     let node = iface_node(Path::new("/sys/class/net"), &name);
     Some(Nic { name, node })
 }
@@ -404,8 +439,20 @@ mod tests {
         assert_eq!(r("8.8.8.8").as_deref(), Some("eth0"));
         assert_eq!(r("127.0.0.1").as_deref(), Some("lo"));
         assert_eq!(r("::1").as_deref(), Some("lo"));
-        assert_eq!(r("2001:db8::1"), None);
+        assert_eq!(r("2001:db8::1"), None, "IPv6 is route6_iface's");
         assert_eq!(route_iface("Iface\n", "10.0.0.1".parse().expect("ip")), None);
+        // IPv6, as this host's /proc/net/ipv6_route has it (a /64 on eth0, a default through a
+        // router, a /48 on rdma0, a reject route, loopback).
+        let t6 = "fd000000000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001     eth0\n\
+                  00000000000000000000000000000000 00 00000000000000000000000000000000 00 fd000000000000000000000000000001 00000400 00000002 00000000 00000003     eth0\n\
+                  20010db8000100000000000000000000 30 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001    rdma0\n\
+                  20010db8000200000000000000000000 30 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00200201       lo\n";
+        let r6 = |s: &str| route6_iface(t6, s.parse().expect("ip"));
+        assert_eq!(r6("2001:db8:1::7").as_deref(), Some("rdma0"));
+        assert_eq!(r6("fd00::9").as_deref(), Some("eth0"));
+        assert_eq!(r6("2001:db8:2::1").as_deref(), Some("eth0"), "the reject route is skipped; the default remains");
+        assert_eq!(r6("::1").as_deref(), Some("lo"));
+        assert_eq!(route6_iface("", "2001:db8::1".parse().expect("ip")), None);
     }
 
     #[test]
