@@ -150,6 +150,9 @@ fn job_line(j: &serde_json::Value) -> String {
         let node = j["placement"]["node"].as_u64().map(|n| format!(" of node {n}")).unwrap_or_default();
         l.push_str(&format!("\n      cores {}{node}: {why}", cores.join(",")));
     }
+    if let (Some(cap), Some(why)) = (j["share"]["cap_bps"].as_f64(), j["share"]["why"].as_str()) {
+        l.push_str(&format!("\n      paced at {:.0} Mbit/s: {why}", cap / 1e6));
+    }
     let d = &j["deadline"];
     if let Some(verdict) = d["verdict"].as_str() {
         let left = d["due_in_s"].as_f64().unwrap_or(0.0);

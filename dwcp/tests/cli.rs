@@ -1067,6 +1067,8 @@ fn a_deadline_job_is_favoured_on_a_shared_link() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(capped["share"]["why"].as_str().unwrap().contains("no deadline"), "{capped}");
+    let o = Command::new(bin()).args(["job", "list", "--socket"]).arg(&sock).output().unwrap();
+    assert!(String::from_utf8_lossy(&o.stdout).contains("paced at "), "{}", String::from_utf8_lossy(&o.stdout));
     let urgent = jobs().into_iter().find(|j| j["name"] == "urgent.img").unwrap();
     assert!(urgent["share"]["why"].as_str().unwrap().contains("earliest deadline"), "{urgent}");
     // Over two seconds under the cap, the copy moves a fraction of what the deadline job does.
