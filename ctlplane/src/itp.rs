@@ -1,8 +1,8 @@
-//! ITP: which cores a daemon job's shards are pinned to, whether a job will meet its
-//! deadline, and how jobs on one link share it. No I/O in [`place`]; the
-//! inputs are the host's NUMA nodes (hwloc, once at boot), the node of the NIC the kernel routes
-//! the peer through (`/proc/net/route` or `/proc/net/ipv6_route`, and sysfs, read per job by [`nic_of`]) and the shards the
-//! running jobs already hold on each core.
+//! ITP: which cores a daemon job's shards are pinned to, whether a job will meet its deadline,
+//! and how jobs on one link share it. No I/O in [`place`]; its inputs are the host's NUMA nodes
+//! (hwloc, once at boot), the node of the NIC the kernel routes the peer through
+//! (`/proc/net/route` or `/proc/net/ipv6_route`, and sysfs, read per job by [`nic_of`]) and the
+//! shards the running jobs already hold on each core.
 //!
 //! The rules, from what the field does (UCX and DPDK pin next to the NIC; perftest's `-c` the
 //! same): a NIC's DMA lands in its node's memory and its interrupts on its node's cores, so the
