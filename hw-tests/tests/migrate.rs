@@ -390,3 +390,51 @@ fn a_vm_migrates_between_unix_socket_endpoints_without_qmp() {
     );
     let _ = std::fs::remove_dir_all(&rig.dir);
 }
+
+/// The same guest migrated QEMU to QEMU over `unix:`, without dwcp: whether the destination
+/// guest's checks fail without dwcp in the path (the control for the migration tests' guest
+/// checks). Not in `make test`; run it many times:
+/// `cargo test --release -p hw-tests --test migrate -- --ignored --nocapture qemu_alone`.
+#[test]
+#[ignore]
+fn qemu_alone_over_a_unix_socket() {
+    let _g = GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let rig = Rig::new("alone");
+    let dst_sock = rig.dir.join("dst-migrate.sock");
+    let _src = rig.qemu("src", None);
+    let _dst = rig.qemu("dst", Some(format!("unix:{}", dst_sock.display())));
+    assert!(wait_for(&rig.dir.join("src.log"), "CHECK ok 2", Duration::from_secs(120)), "the source guest did not come up");
+    let t = Instant::now();
+    while !dst_sock.exists() {
+        assert!(t.elapsed() < Duration::from_secs(10), "the destination QEMU did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // As long as a migration through dwcp takes here (about 4 s for this guest: several rounds),
+    // so that QEMU's dirty tracking is exercised as long: `DWCP_ALONE_BPS` bytes/s (default 40 MB/s).
+    let bps: u64 = std::env::var("DWCP_ALONE_BPS").ok().and_then(|v| v.parse().ok()).unwrap_or(40_000_000);
+    let r = qmp(&rig.dir.join("src.qmp"), "migrate-set-parameters", json!({"max-bandwidth": bps}));
+    assert!(r.get("return").is_some(), "{r}");
+    let r = qmp(&rig.dir.join("src.qmp"), "migrate", json!({"uri": format!("unix:{}", dst_sock.display())}));
+    assert!(r.get("return").is_some(), "{r}");
+    let status = loop {
+        let r = qmp(&rig.dir.join("src.qmp"), "query-migrate", Value::Null);
+        let s = r["return"]["status"].as_str().unwrap_or("").to_string();
+        if matches!(s.as_str(), "completed" | "failed" | "cancelled") || t.elapsed() > Duration::from_secs(240) {
+            break r["return"].clone();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(status["status"], "completed", "{status}");
+    let last_src = rig.checks("src").last().map_or(0, |c| c.1);
+    let dst = rig.checks_after("dst", last_src);
+    let dst_log = std::fs::read_to_string(rig.dir.join("dst.log")).unwrap_or_default();
+    assert!(dst.iter().all(|c| c.0) && dst.iter().filter(|c| c.1 > last_src).count() >= 2, "QEMU alone: the destination guest checks {dst:?}; its console: {}", &dst_log[dst_log.len().saturating_sub(600)..]);
+    eprintln!(
+        "QEMU alone over unix: completed in {} ms, downtime {} ms, {} dirty-sync rounds; guest checks after: {:?}",
+        status["total-time"],
+        status["downtime"],
+        status["ram"]["dirty-sync-count"],
+        dst.iter().filter(|c| c.1 > last_src).collect::<Vec<_>>()
+    );
+    let _ = std::fs::remove_dir_all(&rig.dir);
+}
