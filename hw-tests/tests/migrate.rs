@@ -149,6 +149,19 @@ impl Rig {
     }
 }
 
+/// Polls the source QEMU until its migration has ended (or 240 s after `t0`); its
+/// `query-migrate` answer.
+fn migration_end(rig: &Rig, t0: Instant) -> Value {
+    loop {
+        let r = qmp(&rig.dir.join("src.qmp"), "query-migrate", Value::Null);
+        let s = r["return"]["status"].as_str().unwrap_or("").to_string();
+        if matches!(s.as_str(), "completed" | "failed" | "cancelled") || t0.elapsed() > Duration::from_secs(240) {
+            return r["return"].clone();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -354,14 +367,7 @@ fn a_vm_migrates_between_unix_socket_endpoints_without_qmp() {
     let t0 = Instant::now();
     let r = qmp(&rig.dir.join("src.qmp"), "migrate", json!({"uri": format!("unix:{}", src_sock.display())}));
     assert!(r.get("return").is_some(), "{r}");
-    let status = loop {
-        let r = qmp(&rig.dir.join("src.qmp"), "query-migrate", Value::Null);
-        let s = r["return"]["status"].as_str().unwrap_or("").to_string();
-        if matches!(s.as_str(), "completed" | "failed" | "cancelled") || t0.elapsed() > Duration::from_secs(240) {
-            break r["return"].clone();
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let status = migration_end(&rig, t0);
     assert_eq!(status["status"], "completed", "{status}");
     let out = tx.wait_with_output().unwrap();
     let send_log = std::fs::read_to_string(rig.dir.join("send.log")).unwrap_or_default();
@@ -416,14 +422,7 @@ fn qemu_alone_over_a_unix_socket() {
     assert!(r.get("return").is_some(), "{r}");
     let r = qmp(&rig.dir.join("src.qmp"), "migrate", json!({"uri": format!("unix:{}", dst_sock.display())}));
     assert!(r.get("return").is_some(), "{r}");
-    let status = loop {
-        let r = qmp(&rig.dir.join("src.qmp"), "query-migrate", Value::Null);
-        let s = r["return"]["status"].as_str().unwrap_or("").to_string();
-        if matches!(s.as_str(), "completed" | "failed" | "cancelled") || t.elapsed() > Duration::from_secs(240) {
-            break r["return"].clone();
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let status = migration_end(&rig, t);
     assert_eq!(status["status"], "completed", "{status}");
     let last_src = rig.checks("src").last().map_or(0, |c| c.1);
     let dst = rig.checks_after("dst", last_src);
