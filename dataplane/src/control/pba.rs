@@ -278,35 +278,41 @@ impl StreamTrials {
     }
 }
 
+/// Runs a fresh copy of `p` over `series` one step ahead: `f(prediction, outcome)` for each
+/// interval, before the predictor observes it.
+fn one_step(p: &dyn Predictor, series: &[f64], mut f: impl FnMut(Option<f64>, f64)) {
+    let mut p = p.fresh();
+    for &x in series {
+        f(p.predict(), x);
+        p.observe(x);
+    }
+}
+
 /// One-step-ahead mean absolute percentage error of `p` (fresh) over `series`, in percent;
 /// intervals with a zero measurement are skipped (their percentage is undefined).
 pub fn mape(p: &dyn Predictor, series: &[f64]) -> f64 {
-    let mut p = p.fresh();
     let (mut sum, mut n) = (0.0, 0usize);
-    for &x in series {
-        if let Some(f) = p.predict()
+    one_step(p, series, |f, x| {
+        if let Some(f) = f
             && x > 0.0
         {
             sum += (f - x).abs() / x;
             n += 1;
         }
-        p.observe(x);
-    }
+    });
     if n == 0 { f64::NAN } else { 100.0 * sum / n as f64 }
 }
 
 /// One-step-ahead weighted absolute percentage error (sum of errors over sum of values), in
 /// percent: unlike MAPE, an interval near zero does not dominate it.
 pub fn wape(p: &dyn Predictor, series: &[f64]) -> f64 {
-    let mut p = p.fresh();
     let (mut err, mut sum) = (0.0, 0.0);
-    for &x in series {
-        if let Some(f) = p.predict() {
+    one_step(p, series, |f, x| {
+        if let Some(f) = f {
             err += (f - x).abs();
             sum += x.abs();
         }
-        p.observe(x);
-    }
+    });
     if sum == 0.0 { f64::NAN } else { 100.0 * err / sum }
 }
 
@@ -420,15 +426,11 @@ impl Calibrated {
 pub fn ratios(p: &dyn Predictor, series: &[Vec<f64>]) -> Vec<f64> {
     let mut out = Vec::new();
     for s in series {
-        let mut p = p.fresh();
-        for &x in s {
-            if let Some(f) = p.predict()
-                && f > 0.0
-            {
+        one_step(p, s, |f, x| {
+            if let Some(f) = f.filter(|f| *f > 0.0) {
                 out.push(x / f);
             }
-            p.observe(x);
-        }
+        });
     }
     out
 }
@@ -485,14 +487,16 @@ pub fn calibration(p: &dyn Predictor, coverage: f64, window: usize, gamma: f64, 
 /// narrowest; if none, the one whose worst series is closest. The step is never 0: without
 /// steering nothing holds the coverage when the path changes.
 pub fn fit_calibration(p: &dyn Predictor, coverage: f64, train: &[Vec<f64>]) -> (usize, f64) {
+    // Each series' prior: the others' ratios, in order; the same for every setting.
+    let own: Vec<Vec<f64>> = train.iter().map(|s| ratios(p, std::slice::from_ref(s))).collect();
+    let priors: Vec<Vec<f64>> = (0..train.len()).map(|i| own.iter().enumerate().filter(|(j, _)| *j != i).flat_map(|(_, r)| r.iter().copied()).collect()).collect();
     let mut best: Option<((usize, f64), bool, f64)> = None;
     for &w in &[20usize, 50, 100, 200] {
         for &g in &[0.01, 0.02, 0.05, 0.1] {
             let mut total = Calibration::default();
             let mut worst = 0.0f64;
-            for (i, s) in train.iter().enumerate() {
-                let others: Vec<Vec<f64>> = train.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, t)| t.clone()).collect();
-                let c = calibration(p, coverage, w, g, &ratios(p, &others), s);
+            for (s, prior) in train.iter().zip(&priors) {
+                let c = calibration(p, coverage, w, g, prior, s);
                 if c.n > 0 {
                     worst = worst.max((c.coverage() - coverage).abs());
                 }
