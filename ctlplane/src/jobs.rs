@@ -165,6 +165,19 @@ impl Book {
     fn job(&mut self, id: u64) -> Option<&mut Job> {
         self.list.iter_mut().find(|j| j.id == id)
     }
+
+    /// Job `id` (placed) holds the first `shards` of its cores in the load, instead of what it
+    /// held before.
+    fn hold(&mut self, id: u64, shards: usize) {
+        let Some(j) = self.list.iter_mut().find(|j| j.id == id) else { return };
+        let Some(p) = &j.placement else { return };
+        let now: Vec<usize> = p.cores.iter().copied().take(shards.max(1)).collect();
+        for c in &now {
+            *self.load.entry(*c).or_default() += 1;
+        }
+        let before = std::mem::replace(&mut j.held, now);
+        release(&mut self.load, &before);
+    }
 }
 
 /// The daemon's transfers.
@@ -308,32 +321,13 @@ impl Jobs {
         let nic = peer.and_then(itp::nic_of);
         self.with(|b| {
             let p = itp::place(&self.nodes, allowed, nic.as_ref(), &b.load);
-            let held: Vec<usize> = p.cores.iter().copied().take(shards.max(1)).collect();
-            for c in &held {
-                *b.load.entry(*c).or_default() += 1;
-            }
             if let Some(j) = b.job(id) {
                 j.placement = Some(p.clone());
-                j.held = held;
             }
+            b.hold(id, shards);
             tracing::info!(id, cores = ?p.cores, node = ?p.node, why = %p.why, "transfer placed");
             p
         })
-    }
-
-    /// Once the plan is known: job `id` holds the first `shards` of its cores (it may open fewer
-    /// streams than the placement assumed).
-    fn hold(&self, id: u64, shards: usize) {
-        self.with(|b| {
-            let Some(j) = b.job(id) else { return };
-            let Some(p) = &j.placement else { return };
-            let now: Vec<usize> = p.cores.iter().copied().take(shards.max(1)).collect();
-            let before = std::mem::replace(&mut j.held, now.clone());
-            release(&mut b.load, &before);
-            for c in now {
-                *b.load.entry(c).or_default() += 1;
-            }
-        });
     }
 
     /// Shards held per core by the running transfers (for `/status` and tests).
@@ -382,7 +376,8 @@ impl Jobs {
         };
         let plan = serde_json::to_value(t.plan()).unwrap_or_default();
         let progress = t.progress().clone();
-        self.hold(id, usize::from(t.plan().streams));
+        // The plan may open fewer streams than the placement assumed.
+        self.with(|b| b.hold(id, usize::from(t.plan().streams)));
         self.with(|b| {
             if let Some(j) = b.job(id) {
                 j.name = t.name().to_owned();
