@@ -985,6 +985,23 @@ impl JobRig {
         let o = Command::new(bin()).args(["job", "list", "--json", "--socket"]).arg(&self.sock).output().unwrap();
         serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap().as_array().cloned().unwrap_or_default()
     }
+
+    /// The job named `name`, as `dwcp job list --json` shows it.
+    fn job(&self, name: &str) -> Option<serde_json::Value> {
+        self.jobs().into_iter().find(|j| j["name"] == name)
+    }
+
+    /// `dwcp job list`, for a person.
+    fn list_text(&self) -> String {
+        let o = Command::new(bin()).args(["job", "list", "--socket"]).arg(&self.sock).output().unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// `dwcp job cancel` of job `j`; whether it succeeded.
+    fn cancel(&self, j: &serde_json::Value) -> bool {
+        let id = j["id"].as_u64().unwrap().to_string();
+        Command::new(bin()).args(["job", "cancel", &id, "--socket"]).arg(&self.sock).output().unwrap().status.success()
+    }
 }
 
 /// A job with a deadline says, from PBA's 80% interval of the next second, whether it will be
@@ -995,7 +1012,6 @@ fn a_jobs_deadline_is_judged_from_pbas_interval() {
     let _load = heavy();
     let rig = JobRig::new();
     let (sock, rx_port) = (rig.sock.clone(), rig.rx_port);
-    let jobs = || rig.jobs();
     for (due, name, want) in [("2000s", "far.img", "on track"), ("6s", "near.img", "will miss")] {
         let mut send = Rx(Command::new(bin())
             .args(["send", "gen:64GiB", "--name", name, "--to", &format!("127.0.0.1:{rx_port}"), "--streams", "1", "--deadline", due, "--json", "--via-daemon"])
@@ -1006,20 +1022,18 @@ fn a_jobs_deadline_is_judged_from_pbas_interval() {
             .unwrap());
         let t = Instant::now();
         let j = loop {
-            let j = jobs().into_iter().find(|j| j["name"] == name);
-            if let Some(j) = j.filter(|j| j["deadline"]["verdict"].as_str().is_some_and(|v| v != "not predicted yet")) {
+            if let Some(j) = rig.job(name).filter(|j| j["deadline"]["verdict"].as_str().is_some_and(|v| v != "not predicted yet")) {
                 break j;
             }
-            assert!(t.elapsed() < Duration::from_secs(30), "no verdict for {name}: {:?}", jobs());
+            assert!(t.elapsed() < Duration::from_secs(30), "no verdict for {name}: {:?}", rig.jobs());
             std::thread::sleep(Duration::from_millis(100));
         };
         assert_eq!(j["deadline"]["verdict"], want, "{j}");
         let bounds = j["next_second_bps"].as_array().expect("PBA's interval").iter().map(|b| b.as_f64().unwrap()).collect::<Vec<_>>();
         assert!(bounds[0] > 0.0 && bounds[0] <= bounds[1], "{j}");
-        let o = Command::new(bin()).args(["job", "list", "--socket"]).arg(&sock).output().unwrap();
-        assert!(String::from_utf8_lossy(&o.stdout).contains(&format!("deadline: {want}")), "{}", String::from_utf8_lossy(&o.stdout));
-        let id = j["id"].as_u64().unwrap().to_string();
-        assert!(Command::new(bin()).args(["job", "cancel", &id, "--socket"]).arg(&sock).output().unwrap().status.success());
+        let text = rig.list_text();
+        assert!(text.contains(&format!("deadline: {want}")), "{text}");
+        assert!(rig.cancel(&j));
         assert!(!send.0.wait().unwrap().success(), "a cancelled job's send does not succeed");
     }
     // A small one, verified well within its deadline.
@@ -1029,7 +1043,7 @@ fn a_jobs_deadline_is_judged_from_pbas_interval() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let j = jobs().into_iter().find(|j| j["name"] == "small.img").unwrap();
+    let j = rig.job("small.img").unwrap();
     assert_eq!(j["deadline"]["verdict"], "met", "{j}");
     // A deadline that is not a duration is refused by name.
     let o = Command::new(bin()).args(["send", "gen:4MiB", "--to", &format!("127.0.0.1:{rx_port}"), "--deadline", "soon", "--via-daemon"]).arg(&sock).output().unwrap();
@@ -1044,7 +1058,6 @@ fn a_deadline_job_is_favoured_on_a_shared_link() {
     let _load = heavy();
     let rig = JobRig::new();
     let (sock, rx_port) = (rig.sock.clone(), rig.rx_port);
-    let jobs = || rig.jobs();
     let to = format!("127.0.0.1:{rx_port}");
     let spawn = |name: &str, deadline: Option<&str>| {
         let mut c = Command::new(bin());
@@ -1059,35 +1072,32 @@ fn a_deadline_job_is_favoured_on_a_shared_link() {
     // 64 GiB in 20 s needs more than this link: the copy is held to its floor.
     let t = Instant::now();
     let capped = loop {
-        let j = jobs().into_iter().find(|j| j["name"] == "copy.img" && j["share"]["cap_bps"].as_f64().is_some());
-        if let Some(j) = j {
+        if let Some(j) = rig.job("copy.img").filter(|j| j["share"]["cap_bps"].as_f64().is_some()) {
             break j;
         }
-        assert!(t.elapsed() < Duration::from_secs(20), "the copy was never capped: {:?}", jobs());
+        assert!(t.elapsed() < Duration::from_secs(20), "the copy was never capped: {:?}", rig.jobs());
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(capped["share"]["why"].as_str().unwrap().contains("no deadline"), "{capped}");
-    let o = Command::new(bin()).args(["job", "list", "--socket"]).arg(&sock).output().unwrap();
-    assert!(String::from_utf8_lossy(&o.stdout).contains("paced at "), "{}", String::from_utf8_lossy(&o.stdout));
-    let urgent = jobs().into_iter().find(|j| j["name"] == "urgent.img").unwrap();
+    let text = rig.list_text();
+    assert!(text.contains("paced at "), "{text}");
+    let urgent = rig.job("urgent.img").unwrap();
     assert!(urgent["share"]["why"].as_str().unwrap().contains("earliest deadline"), "{urgent}");
     // Over two seconds under the cap, the copy moves a fraction of what the deadline job does.
     std::thread::sleep(Duration::from_millis(500));
-    let acked = |name: &str| jobs().into_iter().find(|j| j["name"] == name).and_then(|j| j["acked_bytes"].as_u64()).unwrap_or(0);
+    let acked = |name: &str| rig.job(name).and_then(|j| j["acked_bytes"].as_u64()).unwrap_or(0);
     let (c0, u0) = (acked("copy.img"), acked("urgent.img"));
     std::thread::sleep(Duration::from_secs(2));
     let (c1, u1) = (acked("copy.img"), acked("urgent.img"));
     assert!((c1 - c0) * 4 < u1 - u0, "copy moved {} bytes, the deadline job {}", c1 - c0, u1 - u0);
     // The deadline job cancelled: the copy's cap is lifted.
-    let id = urgent["id"].as_u64().unwrap().to_string();
-    assert!(Command::new(bin()).args(["job", "cancel", &id, "--socket"]).arg(&sock).output().unwrap().status.success());
+    assert!(rig.cancel(&urgent));
     let t = Instant::now();
-    while jobs().into_iter().find(|j| j["name"] == "copy.img").is_some_and(|j| j["share"]["cap_bps"].as_f64().is_some()) {
+    while rig.job("copy.img").is_some_and(|j| j["share"]["cap_bps"].as_f64().is_some()) {
         assert!(t.elapsed() < Duration::from_secs(10), "the copy stayed capped");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let id = jobs().into_iter().find(|j| j["name"] == "copy.img").unwrap()["id"].as_u64().unwrap().to_string();
-    assert!(Command::new(bin()).args(["job", "cancel", &id, "--socket"]).arg(&sock).output().unwrap().status.success());
+    assert!(rig.cancel(&rig.job("copy.img").unwrap()));
 }
 
 /// Exit statuses a script can tell apart: a usage error, a key file that cannot be used, a
