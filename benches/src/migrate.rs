@@ -89,6 +89,9 @@ struct Env {
     dir: PathBuf,
     initrd: PathBuf,
     kernel: String,
+    /// The guest's RAM for `-m` (`hw-tests/migrate-guest mem`: not a multiple of 64 pages, which
+    /// QEMU 7.2 migrates wrongly under TCG).
+    mem: String,
     key: PathBuf,
 }
 
@@ -100,7 +103,8 @@ fn in_ns(ns: &str, args: &[String]) -> Command {
 
 impl Env {
     fn qemu(&self, ns: &str, tag: &str, incoming: &str) -> Proc {
-        let mut a: Vec<String> = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-m", "256", "-smp", "1", "-kernel", &self.kernel, "-initrd"].map(String::from).to_vec();
+        let mut a: Vec<String> =
+            ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-m", &self.mem, "-smp", "1", "-kernel", &self.kernel, "-initrd"].map(String::from).to_vec();
         a.push(self.initrd.display().to_string());
         a.extend(["-append", "console=ttyS0 quiet rdinit=/init", "-display", "none", "-nodefaults", "-serial"].map(String::from));
         a.push(format!("file:{}", self.dir.join(format!("{tag}.log")).display()));
@@ -411,6 +415,8 @@ fn main() {
     std::fs::create_dir_all(&dir).expect("target/bench/migrate");
     let k = Command::new(root.join("hw-tests/migrate-guest")).arg("kernel").output().expect("kernel");
     let kernel = String::from_utf8_lossy(&k.stdout).trim().to_string();
+    let m = Command::new(root.join("hw-tests/migrate-guest")).arg("mem").output().expect("migrate-guest mem");
+    let mem = String::from_utf8_lossy(&m.stdout).trim().to_string();
     let key = dir.join("key");
     Command::new(root.join("target/release/dwcp")).args(["keygen", "--force"]).arg(&key).stderr(Stdio::null()).status().expect("keygen");
     let link = |p: &str| -> Vec<&'static str> {
@@ -427,7 +433,7 @@ fn main() {
     let mut per_guest = serde_json::Map::new();
     println!("{:<8} {:<8} {:<20} {:>14} {:>9} {:>12} {:>7} {:>9} {:>9}", "guest", "link", "method", "status", "time s", "downtime ms", "rounds", "RAM MiB", "wire MiB");
     for w in &workloads {
-        let env = Env { root: root.clone(), dir: dir.clone(), initrd: guest(&root, &dir, w), kernel: kernel.clone(), key: key.clone() };
+        let env = Env { root: root.clone(), dir: dir.clone(), initrd: guest(&root, &dir, w), kernel: kernel.clone(), mem: mem.clone(), key: key.clone() };
         let mut by_profile = serde_json::Map::new();
         for p in &profiles {
             let up = Command::new(root.join("hw-tests/wan")).arg("up").args(link(p)).output().expect("wan up");
