@@ -75,6 +75,20 @@ pub struct Api {
     /// may open it may make this host send). Unset: the daemon runs no transfers.
     #[serde(default)]
     pub socket: Option<PathBuf>,
+    /// Where the daemon records each transfer in flight (mode 0700), so that a daemon restarted
+    /// mid-transfer takes it up again: a resumable one resumes, the others end failed with the
+    /// reason (default: `jobs` beside the socket; under systemd, somewhere that outlives the
+    /// runtime directory, such as `/var/lib/dwcp/jobs`).
+    #[serde(default)]
+    pub jobs_dir: Option<PathBuf>,
+}
+
+impl Api {
+    /// The directory of job records (see [`Api::jobs_dir`]); `None` without a jobs socket.
+    pub fn jobs_dir(&self) -> Option<PathBuf> {
+        let sock = self.socket.as_ref()?;
+        Some(self.jobs_dir.clone().unwrap_or_else(|| sock.parent().unwrap_or(std::path::Path::new(".")).join("jobs")))
+    }
 }
 
 /// `[mode]` thresholds.
@@ -255,7 +269,7 @@ fn default_node() -> Node {
     Node { name: default_name(), listen: default_listen(), out: default_out(), key_file: None, allow_plaintext: false }
 }
 fn default_api_table() -> Api {
-    Api { listen: default_api(), socket: None }
+    Api { listen: default_api(), socket: None, jobs_dir: None }
 }
 fn default_mode() -> ModeCfg {
     ModeCfg {

@@ -248,11 +248,17 @@ impl Component for JobsC {
         let psk = ctx.get::<Psk>().ok_or("keys missing")?;
         let host = crate::engine::host(None).map_err(|e| e.to_string())?;
         let nodes = self.0.host.get().map(|h| h.numa.clone()).unwrap_or_default();
-        let jobs = crate::jobs::Jobs::new((*psk).clone(), host, nodes, self.0.config.thresholds(), self.0.config.transfer.clone());
+        let records = match self.0.config.api.jobs_dir() {
+            Some(d) => Some(crate::jobs::records::Records::open(&d)?),
+            None => None,
+        };
+        let jobs = crate::jobs::Jobs::new((*psk).clone(), host, nodes, self.0.config.thresholds(), self.0.config.transfer.clone(), records);
         let listener = bind_private(path)?;
         let server = Arc::new(tiny_http::Server::from_listener(listener, None).map_err(|e| format!("api.socket {}: {e}", path.display()))?);
         let _ = self.0.jobs.set(jobs.clone());
         let srv = server.clone();
+        // What a previous daemon left running is taken up before new requests are served.
+        jobs.recover();
         std::thread::Builder::new().name("dwcp-jobs".into()).spawn(move || jobs.serve(&srv)).map_err(|e| e.to_string())?;
         ctx.put(JobsServer(server, path.clone()));
         Ok(())

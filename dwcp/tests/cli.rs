@@ -1197,3 +1197,83 @@ fn a_trace_becomes_a_plot() {
     let o = Command::new(bin()).arg("plot-trace").arg(d.path().join("nothing.csv")).output().unwrap();
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("nothing.csv"));
 }
+
+/// A daemon killed (SIGKILL) while a job runs: the receiver publishes nothing of it; the daemon
+/// started again takes the job up from its record under the same id and resumes it, sending
+/// only what the receiver does not hold, and the object is verified whole. A job that cannot
+/// resume (HDE) ends failed with the reason instead.
+#[test]
+fn a_daemon_restarted_mid_job_resumes_it_and_never_half_publishes() {
+    let _load = heavy();
+    let d = tempfile::tempdir().unwrap();
+    let key = keygen(d.path());
+    let (port, api, rx_port) = (free_port(), free_port(), free_port());
+    let sock = d.path().join("api.sock");
+    let cfg = daemon_config(d.path(), &key, port, api, Some(&sock));
+    let start = || {
+        let dm = Rx(Command::new(bin()).args(["daemon", "--config"]).arg(&cfg).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+        wait_listening(api);
+        dm
+    };
+    let out = d.path().join("received");
+    std::fs::create_dir(&out).unwrap();
+    let _rx = spawn_recv(&key, rx_port, &["--out", out.to_str().unwrap()], &[], true);
+    let list = || -> Vec<serde_json::Value> {
+        let o = Command::new(bin()).args(["job", "list", "--json", "--socket"]).arg(&sock).output().unwrap();
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).ok().and_then(|v| v.as_array().cloned()).unwrap_or_default()
+    };
+    let until = |name: &str, what: &str, f: &dyn Fn(&serde_json::Value) -> bool| -> serde_json::Value {
+        let t = Instant::now();
+        loop {
+            if let Some(j) = list().into_iter().find(|j| j["name"] == name && f(j)) {
+                return j;
+            }
+            assert!(t.elapsed() < Duration::from_secs(60), "{name} never {what}: {:?}", list());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let mut dm = start();
+    let to = format!("127.0.0.1:{rx_port}");
+    let submit = |src: &str, name: &str, extra: &[&str]| {
+        Rx(Command::new(bin())
+            .args(["send", src, "--name", name, "--to", &to, "--streams", "1", "--json"])
+            .args(extra)
+            .arg("--via-daemon")
+            .arg(&sock)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap())
+    };
+    let _big = submit("gen:6GiB:5", "big.img", &[]);
+    let _hde = submit("gen:4GiB:6", "paged.img", &["--hde", "on"]);
+    let running = until("big.img", "ran", &|j| j["state"] == "running" && j["acked_bytes"].as_u64().unwrap_or(0) > 64 << 20);
+    until("paged.img", "ran", &|j| j["state"] == "running");
+    assert!(running["acked_bytes"].as_u64().unwrap() < 3 << 30, "killed in its first half: {running}");
+    dm.0.kill().unwrap();
+    dm.0.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!out.join("big.img").exists() && !out.join("paged.img").exists(), "nothing published by a killed sender");
+
+    let _dm = start();
+    let j = until("big.img", "ended", &|j| !matches!(j["state"].as_str(), Some("starting" | "running")));
+    assert_eq!(j["state"], "verified", "{j}");
+    assert_eq!(j["id"], running["id"], "taken up under its id: {j}");
+    assert_eq!(j["restarts"], 1, "{j}");
+    let skipped = j["result"]["skipped"].as_u64().unwrap();
+    assert!((64 << 20..6 << 30).contains(&skipped), "resumed from what the receiver held, not from zero: {j}");
+    assert_eq!(std::fs::metadata(out.join("big.img")).unwrap().len(), 6 << 30);
+    let p = until("paged.img", "ended", &|j| j["state"] != "running" && j["state"] != "starting");
+    assert_eq!(p["state"], "failed", "{p}");
+    assert!(p["result"]["error"].as_str().unwrap().contains("an HDE transfer cannot resume"), "{p}");
+    assert!(!out.join("paged.img").exists());
+    let text = String::from_utf8(Command::new(bin()).args(["job", "list", "--socket"]).arg(&sock).output().unwrap().stdout).unwrap();
+    assert!(text.contains("taken up again after 1 daemon restart"), "{text}");
+    let records: Vec<_> = std::fs::read_dir(d.path().join("jobs")).unwrap().flatten().map(|e| e.file_name()).filter(|n| n.to_string_lossy().ends_with(".json")).collect();
+    assert!(records.is_empty(), "ended jobs leave no record: {records:?}");
+    // Ids go on from the last one recorded, not from 1 again.
+    let o = Command::new(bin()).args(["send", "gen:1MiB", "--name", "after.img", "--to", &to, "--json", "--via-daemon"]).arg(&sock).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let after = list().into_iter().find(|j| j["name"] == "after.img").unwrap();
+    assert!(after["id"].as_u64() > p["id"].as_u64().max(j["id"].as_u64()), "{after}");
+}

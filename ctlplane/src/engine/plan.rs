@@ -112,7 +112,7 @@ pub enum AcpChoice {
 /// What a caller asks of one send: every field optional (`auto`), as `dwcp send`'s flags, a
 /// daemon job's JSON or the C ABI's options give it. Unknown fields are refused, so a typo in
 /// a job is an error and not a silent default.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Request {
     /// Receiver, HOST:PORT.

@@ -6,7 +6,12 @@
 //! At most [`MAX_RUNNING`] run at once; the latest [`KEEP`] are remembered. A transfer whose
 //! request names no cores is placed by ITP ([`crate::itp::place`]): next to the NIC its peer is
 //! routed through, on the cores the running transfers use least; its placement and the reason
-//! are part of its JSON.
+//! are part of its JSON. Each transfer in flight is recorded in `api.jobs_dir`
+//! ([`records`]): a daemon restarted mid-transfer resumes the ones that can resume (the
+//! receiver keeps what it got) and ends the others failed, with the reason; either way nothing
+//! is half-published.
+
+pub mod records;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::Read;
@@ -22,6 +27,7 @@ use crate::engine::{self, Host, Request};
 use crate::host::NumaNode;
 use crate::itp::{self, Placement};
 use crate::mode::Thresholds;
+use records::{Record, Records};
 
 /// Transfers running at once; a request beyond gets 503 with the reason.
 pub const MAX_RUNNING: usize = 16;
@@ -62,6 +68,8 @@ struct Job {
     share: Option<itp::Cap>,
     /// Bytes acknowledged at the last sharing tick.
     tick_acked: u64,
+    /// Times a restarted daemon took it up again.
+    restarts: u32,
 }
 
 impl Job {
@@ -71,6 +79,9 @@ impl Job {
             _ => self.started.elapsed().as_secs_f64(),
         };
         let mut j = json!({"id": self.id, "name": self.name, "to": self.to, "elapsed_s": elapsed});
+        if self.restarts > 0 {
+            j["restarts"] = self.restarts.into();
+        }
         if let Some(p) = &self.placement {
             j["placement"] = serde_json::to_value(p).unwrap_or_default();
         }
@@ -189,6 +200,8 @@ pub struct Jobs {
     nodes: Vec<NumaNode>,
     thresholds: Thresholds,
     defaults: crate::config::TransferDefaults,
+    /// Where the jobs in flight are recorded (none: they end with the daemon).
+    records: Option<Records>,
     book: Mutex<Book>,
 }
 
@@ -203,8 +216,11 @@ impl Jobs {
     /// Transfers sent with `psk` from `host` (whose NUMA nodes are `nodes`), planned with
     /// `thresholds`, what a request leaves unset filled from `defaults` (the config's `[transfer]`).
     /// A thread shares each link between its jobs every [`TICK`] until the last `Arc` is dropped.
-    pub fn new(psk: Psk, host: Host, nodes: Vec<NumaNode>, thresholds: Thresholds, defaults: crate::config::TransferDefaults) -> Arc<Self> {
-        let me = Arc::new(Self { psk, host, nodes, thresholds, defaults, book: Mutex::new(Book::default()) });
+    /// With `records`, each job in flight is recorded there, and ids go on from the last one
+    /// recorded.
+    pub fn new(psk: Psk, host: Host, nodes: Vec<NumaNode>, thresholds: Thresholds, defaults: crate::config::TransferDefaults, records: Option<Records>) -> Arc<Self> {
+        let book = Book { next: records.as_ref().map_or(0, Records::last_id), ..Book::default() };
+        let me = Arc::new(Self { psk, host, nodes, thresholds, defaults, records, book: Mutex::new(book) });
         let weak = Arc::downgrade(&me);
         let _ = std::thread::Builder::new().name("dwcp-share".into()).spawn(move || {
             while let Some(jobs) = weak.upgrade() {
@@ -262,26 +278,45 @@ impl Jobs {
         if let Err(e) = req.check_detached("the daemon") {
             return error(400, e.to_string());
         }
-        let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let id = self.with(|b| {
+        let Some(id) = self.admit(None, &req, Instant::now(), 0) else {
+            return error(503, format!("{MAX_RUNNING} transfers are running; try again when one ends"));
+        };
+        if let Some(rs) = &self.records {
+            let r = Record { id, request: req.clone(), submitted_ms: records::now_ms(), chunk_size: None, restarts: 0 };
+            if let Err(e) = rs.write(&r) {
+                let msg = format!("recording the transfer in {}: {e} (free space there or set api.jobs_dir)", rs.dir().display());
+                self.end(id, "failed", json!({ "error": msg }));
+                return error(500, msg);
+            }
+        }
+        self.spawn(id, req);
+        (202, json!({"id": id, "href": format!("/transfers/{id}")}))
+    }
+
+    /// Books a job for `req` (id `id`, or the next), started at `started`: its id, or `None`
+    /// when [`MAX_RUNNING`] run already.
+    fn admit(&self, id: Option<u64>, req: &Request, started: Instant, restarts: u32) -> Option<u64> {
+        self.with(|b| {
             let running = b.list.iter().filter(|j| !matches!(j.phase, Phase::Ended { .. })).count();
             if running >= MAX_RUNNING {
                 return None;
             }
-            b.next += 1;
+            let id = id.unwrap_or_else(|| b.next + 1);
+            b.next = b.next.max(id);
             let job = Job {
-                id: b.next,
+                id,
                 name: req.name.clone().unwrap_or_default(),
                 to: req.to.clone(),
-                started: Instant::now(),
+                started,
                 phase: Phase::Starting,
-                cancel: cancel.clone(),
+                cancel: Arc::default(),
                 placement: None,
                 held: Vec::new(),
                 deadline_s: req.deadline_s,
                 peer: None,
                 share: None,
                 tick_acked: 0,
+                restarts,
             };
             b.list.push_back(job);
             while b.list.len() > KEEP {
@@ -290,21 +325,61 @@ impl Jobs {
                     None => break,
                 }
             }
-            Some(b.next)
-        });
-        let Some(id) = id else {
-            return error(503, format!("{MAX_RUNNING} transfers are running; try again when one ends"));
-        };
+            Some(id)
+        })
+    }
+
+    /// Runs booked job `id` on its own thread.
+    fn spawn(self: &Arc<Self>, id: u64, req: Request) {
+        let cancel = self.with(|b| b.job(id).map(|j| j.cancel.clone())).unwrap_or_default();
         let me = self.clone();
         let spawned = std::thread::Builder::new().name(format!("dwcp-job-{id}")).spawn(move || me.run(id, req, cancel));
         if let Err(e) = spawned {
             self.end(id, "failed", json!({"error": format!("starting its thread: {e}")}));
-            return error(500, format!("starting the transfer's thread: {e}"));
         }
-        (202, json!({"id": id, "href": format!("/transfers/{id}")}))
+    }
+
+    /// Takes up the jobs a previous daemon left recorded (it stopped or crashed while they ran):
+    /// one that can resume is sent again with `resume` (the receiver keeps what it got, so only
+    /// the rest moves), under its id and counting its deadline from its first submission; any
+    /// other ends failed with the reason. Nothing a previous run sent is published unverified
+    /// either way: the receiver publishes only after the whole object's digest matches.
+    pub fn recover(self: &Arc<Self>) {
+        let Some(rs) = &self.records else { return };
+        let (found, bad) = rs.load();
+        for b in bad {
+            tracing::warn!("job record not taken up: {b}");
+        }
+        for r in found {
+            let mut req = r.request.clone();
+            let age = std::time::Duration::from_millis(records::now_ms().saturating_sub(r.submitted_ms));
+            let started = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+            let restarts = r.restarts + 1;
+            let why_not = resumable(&req).err();
+            let Some(id) = self.admit(Some(r.id), &req, started, restarts) else {
+                tracing::warn!(id = r.id, "job record not taken up: {MAX_RUNNING} transfers are running");
+                continue;
+            };
+            if let Some(why) = why_not {
+                let msg = format!("the daemon restarted while it ran, and {why}: nothing of it was published; submit it again");
+                tracing::warn!(id, "{msg}");
+                self.end(id, "failed", json!({ "error": msg }));
+                continue;
+            }
+            req.resume = true;
+            req.chunk_size = r.chunk_size.or(req.chunk_size);
+            if let Err(e) = rs.write(&Record { request: req.clone(), restarts, ..r }) {
+                tracing::warn!(id, "updating its record: {e}");
+            }
+            tracing::info!(id, name = %req.name.as_deref().unwrap_or(""), restarts, "taking up a transfer a previous daemon left: resuming it");
+            self.spawn(id, req);
+        }
     }
 
     fn end(&self, id: u64, state: &'static str, result: Value) {
+        if let Some(rs) = &self.records {
+            rs.remove(id);
+        }
         self.with(|b| {
             let Some(j) = b.job(id) else { return };
             let (_, acked, total) = j.bytes();
@@ -376,6 +451,13 @@ impl Jobs {
         };
         let plan = serde_json::to_value(t.plan()).unwrap_or_default();
         let progress = t.progress().clone();
+        // A restarted daemon resumes it with this chunk size (the receiver's journal is per
+        // chunk size).
+        if let Some(rs) = &self.records
+            && let Err(e) = rs.update(id, |r| r.chunk_size = Some(t.plan().chunk_size))
+        {
+            tracing::warn!(id, "updating its record: {e}");
+        }
         // The plan may open fewer streams than the placement assumed.
         self.with(|b| b.hold(id, usize::from(t.plan().streams)));
         self.with(|b| {
@@ -451,6 +533,19 @@ impl Jobs {
             let _ = req.respond(tiny_http::Response::from_string(format!("{v}\n")).with_status_code(code).with_header(h));
         }
     }
+}
+
+/// Whether a transfer can be taken up by a restarted daemon: resumed, sending only what the
+/// receiver does not hold yet.
+fn resumable(req: &Request) -> Result<(), String> {
+    use crate::engine::plan::Choice;
+    if req.hde == Choice::On || req.round_of.is_some() || req.dirty.is_some() {
+        return Err("an HDE transfer cannot resume".into());
+    }
+    if req.qemu || req.source == "-" {
+        return Err("a stream cannot be read again".into());
+    }
+    Ok(())
 }
 
 /// Takes back the shards `held` from `load` (a core with none left leaves the map).
