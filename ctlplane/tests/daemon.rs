@@ -227,3 +227,100 @@ fn the_daemon_runs_transfers_through_the_engine() {
     dm.shutdown();
     assert!(!sock.exists(), "the socket goes with the daemon");
 }
+
+/// An HTTP/1.0 `GET /transfers/ID/events` on the jobs socket: the status code, and the stream
+/// positioned at the first event line.
+fn events(sock: &Path, id: u64) -> (u16, std::io::BufReader<std::os::unix::net::UnixStream>) {
+    use std::io::BufRead;
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(s, "GET /transfers/{id}/events HTTP/1.0\r\n\r\n").unwrap();
+    let mut r = std::io::BufReader::new(s);
+    let mut l = String::new();
+    r.read_line(&mut l).unwrap();
+    let code = l.split_whitespace().nth(1).unwrap().parse().unwrap();
+    while {
+        l.clear();
+        r.read_line(&mut l).unwrap() > 0 && l != "\r\n"
+    } {}
+    (code, r)
+}
+
+fn next_event(r: &mut impl std::io::BufRead) -> serde_json::Value {
+    let mut l = String::new();
+    assert!(r.read_line(&mut l).unwrap() > 0, "the event stream ended early");
+    serde_json::from_str(&l).unwrap()
+}
+
+/// A transfer followed as a stream of events: its state, then its progress as it moves (read
+/// while it still runs, not gathered until the end), then its end; at most `MAX_WATCHERS`
+/// streams are open at once, the next is refused with the reason; an unknown transfer is named.
+#[test]
+fn a_transfer_is_followed_as_a_stream_of_events_and_watchers_are_bounded() {
+    let d = tempfile::tempdir().unwrap();
+    let sock = d.path().join("dwcp.sock");
+    let mut cfg = config(d.path(), "");
+    cfg.api.socket = Some(sock.clone());
+    let psk = Psk::from_file(&d.path().join("key")).unwrap();
+    let rx = dataplane::recv::start(dataplane::recv::RecvOptions::new("127.0.0.1:0", dataplane::recv::Sink::Discard, psk)).unwrap();
+    let dm = daemon::run(cfg, true).expect("boot");
+    let (code, j) = unix_http(&sock, "POST", "/transfers", &format!(r#"{{"to":"{}","source":"gen:64GiB","name":"ev.img","streams":1}}"#, rx.local_addr));
+    assert_eq!(code, 202, "{j}");
+    let id = j["id"].as_u64().unwrap();
+    let (code, mut r) = events(&sock, id);
+    assert_eq!(code, 200);
+    let first = next_event(&mut r);
+    assert_eq!(first["event"], "state", "{first}");
+    let mut progress = Vec::new();
+    while progress.len() < 3 {
+        let e = next_event(&mut r);
+        if e["event"] == "progress" && e["acked_bytes"].as_u64().unwrap() > 0 {
+            // Streamed as it happens: the transfer still runs when its progress arrives.
+            assert_eq!(unix_http(&sock, "GET", &format!("/transfers/{id}"), "").1["state"], "running");
+            progress.push(e);
+        }
+    }
+    let acked: Vec<u64> = progress.iter().map(|e| e["acked_bytes"].as_u64().unwrap()).collect();
+    assert!(acked.windows(2).all(|w| w[0] < w[1]), "bytes move between events: {acked:?}");
+    assert!(progress[2]["bps"].as_f64().unwrap() > 0.0 && progress[2]["total_bytes"] == 64u64 << 30, "{}", progress[2]);
+
+    let jobs = dm.state.jobs.get().unwrap();
+    let mut open: Vec<_> = (1..ctlplane::jobs::MAX_WATCHERS).map(|_| events(&sock, id)).collect();
+    assert!(open.iter().all(|(c, _)| *c == 200));
+    let (code, mut over) = events(&sock, id);
+    assert_eq!(code, 503, "one event stream more than allowed");
+    let mut body = String::new();
+    over.read_to_string(&mut body).unwrap();
+    assert!(body.contains("event streams are open"), "{body}");
+    // The cancel ends every stream with the transfer's end.
+    assert_eq!(unix_http(&sock, "DELETE", &format!("/transfers/{id}"), "").0, 202);
+    let end = loop {
+        let e = next_event(&mut r);
+        if e["event"] != "progress" {
+            break e;
+        }
+    };
+    assert_eq!(end["event"], "ended", "{end}");
+    assert_eq!(end["job"]["state"], "cancelled", "{end}");
+    for (_, o) in &mut open {
+        let mut rest = String::new();
+        o.read_to_string(&mut rest).unwrap();
+        assert!(rest.lines().last().is_some_and(|l| l.contains(r#""event":"ended""#)), "{rest}");
+    }
+    open.clear();
+    // The streams' threads are given back: a new one opens, and an ended transfer's ends at once.
+    let t = Instant::now();
+    let (code, mut again) = loop {
+        let (code, r) = events(&sock, id);
+        if code == 200 || t.elapsed() > Duration::from_secs(5) {
+            break (code, r);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(code, 200);
+    assert_eq!(next_event(&mut again)["event"], "ended");
+    let (code, _) = events(&sock, 999);
+    assert_eq!(code, 404, "an unknown transfer is named");
+    drop(jobs);
+    dm.shutdown();
+}

@@ -211,25 +211,51 @@ pub fn job_submit(sock: &std::path::Path, req: &ctlplane::engine::Request, json:
     job_watch(sock, id, json)
 }
 
-/// `dwcp job watch ID`: a progress bar until it ends, then the summary; fails unless verified.
+/// `dwcp job watch ID`: follows the job's event stream (`GET /transfers/ID/events`) with a
+/// progress bar until it ends, then the summary; fails unless verified.
 pub fn job_watch(sock: &std::path::Path, id: u64, json: bool) -> Result<()> {
-    use std::io::IsTerminal;
+    use std::io::{BufRead, IsTerminal};
     let bar = (!json && std::io::stderr().is_terminal()).then(|| crate::fmt::progress_bar(None));
-    let end = loop {
-        let (code, j) = job_http(sock, "GET", &format!("/transfers/{id}"), "")?;
-        job_ok(code, &j, &format!("watching transfer {id}"))?;
-        match j["state"].as_str() {
-            Some("starting" | "running") => {
+    let mut s = std::os::unix::net::UnixStream::connect(sock)
+        .with_context(|| format!("no dwcp daemon answers on {} (is it running with api.socket set? may you open the socket?)", sock.display()))?;
+    write!(s, "GET /transfers/{id}/events HTTP/1.0\r\n\r\n")?;
+    let mut r = std::io::BufReader::new(s);
+    let mut status = String::new();
+    r.read_line(&mut status)?;
+    let code: u16 = status.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    // The head, up to its blank line.
+    let mut l = String::new();
+    while r.read_line(&mut l)? > 0 && l != "\r\n" {
+        l.clear();
+    }
+    if code != 200 {
+        let mut body = String::new();
+        r.read_to_string(&mut body)?;
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        job_ok(code, &v, &format!("watching transfer {id}"))?;
+    }
+    let mut end = None;
+    for line in r.lines() {
+        let e: serde_json::Value = serde_json::from_str(&line?).context("the daemon's event stream: not JSON")?;
+        match e["event"].as_str() {
+            Some("progress") => {
                 if let Some(b) = &bar {
-                    if let Some(t) = j["total_bytes"].as_u64().filter(|&t| t > 0) {
+                    if let Some(t) = e["total_bytes"].as_u64().filter(|&t| t > 0) {
                         b.set_length(t);
                     }
-                    b.set_position(j["acked_bytes"].as_u64().unwrap_or(0));
+                    b.set_position(e["acked_bytes"].as_u64().unwrap_or(0));
                 }
-                std::thread::sleep(Duration::from_millis(200));
             }
-            _ => break j,
+            Some("ended") => {
+                end = Some(e["job"].clone());
+                break;
+            }
+            Some("gone") => bail!("watching transfer {id}: {}", e["error"].as_str().unwrap_or("it is gone")),
+            _ => {}
         }
+    }
+    let Some(end) = end else {
+        bail!("the daemon closed transfer {id}'s event stream before it ended (did the daemon stop? a restarted daemon takes it up again: `dwcp job watch {id}`)");
     };
     if let Some(b) = &bar {
         b.finish_and_clear();

@@ -2,7 +2,9 @@
 //! are asked for on a Unix socket (`api.socket`, created mode 0600: whoever may open it may
 //! make this host send): `POST /transfers` with an engine [`Request`] as JSON starts one,
 //! `GET /transfers` lists them, `GET /transfers/ID` shows one (its plan, bytes acknowledged,
-//! and at the end its result), `DELETE /transfers/ID` cancels one (nothing is published).
+//! and at the end its result), `GET /transfers/ID/events` follows one as a stream of events
+//! (one JSON object a line: its state when it changes, its progress every [`EVENT_EVERY`], the
+//! end), `DELETE /transfers/ID` cancels one (nothing is published).
 //! At most [`MAX_RUNNING`] run at once; the latest [`KEEP`] are remembered. A transfer whose
 //! request names no cores is placed by ITP ([`crate::itp::place`]): next to the NIC its peer is
 //! routed through, on the cores the running transfers use least; its placement and the reason
@@ -14,7 +16,7 @@
 pub mod records;
 
 use std::collections::{BTreeMap, VecDeque};
-use std::io::Read;
+use std::io::{Read, Write};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -35,6 +37,10 @@ pub const MAX_RUNNING: usize = 16;
 pub const KEEP: usize = 100;
 /// Largest request body, bytes.
 const MAX_BODY: u64 = 64 << 10;
+/// Event streams open at once (each holds a thread while its transfer runs).
+pub const MAX_WATCHERS: usize = 64;
+/// How often an event stream reports a running transfer's progress.
+pub const EVENT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Where a transfer is.
 #[derive(Debug, Clone)]
@@ -512,13 +518,63 @@ impl Jobs {
             ("GET", _, Some(Ok(id))) => self.get(id),
             ("DELETE", _, Some(Ok(id))) => self.cancel(id),
             (_, _, Some(Err(_))) => error(404, "a transfer's id is a number: /transfers/ID"),
-            _ => error(404, "try POST /transfers, GET /transfers, GET or DELETE /transfers/ID"),
+            _ => error(404, "try POST /transfers, GET /transfers, GET or DELETE /transfers/ID, GET /transfers/ID/events"),
         }
     }
 
-    /// Serves `server` (the jobs socket) until it is unblocked.
+    /// The events of transfer `id` from now until it ends, written to `out` one JSON line each
+    /// (flushed at once): `{"event":"state","job":...}` first and at each change of state,
+    /// `{"event":"progress",...}` every [`EVENT_EVERY`] while it runs (bytes acknowledged of
+    /// how many, the rate over the interval, PBA's next-second interval and the deadline's
+    /// verdict when it has them), `{"event":"ended","job":...}` last. Returns once it ended
+    /// or the reader went away.
+    pub fn events(&self, id: u64, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        let mut line = |v: Value| -> std::io::Result<()> {
+            out.write_all(format!("{v}\n").as_bytes())?;
+            out.flush()
+        };
+        let mut last_state = String::new();
+        let mut last: Option<(Instant, u64)> = None;
+        loop {
+            let Some(j) = self.with(|b| b.list.iter().find(|j| j.id == id).map(Job::json)) else {
+                return line(json!({"event": "gone", "id": id, "error": format!("no transfer {id}")}));
+            };
+            let state = j["state"].as_str().unwrap_or("").to_owned();
+            if !matches!(state.as_str(), "starting" | "running") {
+                return line(json!({"event": "ended", "job": j}));
+            }
+            if state != last_state {
+                line(json!({"event": "state", "job": j}))?;
+                last_state = state;
+            } else if state == "running" {
+                let (now, acked) = (Instant::now(), j["acked_bytes"].as_u64().unwrap_or(0));
+                let bps = last.map(|(t, a)| acked.saturating_sub(a) as f64 * 8.0 / now.duration_since(t).as_secs_f64().max(1e-3));
+                last = Some((now, acked));
+                let mut e = json!({"event": "progress", "id": id, "acked_bytes": acked, "total_bytes": j["total_bytes"], "elapsed_s": j["elapsed_s"]});
+                if let Some(b) = bps {
+                    e["bps"] = json!(b.round());
+                }
+                for k in ["next_second_bps", "deadline", "share"] {
+                    if !j[k].is_null() {
+                        e[k] = j[k].clone();
+                    }
+                }
+                line(e)?;
+            }
+            std::thread::sleep(EVENT_EVERY);
+        }
+    }
+
+    /// Serves `server` (the jobs socket) until it is unblocked. An event stream gets its own
+    /// thread (at most [`MAX_WATCHERS`]), so that it does not hold up the other requests.
     pub fn serve(self: &Arc<Self>, server: &tiny_http::Server) {
+        let watchers = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         for mut req in server.incoming_requests() {
+            let events = req.url().split('?').next().and_then(|p| p.strip_prefix("/transfers/")).and_then(|p| p.strip_suffix("/events")).map(str::parse::<u64>);
+            if let (&tiny_http::Method::Get, Some(Ok(id))) = (req.method(), events) {
+                self.serve_events(req, id, &watchers);
+                continue;
+            }
             let mut body = Vec::new();
             let read = req.as_reader().take(MAX_BODY + 1).read_to_end(&mut body);
             let (code, v) = match read {
@@ -531,6 +587,35 @@ impl Jobs {
             };
             let h = tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..]).expect("header");
             let _ = req.respond(tiny_http::Response::from_string(format!("{v}\n")).with_status_code(code).with_header(h));
+        }
+    }
+}
+
+impl Jobs {
+    /// Answers `GET /transfers/ID/events` on a thread of its own: the response's head, then
+    /// [`Jobs::events`] on the raw connection (tiny_http's chunked writer would hold the lines
+    /// back until 8 KiB gathered), ended by closing it.
+    fn serve_events(self: &Arc<Self>, req: tiny_http::Request, id: u64, watchers: &Arc<std::sync::atomic::AtomicUsize>) {
+        let respond = |req: tiny_http::Request, (code, v): Reply| {
+            let h = tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..]).expect("header");
+            let _ = req.respond(tiny_http::Response::from_string(format!("{v}\n")).with_status_code(code).with_header(h));
+        };
+        if self.with(|b| b.list.iter().all(|j| j.id != id)) {
+            return respond(req, error(404, format!("no transfer {id}")));
+        }
+        if watchers.fetch_add(1, Relaxed) >= MAX_WATCHERS {
+            watchers.fetch_sub(1, Relaxed);
+            return respond(req, error(503, format!("{MAX_WATCHERS} event streams are open; poll GET /transfers/{id} instead")));
+        }
+        let (me, count) = (self.clone(), watchers.clone());
+        let spawned = std::thread::Builder::new().name(format!("dwcp-events-{id}")).spawn(move || {
+            let mut w = req.into_writer();
+            let head = "HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n";
+            let _ = w.write_all(head.as_bytes()).and_then(|()| me.events(id, &mut w));
+            count.fetch_sub(1, Relaxed);
+        });
+        if spawned.is_err() {
+            watchers.fetch_sub(1, Relaxed);
         }
     }
 }
