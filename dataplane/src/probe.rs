@@ -75,11 +75,19 @@ pub fn measure(addr: &str, psk: &Psk, o: ProbeOptions) -> Result<PathEstimate, H
     let t = Instant::now();
     conn.write_frame(FrameType::Hello, 0, &Hello::Probe.encode())?;
     let (_, w) = conn.expect(FrameType::Welcome, "opening a probe")?;
-    let mut rtts = vec![kx, t.elapsed()];
+    let rtts = vec![kx, t.elapsed()];
     // The Welcome says whether the receiver takes plaintext (each Reply says it again).
     let welcome = wire::Welcome::decode(&w).map_err(|source| HandshakeError::Wire { during: "reading the probe's welcome", source })?;
-    let mut plaintext_ok = welcome.caps.transports & wire::TRANSPORT_PLAINTEXT != 0;
-    let long = o.long_path_rtt.is_some_and(|r| rtts.iter().all(|&t| t >= r));
+    let plaintext_ok = welcome.caps.transports & wire::TRANSPORT_PLAINTEXT != 0;
+    let est = measure_on(&mut conn, rtts, plaintext_ok, o)?;
+    let _ = conn.sock.shutdown(std::net::Shutdown::Both);
+    Ok(est)
+}
+
+/// Measures the path on `conn`, a probe connection past its Welcome (a warm sender's parked
+/// stream, say), which stays open; `rtts`: round trips already timed on it.
+pub fn measure_on(conn: &mut Conn, mut rtts: Vec<Duration>, mut plaintext_ok: bool, o: ProbeOptions) -> Result<PathEstimate, HandshakeError> {
+    let long = o.long_path_rtt.is_some_and(|r| !rtts.is_empty() && rtts.iter().all(|&t| t >= r));
     let pings = if long { 0 } else { o.rtt_samples.saturating_sub(2) };
     let least = |r: &[Duration]| r.iter().copied().min().unwrap_or_default();
     let recheck = |r: &[Duration]| o.recheck_above.is_some_and(|above| least(r) > above);
@@ -89,7 +97,7 @@ pub fn measure(addr: &str, psk: &Psk, o: ProbeOptions) -> Result<PathEstimate, H
         }
         let t = Instant::now();
         conn.write_frame(FrameType::Probe, 0, &ProbeMsg::Ping { seq }.encode(0))?;
-        match read_msg(&mut conn, "waiting for a probe reply")? {
+        match read_msg(conn, "waiting for a probe reply")? {
             ProbeMsg::Reply { seq: s, plaintext_ok: p, .. } if s == seq => plaintext_ok = p,
             m => return Err(unexpected("waiting for a probe reply", m)),
         }
@@ -105,25 +113,30 @@ pub fn measure(addr: &str, psk: &Psk, o: ProbeOptions) -> Result<PathEstimate, H
             let last = u64::from(seq) + 1 == frames;
             conn.write_frame(FrameType::Probe, 0, &ProbeMsg::Bulk { seq, last }.encode(pad))?;
         }
-        match read_msg(&mut conn, "waiting for the bulk probe's reply")? {
+        match read_msg(conn, "waiting for the bulk probe's reply")? {
             ProbeMsg::Reply { bytes, span_ns, .. } if span_ns > 0 => bw_bps = bytes as f64 * 8.0 / (span_ns as f64 / 1e9),
             ProbeMsg::Reply { .. } => {}
             m => return Err(unexpected("waiting for the bulk probe's reply", m)),
         }
     }
-    let _ = conn.sock.shutdown(std::net::Shutdown::Both);
     Ok(PathEstimate { rtt_min: rtts[0], rtt_median: rtts[rtts.len() / 2], bw_bps, plaintext_ok, samples: rtts.len() })
 }
 
-/// Serves a probe connection after its Welcome, until the prober closes it.
-pub fn serve(conn: &mut Conn, plaintext_ok: bool) -> Result<(), HandshakeError> {
+/// Serves a probe connection after its Welcome until the prober closes it (`None`) or sends a
+/// Hello on it, which is returned: a parked stream being taken into a session.
+pub fn serve(conn: &mut Conn, plaintext_ok: bool) -> Result<Option<(wire::FrameHeader, Vec<u8>)>, HandshakeError> {
     const DURING: &str = "serving a probe";
     let (mut first, mut bytes, mut total) = (None::<Instant>, 0u64, 0u64);
     loop {
-        let (_, p) = match conn.expect(FrameType::Probe, DURING) {
-            Err(HandshakeError::Closed { .. }) => return Ok(()),
+        let (h, p) = match conn.read_frame(DURING) {
+            Err(HandshakeError::Closed { .. }) => return Ok(None),
             r => r?,
         };
+        match h.kind {
+            FrameType::Probe => {}
+            FrameType::Hello => return Ok(Some((h, p))),
+            got => return Err(HandshakeError::Unexpected { during: DURING, expected: FrameType::Probe, got }),
+        }
         let now = Instant::now();
         match ProbeMsg::decode(&p).map_err(|source| HandshakeError::Wire { during: DURING, source })? {
             ProbeMsg::Ping { seq } => {

@@ -86,6 +86,14 @@ pub struct RecvOptions {
     pub max_handshakes_per_addr: usize,
     /// Streams one session may join.
     pub max_streams_per_session: usize,
+    /// Authenticated streams parked between sessions (a sender's warm streams, held as probe
+    /// connections) at once, from all addresses and from one.
+    pub max_parked: usize,
+    /// See `max_parked`.
+    pub max_parked_per_addr: usize,
+    /// A parked stream with nothing from its sender (its keepalive pings) for this long is
+    /// closed.
+    pub park_timeout: Duration,
     /// Grant RDMA to senders that ask for it (plaintext sessions to a file or discard sink,
     /// when a device opens); None refuses it.
     #[cfg(feature = "rdma")]
@@ -110,6 +118,9 @@ impl RecvOptions {
             max_handshakes: 256,
             max_handshakes_per_addr: 64,
             max_streams_per_session: 64,
+            max_parked: 256,
+            max_parked_per_addr: 64,
+            park_timeout: Duration::from_secs(120),
             #[cfg(feature = "rdma")]
             rdma: Some(RdmaRecvOptions::default()),
         }
@@ -327,6 +338,25 @@ enum ToShard {
     Reply { key: usize, kind: FrameType, payload: Vec<u8> },
 }
 
+/// A stream a shard gives back to the lobby: its sender sent a Hello on it after its session
+/// (to open another, or to park it as a probe connection), with that Hello.
+type Handoff = (Conn, wire::FrameHeader, Vec<u8>);
+
+/// What admits a stream to a session (the second half of a new connection's admission, and all
+/// of a reused stream's): the options and the ways to the coordinator and the shards.
+struct Lobby {
+    opts: RecvOptions,
+    coord: Sender<ToCoord>,
+    shards: Vec<Sender<ToShard>>,
+    next: AtomicUsize,
+    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+    stop: Arc<AtomicBool>,
+    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+    epoch: Instant,
+    /// Streams parked as probe connections.
+    parked: Arc<admission::Admission>,
+}
+
 fn millis(epoch: Instant) -> u64 {
     epoch.elapsed().as_millis() as u64
 }
@@ -347,6 +377,7 @@ pub fn start(opts: RecvOptions) -> Result<ReceiverHandle, RecvError> {
     let (out_tx, out_rx) = crossbeam_channel::unbounded();
     let buf_size = wire::header_wire_len(true) + opts.max_chunk.max(wire::MAX_CONTROL_PAYLOAD) as usize + wire::TAG_LEN;
     let mut shard_txs = Vec::new();
+    let (handoff_tx, handoff_rx) = crossbeam_channel::unbounded::<Handoff>();
     // Each shard builds its own ring and pool on its own core, in parallel (registering a pool
     // pins its pages, which is most of a receiver's start-up time).
     let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<(), std::io::Error>>(nshards);
@@ -355,7 +386,7 @@ pub fn start(opts: RecvOptions) -> Result<ReceiverHandle, RecvError> {
         shard_txs.push(tx);
         let coord = coord_tx.clone();
         let core = cores.get(k % cores.len().max(1)).copied();
-        let (stop, idle, ready) = (stop.clone(), opts.idle_timeout, ready_tx.clone());
+        let (stop, idle, ready, handoff) = (stop.clone(), opts.idle_timeout, ready_tx.clone(), handoff_tx.clone());
         std::thread::Builder::new()
             .name(format!("dwcp-rx-shard{k}"))
             .spawn(move || {
@@ -370,7 +401,7 @@ pub fn start(opts: RecvOptions) -> Result<ReceiverHandle, RecvError> {
                     }
                 };
                 let _ = ready.send(Ok(()));
-                RxShard { k, ring, rx, coord, streams: slab::Slab::new(), waiting: Default::default(), idle, epoch }.run(&stop);
+                RxShard { k, ring, rx, coord, handoff, streams: slab::Slab::new(), waiting: Default::default(), idle, epoch }.run(&stop);
             })
             .expect("spawn shard");
     }
@@ -387,14 +418,41 @@ pub fn start(opts: RecvOptions) -> Result<ReceiverHandle, RecvError> {
             .name("dwcp-coordinator".into())
             .spawn(move || {
                 let storage = Storage::start(nshards.max(2));
-                Coordinator { sink, outdir, limits, ordered: None, sessions: HashMap::new(), busy: HashMap::new(), shards: shard_txs, outcomes: out_tx, epoch, storage }.run(coord_rx, &stop)
+                Coordinator { sink, outdir, limits, ordered: None, sessions: HashMap::new(), busy: HashMap::new(), shards: shard_txs, outcomes: out_tx, epoch, storage }
+                    .run(coord_rx, &stop)
             })
             .expect("spawn coordinator")
     };
+    let lobby = Arc::new(Lobby {
+        opts: opts.clone(),
+        coord: coord_tx.clone(),
+        shards: shard_txs.clone(),
+        next: AtomicUsize::new(0),
+        stop: stop.clone(),
+        epoch,
+        parked: admission::Admission::new(opts.max_parked, opts.max_parked_per_addr),
+    });
+    {
+        // Streams the shards give back after a session: each admitted again on its own thread.
+        let lobby = lobby.clone();
+        std::thread::Builder::new()
+            .name("dwcp-lobby".into())
+            .spawn(move || {
+                for (conn, h, p) in handoff_rx {
+                    let lobby = lobby.clone();
+                    let _ = std::thread::Builder::new().name("dwcp-readmit".into()).spawn(move || {
+                        let peer = conn.sock.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+                        if let Err(e) = serve_hellos(conn, h, p, &lobby, None) {
+                            debug!(%peer, "a reused stream ended: {e}");
+                        }
+                    });
+                }
+            })
+            .expect("spawn the lobby");
+    }
     let (ref_tx, ref_rx) = crossbeam_channel::bounded(1024);
     {
         let stop = stop.clone();
-        let next = Arc::new(AtomicUsize::new(0));
         let caps = admission::Admission::new(opts.max_handshakes, opts.max_handshakes_per_addr);
         let watchdog = admission::Watchdog::start(opts.handshake_timeout);
         std::thread::Builder::new()
@@ -438,15 +496,13 @@ pub fn start(opts: RecvOptions) -> Result<ReceiverHandle, RecvError> {
                             continue;
                         }
                     };
-                    let (opts, coord, shards, next, refused, stop_h, limit) =
-                        (opts.clone(), coord_tx.clone(), shard_txs.clone(), next.clone(), ref_tx.clone(), stop.clone(), watchdog.limit());
+                    let (lobby, refused, limit) = (lobby.clone(), ref_tx.clone(), watchdog.limit());
                     // The watchdog holds a copy of the socket until the deadline: a handshake that
                     // fails must shut the connection itself, or the peer waits for the deadline
                     // (a wrong key then read as a stalled receiver, not as a closed connection).
                     let shut = sock.try_clone().ok();
                     let _ = std::thread::Builder::new().name("dwcp-handshake".into()).spawn(move || {
-                        let _ticket = ticket;
-                        let r = admit(sock, &opts, &coord, &shards, &next, &stop_h, epoch, &deadline);
+                        let r = admit(sock, &lobby, &deadline, ticket);
                         if let (Err(_), Some(s)) = (&r, &shut) {
                             let _ = s.shutdown(Shutdown::Both);
                         }
@@ -474,93 +530,117 @@ pub fn start(opts: RecvOptions) -> Result<ReceiverHandle, RecvError> {
     Ok(ReceiverHandle { local_addr, outcomes: out_rx, refused: ref_rx, stop, coordinator: std::sync::Mutex::new(Some(coordinator)) })
 }
 
-/// Handshake, Hello, session lookup, Welcome; then hands the stream to a shard.
-#[allow(clippy::too_many_arguments)] // the RDMA path needs `stop` and `epoch` too
-fn admit(
-    sock: TcpStream,
-    opts: &RecvOptions,
-    coord: &Sender<ToCoord>,
-    shards: &[Sender<ToShard>],
-    next: &AtomicUsize,
-    stop: &Arc<AtomicBool>,
-    epoch: Instant,
-    deadline: &admission::Deadline,
+/// Handshake and first Hello of a new connection, within its deadline; the rest is
+/// [`serve_hellos`]'s. The admission `ticket` (a slot among the unauthenticated handshakes) is
+/// given back once the Welcome has gone out.
+fn admit(sock: TcpStream, lobby: &Lobby, deadline: &admission::Deadline, ticket: admission::Ticket) -> Result<(), HandshakeError> {
+    let (mut conn, _) = handshake::accept(sock, &lobby.opts.psk, lobby.opts.idle_timeout)?;
+    let (h, p) = conn.expect(FrameType::Hello, "reading the hello")?;
+    serve_hellos(conn, h, p, lobby, Some((deadline, ticket)))
+}
+
+/// Answers the Hello `(h, p)` on an authenticated stream and those that follow it: a Probe
+/// parks the stream as a probe connection (bounded by `max_parked`, closed after
+/// `park_timeout` without a frame) until its sender closes it or sends another Hello; an Open
+/// or a Join hands it to a shard for that session (which gives it back here if its sender
+/// sends a Hello after the session). `first`: a new connection's handshake deadline and
+/// admission ticket, both done with at its first Welcome.
+fn serve_hellos(
+    mut conn: Conn,
+    mut h: wire::FrameHeader,
+    mut p: Vec<u8>,
+    lobby: &Lobby,
+    mut first: Option<(&admission::Deadline, admission::Ticket)>,
 ) -> Result<(), HandshakeError> {
-    let _ = (stop, epoch);
+    let opts = &lobby.opts;
+    let (coord, shards) = (&lobby.coord, &lobby.shards);
+    let encrypted = conn.codec.encrypted();
     // Past the deadline the watchdog has shut the socket; a handshake that finished in time is
     // no longer its business.
-    let in_time = |conn: &mut Conn| -> Result<(), HandshakeError> {
-        if deadline.finish() {
-            return Ok(());
+    let mut in_time = |conn: &mut Conn| -> Result<(), HandshakeError> {
+        match first.take() {
+            Some((deadline, _ticket)) if !deadline.finish() => {
+                let _ = conn.sock.shutdown(Shutdown::Both);
+                Err(HandshakeError::Closed { during: "the handshake", hint: ": its deadline passed" })
+            }
+            _ => Ok(()),
         }
-        let _ = conn.sock.shutdown(Shutdown::Both);
-        Err(HandshakeError::Closed { during: "the handshake", hint: ": its deadline passed" })
     };
-    let (mut conn, encrypted) = handshake::accept(sock, &opts.psk, opts.idle_timeout)?;
-    let (h, p) = conn.expect(FrameType::Hello, "reading the hello")?;
-    let hello = Hello::decode(&p).map_err(|source| {
-        conn.write_error(ErrorCode::Protocol, &source.to_string());
-        HandshakeError::Wire { during: "reading the hello", source }
-    })?;
     let refuse = |conn: &mut Conn, code, msg: String| {
         conn.write_error(code, &msg);
         HandshakeError::Refused { code, message: msg }
     };
-    if !encrypted && !opts.allow_plaintext {
-        return Err(refuse(&mut conn, ErrorCode::Refused, "this receiver requires encryption; start it with --no-encrypt to allow plaintext streams".into()));
-    }
     // A session granted RDMA: set up its data path once the Welcome has gone out.
     #[cfg(feature = "rdma")]
     let mut granted = None;
-    let (session, welcome) = match hello {
-        Hello::Probe => {
-            let plain = if opts.allow_plaintext { crate::wire::TRANSPORT_PLAINTEXT } else { 0 };
-            let caps = Caps { max_streams: 256, max_chunk: opts.max_chunk, codecs: CODEC_RAW, transports: TRANSPORT_TCP | plain };
-            conn.codec.set_stream(h.stream);
-            conn.write_frame(FrameType::Welcome, 0, &Welcome { session: [0; 16], caps, have: Vec::new() }.encode())?;
-            in_time(&mut conn)?;
-            return crate::probe::serve(&mut conn, opts.allow_plaintext);
+    let (session, welcome) = loop {
+        let hello = Hello::decode(&p).map_err(|source| {
+            conn.write_error(ErrorCode::Protocol, &source.to_string());
+            HandshakeError::Wire { during: "reading the hello", source }
+        })?;
+        if !encrypted && !opts.allow_plaintext {
+            return Err(refuse(&mut conn, ErrorCode::Refused, "this receiver requires encryption; start it with --no-encrypt to allow plaintext streams".into()));
         }
-        Hello::Open { chunk_size, .. } if chunk_size > opts.max_chunk => {
-            return Err(refuse(&mut conn, ErrorCode::Refused, format!("chunk size {chunk_size} exceeds this receiver's limit of {}", opts.max_chunk)));
-        }
-        Hello::Open { caps, .. } => {
-            let (rtx, rrx) = crossbeam_channel::bounded(1);
-            let peer = conn.sock.peer_addr().ok().map(|a| a.ip());
-            let _ = coord.send(ToCoord::Open { hello, peer, reply: rtx });
-            let (mut w, s) = rrx.recv().unwrap_or(Err((ErrorCode::Internal, "receiver shutting down".into()))).map_err(|(c, m)| refuse(&mut conn, c, m))?;
-            w.caps.max_chunk = opts.max_chunk;
-            #[cfg(feature = "rdma")]
-            if caps.transports & wire::TRANSPORT_RDMA != 0 {
-                let why_not = match (&opts.rdma, encrypted, &s.out) {
-                    (None, _, _) => Some("RDMA is off at this receiver".to_string()),
-                    (_, true, _) => Some("the session is encrypted, and the RDMA path is plaintext".into()),
-                    (_, _, Out::Ordered) => Some("a stream sink (standard output or a Unix socket)".into()),
-                    (_, _, Out::Hde(_)) => Some("HDE frames are decoded by the receiver's shards, over TCP".into()),
-                    (Some(ro), _, _) => match rdma::grant(ro) {
-                        Ok(g) => {
-                            w.caps.transports |= wire::TRANSPORT_RDMA;
-                            granted = Some((g, ro.clone()));
-                            None
-                        }
-                        Err(e) => Some(e.to_string()),
-                    },
-                };
-                if let Some(w) = why_not {
-                    info!("RDMA not granted: {w}; the session goes over TCP");
+        break match hello {
+            Hello::Probe => {
+                let ip = conn.sock.peer_addr().map_err(|source| HandshakeError::Io { during: "parking a stream", source })?.ip();
+                let _parked = lobby.parked.admit(ip).map_err(|why| refuse(&mut conn, ErrorCode::Refused, format!("cannot park another stream: {why}")))?;
+                let plain = if opts.allow_plaintext { crate::wire::TRANSPORT_PLAINTEXT } else { 0 };
+                let caps = Caps { max_streams: 256, max_chunk: opts.max_chunk, codecs: CODEC_RAW, transports: TRANSPORT_TCP | plain };
+                conn.codec.set_stream(h.stream);
+                conn.write_frame(FrameType::Welcome, 0, &Welcome { session: [0; 16], caps, have: Vec::new() }.encode())?;
+                in_time(&mut conn)?;
+                conn.set_timeout(opts.park_timeout.max(opts.idle_timeout));
+                match crate::probe::serve(&mut conn, opts.allow_plaintext)? {
+                    Some((h2, p2)) => {
+                        (h, p) = (h2, p2);
+                        conn.set_timeout(opts.idle_timeout);
+                        continue;
+                    }
+                    None => return Ok(()),
                 }
             }
-            #[cfg(not(feature = "rdma"))]
-            let _ = caps;
-            (s, w)
-        }
-        Hello::Join { session, .. } => {
-            let (rtx, rrx) = crossbeam_channel::bounded(1);
-            let _ = coord.send(ToCoord::Join { session, reply: rtx });
-            let s = rrx.recv().unwrap_or(Err((ErrorCode::Internal, "receiver shutting down".into()))).map_err(|(c, m)| refuse(&mut conn, c, m))?;
-            let caps = Caps { max_streams: 256, max_chunk: opts.max_chunk, codecs: CODEC_RAW, transports: TRANSPORT_TCP };
-            (s, Welcome { session, caps, have: Vec::new() })
-        }
+            Hello::Open { chunk_size, .. } if chunk_size > opts.max_chunk => {
+                return Err(refuse(&mut conn, ErrorCode::Refused, format!("chunk size {chunk_size} exceeds this receiver's limit of {}", opts.max_chunk)));
+            }
+            Hello::Open { caps, .. } => {
+                let (rtx, rrx) = crossbeam_channel::bounded(1);
+                let peer = conn.sock.peer_addr().ok().map(|a| a.ip());
+                let _ = coord.send(ToCoord::Open { hello, peer, reply: rtx });
+                let (mut w, s) = rrx.recv().unwrap_or(Err((ErrorCode::Internal, "receiver shutting down".into()))).map_err(|(c, m)| refuse(&mut conn, c, m))?;
+                w.caps.max_chunk = opts.max_chunk;
+                #[cfg(feature = "rdma")]
+                if caps.transports & wire::TRANSPORT_RDMA != 0 {
+                    let why_not = match (&opts.rdma, encrypted, &s.out) {
+                        (None, _, _) => Some("RDMA is off at this receiver".to_string()),
+                        (_, true, _) => Some("the session is encrypted, and the RDMA path is plaintext".into()),
+                        (_, _, Out::Ordered) => Some("a stream sink (standard output or a Unix socket)".into()),
+                        (_, _, Out::Hde(_)) => Some("HDE frames are decoded by the receiver's shards, over TCP".into()),
+                        (Some(ro), _, _) => match rdma::grant(ro) {
+                            Ok(g) => {
+                                w.caps.transports |= wire::TRANSPORT_RDMA;
+                                granted = Some((g, ro.clone()));
+                                None
+                            }
+                            Err(e) => Some(e.to_string()),
+                        },
+                    };
+                    if let Some(w) = why_not {
+                        info!("RDMA not granted: {w}; the session goes over TCP");
+                    }
+                }
+                #[cfg(not(feature = "rdma"))]
+                let _ = caps;
+                (s, w)
+            }
+            Hello::Join { session, .. } => {
+                let (rtx, rrx) = crossbeam_channel::bounded(1);
+                let _ = coord.send(ToCoord::Join { session, reply: rtx });
+                let s = rrx.recv().unwrap_or(Err((ErrorCode::Internal, "receiver shutting down".into()))).map_err(|(c, m)| refuse(&mut conn, c, m))?;
+                let caps = Caps { max_streams: 256, max_chunk: opts.max_chunk, codecs: CODEC_RAW, transports: TRANSPORT_TCP };
+                (s, Welcome { session, caps, have: Vec::new() })
+            }
+        };
     };
     conn.codec.set_stream(h.stream);
     // The session counts this stream from its open or join: a stream that ends here is counted
@@ -575,12 +655,12 @@ fn admit(
         let (rtx, rrx) = crossbeam_channel::bounded(1);
         let _ = coord.send(ToCoord::Join { session: session.id, reply: rtx });
         let _ = rrx.recv();
-        rdma::accept(&mut conn, g, &ro, opts.max_chunk, session.clone(), coord.clone(), opts.idle_timeout, epoch, stop.clone())?;
+        rdma::accept(&mut conn, g, &ro, opts.max_chunk, session.clone(), coord.clone(), opts.idle_timeout, lobby.epoch, lobby.stop.clone())?;
     }
     let _ = conn.sock.set_read_timeout(None);
     // Streams are dealt from the last shard down, while a sender pins from the first core up, so a
     // sender and a receiver on one host (loopback) do not start out on the same core.
-    let k = shards.len() - 1 - next.fetch_add(1, Relaxed) % shards.len();
+    let k = shards.len() - 1 - lobby.next.fetch_add(1, Relaxed) % shards.len();
     let _ = shards[k].send(ToShard::Add(Box::new((conn, session))));
     Ok(())
 }
@@ -616,6 +696,9 @@ struct RxStream {
     in_flight: usize,
     /// This stream's HDE decoder (zstd contexts), made at its first HDE frame.
     hde_dec: Option<crate::hde::Decoder>,
+    /// A Hello its sender sent after its session: the stream goes back to the lobby with it
+    /// once nothing of it is in flight.
+    handoff: Option<(wire::FrameHeader, Vec<u8>)>,
 }
 
 const T_RECV: u64 = 0;
@@ -634,6 +717,8 @@ struct RxShard {
     ring: Ring,
     rx: Receiver<ToShard>,
     coord: Sender<ToCoord>,
+    /// Where a stream goes whose sender sent a Hello on it after its session.
+    handoff: Sender<Handoff>,
     streams: slab::Slab<RxStream>,
     /// Readable streams waiting for a pool buffer, served in turn (`grant`).
     waiting: std::collections::VecDeque<usize>,
@@ -690,6 +775,7 @@ impl RxShard {
                     close_after_send: false,
                     in_flight: 0,
                     hde_dec: None,
+                    handoff: None,
                 });
             }
             ToShard::Ack { key, offset } => {
@@ -786,6 +872,12 @@ impl RxShard {
             self.ring.send_heap(fd, out, (key as u64) << TAG_BITS | T_SEND);
         }
         let s = &mut self.streams[key];
+        if s.handoff.is_some() && !s.sending && s.in_flight == 0 {
+            let s = self.streams.remove(key);
+            let (h, p) = s.handoff.expect("checked");
+            let _ = self.handoff.send((s.conn, h, p));
+            return;
+        }
         if s.close_after_send && !s.sending && s.in_flight == 0 {
             self.remove(key);
             return;
@@ -923,7 +1015,7 @@ impl RxShard {
                 b[..wire::HEADER_LEN].copy_from_slice(&plain);
                 let cap = self.ring.buf_size() - hl;
                 match h.kind {
-                    FrameType::Chunk | FrameType::Commit => {}
+                    FrameType::Chunk | FrameType::Commit | FrameType::Hello => {}
                     other => return self.fail(key, ErrorCode::Protocol, &format!("unexpected {other} frame from a sender")),
                 }
                 if s.conn.codec.payload_wire_len(h.len) > cap {
@@ -957,6 +1049,15 @@ impl RxShard {
                 s.state = RxState::Idle;
                 let from = (self.k, key);
                 match h.kind {
+                    FrameType::Hello => {
+                        // The stream leaves its session (its sender is done with it) and goes
+                        // back to the lobby for this Hello: another session, or parked.
+                        let hello = plain.to_vec();
+                        self.ring.free(buf);
+                        s.handoff = Some((h, hello));
+                        s.state = RxState::Dead;
+                        let _ = self.coord.send(ToCoord::Down { session: s.sess.id, why: None });
+                    }
                     FrameType::Commit => {
                         let r = wire::Commit::decode(plain);
                         self.ring.free(buf);
@@ -1517,9 +1618,10 @@ impl Coordinator {
                     return Err((ErrorCode::Refused, format!("this receiver writes to {what} and is busy with another session")));
                 }
                 let to = match &self.sink {
-                    Sink::Unix(p) => OrderedTo::Socket(std::os::unix::net::UnixStream::connect(p).map_err(|e| {
-                        (ErrorCode::Storage, format!("cannot connect to {what}: {e} (start its reader first: QEMU with -incoming unix:{})", p.display()))
-                    })?),
+                    Sink::Unix(p) => OrderedTo::Socket(
+                        std::os::unix::net::UnixStream::connect(p)
+                            .map_err(|e| (ErrorCode::Storage, format!("cannot connect to {what}: {e} (start its reader first: QEMU with -incoming unix:{})", p.display())))?,
+                    ),
                     _ => OrderedTo::Stdout,
                 };
                 self.ordered = Some(Ordered { session: id, what, to });

@@ -824,6 +824,20 @@ impl Joins {
     }
 }
 
+/// Joins parked streams (streams 1.. in their order) to `session`: every Join written first,
+/// then the Welcomes read, so that all of them take one round trip together.
+fn join_parked(mut parked: Vec<Conn>, session: [u8; 16]) -> Result<Vec<Conn>, SendError> {
+    for (i, c) in parked.iter_mut().enumerate() {
+        let index = i as u16 + 1;
+        c.codec.set_stream(index);
+        c.write_frame(FrameType::Hello, 0, &Hello::Join { session, index }.encode()).map_err(|source| SendError::Setup { stream: index, source })?;
+    }
+    for (i, c) in parked.iter_mut().enumerate() {
+        c.expect(FrameType::Welcome, "joining the session").map_err(|source| SendError::Setup { stream: i as u16 + 1, source })?;
+    }
+    Ok(parked)
+}
+
 /// Until when [`Joins::finish`] waits for the joining streams, started at `started`, given the
 /// session id at `now`: on a long path three round trips from their start or one from the
 /// session id, whichever is later (+ `JOIN_GRACE`); on a short path the idle timeout.
@@ -850,16 +864,31 @@ fn hello_open(source: &Source, opts: &SendOptions, streams: u16, rdma: bool) -> 
     }
 }
 
-/// Sends `source` to the receiver in `opts`, returning once the receiver has verified the digest.
-pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Result<SendReport, SendError> {
-    send_with(source, opts, progress, None, Faults::default())
+/// Streams a send starts with instead of connecting them, and where they go after it.
+#[derive(Debug, Default)]
+pub struct Start {
+    /// Stream 0, connected and its keys exchanged (what [`handshake::connect`] returned: the
+    /// stream and the RTT it measured), for instance while the path was being probed, or a
+    /// parked stream (its encryption must be `opts.encrypt`).
+    pub stream0: Option<(Conn, Duration)>,
+    /// Streams parked at the receiver (probe connections: a warm peer's) that join the session
+    /// as streams 1.. instead of connecting; with any, the session has at most one more stream
+    /// than these (the rest go to `keep` unused).
+    pub parked: Vec<Conn>,
+    /// Where the streams go after a verified session instead of being closed (to be parked
+    /// again).
+    pub keep: Option<crossbeam_channel::Sender<Conn>>,
 }
 
-/// As [`send`], with stream 0 already connected and its keys exchanged (what
-/// [`handshake::connect`] returned: the stream and the RTT it measured), for instance while the
-/// path was being probed (its encryption must be `opts.encrypt`), and with the faults a test
-/// injects ([`Faults::default`]: none).
-pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, stream0: Option<(Conn, Duration)>, faults: Faults) -> Result<SendReport, SendError> {
+/// Sends `source` to the receiver in `opts`, returning once the receiver has verified the digest.
+pub fn send(source: Source, opts: &SendOptions, progress: Arc<Progress>) -> Result<SendReport, SendError> {
+    send_with(source, opts, progress, Start::default(), Faults::default())
+}
+
+/// As [`send`], with the streams `start` gives (see [`Start`]) and the faults a test injects
+/// ([`Faults::default`]: none).
+pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, start: Start, faults: Faults) -> Result<SendReport, SendError> {
+    let Start { stream0, mut parked, keep } = start;
     if let Some(h) = &opts.hde {
         const P: u64 = crate::hde::PAGE as u64;
         let size = source.size().unwrap_or(1);
@@ -966,7 +995,7 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
     // saves two round trips before the first byte (a migration's downtime does not change, its
     // total does).
     let early = match opts.streams {
-        Some(n) if !want_rdma => Some(Joins::start(opts, 1..n.max(1))),
+        Some(n) if !want_rdma && parked.is_empty() => Some(Joins::start(opts, 1..n.max(1))),
         _ => None,
     };
     // Stream 0 opens the session and measures the RTT that sizes the stream count.
@@ -974,7 +1003,18 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
         Some(c) => c,
         None => handshake::connect(&opts.to, &opts.psk, opts.encrypt, 0, opts.idle_timeout).map_err(|e| setup(0, e))?,
     };
-    let streams = opts.streams.unwrap_or_else(|| default_streams(cores, rtt)).max(1);
+    // A parked stream may have been another index in its last session.
+    c0.codec.set_stream(0);
+    let mut streams = opts.streams.unwrap_or_else(|| default_streams(cores, rtt)).max(1);
+    // Parked streams join as they are: no more streams than they make.
+    if !parked.is_empty() {
+        streams = streams.min(1 + parked.len() as u16);
+        for c in parked.drain(usize::from(streams) - 1..) {
+            if let Some(k) = &keep {
+                let _ = k.send(c);
+            }
+        }
+    }
     // PBA cuts a startup-bound object into smaller chunks, so that it reaches every active stream
     // (not with --resume: the receiver keeps its journal only for the chunk size it was written
     // with; not over RDMA, or for a QEMU stream, whose size is not known).
@@ -1025,7 +1065,19 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
     // The remaining streams join in parallel (none over RDMA: stream 0 is its control channel).
     let streams = if on_rdma { 1 } else { streams };
     let mut conns: Vec<Conn> = vec![c0];
-    conns.extend(early.unwrap_or_else(|| Joins::start(opts, 1..streams)).finish(welcome.session, rtt, opts.idle_timeout)?);
+    if on_rdma {
+        // Stream 0 alone: the parked ones stay parked.
+        for c in parked.drain(..) {
+            if let Some(k) = &keep {
+                let _ = k.send(c);
+            }
+        }
+    }
+    if parked.is_empty() {
+        conns.extend(early.unwrap_or_else(|| Joins::start(opts, 1..streams)).finish(welcome.session, rtt, opts.idle_timeout)?);
+    } else {
+        conns.extend(join_parked(parked, welcome.session)?);
+    }
     let streams = conns.len() as u16;
     let first_window = first_window.map(monitor::FirstWindow::finish);
 
@@ -1312,8 +1364,17 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
             Err(e) => return Err(during(e)),
         }
     };
-    for c in &alive {
-        let _ = c.sock.shutdown(Shutdown::Both);
+    match &keep {
+        Some(k) if verified => {
+            for c in alive {
+                let _ = k.send(c);
+            }
+        }
+        _ => {
+            for c in &alive {
+                let _ = c.sock.shutdown(Shutdown::Both);
+            }
+        }
     }
     Ok(SendReport {
         name: source.name().to_owned(),

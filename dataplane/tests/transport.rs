@@ -388,7 +388,7 @@ fn a_killed_stream_has_its_chunks_resent_on_the_others() {
     // had gone on the others and never sent a byte: seen once in make test.)
     o.window = 4;
     let kill = Faults { kill: Some(KillStream { stream: 0, after: 1 << 20 }), ..Faults::default() };
-    let r = send::send_with(Source::file(&p).unwrap(), &o, Arc::default(), None, kill).unwrap();
+    let r = send::send_with(Source::file(&p).unwrap(), &o, Arc::default(), send::Start::default(), kill).unwrap();
     assert!(r.verified);
     assert_eq!(r.streams_lost, 1);
     assert!(r.resent_chunks > 0, "in-flight chunks of the dead stream were re-sent");
@@ -404,7 +404,7 @@ fn all_streams_lost_names_resume() {
     // With a 2 MiB window, 8 MiB sent means at least 6 MiB acknowledged, hence placed and journaled.
     o.window = 8;
     let kill = Faults { kill: Some(KillStream { stream: 0, after: 8 << 20 }), ..Faults::default() };
-    let e = send::send_with(Source::Generated { size: 32 << 20, seed: 2, name: "lost.img".into() }, &o, Arc::default(), None, kill).unwrap_err();
+    let e = send::send_with(Source::Generated { size: 32 << 20, seed: 2, name: "lost.img".into() }, &o, Arc::default(), send::Start::default(), kill).unwrap_err();
     assert!(matches!(e, SendError::AllStreamsLost { .. }), "{e}");
     assert!(e.to_string().contains("--resume"));
     let out = rig.outcome();
@@ -609,7 +609,11 @@ fn silent_connections_do_not_lock_out_a_real_sender() {
     drop(held);
     // From the sender's own address: it is told the receiver is busy and retries, and gets in
     // once the silent ones' deadline has passed.
+    let made = std::time::Instant::now();
     let held: Vec<_> = (0..300).map(|_| silent("127.0.0.1", to)).collect();
+    // On a loaded host the 300 connections can take longer than one deadline to make: then a
+    // second lot of 16 gets in once the first is shut (still at most 16 at once).
+    let lots = 1 + (made.elapsed().as_secs_f64() / deadline.as_secs_f64()) as usize;
     let t = std::time::Instant::now();
     assert!(send::send(Source::Generated { size: 4 << 20, seed: 5, name: "b.img".into() }, &rig.opts(2, true), Arc::default()).unwrap().verified);
     let same_addr = t.elapsed();
@@ -629,8 +633,8 @@ fn silent_connections_do_not_lock_out_a_real_sender() {
             other => panic!("unexpected bytes {other:?}"),
         }
     }
-    assert_eq!(shut, 16, "one address holds at most 16 handshakes");
-    assert_eq!(busy, 300 - 16);
+    assert!((16..=16 * lots).contains(&shut), "one address holds at most 16 handshakes at once: {shut} shut at their deadline over {lots} deadline(s)");
+    assert_eq!(busy, 300 - shut);
     rig.still_serves();
 }
 
@@ -922,4 +926,90 @@ fn a_wrong_key_is_told_at_once_not_at_the_deadline() {
     assert!(e.to_string().contains("wrong key"), "{e}");
     assert!(t.elapsed() < Duration::from_secs(2), "told after {:?}", t.elapsed());
     rig.still_serves();
+}
+
+/// Parks `c` at the receiver as a probe connection (a warm sender's idle stream).
+fn park(c: &mut handshake::Conn) -> Result<(), handshake::HandshakeError> {
+    c.write_frame(FrameType::Hello, 0, &Hello::Probe.encode())?;
+    c.expect(FrameType::Welcome, "parking").map(drop)
+}
+
+/// A warm sender's streams: authenticated once, parked at the receiver between sessions, taken
+/// into a session (stream 0 opens it, the others join in one round trip), given back after the
+/// verified commit and parked again, then into the next session: the same TCP connections carry
+/// every session, and every object is published byte-exact.
+#[test]
+fn parked_streams_carry_session_after_session_on_the_same_connections() {
+    let _l = light();
+    let r = rig(false, Duration::from_secs(10));
+    let mut conns: Vec<handshake::Conn> = (0..3)
+        .map(|i| {
+            let (mut c, _) = handshake::connect(&r.addr(), &r.psk, true, i, Duration::from_secs(5)).unwrap();
+            park(&mut c).unwrap();
+            c
+        })
+        .collect();
+    let ports = |cs: &[handshake::Conn]| {
+        let mut p: Vec<u16> = cs.iter().map(|c| c.sock.local_addr().unwrap().port()).collect();
+        p.sort();
+        p
+    };
+    let first = ports(&conns);
+    for round in 0..3u64 {
+        let (keep, kept) = crossbeam_channel::unbounded();
+        let c0 = conns.remove(0);
+        let start = send::Start { stream0: Some((c0, Duration::from_millis(1))), parked: std::mem::take(&mut conns), keep: Some(keep) };
+        let name = format!("warm{round}.img");
+        let rep = send::send_with(Source::Generated { size: 24 << 20, seed: round, name: name.clone() }, &r.opts(3, true), Arc::default(), start, Faults::default()).unwrap();
+        assert!(rep.verified && rep.streams == 3, "{rep:?}");
+        let mut want = vec![0u8; 24 << 20];
+        source::generate(round, 0, &mut want);
+        assert!(std::fs::read(r.out.path().join(&name)).unwrap() == want, "round {round} byte-exact");
+        conns = kept.try_iter().collect();
+        assert_eq!(conns.len(), 3, "every stream given back after the verified session");
+        for c in &mut conns {
+            park(c).unwrap();
+        }
+        // The receiver reports the session once its streams have left it (parked here).
+        assert!(r.outcome().result.is_ok());
+        assert_eq!(ports(&conns), first, "the same connections, round {round}");
+    }
+    // A parked stream answers pings (the keepalive a warm sender sends).
+    let c = &mut conns[0];
+    c.write_frame(FrameType::Probe, 0, &wire::ProbeMsg::Ping { seq: 7 }.encode(0)).unwrap();
+    let (_, p) = c.expect(FrameType::Probe, "keepalive").unwrap();
+    assert!(matches!(wire::ProbeMsg::decode(&p).unwrap(), wire::ProbeMsg::Reply { seq: 7, .. }));
+    r.still_serves();
+}
+
+/// Parked streams are bounded per address (a slot each, refused with the reason beyond), and one
+/// whose sender sends nothing for `park_timeout` is closed.
+#[test]
+fn parked_streams_are_bounded_and_expire() {
+    let _l = light();
+    let r = rig_with(false, Duration::from_secs(1), |o| {
+        o.max_parked_per_addr = 2;
+        o.park_timeout = Duration::from_secs(1);
+    });
+    let connect = || handshake::connect(&r.addr(), &r.psk, true, 0, Duration::from_secs(5)).unwrap().0;
+    let (mut a, mut b, mut c) = (connect(), connect(), connect());
+    park(&mut a).unwrap();
+    park(&mut b).unwrap();
+    match park(&mut c) {
+        Err(handshake::HandshakeError::Refused { message, .. }) => assert!(message.contains("cannot park another stream"), "{message}"),
+        other => panic!("a third parked stream from one address: {other:?}"),
+    }
+    // Nothing for longer than park_timeout: closed by the receiver.
+    std::thread::sleep(Duration::from_millis(1500));
+    a.set_timeout(Duration::from_secs(3));
+    match a.read_frame("after the park timeout") {
+        Err(handshake::HandshakeError::Closed { .. }) => {}
+        Err(handshake::HandshakeError::Io { source, .. }) if source.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("a parked stream idle past park_timeout stays open: {other:?}"),
+    }
+    // Its slot is free again.
+    let mut d = connect();
+    std::thread::sleep(Duration::from_millis(200));
+    park(&mut d).unwrap();
+    r.still_serves();
 }
