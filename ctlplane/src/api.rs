@@ -31,6 +31,7 @@ pub fn status_json(st: &State) -> serde_json::Value {
         "peers": *st.peer_status.lock().expect("peer status lock"),
         "sessions": *st.sessions.lock().expect("sessions lock"),
         "transfers": st.jobs.get().map(|j| j.list()),
+        "warm_peers": st.warm.get().and_then(|w| w.as_ref()).map(|w| w.status()),
     })
 }
 

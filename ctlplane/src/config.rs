@@ -136,6 +136,10 @@ pub struct Log {
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TransferDefaults {
+    /// Streams the daemon keeps parked to each configured peer for its jobs (`crate::warm`;
+    /// default 4, 0: none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warm_streams: Option<u16>,
     /// Streams.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub streams: Option<u16>,

@@ -252,7 +252,11 @@ impl Component for JobsC {
             Some(d) => Some(crate::jobs::records::Records::open(&d)?),
             None => None,
         };
-        let jobs = crate::jobs::Jobs::new((*psk).clone(), host, nodes, self.0.config.thresholds(), self.0.config.transfer.clone(), records);
+        let warm = usize::from(self.0.config.transfer.warm_streams.unwrap_or(4));
+        let peers: Vec<(String, String)> = self.0.config.peers.iter().map(|p| (p.name.clone(), p.addr.clone())).collect();
+        let pool = (warm > 0 && !peers.is_empty()).then(|| crate::warm::Pool::start((*psk).clone(), &peers, warm));
+        let _ = self.0.warm.set(pool.clone());
+        let jobs = crate::jobs::Jobs::new((*psk).clone(), host, nodes, self.0.config.thresholds(), self.0.config.transfer.clone(), records, pool);
         let listener = bind_private(path)?;
         let server = Arc::new(tiny_http::Server::from_listener(listener, None).map_err(|e| format!("api.socket {}: {e}", path.display()))?);
         let _ = self.0.jobs.set(jobs.clone());
@@ -474,6 +478,7 @@ pub fn run(config: Config, parallel: bool) -> Result<Daemon, BootError> {
         peer_status: Mutex::new(Vec::new()),
         metrics: Metrics::new(),
         jobs: OnceLock::new(),
+        warm: OnceLock::new(),
         stop: AtomicBool::new(false),
         epoch: Instant::now(),
     });

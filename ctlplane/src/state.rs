@@ -138,6 +138,8 @@ pub struct State {
     pub metrics: Metrics,
     /// Transfers it runs (with `api.socket`).
     pub jobs: OnceLock<Arc<crate::jobs::Jobs>>,
+    /// The configured peers' warm streams (with `api.socket`, peers and `transfer.warm_streams`).
+    pub warm: OnceLock<Option<Arc<crate::warm::Pool>>>,
     pub(crate) stop: AtomicBool,
     pub(crate) epoch: Instant,
 }

@@ -284,7 +284,6 @@ fn a_transfer_is_followed_as_a_stream_of_events_and_watchers_are_bounded() {
     assert!(acked.windows(2).all(|w| w[0] < w[1]), "bytes move between events: {acked:?}");
     assert!(progress[2]["bps"].as_f64().unwrap() > 0.0 && progress[2]["total_bytes"] == 64u64 << 30, "{}", progress[2]);
 
-    let jobs = dm.state.jobs.get().unwrap();
     let mut open: Vec<_> = (1..ctlplane::jobs::MAX_WATCHERS).map(|_| events(&sock, id)).collect();
     assert!(open.iter().all(|(c, _)| *c == 200));
     let (code, mut over) = events(&sock, id);
@@ -321,6 +320,5 @@ fn a_transfer_is_followed_as_a_stream_of_events_and_watchers_are_bounded() {
     assert_eq!(next_event(&mut again)["event"], "ended");
     let (code, _) = events(&sock, 999);
     assert_eq!(code, 404, "an unknown transfer is named");
-    drop(jobs);
     dm.shutdown();
 }

@@ -161,6 +161,9 @@ fn job_line(j: &serde_json::Value) -> String {
         let finish = finish.map(|(a, b)| format!(", done in {a:.1}-{b:.1} s at PBA's 80% interval")).unwrap_or_default();
         l.push_str(&format!("\n      deadline: {verdict} ({when}{finish})"));
     }
+    if let Some(w) = j["warm"].as_str() {
+        l.push_str(&format!("\n      warm: {w}"));
+    }
     if let Some(n) = j["restarts"].as_u64() {
         l.push_str(&format!("\n      taken up again after {n} daemon restart{}: resumed from what the receiver held", if n == 1 { "" } else { "s" }));
     }

@@ -1277,3 +1277,88 @@ fn a_daemon_restarted_mid_job_resumes_it_and_never_half_publishes() {
     let after = list().into_iter().find(|j| j["name"] == "after.img").unwrap();
     assert!(after["id"].as_u64() > p["id"].as_u64().max(j["id"].as_u64()), "{after}");
 }
+
+/// `GET /status` of the daemon whose API listens on `api`.
+fn daemon_status(api: u16) -> serde_json::Value {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", api)).unwrap();
+    write!(s, "GET /status HTTP/1.0\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    serde_json::from_str(out.split_once("\r\n\r\n").map_or("", |x| x.1)).unwrap()
+}
+
+/// Local ports of the established TCP connections to `port` on loopback (`ss`).
+fn connections_to(port: u16) -> Vec<u16> {
+    let o = Command::new("ss").args(["-Htn", "state", "established", &format!("dst = 127.0.0.1:{port}")]).output().unwrap();
+    let mut v: Vec<u16> = String::from_utf8_lossy(&o.stdout).lines().filter_map(|l| l.split_whitespace().nth(2)?.rsplit_once(':')?.1.parse().ok()).collect();
+    v.sort();
+    v
+}
+
+/// Warm peers: the daemon keeps four streams parked at a configured peer's receiver; a job to it
+/// runs on them (no probe, no new connection: the same four connections before and after two
+/// jobs) and says so; once the peer's receiver restarts, the next job finds the streams closed
+/// and connects anew, and the pool fills again with new ones, which the job after uses.
+#[test]
+fn jobs_to_a_configured_peer_run_on_its_warm_streams() {
+    let _load = heavy();
+    let d = tempfile::tempdir().unwrap();
+    let key = keygen(d.path());
+    let (port, api, rx_port) = (free_port(), free_port(), free_port());
+    let sock = d.path().join("api.sock");
+    let cfg = daemon_config(d.path(), &key, port, api, Some(&sock));
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str(&format!("[[peers]]\nname = \"rx\"\naddr = \"127.0.0.1:{rx_port}\"\n"));
+    std::fs::write(&cfg, text).unwrap();
+    let out = d.path().join("received");
+    std::fs::create_dir(&out).unwrap();
+    let mut rx = spawn_recv(&key, rx_port, &["--out", out.to_str().unwrap()], &[], true);
+    let _dm = Rx(Command::new(bin()).args(["daemon", "--config"]).arg(&cfg).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+    wait_listening(api);
+    let pool_ready = |what: &str| {
+        let t = Instant::now();
+        loop {
+            let st = daemon_status(api);
+            let p = &st["warm_peers"][0];
+            if p["parked"] == 4 && !p["rtt_ms"].is_null() {
+                return p.clone();
+            }
+            assert!(t.elapsed() < Duration::from_secs(30), "the warm pool never filled {what}: {st}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let p = pool_ready("at start");
+    assert_eq!(p["name"], "rx", "{p}");
+    let before = connections_to(rx_port);
+    assert_eq!(before.len(), 4, "four warm streams: {before:?}");
+    let job = |name: &str| -> serde_json::Value {
+        let o = Command::new(bin()).args(["send", "gen:32MiB:3", "--name", name, "--to", &format!("127.0.0.1:{rx_port}"), "--json", "--via-daemon"]).arg(&sock).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    for name in ["w1.img", "w2.img"] {
+        let j = job(name);
+        assert!(j["result"]["warm"].as_str().is_some_and(|w| w.contains("4 parked streams")), "{j}");
+        assert_eq!(j["result"]["streams"], 4, "{j}");
+        assert_eq!(std::fs::metadata(out.join(name)).unwrap().len(), 32 << 20);
+        pool_ready("after a job");
+    }
+    assert_eq!(connections_to(rx_port), before, "the same four connections carried both jobs and nothing else connected");
+    let text = String::from_utf8(Command::new(bin()).args(["job", "list", "--socket"]).arg(&sock).output().unwrap().stdout).unwrap();
+    assert!(text.contains("warm: 4 parked streams"), "{text}");
+
+    // The peer's receiver restarts: its streams are closed; the next job connects anew.
+    let _ = rx.0.kill();
+    let _ = rx.0.wait();
+    rx = spawn_recv(&key, rx_port, &["--out", out.to_str().unwrap()], &[], true);
+    std::thread::sleep(Duration::from_millis(300));
+    let j = job("cold.img");
+    assert!(j["result"]["warm"].is_null(), "the closed streams were not lent: {j}");
+    let p = pool_ready("after the peer restarted");
+    let again = connections_to(rx_port);
+    assert_eq!(again.len(), 4, "{again:?}");
+    assert!(again.iter().all(|c| !before.contains(c)), "new connections: {again:?} (before {before:?})");
+    let j = job("w3.img");
+    assert!(j["result"]["warm"].as_str().is_some_and(|w| w.contains("4 parked streams")), "{j} {p}");
+    drop(rx);
+}

@@ -9,7 +9,7 @@ pub mod report;
 pub mod transfer;
 
 pub use plan::{Host, Plan, PlanError, Request, decide};
-pub use transfer::{EngineError, Failure, Outcome, Transfer, start};
+pub use transfer::{EngineError, Failure, Outcome, Transfer, start, start_on};
 
 /// This host, detected once: the cores the shards may use (all, or `cores`), whether an RDMA
 /// device opens (and this build has the transport), and whether sealing costs less than the

@@ -136,6 +136,8 @@ pub struct Transfer {
     send: JoinHandle<Result<SendReport, SendError>>,
     controller: Option<JoinHandle<Vec<SwitchRecord>>>,
     to: String,
+    /// Whether it runs on a warm peer's streams, and why (not).
+    warm: Option<String>,
 }
 
 /// The probe a send opens with: three RTT samples (the key exchange, the Welcome, which also
@@ -182,9 +184,9 @@ pub fn send_options(req: &Request, plan: &Plan, probe: &PathEstimate, psk: Psk, 
     }
     if let Some(h) = plan.hde {
         let round_of = match &req.round_of {
-            Some(p) => Some(Arc::new(
-                dataplane::source::map_image(p).map_err(|source| EngineError::Io { what: format!("cannot map the previous round {}", p.display()), source })?,
-            )),
+            Some(p) => {
+                Some(Arc::new(dataplane::source::map_image(p).map_err(|source| EngineError::Io { what: format!("cannot map the previous round {}", p.display()), source })?))
+            }
             None => None,
         };
         let dirty = match &req.dirty {
@@ -221,6 +223,15 @@ pub fn send_options(req: &Request, plan: &Plan, probe: &PathEstimate, psk: Psk, 
 /// plans, and runs the transfer on its own threads. `faults` are what a test injects (the CLI's
 /// hidden flags; [`Faults::default`] otherwise).
 pub fn start(req: Request, psk: Psk, host: Host, t: Thresholds, faults: Faults) -> Result<Transfer, EngineError> {
+    start_on(req, psk, host, t, faults, None)
+}
+
+/// As [`start`], on a warm peer's parked streams when `warm` lends them ([`crate::warm`]): the
+/// path as measured on them stands in for the probe, stream 0 opens the session on its parked
+/// stream and the others join in one round trip; after a verified session the streams go to
+/// the loan's `keep` to be parked again. A plan they cannot carry (plaintext, RDMA) gives them
+/// back unused and connects as usual.
+pub fn start_on(req: Request, psk: Psk, host: Host, t: Thresholds, faults: Faults, warm: Option<&mut crate::warm::Lent>) -> Result<Transfer, EngineError> {
     let source = dataplane::source::parse(&req.source, req.name.clone()).map_err(EngineError::Source)?;
     let later_round = req.round_of.is_some() || req.dirty.is_some();
     if later_round && req.name.is_none() && !matches!(source, Source::File { .. }) {
@@ -231,13 +242,33 @@ pub fn start(req: Request, psk: Psk, host: Host, t: Thresholds, faults: Faults) 
     let facts = SourceFacts { stdin: matches!(source, Source::Stream { .. }), size: source.size(), loopback, mapped: matches!(source, Source::File { map: Some(_), .. }) };
     // Stream 0 connects, encrypted, while the probe runs: on a long path that saves the two
     // round trips of its connection and key exchange. Unused, it is closed before its Hello.
-    let early0 = plan::early_stream_zero(&req).then(|| {
+    let warm = warm.map(|l| (std::mem::take(&mut l.conns), l.est, l.keep.clone(), l.measured_ago));
+    let early0 = (warm.is_none() && plan::early_stream_zero(&req)).then(|| {
         let (to, psk, idle) = (req.to.clone(), psk.clone(), req.idle_timeout());
         std::thread::spawn(move || handshake::connect(&to, &psk, true, 0, idle))
     });
-    let est = probe::measure(&req.to, &psk, probe_options(&req, t)).map_err(|source| EngineError::Probe { to: req.to.clone(), source })?;
+    let est = match &warm {
+        Some((_, e, ..)) => *e,
+        None => probe::measure(&req.to, &psk, probe_options(&req, t)).map_err(|source| EngineError::Probe { to: req.to.clone(), source })?,
+    };
     let plan = plan::decide(&req, host, facts, &est, t)?;
-    let stream0: Option<(Conn, Duration)> = early0.and_then(|h| h.join().ok()?.ok()).filter(|_| plan.encrypt);
+    let (start, warm) = match warm {
+        Some((mut conns, e, keep, ago)) if plan.encrypt && plan.transport == crate::mode::Transport::Tcp && !conns.is_empty() => {
+            let c0 = conns.remove(0);
+            let why = format!("{} parked streams, the path measured on them {:.0} s ago: no probe, no key exchange, no slow start", conns.len() + 1, ago.as_secs_f64());
+            (send::Start { stream0: Some((c0, e.rtt_min)), parked: conns, keep: Some(keep) }, Some(why))
+        }
+        Some((conns, _, keep, _)) => {
+            for c in conns {
+                let _ = keep.send(c);
+            }
+            (send::Start::default(), Some("not used: warm streams are encrypted TCP, and the plan is not".to_string()))
+        }
+        None => {
+            let stream0: Option<(Conn, Duration)> = early0.and_then(|h| h.join().ok()?.ok()).filter(|_| plan.encrypt);
+            (send::Start { stream0, ..send::Start::default() }, None)
+        }
+    };
     let mut opts = send_options(&req, &plan, &est, psk, facts.size)?;
     // The trace is written as intervals end, so an interrupted send leaves it too.
     let trace = match &req.trace_out {
@@ -265,7 +296,7 @@ pub fn start(req: Request, psk: Psk, host: Host, t: Thresholds, faults: Faults) 
     let send = std::thread::Builder::new()
         .name("dwcp-send".into())
         .spawn(move || {
-            let r = send::send_with(source, &opts, p, stream0, faults);
+            let r = send::send_with(source, &opts, p, start, faults);
             // The options hold the trace channel's sender: dropping them ends the writer's loop.
             drop(opts);
             if let Some(w) = trace {
@@ -274,13 +305,18 @@ pub fn start(req: Request, psk: Psk, host: Host, t: Thresholds, faults: Faults) 
             r
         })
         .map_err(|source| EngineError::Io { what: "starting the send thread".into(), source })?;
-    Ok(Transfer { plan, name, size, progress, stop, send, controller, to: req.to })
+    Ok(Transfer { plan, name, size, progress, stop, send, controller, to: req.to, warm })
 }
 
 impl Transfer {
     /// What it runs.
     pub fn plan(&self) -> &Plan {
         &self.plan
+    }
+
+    /// Whether it runs on a warm peer's streams, and why (not).
+    pub fn warm(&self) -> Option<&str> {
+        self.warm.as_deref()
     }
 
     /// The object's name at the receiver.

@@ -76,6 +76,8 @@ struct Job {
     tick_acked: u64,
     /// Times a restarted daemon took it up again.
     restarts: u32,
+    /// Whether it runs on a warm peer's streams, and why (not).
+    warm: Option<String>,
 }
 
 impl Job {
@@ -87,6 +89,9 @@ impl Job {
         let mut j = json!({"id": self.id, "name": self.name, "to": self.to, "elapsed_s": elapsed});
         if self.restarts > 0 {
             j["restarts"] = self.restarts.into();
+        }
+        if let Some(w) = &self.warm {
+            j["warm"] = w.as_str().into();
         }
         if let Some(p) = &self.placement {
             j["placement"] = serde_json::to_value(p).unwrap_or_default();
@@ -208,6 +213,8 @@ pub struct Jobs {
     defaults: crate::config::TransferDefaults,
     /// Where the jobs in flight are recorded (none: they end with the daemon).
     records: Option<Records>,
+    /// The configured peers' warm streams.
+    pool: Option<Arc<crate::warm::Pool>>,
     book: Mutex<Book>,
 }
 
@@ -224,9 +231,19 @@ impl Jobs {
     /// A thread shares each link between its jobs every [`TICK`] until the last `Arc` is dropped.
     /// With `records`, each job in flight is recorded there, and ids go on from the last one
     /// recorded.
-    pub fn new(psk: Psk, host: Host, nodes: Vec<NumaNode>, thresholds: Thresholds, defaults: crate::config::TransferDefaults, records: Option<Records>) -> Arc<Self> {
+    /// A job to a peer of `pool` runs on its warm streams when they are free.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        psk: Psk,
+        host: Host,
+        nodes: Vec<NumaNode>,
+        thresholds: Thresholds,
+        defaults: crate::config::TransferDefaults,
+        records: Option<Records>,
+        pool: Option<Arc<crate::warm::Pool>>,
+    ) -> Arc<Self> {
         let book = Book { next: records.as_ref().map_or(0, Records::last_id), ..Book::default() };
-        let me = Arc::new(Self { psk, host, nodes, thresholds, defaults, records, book: Mutex::new(book) });
+        let me = Arc::new(Self { psk, host, nodes, thresholds, defaults, records, pool, book: Mutex::new(book) });
         let weak = Arc::downgrade(&me);
         let _ = std::thread::Builder::new().name("dwcp-share".into()).spawn(move || {
             while let Some(jobs) = weak.upgrade() {
@@ -323,6 +340,7 @@ impl Jobs {
                 share: None,
                 tick_acked: 0,
                 restarts,
+                warm: None,
             };
             b.list.push_back(job);
             while b.list.len() > KEEP {
@@ -451,10 +469,25 @@ impl Jobs {
         }
         // The plan sizes the transfer to the cores it may use, as `dwcp send --cores` does.
         let host = Host { cores: req.cores.as_ref().map_or(self.host.cores, |c| c.len().max(1)), ..self.host };
-        let t = match engine::start(req, self.psk.clone(), host, self.thresholds, dataplane::send::Faults::default()) {
-            Ok(t) => t,
-            Err(e) => return self.end(id, "failed", json!({"error": e.to_string()})),
+        let to = req.to.clone();
+        let mut lent = self.pool.as_ref().and_then(|p| p.lend(&to));
+        if lent.is_none() && self.pool.as_ref().is_some_and(|p| p.knows(&to)) {
+            tracing::info!(id, %to, "the peer's warm streams are busy or not ready: connecting anew");
+        }
+        let started = engine::start_on(req, self.psk.clone(), host, self.thresholds, dataplane::send::Faults::default(), lent.as_mut());
+        let give_back = |lent: Option<crate::warm::Lent>| {
+            if let (Some(p), Some(l)) = (&self.pool, lent) {
+                p.give_back(l);
+            }
         };
+        let t = match started {
+            Ok(t) => t,
+            Err(e) => {
+                give_back(lent);
+                return self.end(id, "failed", json!({"error": e.to_string()}));
+            }
+        };
+        let warm = t.warm().map(str::to_owned);
         let plan = serde_json::to_value(t.plan()).unwrap_or_default();
         let progress = t.progress().clone();
         // A restarted daemon resumes it with this chunk size (the receiver's journal is per
@@ -468,6 +501,7 @@ impl Jobs {
         self.with(|b| b.hold(id, usize::from(t.plan().streams)));
         self.with(|b| {
             if let Some(j) = b.job(id) {
+                j.warm = warm.clone();
                 j.name = t.name().to_owned();
                 j.phase = Phase::Running { plan, progress: progress.clone() };
                 j.peer = peer;
@@ -477,10 +511,16 @@ impl Jobs {
         if cancel.load(Relaxed) {
             t.cancel();
         }
-        match t.wait() {
+        let r = t.wait();
+        give_back(lent);
+        match r {
             Ok(out) => {
                 let state = if out.report.verified { "verified" } else { "failed" };
-                self.end(id, state, out.json());
+                let mut j = out.json();
+                if let Some(w) = &warm {
+                    j["warm"] = w.as_str().into();
+                }
+                self.end(id, state, j);
             }
             Err(e) if progress.cancel.load(Relaxed) => self.end(id, "cancelled", json!({"error": e.to_string()})),
             Err(e) => self.end(id, "failed", json!({"error": e.to_string()})),
