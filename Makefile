@@ -10,7 +10,7 @@ RIG_PKGS := qemu-system-x86 busybox-static rdma-core ibverbs-utils perftest libi
             librdmacm-dev libclang-dev clang pkg-config cpio kmod iproute2 gzip \
             iputils-ping ethtool iperf3 python3 openssl xdelta3
 
-.PHONY: package package-test bench-micro report tune all deps bench-deps vm-deps build demo test libdwcp fuzz fuzz-seeds fuzz-smoke bench-base bench-transport bench-boot bench-hde bench-rdma bench-migrate bench-wan bench-pba bench-fleet bench-probes corpus clean
+.PHONY: package package-test bench-micro report tune all deps bench-deps vm-deps build demo test libdwcp fuzz fuzz-seeds fuzz-smoke bench-base bench-transport bench-boot bench-hde bench-rdma bench-migrate bench-wan bench-pba bench-fleet bench-warm bench-probes corpus clean
 
 all: build
 
@@ -149,6 +149,12 @@ bench-wan: build bench-deps
 bench-fleet: build bench-deps
 	$(CARGO) build --release -q -p hw-tests --bin dwcp-wan
 	./target/release/bench-fleet
+
+# Warm peers: a job on the daemon's warm streams against a cold dwcp send, 16 MiB and 256 MiB, at
+# 150 ms / 1% and 50 ms / 0.1% on the WAN rig (1 Gbit/s).
+bench-warm: build bench-deps
+	$(CARGO) build --release -q -p hw-tests --bin dwcp-wan
+	./target/release/bench-warm
 
 # PBA's predictors, fitted on recorded traces and scored on held-out ones (RECORD=1 records the
 # traces anew over the WAN rig with changing cross traffic).

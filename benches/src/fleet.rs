@@ -13,8 +13,8 @@
 //! from the round's start), makespan (the last finish), and the deadlines feasible on an ideal
 //! link at the rig's payload rate (earliest deadline first, bytes over rate).
 //!
-//! Not measured here (not built yet): warm peer connections (`warm_speedup_16m_150ms`,
-//! `warm_vs_floor_256m_150ms`) and migrations through the daemon.
+//! Warm peer connections are measured by `make bench-warm`; migrations through the daemon are
+//! not built yet.
 //!
 //!   bench-fleet [--rounds 3]
 

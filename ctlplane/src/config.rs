@@ -137,7 +137,7 @@ pub struct Log {
 #[serde(deny_unknown_fields)]
 pub struct TransferDefaults {
     /// Streams the daemon keeps parked to each configured peer for its jobs (`crate::warm`;
-    /// default 4, 0: none).
+    /// default: as many as a cold send would open on the path measured; 0: none).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warm_streams: Option<u16>,
     /// Streams.

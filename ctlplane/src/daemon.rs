@@ -252,9 +252,9 @@ impl Component for JobsC {
             Some(d) => Some(crate::jobs::records::Records::open(&d)?),
             None => None,
         };
-        let warm = usize::from(self.0.config.transfer.warm_streams.unwrap_or(4));
+        let warm = self.0.config.transfer.warm_streams.map(usize::from);
         let peers: Vec<(String, String)> = self.0.config.peers.iter().map(|p| (p.name.clone(), p.addr.clone())).collect();
-        let pool = (warm > 0 && !peers.is_empty()).then(|| crate::warm::Pool::start((*psk).clone(), &peers, warm));
+        let pool = (warm != Some(0) && !peers.is_empty()).then(|| crate::warm::Pool::start((*psk).clone(), &peers, warm, host.cores));
         let _ = self.0.warm.set(pool.clone());
         let jobs = crate::jobs::Jobs::new((*psk).clone(), host, nodes, self.0.config.thresholds(), self.0.config.transfer.clone(), records, pool);
         let listener = bind_private(path)?;

@@ -26,16 +26,18 @@ use serde_json::{Value, json};
 pub const KEEPALIVE: Duration = Duration::from_secs(20);
 /// How often a pool short of streams (a peer down, say) tries again.
 const RETRY: Duration = Duration::from_secs(5);
-/// Bulk bytes per stream in the warm-up burst: enough to open a window of a
-/// bandwidth-delay product on a 1 Gbit/s, 150 ms path (19 MB) in a few round trips.
-const WARM_BULK: u64 = 24 << 20;
+/// Bulk bytes of a warm-up burst, shared by the streams it opens (at least 4 MiB each): a few
+/// bandwidth-delay products of a 1 Gbit/s, 150 ms path (19 MB).
+const WARM_BULK: u64 = 64 << 20;
 
 /// One peer's pool.
 #[derive(Debug)]
 struct Peer {
     name: String,
-    /// Streams wanted.
-    want: usize,
+    /// Streams wanted, as configured (None: as many as a cold send would open on the path).
+    want: Option<usize>,
+    /// Streams wanted now (0 until the path is measured, with `want` None).
+    wanted: usize,
     parked: Vec<Conn>,
     /// Lent to a job.
     lent: bool,
@@ -65,6 +67,8 @@ pub struct Lent {
 #[derive(Debug)]
 pub struct Pool {
     psk: Psk,
+    /// This host's cores (what a cold send's stream count depends on besides the RTT).
+    cores: usize,
     peers: Mutex<BTreeMap<String, Peer>>,
     /// Wakes the maintenance thread (a pool found short).
     wake: Sender<()>,
@@ -99,15 +103,30 @@ fn ping_all(conns: &mut Vec<Conn>, seq: u32) {
 }
 
 impl Pool {
-    /// Pools of `streams` streams to each `(name, addr)`; the thread that keeps them runs until
+    /// Pools of `streams` streams to each `(name, addr)` (None: as many as a cold send from
+    /// `cores` cores would open on the path measured); the thread that keeps them runs until
     /// the last `Arc` is dropped.
-    pub fn start(psk: Psk, peers: &[(String, String)], streams: usize) -> Arc<Pool> {
+    pub fn start(psk: Psk, peers: &[(String, String)], streams: Option<usize>, cores: usize) -> Arc<Pool> {
         let peers = peers
             .iter()
-            .map(|(name, addr)| (addr.clone(), Peer { name: name.clone(), want: streams.max(1), parked: Vec::new(), lent: false, est: None, last_error: None, jobs: 0 }))
+            .map(|(name, addr)| {
+                (
+                    addr.clone(),
+                    Peer {
+                        name: name.clone(),
+                        want: streams.map(|n| n.max(1)),
+                        wanted: streams.unwrap_or(0),
+                        parked: Vec::new(),
+                        lent: false,
+                        est: None,
+                        last_error: None,
+                        jobs: 0,
+                    },
+                )
+            })
             .collect();
         let (wake, woken) = crossbeam_channel::bounded(1);
-        let pool = Arc::new(Pool { psk, peers: Mutex::new(peers), wake });
+        let pool = Arc::new(Pool { psk, cores, peers: Mutex::new(peers), wake });
         let weak = Arc::downgrade(&pool);
         let _ = std::thread::Builder::new().name("dwcp-warm".into()).spawn(move || keep(&weak, &woken));
         pool
@@ -138,7 +157,7 @@ impl Pool {
                 tracing::info!(peer = %p.name, closed = before - p.parked.len(), "warm streams closed by the peer; replacing them");
                 let _ = self.wake.try_send(());
             }
-            if p.parked.len() < p.want {
+            if p.wanted == 0 || p.parked.len() < p.wanted {
                 return None;
             }
             p.lent = true;
@@ -154,7 +173,14 @@ impl Pool {
         let Lent { addr, kept, keep, .. } = lent;
         drop(keep);
         let mut back: Vec<Conn> = kept.try_iter().collect();
-        back.retain_mut(|c| park(c).is_ok());
+        // Every Hello first, then the Welcomes: one round trip for all.
+        let sent: Vec<bool> = back.iter_mut().map(|c| c.write_frame(FrameType::Hello, 0, &Hello::Probe.encode()).is_ok()).collect();
+        let mut i = 0;
+        back.retain_mut(|c| {
+            let ok = sent[i] && c.expect(FrameType::Welcome, "parking a warm stream").is_ok();
+            i += 1;
+            ok
+        });
         // In stream order again (they may come back in any order).
         back.sort_by_key(|c| c.codec.stream());
         self.with(|peers| {
@@ -178,7 +204,7 @@ impl Pool {
                 peers
                     .iter()
                     .map(|(addr, p)| {
-                        let mut j = json!({"name": p.name, "addr": addr, "parked": p.parked.len(), "want": p.want, "lent": p.lent, "jobs": p.jobs});
+                        let mut j = json!({"name": p.name, "addr": addr, "parked": p.parked.len(), "want": p.wanted, "lent": p.lent, "jobs": p.jobs});
                         if let Some((e, at)) = &p.est {
                             j["rtt_ms"] = json!(e.rtt_min.as_secs_f64() * 1e3);
                             j["bw_bps"] = if e.bw_bps.is_finite() { json!(e.bw_bps) } else { Value::Null };
@@ -201,48 +227,66 @@ fn keep(weak: &Weak<Pool>, woken: &Receiver<()>) {
     loop {
         let Some(pool) = weak.upgrade() else { return };
         let addrs: Vec<String> = pool.with(|p| p.keys().cloned().collect());
-        let mut short = false;
+        let (mut short, mut sized) = (false, false);
         for addr in addrs {
             // Work on the streams outside the lock: take them, give them back.
-            let Some((mut conns, want, measured)) = pool.with(|p| {
+            let Some((mut conns, want, est0)) = pool.with(|p| {
                 let peer = p.get_mut(&addr)?;
-                (!peer.lent).then(|| (std::mem::take(&mut peer.parked), peer.want, peer.est.is_some()))
+                (!peer.lent).then(|| (std::mem::take(&mut peer.parked), peer.want, peer.est.map(|e| e.0)))
             }) else {
                 continue;
             };
             seq = seq.wrapping_add(1);
             ping_all(&mut conns, seq);
-            let mut error = None;
-            let mut est = None;
-            while conns.len() < want {
-                let i = conns.len() as u16;
-                match handshake::connect(&addr, &pool.psk, true, i, Duration::from_secs(10)).and_then(|(mut c, kx)| park(&mut c).map(|()| (c, kx))) {
-                    Ok((mut c, kx)) => {
-                        // Each new stream's window is opened by a burst; the first also measures.
-                        let o = ProbeOptions { rtt_samples: 5, bulk_bytes: WARM_BULK, ..ProbeOptions::default() };
-                        match probe::measure_on(&mut c, vec![kx], false, o) {
-                            Ok(e) => {
-                                if est.is_none() || !measured {
-                                    est.get_or_insert(e);
-                                }
-                                conns.push(c);
+            // Until the path is measured, one stream (which measures it); then as many as a
+            // cold send would open on that path, unless the config fixed the count.
+            let want = match (want, est0) {
+                (Some(n), _) => n,
+                (None, None) => 1,
+                (None, Some(e)) => usize::from(dataplane::session::default_streams(pool.cores, e.rtt_min)),
+            };
+            let (fresh, mut error) = connect_parked(&pool, &addr, conns.len(), want.saturating_sub(conns.len()));
+            // The new streams' windows are opened together, as a job will use them: each
+            // stream's congestion state learns its share of the path, not the whole of it.
+            let bulk = (WARM_BULK / fresh.len().max(1) as u64).max(4 << 20);
+            let o = ProbeOptions { rtt_samples: 5, bulk_bytes: bulk, ..ProbeOptions::default() };
+            let warmed: Vec<(Conn, Result<PathEstimate, HandshakeError>)> = std::thread::scope(|sc| {
+                let hs: Vec<_> = fresh
+                    .into_iter()
+                    .map(|(mut c, kx)| {
+                        sc.spawn(move || {
+                            let r = probe::measure_on(&mut c, vec![kx], false, o);
+                            (c, r)
+                        })
+                    })
+                    .collect();
+                hs.into_iter().filter_map(|h| h.join().ok()).collect()
+            });
+            let mut est: Option<PathEstimate> = None;
+            for (c, r) in warmed {
+                match r {
+                    Ok(e) => {
+                        // The path's rate is what the streams carried together.
+                        est = Some(match est {
+                            None => e,
+                            Some(mut t) => {
+                                t.bw_bps = if t.bw_bps.is_finite() && e.bw_bps.is_finite() { t.bw_bps + e.bw_bps } else { t.bw_bps.max(e.bw_bps) };
+                                t.rtt_min = t.rtt_min.min(e.rtt_min);
+                                t
                             }
-                            Err(e) => {
-                                error = Some(format!("warming a stream to {addr}: {e}"));
-                                break;
-                            }
-                        }
+                        });
+                        conns.push(c);
                     }
-                    Err(e) => {
-                        error = Some(format!("connecting a warm stream to {addr}: {e}"));
-                        break;
-                    }
+                    Err(e) => error = Some(format!("warming a stream to {addr}: {e}")),
                 }
             }
+            // Sized from the first measurement: filled up at once.
+            sized |= est0.is_none() && est.is_some();
             short |= conns.len() < want;
             pool.with(|p| {
                 if let Some(peer) = p.get_mut(&addr) {
                     peer.parked = conns;
+                    peer.wanted = if peer.want.is_some() || est0.is_some() { want } else { 0 };
                     if let Some(e) = est {
                         peer.est = Some((e, Instant::now()));
                     }
@@ -254,6 +298,35 @@ fn keep(weak: &Weak<Pool>, woken: &Receiver<()>) {
             });
         }
         drop(pool);
-        let _ = woken.recv_timeout(if short { RETRY } else { KEEPALIVE });
+        let _ = woken.recv_timeout(if sized {
+            Duration::ZERO
+        } else if short {
+            RETRY
+        } else {
+            KEEPALIVE
+        });
     }
+}
+
+/// Connects `n` streams to `addr` at once (indexes from `first`) and parks them; those that
+/// made it with their key exchange's round trip, and the first error.
+fn connect_parked(pool: &Pool, addr: &str, first: usize, n: usize) -> (Vec<(Conn, Duration)>, Option<String>) {
+    let results: Vec<Result<(Conn, Duration), HandshakeError>> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..n)
+            .map(|k| {
+                let psk = &pool.psk;
+                sc.spawn(move || handshake::connect(addr, psk, true, (first + k) as u16, Duration::from_secs(10)).and_then(|(mut c, kx)| park(&mut c).map(|()| (c, kx))))
+            })
+            .collect();
+        hs.into_iter().filter_map(|h| h.join().ok()).collect()
+    });
+    let mut error = None;
+    let mut ok = Vec::new();
+    for r in results {
+        match r {
+            Ok(ck) => ok.push(ck),
+            Err(e) => error = error.or(Some(format!("connecting a warm stream to {addr}: {e}"))),
+        }
+    }
+    (ok, error)
 }

@@ -306,7 +306,8 @@ impl Jobs {
         };
         if let Some(rs) = &self.records {
             let r = Record { id, request: req.clone(), submitted_ms: records::now_ms(), chunk_size: None, restarts: 0 };
-            if let Err(e) = rs.write(&r) {
+            // Synced once the job runs (its record is updated with the plan's chunk size).
+            if let Err(e) = rs.write(&r, false) {
                 let msg = format!("recording the transfer in {}: {e} (free space there or set api.jobs_dir)", rs.dir().display());
                 self.end(id, "failed", json!({ "error": msg }));
                 return error(500, msg);
@@ -392,7 +393,7 @@ impl Jobs {
             }
             req.resume = true;
             req.chunk_size = r.chunk_size.or(req.chunk_size);
-            if let Err(e) = rs.write(&Record { request: req.clone(), restarts, ..r }) {
+            if let Err(e) = rs.write(&Record { request: req.clone(), restarts, ..r }, true) {
                 tracing::warn!(id, "updating its record: {e}");
             }
             tracing::info!(id, name = %req.name.as_deref().unwrap_or(""), restarts, "taking up a transfer a previous daemon left: resuming it");
@@ -511,9 +512,7 @@ impl Jobs {
         if cancel.load(Relaxed) {
             t.cancel();
         }
-        let r = t.wait();
-        give_back(lent);
-        match r {
+        match t.wait() {
             Ok(out) => {
                 let state = if out.report.verified { "verified" } else { "failed" };
                 let mut j = out.json();
@@ -525,6 +524,8 @@ impl Jobs {
             Err(e) if progress.cancel.load(Relaxed) => self.end(id, "cancelled", json!({"error": e.to_string()})),
             Err(e) => self.end(id, "failed", json!({"error": e.to_string()})),
         }
+        // After the job has ended for its caller: parking the streams again takes a round trip.
+        give_back(lent);
     }
 
     /// Every transfer remembered.
@@ -575,7 +576,14 @@ impl Jobs {
         };
         let mut last_state = String::new();
         let mut last: Option<(Instant, u64)> = None;
+        let mut first = true;
         loop {
+            if !first {
+                // The state is looked at often, so that the end is told at once; progress only
+                // every EVENT_EVERY.
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            first = false;
             let Some(j) = self.with(|b| b.list.iter().find(|j| j.id == id).map(Job::json)) else {
                 return line(json!({"event": "gone", "id": id, "error": format!("no transfer {id}")}));
             };
@@ -586,7 +594,7 @@ impl Jobs {
             if state != last_state {
                 line(json!({"event": "state", "job": j}))?;
                 last_state = state;
-            } else if state == "running" {
+            } else if state == "running" && last.is_none_or(|(t, _)| t.elapsed() >= EVENT_EVERY) {
                 let (now, acked) = (Instant::now(), j["acked_bytes"].as_u64().unwrap_or(0));
                 let bps = last.map(|(t, a)| acked.saturating_sub(a) as f64 * 8.0 / now.duration_since(t).as_secs_f64().max(1e-3));
                 last = Some((now, acked));
@@ -601,7 +609,6 @@ impl Jobs {
                 }
                 line(e)?;
             }
-            std::thread::sleep(EVENT_EVERY);
         }
     }
 

@@ -61,14 +61,20 @@ impl Records {
         self.dir.join(format!("{id}.json"))
     }
 
-    /// Writes `r` durably (a whole file synced, renamed over the old one, the directory synced).
-    pub fn write(&self, r: &Record) -> std::io::Result<()> {
+    /// Writes `r` whole (a temporary renamed over the old one): it survives the daemon; with
+    /// `sync`, the file and the directory are synced too, so that it survives the host (a few
+    /// milliseconds to a second on a busy disk, which a job's start does not wait for).
+    pub fn write(&self, r: &Record, sync: bool) -> std::io::Result<()> {
         let tmp = self.dir.join(format!(".{}.tmp", r.id));
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(&serde_json::to_vec_pretty(r).map_err(std::io::Error::other)?)?;
-        f.sync_all()?;
+        if sync {
+            f.sync_all()?;
+        }
         std::fs::rename(&tmp, self.path(r.id))?;
-        std::fs::File::open(&self.dir)?.sync_all()?;
+        if sync {
+            std::fs::File::open(&self.dir)?.sync_all()?;
+        }
         self.bump_last_id(r.id)
     }
 
@@ -77,7 +83,7 @@ impl Records {
         let Ok(text) = std::fs::read(self.path(id)) else { return Ok(()) };
         let Ok(mut r) = serde_json::from_slice::<Record>(&text) else { return Ok(()) };
         f(&mut r);
-        self.write(&r)
+        self.write(&r, true)
     }
 
     /// Forgets job `id` (it ended).
@@ -144,8 +150,8 @@ mod tests {
     fn records_round_trip_and_bad_files_are_set_aside_with_the_reason() {
         let d = tempfile::tempdir().unwrap();
         let rs = Records::open(&d.path().join("jobs")).unwrap();
-        rs.write(&record(3)).unwrap();
-        rs.write(&record(1)).unwrap();
+        rs.write(&record(3), true).unwrap();
+        rs.write(&record(1), false).unwrap();
         assert_eq!(rs.last_id(), 3);
         std::fs::write(rs.dir().join("7.json"), b"{not json").unwrap();
         std::fs::write(rs.dir().join("8.json"), serde_json::to_vec(&record(9)).unwrap()).unwrap();

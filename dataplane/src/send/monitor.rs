@@ -321,7 +321,9 @@ pub(super) fn run(socks: Vec<OwnedFd>, opts: &ControlOptions, shared: &Shared, c
         cc_error,
         ..Default::default()
     };
-    let mut last: Vec<Option<ebpf::SocketStats>> = vec![None; socks.len()];
+    // Counters from the start of this send: a warm peer's stream carried sessions and its
+    // warm-up before this one, and its lifetime totals are not this send's first interval.
+    let mut last: Vec<Option<ebpf::SocketStats>> = idx.iter().map(|&i| mon.sample_with_time(i).0).collect();
     let mut last_time: Vec<Option<ebpf::sys::SendTime>> = vec![None; socks.len()];
     let mut samples = vec![StreamSample::default(); socks.len()];
     let mut events = Vec::new();
