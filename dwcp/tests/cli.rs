@@ -1297,8 +1297,9 @@ fn connections_to(port: u16) -> Vec<u16> {
 
 /// Warm peers: the daemon keeps streams parked at a configured peer's receiver (as many as a cold
 /// send would open on the path: two on loopback here); a job to it runs on them (no probe, no new
-/// connection: the same connections before and after two jobs) and says so; once the peer's receiver restarts, the next job finds the streams closed
-/// and connects anew, and the pool fills again with new ones, which the job after uses.
+/// connection: the same connections before and after two jobs) and says so; once the peer's
+/// receiver restarts, the next job finds the streams closed and connects anew, and the pool
+/// fills again with new ones, which the job after uses.
 #[test]
 fn jobs_to_a_configured_peer_run_on_its_warm_streams() {
     let _load = heavy();
