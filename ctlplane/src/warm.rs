@@ -41,6 +41,8 @@ struct Peer {
     parked: Vec<Conn>,
     /// Lent to a job.
     lent: bool,
+    /// Its streams are out for their keepalive pings (a round trip).
+    pinging: bool,
     est: Option<(PathEstimate, Instant)>,
     last_error: Option<String>,
     /// Sessions carried on warm streams.
@@ -70,6 +72,8 @@ pub struct Pool {
     /// This host's cores (what a cold send's stream count depends on besides the RTT).
     cores: usize,
     peers: Mutex<BTreeMap<String, Peer>>,
+    /// Signalled when a pool's streams are back from their keepalive pings.
+    back: std::sync::Condvar,
     /// Wakes the maintenance thread (a pool found short).
     wake: Sender<()>,
 }
@@ -118,6 +122,7 @@ impl Pool {
                         wanted: streams.unwrap_or(0),
                         parked: Vec::new(),
                         lent: false,
+                        pinging: false,
                         est: None,
                         last_error: None,
                         jobs: 0,
@@ -126,7 +131,7 @@ impl Pool {
             })
             .collect();
         let (wake, woken) = crossbeam_channel::bounded(1);
-        let pool = Arc::new(Pool { psk, cores, peers: Mutex::new(peers), wake });
+        let pool = Arc::new(Pool { psk, cores, peers: Mutex::new(peers), back: std::sync::Condvar::new(), wake });
         let weak = Arc::downgrade(&pool);
         let _ = std::thread::Builder::new().name("dwcp-warm".into()).spawn(move || keep(&weak, &woken));
         pool
@@ -144,7 +149,13 @@ impl Pool {
         let key = if self.knows(addr) { Some(addr.to_owned()) } else { resolve(addr).and_then(|want| self.with(|p| p.keys().find(|k| resolve(k) == Some(want)).cloned())) };
         let addr = key?;
         let addr = addr.as_str();
-        self.with(|peers| {
+        // Out for their keepalive pings: back within a round trip; waited for, not skipped.
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let t = Instant::now();
+        while peers.get(addr).is_some_and(|p| p.pinging) && t.elapsed() < Duration::from_secs(2) {
+            peers = self.back.wait_timeout(peers, Duration::from_millis(50)).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        (|| {
             let p = peers.get_mut(addr)?;
             let (est, at) = p.est?;
             if p.lent {
@@ -164,7 +175,7 @@ impl Pool {
             p.jobs += 1;
             let (keep, kept) = crossbeam_channel::unbounded();
             Some(Lent { addr: addr.to_owned(), conns: std::mem::take(&mut p.parked), est, measured_ago: at.elapsed(), keep, kept })
-        })
+        })()
     }
 
     /// Takes back what a job's send kept (its streams after a verified session), parks them
@@ -232,12 +243,22 @@ fn keep(weak: &Weak<Pool>, woken: &Receiver<()>) {
             // Work on the streams outside the lock: take them, give them back.
             let Some((mut conns, want, est0)) = pool.with(|p| {
                 let peer = p.get_mut(&addr)?;
+                peer.pinging = !peer.lent;
                 (!peer.lent).then(|| (std::mem::take(&mut peer.parked), peer.want, peer.est.map(|e| e.0)))
             }) else {
                 continue;
             };
             seq = seq.wrapping_add(1);
             ping_all(&mut conns, seq);
+            // Back at once: a job may take them while new ones connect and warm up.
+            let kept = conns.len();
+            pool.with(|p| {
+                if let Some(peer) = p.get_mut(&addr) {
+                    peer.parked = std::mem::take(&mut conns);
+                    peer.pinging = false;
+                }
+            });
+            pool.back.notify_all();
             // Until the path is measured, one stream (which measures it); then as many as a
             // cold send would open on that path, unless the config fixed the count.
             let want = match (want, est0) {
@@ -245,7 +266,7 @@ fn keep(weak: &Weak<Pool>, woken: &Receiver<()>) {
                 (None, None) => 1,
                 (None, Some(e)) => usize::from(dataplane::session::default_streams(pool.cores, e.rtt_min)),
             };
-            let (fresh, mut error) = connect_parked(&pool, &addr, conns.len(), want.saturating_sub(conns.len()));
+            let (fresh, mut error) = connect_parked(&pool, &addr, kept, want.saturating_sub(kept));
             // The new streams' windows are opened together, as a job will use them: each
             // stream's congestion state learns its share of the path, not the whole of it.
             let bulk = (WARM_BULK / fresh.len().max(1) as u64).max(4 << 20);
@@ -282,10 +303,10 @@ fn keep(weak: &Weak<Pool>, woken: &Receiver<()>) {
             }
             // Sized from the first measurement: filled up at once.
             sized |= est0.is_none() && est.is_some();
-            short |= conns.len() < want;
+            short |= kept + conns.len() < want;
             pool.with(|p| {
                 if let Some(peer) = p.get_mut(&addr) {
-                    peer.parked = conns;
+                    peer.parked.extend(conns);
                     peer.wanted = if peer.want.is_some() || est0.is_some() { want } else { 0 };
                     if let Some(e) = est {
                         peer.est = Some((e, Instant::now()));
