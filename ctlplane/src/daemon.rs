@@ -384,7 +384,7 @@ impl Component for ModeC {
 
 impl Component for ReadyC {
     fn spec(&self) -> Spec {
-        Spec::new("ready", Phase::PostInit).after(&["api", "sessions", "peers"])
+        Spec::new("ready", Phase::PostInit).after(&["api", "sessions", "peers", "jobs"])
     }
     fn start(&self, _: &Ctx) -> Result<(), String> {
         self.0.ready.store(true, Relaxed);

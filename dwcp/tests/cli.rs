@@ -60,6 +60,17 @@ fn write_image(p: &Path, size: usize) {
     }
 }
 
+/// A daemon started with `api.socket` = `sock`: its HTTP endpoint answers and its jobs socket is
+/// bound (the two are separate boot components, and a client started between them finds none).
+fn wait_daemon(api: u16, sock: &Path) {
+    wait_listening(api);
+    let t = Instant::now();
+    while !sock.exists() {
+        assert!(t.elapsed() < Duration::from_secs(10), "the daemon did not bind {}", sock.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn wait_listening(port: u16) {
     let t = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -923,7 +934,7 @@ fn a_send_through_the_daemon_is_planned_sent_and_listed() {
     let sock = d.path().join("api.sock");
     let cfg = daemon_config(d.path(), &key, port, api, Some(&sock));
     let _daemon = Rx(Command::new(bin()).args(["daemon", "--config"]).arg(&cfg).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
-    wait_listening(api);
+    wait_daemon(api, &sock);
     let src = d.path().join("disk.img");
     write_image(&src, 3 << 20);
     // A relative source: the CLI names it absolutely for the daemon.
@@ -975,7 +986,7 @@ impl JobRig {
         let sock = d.path().join("api.sock");
         let cfg = daemon_config(d.path(), &key, port, api, Some(&sock));
         let daemon = Rx(Command::new(bin()).args(["daemon", "--config"]).arg(&cfg).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
-        wait_listening(api);
+        wait_daemon(api, &sock);
         let rx = spawn_recv(&key, rx_port, &["--discard"], &[], true);
         Self { sock, rx_port, _daemon: daemon, _rx: rx, _dir: d }
     }
@@ -1212,7 +1223,7 @@ fn a_daemon_restarted_mid_job_resumes_it_and_never_half_publishes() {
     let cfg = daemon_config(d.path(), &key, port, api, Some(&sock));
     let start = || {
         let dm = Rx(Command::new(bin()).args(["daemon", "--config"]).arg(&cfg).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
-        wait_listening(api);
+        wait_daemon(api, &sock);
         dm
     };
     let out = d.path().join("received");
@@ -1315,7 +1326,7 @@ fn jobs_to_a_configured_peer_run_on_its_warm_streams() {
     std::fs::create_dir(&out).unwrap();
     let mut rx = spawn_recv(&key, rx_port, &["--out", out.to_str().unwrap()], &[], true);
     let _dm = Rx(Command::new(bin()).args(["daemon", "--config"]).arg(&cfg).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
-    wait_listening(api);
+    wait_daemon(api, &sock);
     let pool_ready = |what: &str| {
         let t = Instant::now();
         loop {
