@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use benches::{Figure, Proc, die, in_ns};
+use benches::{Figure, Proc, Wan, die, in_ns};
 
 const ADDR_B: &str = "10.77.0.2";
 const MIB: u64 = 1 << 20;
@@ -129,14 +129,6 @@ fn makespan(finishes: &[f64]) -> f64 {
     finishes.iter().copied().fold(0.0, f64::max)
 }
 
-/// The rig goes down with this.
-struct Down(PathBuf);
-impl Drop for Down {
-    fn drop(&mut self) {
-        let _ = Command::new(self.0.join("hw-tests/wan")).arg("down").status();
-    }
-}
-
 fn main() {
     let mut rounds = 3usize;
     let mut args = std::env::args().skip(1);
@@ -155,11 +147,7 @@ fn main() {
     if !Command::new(&dwcp).args(["keygen", "--force"]).arg(&key).stderr(Stdio::null()).status().is_ok_and(|s| s.success()) {
         die("dwcp keygen failed (build first: make build)");
     }
-    let up = Command::new(root.join("hw-tests/wan")).args(["up", "--rtt", "50ms", "--rate", "200mbit", "--loss", "0%", "--queue", "1bdp"]).output().expect("hw-tests/wan up");
-    if !up.status.success() {
-        die(&format!("hw-tests/wan up: {}", String::from_utf8_lossy(&up.stderr)));
-    }
-    let _down = Down(root);
+    let _wan = Wan::up(&root, &["--rtt", "50ms", "--rate", "200mbit", "--loss", "0%", "--queue", "1bdp"]);
     let _rx = Proc(
         in_ns("dwcp-b", &dwcp)
             .args(["recv", "--listen", &format!("{ADDR_B}:7470"), "--discard", "--no-encrypt", "--key-file"])

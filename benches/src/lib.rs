@@ -96,3 +96,24 @@ pub fn emit(path: &std::path::Path, mut j: serde_json::Value) {
     std::fs::write(path, format!("{line}\n")).unwrap_or_else(|e| die(&format!("writing {}: {e}", path.display())));
     println!("{line}");
 }
+
+/// The WAN rig (`hw-tests/wan`), taken down when dropped. `.0` is the workspace root.
+#[derive(Debug)]
+pub struct Wan(pub std::path::PathBuf);
+
+impl Wan {
+    /// Brings the rig up with `args` (`--rtt 50ms --rate 1gbit ...`), or dies with its error.
+    pub fn up(root: &std::path::Path, args: &[&str]) -> Wan {
+        let up = Command::new(root.join("hw-tests/wan")).arg("up").args(args).output().expect("hw-tests/wan up");
+        if !up.status.success() {
+            die(&format!("hw-tests/wan up: {}", String::from_utf8_lossy(&up.stderr)));
+        }
+        Wan(root.to_owned())
+    }
+}
+
+impl Drop for Wan {
+    fn drop(&mut self) {
+        let _ = Command::new(self.0.join("hw-tests/wan")).arg("down").status();
+    }
+}

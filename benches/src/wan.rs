@@ -40,7 +40,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use benches::{Proc, die, in_ns};
+use benches::{Proc, Wan, die, in_ns};
 
 const A: &str = "dwcp-a";
 const B: &str = "dwcp-b";
@@ -220,11 +220,8 @@ fn run_case(env: &Env, p: &Profile, case: &str, compete: bool) -> Run {
 }
 
 /// Brings the rig up with `args`, and a discarding receiver; both go with the guard.
-fn rig(env: &Env, args: &[&str]) -> (Proc, Down) {
-    let up = Command::new(env.root.join("hw-tests/wan")).arg("up").args(args).output().expect("hw-tests/wan up");
-    if !up.status.success() {
-        die(&format!("hw-tests/wan up: {}", String::from_utf8_lossy(&up.stderr)));
-    }
+fn rig(env: &Env, args: &[&str]) -> (Proc, Wan) {
+    let wan = Wan::up(&env.root, args);
     let rx = Proc(
         in_ns(B, &env.dwcp)
             .args(["recv", "--listen", &format!("{ADDR_B}:7470"), "--discard", "--no-encrypt", "--key-file"])
@@ -235,16 +232,7 @@ fn rig(env: &Env, args: &[&str]) -> (Proc, Down) {
             .expect("dwcp recv"),
     );
     std::thread::sleep(Duration::from_millis(500));
-    (rx, Down(env.root.clone()))
-}
-
-/// Takes the rig down when dropped.
-struct Down(PathBuf);
-
-impl Drop for Down {
-    fn drop(&mut self) {
-        let _ = Command::new(self.0.join("hw-tests/wan")).arg("down").status();
-    }
+    (rx, wan)
 }
 
 /// One `dwcp send` to the rig's receiver with `extra` arguments, run to its end: its `--json`.

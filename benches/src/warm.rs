@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use benches::{Figure, Proc, die, in_ns};
+use benches::{Figure, Proc, Wan, die, in_ns};
 
 const ADDR_B: &str = "10.77.0.2";
 const MIB: u64 = 1 << 20;
@@ -26,14 +26,6 @@ const PAYLOAD: f64 = 0.956;
 const API: &str = "127.0.0.1:7491";
 /// How long the idle pool is watched (two keepalive rounds).
 const IDLE: Duration = Duration::from_secs(45);
-
-/// The rig goes down with this.
-struct Down(PathBuf);
-impl Drop for Down {
-    fn drop(&mut self) {
-        let _ = Command::new(self.0.join("hw-tests/wan")).arg("down").status();
-    }
-}
 
 /// Runs `c` to its end: its wall time, or what it printed on failure.
 fn timed(mut c: Command) -> Result<f64, String> {
@@ -124,11 +116,7 @@ fn main() {
         if only.as_ref().is_some_and(|o| !o.iter().any(|n| n == p.name)) {
             continue;
         }
-        let up = Command::new(root.join("hw-tests/wan")).args(["up", "--rtt", p.rtt, "--rate", "1gbit", "--loss", p.loss]).output().expect("hw-tests/wan up");
-        if !up.status.success() {
-            die(&format!("hw-tests/wan up: {}", String::from_utf8_lossy(&up.stderr)));
-        }
-        let _down = Down(root.clone());
+        let _wan = Wan::up(&root, &["--rtt", p.rtt, "--rate", "1gbit", "--loss", p.loss]);
         let _rx = Proc(
             in_ns("dwcp-b", &dwcp)
                 .args(["recv", "--listen", &format!("{ADDR_B}:7470"), "--discard", "--key-file"])
