@@ -9,6 +9,7 @@ pub mod boot;
 pub mod config;
 pub mod daemon;
 pub mod engine;
+pub mod fleet;
 pub mod host;
 pub mod itp;
 pub mod jobs;

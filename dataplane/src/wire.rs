@@ -31,6 +31,8 @@ pub const RDMA_SLOT_HEADER: usize = HEADER_LEN + TAG_LEN;
 pub const MAX_PAYLOAD: u32 = 16 << 20;
 /// Largest payload a control frame (anything but a chunk) may declare.
 pub const MAX_CONTROL_PAYLOAD: u32 = 1 << 20;
+/// Largest fleet request or reply (a batch of Raft log entries, a snapshot chunk).
+pub const MAX_FLEET_PAYLOAD: u32 = 4 << 20;
 /// Largest object name, in bytes.
 pub const MAX_NAME: usize = 255;
 
@@ -136,6 +138,9 @@ pub enum FrameType {
     RdmaConnect = 10,
     /// Receiver's queue pairs and the region chunks are written into.
     RdmaAccept = 11,
+    /// A request or reply between the daemons of a fleet (its Raft group), on a fleet
+    /// connection, never on a transfer's.
+    Fleet = 12,
 }
 
 impl FrameType {
@@ -151,12 +156,14 @@ impl FrameType {
             9 => Self::Probe,
             10 => Self::RdmaConnect,
             11 => Self::RdmaAccept,
+            12 => Self::Fleet,
             other => return Err(WireError::UnknownFrameType(other)),
         })
     }
     fn max_payload(self) -> u32 {
         match self {
             Self::Chunk => MAX_PAYLOAD,
+            Self::Fleet => MAX_FLEET_PAYLOAD,
             _ => MAX_CONTROL_PAYLOAD,
         }
     }
