@@ -1,4 +1,5 @@
-//! The HTTP endpoint: `/healthz`, `/readyz`, `/metrics` (Prometheus text format), `/status` (JSON).
+//! The HTTP endpoint: `/healthz`, `/readyz`, `/metrics` (Prometheus text format), `/status` (JSON),
+//! `/fleet` (JSON, read only: see [`crate::fleet::api`]).
 
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -32,6 +33,7 @@ pub fn status_json(st: &State) -> serde_json::Value {
         "sessions": *st.sessions.lock().expect("sessions lock"),
         "transfers": st.jobs.get().map(|j| j.list()),
         "warm_peers": st.warm.get().and_then(|w| w.as_ref()).map(|w| w.status()),
+        "fleet": st.fleet.get().map(|f| f.status()),
     })
 }
 
@@ -57,13 +59,20 @@ pub fn serve(server: &tiny_http::Server, st: &State) {
                 if let Some(j) = st.jobs.get() {
                     j.export(&st.metrics);
                 }
+                if let Some(f) = st.fleet.get() {
+                    st.metrics.export_fleet(&f.status());
+                }
                 let mut buf = Vec::new();
                 let enc = prometheus::TextEncoder::new();
                 let _ = enc.encode(&st.metrics.registry.gather(), &mut buf);
                 respond(req, 200, enc.format_type(), String::from_utf8_lossy(&buf).into_owned());
             }
             "/status" => respond(req, 200, "application/json", status_json(st).to_string()),
-            _ => respond(req, 404, "text/plain", "not found: try /healthz, /readyz, /metrics or /status\n".into()),
+            "/fleet" => match st.fleet.get() {
+                Some(f) => respond(req, 200, "application/json", crate::fleet::api::view(f).to_string()),
+                None => respond(req, 404, "text/plain", "this daemon is in no fleet: configure [fleet]\n".into()),
+            },
+            _ => respond(req, 404, "text/plain", "not found: try /healthz, /readyz, /metrics, /status or /fleet\n".into()),
         }
     }
 }

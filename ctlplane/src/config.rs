@@ -203,6 +203,66 @@ pub struct Peer {
     pub addr: String,
 }
 
+/// `[fleet]`: this daemon as a member of its site's Raft group (ASS). Absent: no fleet.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FleetCfg {
+    /// This node's id in the group: unique, from 1, never reused for another host.
+    pub id: u64,
+    /// Where it listens for the other members (Noise-authenticated with `node.key_file`).
+    #[serde(default = "d_fleet_listen")]
+    pub listen: String,
+    /// Where its Raft log and snapshots are kept (default: `fleet` beside `api.socket`; under
+    /// systemd, somewhere that outlives the runtime directory, such as `/var/lib/dwcp/fleet`).
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// The group's first members, the same list on each (`{ id = 1, addr = "10.0.0.1:7472" }`);
+    /// empty on a node that joins a running group with `dwcp fleet add`.
+    #[serde(default)]
+    pub members: Vec<crate::fleet::Member>,
+    /// Raft heartbeat (ms); a leader is presumed gone after 5 to 10 of them. Raise it on long
+    /// paths: a few round trips at least.
+    #[serde(default = "d_fleet_hb")]
+    pub heartbeat_ms: u64,
+    /// How long a change (a VM handoff, a job record) may wait for a quorum (s).
+    #[serde(default = "d_fleet_commit")]
+    pub commit_timeout_s: f64,
+}
+
+impl FleetCfg {
+    /// The directory of the Raft store (see [`FleetCfg::dir`]), or why there is none.
+    pub fn dir(&self, api: &Api) -> Result<PathBuf, String> {
+        match (&self.dir, &api.socket) {
+            (Some(d), _) => Ok(d.clone()),
+            (None, Some(sock)) => Ok(sock.parent().unwrap_or(Path::new(".")).join("fleet")),
+            (None, None) => Err("set fleet.dir (or api.socket, beside which it defaults)".into()),
+        }
+    }
+
+    /// How the fleet node runs.
+    pub fn options(&self, api: &Api) -> Result<crate::fleet::Options, String> {
+        Ok(crate::fleet::Options {
+            id: self.id,
+            listen: self.listen.clone(),
+            dir: self.dir(api)?,
+            members: self.members.clone(),
+            heartbeat: Duration::from_millis(self.heartbeat_ms),
+            commit_timeout: Duration::from_secs_f64(self.commit_timeout_s),
+            snapshot_every: 1000,
+        })
+    }
+}
+
+fn d_fleet_listen() -> String {
+    "0.0.0.0:7472".into()
+}
+fn d_fleet_hb() -> u64 {
+    200
+}
+fn d_fleet_commit() -> f64 {
+    5.0
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -225,6 +285,9 @@ pub struct Config {
     /// Defaults for every send.
     #[serde(default)]
     pub transfer: TransferDefaults,
+    /// Membership of the site's Raft group.
+    #[serde(default)]
+    pub fleet: Option<FleetCfg>,
 }
 
 fn default_name() -> String {
@@ -289,7 +352,7 @@ fn default_mode() -> ModeCfg {
 
 impl Default for Config {
     fn default() -> Self {
-        Self { node: default_node(), api: default_api_table(), mode: default_mode(), log: default_log(), peers: Vec::new(), transfer: TransferDefaults::default() }
+        Self { node: default_node(), api: default_api_table(), mode: default_mode(), log: default_log(), peers: Vec::new(), transfer: TransferDefaults::default(), fleet: None }
     }
 }
 
@@ -377,6 +440,35 @@ impl Config {
         for (i, p) in self.peers.iter().enumerate() {
             if p.addr.rsplit_once(':').and_then(|(_, port)| port.parse::<u16>().ok()).is_none() {
                 return bad(&format!("peers[{i}].addr"), format!("is {:?}; expected HOST:PORT", p.addr));
+            }
+        }
+        if let Some(f) = &self.fleet {
+            if f.id == 0 {
+                return bad("fleet.id", "is 0; expected a number from 1, unique in the group".into());
+            }
+            if f.listen.parse::<SocketAddr>().is_err() {
+                return bad("fleet.listen", format!("is {:?}; expected an address like 0.0.0.0:7472", f.listen));
+            }
+            let mut ids = std::collections::BTreeSet::new();
+            for (i, m) in f.members.iter().enumerate() {
+                if m.addr.rsplit_once(':').and_then(|(_, port)| port.parse::<u16>().ok()).is_none() {
+                    return bad(&format!("fleet.members[{i}].addr"), format!("is {:?}; expected HOST:PORT", m.addr));
+                }
+                if m.id == 0 || !ids.insert(m.id) {
+                    return bad(&format!("fleet.members[{i}].id"), format!("is {}; expected a number from 1 that no other member has", m.id));
+                }
+            }
+            if !f.members.is_empty() && !ids.contains(&f.id) {
+                return bad("fleet.members", format!("does not list this node (fleet.id {}); list it, or leave members empty on a node to be added with `dwcp fleet add`", f.id));
+            }
+            if !(10..=60_000).contains(&f.heartbeat_ms) {
+                return bad("fleet.heartbeat_ms", format!("is {}; expected 10 to 60000", f.heartbeat_ms));
+            }
+            if !(f.commit_timeout_s.is_finite() && (0.1..=600.0).contains(&f.commit_timeout_s)) {
+                return bad("fleet.commit_timeout_s", format!("is {}; expected seconds from 0.1 to 600", f.commit_timeout_s));
+            }
+            if let Err(w) = f.dir(&self.api) {
+                return bad("fleet.dir", w);
             }
         }
         if let Err((key, problem)) = self.transfer.check() {
@@ -469,6 +561,26 @@ addr = "dr.example.net:7470"
         assert_eq!(e, "x.toml:3: `log.format` is \"xml\"; expected \"text\" or \"json\"");
         let e = Config::parse("[log]\nlevel = \"info,[=\"\n", "x.toml").unwrap_err().to_string();
         assert!(e.starts_with("x.toml:2: `log.level`") && e.contains("expected a filter"), "{e}");
+    }
+
+    #[test]
+    fn a_fleet_section_is_checked_before_a_node_joins_anything() {
+        let ok = "[api]\nsocket = \"/run/dwcp/api.sock\"\n[fleet]\nid = 2\nmembers = [{ id = 1, addr = \"10.0.0.1:7472\" }, { id = 2, addr = \"10.0.0.2:7472\" }]\n";
+        let c = Config::parse(ok, "x.toml").unwrap();
+        let o = c.fleet.as_ref().unwrap().options(&c.api).unwrap();
+        assert_eq!((o.id, o.dir.clone(), o.heartbeat, o.members.len()), (2, PathBuf::from("/run/dwcp/fleet"), Duration::from_millis(200), 2));
+        for (bad, key, says) in [
+            ("[fleet]\nid = 0\ndir = \"/x\"\n", "fleet.id", "from 1"),
+            ("[fleet]\nid = 3\ndir = \"/x\"\nmembers = [{ id = 1, addr = \"a:1\" }]\n", "fleet.members", "does not list this node"),
+            ("[fleet]\nid = 1\ndir = \"/x\"\nmembers = [{ id = 1, addr = \"a:1\" }, { id = 1, addr = \"b:1\" }]\n", "fleet.members[1].id", "no other member"),
+            ("[fleet]\nid = 1\ndir = \"/x\"\nmembers = [{ id = 1, addr = \"nohost\" }]\n", "fleet.members[0].addr", "HOST:PORT"),
+            ("[fleet]\nid = 1\n", "fleet.dir", "api.socket"),
+            ("[fleet]\nid = 1\ndir = \"/x\"\nheartbeat_ms = 1\n", "fleet.heartbeat_ms", "10 to 60000"),
+            ("[fleet]\nid = 1\ndir = \"/x\"\ncommit_timeout_s = nan\n", "fleet.commit_timeout_s", "0.1 to 600"),
+        ] {
+            let e = Config::parse(bad, "x.toml").unwrap_err().to_string();
+            assert!(e.contains(&format!("`{key}`")) && e.contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]

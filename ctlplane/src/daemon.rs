@@ -30,6 +30,7 @@ component!(BpfC);
 component!(SessionsC);
 component!(ApiC);
 component!(JobsC);
+component!(FleetC);
 component!(ModeC);
 component!(PeersC);
 component!(ReadyC);
@@ -241,7 +242,7 @@ fn bind_private(path: &std::path::Path) -> Result<std::os::unix::net::UnixListen
 
 impl Component for JobsC {
     fn spec(&self) -> Spec {
-        Spec::new("jobs", Phase::Service).after(&["keys", "host", "config"])
+        Spec::new("jobs", Phase::Service).after(&["keys", "host", "config", "fleet"])
     }
     fn start(&self, ctx: &Ctx) -> Result<(), String> {
         let Some(path) = &self.0.config.api.socket else { return Ok(()) };
@@ -259,6 +260,9 @@ impl Component for JobsC {
         let jobs = crate::jobs::Jobs::new((*psk).clone(), host, nodes, self.0.config.thresholds(), self.0.config.transfer.clone(), records, pool);
         let listener = bind_private(path)?;
         let server = Arc::new(tiny_http::Server::from_listener(listener, None).map_err(|e| format!("api.socket {}: {e}", path.display()))?);
+        if let Some(f) = self.0.fleet.get() {
+            jobs.set_fleet(f.clone());
+        }
         let _ = self.0.jobs.set(jobs.clone());
         let srv = server.clone();
         // What a previous daemon left running is taken up before new requests are served.
@@ -272,6 +276,62 @@ impl Component for JobsC {
             s.0.unblock();
             let _ = std::fs::remove_file(&s.1);
         }
+    }
+}
+
+impl Component for FleetC {
+    fn spec(&self) -> Spec {
+        Spec::new("fleet", Phase::Service).after(&["keys", "host", "config"])
+    }
+    fn start(&self, ctx: &Ctx) -> Result<(), String> {
+        let Some(fc) = &self.0.config.fleet else { return Ok(()) };
+        let psk = ctx.get::<Psk>().ok_or("keys missing")?;
+        let f = Arc::new(crate::fleet::Fleet::start(fc.options(&self.0.config.api)?, (*psk).clone())?);
+        let _ = self.0.fleet.set(f.clone());
+        let st = self.0.clone();
+        std::thread::Builder::new()
+            .name("dwcp-fleet-caps".into())
+            .spawn(move || {
+                // What this node has, reported at start and every CAPS_EVERY after.
+                let mut warned = false;
+                while !st.stop.load(Relaxed) {
+                    match f.propose(crate::fleet::state::Cmd::Caps { node: f.id(), caps: caps(&st) }) {
+                        Ok(_) => warned = false,
+                        Err(e) if !warned => {
+                            tracing::warn!("fleet: reporting this node's capabilities: {e}");
+                            warned = true;
+                        }
+                        Err(_) => {}
+                    }
+                    let t = Instant::now();
+                    while t.elapsed() < CAPS_EVERY && !st.stop.load(Relaxed) {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+    fn stop(&self, _: &Ctx) {
+        if let Some(f) = self.0.fleet.get() {
+            f.stop();
+        }
+    }
+}
+
+/// How often a fleet member reports its capabilities.
+const CAPS_EVERY: Duration = Duration::from_secs(30);
+
+/// This node's capabilities, as the fleet records them.
+fn caps(st: &State) -> crate::fleet::state::Caps {
+    let h = st.host.get();
+    let free = rustix::fs::statvfs(&st.config.node.out).map(|v| v.f_bavail * v.f_frsize).unwrap_or(0);
+    crate::fleet::state::Caps {
+        name: st.config.node.name.clone(),
+        cores: h.map_or(0, |h| h.cores as u32),
+        rdma: h.is_some_and(|h| !h.rdma_devices.is_empty()),
+        free_bytes: free,
+        at_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
     }
 }
 
@@ -455,6 +515,7 @@ pub fn graph(state: &Arc<State>) -> Graph {
         Arc::new(BpfC(s())),
         Arc::new(SessionsC(s())),
         Arc::new(ApiC(s())),
+        Arc::new(FleetC(s())),
         Arc::new(JobsC(s())),
         Arc::new(PeersC(s())),
         Arc::new(ModeC(s())),
@@ -479,6 +540,7 @@ pub fn run(config: Config, parallel: bool) -> Result<Daemon, BootError> {
         metrics: Metrics::new(),
         jobs: OnceLock::new(),
         warm: OnceLock::new(),
+        fleet: OnceLock::new(),
         stop: AtomicBool::new(false),
         epoch: Instant::now(),
     });

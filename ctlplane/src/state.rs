@@ -74,6 +74,19 @@ pub struct Metrics {
     pub transfer_total: GaugeVec,
     /// Transfers remembered, by state.
     pub transfers: GaugeVec,
+    /// The fleet's Raft term, leader id, whether this node leads, entries not yet applied,
+    /// each member's replication lag (on the leader), and VMs owned.
+    pub fleet_term: GaugeVec,
+    /// See [`Metrics::fleet_term`].
+    pub fleet_leader: GaugeVec,
+    /// See [`Metrics::fleet_term`].
+    pub fleet_is_leader: GaugeVec,
+    /// See [`Metrics::fleet_term`].
+    pub fleet_apply_lag: GaugeVec,
+    /// See [`Metrics::fleet_term`].
+    pub fleet_replication_lag: GaugeVec,
+    /// See [`Metrics::fleet_term`].
+    pub fleet_vms: GaugeVec,
 }
 
 impl Metrics {
@@ -100,8 +113,29 @@ impl Metrics {
             transfer_acked: g("dwcp_transfer_acked_bytes", "Bytes of each transfer the daemon runs that the receiver acknowledged so far", &["id", "name", "to", "state"]),
             transfer_total: g("dwcp_transfer_total_bytes", "Size of each transfer the daemon runs (0 while unknown)", &["id", "name", "to", "state"]),
             transfers: g("dwcp_transfers", "Transfers the daemon remembers, by state", &["state"]),
+            fleet_term: g("dwcp_fleet_term", "The fleet's current Raft term", &[]),
+            fleet_leader: g("dwcp_fleet_leader", "The fleet leader's node id (0: none known)", &[]),
+            fleet_is_leader: g("dwcp_fleet_is_leader", "1 when this node leads the fleet", &[]),
+            fleet_apply_lag: g("dwcp_fleet_apply_lag_entries", "Entries in this node's Raft log not yet applied", &[]),
+            fleet_replication_lag: g("dwcp_fleet_replication_lag_entries", "On the leader: how many entries each member's log is behind (-1: unknown)", &["node"]),
+            fleet_vms: g("dwcp_fleet_vms", "VMs with an owner in the fleet's state", &[]),
             registry,
         }
+    }
+}
+
+impl Metrics {
+    /// Sets the fleet's gauges from `s`.
+    pub fn export_fleet(&self, s: &crate::fleet::Status) {
+        self.fleet_term.with_label_values::<&str>(&[]).set(s.term as f64);
+        self.fleet_leader.with_label_values::<&str>(&[]).set(s.leader.unwrap_or(0) as f64);
+        self.fleet_is_leader.with_label_values::<&str>(&[]).set(f64::from(u8::from(s.leader == Some(s.id))));
+        self.fleet_apply_lag.with_label_values::<&str>(&[]).set(s.apply_lag as f64);
+        self.fleet_replication_lag.reset();
+        for (n, l) in &s.replication_lag {
+            self.fleet_replication_lag.with_label_values(&[&n.to_string()]).set(l.map_or(-1.0, |l| l as f64));
+        }
+        self.fleet_vms.with_label_values::<&str>(&[]).set(s.vms as f64);
     }
 }
 
@@ -140,6 +174,8 @@ pub struct State {
     pub jobs: OnceLock<Arc<crate::jobs::Jobs>>,
     /// The configured peers' warm streams (with `api.socket`, peers and `transfer.warm_streams`).
     pub warm: OnceLock<Option<Arc<crate::warm::Pool>>>,
+    /// The site's Raft group (with `[fleet]`).
+    pub fleet: OnceLock<Arc<crate::fleet::Fleet>>,
     pub(crate) stop: AtomicBool,
     pub(crate) epoch: Instant,
 }

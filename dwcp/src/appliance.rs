@@ -173,6 +173,63 @@ fn job_line(j: &serde_json::Value) -> String {
     l
 }
 
+/// `dwcp fleet status`: this daemon's view of its Raft group for a person.
+pub fn fleet_status(sock: &std::path::Path, json: bool) -> Result<()> {
+    let (code, v) = job_http(sock, "GET", "/fleet", "")?;
+    job_ok(code, &v, "reading the fleet")?;
+    if json {
+        println!("{v}");
+        return Ok(());
+    }
+    let s = &v["status"];
+    let leader = s["leader"].as_u64().map_or("none known (an election is under way, or no quorum is reachable)".into(), |l| format!("node {l}"));
+    println!("node {} ({}), term {}, leader {leader}", s["id"], s["role"].as_str().unwrap_or("?").to_lowercase(), s["term"]);
+    println!(
+        "log: last index {}, applied {}, {} behind; snapshot at {}",
+        s["last_log_index"],
+        s["applied_index"],
+        s["apply_lag"],
+        s["snapshot_index"].as_u64().map_or("none".into(), |i| i.to_string())
+    );
+    if let Some(ms) = s["ms_since_quorum_ack"].as_u64() {
+        println!("a quorum acknowledged this leader {ms} ms ago");
+    }
+    println!("{:>6}  {:<8} {:<22} {:>12}", "node", "role", "fleet address", "behind");
+    let lag = |id: &str| s["replication_lag"][id].as_u64().map_or("-".into(), |l| l.to_string());
+    for (role, key) in [("voter", "voters"), ("learner", "learners")] {
+        for (id, addr) in s[key].as_object().into_iter().flatten() {
+            println!("{id:>6}  {role:<8} {:<22} {:>12}", addr.as_str().unwrap_or(""), lag(id));
+        }
+    }
+    let vms = v["vms"].as_object().cloned().unwrap_or_default();
+    println!("{} VM{} owned, {} job{} recorded", vms.len(), if vms.len() == 1 { "" } else { "s" }, v["jobs"], if v["jobs"] == 1 { "" } else { "s" });
+    for (vm, o) in &vms {
+        println!("  {vm:<24} node {} (epoch {})", o["node"], o["epoch"]);
+    }
+    Ok(())
+}
+
+/// A `dwcp fleet` request that changes or reads one thing: prints the daemon's answer.
+pub fn fleet_call(sock: &std::path::Path, method: &str, path: &str, body: &str, json: bool) -> Result<()> {
+    let (code, v) = job_http(sock, method, path, body)?;
+    if json {
+        println!("{v}");
+    }
+    if code == 503 {
+        bail!("{} (the change may still commit once a quorum answers: `dwcp fleet owner` tells)", v["error"].as_str().unwrap_or("no quorum"));
+    }
+    job_ok(code, &v, &format!("{method} {path}"))?;
+    if !json {
+        match (&v["vm"], &v["owner"]) {
+            (serde_json::Value::String(vm), serde_json::Value::Null) => println!("{vm}: no owner"),
+            (serde_json::Value::String(vm), o) if o.is_object() => println!("{vm}: node {} (epoch {})", o["node"], o["epoch"]),
+            (serde_json::Value::String(vm), o) => println!("{vm}: node {o} (epoch {})", v["epoch"]),
+            _ => println!("done: {} voters", v["status"]["voters"].as_object().map_or(0, |m| m.len())),
+        }
+    }
+    Ok(())
+}
+
 /// `dwcp job list`.
 pub fn job_list(sock: &std::path::Path, json: bool) -> Result<()> {
     let (code, v) = job_http(sock, "GET", "/transfers", "")?;

@@ -91,6 +91,17 @@ enum Cmd {
         #[command(subcommand)]
         cmd: JobCmd,
     },
+    /// The site's Raft group a daemon belongs to (`[fleet]`): its view, VM ownership, members.
+    Fleet {
+        /// The daemon's jobs socket.
+        #[arg(long, env = "DWCP_API_SOCKET", default_value = "/run/dwcp/api.sock", global = true)]
+        socket: PathBuf,
+        /// Print JSON.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        cmd: FleetCmd,
+    },
     /// Show a running daemon's status for a person.
     Status {
         /// The daemon's HTTP endpoint.
@@ -176,6 +187,52 @@ enum JobCmd {
     },
     /// Cancel one: nothing is published (the receiver keeps what arrived for --resume).
     Cancel {
+        /// Its id.
+        id: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum FleetCmd {
+    /// Leader, term, lags, members, and who owns which VM.
+    Status,
+    /// A VM's owner, as the leader confirms it now.
+    Owner {
+        /// The VM's name.
+        vm: String,
+    },
+    /// This node (or --node) takes a VM nobody owns.
+    Claim {
+        /// The VM's name.
+        vm: String,
+        /// The node taking it (default: the daemon's own).
+        #[arg(long)]
+        node: Option<u64>,
+    },
+    /// Moves a VM's ownership from --from at --epoch to --to (refused unless that is the
+    /// current owner and epoch).
+    Handoff {
+        /// The VM's name.
+        vm: String,
+        /// The current owner.
+        #[arg(long)]
+        from: u64,
+        /// The new owner.
+        #[arg(long)]
+        to: u64,
+        /// The epoch of the current ownership (`dwcp fleet owner VM`).
+        #[arg(long)]
+        epoch: u64,
+    },
+    /// Adds node ID at its fleet address (it starts with no members of its own).
+    Add {
+        /// Its id.
+        id: u64,
+        /// Its fleet address, HOST:PORT.
+        addr: String,
+    },
+    /// Removes node ID from the group.
+    Remove {
         /// Its id.
         id: u64,
     },
@@ -427,6 +484,16 @@ fn main() {
             JobCmd::List => appliance::job_list(&socket, json),
             JobCmd::Watch { id } => appliance::job_watch(&socket, id, json),
             JobCmd::Cancel { id } => appliance::job_cancel(&socket, id, json),
+        },
+        Cmd::Fleet { socket, json, cmd } => match cmd {
+            FleetCmd::Status => appliance::fleet_status(&socket, json),
+            FleetCmd::Owner { vm } => appliance::fleet_call(&socket, "GET", &format!("/fleet/vms/{vm}"), "", json),
+            FleetCmd::Claim { vm, node } => appliance::fleet_call(&socket, "POST", &format!("/fleet/vms/{vm}/claim"), &serde_json::json!({ "node": node }).to_string(), json),
+            FleetCmd::Handoff { vm, from, to, epoch } => {
+                appliance::fleet_call(&socket, "POST", &format!("/fleet/vms/{vm}/handoff"), &serde_json::json!({ "from": from, "to": to, "epoch": epoch }).to_string(), json)
+            }
+            FleetCmd::Add { id, addr } => appliance::fleet_call(&socket, "POST", "/fleet/members", &serde_json::json!({ "id": id, "addr": addr }).to_string(), json),
+            FleetCmd::Remove { id } => appliance::fleet_call(&socket, "DELETE", &format!("/fleet/members/{id}"), "", json),
         },
         Cmd::Migrate { qmp, to, key_file, name, json, mode, send_flags } => {
             migrate::run(&migrate::MigrateArgs { qmp, to, key_file, name, pages: mode == "pages", send_flags, json })

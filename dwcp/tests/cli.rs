@@ -1375,3 +1375,113 @@ fn jobs_to_a_configured_peer_run_on_its_warm_streams() {
     assert!(j["result"]["warm"].as_str().is_some_and(|w| w.contains(&format!("{n} parked streams"))), "{j} {p}");
     drop(rx);
 }
+
+/// ASS on three daemons (one process each, loopback): the group forms from `[fleet]`, `dwcp
+/// fleet` claims a VM and moves it by compare-and-set, the leader is SIGKILLed and the other
+/// two go on, it returns and catches up from its store, and a lone survivor cannot move a VM.
+#[test]
+fn three_daemons_form_a_fleet_that_survives_its_leader_and_refuses_a_minority() {
+    let _load = light();
+    let d = tempfile::tempdir().unwrap();
+    let key = keygen(d.path());
+    let fleet_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let members: Vec<String> = fleet_ports.iter().enumerate().map(|(i, p)| format!("{{ id = {}, addr = \"127.0.0.1:{p}\" }}", i + 1)).collect();
+    struct Node {
+        cfg: PathBuf,
+        api: u16,
+        sock: PathBuf,
+    }
+    let nodes: Vec<Node> = (0..3)
+        .map(|i| {
+            let dir = d.path().join(format!("n{}", i + 1));
+            std::fs::create_dir(&dir).unwrap();
+            let (api, sock) = (free_port(), dir.join("api.sock"));
+            let cfg = daemon_config(&dir, &key, free_port(), api, Some(&sock));
+            let mut t = std::fs::read_to_string(&cfg).unwrap();
+            t.push_str(&format!(
+                "[fleet]\nid = {}\nlisten = \"127.0.0.1:{}\"\nmembers = [{}]\nheartbeat_ms = 50\ncommit_timeout_s = 3\n",
+                i + 1,
+                fleet_ports[i],
+                members.join(", ")
+            ));
+            std::fs::write(&cfg, t).unwrap();
+            Node { cfg, api, sock }
+        })
+        .collect();
+    let start = |n: &Node| {
+        let dm = Rx(Command::new(bin()).args(["daemon", "--config"]).arg(&n.cfg).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+        wait_daemon(n.api, &n.sock);
+        dm
+    };
+    let fleet = |n: &Node, args: &[&str]| Command::new(bin()).arg("fleet").args(args).arg("--socket").arg(&n.sock).output().unwrap();
+    let view = |n: &Node| serde_json::from_slice::<serde_json::Value>(&fleet(n, &["status", "--json"]).stdout).unwrap_or_default();
+    // A leader all of `live` agree on, other than `not` (one killed, still remembered a moment).
+    let leader_of = |live: &[&Node], not: u64| -> u64 {
+        let t = Instant::now();
+        loop {
+            let ls: Vec<Option<u64>> = live.iter().map(|n| view(n)["status"]["leader"].as_u64()).collect();
+            if let Some(Some(l)) = ls.first()
+                && *l != not
+                && ls.iter().all(|x| *x == Some(*l))
+            {
+                return *l;
+            }
+            assert!(t.elapsed() < Duration::from_secs(30), "no agreed leader: {ls:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let mut procs: Vec<Option<Rx>> = nodes.iter().map(|n| Some(start(n))).collect();
+    let l = leader_of(&nodes.iter().collect::<Vec<_>>(), 0);
+
+    // A claim on node 1, read back (linearizably) on node 3; a person's status names the leader.
+    let o = fleet(&nodes[0], &["claim", "web1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "web1: node 1 (epoch 1)");
+    let o = fleet(&nodes[2], &["owner", "web1", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!((v["owner"]["node"].as_u64(), v["owner"]["epoch"].as_u64()), (Some(1), Some(1)), "{v}");
+    let text = String::from_utf8_lossy(&fleet(&nodes[1], &["status"]).stdout).into_owned();
+    assert!(text.contains(&format!("leader node {l}")) && text.contains("web1") && text.contains("voter"), "{text}");
+    // Every member reported its capabilities; /status and /metrics carry the fleet.
+    let t = Instant::now();
+    while view(&nodes[1])["nodes"].as_object().map_or(0, |m| m.len()) < 3 {
+        assert!(t.elapsed() < Duration::from_secs(20), "capabilities missing: {}", view(&nodes[1]));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let get = |port: u16, path: &str| {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(s, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    assert!(get(nodes[1].api, "/status").contains(&format!("\"leader\":{l}")));
+    assert!(get(nodes[1].api, "/metrics").contains(&format!("dwcp_fleet_leader {l}")));
+
+    // The leader is killed: the other two elect one and move the VM; a stale handoff is refused.
+    drop(procs[l as usize - 1].take());
+    let rest: Vec<&Node> = (0..3).filter(|i| *i != l as usize - 1).map(|i| &nodes[i]).collect();
+    let _ = leader_of(&rest, l);
+    let o = fleet(rest[0], &["handoff", "web1", "--from", "1", "--to", "2", "--epoch", "1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = fleet(rest[1], &["handoff", "web1", "--from", "1", "--to", "3", "--epoch", "1"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("owned by node 2 at epoch 2"), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // It comes back and catches up from its own store.
+    procs[l as usize - 1] = Some(start(&nodes[l as usize - 1]));
+    let o = fleet(&nodes[l as usize - 1], &["owner", "web1", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!((v["owner"]["node"].as_u64(), v["owner"]["epoch"].as_u64()), (Some(2), Some(2)), "{v}");
+
+    // Two of three gone: the survivor can neither move the VM nor vouch for its owner.
+    let survivor = if l == 1 { 1 } else { 0 };
+    for i in (0..3).filter(|i| *i != survivor) {
+        drop(procs[i].take());
+    }
+    let o = fleet(&nodes[survivor], &["handoff", "web1", "--from", "2", "--to", "1", "--epoch", "2"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("not committed") && err.contains("may still commit"), "{err}");
+    assert!(!fleet(&nodes[survivor], &["owner", "web1"]).status.success());
+}

@@ -9,6 +9,7 @@
 //! the same membership, which openraft makes safe), forwards proposals to the leader, and answers
 //! ownership queries only after the leader has confirmed it still leads.
 
+pub mod api;
 pub mod net;
 pub mod state;
 pub mod store;
@@ -163,7 +164,7 @@ impl Fleet {
         let cfg = Arc::new(cfg.validate().map_err(|e| format!("fleet: {e}"))?);
         let factory = net::Factory { me: o.id, psk: psk.clone() };
         let raft = rt.block_on(Raft::new(o.id, cfg, factory, log, sm)).map_err(|e| format!("fleet: {e}"))?;
-        let handler = Arc::new(net::RaftHandler { id: o.id, raft: raft.clone(), rt: rt.handle().clone(), state: applied.clone() });
+        let handler = Arc::new(net::RaftHandler { id: o.id, raft: raft.clone(), rt: rt.handle().clone(), state: applied.clone(), timeout: o.commit_timeout });
         let server = net::serve(&o.listen, psk.clone(), handler)?;
         let f = Self { id: o.id, raft, rt, applied, server, psk, timeout: o.commit_timeout };
         if o.members.iter().any(|m| m.id == o.id) {
@@ -270,38 +271,36 @@ impl Fleet {
         self.applied.read().expect("fleet state lock").state.clone()
     }
 
-    /// Adds node `id` at `addr` as a voter: it first catches up as a learner. Run on the leader.
+    /// Adds node `id` at `addr` as a voter: it first catches up as a learner. Done by the
+    /// leader, wherever it is.
     pub fn add(&self, id: NodeId, addr: &str) -> Result<(), FleetError> {
-        let e = |e: String| FleetError::Other(e);
-        let to = self.timeout;
-        self.rt
-            .block_on(async { tokio::time::timeout(to, self.raft.add_learner(id, Node { addr: addr.into() }, true)).await })
-            .map_err(|_| e("the new node did not catch up in time".into()))?
-            .map_err(|x| e(x.to_string()))?;
-        let mut voters = self.voters();
-        voters.insert(id);
-        self.rt
-            .block_on(async { tokio::time::timeout(to, self.raft.change_membership(voters, false)).await })
-            .map_err(|_| e("the membership change did not commit in time".into()))?
-            .map_err(|x| e(x.to_string()))?;
-        Ok(())
+        self.change(Request::AddMember(id, addr.into()))
     }
 
-    /// Removes node `id` from the group. Run on the leader.
+    /// Removes node `id` from the group. Done by the leader, wherever it is.
     pub fn remove(&self, id: NodeId) -> Result<(), FleetError> {
-        let e = |e: String| FleetError::Other(e);
-        let mut voters = self.voters();
-        voters.remove(&id);
-        let to = self.timeout;
-        self.rt
-            .block_on(async { tokio::time::timeout(to, self.raft.change_membership(voters, false)).await })
-            .map_err(|_| e("the membership change did not commit in time".into()))?
-            .map_err(|x| e(x.to_string()))?;
-        Ok(())
+        self.change(Request::RemoveMember(id))
     }
 
-    fn voters(&self) -> BTreeSet<NodeId> {
-        self.raft.metrics().borrow().membership_config.membership().voter_ids().collect()
+    fn change(&self, req: Request) -> Result<(), FleetError> {
+        let r = match &req {
+            Request::AddMember(id, addr) => self.rt.block_on(add_member(&self.raft, *id, addr, self.timeout)),
+            Request::RemoveMember(id) => self.rt.block_on(remove_member(&self.raft, *id, self.timeout)),
+            _ => unreachable!("only membership changes"),
+        };
+        let Err(why) = r else { return Ok(()) };
+        let m = self.raft.metrics().borrow().clone();
+        match m.current_leader.filter(|l| *l != self.id) {
+            Some(l) => {
+                let addr = m.membership_config.membership().get_node(&l).map(|n| n.addr.clone()).unwrap_or_default();
+                match Client::new(self.id, l, addr, self.psk.clone()).call(&req, self.timeout) {
+                    Ok(Reply::Members(r)) => r.map_err(FleetError::Other),
+                    Ok(other) => Err(FleetError::Other(format!("the leader answered {other:?}"))),
+                    Err(e) => Err(FleetError::Other(format!("the leader: {e}"))),
+                }
+            }
+            None => Err(FleetError::Other(why)),
+        }
     }
 
     /// This node's view of the group.
@@ -349,8 +348,40 @@ impl Fleet {
 
     /// Stops this node (its store stays; a restart rejoins from it).
     pub fn shutdown(self) {
-        let _ = self.rt.block_on(self.raft.shutdown());
-        drop(self.server);
+        self.stop();
         self.rt.shutdown_timeout(Duration::from_secs(1));
     }
+
+    /// Stops Raft and the listener, where the node is shared (its runtime goes with the last
+    /// reference).
+    pub fn stop(&self) {
+        self.server.halt();
+        let _ = self.rt.block_on(self.raft.shutdown());
+    }
+}
+
+fn voters(raft: &Raft<TypeConfig>) -> BTreeSet<NodeId> {
+    raft.metrics().borrow().membership_config.membership().voter_ids().collect()
+}
+
+/// On the leader: adds `id` as a learner, waits for it to catch up, then makes it a voter.
+async fn add_member(raft: &Raft<TypeConfig>, id: NodeId, addr: &str, to: Duration) -> Result<(), String> {
+    tokio::time::timeout(to, raft.add_learner(id, Node { addr: addr.into() }, true))
+        .await
+        .map_err(|_| format!("node {id} at {addr} did not catch up within {to:?}"))?
+        .map_err(|e| e.to_string())?;
+    let mut v = voters(raft);
+    v.insert(id);
+    tokio::time::timeout(to, raft.change_membership(v, false)).await.map_err(|_| "the membership change did not commit in time".to_string())?.map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// On the leader: removes `id` from the group.
+async fn remove_member(raft: &Raft<TypeConfig>, id: NodeId, to: Duration) -> Result<(), String> {
+    let mut v = voters(raft);
+    if !v.remove(&id) {
+        return Err(format!("node {id} is not a voter"));
+    }
+    tokio::time::timeout(to, raft.change_membership(v, false)).await.map_err(|_| "the membership change did not commit in time".to_string())?.map_err(|e| e.to_string())?;
+    Ok(())
 }

@@ -42,6 +42,10 @@ pub enum Request {
     Write(Cmd),
     /// A read the leader answers only after confirming it still leads (linearizable).
     Owner(String),
+    /// A membership change forwarded to the leader: add this node (as a voter, once caught up).
+    AddMember(NodeId, String),
+    /// A membership change forwarded to the leader: remove this node.
+    RemoveMember(NodeId),
 }
 
 /// The reply.
@@ -57,6 +61,8 @@ pub enum Reply {
     Write(Result<Outcome, String>),
     /// To [`Request::Owner`]: the VM's owner and epoch, if it has one.
     Owner(Result<Option<super::state::Owner>, String>),
+    /// To [`Request::AddMember`] and [`Request::RemoveMember`].
+    Members(Result<(), String>),
     /// The request was refused before it was looked at.
     Refused(String),
 }
@@ -256,11 +262,19 @@ pub struct Server {
     stop: Arc<AtomicBool>,
 }
 
+impl Server {
+    /// Stops accepting, and ends each served connection at its next request.
+    pub fn halt(&self) {
+        if !self.stop.swap(true, Relaxed) {
+            // Wakes the accept loop so it sees the flag.
+            let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
+        }
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
-        self.stop.store(true, Relaxed);
-        // Wakes the accept loop so it sees the flag.
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
+        self.halt();
     }
 }
 
@@ -346,6 +360,7 @@ pub(super) struct RaftHandler {
     pub(super) raft: Raft<TypeConfig>,
     pub(super) rt: tokio::runtime::Handle,
     pub(super) state: Arc<std::sync::RwLock<super::store::Applied>>,
+    pub(super) timeout: Duration,
 }
 
 impl Handler for RaftHandler {
@@ -366,6 +381,8 @@ impl Handler for RaftHandler {
                 Ok(_) => Ok(self.state.read().expect("fleet state lock").state.vms.get(&vm).cloned()),
                 Err(e) => Err(e.to_string()),
             }),
+            Request::AddMember(id, addr) => Reply::Members(self.rt.block_on(super::add_member(r, id, &addr, self.timeout))),
+            Request::RemoveMember(id) => Reply::Members(self.rt.block_on(super::remove_member(r, id, self.timeout))),
         }
     }
 }

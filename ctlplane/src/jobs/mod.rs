@@ -215,6 +215,8 @@ pub struct Jobs {
     records: Option<Records>,
     /// The configured peers' warm streams.
     pool: Option<Arc<crate::warm::Pool>>,
+    /// The site's Raft group, whose endpoints this socket also serves.
+    fleet: std::sync::OnceLock<Arc<crate::fleet::Fleet>>,
     book: Mutex<Book>,
 }
 
@@ -243,7 +245,7 @@ impl Jobs {
         pool: Option<Arc<crate::warm::Pool>>,
     ) -> Arc<Self> {
         let book = Book { next: records.as_ref().map_or(0, Records::last_id), ..Book::default() };
-        let me = Arc::new(Self { psk, host, nodes, thresholds, defaults, records, pool, book: Mutex::new(book) });
+        let me = Arc::new(Self { psk, host, nodes, thresholds, defaults, records, pool, fleet: std::sync::OnceLock::new(), book: Mutex::new(book) });
         let weak = Arc::downgrade(&me);
         let _ = std::thread::Builder::new().name("dwcp-share".into()).spawn(move || {
             while let Some(jobs) = weak.upgrade() {
@@ -550,8 +552,16 @@ impl Jobs {
         })
     }
 
+    /// Serves the fleet's endpoints (`/fleet/...`) on this socket too.
+    pub fn set_fleet(&self, f: Arc<crate::fleet::Fleet>) {
+        let _ = self.fleet.set(f);
+    }
+
     /// Answers one request of the jobs socket.
     pub fn handle(self: &Arc<Self>, method: &str, path: &str, body: &[u8]) -> Reply {
+        if let Some(r) = crate::fleet::api::handle(self.fleet.get().map(|f| &**f), method, path, body) {
+            return r;
+        }
         let id = path.strip_prefix("/transfers/").map(|s| s.parse::<u64>());
         match (method, path, id) {
             ("POST", "/transfers", _) => self.submit(body),
@@ -559,7 +569,7 @@ impl Jobs {
             ("GET", _, Some(Ok(id))) => self.get(id),
             ("DELETE", _, Some(Ok(id))) => self.cancel(id),
             (_, _, Some(Err(_))) => error(404, "a transfer's id is a number: /transfers/ID"),
-            _ => error(404, "try POST /transfers, GET /transfers, GET or DELETE /transfers/ID, GET /transfers/ID/events"),
+            _ => error(404, "try POST /transfers, GET /transfers, GET or DELETE /transfers/ID, GET /transfers/ID/events, GET /fleet"),
         }
     }
 
