@@ -115,7 +115,7 @@ pub fn check(file: &std::path::Path) -> Result<()> {
 }
 
 /// One HTTP/1.0 request on the daemon's jobs socket: status and JSON body.
-fn job_http(sock: &std::path::Path, method: &str, path: &str, body: &str) -> Result<(u16, serde_json::Value)> {
+pub(crate) fn job_http(sock: &std::path::Path, method: &str, path: &str, body: &str) -> Result<(u16, serde_json::Value)> {
     let s = std::os::unix::net::UnixStream::connect(sock)
         .with_context(|| format!("no dwcp daemon answers on {} (is it running with api.socket set? may you open the socket?)", sock.display()))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
@@ -124,7 +124,7 @@ fn job_http(sock: &std::path::Path, method: &str, path: &str, body: &str) -> Res
     Ok((code, v))
 }
 
-fn job_ok(code: u16, v: &serde_json::Value, what: &str) -> Result<()> {
+pub(crate) fn job_ok(code: u16, v: &serde_json::Value, what: &str) -> Result<()> {
     if (200..300).contains(&code) {
         return Ok(());
     }

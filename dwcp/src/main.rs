@@ -75,6 +75,17 @@ enum Cmd {
         /// as QEMU writes it.
         #[arg(long, default_value = "pages", value_parser = ["pages", "tunnel"])]
         mode: String,
+        /// The VM's name in the fleet: the source host's daemon must own it (a VM nobody owns
+        /// is claimed), and once the destination has the whole verified stream its ownership
+        /// is handed to --to-node; only then may the destination resume (`dwcp fleet resume`).
+        #[arg(long, requires = "to_node")]
+        vm: Option<String>,
+        /// The destination host's fleet node id (with --vm).
+        #[arg(long, requires = "vm")]
+        to_node: Option<u64>,
+        /// The source host daemon's jobs socket (with --vm).
+        #[arg(long, env = "DWCP_API_SOCKET", default_value = "/run/dwcp/api.sock")]
+        fleet_socket: PathBuf,
         /// Further `dwcp send` flags for the stream (e.g. `--streams 8`), after `--`.
         #[arg(last = true)]
         send_flags: Vec<String>,
@@ -223,6 +234,14 @@ enum FleetCmd {
         /// The epoch of the current ownership (`dwcp fleet owner VM`).
         #[arg(long)]
         epoch: u64,
+    },
+    /// Resumes the paused VM behind --qmp only if the fleet confirms this node owns it.
+    Resume {
+        /// The VM's name.
+        vm: String,
+        /// Its QEMU's QMP socket.
+        #[arg(long)]
+        qmp: PathBuf,
     },
     /// Adds node ID at its fleet address (it starts with no members of its own).
     Add {
@@ -492,11 +511,13 @@ fn main() {
             FleetCmd::Handoff { vm, from, to, epoch } => {
                 appliance::fleet_call(&socket, "POST", &format!("/fleet/vms/{vm}/handoff"), &serde_json::json!({ "from": from, "to": to, "epoch": epoch }).to_string(), json)
             }
+            FleetCmd::Resume { vm, qmp } => migrate::resume_if_owned(&socket, &vm, &qmp, json),
             FleetCmd::Add { id, addr } => appliance::fleet_call(&socket, "POST", "/fleet/members", &serde_json::json!({ "id": id, "addr": addr }).to_string(), json),
             FleetCmd::Remove { id } => appliance::fleet_call(&socket, "DELETE", &format!("/fleet/members/{id}"), "", json),
         },
-        Cmd::Migrate { qmp, to, key_file, name, json, mode, send_flags } => {
-            migrate::run(&migrate::MigrateArgs { qmp, to, key_file, name, pages: mode == "pages", send_flags, json })
+        Cmd::Migrate { qmp, to, key_file, name, json, mode, vm, to_node, fleet_socket, send_flags } => {
+            let handoff = vm.zip(to_node).map(|(vm, to_node)| migrate::Handoff { socket: fleet_socket, vm, to_node });
+            migrate::run(&migrate::MigrateArgs { qmp, to, key_file, name, pages: mode == "pages", send_flags, json, handoff })
         }
         Cmd::Config { cmd: ConfigCmd::Check { file } } => appliance::check(&file),
         Cmd::Generate { out } => generate(&out),

@@ -123,6 +123,56 @@ pub struct MigrateArgs {
     pub send_flags: Vec<String>,
     /// JSON summary.
     pub json: bool,
+    /// Move the VM's ownership in the fleet once the destination has it all.
+    pub handoff: Option<Handoff>,
+}
+
+/// A migration's ownership handoff through the source host's daemon (its `[fleet]`).
+#[derive(Debug, Clone)]
+pub struct Handoff {
+    /// The source daemon's jobs socket.
+    pub socket: PathBuf,
+    /// The VM's name in the fleet.
+    pub vm: String,
+    /// The destination host's fleet node id.
+    pub to_node: u64,
+}
+
+/// This daemon's fleet node id and the VM's owner (confirmed by the leader).
+fn fleet_owner(sock: &Path, vm: &str) -> Result<(u64, Option<(u64, u64)>)> {
+    let (code, v) = crate::appliance::job_http(sock, "GET", "/fleet", "")?;
+    crate::appliance::job_ok(code, &v, "reading the fleet")?;
+    let me = v["status"]["id"].as_u64().context("the daemon gave no fleet node id")?;
+    let (code, o) = crate::appliance::job_http(sock, "GET", &format!("/fleet/vms/{vm}"), "")?;
+    crate::appliance::job_ok(code, &o, &format!("asking the fleet who owns {vm}"))?;
+    let owner = o["owner"]["node"].as_u64().zip(o["owner"]["epoch"].as_u64());
+    Ok((me, owner))
+}
+
+/// `dwcp fleet resume VM --qmp PATH`: resumes the paused VM behind PATH only if the fleet's
+/// leader confirms this host's daemon owns it, so that a VM runs only where the fleet says: after
+/// a migration, the destination once the handoff committed; after a handoff that did not, the
+/// source.
+pub fn resume_if_owned(sock: &Path, vm: &str, qmp: &Path, json: bool) -> Result<()> {
+    let (me, owner) = fleet_owner(sock, vm)?;
+    match owner {
+        Some((n, e)) if n == me => {
+            let mut q = Qmp::connect(qmp)?;
+            let st = q.cmd("query-status", None)?;
+            if st["status"] != "running" {
+                q.cmd("cont", None)?;
+            }
+            let st = q.cmd("query-status", None)?;
+            if json {
+                println!("{}", json!({ "vm": vm, "owner": n, "epoch": e, "status": st["status"] }));
+            } else {
+                println!("{vm}: owned by this node ({n}, epoch {e}); the VM is {}", st["status"].as_str().unwrap_or("?"));
+            }
+            Ok(())
+        }
+        Some((n, e)) => bail!("{vm} is owned by node {n} (epoch {e}), not this node ({me}): not resuming it here"),
+        None => bail!("{vm} has no owner in the fleet: claim it first (`dwcp fleet claim {vm}`)"),
+    }
 }
 
 fn shell_quote(s: &str) -> String {
@@ -136,6 +186,29 @@ pub fn run(a: &MigrateArgs) -> Result<()> {
     if st["status"] != "running" && st["status"] != "paused" {
         bail!("the source VM is {}, not running", st["status"]);
     }
+    // With a fleet, this host must own the VM before it may send it away (a VM nobody owns yet
+    // is claimed for this host: it runs here).
+    let epoch = match &a.handoff {
+        None => None,
+        Some(h) => {
+            let (me, owner) = fleet_owner(&h.socket, &h.vm)?;
+            let (node, epoch) = match owner {
+                Some(o) => o,
+                None => {
+                    let (code, v) = crate::appliance::job_http(&h.socket, "POST", &format!("/fleet/vms/{}/claim", h.vm), "{}")?;
+                    crate::appliance::job_ok(code, &v, &format!("claiming {} for this node", h.vm))?;
+                    (me, v["epoch"].as_u64().context("the claim gave no epoch")?)
+                }
+            };
+            if node != me {
+                bail!("{} is owned by node {node} (epoch {epoch}), not this node ({me}): migrate it from its owner", h.vm);
+            }
+            if h.to_node == me {
+                bail!("--to-node {me} is this node: the destination is another node of the fleet");
+            }
+            Some((me, epoch))
+        }
+    };
     let exe = std::env::current_exe().context("locating the dwcp binary")?;
     let log = std::env::temp_dir().join(format!("dwcp-migrate-{}.log", std::process::id()));
     let mut cmd = format!(
@@ -231,6 +304,11 @@ pub fn run(a: &MigrateArgs) -> Result<()> {
     let _ = std::fs::remove_file(&log);
     let _ = std::fs::remove_file(log.with_extension("log.json"));
     let vm = q.cmd("query-status", None)?;
+    // Only a completed migration whose stream the destination verified hands the VM over.
+    let moved = match (&a.handoff, epoch) {
+        (Some(h), Some((me, epoch))) if status["status"] == "completed" && send_json["verified"] == true => Some(handoff(h, me, epoch)),
+        _ => None,
+    };
     let ram = &status["ram"];
     let summary = json!({
         "status": status["status"], "wall_s": wall.as_secs_f64(),
@@ -239,6 +317,10 @@ pub fn run(a: &MigrateArgs) -> Result<()> {
         "source_vm": vm["status"], "transfer": send_json,
         "completion": pushed.map(|(round, e)| json!({"round": round, "expected_downtime_ms": e.as_secs_f64() * 1e3})),
         "error": status.get("error-desc"),
+        "handoff": moved.as_ref().map(|r| match r {
+            Ok(e) => json!({ "committed": true, "epoch": e }),
+            Err(w) => json!({ "committed": false, "error": w.to_string() }),
+        }),
     });
     if a.json {
         println!("{summary}");
@@ -254,6 +336,9 @@ pub fn run(a: &MigrateArgs) -> Result<()> {
         }
         println!("  RAM sent      {} MiB", ram["transferred"].as_u64().unwrap_or(0) >> 20);
         println!("  source VM     {}", vm["status"].as_str().unwrap_or("?"));
+        if let (Some(h), Some(Ok(e))) = (&a.handoff, &moved) {
+            println!("  ownership     {} committed to node {} at epoch {e}: resume it there with `dwcp fleet resume {} --qmp ...`", h.vm, h.to_node, h.vm);
+        }
         if let Some(g) = send_json["goodput_gbps"].as_f64() {
             println!(
                 "  stream        {} MiB over {} streams, {g:.2} Gbit/s, digest verified: {}",
@@ -294,7 +379,34 @@ pub fn run(a: &MigrateArgs) -> Result<()> {
             vm["status"].as_str().unwrap_or("?")
         );
     }
+    if let Some(Err(e)) = moved {
+        return Err(e);
+    }
     Ok(())
+}
+
+/// The destination holds the whole verified stream and the source is paused: the ownership
+/// moves in the fleet, and only then may the destination resume (`dwcp fleet resume`). Without
+/// a committed handoff neither side may: the source stays paused.
+fn handoff(h: &Handoff, me: u64, epoch: u64) -> Result<u64> {
+    let body = json!({ "from": me, "to": h.to_node, "epoch": epoch }).to_string();
+    let (code, v) = match crate::appliance::job_http(&h.socket, "POST", &format!("/fleet/vms/{}/handoff", h.vm), &body) {
+        Ok(r) => r,
+        // The daemon went away while it was asked: whether the handoff committed is unknown.
+        Err(e) => (503, json!({ "error": format!("{e:#}") })),
+    };
+    if (200..300).contains(&code) {
+        return v["epoch"].as_u64().context("the handoff gave no epoch");
+    }
+    let why = v["error"].as_str().unwrap_or("no reason given");
+    let unknown = if code == 503 { " (it may still commit once a quorum answers)" } else { "" };
+    bail!(
+        "the stream reached the destination verified, but the ownership of {} was not handed to node {}: {why}{unknown}. The source VM stays paused and neither side may resume it until `dwcp fleet owner {}` names its owner; then `dwcp fleet resume {} --qmp ...` on that host",
+        h.vm,
+        h.to_node,
+        h.vm,
+        h.vm
+    )
 }
 
 #[cfg(test)]

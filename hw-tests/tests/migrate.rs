@@ -439,6 +439,178 @@ fn a_vm_migrates_between_unix_socket_endpoints_without_qmp() {
     let _ = std::fs::remove_dir_all(&rig.dir);
 }
 
+/// A `dwcp daemon` of a three-node fleet on loopback, killed with its process group when
+/// dropped.
+struct Daemon {
+    child: Option<Child>,
+    cfg: PathBuf,
+    sock: PathBuf,
+}
+
+impl Daemon {
+    fn start(&mut self, dwcp: &Path) {
+        self.child = Some(Command::new(dwcp).args(["daemon", "--config"]).arg(&self.cfg).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+        let t = Instant::now();
+        while !self.sock.exists() {
+            assert!(t.elapsed() < Duration::from_secs(20), "the daemon did not bind {}", self.sock.display());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_file(&self.sock);
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Three daemons in one fleet, each with its jobs socket in `dir/nI`.
+fn fleet_of_three(rig: &Rig) -> Vec<Daemon> {
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let members: Vec<String> = ports.iter().enumerate().map(|(i, p)| format!("{{ id = {}, addr = \"127.0.0.1:{p}\" }}", i + 1)).collect();
+    let mut ds: Vec<Daemon> = (0..3)
+        .map(|i| {
+            let dir = rig.dir.join(format!("n{}", i + 1));
+            std::fs::create_dir_all(&dir).unwrap();
+            let (cfg, sock) = (dir.join("dwcp.toml"), dir.join("api.sock"));
+            let t = format!(
+                "[node]\nname = \"n{}\"\nlisten = \"127.0.0.1:{}\"\nout = \"{}\"\nkey_file = \"{}\"\n[api]\nlisten = \"127.0.0.1:{}\"\nsocket = \"{}\"\n[fleet]\nid = {}\nlisten = \"127.0.0.1:{}\"\nmembers = [{}]\nheartbeat_ms = 100\ncommit_timeout_s = 3\n",
+                i + 1,
+                free_port(),
+                dir.join("out").display(),
+                rig.key.display(),
+                free_port(),
+                sock.display(),
+                i + 1,
+                ports[i],
+                members.join(", ")
+            );
+            std::fs::write(&cfg, t).unwrap();
+            Daemon { child: None, cfg, sock }
+        })
+        .collect();
+    for d in &mut ds {
+        d.start(&rig.dwcp);
+    }
+    ds
+}
+
+fn status_of(rig: &Rig, tag: &str) -> String {
+    qmp(&rig.dir.join(format!("{tag}.qmp")), "query-status", Value::Null)["return"]["status"].as_str().unwrap_or("?").to_string()
+}
+
+/// ASS's promise for live migration, checked on QEMU's side: a migration through a fleet hands
+/// the VM's ownership to the destination's node in Raft before the destination may resume, a
+/// host that does not own the VM cannot resume its copy, and when the handoff cannot commit (the
+/// sending node cut off from the majority mid-migration) neither copy runs until the fleet says
+/// which owns it, and then exactly one does.
+#[test]
+fn a_migration_through_a_fleet_never_leaves_two_running_copies() {
+    let _g = GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let rig = Rig::new("fleet");
+    let mut ds = fleet_of_three(&rig);
+    let fleet = |d: &Daemon, args: &[&str]| Command::new(&rig.dwcp).arg("fleet").args(args).arg("--socket").arg(&d.sock).output().unwrap();
+    let resume = |d: &Daemon, tag: &str| fleet(d, &["resume", "guest", "--qmp", &rig.dir.join(format!("{tag}.qmp")).display().to_string()]);
+
+    // 1. Node 1's VM migrates to node 2's QEMU (started paused, as libvirt does).
+    let port = free_port();
+    let _src = rig.qemu("src", None);
+    let _dst = rig.qemu_with("dst", Some(rig.incoming(port)), &["-S".to_string()]);
+    assert!(wait_for(&rig.dir.join("src.log"), "CHECK ok 2", Duration::from_secs(120)), "the source guest did not come up");
+    let out = rig.migrate(port, &["--vm", "guest", "--to-node", "2", "--fleet-socket", &ds[0].sock.display().to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((j["status"].as_str(), j["handoff"]["committed"].as_bool(), j["handoff"]["epoch"].as_u64()), (Some("completed"), Some(true), Some(2)), "{j}");
+    assert_eq!(status_of(&rig, "src"), "postmigrate");
+    // The source host no longer owns it: its copy cannot be resumed; the destination's can.
+    let r = resume(&ds[0], "src");
+    assert!(!r.status.success() && String::from_utf8_lossy(&r.stderr).contains("owned by node 2"), "{}", String::from_utf8_lossy(&r.stderr));
+    let r = resume(&ds[1], "dst");
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!((status_of(&rig, "src").as_str(), status_of(&rig, "dst").as_str()), ("postmigrate", "running"));
+    let last_src = rig.checks("src").last().map_or(0, |c| c.1);
+    let dst = rig.checks_after("dst", last_src);
+    assert!(dst.iter().all(|c| c.0) && dst.iter().filter(|c| c.1 > last_src).count() >= 2, "the destination guest runs and checks out: {dst:?}");
+    drop(_src);
+
+    // 2. It migrates back to a new QEMU on node 1, and node 2 is cut off from the majority
+    //    (nodes 1 and 3 go down) while the stream is in flight: the handoff cannot commit.
+    let port = free_port();
+    let _ = std::fs::remove_file(rig.dir.join("recv.log"));
+    let _back = rig.qemu_with("back", Some(rig.incoming(port)), &["-S".to_string()]);
+    assert!(wait_for(&rig.dir.join("recv.log"), "listening on", Duration::from_secs(30)), "the receiver behind the new QEMU did not start");
+    // QEMU's own rate limit stretches the stream over seconds, so that the cut comes mid-stream
+    // (the migration's QMP socket is dwcp's while it runs: the cut is timed on the other QEMU).
+    let r = qmp(&rig.dir.join("dst.qmp"), "migrate-set-parameters", json!({"max-bandwidth": 24 << 20}));
+    assert!(r.get("return").is_some(), "{r}");
+    let migrate = Command::new(&rig.dwcp)
+        .arg("migrate")
+        .arg("--qmp")
+        .arg(rig.dir.join("dst.qmp"))
+        .args(["--to", &format!("127.0.0.1:{port}"), "--json", "--key-file"])
+        .arg(&rig.key)
+        .args(["--vm", "guest", "--to-node", "1", "--fleet-socket", &ds[1].sock.display().to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut migrate = migrate;
+    let t = Instant::now();
+    loop {
+        let q = qmp(&rig.dir.join("back.qmp"), "query-migrate", Value::Null);
+        if q["return"]["status"] == "active" {
+            break;
+        }
+        if migrate.try_wait().unwrap().is_some() {
+            let out = migrate.wait_with_output().unwrap();
+            panic!("dwcp migrate ended before the migration was active: {}\n{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "the migration back never became active: {q}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    ds[0].kill();
+    ds[2].kill();
+    let out = migrate.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("was not handed to node 1"), "{err}");
+    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((j["status"].as_str(), j["transfer"]["verified"].as_bool(), j["handoff"]["committed"].as_bool()), (Some("completed"), Some(true), Some(false)), "{j}");
+    // Neither copy runs, and the cut-off node cannot resume its own.
+    assert_eq!((status_of(&rig, "dst").as_str(), status_of(&rig, "back").as_str()), ("postmigrate", "paused"));
+    let r = resume(&ds[1], "dst");
+    assert!(!r.status.success(), "a node cut off from the majority resumed its copy");
+    assert_eq!(status_of(&rig, "dst"), "postmigrate");
+
+    // 3. Node 1 returns: with a quorum again, the fleet names one owner (node 2 if the handoff
+    //    never committed, node 1 if it committed late); exactly that host resumes.
+    ds[0].start(&rig.dwcp);
+    let r_dst = resume(&ds[1], "dst");
+    let r_back = resume(&ds[0], "back");
+    let (dst_st, back_st) = (status_of(&rig, "dst"), status_of(&rig, "back"));
+    eprintln!(
+        "after the failed handoff: resume on node 2 {} ({}), on node 1 {} ({}); QEMU says dst {dst_st}, back {back_st}",
+        r_dst.status,
+        String::from_utf8_lossy(&r_dst.stderr).trim(),
+        r_back.status,
+        String::from_utf8_lossy(&r_back.stderr).trim()
+    );
+    assert!(r_dst.status.success() != r_back.status.success(), "exactly one host may resume");
+    let running: Vec<&str> = [("dst", &dst_st), ("back", &back_st)].into_iter().filter(|(_, s)| s.as_str() == "running").map(|(t, _)| t).collect();
+    assert_eq!(running.len(), 1, "exactly one running copy: dst {dst_st}, back {back_st}");
+    let tag = running[0];
+    let before = rig.checks(tag).last().map_or(0, |c| c.1).max(rig.checks("dst").last().map_or(0, |c| c.1));
+    let c = rig.checks_after(tag, before);
+    assert!(c.iter().all(|c| c.0), "the running copy checks out: {c:?}");
+    let _ = std::fs::remove_dir_all(&rig.dir);
+}
+
 /// The same guest migrated QEMU to QEMU over `unix:`, without dwcp, its RAM compared as in the
 /// test above: the control for the migration tests' checks. Not in `make test`; run it many
 /// times: `cargo test --release -p hw-tests --test migrate -- --ignored --nocapture qemu_alone`
