@@ -34,6 +34,7 @@ pub fn status_json(st: &State) -> serde_json::Value {
         "transfers": st.jobs.get().map(|j| j.list()),
         "warm_peers": st.warm.get().and_then(|w| w.as_ref()).map(|w| w.status()),
         "fleet": st.fleet.get().map(|f| f.status()),
+        "gossip": st.gossip.get().map(|g| g.view()),
     })
 }
 
@@ -62,15 +63,18 @@ pub fn serve(server: &tiny_http::Server, st: &State) {
                 if let Some(f) = st.fleet.get() {
                     st.metrics.export_fleet(&f.status());
                 }
+                if let Some(g) = st.gossip.get() {
+                    st.metrics.export_gossip(&g.view());
+                }
                 let mut buf = Vec::new();
                 let enc = prometheus::TextEncoder::new();
                 let _ = enc.encode(&st.metrics.registry.gather(), &mut buf);
                 respond(req, 200, enc.format_type(), String::from_utf8_lossy(&buf).into_owned());
             }
             "/status" => respond(req, 200, "application/json", status_json(st).to_string()),
-            "/fleet" => match st.fleet.get() {
-                Some(f) => respond(req, 200, "application/json", crate::fleet::api::view(f).to_string()),
-                None => respond(req, 404, "text/plain", "this daemon is in no fleet: configure [fleet]\n".into()),
+            "/fleet" => match crate::fleet::api::view(st.fleet.get().map(|f| &**f), st.gossip.get().map(|g| &**g)) {
+                Some(v) => respond(req, 200, "application/json", v.to_string()),
+                None => respond(req, 404, "text/plain", "this daemon is in no fleet: configure [fleet] or [gossip]\n".into()),
             },
             _ => respond(req, 404, "text/plain", "not found: try /healthz, /readyz, /metrics, /status or /fleet\n".into()),
         }

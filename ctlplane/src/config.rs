@@ -253,6 +253,42 @@ impl FleetCfg {
     }
 }
 
+/// `[gossip]`: this daemon as a member of the fleet's SWIM gossip (between sites, over the
+/// internet). Absent: no gossip.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GossipCfg {
+    /// This node's id (default: `fleet.id`; one of the two must be set).
+    #[serde(default)]
+    pub node: Option<u64>,
+    /// Where it listens (UDP; packets sealed with a key derived from `node.key_file`).
+    #[serde(default = "d_gossip_listen")]
+    pub listen: String,
+    /// Members to join through (`HOST:PORT`), the same few on every node.
+    #[serde(default)]
+    pub seeds: Vec<String>,
+    /// This node's site, on its card.
+    #[serde(default)]
+    pub site: String,
+    /// Probe period (ms): foca's WAN profile (memberlist's) is 5000; a dead node is declared
+    /// down after a few periods.
+    #[serde(default = "d_gossip_period")]
+    pub period_ms: u64,
+    /// About how many nodes the fleet has (sets how often updates are repeated).
+    #[serde(default = "d_gossip_size")]
+    pub size: u32,
+}
+
+fn d_gossip_listen() -> String {
+    "0.0.0.0:7473".into()
+}
+fn d_gossip_period() -> u64 {
+    5000
+}
+fn d_gossip_size() -> u32 {
+    16
+}
+
 fn d_fleet_listen() -> String {
     "0.0.0.0:7472".into()
 }
@@ -288,6 +324,9 @@ pub struct Config {
     /// Membership of the site's Raft group.
     #[serde(default)]
     pub fleet: Option<FleetCfg>,
+    /// Membership of the fleet's gossip.
+    #[serde(default)]
+    pub gossip: Option<GossipCfg>,
 }
 
 fn default_name() -> String {
@@ -352,7 +391,16 @@ fn default_mode() -> ModeCfg {
 
 impl Default for Config {
     fn default() -> Self {
-        Self { node: default_node(), api: default_api_table(), mode: default_mode(), log: default_log(), peers: Vec::new(), transfer: TransferDefaults::default(), fleet: None }
+        Self {
+            node: default_node(),
+            api: default_api_table(),
+            mode: default_mode(),
+            log: default_log(),
+            peers: Vec::new(),
+            transfer: TransferDefaults::default(),
+            fleet: None,
+            gossip: None,
+        }
     }
 }
 
@@ -471,6 +519,28 @@ impl Config {
                 return bad("fleet.dir", w);
             }
         }
+        if let Some(g) = &self.gossip {
+            if g.node.or(self.fleet.as_ref().map(|f| f.id)).is_none_or(|n| n == 0) {
+                return bad("gossip.node", "is unset and there is no fleet.id; expected a number from 1, unique in the fleet".into());
+            }
+            if g.listen.parse::<SocketAddr>().is_err() {
+                return bad("gossip.listen", format!("is {:?}; expected an address like 0.0.0.0:7473", g.listen));
+            }
+            for (i, sd) in g.seeds.iter().enumerate() {
+                if sd.rsplit_once(':').and_then(|(_, port)| port.parse::<u16>().ok()).is_none() {
+                    return bad(&format!("gossip.seeds[{i}]"), format!("is {sd:?}; expected HOST:PORT"));
+                }
+            }
+            if g.site.len() > crate::gossip::MAX_NAME || self.node.name.len() > crate::gossip::MAX_NAME {
+                return bad("gossip.site", format!("gossip.site and node.name must be at most {} bytes", crate::gossip::MAX_NAME));
+            }
+            if !(100..=600_000).contains(&g.period_ms) {
+                return bad("gossip.period_ms", format!("is {}; expected 100 to 600000", g.period_ms));
+            }
+            if !(2..=100_000).contains(&g.size) {
+                return bad("gossip.size", format!("is {}; expected 2 to 100000", g.size));
+            }
+        }
         if let Err((key, problem)) = self.transfer.check() {
             return bad(&format!("transfer.{key}"), problem);
         }
@@ -581,6 +651,24 @@ addr = "dr.example.net:7470"
             let e = Config::parse(bad, "x.toml").unwrap_err().to_string();
             assert!(e.contains(&format!("`{key}`")) && e.contains(says), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn a_gossip_section_is_checked() {
+        let c = Config::parse("[gossip]\nnode = 4\nseeds = [\"eu.example.net:7473\"]\nsite = \"eu1\"\n", "x.toml").unwrap();
+        assert_eq!(c.gossip.as_ref().unwrap().period_ms, 5000);
+        for (bad, key, says) in [
+            ("[gossip]\nsite = \"a\"\n", "gossip.node", "fleet.id"),
+            ("[gossip]\nnode = 1\nseeds = [\"nohost\"]\n", "gossip.seeds[0]", "HOST:PORT"),
+            ("[gossip]\nnode = 1\nlisten = \"x\"\n", "gossip.listen", "0.0.0.0:7473"),
+            ("[gossip]\nnode = 1\nperiod_ms = 5\n", "gossip.period_ms", "100 to 600000"),
+        ] {
+            let e = Config::parse(bad, "x.toml").unwrap_err().to_string();
+            assert!(e.contains(&format!("`{key}`")) && e.contains(says), "{bad}: {e}");
+        }
+        // The fleet's id serves as the gossip node when it has none of its own.
+        let c = Config::parse("[fleet]\nid = 3\ndir = \"/x\"\n[gossip]\n", "x.toml").unwrap();
+        assert!(c.gossip.is_some());
     }
 
     #[test]

@@ -31,6 +31,7 @@ component!(SessionsC);
 component!(ApiC);
 component!(JobsC);
 component!(FleetC);
+component!(GossipC);
 component!(ModeC);
 component!(PeersC);
 component!(ReadyC);
@@ -242,7 +243,7 @@ fn bind_private(path: &std::path::Path) -> Result<std::os::unix::net::UnixListen
 
 impl Component for JobsC {
     fn spec(&self) -> Spec {
-        Spec::new("jobs", Phase::Service).after(&["keys", "host", "config", "fleet"])
+        Spec::new("jobs", Phase::Service).after(&["keys", "host", "config", "fleet", "gossip"])
     }
     fn start(&self, ctx: &Ctx) -> Result<(), String> {
         let Some(path) = &self.0.config.api.socket else { return Ok(()) };
@@ -260,9 +261,7 @@ impl Component for JobsC {
         let jobs = crate::jobs::Jobs::new((*psk).clone(), host, nodes, self.0.config.thresholds(), self.0.config.transfer.clone(), records, pool);
         let listener = bind_private(path)?;
         let server = Arc::new(tiny_http::Server::from_listener(listener, None).map_err(|e| format!("api.socket {}: {e}", path.display()))?);
-        if let Some(f) = self.0.fleet.get() {
-            jobs.set_fleet(f.clone());
-        }
+        jobs.set_fleet(self.0.fleet.get().cloned(), self.0.gossip.get().cloned());
         let _ = self.0.jobs.set(jobs.clone());
         let srv = server.clone();
         // What a previous daemon left running is taken up before new requests are served.
@@ -315,6 +314,51 @@ impl Component for FleetC {
     fn stop(&self, _: &Ctx) {
         if let Some(f) = self.0.fleet.get() {
             f.stop();
+        }
+    }
+}
+
+impl Component for GossipC {
+    fn spec(&self) -> Spec {
+        Spec::new("gossip", Phase::Service).after(&["keys", "host", "config"])
+    }
+    fn start(&self, ctx: &Ctx) -> Result<(), String> {
+        let Some(gc) = &self.0.config.gossip else { return Ok(()) };
+        let psk = ctx.get::<Psk>().ok_or("keys missing")?;
+        let node = gc.node.or(self.0.config.fleet.as_ref().map(|f| f.id)).ok_or("gossip.node unset")?;
+        let st = self.0.clone();
+        let site = gc.site.clone();
+        let card = move || {
+            let c = caps(&st);
+            let links = st
+                .peer_status
+                .lock()
+                .expect("peer status lock")
+                .iter()
+                .take(crate::gossip::MAX_LINKS)
+                .filter_map(|p| {
+                    let rtt_ms = p.last_rtt_ms.as_ref().ok().copied()?;
+                    let bps = p.last_goodput_gbps.or(p.last_probe_gbps).unwrap_or(0.0) * 1e9;
+                    Some(crate::gossip::Link { peer: p.name.chars().take(crate::gossip::MAX_NAME).collect(), rtt_ms, bps, mode: p.mode.clone() })
+                })
+                .collect();
+            crate::gossip::Card { node, name: c.name, site: site.clone(), version: c.at_ms, cores: c.cores, rdma: c.rdma, free_bytes: c.free_bytes, links }
+        };
+        let o = crate::gossip::driver::Options {
+            node,
+            listen: gc.listen.clone(),
+            seeds: gc.seeds.clone(),
+            period: Duration::from_millis(gc.period_ms),
+            size_hint: gc.size,
+            card: Box::new(card),
+        };
+        let h = crate::gossip::run(o, &psk)?;
+        let _ = self.0.gossip.set(Arc::new(h));
+        Ok(())
+    }
+    fn stop(&self, _: &Ctx) {
+        if let Some(g) = self.0.gossip.get() {
+            g.stop();
         }
     }
 }
@@ -516,6 +560,7 @@ pub fn graph(state: &Arc<State>) -> Graph {
         Arc::new(SessionsC(s())),
         Arc::new(ApiC(s())),
         Arc::new(FleetC(s())),
+        Arc::new(GossipC(s())),
         Arc::new(JobsC(s())),
         Arc::new(PeersC(s())),
         Arc::new(ModeC(s())),
@@ -541,6 +586,7 @@ pub fn run(config: Config, parallel: bool) -> Result<Daemon, BootError> {
         jobs: OnceLock::new(),
         warm: OnceLock::new(),
         fleet: OnceLock::new(),
+        gossip: OnceLock::new(),
         stop: AtomicBool::new(false),
         epoch: Instant::now(),
     });

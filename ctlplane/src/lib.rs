@@ -10,6 +10,7 @@ pub mod config;
 pub mod daemon;
 pub mod engine;
 pub mod fleet;
+pub mod gossip;
 pub mod host;
 pub mod itp;
 pub mod jobs;

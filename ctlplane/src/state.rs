@@ -87,6 +87,12 @@ pub struct Metrics {
     pub fleet_replication_lag: GaugeVec,
     /// See [`Metrics::fleet_term`].
     pub fleet_vms: GaugeVec,
+    /// Gossip members by state (this node counted alive), the stalest card's age, packets dropped.
+    pub gossip_members: GaugeVec,
+    /// See [`Metrics::gossip_members`].
+    pub gossip_stalest: GaugeVec,
+    /// See [`Metrics::gossip_members`].
+    pub gossip_dropped: GaugeVec,
 }
 
 impl Metrics {
@@ -119,6 +125,9 @@ impl Metrics {
             fleet_apply_lag: g("dwcp_fleet_apply_lag_entries", "Entries in this node's Raft log not yet applied", &[]),
             fleet_replication_lag: g("dwcp_fleet_replication_lag_entries", "On the leader: how many entries each member's log is behind (-1: unknown)", &["node"]),
             fleet_vms: g("dwcp_fleet_vms", "VMs with an owner in the fleet's state", &[]),
+            gossip_members: g("dwcp_gossip_members", "Gossip members this node knows, by state (itself counted alive)", &["state"]),
+            gossip_stalest: g("dwcp_gossip_stalest_card_seconds", "Seconds since the stalest card this node holds was refreshed", &[]),
+            gossip_dropped: g("dwcp_gossip_dropped_packets", "Gossip packets dropped: failed authentication, too old, or malformed", &[]),
             registry,
         }
     }
@@ -136,6 +145,18 @@ impl Metrics {
             self.fleet_replication_lag.with_label_values(&[&n.to_string()]).set(l.map_or(-1.0, |l| l as f64));
         }
         self.fleet_vms.with_label_values::<&str>(&[]).set(s.vms as f64);
+    }
+}
+
+impl Metrics {
+    /// Sets the gossip gauges from `v`.
+    pub fn export_gossip(&self, v: &crate::gossip::View) {
+        for st in ["alive", "suspect", "down"] {
+            let n = v.members.iter().filter(|m| m.state == st).count() + usize::from(st == "alive");
+            self.gossip_members.with_label_values(&[st]).set(n as f64);
+        }
+        self.gossip_stalest.with_label_values::<&str>(&[]).set(v.stalest_s);
+        self.gossip_dropped.with_label_values::<&str>(&[]).set(v.dropped as f64);
     }
 }
 
@@ -176,6 +197,8 @@ pub struct State {
     pub warm: OnceLock<Option<Arc<crate::warm::Pool>>>,
     /// The site's Raft group (with `[fleet]`).
     pub fleet: OnceLock<Arc<crate::fleet::Fleet>>,
+    /// The fleet's gossip (with `[gossip]`).
+    pub gossip: OnceLock<Arc<crate::gossip::Handle>>,
     pub(crate) stop: AtomicBool,
     pub(crate) epoch: Instant,
 }

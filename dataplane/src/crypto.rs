@@ -57,6 +57,9 @@ pub enum CryptoError {
     /// Any other handshake failure.
     #[error("noise handshake failed: {0}")]
     Handshake(String),
+    /// A datagram that is not sealed with this key (or not a dwcp datagram at all).
+    #[error("a datagram failed authentication: wrong key, changed bytes or not a dwcp datagram")]
+    Datagram,
 }
 
 /// A 32-byte pre-shared key.
@@ -111,6 +114,60 @@ impl Psk {
         }
         let s = std::fs::read_to_string(path).map_err(|source| CryptoError::KeyFileRead { path: p.clone(), source })?;
         Self::from_hex(&s).ok_or(CryptoError::KeyFileFormat { path: p })
+    }
+}
+
+/// Seals and opens datagrams under a key derived from the pre-shared key (the fleet's gossip,
+/// one UDP packet per message): AES-256-GCM with a random 96-bit nonce per packet (random
+/// nonces are safe for far more packets than gossip sends under one key), the sender's clock in
+/// the sealed bytes so that a receiver can refuse a packet replayed long after.
+/// Packet: version (1 byte, authenticated) | nonce (12) | sealed(time ms (8) | payload) | tag (16).
+pub struct DatagramKey(LessSafeKey);
+
+impl std::fmt::Debug for DatagramKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DatagramKey(..)")
+    }
+}
+
+/// The bytes a sealed datagram adds to its payload.
+pub const DATAGRAM_OVERHEAD: usize = 1 + 12 + 8 + TAG_LEN;
+const DATAGRAM_VERSION: u8 = 1;
+
+impl DatagramKey {
+    /// The key for `purpose` (a fixed string naming the use), derived from `psk` with BLAKE3's
+    /// key derivation, so that it is never a key any other part of dwcp uses.
+    pub fn derive(psk: &Psk, purpose: &str) -> Self {
+        let k = blake3::derive_key(purpose, &psk.0);
+        Self(LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &k).expect("a 32-byte AES-256 key")))
+    }
+
+    /// Seals `payload` sent at `now_ms` (milliseconds since the Unix epoch).
+    pub fn seal(&self, now_ms: u64, payload: &[u8]) -> Vec<u8> {
+        let mut nonce = [0u8; 12];
+        getrandom::fill(&mut nonce).expect("OS random source");
+        let mut out = Vec::with_capacity(payload.len() + DATAGRAM_OVERHEAD);
+        out.push(DATAGRAM_VERSION);
+        out.extend_from_slice(&nonce);
+        let mut body = Vec::with_capacity(8 + payload.len() + TAG_LEN);
+        body.extend_from_slice(&now_ms.to_be_bytes());
+        body.extend_from_slice(payload);
+        self.0.seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from([DATAGRAM_VERSION]), &mut body).expect("sealing a datagram");
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// Opens a datagram: its sender's time (ms) and payload, or why it is refused (too short,
+    /// another version, or not sealed with this key: a wrong key, a changed byte).
+    pub fn open(&self, packet: &[u8]) -> Result<(u64, Vec<u8>), CryptoError> {
+        if packet.len() < DATAGRAM_OVERHEAD || packet[0] != DATAGRAM_VERSION {
+            return Err(CryptoError::Datagram);
+        }
+        let nonce = Nonce::try_assume_unique_for_key(&packet[1..13]).map_err(|_| CryptoError::Datagram)?;
+        let mut body = packet[13..].to_vec();
+        let plain = self.0.open_in_place(nonce, Aad::from([DATAGRAM_VERSION]), &mut body).map_err(|_| CryptoError::Datagram)?;
+        let t = u64::from_be_bytes(plain[..8].try_into().expect("8 bytes"));
+        Ok((t, plain[8..].to_vec()))
     }
 }
 
@@ -555,5 +612,23 @@ mod tests {
         let (_, other) = Responder::accept_bound(&psk, b"pre", &m1).unwrap();
         let mut w3 = w.clone();
         assert!(FrameCodec::authenticated(0, &other).open_header(&mut w3[..hl]).is_err());
+    }
+
+    #[test]
+    fn a_datagram_opens_only_under_its_key_and_unchanged() {
+        let psk = Psk::generate();
+        let k = DatagramKey::derive(&psk, "dwcp gossip v1");
+        let p = k.seal(1234, b"hello");
+        assert_eq!(p.len(), 5 + DATAGRAM_OVERHEAD);
+        assert_eq!(k.open(&p).unwrap(), (1234, b"hello".to_vec()));
+        // Another purpose or another key: refused.
+        assert!(DatagramKey::derive(&psk, "another use").open(&p).is_err());
+        assert!(DatagramKey::derive(&Psk::generate(), "dwcp gossip v1").open(&p).is_err());
+        for i in 0..p.len() {
+            let mut q = p.clone();
+            q[i] ^= 1;
+            assert!(k.open(&q).is_err(), "byte {i} changed and still opened");
+        }
+        assert!(k.open(&p[..DATAGRAM_OVERHEAD - 1]).is_err());
     }
 }

@@ -182,29 +182,67 @@ pub fn fleet_status(sock: &std::path::Path, json: bool) -> Result<()> {
         return Ok(());
     }
     let s = &v["status"];
-    let leader = s["leader"].as_u64().map_or("none known (an election is under way, or no quorum is reachable)".into(), |l| format!("node {l}"));
-    println!("node {} ({}), term {}, leader {leader}", s["id"], s["role"].as_str().unwrap_or("?").to_lowercase(), s["term"]);
-    println!(
-        "log: last index {}, applied {}, {} behind; snapshot at {}",
-        s["last_log_index"],
-        s["applied_index"],
-        s["apply_lag"],
-        s["snapshot_index"].as_u64().map_or("none".into(), |i| i.to_string())
-    );
-    if let Some(ms) = s["ms_since_quorum_ack"].as_u64() {
-        println!("a quorum acknowledged this leader {ms} ms ago");
-    }
-    println!("{:>6}  {:<8} {:<22} {:>12}", "node", "role", "fleet address", "behind");
-    let lag = |id: &str| s["replication_lag"][id].as_u64().map_or("-".into(), |l| l.to_string());
-    for (role, key) in [("voter", "voters"), ("learner", "learners")] {
-        for (id, addr) in s[key].as_object().into_iter().flatten() {
-            println!("{id:>6}  {role:<8} {:<22} {:>12}", addr.as_str().unwrap_or(""), lag(id));
+    if s.is_object() {
+        let leader = s["leader"].as_u64().map_or("none known (an election is under way, or no quorum is reachable)".into(), |l| format!("node {l}"));
+        println!("raft: node {} ({}), term {}, leader {leader}", s["id"], s["role"].as_str().unwrap_or("?").to_lowercase(), s["term"]);
+        println!(
+            "log: last index {}, applied {}, {} behind; snapshot at {}",
+            s["last_log_index"],
+            s["applied_index"],
+            s["apply_lag"],
+            s["snapshot_index"].as_u64().map_or("none".into(), |i| i.to_string())
+        );
+        if let Some(ms) = s["ms_since_quorum_ack"].as_u64() {
+            println!("a quorum acknowledged this leader {ms} ms ago");
+        }
+        println!("{:>6}  {:<8} {:<22} {:>12}", "node", "role", "fleet address", "behind");
+        let lag = |id: &str| s["replication_lag"][id].as_u64().map_or("-".into(), |l| l.to_string());
+        for (role, key) in [("voter", "voters"), ("learner", "learners")] {
+            for (id, addr) in s[key].as_object().into_iter().flatten() {
+                println!("{id:>6}  {role:<8} {:<22} {:>12}", addr.as_str().unwrap_or(""), lag(id));
+            }
+        }
+        let vms = v["vms"].as_object().cloned().unwrap_or_default();
+        println!("{} VM{} owned, {} job{} recorded", vms.len(), if vms.len() == 1 { "" } else { "s" }, v["jobs"], if v["jobs"] == 1 { "" } else { "s" });
+        for (vm, o) in &vms {
+            println!("  {vm:<24} node {} (epoch {})", o["node"], o["epoch"]);
         }
     }
-    let vms = v["vms"].as_object().cloned().unwrap_or_default();
-    println!("{} VM{} owned, {} job{} recorded", vms.len(), if vms.len() == 1 { "" } else { "s" }, v["jobs"], if v["jobs"] == 1 { "" } else { "s" });
-    for (vm, o) in &vms {
-        println!("  {vm:<24} node {} (epoch {})", o["node"], o["epoch"]);
+    let g = &v["gossip"];
+    if g.is_object() {
+        let members = g["members"].as_array().cloned().unwrap_or_default();
+        println!(
+            "gossip: node {}, {} alive of {} known, stalest card {:.1} s old, {} packets dropped",
+            g["me"],
+            g["alive"],
+            members.len() + 1,
+            g["stalest_s"].as_f64().unwrap_or(0.0),
+            g["dropped"]
+        );
+        println!("{:>6}  {:<22} {:<8} {:<10} {:<12} {:>9}  links", "node", "gossip address", "state", "name", "site", "heard");
+        let cards: std::collections::HashMap<u64, &serde_json::Value> =
+            g["cards"].as_array().into_iter().flatten().filter_map(|c| Some((c["card"]["node"].as_u64()?, c))).collect();
+        let me = g["me"].as_u64().unwrap_or(0);
+        let rows = members
+            .iter()
+            .map(|m| (m["node"].as_u64().unwrap_or(0), m["addr"].as_str().unwrap_or("").to_string(), m["state"].as_str().unwrap_or("?").to_string()))
+            .chain([(me, "(this node)".to_string(), "alive".to_string())]);
+        for (node, addr, state) in rows {
+            let c = cards.get(&node);
+            let links: Vec<String> = c
+                .and_then(|c| c["card"]["links"].as_array())
+                .into_iter()
+                .flatten()
+                .map(|l| format!("{} {} {:.1} ms", l["peer"].as_str().unwrap_or("?"), l["mode"].as_str().unwrap_or("?"), l["rtt_ms"].as_f64().unwrap_or(0.0)))
+                .collect();
+            println!(
+                "{node:>6}  {addr:<22} {state:<8} {:<10} {:<12} {:>8}  {}",
+                c.and_then(|c| c["card"]["name"].as_str()).unwrap_or("-"),
+                c.and_then(|c| c["card"]["site"].as_str()).unwrap_or("-"),
+                c.and_then(|c| c["heard_s"].as_f64()).map_or("-".into(), |h| format!("{h:.1} s")),
+                links.join(", ")
+            );
+        }
     }
     Ok(())
 }

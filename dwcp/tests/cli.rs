@@ -1385,6 +1385,7 @@ fn three_daemons_form_a_fleet_that_survives_its_leader_and_refuses_a_minority() 
     let d = tempfile::tempdir().unwrap();
     let key = keygen(d.path());
     let fleet_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let gossip_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let members: Vec<String> = fleet_ports.iter().enumerate().map(|(i, p)| format!("{{ id = {}, addr = \"127.0.0.1:{p}\" }}", i + 1)).collect();
     struct Node {
         cfg: PathBuf,
@@ -1404,6 +1405,7 @@ fn three_daemons_form_a_fleet_that_survives_its_leader_and_refuses_a_minority() 
                 fleet_ports[i],
                 members.join(", ")
             ));
+            t.push_str(&format!("[gossip]\nlisten = \"127.0.0.1:{}\"\nseeds = [\"127.0.0.1:{}\"]\nsite = \"lab\"\nperiod_ms = 200\nsize = 3\n", gossip_ports[i], gossip_ports[0]));
             std::fs::write(&cfg, t).unwrap();
             Node { cfg, api, sock }
         })
@@ -1440,8 +1442,15 @@ fn three_daemons_form_a_fleet_that_survives_its_leader_and_refuses_a_minority() 
     let o = fleet(&nodes[2], &["owner", "web1", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!((v["owner"]["node"].as_u64(), v["owner"]["epoch"].as_u64()), (Some(1), Some(1)), "{v}");
+    // The gossip between the same daemons converges too (every node alive, every card held).
+    let t = Instant::now();
+    while !nodes.iter().all(|n| view(n)["gossip"]["alive"] == 3 && view(n)["gossip"]["cards"].as_array().map_or(0, Vec::len) == 3) {
+        assert!(t.elapsed() < Duration::from_secs(20), "gossip never converged: {}", view(&nodes[1])["gossip"]);
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let text = String::from_utf8_lossy(&fleet(&nodes[1], &["status"]).stdout).into_owned();
     assert!(text.contains(&format!("leader node {l}")) && text.contains("web1") && text.contains("voter"), "{text}");
+    assert!(text.contains("gossip: node 2, 3 alive of 3 known") && text.contains("(this node)"), "{text}");
     // Every member reported its capabilities; /status and /metrics carry the fleet.
     let t = Instant::now();
     while view(&nodes[1])["nodes"].as_object().map_or(0, |m| m.len()) < 3 {

@@ -34,15 +34,21 @@ fn fleet_error(e: FleetError) -> Reply {
     }
 }
 
-/// `GET /fleet`.
-pub fn view(f: &Fleet) -> Value {
-    let s = f.local_state();
-    json!({
-        "status": f.status(),
-        "vms": s.vms,
-        "nodes": s.nodes,
-        "jobs": s.jobs.len(),
-    })
+/// `GET /fleet`: the Raft group's view and state (with `[fleet]`) and the gossip view (with
+/// `[gossip]`); `None` with neither.
+pub fn view(f: Option<&Fleet>, g: Option<&crate::gossip::Handle>) -> Option<Value> {
+    if f.is_none() && g.is_none() {
+        return None;
+    }
+    let mut v = json!({ "gossip": g.map(|g| g.view()) });
+    if let Some(f) = f {
+        let s = f.local_state();
+        v["status"] = json!(f.status());
+        v["vms"] = json!(s.vms);
+        v["nodes"] = json!(s.nodes);
+        v["jobs"] = json!(s.jobs.len());
+    }
+    Some(v)
 }
 
 #[derive(Deserialize)]
@@ -82,15 +88,17 @@ fn body<'a, T: Deserialize<'a>>(b: &'a [u8]) -> Result<T, Reply> {
 
 /// Answers a request under `/fleet` on the jobs socket; `None` for a path that is not the
 /// fleet's.
-pub fn handle(f: Option<&Fleet>, method: &str, path: &str, b: &[u8]) -> Option<Reply> {
+pub fn handle(f: Option<&Fleet>, g: Option<&crate::gossip::Handle>, method: &str, path: &str, b: &[u8]) -> Option<Reply> {
     let rest = path.strip_prefix("/fleet")?;
     if !(rest.is_empty() || rest.starts_with('/')) {
         return None;
     }
-    let Some(f) = f else { return Some(error(404, "this daemon is in no fleet: configure [fleet]")) };
     let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
+    if let ("GET", []) = (method, parts.as_slice()) {
+        return Some(view(f, g).map_or_else(|| error(404, "this daemon is in no fleet: configure [fleet] or [gossip]"), |v| (200, v)));
+    }
+    let Some(f) = f else { return Some(error(404, "this daemon is in no Raft group: configure [fleet] (gossip alone decides no ownership)")) };
     let r = match (method, parts.as_slice()) {
-        ("GET", []) => (200, view(f)),
         ("GET", ["vms", vm]) => match f.owner(vm) {
             Ok(o) => (200, json!({ "vm": vm, "owner": o })),
             Err(e) => fleet_error(e),
@@ -120,14 +128,14 @@ pub fn handle(f: Option<&Fleet>, method: &str, path: &str, b: &[u8]) -> Option<R
         ("POST", ["members"]) => match body::<MemberBody>(b) {
             Err(r) => r,
             Ok(m) => match f.add(m.id, &m.addr) {
-                Ok(()) => (200, view(f)),
+                Ok(()) => (200, view(Some(f), g).unwrap_or_default()),
                 Err(e) => fleet_error(e),
             },
         },
         ("DELETE", ["members", id]) => match id.parse::<NodeId>() {
             Err(_) => error(400, "a member's id is a number: /fleet/members/ID"),
             Ok(id) => match f.remove(id) {
-                Ok(()) => (200, view(f)),
+                Ok(()) => (200, view(Some(f), g).unwrap_or_default()),
                 Err(e) => fleet_error(e),
             },
         },

@@ -249,20 +249,30 @@ impl Fleet {
     /// an answer no later commit has overtaken when it was given.
     pub fn owner(&self, vm: &str) -> Result<Option<Owner>, FleetError> {
         let t0 = Instant::now();
-        let r = self.rt.block_on(async { tokio::time::timeout(self.timeout, self.raft.ensure_linearizable()).await });
         let not = |why: String| FleetError::NotCommitted { secs: t0.elapsed().as_secs_f64(), why };
-        match r {
-            Err(_) => Err(not("no quorum confirmed the leader".into())),
-            Ok(Ok(_)) => Ok(self.applied.read().expect("fleet state lock").state.vms.get(vm).cloned()),
-            Ok(Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f)))) => match (f.leader_id, f.leader_node) {
-                (Some(id), Some(n)) => match Client::new(self.id, id, n.addr.clone(), self.psk.clone()).call(&Request::Owner(vm.into()), self.timeout) {
-                    Ok(Reply::Owner(r)) => r.map_err(not),
-                    Ok(other) => Err(FleetError::Other(format!("the leader answered {other:?}"))),
-                    Err(e) => Err(not(e.to_string())),
+        loop {
+            let left = self.timeout.saturating_sub(t0.elapsed());
+            if left.is_zero() {
+                return Err(not("no leader known: an election is under way or no quorum is reachable".into()));
+            }
+            let r = self.rt.block_on(async { tokio::time::timeout(left, self.raft.ensure_linearizable()).await });
+            return match r {
+                Err(_) => Err(not("no quorum confirmed the leader".into())),
+                Ok(Ok(_)) => Ok(self.applied.read().expect("fleet state lock").state.vms.get(vm).cloned()),
+                Ok(Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f)))) => match (f.leader_id, f.leader_node) {
+                    (Some(id), Some(n)) => match Client::new(self.id, id, n.addr.clone(), self.psk.clone()).call(&Request::Owner(vm.into()), left) {
+                        Ok(Reply::Owner(r)) => r.map_err(not),
+                        Ok(other) => Err(FleetError::Other(format!("the leader answered {other:?}"))),
+                        Err(e) => Err(not(e.to_string())),
+                    },
+                    // No leader known yet (just started, or an election): wait for one.
+                    _ => {
+                        std::thread::sleep(Duration::from_millis(50).min(left));
+                        continue;
+                    }
                 },
-                _ => Err(not("no leader known".into())),
-            },
-            Ok(Err(e)) => Err(not(e.to_string())),
+                Ok(Err(e)) => Err(not(e.to_string())),
+            };
         }
     }
 

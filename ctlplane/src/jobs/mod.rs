@@ -215,13 +215,16 @@ pub struct Jobs {
     records: Option<Records>,
     /// The configured peers' warm streams.
     pool: Option<Arc<crate::warm::Pool>>,
-    /// The site's Raft group, whose endpoints this socket also serves.
-    fleet: std::sync::OnceLock<Arc<crate::fleet::Fleet>>,
+    /// The site's Raft group and the fleet's gossip, whose endpoints this socket also serves.
+    fleet: std::sync::OnceLock<FleetParts>,
     book: Mutex<Book>,
 }
 
 /// A reply: status code and JSON body.
 type Reply = (u16, Value);
+
+/// The Raft group and the gossip a daemon takes part in (either may be absent).
+type FleetParts = (Option<Arc<crate::fleet::Fleet>>, Option<Arc<crate::gossip::Handle>>);
 
 fn error(code: u16, msg: impl Into<String>) -> Reply {
     (code, json!({"error": msg.into()}))
@@ -553,13 +556,14 @@ impl Jobs {
     }
 
     /// Serves the fleet's endpoints (`/fleet/...`) on this socket too.
-    pub fn set_fleet(&self, f: Arc<crate::fleet::Fleet>) {
-        let _ = self.fleet.set(f);
+    pub fn set_fleet(&self, f: Option<Arc<crate::fleet::Fleet>>, g: Option<Arc<crate::gossip::Handle>>) {
+        let _ = self.fleet.set((f, g));
     }
 
     /// Answers one request of the jobs socket.
     pub fn handle(self: &Arc<Self>, method: &str, path: &str, body: &[u8]) -> Reply {
-        if let Some(r) = crate::fleet::api::handle(self.fleet.get().map(|f| &**f), method, path, body) {
+        let (f, g) = self.fleet.get().map_or((None, None), |(f, g)| (f.as_deref(), g.as_deref()));
+        if let Some(r) = crate::fleet::api::handle(f, g, method, path, body) {
             return r;
         }
         let id = path.strip_prefix("/transfers/").map(|s| s.parse::<u64>());
