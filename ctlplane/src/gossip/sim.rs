@@ -37,7 +37,6 @@ impl Net {
     fn new(n: usize, seed: u64, loss: f64) -> Self {
         let t0 = Instant::now();
         let mut net = Self {
-            t0,
             now: t0,
             nodes: Vec::new(),
             wire: BTreeMap::new(),
