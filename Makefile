@@ -10,7 +10,7 @@ RIG_PKGS := qemu-system-x86 busybox-static rdma-core ibverbs-utils perftest libi
             librdmacm-dev libclang-dev clang pkg-config cpio kmod iproute2 gzip \
             iputils-ping ethtool iperf3 python3 openssl xdelta3
 
-.PHONY: package package-test bench-micro report tune all deps bench-deps vm-deps build demo test libdwcp fuzz fuzz-seeds fuzz-smoke bench-base bench-transport bench-boot bench-hde bench-rdma bench-migrate bench-wan bench-pba bench-fleet bench-warm bench-probes corpus clean
+.PHONY: package package-test bench-micro report tune all deps bench-deps vm-deps build demo test libdwcp fuzz fuzz-seeds fuzz-smoke bench-base bench-transport bench-boot bench-hde bench-rdma bench-migrate bench-wan bench-pba bench-fleet bench-warm bench-ass bench-probes corpus clean
 
 all: build
 
@@ -155,6 +155,12 @@ bench-fleet: build bench-deps
 bench-warm: build bench-deps
 	$(CARGO) build --release -q -p hw-tests --bin dwcp-wan
 	./target/release/bench-warm
+
+# ASS: the fleet's Raft group (3 daemons) and gossip (5) on the WAN rig's mesh, one namespace per
+# daemon: handoff commit time, failover, gossip convergence and staleness, idle cost per node.
+bench-ass: build
+	$(CARGO) build --release -q -p hw-tests --bin dwcp-wan
+	./target/release/bench-ass
 
 # PBA's predictors, fitted on recorded traces and scored on held-out ones (RECORD=1 records the
 # traces anew over the WAN rig with changing cross traffic).

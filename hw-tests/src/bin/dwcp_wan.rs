@@ -3,6 +3,10 @@
 //! segmentation offload, so 64 KiB super-packets cross it), and moves packets between them through
 //! one [`hw_tests::link::Link`] per direction until killed. `hw-tests/wan up|down` wraps it.
 //!
+//! `dwcp-wan mesh N [options]`: N namespaces `dwcp-m1`..`dwcp-mN` (10.78.0.1..N on `wan0`),
+//! every pair joined by its own link each way with the same settings (a full mesh, as sites on
+//! the internet are), for the fleet's rigs of three to five daemons.
+//!
 //! Options (both directions get the same settings; the RTT is split evenly):
 //!   --rtt 50ms --rate 1gbit --loss 0.1% --jitter 1ms --reorder 1% --queue 1bdp|BYTES
 //!   --ready-file F   written once the link is up
@@ -179,8 +183,144 @@ impl Opts {
     }
 }
 
+/// The mesh: namespace `i` (from 1) is `dwcp-mI` at `10.78.0.I`.
+fn mesh_ns(i: usize) -> String {
+    format!("dwcp-m{i}")
+}
+
+/// IPv4 destination of a TUN packet (after its virtio-net header), if it is one of the mesh's.
+fn mesh_dst(pkt: &[u8], n: usize) -> Option<usize> {
+    let ip = pkt.get(VNET_HDR..)?;
+    if ip.first()? >> 4 != 4 || ip.get(16..19)? != [10, 78, 0] {
+        return None;
+    }
+    let d = usize::from(ip[19]);
+    (1..=n).contains(&d).then_some(d)
+}
+
+/// Moves packets from `tuns[from]` to each destination through that pair's link.
+fn forward_mesh(from: usize, tuns: &[Arc<Tun>], p: LinkParams, c: &Counters, epoch: Instant, shared: &Shared) {
+    let n = tuns.len();
+    let mut links: Vec<Link> = (0..n).map(|to| Link::new(p, 0x9e37_79b9 ^ ((from as u64) << 16 | to as u64))).collect();
+    let mut buf = vec![0u8; VNET_HDR + 256 * 1024];
+    let mut generation = 0;
+    loop {
+        let g = shared.generation.load(Relaxed);
+        if g != generation {
+            generation = g;
+            let np = *shared.params.lock().expect("params lock");
+            links.iter_mut().for_each(|l| l.set_params(np));
+        }
+        let now = epoch.elapsed().as_nanos() as u64;
+        let due = links.iter().filter_map(Link::next_due).min();
+        let wait = due.map_or(Duration::from_millis(100), |at| Duration::from_nanos(at.saturating_sub(now)));
+        let src = &tuns[from];
+        if !wait.is_zero() && src.wait_readable(wait).unwrap_or_else(|e| die(&format!("poll {}: {e}", src.name))) {
+            for _ in 0..256 {
+                match src.read(&mut buf) {
+                    Ok(Some(len)) => {
+                        // Packets for an address outside the mesh (or for itself) are dropped.
+                        if let Some(d) = mesh_dst(&buf[..len], n).filter(|d| *d != from + 1) {
+                            links[d - 1].offer(epoch.elapsed().as_nanos() as u64, &buf[..len]);
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => die(&format!("read {}: {e}", src.name)),
+                }
+            }
+        }
+        let now = epoch.elapsed().as_nanos() as u64;
+        for (to, l) in links.iter_mut().enumerate() {
+            while let Some(pkt) = l.pop_due(now) {
+                let _ = tuns[to].write(&pkt);
+            }
+        }
+        let (mut packets, mut bytes, mut lost, mut drops, mut seg) = (0, 0, 0, 0, 0);
+        for l in &links {
+            packets += l.stats.packets;
+            bytes += l.stats.bytes;
+            lost += l.stats.lost;
+            drops += l.stats.queue_drops;
+            seg += l.stats.segmented;
+        }
+        c.packets.store(packets, Relaxed);
+        c.bytes.store(bytes, Relaxed);
+        c.lost.store(lost, Relaxed);
+        c.queue_drops.store(drops, Relaxed);
+        c.segmented.store(seg, Relaxed);
+    }
+}
+
+/// `dwcp-wan mesh N ...`.
+fn mesh(n: usize, args: &[String]) {
+    if !(2..=9).contains(&n) {
+        die("mesh takes 2 to 9 namespaces");
+    }
+    let mut o = Opts::default();
+    let (mut ready, mut stats_file, mut control_file) = (None, None, None);
+    for (k, v) in o.parse(args) {
+        match k.as_str() {
+            "--ready-file" => ready = Some(v),
+            "--stats-file" => stats_file = Some(v),
+            "--control-file" => control_file = Some(v),
+            other => die(&format!("unknown option {other}")),
+        }
+    }
+    let p = o.params();
+    let mut tuns = Vec::new();
+    for i in 1..=n {
+        let ns = mesh_ns(i);
+        let _ = Command::new("ip").args(["netns", "del", &ns]).stderr(std::process::Stdio::null()).status();
+        sh(&["netns", "add", &ns]);
+        sh(&["-n", &ns, "link", "set", "lo", "up"]);
+        let t = tun::open_in_netns(&ns, "wan0").unwrap_or_else(|e| die(&format!("TUN in {ns}: {e}")));
+        sh(&["-n", &ns, "addr", "add", &format!("10.78.0.{i}/24"), "dev", "wan0"]);
+        sh(&["-n", &ns, "link", "set", "wan0", "up"]);
+        tuns.push(Arc::new(t));
+    }
+    let epoch = Instant::now();
+    let shared = Arc::new(Shared { params: Mutex::new(p), generation: AtomicU64::new(0) });
+    let counters: Vec<Arc<Counters>> = (0..n).map(|_| Arc::new(Counters::default())).collect();
+    for (from, c) in counters.iter().enumerate() {
+        let (tuns, c, sh) = (tuns.clone(), c.clone(), shared.clone());
+        std::thread::spawn(move || forward_mesh(from, &tuns, p, &c, epoch, &sh));
+    }
+    let addrs: Vec<String> = (1..=n).map(|i| format!("10.78.0.{i}")).collect();
+    println!("{}", addrs.join(" "));
+    if let Some(f) = &ready {
+        std::fs::write(f, format!("{}\n", addrs.join(" "))).unwrap_or_else(|e| die(&format!("{f}: {e}")));
+    }
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        if let Some(f) = &control_file
+            && let Ok(text) = std::fs::read_to_string(f)
+        {
+            let words: Vec<String> = text.split_whitespace().map(str::to_owned).collect();
+            if o.parse(&words).is_empty() {
+                *shared.params.lock().expect("params lock") = o.params();
+                shared.generation.fetch_add(1, Relaxed);
+            }
+            let _ = std::fs::remove_file(f);
+        }
+        if let Some(f) = &stats_file {
+            let per: Vec<serde_json::Value> = counters
+                .iter()
+                .map(|c| serde_json::json!({"packets": c.packets.load(Relaxed), "bytes": c.bytes.load(Relaxed), "lost": c.lost.load(Relaxed), "queue_drops": c.queue_drops.load(Relaxed)}))
+                .collect();
+            let j = serde_json::json!({"uptime_s": epoch.elapsed().as_secs_f64(), "cpu_s": tun::process_cpu_seconds(), "from": per, "params": {"rtt_ns": o.rtt, "rate_bps": o.rate, "loss": o.loss}});
+            if let Ok(mut fh) = std::fs::File::create(f) {
+                let _ = writeln!(fh, "{j}");
+            }
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("mesh") {
+        let n = args.get(1).and_then(|n| n.parse().ok()).unwrap_or_else(|| die("usage: dwcp-wan mesh N [options]"));
+        return mesh(n, &args[2..]);
+    }
     if args.first().map(String::as_str) != Some("run") {
         die("usage: dwcp-wan run [--rtt 50ms] [--rate 1gbit] [--loss 0.1%] [--jitter 1ms] [--reorder 1%] [--queue 1bdp|BYTES] [--ready-file F] [--stats-file F]");
     }
