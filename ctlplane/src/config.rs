@@ -227,6 +227,10 @@ pub struct FleetCfg {
     /// How long a change (a VM handoff, a job record) may wait for a quorum (s).
     #[serde(default = "d_fleet_commit")]
     pub commit_timeout_s: f64,
+    /// How long a member's log may stop following the leader's before it is presumed gone and
+    /// its jobs are taken over by another member (s).
+    #[serde(default = "d_fleet_takeover")]
+    pub takeover_after_s: f64,
 }
 
 impl FleetCfg {
@@ -297,6 +301,9 @@ fn d_fleet_hb() -> u64 {
 }
 fn d_fleet_commit() -> f64 {
     5.0
+}
+fn d_fleet_takeover() -> f64 {
+    30.0
 }
 
 /// The whole configuration.
@@ -517,6 +524,9 @@ impl Config {
             }
             if let Err(w) = f.dir(&self.api) {
                 return bad("fleet.dir", w);
+            }
+            if !(f.takeover_after_s.is_finite() && (0.5..=86_400.0).contains(&f.takeover_after_s)) {
+                return bad("fleet.takeover_after_s", format!("is {}; expected seconds from 0.5 to 86400", f.takeover_after_s));
             }
         }
         if let Some(g) = &self.gossip {

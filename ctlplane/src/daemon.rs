@@ -262,6 +262,15 @@ impl Component for JobsC {
         let listener = bind_private(path)?;
         let server = Arc::new(tiny_http::Server::from_listener(listener, None).map_err(|e| format!("api.socket {}: {e}", path.display()))?);
         jobs.set_fleet(self.0.fleet.get().cloned(), self.0.gossip.get().cloned());
+        if let (Some(f), Some(fc)) = (self.0.fleet.get(), &self.0.config.fleet) {
+            // Jobs recorded here are mirrored into the fleet, and jobs of members presumed gone
+            // are taken over (`fleet::jobs`).
+            let (tx, rx) = crossbeam_channel::unbounded();
+            jobs.mirror_to(tx);
+            let (f, j, stop) = (f.clone(), jobs.clone(), self.0.fleet_jobs_stop.clone());
+            let after = Duration::from_secs_f64(fc.takeover_after_s);
+            std::thread::Builder::new().name("dwcp-fleet-jobs".into()).spawn(move || crate::fleet::jobs::run(f, j, rx, after, stop)).map_err(|e| e.to_string())?;
+        }
         let _ = self.0.jobs.set(jobs.clone());
         let srv = server.clone();
         // What a previous daemon left running is taken up before new requests are served.
@@ -312,6 +321,7 @@ impl Component for FleetC {
         Ok(())
     }
     fn stop(&self, _: &Ctx) {
+        self.0.fleet_jobs_stop.store(true, Relaxed);
         if let Some(f) = self.0.fleet.get() {
             f.stop();
         }
@@ -587,6 +597,7 @@ pub fn run(config: Config, parallel: bool) -> Result<Daemon, BootError> {
         warm: OnceLock::new(),
         fleet: OnceLock::new(),
         gossip: OnceLock::new(),
+        fleet_jobs_stop: Arc::default(),
         stop: AtomicBool::new(false),
         epoch: Instant::now(),
     });

@@ -199,6 +199,7 @@ pub struct State {
     pub fleet: OnceLock<Arc<crate::fleet::Fleet>>,
     /// The fleet's gossip (with `[gossip]`).
     pub gossip: OnceLock<Arc<crate::gossip::Handle>>,
+    pub(crate) fleet_jobs_stop: Arc<AtomicBool>,
     pub(crate) stop: AtomicBool,
     pub(crate) epoch: Instant,
 }

@@ -1494,3 +1494,121 @@ fn three_daemons_form_a_fleet_that_survives_its_leader_and_refuses_a_minority() 
     assert!(err.contains("not committed") && err.contains("may still commit"), "{err}");
     assert!(!fleet(&nodes[survivor], &["owner", "web1"]).status.success());
 }
+
+/// ASS item 4: a job whose daemon dies is taken over by another member of the fleet, from the
+/// replicated record: the resumable one resumes there and is verified whole; the one that cannot
+/// resume (HDE) ends in the record with why; nothing half-published, no record left behind.
+#[test]
+fn a_job_whose_daemon_dies_is_taken_over_by_another_member_and_verified() {
+    let _load = heavy();
+    let d = tempfile::tempdir().unwrap();
+    let key = keygen(d.path());
+    let fleet_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let members: Vec<String> = fleet_ports.iter().enumerate().map(|(i, p)| format!("{{ id = {}, addr = \"127.0.0.1:{p}\" }}", i + 1)).collect();
+    let nodes: Vec<(PathBuf, u16, PathBuf)> = (0..3)
+        .map(|i| {
+            let dir = d.path().join(format!("n{}", i + 1));
+            std::fs::create_dir(&dir).unwrap();
+            let (api, sock) = (free_port(), dir.join("api.sock"));
+            let cfg = daemon_config(&dir, &key, free_port(), api, Some(&sock));
+            let mut t = std::fs::read_to_string(&cfg).unwrap();
+            t.push_str(&format!(
+                "[fleet]\nid = {}\nlisten = \"127.0.0.1:{}\"\nmembers = [{}]\nheartbeat_ms = 50\ncommit_timeout_s = 3\ntakeover_after_s = 2\n",
+                i + 1,
+                fleet_ports[i],
+                members.join(", ")
+            ));
+            std::fs::write(&cfg, t).unwrap();
+            (cfg, api, sock)
+        })
+        .collect();
+    let mut procs: Vec<Option<Rx>> = nodes
+        .iter()
+        .map(|(cfg, api, sock)| {
+            let dm = Rx(Command::new(bin()).args(["daemon", "--config"]).arg(cfg).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+            wait_daemon(*api, sock);
+            Some(dm)
+        })
+        .collect();
+    let view = |i: usize| -> serde_json::Value {
+        let o = Command::new(bin()).args(["fleet", "status", "--json", "--socket"]).arg(&nodes[i].2).output().unwrap();
+        serde_json::from_slice(&o.stdout).unwrap_or_default()
+    };
+    let list = |i: usize| -> Vec<serde_json::Value> {
+        let o = Command::new(bin()).args(["job", "list", "--json", "--socket"]).arg(&nodes[i].2).output().unwrap();
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).ok().and_then(|v| v.as_array().cloned()).unwrap_or_default()
+    };
+    let t = Instant::now();
+    while view(1)["status"]["leader"].is_null() {
+        assert!(t.elapsed() < Duration::from_secs(20), "no leader");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (rx_port, out) = (free_port(), d.path().join("received"));
+    std::fs::create_dir(&out).unwrap();
+    let _rx = spawn_recv(&key, rx_port, &["--out", out.to_str().unwrap()], &[], true);
+    let to = format!("127.0.0.1:{rx_port}");
+    let submit = |src: &str, name: &str, extra: &[&str]| {
+        Rx(Command::new(bin())
+            .args(["send", src, "--name", name, "--to", &to, "--streams", "1", "--json"])
+            .args(extra)
+            .arg("--via-daemon")
+            .arg(&nodes[0].2)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap())
+    };
+    let _big = submit("gen:4GiB:11", "big.img", &[]);
+    let _hde = submit("gen:2GiB:12", "paged.img", &["--hde", "on"]);
+    let t = Instant::now();
+    let running = loop {
+        let l = list(0);
+        if let Some(j) = l.iter().find(|j| j["name"] == "big.img" && j["acked_bytes"].as_u64().unwrap_or(0) > 64 << 20)
+            && l.iter().any(|j| j["name"] == "paged.img" && j["state"] == "running")
+        {
+            break j.clone();
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "the jobs never ran: {l:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(running["acked_bytes"].as_u64().unwrap() < 2 << 30, "killed in its first half: {running}");
+    // Both jobs are in the replicated record, under node 1.
+    let t = Instant::now();
+    while view(2)["jobs"].as_u64().unwrap_or(0) < 2 {
+        assert!(t.elapsed() < Duration::from_secs(10), "the jobs never reached the fleet's record: {}", view(2));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(procs[0].take());
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!out.join("big.img").exists() && !out.join("paged.img").exists(), "nothing published by a killed sender");
+
+    // Another member takes the big one over and it is verified whole; the HDE one ends with why.
+    let t = Instant::now();
+    let (taker, j) = loop {
+        if let Some(f) = (1..3).find_map(|i| list(i).into_iter().find(|j| j["name"] == "big.img" && !matches!(j["state"].as_str(), Some("starting" | "running"))).map(|j| (i, j))) {
+            break f;
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "no member took the job over: {}", view(1));
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(j["state"], "verified", "node {}: {j}", taker + 1);
+    let skipped = j["result"]["skipped"].as_u64().unwrap();
+    assert!((64 << 20..4 << 30).contains(&skipped), "resumed from what the receiver held, not from zero: {j}");
+    assert_eq!(std::fs::metadata(out.join("big.img")).unwrap().len(), 4 << 30);
+    assert!(!out.join("paged.img").exists());
+    let t = Instant::now();
+    let ended = loop {
+        let v = view(1);
+        let e = v["ended"].as_array().cloned().unwrap_or_default();
+        if v["jobs"] == 0 && e.iter().filter(|o| o[0].as_str().is_some_and(|k| k.starts_with("1/"))).count() == 2 {
+            break e;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "records left or outcomes missing: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let outcome = |k: &str| ended.iter().find(|o| o[0] == k).map(|o| o[1].as_str().unwrap_or("").to_owned()).unwrap_or_default();
+    let big = format!("1/{}", running["id"]);
+    assert!(outcome(&big).contains(&format!("taken over by node {}", taker + 1)), "{ended:?}");
+    let hde = ended.iter().find(|o| o[0].as_str().is_some_and(|k| k.starts_with("1/")) && o[0] != big.as_str()).unwrap();
+    assert!(hde[1].as_str().unwrap().contains("cannot take it over") && hde[1].as_str().unwrap().contains("HDE"), "{ended:?}");
+}

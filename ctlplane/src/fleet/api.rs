@@ -47,6 +47,8 @@ pub fn view(f: Option<&Fleet>, g: Option<&crate::gossip::Handle>) -> Option<Valu
         v["vms"] = json!(s.vms);
         v["nodes"] = json!(s.nodes);
         v["jobs"] = json!(s.jobs.len());
+        v["job_nodes"] = json!(s.jobs.iter().map(|(k, j)| (k.clone(), j.node)).collect::<std::collections::BTreeMap<_, _>>());
+        v["ended"] = json!(s.ended.iter().rev().take(32).collect::<Vec<_>>());
     }
     Some(v)
 }

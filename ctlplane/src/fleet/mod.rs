@@ -10,6 +10,7 @@
 //! ownership queries only after the leader has confirmed it still leads.
 
 pub mod api;
+pub mod jobs;
 pub mod net;
 pub mod state;
 pub mod store;

@@ -102,10 +102,21 @@ pub enum Cmd {
         /// The record.
         job: Job,
     },
-    /// A job ended.
+    /// A job ended (or was handed to another node): `outcome` says how, for the record.
     EndJob {
         /// `NODE/ID`.
         key: String,
+        /// verified, failed: why, taken over by ...
+        outcome: String,
+    },
+    /// The job of a node presumed gone moves to another, only if `from` still holds it.
+    AdoptJob {
+        /// `NODE/ID`.
+        key: String,
+        /// The node presumed gone.
+        from: NodeId,
+        /// The node that takes it.
+        to: NodeId,
     },
 }
 
@@ -130,7 +141,13 @@ pub struct FleetState {
     pub vms: BTreeMap<String, Owner>,
     /// Jobs in flight, by `NODE/ID`.
     pub jobs: BTreeMap<String, Job>,
+    /// How the latest jobs ended (at most [`MAX_ENDED`]), oldest first.
+    #[serde(default)]
+    pub ended: std::collections::VecDeque<(String, String)>,
 }
+
+/// How many job outcomes the state keeps.
+pub const MAX_ENDED: usize = 256;
 
 fn check_name(what: &str, s: &str) -> Result<(), String> {
     if s.is_empty() || s.len() > MAX_NAME || s.chars().any(char::is_control) {
@@ -196,10 +213,24 @@ impl FleetState {
                 self.jobs.insert(key.clone(), job.clone());
                 Ok(None)
             }
-            Cmd::EndJob { key } => {
-                self.jobs.remove(key);
+            Cmd::EndJob { key, outcome } => {
+                if self.jobs.remove(key).is_some() {
+                    let o: String = outcome.chars().take(512).collect();
+                    self.ended.push_back((key.clone(), o));
+                    while self.ended.len() > MAX_ENDED {
+                        self.ended.pop_front();
+                    }
+                }
                 Ok(None)
             }
+            Cmd::AdoptJob { key, from, to } => match self.jobs.get_mut(key) {
+                Some(j) if j.node == *from => {
+                    j.node = *to;
+                    Ok(None)
+                }
+                Some(j) => Err(format!("job {key} is node {}'s, not node {from}'s", j.node)),
+                None => Err(format!("no job {key}")),
+            },
         }
     }
 }
@@ -228,6 +259,25 @@ mod tests {
         assert_eq!(s.apply(&Cmd::Release { vm: "web1".into(), node: 2, epoch: 2 }), Outcome::Done { epoch: None });
         assert!(s.vms.is_empty());
         assert!(matches!(s.apply(&Cmd::Handoff { vm: "web1".into(), from: 2, to: 1, epoch: 2 }), Outcome::Refused(_)));
+    }
+
+    #[test]
+    fn a_job_is_adopted_once_and_its_end_recorded() {
+        let mut s = FleetState::default();
+        let put = Cmd::PutJob { key: "1/7".into(), job: Job { node: 1, record: "{}".into() } };
+        assert_eq!(s.apply(&put), Outcome::Done { epoch: None });
+        assert_eq!(s.apply(&Cmd::AdoptJob { key: "1/7".into(), from: 1, to: 2 }), Outcome::Done { epoch: None });
+        // A second adoption from the same (stale) owner is refused: one node runs it.
+        assert!(matches!(s.apply(&Cmd::AdoptJob { key: "1/7".into(), from: 1, to: 3 }), Outcome::Refused(_)));
+        assert_eq!(s.jobs["1/7"].node, 2);
+        s.apply(&Cmd::EndJob { key: "1/7".into(), outcome: "taken over by node 2 as 2/1".into() });
+        assert!(s.jobs.is_empty());
+        assert_eq!(s.ended.back().unwrap().1, "taken over by node 2 as 2/1");
+        for i in 0..MAX_ENDED + 5 {
+            s.apply(&Cmd::PutJob { key: format!("2/{i}"), job: Job { node: 2, record: "{}".into() } });
+            s.apply(&Cmd::EndJob { key: format!("2/{i}"), outcome: "verified".into() });
+        }
+        assert_eq!(s.ended.len(), MAX_ENDED);
     }
 
     #[test]

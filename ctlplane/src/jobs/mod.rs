@@ -406,9 +406,45 @@ impl Jobs {
         }
     }
 
+    /// Tells `tx` of every job recorded here from now on (the fleet's replicated record).
+    pub fn mirror_to(&self, tx: crossbeam_channel::Sender<records::Mirror>) {
+        if let Some(rs) = &self.records {
+            rs.mirror_to(tx);
+        }
+    }
+
+    /// Takes over `r`, a job another node of the fleet ran until it was presumed gone: resumed
+    /// here under a new id (the receiver keeps what it got, so only the rest moves, and publishes
+    /// only the whole verified object), or refused with why (it cannot resume, or its source is
+    /// not readable here).
+    pub fn adopt(self: &Arc<Self>, r: &Record) -> Result<u64, String> {
+        let mut req = r.request.clone();
+        resumable(&req)?;
+        if !req.source.starts_with("gen:") {
+            std::fs::metadata(&req.source).map_err(|e| format!("its source {} is not readable on this node: {e}", req.source))?;
+        }
+        req.resume = true;
+        req.chunk_size = r.chunk_size.or(req.chunk_size);
+        let age = std::time::Duration::from_millis(records::now_ms().saturating_sub(r.submitted_ms));
+        let started = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+        let id = self.admit(None, &req, started, r.restarts + 1).ok_or_else(|| format!("{MAX_RUNNING} transfers are running here"))?;
+        if let Some(rs) = &self.records
+            && let Err(e) = rs.write(&Record { id, request: req.clone(), submitted_ms: r.submitted_ms, chunk_size: req.chunk_size, restarts: r.restarts + 1 }, true)
+        {
+            tracing::warn!(id, "recording an adopted job: {e}");
+        }
+        tracing::info!(id, name = %req.name.as_deref().unwrap_or(""), "took over a job of a node presumed gone: resuming it");
+        self.spawn(id, req);
+        Ok(id)
+    }
+
     fn end(&self, id: u64, state: &'static str, result: Value) {
         if let Some(rs) = &self.records {
-            rs.remove(id);
+            let outcome = match result["error"].as_str() {
+                Some(e) => format!("{state}: {e}"),
+                None => state.to_owned(),
+            };
+            rs.remove(id, &outcome);
         }
         self.with(|b| {
             let Some(j) = b.job(id) else { return };

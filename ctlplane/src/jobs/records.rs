@@ -34,6 +34,17 @@ pub struct Record {
 #[derive(Debug)]
 pub struct Records {
     dir: PathBuf,
+    /// Where each write and removal is told too (the fleet's replicated record of jobs).
+    mirror: std::sync::OnceLock<crossbeam_channel::Sender<Mirror>>,
+}
+
+/// A change to the records, as the fleet is told of it.
+#[derive(Debug, Clone)]
+pub enum Mirror {
+    /// Written (or rewritten).
+    Put(Box<Record>),
+    /// Ended, and how.
+    End(u64, String),
 }
 
 /// Milliseconds since the Unix epoch, now.
@@ -50,7 +61,12 @@ impl Records {
         let probe = dir.join(".probe");
         std::fs::write(&probe, b"").map_err(|e| format!("api.jobs_dir {}: {e}", dir.display()))?;
         let _ = std::fs::remove_file(probe);
-        Ok(Self { dir: dir.to_owned() })
+        Ok(Self { dir: dir.to_owned(), mirror: std::sync::OnceLock::new() })
+    }
+
+    /// Tells `tx` of every write and removal from now on.
+    pub fn mirror_to(&self, tx: crossbeam_channel::Sender<Mirror>) {
+        let _ = self.mirror.set(tx);
     }
 
     pub fn dir(&self) -> &Path {
@@ -75,6 +91,9 @@ impl Records {
         if sync {
             std::fs::File::open(&self.dir)?.sync_all()?;
         }
+        if let Some(tx) = self.mirror.get() {
+            let _ = tx.send(Mirror::Put(Box::new(r.clone())));
+        }
         self.bump_last_id(r.id)
     }
 
@@ -86,9 +105,12 @@ impl Records {
         self.write(&r, true)
     }
 
-    /// Forgets job `id` (it ended).
-    pub fn remove(&self, id: u64) {
+    /// Forgets job `id`: it ended, as `outcome` says.
+    pub fn remove(&self, id: u64, outcome: &str) {
         let _ = std::fs::remove_file(self.path(id));
+        if let Some(tx) = self.mirror.get() {
+            let _ = tx.send(Mirror::End(id, outcome.to_owned()));
+        }
     }
 
     /// The records found, by id, and what was wrong with the files that are not records (each
@@ -165,7 +187,7 @@ mod tests {
         assert!(bad.iter().any(|b| b.contains("9.json") && b.contains("longer than")), "{bad:?}");
         assert!(rs.dir().join("7.json.bad").exists() && !rs.dir().join("7.json").exists());
         assert_eq!(rs.load().1, Vec::<String>::new(), "set aside once");
-        rs.remove(3);
+        rs.remove(3, "verified");
         assert_eq!(rs.load().0, vec![record(1)]);
         assert_eq!(rs.last_id(), 3, "ids are not reused");
     }
