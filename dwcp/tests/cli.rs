@@ -1411,6 +1411,8 @@ fn three_daemons_form_a_fleet_that_survives_its_leader_and_refuses_a_minority() 
         })
         .collect();
     let start = |n: &Node| {
+        // A SIGKILLed daemon leaves its socket file: waiting for the file is waiting for the new one.
+        let _ = std::fs::remove_file(&n.sock);
         let dm = Rx(Command::new(bin()).args(["daemon", "--config"]).arg(&n.cfg).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
         wait_daemon(n.api, &n.sock);
         dm
