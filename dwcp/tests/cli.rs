@@ -1376,6 +1376,57 @@ fn jobs_to_a_configured_peer_run_on_its_warm_streams() {
     drop(rx);
 }
 
+/// A daemon of a three-member fleet on loopback ([`fleet_of_three`]).
+struct FleetNode {
+    cfg: PathBuf,
+    api: u16,
+    sock: PathBuf,
+}
+
+impl FleetNode {
+    /// Starts it and waits for its sockets.
+    fn start(&self) -> Rx {
+        // A SIGKILLed daemon leaves its socket file: waiting for the file is waiting for the new one.
+        let _ = std::fs::remove_file(&self.sock);
+        let dm = Rx(Command::new(bin()).args(["daemon", "--config"]).arg(&self.cfg).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+        wait_daemon(self.api, &self.sock);
+        dm
+    }
+    /// `dwcp fleet ARGS` against it.
+    fn fleet(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin()).arg("fleet").args(args).arg("--socket").arg(&self.sock).output().unwrap()
+    }
+    /// `dwcp fleet status --json`.
+    fn view(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.fleet(&["status", "--json"]).stdout).unwrap_or_default()
+    }
+}
+
+/// Configs for three daemons in `dir` forming one fleet (`[fleet]` with `fleet_extra` added),
+/// `extra(i)` appended to member i's (from 0).
+fn fleet_of_three(dir: &Path, key: &Path, fleet_extra: &str, extra: impl Fn(usize) -> String) -> Vec<FleetNode> {
+    let fleet_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let members: Vec<String> = fleet_ports.iter().enumerate().map(|(i, p)| format!("{{ id = {}, addr = \"127.0.0.1:{p}\" }}", i + 1)).collect();
+    (0..3)
+        .map(|i| {
+            let d = dir.join(format!("n{}", i + 1));
+            std::fs::create_dir(&d).unwrap();
+            let (api, sock) = (free_port(), d.join("api.sock"));
+            let cfg = daemon_config(&d, key, free_port(), api, Some(&sock));
+            let mut t = std::fs::read_to_string(&cfg).unwrap();
+            t.push_str(&format!(
+                "[fleet]\nid = {}\nlisten = \"127.0.0.1:{}\"\nmembers = [{}]\nheartbeat_ms = 50\ncommit_timeout_s = 3\n{fleet_extra}",
+                i + 1,
+                fleet_ports[i],
+                members.join(", ")
+            ));
+            t.push_str(&extra(i));
+            std::fs::write(&cfg, t).unwrap();
+            FleetNode { cfg, api, sock }
+        })
+        .collect()
+}
+
 /// ASS on three daemons (one process each, loopback): the group forms from `[fleet]`, `dwcp
 /// fleet` claims a VM and moves it by compare-and-set, the leader is SIGKILLed and the other
 /// two go on, it returns and catches up from its store, and a lone survivor cannot move a VM.
@@ -1384,43 +1435,15 @@ fn three_daemons_form_a_fleet_that_survives_its_leader_and_refuses_a_minority() 
     let _load = light();
     let d = tempfile::tempdir().unwrap();
     let key = keygen(d.path());
-    let fleet_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let gossip_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let members: Vec<String> = fleet_ports.iter().enumerate().map(|(i, p)| format!("{{ id = {}, addr = \"127.0.0.1:{p}\" }}", i + 1)).collect();
-    struct Node {
-        cfg: PathBuf,
-        api: u16,
-        sock: PathBuf,
-    }
-    let nodes: Vec<Node> = (0..3)
-        .map(|i| {
-            let dir = d.path().join(format!("n{}", i + 1));
-            std::fs::create_dir(&dir).unwrap();
-            let (api, sock) = (free_port(), dir.join("api.sock"));
-            let cfg = daemon_config(&dir, &key, free_port(), api, Some(&sock));
-            let mut t = std::fs::read_to_string(&cfg).unwrap();
-            t.push_str(&format!(
-                "[fleet]\nid = {}\nlisten = \"127.0.0.1:{}\"\nmembers = [{}]\nheartbeat_ms = 50\ncommit_timeout_s = 3\n",
-                i + 1,
-                fleet_ports[i],
-                members.join(", ")
-            ));
-            t.push_str(&format!("[gossip]\nlisten = \"127.0.0.1:{}\"\nseeds = [\"127.0.0.1:{}\"]\nsite = \"lab\"\nperiod_ms = 200\nsize = 3\n", gossip_ports[i], gossip_ports[0]));
-            std::fs::write(&cfg, t).unwrap();
-            Node { cfg, api, sock }
-        })
-        .collect();
-    let start = |n: &Node| {
-        // A SIGKILLed daemon leaves its socket file: waiting for the file is waiting for the new one.
-        let _ = std::fs::remove_file(&n.sock);
-        let dm = Rx(Command::new(bin()).args(["daemon", "--config"]).arg(&n.cfg).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
-        wait_daemon(n.api, &n.sock);
-        dm
-    };
-    let fleet = |n: &Node, args: &[&str]| Command::new(bin()).arg("fleet").args(args).arg("--socket").arg(&n.sock).output().unwrap();
-    let view = |n: &Node| serde_json::from_slice::<serde_json::Value>(&fleet(n, &["status", "--json"]).stdout).unwrap_or_default();
+    let nodes = fleet_of_three(d.path(), &key, "", |i| {
+        format!("[gossip]\nlisten = \"127.0.0.1:{}\"\nseeds = [\"127.0.0.1:{}\"]\nsite = \"lab\"\nperiod_ms = 200\nsize = 3\n", gossip_ports[i], gossip_ports[0])
+    });
+    let start = FleetNode::start;
+    let fleet = FleetNode::fleet;
+    let view = FleetNode::view;
     // A leader all of `live` agree on, other than `not` (one killed, still remembered a moment).
-    let leader_of = |live: &[&Node], not: u64| -> u64 {
+    let leader_of = |live: &[&FleetNode], not: u64| -> u64 {
         let t = Instant::now();
         loop {
             let ls: Vec<Option<u64>> = live.iter().map(|n| view(n)["status"]["leader"].as_u64()).collect();
@@ -1471,7 +1494,7 @@ fn three_daemons_form_a_fleet_that_survives_its_leader_and_refuses_a_minority() 
 
     // The leader is killed: the other two elect one and move the VM; a stale handoff is refused.
     drop(procs[l as usize - 1].take());
-    let rest: Vec<&Node> = (0..3).filter(|i| *i != l as usize - 1).map(|i| &nodes[i]).collect();
+    let rest: Vec<&FleetNode> = (0..3).filter(|i| *i != l as usize - 1).map(|i| &nodes[i]).collect();
     let _ = leader_of(&rest, l);
     let o = fleet(rest[0], &["handoff", "web1", "--from", "1", "--to", "2", "--epoch", "1"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -1505,39 +1528,11 @@ fn a_job_whose_daemon_dies_is_taken_over_by_another_member_and_verified() {
     let _load = heavy();
     let d = tempfile::tempdir().unwrap();
     let key = keygen(d.path());
-    let fleet_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let members: Vec<String> = fleet_ports.iter().enumerate().map(|(i, p)| format!("{{ id = {}, addr = \"127.0.0.1:{p}\" }}", i + 1)).collect();
-    let nodes: Vec<(PathBuf, u16, PathBuf)> = (0..3)
-        .map(|i| {
-            let dir = d.path().join(format!("n{}", i + 1));
-            std::fs::create_dir(&dir).unwrap();
-            let (api, sock) = (free_port(), dir.join("api.sock"));
-            let cfg = daemon_config(&dir, &key, free_port(), api, Some(&sock));
-            let mut t = std::fs::read_to_string(&cfg).unwrap();
-            t.push_str(&format!(
-                "[fleet]\nid = {}\nlisten = \"127.0.0.1:{}\"\nmembers = [{}]\nheartbeat_ms = 50\ncommit_timeout_s = 3\ntakeover_after_s = 2\n",
-                i + 1,
-                fleet_ports[i],
-                members.join(", ")
-            ));
-            std::fs::write(&cfg, t).unwrap();
-            (cfg, api, sock)
-        })
-        .collect();
-    let mut procs: Vec<Option<Rx>> = nodes
-        .iter()
-        .map(|(cfg, api, sock)| {
-            let dm = Rx(Command::new(bin()).args(["daemon", "--config"]).arg(cfg).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
-            wait_daemon(*api, sock);
-            Some(dm)
-        })
-        .collect();
-    let view = |i: usize| -> serde_json::Value {
-        let o = Command::new(bin()).args(["fleet", "status", "--json", "--socket"]).arg(&nodes[i].2).output().unwrap();
-        serde_json::from_slice(&o.stdout).unwrap_or_default()
-    };
+    let nodes = fleet_of_three(d.path(), &key, "takeover_after_s = 2\n", |_| String::new());
+    let mut procs: Vec<Option<Rx>> = nodes.iter().map(|n| Some(n.start())).collect();
+    let view = |i: usize| nodes[i].view();
     let list = |i: usize| -> Vec<serde_json::Value> {
-        let o = Command::new(bin()).args(["job", "list", "--json", "--socket"]).arg(&nodes[i].2).output().unwrap();
+        let o = Command::new(bin()).args(["job", "list", "--json", "--socket"]).arg(&nodes[i].sock).output().unwrap();
         serde_json::from_slice::<serde_json::Value>(&o.stdout).ok().and_then(|v| v.as_array().cloned()).unwrap_or_default()
     };
     let t = Instant::now();
@@ -1554,7 +1549,7 @@ fn a_job_whose_daemon_dies_is_taken_over_by_another_member_and_verified() {
             .args(["send", src, "--name", name, "--to", &to, "--streams", "1", "--json"])
             .args(extra)
             .arg("--via-daemon")
-            .arg(&nodes[0].2)
+            .arg(&nodes[0].sock)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

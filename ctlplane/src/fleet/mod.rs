@@ -134,6 +134,8 @@ pub struct Fleet {
     server: net::Server,
     psk: Psk,
     timeout: Duration,
+    /// The connection to the leader that forwarded requests go over, kept between them.
+    to_leader: std::sync::Mutex<Option<(NodeId, String, Client)>>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -167,7 +169,7 @@ impl Fleet {
         let raft = rt.block_on(Raft::new(o.id, cfg, factory, log, sm)).map_err(|e| format!("fleet: {e}"))?;
         let handler = Arc::new(net::RaftHandler { id: o.id, raft: raft.clone(), rt: rt.handle().clone(), state: applied.clone(), timeout: o.commit_timeout });
         let server = net::serve(&o.listen, psk.clone(), handler)?;
-        let f = Self { id: o.id, raft, rt, applied, server, psk, timeout: o.commit_timeout };
+        let f = Self { id: o.id, raft, rt, applied, server, psk, timeout: o.commit_timeout, to_leader: std::sync::Mutex::new(None) };
         if o.members.iter().any(|m| m.id == o.id) {
             let members: BTreeMap<NodeId, Node> = o.members.iter().map(|m| (m.id, Node { addr: m.addr.clone() })).collect();
             match f.rt.block_on(f.raft.initialize(members)) {
@@ -179,6 +181,20 @@ impl Fleet {
             return Err(format!("fleet.members does not list this node (id {}): list it, or leave members empty on a node to be added with `dwcp fleet add`", o.id));
         }
         Ok(f)
+    }
+
+    /// A client to the leader `id` at `addr`: the kept one while the leader is the same (a
+    /// forwarded request then costs one round trip, not a connection and a handshake more).
+    fn leader_client(&self, id: NodeId, addr: &str) -> Client {
+        let mut g = self.to_leader.lock().expect("leader client lock");
+        match &*g {
+            Some((i, a, c)) if *i == id && a == addr => c.clone(),
+            _ => {
+                let c = Client::new(self.id, id, addr.to_owned(), self.psk.clone());
+                *g = Some((id, addr.to_owned(), c.clone()));
+                c
+            }
+        }
     }
 
     /// This node's id.
@@ -205,7 +221,7 @@ impl Fleet {
                 Err(_) => why = "no quorum acknowledged it".into(),
                 Ok(Ok(w)) => return Ok(w.data),
                 Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => match (f.leader_id, f.leader_node) {
-                    (Some(id), Some(n)) => match Client::new(self.id, id, n.addr.clone(), self.psk.clone()).call(&Request::Write(cmd.clone()), left) {
+                    (Some(id), Some(n)) => match self.leader_client(id, &n.addr).call(&Request::Write(cmd.clone()), left) {
                         Ok(Reply::Write(Ok(o))) => return Ok(o),
                         Ok(Reply::Write(Err(w))) => why = format!("the leader (node {id}): {w}"),
                         Ok(other) => why = format!("the leader (node {id}) answered {other:?}"),
@@ -261,7 +277,7 @@ impl Fleet {
                 Err(_) => Err(not("no quorum confirmed the leader".into())),
                 Ok(Ok(_)) => Ok(self.applied.read().expect("fleet state lock").state.vms.get(vm).cloned()),
                 Ok(Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f)))) => match (f.leader_id, f.leader_node) {
-                    (Some(id), Some(n)) => match Client::new(self.id, id, n.addr.clone(), self.psk.clone()).call(&Request::Owner(vm.into()), left) {
+                    (Some(id), Some(n)) => match self.leader_client(id, &n.addr).call(&Request::Owner(vm.into()), left) {
                         Ok(Reply::Owner(r)) => r.map_err(not),
                         Ok(other) => Err(FleetError::Other(format!("the leader answered {other:?}"))),
                         Err(e) => Err(not(e.to_string())),
@@ -304,7 +320,7 @@ impl Fleet {
         match m.current_leader.filter(|l| *l != self.id) {
             Some(l) => {
                 let addr = m.membership_config.membership().get_node(&l).map(|n| n.addr.clone()).unwrap_or_default();
-                match Client::new(self.id, l, addr, self.psk.clone()).call(&req, self.timeout) {
+                match self.leader_client(l, &addr).call(&req, self.timeout) {
                     Ok(Reply::Members(r)) => r.map_err(FleetError::Other),
                     Ok(other) => Err(FleetError::Other(format!("the leader answered {other:?}"))),
                     Err(e) => Err(FleetError::Other(format!("the leader: {e}"))),

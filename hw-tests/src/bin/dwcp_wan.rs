@@ -172,6 +172,22 @@ impl Opts {
         rest
     }
 
+    /// The link options in `args` and the files named there (ready, stats, control); any other
+    /// option is an error.
+    fn with_files(args: &[String]) -> (Opts, Option<String>, Option<String>, Option<String>) {
+        let mut o = Opts::default();
+        let (mut ready, mut stats_file, mut control_file) = (None, None, None);
+        for (k, v) in o.parse(args) {
+            match k.as_str() {
+                "--ready-file" => ready = Some(v),
+                "--stats-file" => stats_file = Some(v),
+                "--control-file" => control_file = Some(v),
+                other => die(&format!("unknown option {other}")),
+            }
+        }
+        (o, ready, stats_file, control_file)
+    }
+
     fn params(&self) -> LinkParams {
         let queue_bytes = if self.queue == "1bdp" {
             // One bandwidth-delay product, but never less than a few full-size packets.
@@ -256,16 +272,7 @@ fn mesh(n: usize, args: &[String]) {
     if !(2..=9).contains(&n) {
         die("mesh takes 2 to 9 namespaces");
     }
-    let mut o = Opts::default();
-    let (mut ready, mut stats_file, mut control_file) = (None, None, None);
-    for (k, v) in o.parse(args) {
-        match k.as_str() {
-            "--ready-file" => ready = Some(v),
-            "--stats-file" => stats_file = Some(v),
-            "--control-file" => control_file = Some(v),
-            other => die(&format!("unknown option {other}")),
-        }
-    }
+    let (mut o, ready, stats_file, control_file) = Opts::with_files(args);
     let p = o.params();
     let mut tuns = Vec::new();
     for i in 1..=n {
@@ -324,17 +331,7 @@ fn main() {
     if args.first().map(String::as_str) != Some("run") {
         die("usage: dwcp-wan run [--rtt 50ms] [--rate 1gbit] [--loss 0.1%] [--jitter 1ms] [--reorder 1%] [--queue 1bdp|BYTES] [--ready-file F] [--stats-file F]");
     }
-    let mut o = Opts::default();
-    let (mut ready, mut stats_file, mut control_file) = (None, None, None);
-    let rest = o.parse(&args[1..]);
-    for (k, v) in rest {
-        match k.as_str() {
-            "--ready-file" => ready = Some(v),
-            "--stats-file" => stats_file = Some(v),
-            "--control-file" => control_file = Some(v),
-            other => die(&format!("unknown option {other}")),
-        }
-    }
+    let (mut o, ready, stats_file, control_file) = Opts::with_files(&args[1..]);
     let p = o.params();
 
     for ns in [NS_A, NS_B] {
