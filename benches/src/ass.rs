@@ -342,6 +342,18 @@ fn main() {
     }
     let mut figs = Map::new();
     println!("bench-ass: {rounds} rounds; Raft on 3 daemons, gossip on 5, each in its own namespace of the WAN rig's mesh (1 Gbit/s links)");
+    // The peer: the same daemons with no fleet, idle, so that what the fleet costs stands apart.
+    {
+        let mesh = Mesh::up(&root, 3, "2ms");
+        let mut ds = daemons(&dir, &key, 3, |_| String::new());
+        for d in &mut ds {
+            d.start(&dwcp);
+        }
+        let (bps, cpu) = idle_cost(&mesh, &ds);
+        println!("no fleet        idle {:.0} bit/s, {:.2}% CPU per node (the daemon alone)", bps.median(), cpu.median());
+        figs.insert("baseline_idle_bps_per_node".into(), bps.json());
+        figs.insert("baseline_idle_cpu_pct_per_node".into(), cpu.json());
+    }
     for rtt in opt("--raft", "2ms,50ms").split(',') {
         raft(&root, &dwcp, &key, &dir, rtt, rounds, &mut figs);
     }
