@@ -160,6 +160,17 @@ pub fn resume_if_owned(sock: &Path, vm: &str, qmp: &Path, json: bool) -> Result<
             let mut q = Qmp::connect(qmp)?;
             let st = q.cmd("query-status", None)?;
             if st["status"] != "running" {
+                // Reading the owner is not enough: a handoff already in the log (proposed while
+                // its node was cut off) may commit after the read. The resume is a committed
+                // compare-and-set on the epoch read, ordered after any such handoff.
+                let (code, v) = crate::appliance::job_http(sock, "POST", &format!("/fleet/vms/{vm}/resume"), &json!({ "epoch": e }).to_string())?;
+                if code == 503 {
+                    bail!(
+                        "{vm}: the fleet did not commit this node's resume ({}): not resuming it; `dwcp fleet owner {vm}` once a quorum answers",
+                        v["error"].as_str().unwrap_or("no quorum")
+                    );
+                }
+                crate::appliance::job_ok(code, &v, &format!("resuming {vm}"))?;
                 q.cmd("cont", None)?;
             }
             let st = q.cmd("query-status", None)?;

@@ -7,6 +7,8 @@
 //! - `GET /fleet/vms/NAME`: the VM's owner, confirmed by the leader (linearizable).
 //! - `POST /fleet/vms/NAME/claim` `{"node": N}` (default this node): take a VM nobody owns.
 //! - `POST /fleet/vms/NAME/handoff` `{"from": N, "to": M, "epoch": E}`: move it, compare-and-set.
+//! - `POST /fleet/vms/NAME/resume` `{"node": N, "epoch": E}`: the owner is about to run it
+//!   (committed compare-and-set; the epoch moves on).
 //! - `POST /fleet/vms/NAME/release` `{"node": N, "epoch": E}`: give it up.
 //! - `POST /fleet/members` `{"id": N, "addr": "HOST:PORT"}`, `DELETE /fleet/members/N`: change
 //!   the group (on the leader).
@@ -119,6 +121,13 @@ pub fn handle(f: Option<&Fleet>, g: Option<&crate::gossip::Handle>, method: &str
                 Err(e) => fleet_error(e),
             },
         },
+        ("POST", ["vms", vm, "resume"]) => match body::<ReleaseBody>(b) {
+            Err(r) => r,
+            Ok(r) => match f.resume(vm, r.node.unwrap_or(f.id()), r.epoch) {
+                Ok(epoch) => (200, json!({ "vm": vm, "owner": r.node.unwrap_or(f.id()), "epoch": epoch })),
+                Err(e) => fleet_error(e),
+            },
+        },
         ("POST", ["vms", vm, "release"]) => match body::<ReleaseBody>(b) {
             Err(r) => r,
             Ok(r) => match f.propose(super::state::Cmd::Release { vm: (*vm).into(), node: r.node.unwrap_or(f.id()), epoch: r.epoch }) {
@@ -141,7 +150,7 @@ pub fn handle(f: Option<&Fleet>, g: Option<&crate::gossip::Handle>, method: &str
                 Err(e) => fleet_error(e),
             },
         },
-        _ => error(404, "try GET /fleet, GET /fleet/vms/NAME, POST /fleet/vms/NAME/{claim,handoff,release}, POST /fleet/members, DELETE /fleet/members/ID"),
+        _ => error(404, "try GET /fleet, GET /fleet/vms/NAME, POST /fleet/vms/NAME/{claim,handoff,resume,release}, POST /fleet/members, DELETE /fleet/members/ID"),
     };
     Some(r)
 }

@@ -262,6 +262,12 @@ impl Fleet {
         }
     }
 
+    /// `node`, owning `vm` at `epoch`, is about to run it: committed only if that is still so
+    /// (see [`Cmd::Resume`]); returns the new epoch.
+    pub fn resume(&self, vm: &str, node: NodeId, epoch: u64) -> Result<u64, FleetError> {
+        self.commit(Cmd::Resume { vm: vm.into(), node, epoch })?.ok_or_else(|| FleetError::Other("resume returned no epoch".into()))
+    }
+
     /// Who owns `vm`, as the leader knows it after confirming it still leads (linearizable):
     /// an answer no later commit has overtaken when it was given.
     pub fn owner(&self, vm: &str) -> Result<Option<Owner>, FleetError> {

@@ -86,6 +86,18 @@ pub enum Cmd {
         /// The epoch the caller saw.
         epoch: u64,
     },
+    /// The owner at `epoch` is about to run the VM (resume a paused copy): committed only if it
+    /// still owns it at that epoch, and the epoch moves on, so that no handoff proposed before
+    /// (still in the log when the owner looked) nor after with the old epoch can move it away
+    /// from under the running copy.
+    Resume {
+        /// The VM.
+        vm: String,
+        /// The owner that resumes it.
+        node: NodeId,
+        /// The epoch it read.
+        epoch: u64,
+    },
     /// The owner gives a VM up (it was shut down).
     Release {
         /// The VM.
@@ -194,6 +206,14 @@ impl FleetState {
                 o.epoch += 1;
                 Ok(Some(o.epoch))
             }
+            Cmd::Resume { vm, node, epoch } => match self.vms.get_mut(vm) {
+                Some(o) if o.node == *node && o.epoch == *epoch => {
+                    o.epoch += 1;
+                    Ok(Some(o.epoch))
+                }
+                Some(o) => Err(format!("VM {vm} is owned by node {} at epoch {}, not node {node} at epoch {epoch}: not resuming it there", o.node, o.epoch)),
+                None => Err(format!("VM {vm} has no owner: claim it first")),
+            },
             Cmd::Release { vm, node, epoch } => match self.vms.get(vm) {
                 Some(o) if o.node == *node && o.epoch == *epoch => {
                     self.vms.remove(vm);
@@ -259,6 +279,24 @@ mod tests {
         assert_eq!(s.apply(&Cmd::Release { vm: "web1".into(), node: 2, epoch: 2 }), Outcome::Done { epoch: None });
         assert!(s.vms.is_empty());
         assert!(matches!(s.apply(&Cmd::Handoff { vm: "web1".into(), from: 2, to: 1, epoch: 2 }), Outcome::Refused(_)));
+    }
+
+    /// The double run found in `make test`: a handoff proposed while its node was cut off sat in
+    /// the log; the old owner read itself as owner (the handoff not yet committed), resumed, and
+    /// the handoff then committed and the new owner resumed too. A resume is now a committed
+    /// compare-and-set that follows any handoff already in the log.
+    #[test]
+    fn a_resume_is_refused_after_a_handoff_in_the_log_and_fences_a_stale_one() {
+        let mut s = FleetState::default();
+        s.apply(&Cmd::Claim { vm: "vm".into(), node: 2 });
+        // The old owner read epoch 1; the pending handoff commits first, then its resume.
+        assert_eq!(s.apply(&Cmd::Handoff { vm: "vm".into(), from: 2, to: 1, epoch: 1 }), done(2));
+        assert!(matches!(s.apply(&Cmd::Resume { vm: "vm".into(), node: 2, epoch: 1 }), Outcome::Refused(_)));
+        assert_eq!(s.apply(&Cmd::Resume { vm: "vm".into(), node: 1, epoch: 2 }), done(3));
+        // A handoff proposed with the epoch read before that resume is refused: the running copy
+        // keeps its ownership.
+        assert!(matches!(s.apply(&Cmd::Handoff { vm: "vm".into(), from: 1, to: 2, epoch: 2 }), Outcome::Refused(_)));
+        assert_eq!(s.vms["vm"], Owner { node: 1, epoch: 3 });
     }
 
     #[test]
