@@ -235,7 +235,9 @@ enum FleetCmd {
         #[arg(long)]
         epoch: u64,
     },
-    /// Resumes the paused VM behind --qmp only if the fleet confirms this node owns it.
+    /// Resumes the paused VM behind --qmp only once the fleet has committed that this node,
+    /// its owner, runs it (a compare-and-set on the epoch read: a handoff still pending is not
+    /// overtaken).
     Resume {
         /// The VM's name.
         vm: String,
