@@ -199,6 +199,22 @@ impl Opts {
     }
 }
 
+/// Applies the control file `f`, if it is there (`hw-tests/wan set`), to `o` and the running
+/// links, and removes it.
+fn apply_control(f: &str, o: &mut Opts, shared: &Shared) {
+    let Ok(text) = std::fs::read_to_string(f) else { return };
+    let words: Vec<String> = text.split_whitespace().map(str::to_owned).collect();
+    if let Some((k, _)) = o.parse(&words).first() {
+        eprintln!("dwcp-wan: control file: unknown option {k}; ignored");
+    } else {
+        let np = o.params();
+        *shared.params.lock().expect("params lock") = np;
+        shared.generation.fetch_add(1, Relaxed);
+        eprintln!("dwcp-wan: link changed to {np:?}");
+    }
+    let _ = std::fs::remove_file(f);
+}
+
 /// The mesh: namespace `i` (from 1) is `dwcp-mI` at `10.78.0.I`.
 fn mesh_ns(i: usize) -> String {
     format!("dwcp-m{i}")
@@ -299,15 +315,8 @@ fn mesh(n: usize, args: &[String]) {
     }
     loop {
         std::thread::sleep(Duration::from_millis(100));
-        if let Some(f) = &control_file
-            && let Ok(text) = std::fs::read_to_string(f)
-        {
-            let words: Vec<String> = text.split_whitespace().map(str::to_owned).collect();
-            if o.parse(&words).is_empty() {
-                *shared.params.lock().expect("params lock") = o.params();
-                shared.generation.fetch_add(1, Relaxed);
-            }
-            let _ = std::fs::remove_file(f);
+        if let Some(f) = &control_file {
+            apply_control(f, &mut o, &shared);
         }
         if let Some(f) = &stats_file {
             let per: Vec<serde_json::Value> = counters
@@ -366,20 +375,8 @@ fn main() {
     let mut last_stats = Instant::now();
     loop {
         std::thread::sleep(Duration::from_millis(100));
-        if let Some(f) = &control_file
-            && let Ok(text) = std::fs::read_to_string(f)
-        {
-            let words: Vec<String> = text.split_whitespace().map(str::to_owned).collect();
-            let rest = o.parse(&words);
-            if let Some((k, _)) = rest.first() {
-                eprintln!("dwcp-wan: control file: unknown option {k}; ignored");
-            } else {
-                let np = o.params();
-                *shared.params.lock().expect("params lock") = np;
-                shared.generation.fetch_add(1, Relaxed);
-                eprintln!("dwcp-wan: link changed to {np:?}");
-            }
-            let _ = std::fs::remove_file(f);
+        if let Some(f) = &control_file {
+            apply_control(f, &mut o, &shared);
         }
         if last_stats.elapsed() < Duration::from_secs(1) {
             continue;
