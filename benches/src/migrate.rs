@@ -15,7 +15,11 @@
 //! cubic, Debian's default; speedups are reported against both, per guest and link
 //! (`speedup_150ms_mix`), and as headline figures the worst over the guests run.
 //!
-//!   bench-migrate [--limit 90] [--profiles clean,50ms,150ms] [--methods plain,xbzrle,multifd+zstd,tunnel,pages] [--workloads random,mix]
+//! `daemon` (not in the default set) is page-aware mode as a job of a `dwcp daemon` that keeps
+//! warm streams to the destination's receiver (`dwcp migrate --via-daemon`), timed from the
+//! submission.
+//!
+//!   bench-migrate [--limit 90] [--profiles clean,50ms,150ms] [--methods plain,xbzrle,multifd+zstd,tunnel,pages,daemon] [--workloads random,mix]
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -26,6 +30,9 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use benches::{Proc, die};
+
+/// The source daemon's HTTP endpoint (`dwcp daemon` method), inside `dwcp-a`.
+const DAEMON_API: &str = "127.0.0.1:7498";
 
 struct Qmp(BufReader<UnixStream>, UnixStream);
 
@@ -185,13 +192,44 @@ impl Env {
         r
     }
 
+    /// A `dwcp daemon` in `dwcp-a` keeping warm streams to the destination's receiver
+    /// (10.77.0.2:7471), once its pool is full; its jobs socket.
+    fn warm_daemon(&self) -> (Proc, PathBuf) {
+        let dwcp = self.root.join("target/release/dwcp");
+        let (cfg, sock) = (self.dir.join("daemon.toml"), self.dir.join("api.sock"));
+        let _ = std::fs::remove_file(&sock);
+        let toml = format!(
+            "[node]\nname = \"src\"\nlisten = \"10.77.0.1:7490\"\nout = \"{}\"\nkey_file = \"{}\"\n[api]\nlisten = \"{DAEMON_API}\"\nsocket = \"{}\"\n[mode]\nprobe_interval_s = 3600\n[[peers]]\nname = \"dst\"\naddr = \"10.77.0.2:7471\"\n",
+            self.dir.join("daemon-out").display(),
+            self.key.display(),
+            sock.display()
+        );
+        std::fs::write(&cfg, toml).unwrap_or_else(|e| die(&format!("{}: {e}", cfg.display())));
+        let log = std::fs::File::create(self.dir.join("daemon.log")).expect("daemon.log");
+        let p = Proc::group(in_ns("dwcp-a", &[dwcp.display().to_string(), "daemon".into(), "--config".into(), cfg.display().to_string()]).stdout(Stdio::null()).stderr(log))
+            .unwrap_or_else(|e| die(&format!("dwcp daemon: {e}")));
+        let t = Instant::now();
+        loop {
+            let o = in_ns("dwcp-a", &[dwcp.display().to_string(), "status".into(), "--api".into(), DAEMON_API.into(), "--json".into()]).output().expect("dwcp status");
+            let st: Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+            let w = &st["warm_peers"][0];
+            if w["want"].as_u64().unwrap_or(0) > 0 && w["parked"] == w["want"] && w["lent"] == false {
+                return (p, sock);
+            }
+            if t.elapsed() > Duration::from_secs(60) {
+                die(&format!("the daemon's warm pool did not fill in 60 s: {st}"));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     fn run_one(&self, method: &str, limit: Duration) -> Value {
         for f in ["src.log", "dst.log", "src.qmp", "dst.qmp", "src-ev.qmp", "dst-ev.qmp"] {
             let _ = std::fs::remove_file(self.dir.join(f));
         }
         let dwcp = self.root.join("target/release/dwcp");
         let incoming = match method {
-            "dwcp tunnel" | "dwcp pages" => {
+            "dwcp tunnel" | "dwcp pages" | "dwcp daemon" => {
                 format!("exec:{} recv --listen 10.77.0.2:7471 --out - --once --key-file {} 2>{}", dwcp.display(), self.key.display(), self.dir.join("recv.log").display())
             }
             "multifd+zstd" => "defer".into(),
@@ -230,6 +268,10 @@ impl Env {
         }
         // No bandwidth cap from QEMU's side: the link decides.
         src.cmd("migrate-set-parameters", json!({"max-bandwidth": 1u64 << 40}));
+        // `dwcp daemon`: a daemon in the source's namespace that keeps warm streams to the
+        // destination's receiver, started once that listens and ready before the clock starts
+        // (as a host's daemon is, long before a migration).
+        let daemon = (method == "dwcp daemon").then(|| self.warm_daemon());
         let t0 = Instant::now();
         if let Some(mode) = method.strip_prefix("dwcp ") {
             // QEMU's QMP socket takes one client: `dwcp migrate` drives and reports it.
@@ -242,14 +284,16 @@ impl Env {
                 self.dir.join("src.qmp").display().to_string(),
                 "--to".into(),
                 "10.77.0.2:7471".into(),
-                "--key-file".into(),
-                self.key.display().to_string(),
-                "--mode".into(),
-                mode.into(),
                 "--json".into(),
             ];
+            match &daemon {
+                Some((_, sock)) => a.extend(["--via-daemon".into(), sock.display().to_string()]),
+                None => a.extend(["--key-file".into(), self.key.display().to_string(), "--mode".into(), mode.into()]),
+            }
             // Extra `dwcp send` flags for experiments, e.g. DWCP_SEND_FLAGS="--zerocopy off".
-            if let Ok(f) = std::env::var("DWCP_SEND_FLAGS") {
+            if let Ok(f) = std::env::var("DWCP_SEND_FLAGS")
+                && daemon.is_none()
+            {
                 a.push("--".into());
                 a.extend(f.split_whitespace().map(String::from));
             }
@@ -293,6 +337,9 @@ impl Env {
             r["guest"] = json!(guest);
             r["wire_mib"] = json!(j["transfer"]["sent_bytes"].as_f64().unwrap_or(0.0) / 1048576.0);
             r["page_aware"] = j["transfer"]["qemu"].clone();
+            if daemon.is_some() {
+                r["warm"] = j["warm"].clone();
+            }
             return r;
         } else {
             let r = src.cmd("migrate", json!({"uri": "tcp:10.77.0.2:4444"}));
@@ -405,9 +452,9 @@ fn main() {
         match (k.as_str(), it.next()) {
             ("--limit", Some(v)) => limit = v.parse().unwrap_or_else(|_| die("--limit takes seconds")),
             ("--profiles", Some(v)) => profiles = v.split(',').map(String::from).collect(),
-            ("--methods", Some(v)) => methods = v.split(',').map(|m| if matches!(m, "tunnel" | "pages") { format!("dwcp {m}") } else { m.to_string() }).collect(),
+            ("--methods", Some(v)) => methods = v.split(',').map(|m| if matches!(m, "tunnel" | "pages" | "daemon") { format!("dwcp {m}") } else { m.to_string() }).collect(),
             ("--workloads", Some(v)) => workloads = v.split(',').map(String::from).collect(),
-            _ => die("usage: bench-migrate [--limit SECONDS] [--profiles clean,50ms,150ms] [--methods plain,xbzrle,multifd+zstd,tunnel,pages] [--workloads random,mix]"),
+            _ => die("usage: bench-migrate [--limit SECONDS] [--profiles clean,50ms,150ms] [--methods plain,xbzrle,multifd+zstd,tunnel,pages,daemon] [--workloads random,mix]"),
         }
     }
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_owned();

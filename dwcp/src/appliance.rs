@@ -309,11 +309,10 @@ pub fn job_submit(sock: &std::path::Path, req: &ctlplane::engine::Request, json:
     job_watch(sock, id, json)
 }
 
-/// `dwcp job watch ID`: follows the job's event stream (`GET /transfers/ID/events`) with a
-/// progress bar until it ends, then the summary; fails unless verified.
-pub fn job_watch(sock: &std::path::Path, id: u64, json: bool) -> Result<()> {
-    use std::io::{BufRead, IsTerminal};
-    let bar = (!json && std::io::stderr().is_terminal()).then(|| crate::fmt::progress_bar(None));
+/// Follows job `id`'s event stream (`GET /transfers/ID/events`) until it ends, telling
+/// `progress` each progress event; the job's JSON at its end.
+pub fn follow(sock: &std::path::Path, id: u64, mut progress: impl FnMut(&serde_json::Value)) -> Result<serde_json::Value> {
+    use std::io::BufRead;
     let mut s = std::os::unix::net::UnixStream::connect(sock)
         .with_context(|| format!("no dwcp daemon answers on {} (is it running with api.socket set? may you open the socket?)", sock.display()))?;
     write!(s, "GET /transfers/{id}/events HTTP/1.0\r\n\r\n")?;
@@ -330,31 +329,33 @@ pub fn job_watch(sock: &std::path::Path, id: u64, json: bool) -> Result<()> {
         let mut body = String::new();
         r.read_to_string(&mut body)?;
         let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-        job_ok(code, &v, &format!("watching transfer {id}"))?;
+        job_ok(code, &v, &format!("watching job {id}"))?;
     }
-    let mut end = None;
     for line in r.lines() {
         let e: serde_json::Value = serde_json::from_str(&line?).context("the daemon's event stream: not JSON")?;
         match e["event"].as_str() {
-            Some("progress") => {
-                if let Some(b) = &bar {
-                    if let Some(t) = e["total_bytes"].as_u64().filter(|&t| t > 0) {
-                        b.set_length(t);
-                    }
-                    b.set_position(e["acked_bytes"].as_u64().unwrap_or(0));
-                }
-            }
-            Some("ended") => {
-                end = Some(e["job"].clone());
-                break;
-            }
-            Some("gone") => bail!("watching transfer {id}: {}", e["error"].as_str().unwrap_or("it is gone")),
+            Some("progress") => progress(&e),
+            Some("ended") => return Ok(e["job"].clone()),
+            Some("gone") => bail!("watching job {id}: {}", e["error"].as_str().unwrap_or("it is gone")),
             _ => {}
         }
     }
-    let Some(end) = end else {
-        bail!("the daemon closed transfer {id}'s event stream before it ended (did the daemon stop? a restarted daemon takes it up again: `dwcp job watch {id}`)");
-    };
+    bail!("the daemon closed job {id}'s event stream before it ended (did the daemon stop? a restarted daemon takes a transfer up again: `dwcp job watch {id}`)")
+}
+
+/// `dwcp job watch ID`: follows the job's event stream with a progress bar until it ends, then
+/// the summary; fails unless verified.
+pub fn job_watch(sock: &std::path::Path, id: u64, json: bool) -> Result<()> {
+    use std::io::IsTerminal;
+    let bar = (!json && std::io::stderr().is_terminal()).then(|| crate::fmt::progress_bar(None));
+    let end = follow(sock, id, |e| {
+        if let Some(b) = &bar {
+            if let Some(t) = e["total_bytes"].as_u64().filter(|&t| t > 0) {
+                b.set_length(t);
+            }
+            b.set_position(e["acked_bytes"].as_u64().unwrap_or(0));
+        }
+    })?;
     if let Some(b) = &bar {
         b.finish_and_clear();
     }

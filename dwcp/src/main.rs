@@ -61,12 +61,21 @@ enum Cmd {
         /// The destination's dwcp receiver, HOST:PORT.
         #[arg(long)]
         to: String,
-        /// Pre-shared key file.
-        #[arg(long, env = "DWCP_KEY_FILE")]
-        key_file: PathBuf,
+        /// Pre-shared key file (not with --via-daemon: the daemon uses its own).
+        #[arg(long, env = "DWCP_KEY_FILE", required_unless_present = "via_daemon")]
+        key_file: Option<PathBuf>,
         /// Stream name at the receiver.
         #[arg(long, default_value = "vmstate")]
         name: String,
+        /// Run it as a job of the daemon behind this jobs socket: QEMU's stream goes through
+        /// the daemon (on its warm streams to the destination when it keeps them), the job
+        /// survives this command, and with --vm the daemon hands the VM over in the fleet.
+        #[arg(long, conflicts_with = "send_flags")]
+        via_daemon: Option<PathBuf>,
+        /// With --via-daemon: seconds from submission by which the destination should have the
+        /// whole verified stream (the daemon shares the link earliest deadline first).
+        #[arg(long, value_parser = fmt::parse_duration, requires = "via_daemon")]
+        deadline: Option<Duration>,
         /// Print the summary as one JSON object.
         #[arg(long)]
         json: bool,
@@ -517,9 +526,16 @@ fn main() {
             FleetCmd::Add { id, addr } => appliance::fleet_call(&socket, "POST", "/fleet/members", &serde_json::json!({ "id": id, "addr": addr }).to_string(), json),
             FleetCmd::Remove { id } => appliance::fleet_call(&socket, "DELETE", &format!("/fleet/members/{id}"), "", json),
         },
-        Cmd::Migrate { qmp, to, key_file, name, json, mode, vm, to_node, fleet_socket, send_flags } => {
+        Cmd::Migrate { qmp, to, key_file, name, json, mode, vm, to_node, fleet_socket, send_flags, via_daemon: Some(sock), deadline } => {
+            let _ = (key_file, send_flags, fleet_socket);
+            migrate::via_daemon(&sock, &qmp, &to, &name, mode == "pages", vm.zip(to_node), deadline, json)
+        }
+        Cmd::Migrate { qmp, to, key_file, name, json, mode, vm, to_node, fleet_socket, send_flags, via_daemon: None, .. } => {
             let handoff = vm.zip(to_node).map(|(vm, to_node)| migrate::Handoff { socket: fleet_socket, vm, to_node });
-            migrate::run(&migrate::MigrateArgs { qmp, to, key_file, name, pages: mode == "pages", send_flags, json, handoff })
+            match key_file {
+                Some(key_file) => migrate::run(&migrate::MigrateArgs { qmp, to, key_file, name, pages: mode == "pages", send_flags, json, handoff }),
+                None => Err(anyhow::anyhow!("--key-file is needed without --via-daemon")),
+            }
         }
         Cmd::Config { cmd: ConfigCmd::Check { file } } => appliance::check(&file),
         Cmd::Generate { out } => generate(&out),
@@ -657,6 +673,7 @@ fn request(a: &SendArgs) -> Result<Request> {
         rdma_device: a.rdma_device.clone(),
         rdma_qps: a.rdma_qps,
         rdma_event: a.rdma_poll == "event",
+        migrate: None,
     })
 }
 

@@ -7,105 +7,17 @@
 //! in order, each chunk verified, the whole stream digest-checked. If the transfer fails, QEMU's
 //! migration fails and the source VM keeps running; the destination never gets a complete
 //! stream, so it never starts.
+//!
+//! `dwcp migrate --via-daemon SOCK` hands the same migration to the daemon as a job instead
+//! (`ctlplane::engine::migrate`: QEMU writes into a descriptor the daemon passes it over QMP,
+//! and the stream goes out on the daemon's warm streams to the destination), then follows it.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use ctlplane::engine::migrate::{Qmp, Watch, is_final};
 use serde_json::{Value, json};
-
-/// A QMP connection.
-struct Qmp {
-    r: BufReader<UnixStream>,
-    w: UnixStream,
-}
-
-impl Qmp {
-    fn connect(path: &Path) -> Result<Self> {
-        let s = UnixStream::connect(path).with_context(|| format!("cannot reach QEMU's QMP socket {} (start QEMU with -qmp unix:PATH,server,nowait)", path.display()))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let mut q = Self { r: BufReader::new(s.try_clone()?), w: s };
-        let greeting = q.line()?;
-        if greeting.get("QMP").is_none() {
-            bail!("{} is not a QMP socket (greeting {greeting})", path.display());
-        }
-        q.cmd("qmp_capabilities", None)?;
-        Ok(q)
-    }
-    fn line(&mut self) -> Result<Value> {
-        let mut l = String::new();
-        if self.r.read_line(&mut l)? == 0 {
-            bail!("QEMU closed the QMP socket");
-        }
-        Ok(serde_json::from_str(&l)?)
-    }
-    fn cmd(&mut self, name: &str, args: Option<Value>) -> Result<Value> {
-        let mut m = json!({ "execute": name });
-        if let Some(a) = args {
-            m["arguments"] = a;
-        }
-        writeln!(self.w, "{m}")?;
-        loop {
-            let v = self.line()?;
-            if let Some(r) = v.get("return") {
-                return Ok(r.clone());
-            }
-            if let Some(e) = v.get("error") {
-                bail!("QEMU refused {name}: {}", e["desc"].as_str().unwrap_or("?"));
-            }
-            // Events (MIGRATION, STOP, RESUME...) are skipped.
-        }
-    }
-}
-
-/// When to tell QEMU to stop the VM and send the rest. QEMU decides that itself from its own
-/// estimate of the bandwidth, the bytes it wrote in the last 100 ms; writing into dwcp, which
-/// reads in bursts as its windows open, that estimate swings, and the migration can go on for
-/// round after round with a few MiB left. dwcp knows better: over the last two seconds QEMU's
-/// stream drained at the link's pace (compression included), so the rest takes `remaining /
-/// rate`. Once that fits in QEMU's downtime limit (after the first full pass), dwcp lifts the
-/// limit so QEMU completes at its next check. Free of I/O.
-#[derive(Debug)]
-pub struct Converge {
-    target: Duration,
-    samples: std::collections::VecDeque<(Duration, u64)>,
-    fired: bool,
-}
-
-/// The rate window.
-const RATE_WINDOW: Duration = Duration::from_secs(2);
-
-impl Converge {
-    /// Completes once the rest fits in `target` (QEMU's `downtime-limit`).
-    pub fn new(target: Duration) -> Self {
-        Self { target, samples: Default::default(), fired: false }
-    }
-
-    /// A `query-migrate` sample at `t`: `transferred` and `remaining` bytes, `round` (QEMU's
-    /// dirty-sync-count). Returns the expected downtime when it is time to complete (once).
-    pub fn observe(&mut self, t: Duration, transferred: u64, remaining: u64, round: u64) -> Option<Duration> {
-        self.samples.push_back((t, transferred));
-        while self.samples.len() > 2 && t.saturating_sub(self.samples[1].0) >= RATE_WINDOW {
-            self.samples.pop_front();
-        }
-        let (t0, b0) = *self.samples.front()?;
-        let span = t.saturating_sub(t0);
-        if self.fired || round < 2 || span < RATE_WINDOW / 2 {
-            return None;
-        }
-        let rate = transferred.saturating_sub(b0) as f64 / span.as_secs_f64();
-        if rate <= 0.0 {
-            return None;
-        }
-        let expected = Duration::from_secs_f64(remaining as f64 / rate);
-        (expected <= self.target).then(|| {
-            self.fired = true;
-            expected
-        })
-    }
-}
 
 /// Options of `dwcp migrate`.
 pub struct MigrateArgs {
@@ -252,50 +164,28 @@ pub fn run(a: &MigrateArgs) -> Result<()> {
     // QEMU may report the migration complete before dwcp has its receiver's verdict: the exit
     // status file says when the sender is through.
     cmd.push_str(&format!(" > {0}.json 2> {0}; echo $? > {0}.rc", shell_quote(&log.display().to_string())));
-    let params = q.cmd("query-migrate-parameters", None)?;
-    let limit_ms = params["downtime-limit"].as_u64().unwrap_or(300);
-    let mut converge = Converge::new(Duration::from_millis(limit_ms));
-    let mut pushed: Option<(u64, Duration)> = None;
+    let mut watch = Watch::new(&mut q)?;
     let t0 = Instant::now();
     q.cmd("migrate", Some(json!({ "uri": format!("exec:{cmd}") })))?;
     let mut last_print = Instant::now();
     let status = loop {
-        let r = q.cmd("query-migrate", None)?;
-        let s = r["status"].as_str().unwrap_or("").to_string();
-        let ram = &r["ram"];
-        let round = ram["dirty-sync-count"].as_u64().unwrap_or(0);
-        if s == "active"
-            && let Some(expected) = converge.observe(t0.elapsed(), ram["transferred"].as_u64().unwrap_or(0), ram["remaining"].as_u64().unwrap_or(u64::MAX), round)
-        {
-            // QEMU completes at its next check once its threshold (bandwidth x limit) is above
-            // what remains.
-            q.cmd("migrate-set-parameters", Some(json!({ "downtime-limit": 60_000 })))?;
-            tracing::info!(round, expected_ms = expected.as_millis() as u64, "the rest fits in the downtime limit at the link's pace: QEMU may stop the VM");
-            pushed = Some((round, expected));
-        }
+        let r = watch.step(&mut q)?.clone();
         if last_print.elapsed() > Duration::from_millis(500) {
             last_print = Instant::now();
-            let line = format!(
-                "{s}, round {round}, {} MiB sent, {} MiB remaining, dirtying {} pages/s",
-                ram["transferred"].as_u64().unwrap_or(0) >> 20,
-                ram["remaining"].as_u64().unwrap_or(0) >> 20,
-                ram["dirty-pages-rate"].as_u64().unwrap_or(0)
-            );
             if a.json {
-                tracing::info!("{line}");
+                tracing::info!("{}", watch.line());
             } else {
-                eprintln!("dwcp migrate: {line}");
+                eprintln!("dwcp migrate: {}", watch.line());
             }
         }
-        if matches!(s.as_str(), "completed" | "failed" | "cancelled") {
+        if is_final(&r) {
             break r;
         }
         std::thread::sleep(Duration::from_millis(100));
     };
     let wall = t0.elapsed();
-    if pushed.is_some() {
-        let _ = q.cmd("migrate-set-parameters", Some(json!({ "downtime-limit": limit_ms })));
-    }
+    watch.restore(&mut q);
+    let pushed = watch.pushed;
     let rc = log.with_extension("log.rc");
     let waited = Instant::now();
     while status["status"] != "failed" && !rc.exists() && waited.elapsed() < Duration::from_secs(120) {
@@ -328,48 +218,15 @@ pub fn run(a: &MigrateArgs) -> Result<()> {
         "source_vm": vm["status"], "transfer": send_json,
         "completion": pushed.map(|(round, e)| json!({"round": round, "expected_downtime_ms": e.as_secs_f64() * 1e3})),
         "error": status.get("error-desc"),
-        "handoff": moved.as_ref().map(|r| match r {
-            Ok(e) => json!({ "committed": true, "epoch": e }),
-            Err(w) => json!({ "committed": false, "error": w.to_string() }),
+        "handoff": moved.as_ref().zip(a.handoff.as_ref()).map(|(r, h)| match r {
+            Ok(e) => json!({ "vm": h.vm, "to_node": h.to_node, "committed": true, "epoch": e }),
+            Err(w) => json!({ "vm": h.vm, "to_node": h.to_node, "committed": false, "error": w.to_string() }),
         }),
     });
     if a.json {
         println!("{summary}");
     } else {
-        println!("dwcp migrate: {}", status["status"].as_str().unwrap_or("?"));
-        println!("  wall time     {:.2} s", wall.as_secs_f64());
-        // QEMU stops counting once its stream is in the pipe; the guest resumes on the destination
-        // after the rest has crossed the link.
-        println!("  downtime      {} ms (QEMU's count, until its stream was in dwcp; the destination resumes after the rest crossed)", status["downtime"]);
-        println!("  rounds        {}", ram["dirty-sync-count"]);
-        if let Some((round, e)) = pushed {
-            println!("  completion    told QEMU to complete in round {round}: the rest fit in {:.0} ms at the link's pace", e.as_secs_f64() * 1e3);
-        }
-        println!("  RAM sent      {} MiB", ram["transferred"].as_u64().unwrap_or(0) >> 20);
-        println!("  source VM     {}", vm["status"].as_str().unwrap_or("?"));
-        if let (Some(h), Some(Ok(e))) = (&a.handoff, &moved) {
-            println!("  ownership     {} committed to node {} at epoch {e}: resume it there with `dwcp fleet resume {} --qmp ...`", h.vm, h.to_node, h.vm);
-        }
-        if let Some(g) = send_json["goodput_gbps"].as_f64() {
-            println!(
-                "  stream        {} MiB over {} streams, {g:.2} Gbit/s, digest verified: {}",
-                send_json["size"].as_u64().unwrap_or(0) >> 20,
-                send_json["streams"],
-                send_json["verified"]
-            );
-        }
-        let q = &send_json["qemu"];
-        match q["mode"].as_str() {
-            Some("pages") => {
-                let (i, o) = (q["input"].as_u64().unwrap_or(0), q["output"].as_u64().unwrap_or(0));
-                println!("  page-aware    {} MiB of QEMU stream sent as {} MiB ({:.2}x), {} pages re-sent", i >> 20, o >> 20, i as f64 / o.max(1) as f64, q["resent_pages"]);
-                if let Some(why) = q["fallback"].as_str() {
-                    println!("  fell back     to tunnel mode mid-stream: {why}");
-                }
-            }
-            Some("tunnel") => println!("  page-aware    off, tunnel mode ({})", q["why"].as_str().unwrap_or("?")),
-            _ => {}
-        }
+        print_summary(&summary);
     }
     if status["status"] == "completed" && send_json["verified"] != true {
         // QEMU counts a migration complete once it has written its stream into dwcp; if dwcp
@@ -396,6 +253,95 @@ pub fn run(a: &MigrateArgs) -> Result<()> {
     Ok(())
 }
 
+/// A migration's summary (`dwcp migrate --json`'s object, or a daemon job's result) for a person.
+fn print_summary(m: &Value) {
+    println!("dwcp migrate: {}", m["status"].as_str().unwrap_or("?"));
+    println!("  wall time     {:.2} s", m["wall_s"].as_f64().unwrap_or(0.0));
+    // QEMU stops counting once its stream is in dwcp; the guest resumes on the destination after
+    // the rest has crossed the link.
+    println!("  downtime      {} ms (QEMU's count, until its stream was in dwcp; the destination resumes after the rest crossed)", m["downtime_ms"]);
+    println!("  rounds        {}", m["rounds"]);
+    if let Some(c) = m["completion"].as_object() {
+        println!("  completion    told QEMU to complete in round {}: the rest fit in {:.0} ms at the link's pace", c["round"], c["expected_downtime_ms"].as_f64().unwrap_or(0.0));
+    }
+    println!("  RAM sent      {} MiB", m["ram_transferred"].as_u64().unwrap_or(0) >> 20);
+    println!("  source VM     {}", m["source_vm"].as_str().unwrap_or("?"));
+    let h = &m["handoff"];
+    if h["committed"] == true {
+        let vm = h["vm"].as_str().unwrap_or("?");
+        println!("  ownership     {vm} committed to node {} at epoch {}: resume it there with `dwcp fleet resume {vm} --qmp ...`", h["to_node"], h["epoch"]);
+    }
+    let t = &m["transfer"];
+    if let Some(w) = m["warm"].as_str() {
+        println!("  warm          {w}");
+    }
+    if let Some(g) = t["goodput_gbps"].as_f64() {
+        println!("  stream        {} MiB over {} streams, {g:.2} Gbit/s, digest verified: {}", t["size"].as_u64().unwrap_or(0) >> 20, t["streams"], t["verified"]);
+    }
+    let q = &t["qemu"];
+    match q["mode"].as_str() {
+        Some("pages") => {
+            let (i, o) = (q["input"].as_u64().unwrap_or(0), q["output"].as_u64().unwrap_or(0));
+            println!("  page-aware    {} MiB of QEMU stream sent as {} MiB ({:.2}x), {} pages re-sent", i >> 20, o >> 20, i as f64 / o.max(1) as f64, q["resent_pages"]);
+            if let Some(why) = q["fallback"].as_str() {
+                println!("  fell back     to tunnel mode mid-stream: {why}");
+            }
+        }
+        Some("tunnel") => println!("  page-aware    off, tunnel mode ({})", q["why"].as_str().unwrap_or("?")),
+        _ => {}
+    }
+}
+
+/// `dwcp migrate --via-daemon SOCK`: submits the migration as a job of the daemon (which drives
+/// QEMU and, with `fleet`, hands the VM over once the destination verified the stream), follows
+/// it, then prints the same summary as a direct migration. The job runs on if this command is
+/// stopped (`dwcp job watch ID`, `dwcp job cancel ID`).
+#[allow(clippy::too_many_arguments)]
+pub fn via_daemon(sock: &Path, qmp: &Path, to: &str, name: &str, pages: bool, fleet: Option<(String, u64)>, deadline: Option<Duration>, json: bool) -> Result<()> {
+    let qmp = std::path::absolute(qmp).with_context(|| format!("cannot name {} absolutely", qmp.display()))?;
+    let (vm, to_node) = fleet.map_or((None, None), |(v, n)| (Some(v), Some(n)));
+    let req = ctlplane::engine::Request {
+        to: to.into(),
+        name: Some(name.into()),
+        qemu: pages,
+        deadline_s: deadline.map(|d| d.as_secs_f64()),
+        migrate: Some(ctlplane::engine::MigrateSpec { qmp, vm, to_node }),
+        ..Default::default()
+    };
+    let (code, v) = crate::appliance::job_http(sock, "POST", "/transfers", &serde_json::to_string(&req)?)?;
+    crate::appliance::job_ok(code, &v, "submitting the migration")?;
+    let id = v["id"].as_u64().context("the daemon gave no job id")?;
+    if !json {
+        eprintln!("migration {id} submitted to the daemon on {}; `dwcp job cancel {id}` cancels it (the source VM keeps running)", sock.display());
+    }
+    let mut last = Instant::now();
+    let followed = crate::appliance::follow(sock, id, |e| {
+        if last.elapsed() >= Duration::from_millis(500)
+            && let Some(l) = e["qemu"]["line"].as_str()
+        {
+            last = Instant::now();
+            if json {
+                tracing::info!("{l}");
+            } else {
+                eprintln!("dwcp migrate: {l}");
+            }
+        }
+    });
+    let end =
+        followed.map_err(|e| anyhow::anyhow!("{e:#}. A migration is not taken up by a restarted daemon: QEMU's migration fails with its stream, and the source VM runs on"))?;
+    let mut summary = end["result"].clone();
+    summary["job"] = id.into();
+    if json {
+        println!("{summary}");
+    } else if summary["status"].is_string() {
+        print_summary(&summary);
+    }
+    if end["state"] != "verified" {
+        bail!("migration job {id} {}: {}", end["state"].as_str().unwrap_or("ended"), summary["error"].as_str().unwrap_or("no reason given"));
+    }
+    Ok(())
+}
+
 /// The destination holds the whole verified stream and the source is paused: the ownership
 /// moves in the fleet, and only then may the destination resume (`dwcp fleet resume`). Without
 /// a committed handoff neither side may: the source stays paused.
@@ -418,42 +364,4 @@ fn handoff(h: &Handoff, me: u64, epoch: u64) -> Result<u64> {
         h.vm,
         h.vm
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ms(v: u64) -> Duration {
-        Duration::from_millis(v)
-    }
-
-    #[test]
-    fn completes_once_the_rest_fits_at_the_links_pace() {
-        let mut c = Converge::new(ms(300));
-        // 25 MB/s drained; the first pass (round 1) never completes, however little remains.
-        for i in 0..20u64 {
-            assert_eq!(c.observe(ms(i * 100), i * 2_500_000, 1_000_000, 1), None);
-        }
-        // Round 3, 10 MB left: 400 ms at 25 MB/s, above the limit.
-        assert_eq!(c.observe(ms(2000), 50_000_000, 10_000_000, 3), None);
-        // 5 MB left: 200 ms.
-        let e = c.observe(ms(2100), 52_500_000, 5_000_000, 3).expect("completes");
-        assert!(e > ms(150) && e < ms(250), "{e:?}");
-        // Once only.
-        assert_eq!(c.observe(ms(2200), 55_000_000, 1, 4), None);
-    }
-
-    #[test]
-    fn a_stalled_link_never_completes_early() {
-        let mut c = Converge::new(ms(300));
-        for i in 0..40u64 {
-            // Nothing drains (the rate is zero), however little remains.
-            assert_eq!(c.observe(ms(i * 100), 7_000_000, 4096, 5), None);
-        }
-        // A rate measured over too short a span does not count either.
-        let mut c = Converge::new(ms(300));
-        assert_eq!(c.observe(ms(0), 0, 1, 3), None);
-        assert_eq!(c.observe(ms(100), 10_000_000, 1, 3), None);
-    }
 }

@@ -657,3 +657,166 @@ fn qemu_alone_over_a_unix_socket() {
     );
     let _ = std::fs::remove_dir_all(&rig.dir);
 }
+
+/// A `dwcp daemon` on loopback that keeps warm streams to the destination's receiver at
+/// `127.0.0.1:port`: its jobs socket and its HTTP endpoint.
+fn warm_daemon(rig: &Rig, port: u16) -> (Daemon, String) {
+    let dir = rig.dir.join("daemon");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cfg, sock, api) = (dir.join("dwcp.toml"), dir.join("api.sock"), format!("127.0.0.1:{}", free_port()));
+    let t = format!(
+        "[node]\nname = \"src\"\nlisten = \"127.0.0.1:{}\"\nout = \"{}\"\nkey_file = \"{}\"\n[api]\nlisten = \"{api}\"\nsocket = \"{}\"\n[mode]\nprobe_interval_s = 3600\n[[peers]]\nname = \"dst\"\naddr = \"127.0.0.1:{port}\"\n",
+        free_port(),
+        dir.join("out").display(),
+        rig.key.display(),
+        sock.display()
+    );
+    std::fs::write(&cfg, t).unwrap();
+    let mut d = Daemon { child: None, cfg, sock };
+    d.start(&rig.dwcp);
+    (d, api)
+}
+
+/// The daemon's warm pool, once full (60 s at most).
+fn warm_pool(rig: &Rig, api: &str) -> Value {
+    let t = Instant::now();
+    loop {
+        let o = Command::new(&rig.dwcp).args(["status", "--api", api, "--json"]).output().unwrap();
+        let st: Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        let p = &st["warm_peers"][0];
+        if p["want"].as_u64().unwrap_or(0) > 0 && p["parked"] == p["want"] && p["lent"] == false {
+            return p.clone();
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "the daemon's warm pool did not fill in 60 s: {st}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A migration submitted to the daemon as a job (`dwcp migrate --via-daemon`): the daemon drives
+/// QEMU over QMP, takes its stream on a descriptor passed over QMP, and sends it page-aware on
+/// the streams it keeps warm to the destination (no probe, no key exchange). The guest checks
+/// out on the destination; the job is listed with QEMU's figures and ends verified.
+#[test]
+fn a_vm_migrates_as_a_daemon_job_on_warm_streams() {
+    let _g = GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let rig = Rig::new("job");
+    let port = free_port();
+    let _src = rig.qemu("src", None);
+    let _dst = rig.qemu("dst", Some(rig.incoming(port)));
+    let (d, api) = warm_daemon(&rig, port);
+    assert!(wait_for(&rig.dir.join("src.log"), "CHECK ok 2", Duration::from_secs(120)), "the source guest did not come up");
+    let pool = warm_pool(&rig, &api);
+    let out = Command::new(&rig.dwcp)
+        .arg("migrate")
+        .arg("--qmp")
+        .arg(rig.dir.join("src.qmp"))
+        .args(["--to", &format!("127.0.0.1:{port}"), "--json", "--via-daemon"])
+        .arg(&d.sock)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["status"], "completed", "{j}");
+    assert_eq!(j["transfer"]["verified"], true, "{j}");
+    assert_eq!(j["transfer"]["qemu"]["mode"], "pages", "{j}");
+    assert_eq!(j["source_vm"], "postmigrate", "{j}");
+    let warm = j["warm"].as_str().unwrap_or("");
+    assert!(warm.contains("parked streams") && warm.contains("no probe"), "the job ran on the warm streams ({pool}): {j}");
+    let last_src = rig.checks("src").last().map_or(0, |c| c.1);
+    let dst = rig.checks_after("dst", last_src);
+    assert!(dst.iter().all(|c| c.0), "the guest's data changed in flight: {dst:?}");
+    assert!(dst.iter().filter(|c| c.1 > last_src).count() >= 2, "the destination guest runs on from check {last_src}: {dst:?}");
+    assert_eq!(status_of(&rig, "dst"), "running");
+    // The job stays listed, with QEMU's last figures.
+    let list = Command::new(&rig.dwcp).args(["job", "list", "--json", "--socket"]).arg(&d.sock).output().unwrap();
+    let list: Value = serde_json::from_slice(&list.stdout).unwrap_or_default();
+    let job = &list[0];
+    assert_eq!((job["kind"].as_str(), job["state"].as_str()), (Some("migration"), Some("verified")), "{list}");
+    assert_eq!(job["qemu"]["status"], "completed", "{job}");
+    eprintln!(
+        "migrated as a daemon job in {:.2} s, downtime {} ms, {} rounds, {} MiB on the wire; {warm}",
+        j["wall_s"].as_f64().unwrap_or(0.0),
+        j["downtime_ms"],
+        j["rounds"],
+        j["transfer"]["sent_bytes"].as_u64().unwrap_or(0) >> 20
+    );
+    let _ = std::fs::remove_dir_all(&rig.dir);
+}
+
+/// A migration job cancelled mid-stream (`dwcp job cancel`) and one whose daemon is killed
+/// mid-stream: the receiver publishes nothing (the destination QEMU never runs) and the source
+/// VM runs on, its data intact.
+#[test]
+fn a_cancelled_or_orphaned_migration_job_leaves_exactly_the_source_running() {
+    let _g = GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let rig = Rig::new("jobcancel");
+    // A second monitor to watch from while the daemon holds the first.
+    let watch = rig.dir.join("src-watch.qmp");
+    let _src = rig.qemu_with("src", None, &["-qmp".into(), format!("unix:{},server,nowait", watch.display())]);
+    assert!(wait_for(&rig.dir.join("src.log"), "CHECK ok 2", Duration::from_secs(120)), "the source guest did not come up");
+    // Slow the migration (QEMU's own limit) so there is a middle to stop it in.
+    let r = qmp(&rig.dir.join("src.qmp"), "migrate-set-parameters", json!({"max-bandwidth": 8 << 20}));
+    assert!(r.get("return").is_some(), "{r}");
+    for how in ["cancel", "kill"] {
+        let port = free_port();
+        let mut dst = rig.qemu(&format!("dst-{how}"), Some(rig.incoming(port)));
+        let (mut d, api) = warm_daemon(&rig, port);
+        warm_pool(&rig, &api);
+        let sub = Command::new(&rig.dwcp)
+            .arg("migrate")
+            .arg("--qmp")
+            .arg(rig.dir.join("src.qmp"))
+            .args(["--to", &format!("127.0.0.1:{port}"), "--json", "--via-daemon"])
+            .arg(&d.sock)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Three seconds in (8 MiB/s of a 64 MiB guest: a third of the way).
+        let t = Instant::now();
+        while qmp(&watch, "query-migrate", Value::Null)["return"]["status"] != "active" {
+            assert!(t.elapsed() < Duration::from_secs(30), "the migration did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_secs(3));
+        if how == "cancel" {
+            let c = Command::new(&rig.dwcp).args(["job", "cancel", "1", "--json", "--socket"]).arg(&d.sock).output().unwrap();
+            assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
+        } else {
+            d.kill();
+        }
+        let out = sub.wait_with_output().unwrap();
+        assert!(!out.status.success(), "the migration must not succeed");
+        let err = String::from_utf8_lossy(&out.stderr);
+        if how == "cancel" {
+            assert!(err.contains("cancelled"), "{err}");
+        }
+        let end = migration_end(&rig, Instant::now());
+        // Cancelled by the daemon, or failed on the stream its death broke.
+        assert_eq!(end["status"], if how == "cancel" { "cancelled" } else { "failed" }, "{end}");
+        assert_eq!(status_of(&rig, "src"), "running", "{how}: the source runs on");
+        // The destination never runs the guest (its QEMU exits on the broken stream).
+        let t = Instant::now();
+        while dst.0.try_wait().ok().flatten().is_none() && t.elapsed() < Duration::from_secs(40) {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        if dst.0.try_wait().ok().flatten().is_none() {
+            assert_ne!(status_of(&rig, &format!("dst-{how}")), "running", "{how}: two running copies");
+        }
+        let before = rig.checks("src").last().map_or(0, |c| c.1);
+        let t = Instant::now();
+        while rig.checks("src").last().map_or(0, |c| c.1) <= before && t.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        let src = rig.checks("src");
+        assert!(src.iter().all(|c| c.0) && src.last().map_or(0, |c| c.1) > before, "{how}: the source guest runs on and checks out: {src:?}");
+        eprintln!(
+            "{how} mid-migration: source running, destination {}; dwcp said: {}",
+            if dst.0.try_wait().ok().flatten().is_some() { "exited" } else { "not running" },
+            err.lines().last().unwrap_or("")
+        );
+        drop(d);
+        let _ = std::fs::remove_dir_all(rig.dir.join("daemon"));
+    }
+    let _ = std::fs::remove_dir_all(&rig.dir);
+}

@@ -1,14 +1,16 @@
 //! The transfer engine every caller drives: [`plan`] decides (no I/O), [`transfer`] runs a send
 //! (probe, plan, data plane, live mode control) and lets the caller watch, cancel and collect
-//! it, [`live`] is the mode controller it runs, [`report`] the outcome's one JSON shape. `dwcp
+//! it, [`migrate`] runs a QEMU live migration into one, [`live`] is the mode controller it runs, [`report`] the outcome's one JSON shape. `dwcp
 //! send`, the daemon's `/transfers` and the C ABI call these; nothing else decides a knob.
 
 pub mod live;
+pub mod migrate;
 pub mod plan;
 pub mod report;
 pub mod transfer;
 
 pub use plan::{Host, Plan, PlanError, Request, decide};
+pub use migrate::MigrateSpec;
 pub use transfer::{EngineError, Failure, Outcome, Transfer, start, start_on};
 
 /// This host, detected once: the cores the shards may use (all, or `cores`), whether an RDMA

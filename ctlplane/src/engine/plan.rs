@@ -181,6 +181,9 @@ pub struct Request {
     pub rdma_qps: u16,
     /// RDMA completions by events instead of busy polling.
     pub rdma_event: bool,
+    /// A live migration (the daemon's migration jobs): the source is this QEMU's migration
+    /// stream, page-aware with `qemu`, else in tunnel mode; `source` stays empty.
+    pub migrate: Option<super::migrate::MigrateSpec>,
 }
 
 impl Request {
@@ -230,8 +233,26 @@ impl Request {
         {
             return Err(PlanError::Invalid(format!("deadline_s is a number of seconds above 0, not {d}")));
         }
+        if let Some(m) = &self.migrate {
+            if !self.source.is_empty() {
+                return Err(PlanError::Invalid("a migration's source is its QEMU (\"migrate\": {\"qmp\": PATH}): leave \"source\" out".into()));
+            }
+            if !m.qmp.is_absolute() {
+                return Err(PlanError::Invalid(format!("the QMP socket {} is named relative to the caller: name it absolutely", m.qmp.display())));
+            }
+            if m.vm.is_some() != m.to_node.is_some() {
+                return Err(PlanError::Invalid("a migration's \"vm\" (its name in the fleet) and \"to_node\" (the destination's node id) go together".into()));
+            }
+            if self.resume || self.hde == Choice::On || self.round_of.is_some() || self.dirty.is_some() {
+                return Err(PlanError::Invalid("a migration is one stream: resume, HDE rounds and dirty bitmaps do not apply".into()));
+            }
+            if self.to.is_empty() {
+                return Err(PlanError::Invalid("a migration needs \"to\": the destination's dwcp receiver, HOST:PORT".into()));
+            }
+            return Ok(());
+        }
         if self.to.is_empty() || self.source.is_empty() {
-            return Err(PlanError::Invalid("a transfer needs \"to\" (HOST:PORT) and \"source\" (a file or gen:SIZE)".into()));
+            return Err(PlanError::Invalid("a transfer needs \"to\" (HOST:PORT) and \"source\" (a file or gen:SIZE), or \"migrate\"".into()));
         }
         Ok(())
     }

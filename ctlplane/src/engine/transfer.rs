@@ -233,6 +233,12 @@ pub fn start(req: Request, psk: Psk, host: Host, t: Thresholds, faults: Faults) 
 /// back unused and connects as usual.
 pub fn start_on(req: Request, psk: Psk, host: Host, t: Thresholds, faults: Faults, warm: Option<&mut crate::warm::Lent>) -> Result<Transfer, EngineError> {
     let source = dataplane::source::parse(&req.source, req.name.clone()).map_err(EngineError::Source)?;
+    start_from(req, source, psk, host, t, faults, warm)
+}
+
+/// As [`start_on`], reading `source` (opened by the caller: a migration's stream) instead of
+/// the one `req.source` names.
+pub fn start_from(req: Request, source: Source, psk: Psk, host: Host, t: Thresholds, faults: Faults, warm: Option<&mut crate::warm::Lent>) -> Result<Transfer, EngineError> {
     let later_round = req.round_of.is_some() || req.dirty.is_some();
     if later_round && req.name.is_none() && !matches!(source, Source::File { .. }) {
         return Err(PlanError::Invalid("--round-of and --dirty send a later round of an object the receiver holds by name: pass --name".into()).into());

@@ -5,6 +5,10 @@
 //! and at the end its result), `GET /transfers/ID/events` follows one as a stream of events
 //! (one JSON object a line: its state when it changes, its progress every [`EVENT_EVERY`], the
 //! end), `DELETE /transfers/ID` cancels one (nothing is published).
+//! A request with `migrate` (`{"qmp": PATH, "vm": NAME, "to_node": N}`) is a live migration of
+//! that QEMU ([`crate::engine::migrate`]): its stream goes through the same engine, on the
+//! peer's warm streams, with the VM's ownership handed over in the fleet once the destination
+//! verified all of it; its JSON shows QEMU's figures as they move (`qemu`).
 //! At most [`MAX_RUNNING`] run at once; the latest [`KEEP`] are remembered. A transfer whose
 //! request names no cores is placed by ITP ([`crate::itp::place`]): next to the NIC its peer is
 //! routed through, on the cores the running transfers use least; its placement and the reason
@@ -78,6 +82,8 @@ struct Job {
     restarts: u32,
     /// Whether it runs on a warm peer's streams, and why (not).
     warm: Option<String>,
+    /// A migration: QEMU's latest figures (status, round, bytes sent and remaining).
+    qemu: Option<Value>,
 }
 
 impl Job {
@@ -92,6 +98,10 @@ impl Job {
         }
         if let Some(w) = &self.warm {
             j["warm"] = w.as_str().into();
+        }
+        if let Some(q) = &self.qemu {
+            j["kind"] = "migration".into();
+            j["qemu"] = q.clone();
         }
         if let Some(p) = &self.placement {
             j["placement"] = serde_json::to_value(p).unwrap_or_default();
@@ -347,6 +357,7 @@ impl Jobs {
                 tick_acked: 0,
                 restarts,
                 warm: None,
+                qemu: req.migrate.as_ref().map(|m| json!({ "qmp": m.qmp, "vm": m.vm, "status": "starting" })),
             };
             b.list.push_back(job);
             while b.list.len() > KEEP {
@@ -516,6 +527,9 @@ impl Jobs {
         if lent.is_none() && self.pool.as_ref().is_some_and(|p| p.knows(&to)) {
             tracing::info!(id, %to, "the peer's warm streams are busy or not ready: connecting anew");
         }
+        if req.migrate.is_some() {
+            return self.run_migration(id, req, host, peer, lent, cancel);
+        }
         let started = engine::start_on(req, self.psk.clone(), host, self.thresholds, dataplane::send::Faults::default(), lent.as_mut());
         let give_back = |lent: Option<crate::warm::Lent>| {
             if let (Some(p), Some(l)) = (&self.pool, lent) {
@@ -566,6 +580,133 @@ impl Jobs {
             Err(e) => self.end(id, "failed", json!({"error": e.to_string()})),
         }
         // After the job has ended for its caller: parking the streams again takes a round trip.
+        give_back(lent);
+    }
+
+    /// Runs migration job `id` (booked, placed): the fleet's ownership checked first (this node
+    /// must own the VM; one nobody owns is claimed), then QEMU's stream sent through the engine
+    /// (on `lent`'s warm streams when lent), QEMU followed every 100 ms, and, once the
+    /// destination verified the whole stream, the ownership handed to the destination's node.
+    /// Only a committed handoff lets the destination resume (`dwcp fleet resume`); without one
+    /// the source stays paused.
+    fn run_migration(&self, id: u64, req: Request, host: Host, peer: Option<std::net::IpAddr>, mut lent: Option<crate::warm::Lent>, cancel: Arc<std::sync::atomic::AtomicBool>) {
+        use crate::engine::migrate;
+        let give_back = |lent: Option<crate::warm::Lent>| {
+            if let (Some(p), Some(l)) = (&self.pool, lent) {
+                p.give_back(l);
+            }
+        };
+        let spec = req.migrate.clone().unwrap_or_default();
+        let fleet = self.fleet.get().and_then(|(f, _)| f.clone());
+        let owned = match (&spec.vm, spec.to_node) {
+            (Some(vm), Some(to)) => match &fleet {
+                None => Err(format!("{vm}: this daemon is in no Raft group ([fleet]): migrate without \"vm\", or configure the fleet")),
+                Some(f) => owned_here(f, vm, to).map(|epoch| Some((f.clone(), vm.clone(), to, epoch))),
+            },
+            _ => Ok(None),
+        };
+        let owned = match owned {
+            Ok(o) => o,
+            Err(e) => {
+                give_back(lent);
+                return self.end(id, "failed", json!({ "error": e }));
+            }
+        };
+        let mut m = match migrate::start(req, self.psk.clone(), host, self.thresholds, lent.as_mut()) {
+            Ok(m) => m,
+            Err(e) => {
+                give_back(lent);
+                return self.end(id, "failed", json!({ "error": e.to_string() }));
+            }
+        };
+        let t = m.transfer();
+        let (warm, progress) = (t.warm().map(str::to_owned), t.progress().clone());
+        let plan = serde_json::to_value(t.plan()).unwrap_or_default();
+        let (streams, name) = (usize::from(t.plan().streams), t.name().to_owned());
+        self.with(|b| b.hold(id, streams));
+        self.with(|b| {
+            if let Some(j) = b.job(id) {
+                j.warm = warm.clone();
+                j.name = name;
+                j.phase = Phase::Running { plan, progress: progress.clone() };
+                j.peer = peer;
+            }
+        });
+        let mut cancelled = false;
+        let mut qmp_error = None;
+        loop {
+            if cancel.load(Relaxed) && !cancelled {
+                tracing::info!(id, "cancelling the migration: the source VM keeps running");
+                m.cancel();
+                cancelled = true;
+            }
+            match m.step() {
+                Ok(done) => {
+                    let (last, line) = m.last();
+                    let ram = &last["ram"];
+                    let q = json!({
+                        "qmp": spec.qmp, "vm": spec.vm, "status": last["status"], "round": ram["dirty-sync-count"],
+                        "sent_bytes": ram["transferred"], "remaining_bytes": ram["remaining"], "dirty_pages_rate": ram["dirty-pages-rate"], "line": line,
+                    });
+                    self.with(|b| b.job(id).map(|j| j.qemu = Some(q)));
+                    if done {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    // QEMU went away or stopped answering: nothing of its stream may be
+                    // committed.
+                    m.transfer().cancel();
+                    qmp_error = Some(e.to_string());
+                    break;
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let ended = m.finish();
+        let mut result = ended.json();
+        if let Some(w) = &warm {
+            result["warm"] = w.as_str().into();
+        }
+        let handoff = match owned {
+            Some((f, vm, to, epoch)) if ended.moved() => {
+                let r = f.handoff(&vm, f.id(), to, epoch);
+                result["handoff"] = match &r {
+                    Ok(e) => json!({ "vm": vm, "to_node": to, "committed": true, "epoch": e }),
+                    Err(e) => json!({ "vm": vm, "to_node": to, "committed": false, "error": e.to_string() }),
+                };
+                r.map(|_| ()).map_err(|e| {
+                    format!(
+                        "the stream reached the destination verified, but the ownership of {vm} was not handed to node {to}: {e}. The source VM stays paused and neither side may resume it until `dwcp fleet owner {vm}` names its owner; then `dwcp fleet resume {vm} --qmp ...` on that host"
+                    )
+                })
+            }
+            _ => Ok(()),
+        };
+        let state = match (cancelled, qmp_error, ended.why_not(), handoff) {
+            (true, ..) => {
+                result["error"] = match ended.moved() {
+                    false => format!("cancelled on request: nothing was published at the destination, and the source VM is {}", ended.source_vm),
+                    // QEMU had written all of it and the destination verified it before the
+                    // cancel took: the VM moved, but its ownership did not (no handoff).
+                    true => {
+                        format!("cancelled after the destination had verified the whole stream: the source VM is {}; check the destination before resuming either", ended.source_vm)
+                    }
+                }
+                .into();
+                "cancelled"
+            }
+            (_, Some(e), ..) => {
+                result["error"] = format!("QEMU's monitor: {e}; the stream was cancelled, nothing is published; the source VM is {}", ended.source_vm).into();
+                "failed"
+            }
+            (_, _, Some(why), _) | (_, _, None, Err(why)) => {
+                result["error"] = why.into();
+                "failed"
+            }
+            (_, _, None, Ok(())) => "verified",
+        };
+        self.end(id, state, result);
         give_back(lent);
     }
 
@@ -652,7 +793,7 @@ impl Jobs {
                 if let Some(b) = bps {
                     e["bps"] = json!(b.round());
                 }
-                for k in ["next_second_bps", "deadline", "share"] {
+                for k in ["next_second_bps", "deadline", "share", "qemu"] {
                     if !j[k].is_null() {
                         e[k] = j[k].clone();
                     }
@@ -721,6 +862,9 @@ impl Jobs {
 /// receiver does not hold yet.
 fn resumable(req: &Request) -> Result<(), String> {
     use crate::engine::plan::Choice;
+    if req.migrate.is_some() {
+        return Err("a migration cannot be taken up again (QEMU's migration failed with its stream, so the source VM runs on; if QEMU had already written all of it, the source is paused: check the destination, then `dwcp fleet resume` or `cont` the source)".into());
+    }
     if req.hde == Choice::On || req.round_of.is_some() || req.dirty.is_some() {
         return Err("an HDE transfer cannot resume".into());
     }
@@ -728,6 +872,21 @@ fn resumable(req: &Request) -> Result<(), String> {
         return Err("a stream cannot be read again".into());
     }
     Ok(())
+}
+
+/// The epoch at which this node owns `vm` (one nobody owns is claimed for it), checked before
+/// it may be migrated to node `to`.
+fn owned_here(f: &crate::fleet::Fleet, vm: &str, to: u64) -> Result<u64, String> {
+    let me = f.id();
+    if to == me {
+        return Err(format!("to_node {me} is this node: the destination is another node of the fleet"));
+    }
+    match f.owner(vm) {
+        Ok(Some(o)) if o.node == me => Ok(o.epoch),
+        Ok(Some(o)) => Err(format!("{vm} is owned by node {} (epoch {}), not this node ({me}): migrate it from its owner", o.node, o.epoch)),
+        Ok(None) => f.claim(vm, me).map_err(|e| format!("claiming {vm} for this node: {e}")),
+        Err(e) => Err(format!("asking the fleet who owns {vm}: {e}")),
+    }
 }
 
 /// Takes back the shards `held` from `load` (a core with none left leaves the map).
