@@ -506,8 +506,8 @@ fn status_of(rig: &Rig, tag: &str) -> String {
     qmp(&rig.dir.join(format!("{tag}.qmp")), "query-status", Value::Null)["return"]["status"].as_str().unwrap_or("?").to_string()
 }
 
-/// ASS's promise for live migration, checked on QEMU's side: a migration through a fleet hands
-/// the VM's ownership to the destination's node in Raft before the destination may resume, a
+/// ASS's promise for live migration, checked on QEMU's side: a migration through a fleet (first
+/// as a daemon's job, then driven by `dwcp migrate` beside the daemon) hands the VM's ownership to the destination's node in Raft before the destination may resume, a
 /// host that does not own the VM cannot resume its copy, and when the handoff cannot commit (the
 /// sending node cut off from the majority mid-migration) neither copy runs until the fleet says
 /// which owns it, and then exactly one does.
@@ -519,12 +519,20 @@ fn a_migration_through_a_fleet_never_leaves_two_running_copies() {
     let fleet = |d: &Daemon, args: &[&str]| Command::new(&rig.dwcp).arg("fleet").args(args).arg("--socket").arg(&d.sock).output().unwrap();
     let resume = |d: &Daemon, tag: &str| fleet(d, &["resume", "guest", "--qmp", &rig.dir.join(format!("{tag}.qmp")).display().to_string()]);
 
-    // 1. Node 1's VM migrates to node 2's QEMU (started paused, as libvirt does).
+    // 1. Node 1's VM migrates to node 2's QEMU (started paused, as libvirt does), as a job of
+    //    node 1's daemon, which hands it over in the fleet itself.
     let port = free_port();
     let _src = rig.qemu("src", None);
     let _dst = rig.qemu_with("dst", Some(rig.incoming(port)), &["-S".to_string()]);
     assert!(wait_for(&rig.dir.join("src.log"), "CHECK ok 2", Duration::from_secs(120)), "the source guest did not come up");
-    let out = rig.migrate(port, &["--vm", "guest", "--to-node", "2", "--fleet-socket", &ds[0].sock.display().to_string()]);
+    let out = Command::new(&rig.dwcp)
+        .arg("migrate")
+        .arg("--qmp")
+        .arg(rig.dir.join("src.qmp"))
+        .args(["--to", &format!("127.0.0.1:{port}"), "--json", "--vm", "guest", "--to-node", "2", "--via-daemon"])
+        .arg(&ds[0].sock)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let j: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!((j["status"].as_str(), j["handoff"]["committed"].as_bool(), j["handoff"]["epoch"].as_u64()), (Some("completed"), Some(true), Some(2)), "{j}");
