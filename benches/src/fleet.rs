@@ -13,8 +13,11 @@
 //! from the round's start), makespan (the last finish), and the deadlines feasible on an ideal
 //! link at the rig's payload rate (earliest deadline first, bytes over rate).
 //!
-//! Warm peer connections are measured by `make bench-warm`; migrations through the daemon are
-//! not built yet.
+//! The daemon keeps warm streams to the receiver (`[[peers]]`), as a host's daemon does: jobs
+//! submitted together draw for them, the most urgent first (`itp` gives the earliest deadline
+//! the warm start; `fair`, without deadlines, the first submitted; `fcfs` each job in turn when
+//! they are back). Warm peers alone are measured by `make bench-warm`, migrations through the
+//! daemon by `make bench-migrate` (method `daemon`).
 //!
 //!   bench-fleet [--rounds 3]
 
@@ -65,11 +68,32 @@ struct Env {
     sock: PathBuf,
 }
 
+/// The daemon's HTTP endpoint, inside `dwcp-a`.
+const API: &str = "127.0.0.1:7491";
+
+/// The daemon's warm pool to the receiver once full and back from any job (60 s at most).
+fn pool_ready(env: &Env) -> Value {
+    let t = Instant::now();
+    loop {
+        let o = in_ns("dwcp-a", &env.dwcp).args(["status", "--api", API, "--json"]).output().expect("dwcp status");
+        let st: Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        let p = &st["warm_peers"][0];
+        if p["want"].as_u64().unwrap_or(0) > 0 && p["parked"] == p["want"] && !p["rtt_ms"].is_null() && p["lent"] == false {
+            return p.clone();
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            die(&format!("the daemon's warm pool did not fill in 60 s: {st}"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// `dwcp send --via-daemon` of one job; `deadline`: pass its deadline to the daemon.
 fn submit(env: &Env, j: &Job, deadline: bool) -> Proc {
     let mut c = Command::new(&env.dwcp);
     c.args(["send", &format!("gen:{}", j.bytes), "--name", j.name, "--to", &format!("{ADDR_B}:7470")]);
-    c.args(["--mode", "internet", "--no-encrypt", "--hde", "off", "--streams", "4", "--json"]);
+    // Encrypted: the daemon's warm streams to the receiver carry encrypted TCP plans only.
+    c.args(["--mode", "internet", "--hde", "off", "--streams", "4", "--json"]);
     if let (true, Some(d)) = (deadline, j.due_s) {
         c.args(["--deadline", &format!("{d}s")]);
     }
@@ -93,6 +117,9 @@ fn finish(p: &mut Proc, t0: Instant) -> Result<f64, String> {
 
 /// One run of a policy: each job's finish (s after the round's start).
 fn run(env: &Env, policy: &str) -> Vec<f64> {
+    // Every policy starts with the daemon's warm streams parked (a job gives them back once its
+    // session is verified).
+    pool_ready(env);
     let t0 = Instant::now();
     let mut out = vec![0.0; WORKLOAD.len()];
     if policy == "fcfs" {
@@ -160,7 +187,7 @@ fn main() {
     let sock = dir.join("api.sock");
     let cfg = dir.join("dwcp.toml");
     let toml = format!(
-        "[node]\nname = \"fleet-a\"\nlisten = \"10.77.0.1:7490\"\nout = \"{}\"\nkey_file = \"{}\"\n[api]\nlisten = \"127.0.0.1:7491\"\nsocket = \"{}\"\n",
+        "[node]\nname = \"fleet-a\"\nlisten = \"10.77.0.1:7490\"\nout = \"{}\"\nkey_file = \"{}\"\n[api]\nlisten = \"{API}\"\nsocket = \"{}\"\n[mode]\nprobe_interval_s = 3600\n[[peers]]\nname = \"b\"\naddr = \"{ADDR_B}:7470\"\n",
         dir.join("out").display(),
         key.display(),
         sock.display()
@@ -175,6 +202,7 @@ fn main() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let env = Env { dwcp, sock };
+    eprintln!("warm pool: {}", pool_ready(&env));
     let policies = ["itp", "fair", "fcfs"];
     let mut all: Vec<Vec<Vec<f64>>> = vec![Vec::new(); policies.len()];
     for r in 0..rounds {

@@ -145,9 +145,7 @@ impl Pool {
     /// not lent already.
     pub fn lend(&self, addr: &str) -> Option<Lent> {
         // The job may name the peer otherwise than the config (a name, another spelling).
-        let resolve = |a: &str| std::net::ToSocketAddrs::to_socket_addrs(a).ok().and_then(|mut i| i.next());
-        let key = if self.knows(addr) { Some(addr.to_owned()) } else { resolve(addr).and_then(|want| self.with(|p| p.keys().find(|k| resolve(k) == Some(want)).cloned())) };
-        let addr = key?;
+        let addr = self.key(addr)?;
         let addr = addr.as_str();
         // Out for their keepalive pings: back within a round trip; waited for, not skipped.
         let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
@@ -205,6 +203,32 @@ impl Pool {
     /// Whether `addr` has a warm pool (ready or not).
     pub fn knows(&self, addr: &str) -> bool {
         self.with(|peers| peers.contains_key(addr))
+    }
+
+    /// The pool `addr` names (as configured, or another spelling of the same address).
+    pub fn key(&self, addr: &str) -> Option<String> {
+        if self.knows(addr) {
+            return Some(addr.to_owned());
+        }
+        let resolve = |a: &str| std::net::ToSocketAddrs::to_socket_addrs(a).ok().and_then(|mut i| i.next());
+        let want = resolve(addr)?;
+        self.with(|p| p.keys().find(|k| resolve(k) == Some(want)).cloned())
+    }
+
+    /// The path as last measured on `addr`'s streams (None: no pool, or not measured yet).
+    pub fn measured(&self, addr: &str) -> Option<PathEstimate> {
+        let key = self.key(addr)?;
+        self.with(|p| p.get(&key).and_then(|p| p.est.map(|(e, _)| e)))
+    }
+
+    /// The bandwidth measured on the streams to `ip` (a pool configured by address), bit/s.
+    pub fn bandwidth_to(&self, ip: std::net::IpAddr) -> Option<f64> {
+        self.with(|peers| {
+            peers.iter().find_map(|(k, p)| {
+                let a: std::net::SocketAddr = k.parse().ok()?;
+                (a.ip() == ip).then_some(p.est?.0.bw_bps).filter(|b| b.is_finite() && *b > 0.0)
+            })
+        })
     }
 
     /// Per peer: streams parked and wanted, whether lent, the path measured and when, the last

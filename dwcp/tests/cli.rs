@@ -1360,13 +1360,37 @@ fn jobs_to_a_configured_peer_run_on_its_warm_streams() {
     let text = String::from_utf8(Command::new(bin()).args(["job", "list", "--socket"]).arg(&sock).output().unwrap().stdout).unwrap();
     assert!(text.contains(&format!("warm: {n} parked streams")), "{text}");
 
+    // Two jobs asked for at the same moment, a copy first and then one with a deadline: the one
+    // due draws the warm streams, whichever request arrived first; the copy connects anew and
+    // says why.
+    let post = |body: String| -> u64 {
+        let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        write!(c, "POST /transfers HTTP/1.0\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        let mut r = String::new();
+        c.read_to_string(&mut r).unwrap();
+        let v: serde_json::Value = serde_json::from_str(r.split_once("\r\n\r\n").map_or("", |x| x.1)).unwrap();
+        v["id"].as_u64().unwrap_or_else(|| panic!("{r}"))
+    };
+    let to = format!("127.0.0.1:{rx_port}");
+    let copy = post(format!(r#"{{"to": "{to}", "source": "gen:32MiB:4", "name": "copy.img"}}"#));
+    let due = post(format!(r#"{{"to": "{to}", "source": "gen:32MiB:5", "name": "due.img", "deadline_s": 60}}"#));
+    let ended = |id: u64| -> serde_json::Value {
+        let o = Command::new(bin()).args(["job", "watch", &id.to_string(), "--json", "--socket"]).arg(&sock).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let (c, u) = (ended(copy), ended(due));
+    assert!(u["warm"].as_str().is_some_and(|w| w.contains("parked streams")), "the job due drew the warm streams: {u}");
+    assert!(c["warm"].as_str().is_some_and(|w| w.contains(&format!("job {due}"))), "the copy says which job drew them: {c}");
+    pool_ready("after the draw");
+
     // The peer's receiver restarts: its streams are closed; the next job connects anew.
     let _ = rx.0.kill();
     let _ = rx.0.wait();
     rx = spawn_recv(&key, rx_port, &["--out", out.to_str().unwrap()], &[], true);
     std::thread::sleep(Duration::from_millis(300));
     let j = job("cold.img");
-    assert!(j["result"]["warm"].is_null(), "the closed streams were not lent: {j}");
+    assert!(j["result"]["warm"].as_str().is_some_and(|w| w.starts_with("not lent")), "the closed streams were not lent: {j}");
     let p = pool_ready("after the peer restarted");
     let again = connections_to(rx_port);
     assert_eq!(again.len(), n, "{again:?}");

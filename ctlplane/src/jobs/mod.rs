@@ -155,6 +155,32 @@ struct Book {
     list: VecDeque<Job>,
     load: BTreeMap<usize, usize>,
     links: BTreeMap<std::net::IpAddr, Link>,
+    /// Per warm peer, the jobs that asked for its streams together.
+    draws: BTreeMap<String, Draw>,
+}
+
+/// Jobs to one warm peer that asked for its streams within one window ([`Jobs::draw_warm`]):
+/// the most urgent gets them.
+#[derive(Debug)]
+struct Draw {
+    opened: Instant,
+    window: std::time::Duration,
+    /// Each entrant's id and when it is due (None: no deadline).
+    entrants: Vec<(u64, Option<Instant>)>,
+    winner: Option<u64>,
+}
+
+/// How long a job waits for others to draw a warm peer's streams with it: the path's round trip,
+/// within these bounds (on a short path, requests sent together arrive a few hundred
+/// microseconds apart on a busy host).
+const MIN_DRAW: std::time::Duration = std::time::Duration::from_millis(5);
+const MAX_DRAW: std::time::Duration = std::time::Duration::from_millis(100);
+
+impl Draw {
+    /// The earliest deadline; a job without one after every job with one; then the first id.
+    fn most_urgent(&self) -> Option<u64> {
+        self.entrants.iter().min_by_key(|(id, due)| (due.is_none(), *due, *id)).map(|(id, _)| *id)
+    }
 }
 
 /// A link's measurements for sharing it: bits its jobs carried per tick, over [`CAPACITY_WINDOW`].
@@ -287,7 +313,9 @@ impl Jobs {
             }
             b.links.retain(|ip, _| by_link.contains_key(ip));
             for (ip, jobs) in by_link {
-                let capacity = b.links.entry(ip).or_default().record(now, carried.get(&ip).copied().unwrap_or(0.0));
+                // Until the jobs' own rates measure it, a warm peer's link is what its streams
+                // measured (so a deadline is favoured from the first tick).
+                let capacity = b.links.entry(ip).or_default().record(now, carried.get(&ip).copied().unwrap_or(0.0)).or_else(|| self.pool.as_ref().and_then(|p| p.bandwidth_to(ip)));
                 let any_deadline = jobs.iter().any(|(j, _)| j.due_in_s.is_some());
                 let caps = match capacity {
                     Some(c) if any_deadline && c > 0.0 => itp::share(&jobs.iter().map(|(j, _)| *j).collect::<Vec<_>>(), c),
@@ -466,6 +494,47 @@ impl Jobs {
         });
     }
 
+    /// The warm streams to `to` for job `id` (due at `due`), or why not. Jobs to one peer that
+    /// ask within one window (the path's measured round trip, within [`MIN_DRAW`] and
+    /// [`MAX_DRAW`]) draw for
+    /// them: the earliest deadline wins, a job without one comes after every job with one, then
+    /// the first submitted; the others connect anew at once. Waiting one round trip costs less
+    /// than what the streams save (a probe, a key exchange, slow start), and it lets the most
+    /// urgent of jobs submitted together start warm whatever order their requests arrived in.
+    fn draw_warm(&self, id: u64, to: &str, due: Option<Instant>) -> (Option<crate::warm::Lent>, Option<String>) {
+        let Some(pool) = &self.pool else { return (None, None) };
+        let Some(est) = pool.measured(to) else {
+            return (None, pool.knows(to).then(|| "not lent: the peer's warm streams are not ready".to_string()));
+        };
+        // One draw per pool, however the job spells the peer.
+        let Some(key) = pool.key(to) else { return (None, None) };
+        let window = est.rtt_min.clamp(MIN_DRAW, MAX_DRAW);
+        let (opened, window) = self.with(|b| {
+            let now = Instant::now();
+            let d = b.draws.entry(key.clone()).or_insert_with(|| Draw { opened: now, window, entrants: Vec::new(), winner: None });
+            if now.duration_since(d.opened) > d.window {
+                *d = Draw { opened: now, window, entrants: Vec::new(), winner: None };
+            }
+            d.entrants.push((id, due));
+            (d.opened, d.window)
+        });
+        std::thread::sleep((opened + window).saturating_duration_since(Instant::now()));
+        let winner = self.with(|b| {
+            let d = b.draws.get_mut(&key)?;
+            if d.winner.is_none() {
+                d.winner = d.most_urgent();
+            }
+            d.entrants.iter().any(|(e, _)| *e == id).then_some(d.winner).flatten()
+        });
+        match winner {
+            Some(w) if w != id => (None, Some(format!("not lent: job {w}, due sooner or submitted first, drew the peer's warm streams"))),
+            _ => match pool.lend(to) {
+                Some(l) => (Some(l), None),
+                None => (None, Some("not lent: the peer's warm streams are busy (another job has them) or not ready".into())),
+            },
+        }
+    }
+
     /// Places job `id` (its request names no cores): picks the cores, records the placement and
     /// holds the first `shards` of them until it ends, under one lock so that two jobs starting
     /// together see each other. `allowed`: the config's cores or the process's.
@@ -523,9 +592,11 @@ impl Jobs {
         // The plan sizes the transfer to the cores it may use, as `dwcp send --cores` does.
         let host = Host { cores: req.cores.as_ref().map_or(self.host.cores, |c| c.len().max(1)), ..self.host };
         let to = req.to.clone();
-        let mut lent = self.pool.as_ref().and_then(|p| p.lend(&to));
-        if lent.is_none() && self.pool.as_ref().is_some_and(|p| p.knows(&to)) {
-            tracing::info!(id, %to, "the peer's warm streams are busy or not ready: connecting anew");
+        let due = req.deadline_s.and_then(|d| self.with(|b| b.job(id).map(|j| j.started + std::time::Duration::from_secs_f64(d))));
+        let (mut lent, not_lent) = self.draw_warm(id, &to, due);
+        if let Some(why) = &not_lent {
+            tracing::info!(id, %to, "{why}: connecting anew");
+            self.with(|b| b.job(id).map(|j| j.warm = Some(why.clone())));
         }
         if req.migrate.is_some() {
             return self.run_migration(id, req, host, peer, lent, cancel);
@@ -543,7 +614,7 @@ impl Jobs {
                 return self.end(id, "failed", json!({"error": e.to_string()}));
             }
         };
-        let warm = t.warm().map(str::to_owned);
+        let warm = t.warm().map(str::to_owned).or(not_lent);
         let plan = serde_json::to_value(t.plan()).unwrap_or_default();
         let progress = t.progress().clone();
         // A restarted daemon resumes it with this chunk size (the receiver's journal is per
@@ -626,7 +697,7 @@ impl Jobs {
         self.with(|b| b.hold(id, streams));
         self.with(|b| {
             if let Some(j) = b.job(id) {
-                j.warm = warm.clone();
+                j.warm = warm.clone().or(j.warm.take());
                 j.name = name;
                 j.phase = Phase::Running { plan, progress: progress.clone() };
                 j.peer = peer;
@@ -898,5 +969,22 @@ fn release(load: &mut BTreeMap<usize, usize>, held: &[usize]) {
                 load.remove(c);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_most_urgent_draws_a_warm_peer_whatever_the_order_it_asked_in() {
+        let now = Instant::now();
+        let s = std::time::Duration::from_secs;
+        let draw = |entrants: Vec<(u64, Option<Instant>)>| Draw { opened: now, window: MIN_DRAW, entrants, winner: None }.most_urgent();
+        // A copy asked first; the job due soonest wins, then the next due, then the first copy.
+        assert_eq!(draw(vec![(1, None), (2, Some(now + s(8))), (3, Some(now + s(5)))]), Some(3));
+        assert_eq!(draw(vec![(1, None), (2, Some(now + s(8)))]), Some(2));
+        assert_eq!(draw(vec![(4, None), (2, None)]), Some(2));
+        assert_eq!(draw(vec![]), None);
     }
 }
