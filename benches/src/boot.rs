@@ -19,7 +19,6 @@ use serde_json::json;
 
 const RUNS: usize = 20;
 
-
 fn max(v: &[f64]) -> f64 {
     v.iter().copied().fold(0.0, f64::max)
 }

@@ -71,23 +71,6 @@ struct Env {
 /// The daemon's HTTP endpoint, inside `dwcp-a`.
 const API: &str = "127.0.0.1:7491";
 
-/// The daemon's warm pool to the receiver once full and back from any job (60 s at most).
-fn pool_ready(env: &Env) -> Value {
-    let t = Instant::now();
-    loop {
-        let o = in_ns("dwcp-a", &env.dwcp).args(["status", "--api", API, "--json"]).output().expect("dwcp status");
-        let st: Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
-        let p = &st["warm_peers"][0];
-        if p["want"].as_u64().unwrap_or(0) > 0 && p["parked"] == p["want"] && !p["rtt_ms"].is_null() && p["lent"] == false {
-            return p.clone();
-        }
-        if t.elapsed() > Duration::from_secs(60) {
-            die(&format!("the daemon's warm pool did not fill in 60 s: {st}"));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// `dwcp send --via-daemon` of one job; `deadline`: pass its deadline to the daemon.
 fn submit(env: &Env, j: &Job, deadline: bool) -> Proc {
     let mut c = Command::new(&env.dwcp);
@@ -119,7 +102,7 @@ fn finish(p: &mut Proc, t0: Instant) -> Result<f64, String> {
 fn run(env: &Env, policy: &str) -> Vec<f64> {
     // Every policy starts with the daemon's warm streams parked (a job gives them back once its
     // session is verified).
-    pool_ready(env);
+    benches::warm_pool_ready(&env.dwcp, API);
     let t0 = Instant::now();
     let mut out = vec![0.0; WORKLOAD.len()];
     if policy == "fcfs" {
@@ -202,7 +185,7 @@ fn main() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let env = Env { dwcp, sock };
-    eprintln!("warm pool: {}", pool_ready(&env));
+    eprintln!("warm pool: {}", benches::warm_pool_ready(&env.dwcp, API));
     let policies = ["itp", "fair", "fcfs"];
     let mut all: Vec<Vec<Vec<f64>>> = vec![Vec::new(); policies.len()];
     for r in 0..rounds {

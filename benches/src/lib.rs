@@ -39,6 +39,25 @@ pub fn in_ns(ns: &str, prog: impl AsRef<std::ffi::OsStr>) -> Command {
     c
 }
 
+/// The warm pool of the `dwcp daemon` in `dwcp-a` whose HTTP endpoint is `api` (its first
+/// `[[peers]]` entry), once full, measured and back from any job (60 s at most): its `/status`
+/// entry.
+pub fn warm_pool_ready(dwcp: &std::path::Path, api: &str) -> serde_json::Value {
+    let t = std::time::Instant::now();
+    loop {
+        let o = in_ns("dwcp-a", dwcp).args(["status", "--api", api, "--json"]).output().unwrap_or_else(|e| die(&format!("dwcp status: {e}")));
+        let st: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        let p = &st["warm_peers"][0];
+        if p["want"].as_u64().unwrap_or(0) > 0 && p["parked"] == p["want"] && !p["rtt_ms"].is_null() && p["lent"] == false {
+            return p.clone();
+        }
+        if t.elapsed() > std::time::Duration::from_secs(60) {
+            die(&format!("the daemon's warm pool did not fill in 60 s: {st}"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 /// The median of `v` (the upper one of an even count; NaN when empty).
 pub fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();

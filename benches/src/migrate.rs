@@ -210,19 +210,8 @@ impl Env {
         let log = std::fs::File::create(self.dir.join("daemon.log")).expect("daemon.log");
         let p = Proc::group(in_ns("dwcp-a", &[dwcp.display().to_string(), "daemon".into(), "--config".into(), cfg.display().to_string()]).stdout(Stdio::null()).stderr(log))
             .unwrap_or_else(|e| die(&format!("dwcp daemon: {e}")));
-        let t = Instant::now();
-        loop {
-            let o = in_ns("dwcp-a", &[dwcp.display().to_string(), "status".into(), "--api".into(), DAEMON_API.into(), "--json".into()]).output().expect("dwcp status");
-            let st: Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
-            let w = &st["warm_peers"][0];
-            if w["want"].as_u64().unwrap_or(0) > 0 && w["parked"] == w["want"] && w["lent"] == false {
-                return (p, sock);
-            }
-            if t.elapsed() > Duration::from_secs(60) {
-                die(&format!("the daemon's warm pool did not fill in 60 s: {st}"));
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        benches::warm_pool_ready(&dwcp, DAEMON_API);
+        (p, sock)
     }
 
     fn run_one(&self, method: &str, limit: Duration) -> Value {

@@ -14,7 +14,6 @@ use serde_json::{Value, json};
 
 use benches::die;
 
-
 fn main() {
     let mut args = std::env::args().skip(1);
     let (mut size, mut runs) = ("4GiB".to_string(), 3usize);

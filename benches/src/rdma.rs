@@ -44,7 +44,6 @@ fn sections(out: &str, name: &str) -> Vec<String> {
     v
 }
 
-
 fn main() {
     let (mut qps, mut size_mib, mut reps) = (2u32, 512u32, 3u32);
     let args: Vec<String> = std::env::args().skip(1).collect();

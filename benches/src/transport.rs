@@ -46,7 +46,6 @@ fn proc_cpu_s(pid: u32) -> f64 {
     (t(11) + t(12)) / 100.0
 }
 
-
 struct Receiver {
     child: Child,
     lines: std::io::Lines<BufReader<std::process::ChildStdout>>,

@@ -255,7 +255,6 @@ fn dwcp_send(env: &Env, object: &str, name: &str, extra: &[&str], trace: Option<
     v
 }
 
-
 /// The `pba` section (see the top of this file): its figures go into `figures`, its table is returned.
 fn pba_sizing(env: &Env, figures: &mut serde_json::Map<String, Value>) -> Vec<String> {
     let mut lines = vec!["".to_string(), "PBA sizing, each against the fixed choice in the same run:".to_string()];
@@ -327,10 +326,7 @@ fn pba_sizing(env: &Env, figures: &mut serde_json::Map<String, Value>) -> Vec<St
 /// returned.
 fn rough_links(env: &Env, rounds: usize, figures: &mut serde_json::Map<String, Value>) -> Vec<String> {
     const CASES: [&str; 3] = ["dwcp-acp-delay", "dwcp-kernel-bbr", "iperf3-bbr"];
-    let mut lines = vec![
-        "".to_string(),
-        format!("Rough links, 1 Gbit/s, 50 ms, 0.1% loss, {rounds} rounds; util per run, and ACP over the better of the others in its round:"),
-    ];
+    let mut lines = vec!["".to_string(), format!("Rough links, 1 Gbit/s, 50 ms, 0.1% loss, {rounds} rounds; util per run, and ACP over the better of the others in its round:")];
     for (name, extra) in [("jitter", &["--jitter", "5ms"][..]), ("reorder", &["--jitter", "5ms", "--reorder", "1%"][..])] {
         let p = Profile { name, rate_bps: 1e9, rtt: "50ms", loss: "0.1%" };
         let mut args = vec!["--rtt", "50ms", "--rate", "1000mbit", "--loss", "0.1%", "--queue", "1bdp"];
@@ -360,11 +356,7 @@ fn rough_links(env: &Env, rounds: usize, figures: &mut serde_json::Map<String, V
             lines.push(format!("  {name:<8} {case:<17} util median {:.3}  runs {}", f.median(), f.runs.iter().map(|v| format!("{v:.3}")).collect::<Vec<_>>().join(" ")));
             figures.insert(format!("util_{name}_{}", case.replace('-', "_")), f.json());
         }
-        lines.push(format!(
-            "  {name:<8} ACP / best other       {:.2} (runs {})",
-            ratio.median(),
-            ratio.runs.iter().map(|v| format!("{v:.2}")).collect::<Vec<_>>().join(" ")
-        ));
+        lines.push(format!("  {name:<8} ACP / best other       {:.2} (runs {})", ratio.median(), ratio.runs.iter().map(|v| format!("{v:.2}")).collect::<Vec<_>>().join(" ")));
         for n in notes {
             lines.push(format!("  {name:<8} note: {n}"));
         }
@@ -412,7 +404,8 @@ fn jain(a: f64, b: f64) -> f64 {
     if a + b <= 0.0 { 0.0 } else { (a + b).powi(2) / (2.0 * (a * a + b * b)) }
 }
 
-const CASES: [&str; 9] = ["dwcp-acp-delay", "dwcp-acp-delay-base", "dwcp-acp-delay-iw10", "dwcp-acp-bbr-model", "dwcp-no-acp", "dwcp-kernel-bbr", "iperf3-cubic", "iperf3-bbr", "tcp-1"];
+const CASES: [&str; 9] =
+    ["dwcp-acp-delay", "dwcp-acp-delay-base", "dwcp-acp-delay-iw10", "dwcp-acp-bbr-model", "dwcp-no-acp", "dwcp-kernel-bbr", "iperf3-cubic", "iperf3-bbr", "tcp-1"];
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -434,7 +427,9 @@ fn main() {
                 }
             }
             "--rounds" => rounds = args.next().and_then(|v| v.parse().ok()).filter(|&r| r > 0).unwrap_or_else(|| die("--rounds N (at least 1)")),
-            _ => die(&format!("unknown argument {a}; usage: bench-wan [--secs 15] [--streams 8] [--rounds 3] [--profiles 1g_50ms,200m_150ms,clean_1g_50ms,pba,rough] [--cases LIST] [--alone-only]")),
+            _ => die(&format!(
+                "unknown argument {a}; usage: bench-wan [--secs 15] [--streams 8] [--rounds 3] [--profiles 1g_50ms,200m_150ms,clean_1g_50ms,pba,rough] [--cases LIST] [--alone-only]"
+            )),
         }
     }
     if !ebpf::sys::is_root() {

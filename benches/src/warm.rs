@@ -62,23 +62,6 @@ fn socket_memory(dwcp_a_dst: &str) -> (u64, usize) {
     (total, n)
 }
 
-/// The daemon's warm pool to the receiver, once full (60 s at most).
-fn pool_ready(dwcp: &Path) -> Value {
-    let t = Instant::now();
-    loop {
-        let o = in_ns("dwcp-a", dwcp).args(["status", "--api", API, "--json"]).output().expect("dwcp status");
-        let st: Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
-        let p = &st["warm_peers"][0];
-        if p["want"].as_u64().unwrap_or(0) > 0 && p["parked"] == p["want"] && !p["rtt_ms"].is_null() && p["lent"] == false {
-            return p.clone();
-        }
-        if t.elapsed() > Duration::from_secs(60) {
-            die(&format!("the daemon's warm pool did not fill in 60 s: {st}"));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 struct Profile {
     name: &'static str,
     rtt: &'static str,
@@ -136,7 +119,7 @@ fn main() {
         );
         std::fs::write(&cfg, toml).unwrap_or_else(|e| die(&format!("{}: {e}", cfg.display())));
         let daemon = Proc(in_ns("dwcp-a", &dwcp).args(["daemon", "--config"]).arg(&cfg).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("dwcp daemon"));
-        let pool = pool_ready(&dwcp);
+        let pool = benches::warm_pool_ready(&dwcp, API);
         eprintln!("{}: warm pool {pool}", p.name);
         pools.push(pool);
         for r in 0..rounds {
@@ -146,7 +129,7 @@ fn main() {
                     let mut c = if warm { Command::new(&dwcp) } else { in_ns("dwcp-a", &dwcp) };
                     c.args(["send", &format!("gen:{size}:{r}"), "--name", &name, "--to", &format!("{ADDR_B}:7470"), "--json"]);
                     if warm {
-                        pool_ready(&dwcp);
+                        benches::warm_pool_ready(&dwcp, API);
                         c.arg("--via-daemon").arg(&sock);
                     } else {
                         c.arg("--key-file").arg(&key);
@@ -159,7 +142,7 @@ fn main() {
         }
         // Idle: what the pool costs on the wire and in kernel memory (the daemon's periodic
         // mode probes are off here; the pool's pings are all that should move).
-        pool_ready(&dwcp);
+        benches::warm_pool_ready(&dwcp, API);
         // The rig rewrites its counters every second: let the last transfer's bytes land first.
         std::thread::sleep(Duration::from_secs(2));
         let (mem, socks) = socket_memory(&format!("{ADDR_B}:7470"));
