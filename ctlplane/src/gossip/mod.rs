@@ -166,7 +166,11 @@ pub struct CardError(String);
 impl BroadcastHandler<Id> for Cards {
     type Key = CardKey;
     type Error = CardError;
-    fn receive_item(&mut self, data: &[u8], _sender: Option<&Id>) -> Result<Option<CardKey>, CardError> {
+    /// A card from the network (`sender` set) is kept and spread on if it is newer than the one
+    /// held; this node's own card (no sender: [`Gossip::publish`]) also when it is the same
+    /// version, so that republishing an unchanged card spreads it again (else a node that
+    /// missed its first dissemination would never get it).
+    fn receive_item(&mut self, data: &[u8], sender: Option<&Id>) -> Result<Option<CardKey>, CardError> {
         let mut b = self.0.lock().expect("cards lock");
         let c = match Card::decode(data) {
             Ok(c) => c,
@@ -177,7 +181,7 @@ impl BroadcastHandler<Id> for Cards {
         };
         let now = b.now.expect("the time is set before foca runs");
         match b.cards.get(&c.node) {
-            Some((old, _)) if old.version >= c.version => Ok(None),
+            Some((old, _)) if old.version > c.version || (old.version == c.version && sender.is_some()) => Ok(None),
             None if b.cards.len() >= MAX_CARDS => Err(CardError(format!("already {MAX_CARDS} cards"))),
             _ => {
                 let key = CardKey { node: c.node, version: c.version };
@@ -332,7 +336,9 @@ impl Gossip {
         out
     }
 
-    /// Spreads this node's card.
+    /// Spreads this node's card. Each call spreads it anew, changed or not (the driver calls it
+    /// every two periods, so a node that joined after the last round of dissemination, or
+    /// missed it, gets the card then); an older version than the one held is not spread.
     pub fn publish(&mut self, card: &Card, now: Instant) -> Result<(), String> {
         let b = card.encode()?;
         self.set_now(now);
