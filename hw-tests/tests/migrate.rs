@@ -294,20 +294,24 @@ fn a_transfer_killed_mid_migration_leaves_exactly_the_source_running() {
     // The source runs on; the destination never started (its QEMU exits on the broken stream).
     let st = qmp(&rig.dir.join("src.qmp"), "query-status", Value::Null);
     assert_eq!(st["return"]["status"], "running", "{st}");
+    let exited = only_the_source_runs(&rig, &mut dst, "dst", "killed mid-migration");
+    let recv_log = std::fs::read_to_string(rig.dir.join("recv.log")).unwrap_or_default();
+    eprintln!("killed mid-migration: source running, destination {}; receiver said: {}", if exited { "exited" } else { "not running" }, recv_log.lines().last().unwrap_or(""));
+    let _ = std::fs::remove_dir_all(&rig.dir);
+}
+
+/// After a migration that must not have moved the VM (`what` happened mid-stream): the
+/// destination QEMU `dst` (tag `dst_tag`) exits on the broken stream, or at least does not run
+/// the guest (40 s at most), and the source guest runs on and its next self-check passes.
+/// Whether the destination exited.
+fn only_the_source_runs(rig: &Rig, dst: &mut Vm, dst_tag: &str, what: &str) -> bool {
     let t = Instant::now();
-    let exited = loop {
-        if let Ok(Some(s)) = dst.0.try_wait() {
-            break Some(s);
-        }
-        if t.elapsed() > Duration::from_secs(40) {
-            break None;
-        }
+    while dst.0.try_wait().ok().flatten().is_none() && t.elapsed() < Duration::from_secs(40) {
         std::thread::sleep(Duration::from_millis(200));
-    };
-    if exited.is_none() {
-        // Still alive: it must at least not be running the guest.
-        let st = qmp(&rig.dir.join("dst.qmp"), "query-status", Value::Null);
-        assert_ne!(st["return"]["status"], "running", "two running copies: {st}");
+    }
+    let exited = dst.0.try_wait().ok().flatten().is_some();
+    if !exited {
+        assert_ne!(status_of(rig, dst_tag), "running", "{what}: two running copies");
     }
     // The guest checks its data once a second plus the time a check takes, which in TCG on a
     // loaded host was more than 3 s: wait for the next one (30 s at most).
@@ -317,14 +321,8 @@ fn a_transfer_killed_mid_migration_leaves_exactly_the_source_running() {
         std::thread::sleep(Duration::from_millis(250));
     }
     let src = rig.checks("src");
-    assert!(src.iter().all(|c| c.0) && src.last().map_or(0, |c| c.1) > before, "the source guest runs on and checks out: {src:?}");
-    let recv_log = std::fs::read_to_string(rig.dir.join("recv.log")).unwrap_or_default();
-    eprintln!(
-        "killed mid-migration: source running, destination {}; receiver said: {}",
-        if exited.is_some() { "exited" } else { "not running" },
-        recv_log.lines().last().unwrap_or("")
-    );
-    let _ = std::fs::remove_dir_all(&rig.dir);
+    assert!(src.iter().all(|c| c.0) && src.last().map_or(0, |c| c.1) > before, "{what}: the source guest runs on and checks out: {src:?}");
+    exited
 }
 
 /// QEMU's block migration adds an iterative "block" section, which page-aware mode does not
@@ -803,26 +801,8 @@ fn a_cancelled_or_orphaned_migration_job_leaves_exactly_the_source_running() {
         // Cancelled by the daemon, or failed on the stream its death broke.
         assert_eq!(end["status"], if how == "cancel" { "cancelled" } else { "failed" }, "{end}");
         assert_eq!(status_of(&rig, "src"), "running", "{how}: the source runs on");
-        // The destination never runs the guest (its QEMU exits on the broken stream).
-        let t = Instant::now();
-        while dst.0.try_wait().ok().flatten().is_none() && t.elapsed() < Duration::from_secs(40) {
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        if dst.0.try_wait().ok().flatten().is_none() {
-            assert_ne!(status_of(&rig, &format!("dst-{how}")), "running", "{how}: two running copies");
-        }
-        let before = rig.checks("src").last().map_or(0, |c| c.1);
-        let t = Instant::now();
-        while rig.checks("src").last().map_or(0, |c| c.1) <= before && t.elapsed() < Duration::from_secs(30) {
-            std::thread::sleep(Duration::from_millis(250));
-        }
-        let src = rig.checks("src");
-        assert!(src.iter().all(|c| c.0) && src.last().map_or(0, |c| c.1) > before, "{how}: the source guest runs on and checks out: {src:?}");
-        eprintln!(
-            "{how} mid-migration: source running, destination {}; dwcp said: {}",
-            if dst.0.try_wait().ok().flatten().is_some() { "exited" } else { "not running" },
-            err.lines().last().unwrap_or("")
-        );
+        let exited = only_the_source_runs(&rig, &mut dst, &format!("dst-{how}"), how);
+        eprintln!("{how} mid-migration: source running, destination {}; dwcp said: {}", if exited { "exited" } else { "not running" }, err.lines().last().unwrap_or(""));
         drop(d);
         let _ = std::fs::remove_dir_all(rig.dir.join("daemon"));
     }
