@@ -328,6 +328,8 @@ impl Env {
             r["guest"] = json!(guest);
             r["wire_mib"] = json!(j["transfer"]["sent_bytes"].as_f64().unwrap_or(0.0) / 1048576.0);
             r["page_aware"] = j["transfer"]["qemu"].clone();
+            // When dwcp told QEMU to complete (the round, and the downtime it expected then).
+            r["completion"] = j["completion"].clone();
             if daemon.is_some() {
                 r["warm"] = j["warm"].clone();
             }

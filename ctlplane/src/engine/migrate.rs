@@ -43,6 +43,8 @@ pub struct MigrateSpec {
 
 /// Longest QMP line read, bytes: QEMU's replies to the commands used here are a few KiB.
 const MAX_QMP_LINE: u64 = 1 << 20;
+/// Each end's socket buffer for QEMU's stream, bytes (doubled by the kernel: a pipe's 64 KiB).
+const SOCKET_BUFFER: usize = 32 << 10;
 /// The name the stream's descriptor has inside QEMU.
 const FD_NAME: &str = "dwcp-migrate";
 
@@ -305,6 +307,15 @@ pub fn start(mut req: Request, psk: Psk, host: Host, t: Thresholds, warm: Option
         tunnel_defaults(&mut req);
     }
     let (ours, theirs) = UnixStream::pair().map_err(|e| MigrateError::Invalid(format!("creating the stream's socket pair: {e}")))?;
+    // As little buffered between QEMU and dwcp as the pipe of `dwcp migrate`'s `exec:` (64 KiB):
+    // QEMU estimates its bandwidth from how fast its writes go, and completes (stops the VM)
+    // once the rest fits in its downtime limit at that rate; a deep socket buffer makes its
+    // writes look faster than the link, and it stops the VM with more left than the limit.
+    // (A Unix stream socket's queue is bounded by the sender's buffer; the kernel doubles it.)
+    for (fd, send) in [(theirs.as_fd(), true), (ours.as_fd(), false)] {
+        let set = if send { rustix::net::sockopt::set_socket_send_buffer_size(fd, SOCKET_BUFFER) } else { rustix::net::sockopt::set_socket_recv_buffer_size(fd, SOCKET_BUFFER) };
+        set.map_err(|e| MigrateError::Invalid(format!("sizing the stream's socket buffers: {e}")))?;
+    }
     q.cmd_with_fd("getfd", Some(json!({ "fdname": FD_NAME })), theirs.as_fd())?;
     // QEMU holds its own copy now.
     drop(theirs);
