@@ -164,6 +164,18 @@ fn job_line(j: &serde_json::Value) -> String {
     if let Some(w) = j["warm"].as_str() {
         l.push_str(&format!("\n      warm: {w}"));
     }
+    if j["kind"] == "migration" {
+        let q = &j["qemu"];
+        let vm = q["vm"].as_str().map(|v| format!(" of {v}")).unwrap_or_default();
+        l.push_str(&format!("\n      migration{vm} (QEMU at {}): {}", q["qmp"].as_str().unwrap_or("?"), q["line"].as_str().or(q["status"].as_str()).unwrap_or("?")));
+        if let Some(h) = j["result"]["handoff"].as_object() {
+            let to = &h["to_node"];
+            l.push_str(&match h["committed"].as_bool() {
+                Some(true) => format!("\n      ownership committed to node {to} at epoch {}", h["epoch"]),
+                _ => format!("\n      ownership NOT handed to node {to}: {}", h["error"].as_str().unwrap_or("?")),
+            });
+        }
+    }
     if let Some(n) = j["restarts"].as_u64() {
         l.push_str(&format!("\n      taken up again after {n} daemon restart{}: resumed from what the receiver held", if n == 1 { "" } else { "s" }));
     }

@@ -739,6 +739,9 @@ fn a_vm_migrates_as_a_daemon_job_on_warm_streams() {
     let job = &list[0];
     assert_eq!((job["kind"].as_str(), job["state"].as_str()), (Some("migration"), Some("verified")), "{list}");
     assert_eq!(job["qemu"]["status"], "completed", "{job}");
+    let text = Command::new(&rig.dwcp).args(["job", "list", "--socket"]).arg(&d.sock).output().unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("migration (QEMU at") && text.contains("completed"), "{text}");
     eprintln!(
         "migrated as a daemon job in {:.2} s, downtime {} ms, {} rounds, {} MiB on the wire; {warm}",
         j["wall_s"].as_f64().unwrap_or(0.0),
