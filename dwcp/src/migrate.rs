@@ -148,8 +148,17 @@ pub fn run(a: &MigrateArgs) -> Result<()> {
     // read-ahead small, unless the user's flags (after `--`) set them; one chunk is read ahead
     // of the windows, and each stream queues at most 32 KiB unsent in the kernel.
     // Tunnel mode keeps the fixed window it had (4 chunks per stream).
-    let fixed: &[(&str, &str)] = if a.pages { &[] } else { &[("--chunk-size", "256KiB"), ("--window", "4"), ("--read-ahead", "1"), ("--notsent-lowat", "32KiB")] };
-    for &(flag, v) in fixed {
+    use ctlplane::engine::migrate::tunnel;
+    let fixed: Vec<(&str, String)> = match a.pages {
+        true => Vec::new(),
+        false => vec![
+            ("--chunk-size", tunnel::CHUNK_SIZE.to_string()),
+            ("--window", tunnel::WINDOW.to_string()),
+            ("--read-ahead", tunnel::READ_AHEAD.to_string()),
+            ("--notsent-lowat", tunnel::NOTSENT_LOWAT.to_string()),
+        ],
+    };
+    for (flag, v) in fixed {
         if !a.send_flags.iter().any(|f| f == flag || f.starts_with(&format!("{flag}="))) {
             cmd.push_str(&format!(" {flag} {v}"));
         }
@@ -357,11 +366,5 @@ fn handoff(h: &Handoff, me: u64, epoch: u64) -> Result<u64> {
     }
     let why = v["error"].as_str().unwrap_or("no reason given");
     let unknown = if code == 503 { " (it may still commit once a quorum answers)" } else { "" };
-    bail!(
-        "the stream reached the destination verified, but the ownership of {} was not handed to node {}: {why}{unknown}. The source VM stays paused and neither side may resume it until `dwcp fleet owner {}` names its owner; then `dwcp fleet resume {} --qmp ...` on that host",
-        h.vm,
-        h.to_node,
-        h.vm,
-        h.vm
-    )
+    bail!("{}", ctlplane::engine::migrate::handoff_not_committed(&h.vm, h.to_node, &format!("{why}{unknown}")))
 }

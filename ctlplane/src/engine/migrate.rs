@@ -279,18 +279,36 @@ pub struct Migration {
     q: Qmp,
     watch: Watch,
     transfer: Transfer,
-    t0: Instant,
 }
 
-/// The plan's knobs tunnel mode fixes unless the request sets them: QEMU paces its rounds (and
-/// decides when to stop the VM) by how fast its stream drains, so dwcp must not buffer much
-/// more than the link holds (as `dwcp migrate` does). Page-aware mode plans its own window from
-/// the probe (about two bandwidth-delay products).
+/// The knobs tunnel mode fixes unless the request sets them (the daemon's jobs here, `dwcp
+/// migrate`'s `exec:` as `dwcp send` flags): QEMU paces its rounds (and decides when to stop the
+/// VM) by how fast its stream drains, so dwcp must not buffer much more than the link holds.
+/// Page-aware mode plans its own window from the probe (about two bandwidth-delay products).
+pub mod tunnel {
+    /// Chunk size, bytes.
+    pub const CHUNK_SIZE: u32 = 256 << 10;
+    /// Unacknowledged chunks per stream.
+    pub const WINDOW: usize = 4;
+    /// Chunks read ahead of the streams.
+    pub const READ_AHEAD: usize = 1;
+    /// `TCP_NOTSENT_LOWAT`, bytes.
+    pub const NOTSENT_LOWAT: u32 = 32 << 10;
+}
+
 fn tunnel_defaults(req: &mut Request) {
-    req.chunk_size.get_or_insert(256 << 10);
-    req.window.get_or_insert(4);
-    req.read_ahead.get_or_insert(1);
-    req.notsent_lowat.get_or_insert(32 << 10);
+    req.chunk_size.get_or_insert(tunnel::CHUNK_SIZE);
+    req.window.get_or_insert(tunnel::WINDOW);
+    req.read_ahead.get_or_insert(tunnel::READ_AHEAD);
+    req.notsent_lowat.get_or_insert(tunnel::NOTSENT_LOWAT);
+}
+
+/// Why a migration whose stream the destination verified did not move the VM's ownership to
+/// node `to` (`why`: the fleet's answer), and what a person does next.
+pub fn handoff_not_committed(vm: &str, to: u64, why: &str) -> String {
+    format!(
+        "the stream reached the destination verified, but the ownership of {vm} was not handed to node {to}: {why}. The source VM stays paused and neither side may resume it until `dwcp fleet owner {vm}` names its owner; then `dwcp fleet resume {vm} --qmp ...` on that host"
+    )
 }
 
 /// Starts migrating the VM behind `req.migrate`'s QMP socket to `req.to` (`req.qemu`: page-aware,
@@ -312,10 +330,9 @@ pub fn start(mut req: Request, psk: Psk, host: Host, t: Thresholds, warm: Option
     // once the rest fits in its downtime limit at that rate; a deep socket buffer makes its
     // writes look faster than the link, and it stops the VM with more left than the limit.
     // (A Unix stream socket's queue is bounded by the sender's buffer; the kernel doubles it.)
-    for (fd, send) in [(theirs.as_fd(), true), (ours.as_fd(), false)] {
-        let set = if send { rustix::net::sockopt::set_socket_send_buffer_size(fd, SOCKET_BUFFER) } else { rustix::net::sockopt::set_socket_recv_buffer_size(fd, SOCKET_BUFFER) };
-        set.map_err(|e| MigrateError::Invalid(format!("sizing the stream's socket buffers: {e}")))?;
-    }
+    rustix::net::sockopt::set_socket_send_buffer_size(&theirs, SOCKET_BUFFER)
+        .and_then(|()| rustix::net::sockopt::set_socket_recv_buffer_size(&ours, SOCKET_BUFFER))
+        .map_err(|e| MigrateError::Invalid(format!("sizing the stream's socket buffers: {e}")))?;
     q.cmd_with_fd("getfd", Some(json!({ "fdname": FD_NAME })), theirs.as_fd())?;
     // QEMU holds its own copy now.
     drop(theirs);
@@ -323,15 +340,15 @@ pub fn start(mut req: Request, psk: Psk, host: Host, t: Thresholds, warm: Option
     let source = Source::Stream { name, input: Input::Socket(Arc::new(ours)) };
     let mut watch = Watch::new(&mut q)?;
     let transfer = super::transfer::start_from(req, source, psk, host, t, Faults::default(), warm)?;
-    let t0 = Instant::now();
-    watch.t0 = t0;
+    // The migration's clock starts with QEMU's `migrate`, after the transfer's start.
+    watch.t0 = Instant::now();
     if let Err(e) = q.cmd("migrate", Some(json!({ "uri": format!("fd:{FD_NAME}") }))) {
         transfer.cancel();
         let _ = q.cmd("closefd", Some(json!({ "fdname": FD_NAME })));
         let _ = transfer.wait();
         return Err(e.into());
     }
-    Ok(Migration { q, watch, transfer, t0 })
+    Ok(Migration { q, watch, transfer })
 }
 
 /// How a migration ended.
@@ -422,7 +439,7 @@ impl Migration {
     /// and collects the figures.
     pub fn finish(mut self) -> Ended {
         self.watch.restore(&mut self.q);
-        let wall = self.t0.elapsed();
+        let wall = self.watch.t0.elapsed();
         let transfer = self.transfer.wait();
         // QEMU fills in its total and downtime figures only once it has closed the channel:
         // ask again now that the sender is through.

@@ -494,6 +494,14 @@ impl Jobs {
         });
     }
 
+    /// Takes back the warm streams a job borrowed (after it ended for its caller: parking them
+    /// again takes a round trip).
+    fn give_back(&self, lent: Option<crate::warm::Lent>) {
+        if let (Some(p), Some(l)) = (&self.pool, lent) {
+            p.give_back(l);
+        }
+    }
+
     /// The warm streams to `to` for job `id` (due at `due`), or why not. Jobs to one peer that
     /// ask within one window (the path's measured round trip, within [`MIN_DRAW`] and
     /// [`MAX_DRAW`]) draw for
@@ -503,11 +511,9 @@ impl Jobs {
     /// urgent of jobs submitted together start warm whatever order their requests arrived in.
     fn draw_warm(&self, id: u64, to: &str, due: Option<Instant>) -> (Option<crate::warm::Lent>, Option<String>) {
         let Some(pool) = &self.pool else { return (None, None) };
-        let Some(est) = pool.measured(to) else {
-            return (None, pool.knows(to).then(|| "not lent: the peer's warm streams are not ready".to_string()));
-        };
-        // One draw per pool, however the job spells the peer.
+        // One draw per pool, however the job spells the peer (resolved once, here).
         let Some(key) = pool.key(to) else { return (None, None) };
+        let Some(est) = pool.measured(&key) else { return (None, Some("not lent: the peer's warm streams are not ready".into())) };
         let window = est.rtt_min.clamp(MIN_DRAW, MAX_DRAW);
         let (opened, window) = self.with(|b| {
             let now = Instant::now();
@@ -528,7 +534,7 @@ impl Jobs {
         });
         match winner {
             Some(w) if w != id => (None, Some(format!("not lent: job {w}, due sooner or submitted first, drew the peer's warm streams"))),
-            _ => match pool.lend(to) {
+            _ => match pool.lend(&key) {
                 Some(l) => (Some(l), None),
                 None => (None, Some("not lent: the peer's warm streams are busy (another job has them) or not ready".into())),
             },
@@ -602,15 +608,10 @@ impl Jobs {
             return self.run_migration(id, req, host, peer, lent, cancel);
         }
         let started = engine::start_on(req, self.psk.clone(), host, self.thresholds, dataplane::send::Faults::default(), lent.as_mut());
-        let give_back = |lent: Option<crate::warm::Lent>| {
-            if let (Some(p), Some(l)) = (&self.pool, lent) {
-                p.give_back(l);
-            }
-        };
         let t = match started {
             Ok(t) => t,
             Err(e) => {
-                give_back(lent);
+                self.give_back(lent);
                 return self.end(id, "failed", json!({"error": e.to_string()}));
             }
         };
@@ -651,7 +652,7 @@ impl Jobs {
             Err(e) => self.end(id, "failed", json!({"error": e.to_string()})),
         }
         // After the job has ended for its caller: parking the streams again takes a round trip.
-        give_back(lent);
+        self.give_back(lent);
     }
 
     /// Runs migration job `id` (booked, placed): the fleet's ownership checked first (this node
@@ -662,11 +663,6 @@ impl Jobs {
     /// the source stays paused.
     fn run_migration(&self, id: u64, req: Request, host: Host, peer: Option<std::net::IpAddr>, mut lent: Option<crate::warm::Lent>, cancel: Arc<std::sync::atomic::AtomicBool>) {
         use crate::engine::migrate;
-        let give_back = |lent: Option<crate::warm::Lent>| {
-            if let (Some(p), Some(l)) = (&self.pool, lent) {
-                p.give_back(l);
-            }
-        };
         let spec = req.migrate.clone().unwrap_or_default();
         let fleet = self.fleet.get().and_then(|(f, _)| f.clone());
         let owned = match (&spec.vm, spec.to_node) {
@@ -679,14 +675,14 @@ impl Jobs {
         let owned = match owned {
             Ok(o) => o,
             Err(e) => {
-                give_back(lent);
+                self.give_back(lent);
                 return self.end(id, "failed", json!({ "error": e }));
             }
         };
         let mut m = match migrate::start(req, self.psk.clone(), host, self.thresholds, lent.as_mut()) {
             Ok(m) => m,
             Err(e) => {
-                give_back(lent);
+                self.give_back(lent);
                 return self.end(id, "failed", json!({ "error": e.to_string() }));
             }
         };
@@ -746,11 +742,7 @@ impl Jobs {
                     Ok(e) => json!({ "vm": vm, "to_node": to, "committed": true, "epoch": e }),
                     Err(e) => json!({ "vm": vm, "to_node": to, "committed": false, "error": e.to_string() }),
                 };
-                r.map(|_| ()).map_err(|e| {
-                    format!(
-                        "the stream reached the destination verified, but the ownership of {vm} was not handed to node {to}: {e}. The source VM stays paused and neither side may resume it until `dwcp fleet owner {vm}` names its owner; then `dwcp fleet resume {vm} --qmp ...` on that host"
-                    )
-                })
+                r.map(|_| ()).map_err(|e| migrate::handoff_not_committed(&vm, to, &e.to_string()))
             }
             _ => Ok(()),
         };
@@ -778,7 +770,7 @@ impl Jobs {
             (_, _, None, Ok(())) => "verified",
         };
         self.end(id, state, result);
-        give_back(lent);
+        self.give_back(lent);
     }
 
     /// Every transfer remembered.
