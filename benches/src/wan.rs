@@ -138,7 +138,7 @@ fn run_case(env: &Env, p: &Profile, case: &str, compete: bool) -> Run {
         }
         _ => {
             let (acp, cc) = match case {
-                "dwcp-acp-delay" | "dwcp-acp-delay-iw10" | "dwcp-acp-delay-base" => ("delay", None),
+                "dwcp-acp-delay" | "dwcp-acp-delay-iw10" | "dwcp-acp-delay-nosw" | "dwcp-acp-delay-base" => ("delay", None),
                 "dwcp-acp-bbr-model" => ("bbr-model", None),
                 "dwcp-kernel-bbr" => ("off", Some("bbr")),
                 // Without ACP: Linux's default congestion control, cubic (this host may default to another).
@@ -164,6 +164,10 @@ fn run_case(env: &Env, p: &Profile, case: &str, compete: bool) -> Run {
             // ACP's first window (64 KiB per stream) against the kernel's ten segments.
             if case == "dwcp-acp-delay-iw10" {
                 c.args(["--initial-window", "off"]);
+            }
+            // ACP without the startup window that keeps BBR's startup from overflowing the queue.
+            if case == "dwcp-acp-delay-nosw" {
+                c.args(["--startup-window", "off"]);
             }
             c.stdout(Stdio::piped()).stderr(Stdio::piped());
             let child = Proc(c.spawn().expect("dwcp send"));
@@ -404,8 +408,18 @@ fn jain(a: f64, b: f64) -> f64 {
     if a + b <= 0.0 { 0.0 } else { (a + b).powi(2) / (2.0 * (a * a + b * b)) }
 }
 
-const CASES: [&str; 9] =
-    ["dwcp-acp-delay", "dwcp-acp-delay-base", "dwcp-acp-delay-iw10", "dwcp-acp-bbr-model", "dwcp-no-acp", "dwcp-kernel-bbr", "iperf3-cubic", "iperf3-bbr", "tcp-1"];
+const CASES: [&str; 10] = [
+    "dwcp-acp-delay",
+    "dwcp-acp-delay-base",
+    "dwcp-acp-delay-iw10",
+    "dwcp-acp-delay-nosw",
+    "dwcp-acp-bbr-model",
+    "dwcp-no-acp",
+    "dwcp-kernel-bbr",
+    "iperf3-cubic",
+    "iperf3-bbr",
+    "tcp-1",
+];
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -502,6 +516,7 @@ fn main() {
             figures.insert(format!("util_base_{}", p.name), json!(util("dwcp-acp-delay-base")));
         }
         figures.insert(format!("util_iw10_{}", p.name), json!(util("dwcp-acp-delay-iw10")));
+        figures.insert(format!("util_nosw_{}", p.name), json!(util("dwcp-acp-delay-nosw")));
         figures.insert(format!("util_bbr_model_{}", p.name), json!(util("dwcp-acp-bbr-model")));
         figures.insert(format!("util_no_acp_{}", p.name), json!(util("dwcp-no-acp")));
         figures.insert(format!("best_peer_util_{}", p.name), json!(best_peer));
@@ -515,6 +530,7 @@ fn main() {
     let mut inflation: f64 = 0.0;
     let mut share_dev: f64 = 0.0;
     let mut shares = Vec::new();
+    let (mut floor_max, mut util_lossy): (f64, f64) = (0.0, f64::INFINITY);
     for p in PROFILES.iter().filter(|p| profiles.split(',').any(|n| n == p.name)) {
         let acp = pick(&|r| r.0 == p.name && !r.1 && r.2 == "dwcp-acp-delay");
         let cubic = pick(&|r| r.0 == p.name && !r.1 && r.2 == "iperf3-cubic");
@@ -528,11 +544,33 @@ fn main() {
             let per_gb = |util: f64, retrans: u64| retrans as f64 / (util * p.rate_bps / 8.0 * p.secs(secs) as f64 / 1e9).max(1e-9);
             figures.insert(format!("retrans_per_gb_acp_{}", p.name), json!(per_gb(a.3, a.4)));
             figures.insert(format!("retrans_per_gb_iperf3_cubic_{}", p.name), json!(per_gb(c.3, c.4)));
+            // The loss floor: what cubic, which sends a fraction of what ACP does and overflows
+            // nothing on a lossy link, retransmits per GB delivered there, same run.
+            let vs_floor = per_gb(a.3, a.4) / per_gb(c.3, c.4).max(1e-9);
+            if p.loss != "0%" {
+                figures.insert(format!("retrans_per_gb_vs_floor_{}", p.name), json!(vs_floor));
+                floor_max = floor_max.max(vs_floor);
+                util_lossy = util_lossy.min(a.3);
+            } else {
+                figures.insert("retrans_vs_cubic_clean".into(), json!(vs_floor));
+            }
+            if let Some(n) = pick(&|r| r.0 == p.name && !r.1 && r.2 == "dwcp-acp-delay-nosw").first() {
+                figures.insert(format!("retrans_per_gb_nosw_{}", p.name), json!(per_gb(n.3, n.4)));
+            }
         }
         if let Some(v) = pick(&|r| r.0 == p.name && r.1 && r.2 == "dwcp-acp-delay").first().and_then(|r| r.7) {
             share_dev = share_dev.max((v / 0.5 - 1.0).abs());
             shares.push((p.name, v));
+            if p.loss == "0%" {
+                figures.insert("fair_share_clean".into(), json!(v));
+            }
         }
+    }
+    if floor_max > 0.0 {
+        figures.insert("retrans_per_gb_vs_floor_max".into(), json!(floor_max));
+    }
+    if util_lossy.is_finite() {
+        figures.insert("util_min_lossy".into(), json!(util_lossy));
     }
     figures.insert("retrans_ratio_vs_iperf3".into(), json!(retrans_ratio));
     // Against iperf3 with bbr, the peer that fills these lossy links (worst profile).

@@ -26,7 +26,7 @@ mod monitor;
 #[cfg(feature = "rdma")]
 mod rdma;
 pub use faults::{Faults, KillStream, RdmaFault};
-pub use monitor::{ControlOptions, ControlReport, FIRST_WINDOW, TraceRow};
+pub use monitor::{ControlOptions, ControlReport, FIRST_WINDOW, STARTUP_GAIN, TraceRow};
 #[cfg(feature = "rdma")]
 pub use rdma::RdmaOptions;
 
@@ -989,7 +989,7 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
     #[cfg(not(feature = "rdma"))]
     let want_rdma = false;
     // The streams' first window is set as they connect (TCP only; RDMA uses stream 0 alone).
-    let first_window = opts.control.initial_window.filter(|_| !want_rdma).map(|b| monitor::FirstWindow::open(&opts.to, b));
+    let first_window = opts.control.initial_window.filter(|_| !want_rdma).map(|b| monitor::FirstWindow::open(&opts.to, b, opts.control.startup_window));
     // With the stream count known up front (and no RDMA, which uses stream 0 alone), the other
     // streams connect and exchange keys while stream 0 opens the session: on a long path that
     // saves two round trips before the first byte (a migration's downtime does not change, its
@@ -1079,7 +1079,6 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
         conns.extend(join_parked(parked, welcome.session)?);
     }
     let streams = conns.len() as u16;
-    let first_window = first_window.map(monitor::FirstWindow::finish);
 
     // Plan: what the receiver lacks.
     let mut have = RangeSet::default();
@@ -1207,9 +1206,10 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
             return vec![r.map(|m| (control, m, None))];
         }
         // The monitor watches duplicates of the sockets (a stream that dies closes only its own).
+        let startup = first_window.as_ref().and_then(monitor::FirstWindow::startup);
         let ctl = control_socks.take().map(|(socks, cc_error)| {
             let shared = &shared;
-            sc.spawn(move || monitor::run(socks, &opts.control, shared, cc_error))
+            sc.spawn(move || monitor::run(socks, &opts.control, shared, cc_error, startup))
         });
         let handles: Vec<_> = per_shard
             .into_iter()
@@ -1277,7 +1277,7 @@ pub fn send_with(source: Source, opts: &SendOptions, progress: Arc<Progress>, st
         shared.stop.store(true, Relaxed);
         control_report = ctl.map(|h| {
             let mut r = h.join().expect("monitor thread");
-            if let Some((w, why)) = first_window {
+            if let Some((w, why)) = first_window.as_ref().map(monitor::FirstWindow::report) {
                 (r.initial_window, r.initial_window_degraded) = (w, why);
             }
             r

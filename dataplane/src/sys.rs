@@ -156,12 +156,9 @@ pub fn set_notsent_lowat(fd: std::os::fd::RawFd, bytes: u32) -> std::io::Result<
     if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
-/// Sets the socket's congestion control (`TCP_CONGESTION`), e.g. `bbr` or `cubic`.
-pub fn set_congestion(fd: std::os::fd::RawFd, name: &str) -> std::io::Result<()> {
-    // SAFETY: a byte buffer of the length passed; the kernel copies at most that many bytes.
-    let rc = unsafe { libc::setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_CONGESTION, name.as_ptr().cast(), name.len() as libc::socklen_t) };
-    if rc == 0 { Ok(()) } else { Err(std::io::Error::other(format!("congestion control {name:?}: {}", std::io::Error::last_os_error()))) }
-}
+/// The socket's congestion control, set (`TCP_CONGESTION`): one helper, beside the programs
+/// that register dwcp's own.
+pub use ebpf::sys::set_congestion;
 
 /// The socket's congestion control (`TCP_CONGESTION`).
 pub fn congestion(fd: std::os::fd::RawFd) -> std::io::Result<String> {

@@ -172,6 +172,19 @@ pub fn send_table(r: &SendReport, extra: &[(&str, String)]) -> String {
             (None, Some(why)) => row(&mut s, "first window", format!("the kernel's ({why})")),
             (None, None) => {}
         }
+        if let Some(w) = c.initial_window.filter(|w| w.startup_gain16 > 0) {
+            row(
+                &mut s,
+                "startup window",
+                format!(
+                    "{:.2} x delivered per least RTT on {} streams, at most {} segments; {} released",
+                    f64::from(w.startup_gain16) / 16.0,
+                    w.clamped,
+                    w.peak_clamp_segments,
+                    w.released
+                ),
+            );
+        }
         row(&mut s, "path", format!("{}, {} segments retransmitted", rtt_line(c.mean_srtt_us, c.min_rtt_us), c.retrans));
         if c.stream_trials != (0, 0) {
             let (kept, back) = c.stream_trials;

@@ -367,6 +367,12 @@ struct SendArgs {
     /// streams keep the kernel's, and the summary says why.
     #[arg(long, default_value = "auto")]
     initial_window: String,
+    /// While ACP is in its startup, hold each stream's window to GAIN times what it delivers per
+    /// least RTT, so that the streams' BBR startup does not overflow the bottleneck's queue when
+    /// the link fills: `auto` (2 under ACP on BBR), `off`, or a gain from 1.25 to 4. The same
+    /// sockops program as --initial-window; lifted as soon as ACP paces.
+    #[arg(long, default_value = "auto")]
+    startup_window: String,
     /// Write each control interval (goodput, srtt, retransmits, pace, PBA's prediction) to FILE
     /// as CSV.
     #[arg(long)]
@@ -667,6 +673,11 @@ fn request(a: &SendArgs) -> Result<Request> {
             size => Some(
                 fmt::parse_size(size).ok().and_then(|b| u32::try_from(b).ok()).filter(|&b| b > 0).context("--initial-window takes auto, off or a size below 4 GiB (e.g. 64KiB)")?,
             ),
+        },
+        startup_window: match a.startup_window.as_str() {
+            "auto" => None,
+            "off" => Some(0.0),
+            g => Some(g.parse::<f64>().ok().filter(|g| (1.25..=4.0).contains(g)).context("--startup-window takes auto, off or a gain from 1.25 to 4")?),
         },
         trace_out: a.trace_out.clone(),
         deadline_s: a.deadline.map(|d| d.as_secs_f64()),

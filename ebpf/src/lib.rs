@@ -18,9 +18,9 @@ pub mod sys;
 
 pub use initwin::{InitialWindow, WindowReport};
 pub use monitor::{Monitor, Want};
-pub use ratecc::{RateCc, rate_cc_name};
 #[cfg(not(dwcp_no_bpf))]
 pub use probes::Probes;
+pub use ratecc::{RateCc, rate_cc_name};
 pub use sys::probe_bpf;
 
 /// One socket's path state, from the probes or from `TCP_INFO`.

@@ -240,10 +240,21 @@ fn stats_of(raw: &RawTcpInfo) -> SocketStats {
     }
 }
 
+/// Sets the socket's congestion control (`TCP_CONGESTION`), e.g. `bbr` or `cubic`.
+pub fn set_congestion(fd: std::os::fd::RawFd, name: &str) -> std::io::Result<()> {
+    // SAFETY: a byte buffer of the length passed; the kernel copies at most that many bytes.
+    let rc = unsafe { libc::setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_CONGESTION, name.as_ptr().cast(), name.len() as libc::socklen_t) };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::other(format!("congestion control {name:?}: {}", std::io::Error::last_os_error()))) }
+}
+
 /// Size of `struct iw_key` (src/bpf/initwin.h).
 pub const IW_KEY_LEN: usize = 24;
 /// Size of `struct iw_value` (src/bpf/initwin.h).
-pub const IW_VALUE_LEN: usize = 16;
+pub const IW_VALUE_LEN: usize = 32;
+/// Size of `struct sw_state` (src/bpf/initwin.h).
+pub const SW_STATE_LEN: usize = 32;
+/// Offset of `sw_state.release`.
+const SW_RELEASE: usize = 20;
 
 /// The `initial_window` map's key for a peer: family, address as the socket holds it (network
 /// byte order), port in host byte order.
@@ -259,16 +270,37 @@ pub fn iw_key(peer: std::net::SocketAddr) -> [u8; IW_KEY_LEN] {
     k
 }
 
-/// A fresh `initial_window` value asking for `bytes`.
-pub fn iw_value(bytes: u32) -> [u8; IW_VALUE_LEN] {
+/// A fresh `initial_window` value asking for a first window of `bytes` and, with `gain16`
+/// nonzero, the startup window at `gain16 / 16` times what each stream delivers per least RTT.
+pub fn iw_value(bytes: u32, gain16: u32) -> [u8; IW_VALUE_LEN] {
     let mut v = [0u8; IW_VALUE_LEN];
     v[0..4].copy_from_slice(&bytes.to_ne_bytes());
+    v[16..20].copy_from_slice(&gain16.to_ne_bytes());
     v
 }
 
 /// Parses an `initial_window` value.
 pub fn parse_iw_value(b: &[u8]) -> Option<crate::WindowReport> {
-    (b.len() >= IW_VALUE_LEN).then(|| crate::WindowReport { bytes: u32_at(b, 0), segments: u32_at(b, 4), applied: u32_at(b, 8), refused: u32_at(b, 12) })
+    (b.len() >= IW_VALUE_LEN).then(|| crate::WindowReport {
+        bytes: u32_at(b, 0),
+        segments: u32_at(b, 4),
+        applied: u32_at(b, 8),
+        refused: u32_at(b, 12),
+        startup_gain16: u32_at(b, 16),
+        clamped: u32_at(b, 20),
+        released: u32_at(b, 24),
+        peak_clamp_segments: u32_at(b, 28),
+    })
+}
+
+/// A stream's `startup_window` storage with `release` set (user space lifts its clamp).
+pub fn sw_released(mut b: Vec<u8>) -> Option<Vec<u8>> {
+    (b.len() >= SW_STATE_LEN).then(|| {
+        if u32_at(&b, SW_RELEASE) == 0 {
+            b[SW_RELEASE..SW_RELEASE + 4].copy_from_slice(&1u32.to_ne_bytes());
+        }
+        b
+    })
 }
 
 /// Where the cgroup v2 hierarchy is mounted, per a mountinfo file.

@@ -169,6 +169,9 @@ pub struct Request {
     pub monitor_poll: bool,
     /// The streams' first congestion window: `None` auto, `Some(0)` the kernel's, else bytes.
     pub initial_window: Option<u32>,
+    /// The startup window's gain: `None` auto (the default under ACP on BBR), `Some(0.0)` none,
+    /// else a gain from 1.25 to 4.
+    pub startup_window: Option<f64>,
     /// Each control interval written here as CSV.
     pub trace_out: Option<PathBuf>,
     /// Seconds from its start (a daemon job: from its submission) by which the transfer should
@@ -369,6 +372,8 @@ pub struct Plan {
     pub acp: &'static str,
     /// The streams' first congestion window (`None`: the kernel's).
     pub initial_window: Option<u32>,
+    /// The startup window's gain while ACP is in startup (`None`: none).
+    pub startup_window: Option<f64>,
     /// PBA's stream trials.
     pub stream_trials: bool,
     /// Zero-copy sends: `auto`, `on` or `off`.
@@ -422,6 +427,12 @@ pub fn decide(req: &Request, host: Host, src: SourceFacts, probe: &PathEstimate,
     }
     if req.qemu && !src.stdin {
         return Err(PlanError::Invalid("--qemu reads QEMU's migration stream from standard input or a Unix socket: pass - or unix:PATH as the source".into()));
+    }
+    if let Some(g) = req.startup_window
+        && g != 0.0
+        && !(1.25..=4.0).contains(&g)
+    {
+        return Err(PlanError::Invalid(format!("the startup window's gain is 1.25 to 4 (or off), not {g}")));
     }
     if req.streams == Some(0) {
         return Err(PlanError::Invalid("streams must be at least 1".into()));
@@ -572,6 +583,32 @@ pub fn decide(req: &Request, host: Host, src: SourceFacts, probe: &PathEstimate,
         Some(0) => None,
         Some(b) => Some(b),
     };
+    // The startup window needs a first window's program and ACP to lift it, and BBR: lifting the
+    // clamp also lifts ssthresh, which puts a loss-based algorithm back into slow start.
+    let on_bbr = req.cc.as_deref().is_none_or(|c| c == "bbr");
+    let startup_window = match req.startup_window {
+        Some(g) if g == 0.0 => {
+            why.insert("startup_window", "off (--startup-window off)".into());
+            None
+        }
+        _ if acp == "off" => None,
+        _ if initial_window.is_none() => {
+            why.insert("startup_window", "none: it rides on the first window's program, which is off".into());
+            None
+        }
+        _ if !on_bbr => {
+            why.insert("startup_window", "none: the streams are not on BBR (--cc)".into());
+            None
+        }
+        Some(g) => {
+            why.insert("startup_window", format!("{g} x delivered per least RTT (--startup-window)"));
+            Some(g)
+        }
+        None => {
+            why.insert("startup_window", format!("{} x delivered per least RTT while ACP is in startup (ACP on BBR)", dataplane::send::STARTUP_GAIN));
+            Some(dataplane::send::STARTUP_GAIN)
+        }
+    };
 
     Ok(Plan {
         mode,
@@ -591,6 +628,7 @@ pub fn decide(req: &Request, host: Host, src: SourceFacts, probe: &PathEstimate,
         qemu,
         acp,
         initial_window,
+        startup_window,
         stream_trials: trials,
         zerocopy: req.zerocopy,
         probe_rtt_us: probe.rtt_min.as_micros() as u64,
@@ -652,6 +690,19 @@ mod tests {
         assert_eq!((p.mode, p.encrypt, p.acp), (Mode::Internet, true, "delay"));
         assert_eq!(p.hde, Some(HdePlan { compress: Effort::Auto, delta_round: false }));
         assert_eq!(p.initial_window, Some(dataplane::send::FIRST_WINDOW));
+        assert_eq!(p.startup_window, Some(dataplane::send::STARTUP_GAIN));
+        // Off when asked, without ACP, without the first window's program, or off BBR.
+        for (what, r) in [
+            ("asked off", req(|r| r.startup_window = Some(0.0))),
+            ("ACP off", req(|r| r.acp = AcpChoice::Off)),
+            ("first window off", req(|r| r.initial_window = Some(0))),
+            ("cubic", req(|r| r.cc = Some("cubic".into()))),
+        ] {
+            let p = decide(&r, HOST, FILE, &probe(80_000, 0.2, true), Thresholds::default()).unwrap();
+            assert_eq!(p.startup_window, None, "{what}: {:?}", p.why.get("startup_window"));
+        }
+        let p = decide(&req(|r| r.startup_window = Some(1.5)), HOST, FILE, &probe(80_000, 0.2, true), Thresholds::default()).unwrap();
+        assert_eq!(p.startup_window, Some(1.5));
         // Not a whole-page image: no HDE.
         let odd = SourceFacts { size: Some((64 << 20) + 1), ..FILE };
         assert_eq!(decide(&req(|_| {}), HOST, odd, &probe(80_000, 0.2, true), Thresholds::default()).unwrap().hde, None);

@@ -214,6 +214,7 @@ pub fn send_options(req: &Request, plan: &Plan, probe: &PathEstimate, psk: Psk, 
         cut_chunks: plan.cut_chunks,
         link_bps: Some(probe.bw_bps).filter(|b| b.is_finite() && *b > 0.0),
         initial_window: plan.initial_window,
+        startup_window: plan.startup_window,
         ..Default::default()
     };
     Ok(o)

@@ -32,6 +32,12 @@ pub struct ControlOptions {
     /// The streams' first congestion window, bytes (None: the kernel's ten segments). Set by an
     /// eBPF sockops program before they connect ([`FIRST_WINDOW`] under ACP by default).
     pub initial_window: Option<u32>,
+    /// The startup window's gain (None: none): while ACP is in its startup, each stream holds in
+    /// flight at most this many times what it delivers per least RTT, so that the streams'
+    /// BBR startup does not overflow the bottleneck's queue when the link fills
+    /// ([`STARTUP_GAIN`] under ACP on BBR by default; the same sockops program, see
+    /// `ebpf/src/bpf/initwin.bpf.c`). Lifted when ACP paces.
+    pub startup_window: Option<f64>,
     /// PBA activates parked streams while the streams' buffers hold them back
     /// ([`crate::control::pba::StreamTrials`]); off when the user fixed the stream count.
     pub grow_streams: bool,
@@ -48,6 +54,12 @@ pub struct ControlOptions {
 /// measures both.
 pub const FIRST_WINDOW: u32 = 64 * 1024;
 
+/// The startup window's default gain (`--startup-window auto` under ACP on BBR): what a stream
+/// may hold in flight over what it delivers per least RTT while ACP is in startup. Startup grows
+/// by this factor per round trip, and once the link is full at most (gain - 1) BDP stands in the
+/// queue; make bench-wan measures it against none.
+pub const STARTUP_GAIN: f64 = 2.0;
+
 impl Default for ControlOptions {
     fn default() -> Self {
         Self {
@@ -57,6 +69,7 @@ impl Default for ControlOptions {
             interval: Duration::from_millis(100),
             trace: None,
             initial_window: None,
+            startup_window: None,
             grow_streams: false,
             cut_chunks: false,
             link_bps: None,
@@ -197,36 +210,67 @@ impl RateSwitch {
     }
 }
 
-/// The streams' first window, while they connect: the sockops program attached with the peer in
-/// its map, or the reason it is not.
+/// The streams' first window and startup window: the sockops program, shared by this process's
+/// sends ([`ebpf::InitialWindow::shared`]), with the peer in its map, or the reason it is not.
 #[derive(Debug)]
 pub(super) struct FirstWindow {
-    prog: Result<(ebpf::InitialWindow, std::net::SocketAddr), String>,
+    prog: Result<(&'static ebpf::InitialWindow, std::net::SocketAddr), String>,
+    startup: bool,
 }
 
 impl FirstWindow {
-    /// Attaches the program and lists `to` (resolved as the streams resolve it) with `bytes`.
-    pub(super) fn open(to: &str, bytes: u32) -> Self {
+    /// Lists `to` (resolved as the streams resolve it) with `bytes` and, with `startup_gain`,
+    /// the startup window.
+    pub(super) fn open(to: &str, bytes: u32, startup_gain: Option<f64>) -> Self {
         use std::net::ToSocketAddrs;
         let prog = (|| {
             let peer = to.to_socket_addrs().map_err(|e| format!("{to}: {e}"))?.next().ok_or_else(|| format!("{to} resolves to nothing"))?;
-            let p = ebpf::InitialWindow::load().map_err(|e| e.to_string())?;
-            p.set(peer, bytes).map_err(|e| e.to_string())?;
+            let p = ebpf::InitialWindow::shared()?;
+            p.set(peer, bytes, startup_gain).map_err(|e| e.to_string())?;
             Ok((p, peer))
         })();
         if let Err(why) = &prog {
             info!("first window degraded: {why}; the streams start with the kernel's");
         }
-        Self { prog }
+        Self { prog, startup: startup_gain.is_some() }
     }
 
-    /// Once the streams are connected: what the program did, and detaches it.
-    pub(super) fn finish(self) -> (Option<ebpf::WindowReport>, Option<String>) {
-        match self.prog {
-            Ok((p, peer)) => (p.report(peer), None),
-            Err(why) => (None, Some(why)),
+    /// The program, when it holds the streams' startup window (the monitor releases them).
+    pub(super) fn startup(&self) -> Option<&'static ebpf::InitialWindow> {
+        self.prog.as_ref().ok().filter(|_| self.startup).map(|p| p.0)
+    }
+
+    /// Once the send is over: what the program did, or why it did nothing.
+    pub(super) fn report(&self) -> (Option<ebpf::WindowReport>, Option<String>) {
+        match &self.prog {
+            Ok((p, peer)) => (p.report(*peer), None),
+            Err(why) => (None, Some(why.clone())),
         }
     }
+}
+
+impl Drop for FirstWindow {
+    /// The peer's entry goes with the send (however it ends): its streams not yet released
+    /// are at their next acknowledgement, and later connections get the kernel's first window.
+    fn drop(&mut self) {
+        if let Ok((p, peer)) = &self.prog {
+            p.forget(*peer);
+        }
+    }
+}
+
+/// Releases the streams from their startup window (once): when ACP paces, or the send ends.
+fn release_startup(prog: &mut Option<&'static ebpf::InitialWindow>, socks: &[OwnedFd], t: f64) {
+    let Some(p) = prog.take() else { return };
+    let mut n = 0;
+    for (k, s) in socks.iter().enumerate() {
+        match p.release(s.as_fd()) {
+            Ok(true) => n += 1,
+            Ok(false) => {}
+            Err(e) => warn!("stream {k}: releasing its startup window: {e}"),
+        }
+    }
+    debug!(streams = n, t, "startup window released");
 }
 
 /// How often each stream's BBR is restarted under ACP (see [`BbrRestarts`]): below BBR's ten
@@ -302,7 +346,8 @@ pub(super) fn set_cc(socks: &[OwnedFd], opts: &ControlOptions) -> Option<String>
 }
 
 /// Runs until the send stops. `socks` are duplicates of the streams' sockets (index = stream).
-pub(super) fn run(socks: Vec<OwnedFd>, opts: &ControlOptions, shared: &Shared, cc_error: Option<String>) -> ControlReport {
+/// `startup`: the program holding the streams' startup window, released when ACP first paces.
+pub(super) fn run(socks: Vec<OwnedFd>, opts: &ControlOptions, shared: &Shared, cc_error: Option<String>, mut startup: Option<&'static ebpf::InitialWindow>) -> ControlReport {
     let mut mon = ebpf::Monitor::open(opts.monitor);
     if let Some(why) = mon.degraded() {
         info!("path monitor degraded: {why}");
@@ -450,6 +495,9 @@ pub(super) fn run(socks: Vec<OwnedFd>, opts: &ControlOptions, shared: &Shared, c
             }
             acp_pace = d.pacing_bps;
         }
+        if acp_pace.is_some() || acp.is_none() {
+            release_startup(&mut startup, &socks, o.t);
+        }
         // The caller's cap (the daemon sharing a link between jobs) bounds ACP's pace, or paces
         // alone without ACP.
         let cap = match shared.progress.rate_cap_bps.load(Relaxed) {
@@ -495,6 +543,7 @@ pub(super) fn run(socks: Vec<OwnedFd>, opts: &ControlOptions, shared: &Shared, c
             });
         }
     }
+    release_startup(&mut startup, &socks, t0.elapsed().as_secs_f64());
     report.probe_cost = mon.cost();
     report.bbr_restarts = restarts.map_or(0, |r| r.done);
     report.stream_trials = trials.map_or((0, 0), |t| (t.kept, t.given_back));

@@ -36,7 +36,16 @@ enum { false = 0, true = 1 };
 
 enum bpf_map_type {
 	BPF_MAP_TYPE_HASH = 1,
+	BPF_MAP_TYPE_SK_STORAGE = 24,
 	BPF_MAP_TYPE_RINGBUF = 27,
+};
+
+enum {
+	BPF_F_NO_PREALLOC = 1,
+};
+
+enum {
+	BPF_LOCAL_STORAGE_GET_F_CREATE = 1,
 };
 
 enum {
@@ -47,6 +56,11 @@ enum {
 
 enum {
 	BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB = 4,
+	BPF_SOCK_OPS_RTT_CB = 12,
+};
+
+enum {
+	BPF_SOCK_OPS_RTT_CB_FLAG = 1 << 3,
 };
 
 struct bpf_sock;
