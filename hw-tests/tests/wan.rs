@@ -422,6 +422,12 @@ fn probes_and_acp_on_a_lossy_link() {
     assert_eq!((w["bytes"].as_u64(), w["applied"].as_u64(), w["refused"].as_u64()), (Some(65_536), Some(4), Some(0)), "{ca}");
     let segs = w["segments"].as_u64().unwrap();
     assert!((40..=50).contains(&segs), "64 KiB at the link's MSS: {segs} segments");
+    // The startup window (ACP on BBR): every stream clamped while ACP was in startup, and
+    // released when it paced (or when the send ended, at the latest).
+    let sw = &ca["startup_window"];
+    assert_eq!((sw["gain"].as_f64(), sw["clamped"].as_u64(), sw["released"].as_u64()), (Some(2.0), Some(4), Some(4)), "{ca}");
+    assert!(sw["peak_segments"].as_u64().unwrap() >= segs, "the clamp is never below the first window: {sw}");
+    assert!(cp["startup_window"].is_null(), "{cp}");
     assert!(cp["initial_window"].is_null() && cp["initial_window_degraded"].is_null(), "{cp}");
     assert_eq!(cp["monitor"], "tcp_info");
     assert!(cp["monitor_degraded"].as_str().unwrap().contains("polling TCP_INFO (asked for)"), "{cp}");
@@ -452,7 +458,27 @@ fn acp_hands_the_windows_to_its_pace_on_a_reordering_link() {
     let trace = dir.join("reorder.csv");
     let out = ns(
         "dwcp-a",
-        &[d, "send", "gen:400M", "--name", "reorder", "--json", "--to", "10.77.0.2:7470", "--key-file", k, "--no-encrypt", "--hde", "off", "--mode", "internet", "--streams", "4", "--trace-out", trace.to_str().unwrap()],
+        &[
+            d,
+            "send",
+            "gen:400M",
+            "--name",
+            "reorder",
+            "--json",
+            "--to",
+            "10.77.0.2:7470",
+            "--key-file",
+            k,
+            "--no-encrypt",
+            "--hde",
+            "off",
+            "--mode",
+            "internet",
+            "--streams",
+            "4",
+            "--trace-out",
+            trace.to_str().unwrap(),
+        ],
     )
     .output()
     .unwrap();

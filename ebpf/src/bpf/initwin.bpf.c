@@ -101,6 +101,7 @@ static __always_inline int established(struct bpf_sock_ops *skops)
     st->gain16 = gain16;
     st->release = 0;
     st->first_rtt_us = skops->srtt_us >> 3;
+    st->armed = 0;
     bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_RTT_CB_FLAG);
     return 1;
 }
@@ -152,6 +153,16 @@ static __always_inline int rtt_sample(struct bpf_sock_ops *skops)
     }
     if (!rtt_min)
         return 1;
+    // Armed once two first windows are acknowledged: before, the stream's rate samples measure
+    // its handshake and first flight, which its window limited, and would clamp it below what
+    // startup has already reached (the first round trips cannot overflow anything).
+    if (!st->armed) {
+        if (skops->bytes_acked < (__u64)st->floor * skops->mss_cache * 2)
+            return 1;
+        st->armed = 1;
+        if (skops->snd_cwnd > st->floor)
+            st->floor = skops->snd_cwnd;
+    }
     __u64 want = st->max_rate_pps * rtt_min / 1000000 * st->gain16 / 16;
     if (want < st->floor)
         want = st->floor;

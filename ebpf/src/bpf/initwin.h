@@ -27,11 +27,11 @@ struct iw_value {
 struct sw_state {
     __u64 max_rate_pps; // the most packets per second one delivery-rate sample read
     __u32 clamp;        // the clamp now set, segments (0: none)
-    __u32 floor;        // the least clamp: the first window, segments
+    __u32 floor;        // the least clamp: the window when it was armed, segments
     __u32 gain16;       // copied from the peer's entry when the stream connected
     __u32 release;      // set by user space (or the program): lift the clamp at the next ACK
     __u32 first_rtt_us; // the smoothed RTT when the connection was established (its handshake's)
-    __u32 pad;
+    __u32 armed;        // clamping (after its first two windows were acknowledged)
 };
 
 #endif
