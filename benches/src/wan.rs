@@ -5,10 +5,17 @@
 //!   clean_1g_50ms: 1 Gbit/s, 50 ms RTT, no loss (where a competing cubic flow can use its share)
 //! each alone and against one competing `iperf3` cubic flow started at the same time. Cases, all
 //! with the same stream count: dwcp with ACP (`delay`, `bbr-model`; streams on BBR; `delay` also
-//! with the kernel's first window of ten segments instead of ACP's 64 KiB), dwcp without
+//! with the kernel's first window of ten segments instead of ACP's 64 KiB, and without the
+//! startup window, `dwcp-acp-delay-nosw`), dwcp without
 //! ACP (cubic, Linux's default), dwcp on kernel BBR without pacing, `iperf3 -P N` with cubic and with bbr, one cubic
 //! TCP stream. Figures: goodput / link rate, retransmits, srtt inflation over the least RTT
 //! (dwcp: its monitor; iperf3: its mean_rtt / min_rtt), Jain fairness against the competitor.
+//! Issue 30's keys: `util_min_lossy` (ACP's worst utilization on the lossy links),
+//! `retrans_per_gb_vs_floor_max` (ACP's retransmits per GB delivered over the loss floor, which is
+//! what `iperf3 -P N -C cubic` retransmits per GB on the same link in the same run: it sends a
+//! fraction of what ACP does and overflows nothing there), `retrans_vs_cubic_clean` (the same
+//! ratio on the clean link, where every retransmit is the sender's own) and `fair_share_clean`
+//! (ACP's share against one cubic flow on the clean link).
 //!
 //! dwcp's goodput is taken over its data phase (its `--trace-out` intervals), as iperf3's is
 //! over its `-t` seconds: neither counts connection setup. Every link runs the same number of
