@@ -173,15 +173,15 @@ pub fn send_table(r: &SendReport, extra: &[(&str, String)]) -> String {
             (None, None) => {}
         }
         if let Some(w) = c.initial_window.filter(|w| w.startup_gain16 > 0) {
+            let lifted = c.startup_lifted_s.map_or("held until the send ended".to_string(), |t| format!("lifted at {t:.1} s, when ACP paced"));
             row(
                 &mut s,
-                "startup window",
+                "startup",
                 format!(
-                    "{:.2} x delivered per least RTT on {} streams, at most {} segments; {} released",
+                    "window held to {:.2} x delivered per least RTT on {} streams (at most {} segments), {lifted}",
                     f64::from(w.startup_gain16) / 16.0,
                     w.clamped,
-                    w.peak_clamp_segments,
-                    w.released
+                    w.peak_clamp_segments
                 ),
             );
         }

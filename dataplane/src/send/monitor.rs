@@ -170,6 +170,9 @@ pub struct ControlReport {
     pub initial_window: Option<ebpf::WindowReport>,
     /// Why the streams kept the kernel's first window although another was asked for.
     pub initial_window_degraded: Option<String>,
+    /// When ACP's first pace released the streams' startup window, s since the monitor started
+    /// (None: released when the send ended, or there was none).
+    pub startup_lifted_s: Option<f64>,
     /// The streams were switched to the rate congestion control ([`RateSwitch`]): when and why,
     /// or why they could not be.
     pub rate_cc: Option<String>,
@@ -511,11 +514,11 @@ pub(super) fn run(socks: Vec<OwnedFd>, opts: &ControlOptions, shared: &Shared, c
             }
             acp_pace = d.pacing_bps;
         }
-        if (acp_pace.is_some() || acp.is_none())
-            && release_startup(&mut startup, &socks, o.t)
-            && let Some(r) = restarts.as_mut()
-        {
-            r.restart_all(&socks);
+        if (acp_pace.is_some() || acp.is_none()) && release_startup(&mut startup, &socks, o.t) {
+            report.startup_lifted_s = Some(o.t);
+            if let Some(r) = restarts.as_mut() {
+                r.restart_all(&socks);
+            }
         }
         // The caller's cap (the daemon sharing a link between jobs) bounds ACP's pace, or paces
         // alone without ACP.
