@@ -172,18 +172,9 @@ pub fn send_table(r: &SendReport, extra: &[(&str, String)]) -> String {
             (None, Some(why)) => row(&mut s, "first window", format!("the kernel's ({why})")),
             (None, None) => {}
         }
-        if let Some(w) = c.initial_window.filter(|w| w.startup_gain16 > 0) {
+        if let Some((w, gain)) = c.initial_window.and_then(|w| Some((w, w.startup_gain()?))) {
             let lifted = c.startup_lifted_s.map_or("held until the send ended".to_string(), |t| format!("lifted at {t:.1} s, when ACP paced"));
-            row(
-                &mut s,
-                "startup",
-                format!(
-                    "window held to {:.2} x delivered per least RTT on {} streams (at most {} segments), {lifted}",
-                    f64::from(w.startup_gain16) / 16.0,
-                    w.clamped,
-                    w.peak_clamp_segments
-                ),
-            );
+            row(&mut s, "startup", format!("window held to {gain:.2} x delivered per least RTT on {} streams (at most {} segments), {lifted}", w.clamped, w.peak_clamp_segments));
         }
         row(&mut s, "path", format!("{}, {} segments retransmitted", rtt_line(c.mean_srtt_us, c.min_rtt_us), c.retrans));
         if c.stream_trials != (0, 0) {

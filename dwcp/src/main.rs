@@ -677,7 +677,8 @@ fn request(a: &SendArgs) -> Result<Request> {
         startup_window: match a.startup_window.as_str() {
             "auto" => None,
             "off" => Some(0.0),
-            g => Some(g.parse::<f64>().ok().filter(|g| (1.25..=4.0).contains(g)).context("--startup-window takes auto, off or a gain from 1.25 to 4")?),
+            // The plan checks the gain's range, for every caller.
+            g => Some(g.parse::<f64>().ok().context("--startup-window takes auto, off or a gain from 1.25 to 4")?),
         },
         trace_out: a.trace_out.clone(),
         deadline_s: a.deadline.map(|d| d.as_secs_f64()),

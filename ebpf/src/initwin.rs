@@ -46,6 +46,13 @@ pub struct WindowReport {
     pub peak_clamp_segments: u32,
 }
 
+impl WindowReport {
+    /// The startup window's gain, when one was asked for.
+    pub fn startup_gain(&self) -> Option<f64> {
+        (self.startup_gain16 > 0).then(|| f64::from(self.startup_gain16) / 16.0)
+    }
+}
+
 /// The attached program (in a build without the BPF programs, [`InitialWindow::load`] says so).
 pub struct InitialWindow {
     #[cfg(not(dwcp_no_bpf))]

@@ -293,12 +293,11 @@ pub fn parse_iw_value(b: &[u8]) -> Option<crate::WindowReport> {
     })
 }
 
-/// A stream's `startup_window` storage with `release` set (user space lifts its clamp).
+/// A stream's `startup_window` storage with `release` set (user space lifts its clamp); None
+/// when it was released or asked to be already.
 pub fn sw_released(mut b: Vec<u8>) -> Option<Vec<u8>> {
-    (b.len() >= SW_STATE_LEN).then(|| {
-        if u32_at(&b, SW_RELEASE) == 0 {
-            b[SW_RELEASE..SW_RELEASE + 4].copy_from_slice(&1u32.to_ne_bytes());
-        }
+    (b.len() >= SW_STATE_LEN && u32_at(&b, SW_RELEASE) == 0).then(|| {
+        b[SW_RELEASE..SW_RELEASE + 4].copy_from_slice(&1u32.to_ne_bytes());
         b
     })
 }

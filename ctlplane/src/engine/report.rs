@@ -16,7 +16,7 @@ fn control_json(c: &dataplane::send::ControlReport) -> serde_json::Value {
         "monitor": c.backend, "monitor_degraded": c.degraded, "acp": c.acp, "cc": c.cc, "cc_error": c.cc_error,
         "retrans": c.retrans, "min_rtt_us": c.min_rtt_us, "mean_srtt_us": c.mean_srtt_us,
         "initial_window": c.initial_window.map(|w| json!({"bytes": w.bytes, "segments": w.segments, "applied": w.applied, "refused": w.refused})),
-        "startup_window": c.initial_window.filter(|w| w.startup_gain16 > 0).map(|w| json!({"gain": f64::from(w.startup_gain16) / 16.0, "clamped": w.clamped, "released": w.released, "peak_segments": w.peak_clamp_segments, "lifted_at_s": c.startup_lifted_s})),
+        "startup_window": c.initial_window.and_then(|w| Some(json!({"gain": w.startup_gain()?, "clamped": w.clamped, "released": w.released, "peak_segments": w.peak_clamp_segments, "lifted_at_s": c.startup_lifted_s}))),
         "initial_window_degraded": c.initial_window_degraded,
         "probe_retransmit_events": c.probe_events.0, "probe_cong_state_events": c.probe_events.1,
         "bbr_restarts": c.bbr_restarts,
